@@ -1,0 +1,32 @@
+"""tokenmill: an LLM inference engine with a paged KV cache and continuous batching, and a capacity planner.
+
+The public names are imported on first use, so `tokenmill.planner` stays importable without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenmill.entrypoints.llm import LLM
+    from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
+    from tokenmill.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__version__ = "0.1.0"
+
+# public name -> module defining it
+_EXPORTS = {
+    "LLM": "tokenmill.entrypoints.llm",
+    "SamplingParams": "tokenmill.sampling_params",
+    "RequestOutput": "tokenmill.outputs",
+    "CompletionOutput": "tokenmill.outputs",
+    "Logprob": "tokenmill.outputs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tokenmill' has no attribute {name!r}")

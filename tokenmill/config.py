@@ -1,0 +1,153 @@
+"""Frozen configuration of the engine: model, KV cache, scheduler.
+
+Every ``validate()`` raises ``ValueError`` with a message that names the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
+}
+
+
+def parse_size(value: int | float | str, name: str = "size") -> int:
+    """Bytes from an int or a string such as "2GiB", "512MB", "1.5e9"."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number of bytes or a string like '2GiB', got {value!r}")
+    if isinstance(value, int | float):
+        result = int(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _SIZE_UNITS:
+            raise ValueError(
+                f"{name}={value!r} is not a size: use bytes or a number with a unit, e.g. '2GiB', '512MiB', '4GB'"
+            )
+        result = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if result <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return result
+
+
+DTYPE_ALIASES = {
+    "auto": "auto",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32", "fp32": "float32", "float": "float32",
+}
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matmul instructions (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Path to a Hugging Face model directory or a .gguf file; None selects the bundled SmolLM2-135M-Instruct.
+    model: str | None = None
+    # "auto" (bf16 where the hardware runs it fast, else float32), "bfloat16", "float16" or "float32".
+    dtype: str = "auto"
+    # Longest prompt + output in tokens; None takes the model's limit capped by what the KV cache holds.
+    max_model_len: int | None = None
+    # Seed of the engine's random generator for requests without a seed of their own.
+    seed: int = 0
+    # "auto" (cuda when available, else cpu), "cpu" or "cuda".
+    device: str = "auto"
+    # Jinja chat template overriding the model's own.
+    chat_template: str | None = None
+
+    def validate(self) -> None:
+        if str(self.dtype).lower() not in DTYPE_ALIASES:
+            raise ValueError(
+                f"dtype={self.dtype!r} is not supported: use one of 'auto', 'bfloat16', 'float16', 'float32'"
+            )
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} is not supported: use 'auto', 'cpu' or 'cuda'")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    # Tokens per KV cache block.
+    block_size: int = 16
+    # Bytes for the KV cache (int or "2GiB"); None: a CPU default, or on CUDA what gpu_memory_utilization leaves.
+    kv_cache_memory: int | str | None = None
+    # Fraction of GPU memory the engine may use (CUDA only).
+    gpu_memory_utilization: float = 0.9
+    # Reuse KV blocks of identical prompt prefixes across requests.
+    enable_prefix_caching: bool = True
+
+    def validate(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two from 1 to 128, got {self.block_size!r}")
+        if self.kv_cache_memory is not None:
+            parse_size(self.kv_cache_memory, "kv_cache_memory")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
+            )
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        return None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory, "kv_cache_memory")
+
+
+def default_cpu_kv_cache_bytes() -> int:
+    """CPU default: 4 GiB, or a quarter of the machine's memory if that is less."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 16 * 2**30
+    return min(4 * 2**30, total // 4)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    # Most requests in one batch.
+    max_num_seqs: int = 256
+    # Most tokens (prefill chunks + decodes) computed in one engine step; None: 2048 on CPU, 8192 on CUDA.
+    max_num_batched_tokens: int | None = None
+
+    def validate(self) -> None:
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
+        if self.max_num_batched_tokens is not None and (
+            not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1
+        ):
+            raise ValueError(
+                f"max_num_batched_tokens must be a positive integer, got {self.max_num_batched_tokens!r}"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Tensor-parallel degree; only 1 is supported.
+    tensor_parallel_size: int = 1
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.cache.validate()
+        self.scheduler.validate()
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: tokenmill runs on one "
+                "device; use tensor_parallel_size=1"
+            )

@@ -1,0 +1,117 @@
+"""Maps requests to KV cache blocks; the scheduler sees only token counts, never block internals."""
+
+from __future__ import annotations
+
+from tokenmill.core.block_pool import BlockPool, KVBlock, hash_block
+from tokenmill.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        # request_id -> the blocks holding that request's KV, in token order.
+        self.req_to_blocks: dict[str, list[KVBlock]] = {}
+        # request_id -> how many of its leading blocks were already offered to the prefix cache.
+        self._num_cached_blocks: dict[str, int] = {}
+        # Prefix cache counters in tokens (as vLLM's prefix_cache_queries / prefix_cache_hits).
+        self.num_queried_tokens = 0
+        self.num_hit_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def _extend_block_hashes(self, request: Request) -> None:
+        hashes = request.block_hashes
+        tokens = request.all_token_ids
+        bs = self.block_size
+        while (len(hashes) + 1) * bs <= len(tokens):
+            start = len(hashes) * bs
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[start : start + bs]))
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Longest cached prefix of the request's tokens, leaving at least one token to compute."""
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            # Prompt logprobs need every prompt position computed.
+            return [], 0
+        self._extend_block_hashes(request)
+        bs = self.block_size
+        max_blocks = (request.num_tokens - 1) // bs
+        blocks: list[KVBlock] = []
+        for i, block_hash in enumerate(request.block_hashes[:max_blocks]):
+            block = self.pool.get_cached_block(block_hash, request.all_token_ids[i * bs : (i + 1) * bs])
+            if block is None:
+                break
+            blocks.append(block)
+        self.num_queried_tokens += request.num_tokens
+        self.num_hit_tokens += len(blocks) * bs
+        return blocks, len(blocks) * bs
+
+    def can_fit(self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] = ()) -> bool:
+        held = self.req_to_blocks.get(request.request_id, [])
+        num_held = len(held) + len(computed_blocks)
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        needed = cdiv(num_computed + num_new_tokens, self.block_size) - num_held
+        # Cache hits sitting in the free queue stop being free once touched.
+        reclaimed = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        return needed <= self.pool.num_free_blocks - reclaimed
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] = ()
+    ) -> bool:
+        """Give the request room for num_new_tokens more tokens; False (and no change) if they do not fit.
+
+        computed_blocks are prefix-cache hits for a request that holds no blocks yet; the caller adds
+        len(computed_blocks) * block_size to request.num_computed_tokens.
+        """
+        if not self.can_fit(request, num_new_tokens, computed_blocks):
+            return False
+        blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        if computed_blocks:
+            self.pool.touch(computed_blocks)
+            blocks.extend(computed_blocks)
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        needed = cdiv(num_computed + num_new_tokens, self.block_size) - len(blocks)
+        if needed > 0:
+            blocks.extend(self.pool.allocate(needed))
+        if self.enable_caching:
+            # Register blocks that will be full once this step runs. Another request in the same step may hit
+            # them: the runner writes every token's KV before any attention reads it, so that is safe.
+            self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
+        return True
+
+    def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:
+        self._extend_block_hashes(request)
+        bs = self.block_size
+        num_full = min(num_tokens, request.num_tokens) // bs
+        start = self._num_cached_blocks.get(request.request_id, 0)
+        for i in range(start, num_full):
+            if blocks[i].block_hash is None:
+                self.pool.cache_block(blocks[i], request.block_hashes[i], request.all_token_ids[i * bs : (i + 1) * bs])
+        self._num_cached_blocks[request.request_id] = max(start, num_full)
+
+    def free(self, request: Request) -> None:
+        blocks = self.req_to_blocks.pop(request.request_id, None)
+        self._num_cached_blocks.pop(request.request_id, None)
+        if blocks:
+            # Tail blocks first: a shared prefix outlives the request-specific suffix in the eviction order.
+            self.pool.free(reversed(blocks))
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_to_blocks[request_id]]
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity(self.req_to_blocks.values())

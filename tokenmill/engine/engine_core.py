@@ -1,0 +1,168 @@
+"""EngineCore: owns the model, the KV cache and the scheduler; one step = schedule -> execute -> update."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokenmill.attention.backend import AttentionBackend
+from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.config import DTYPE_ALIASES, EngineConfig, cpu_supports_bf16, default_cpu_kv_cache_bytes
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.scheduler import Scheduler
+from tokenmill.model.loader import load_model, read_hf_config
+from tokenmill.model.registry import DecoderSpec
+from tokenmill.outputs import EngineCoreOutput
+from tokenmill.request import Request, RequestStatus
+from tokenmill.sample.sampler import Sampler
+from tokenmill.worker.model_runner import ModelRunner
+
+logger = logging.getLogger("tokenmill")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA GPU is available: use device='cpu'")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    name = DTYPE_ALIASES[str(name).lower()]
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def make_attention_backend(spec: DecoderSpec, device: torch.device) -> AttentionBackend:
+    args = (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim**-0.5, spec.sliding_window)
+    if device.type == "cuda":
+        try:
+            from tokenmill.attention.triton_backend import TritonAttentionBackend
+        except ImportError as e:  # Triton missing: the reference backend still runs on CUDA
+            logger.warning("Triton attention unavailable (%s); using the PyTorch backend", e)
+        else:
+            return TritonAttentionBackend(*args)
+    return TorchAttentionBackend(*args)
+
+
+@dataclass
+class KVCacheSizing:
+    bytes_per_block: int
+    num_blocks: int
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+def size_kv_cache(config: EngineConfig, hf_config: dict, dtype: torch.dtype, device: torch.device) -> KVCacheSizing:
+    from tokenmill.planner import ModelArch, kv_cache_bytes_per_block
+
+    arch = ModelArch.from_hf_config(hf_config)
+    block_size = config.cache.block_size
+    bytes_per_block = kv_cache_bytes_per_block(arch, block_size, dtype)
+    budget = config.cache.kv_cache_bytes
+    if budget is None:
+        if device.type == "cuda":
+            raise ValueError("on CUDA pass kv_cache_memory (bytes or e.g. '20GiB')")
+        budget = default_cpu_kv_cache_bytes()
+    num_blocks = budget // bytes_per_block
+    if num_blocks < 1:
+        raise ValueError(
+            f"kv_cache_memory={budget} bytes holds no KV block ({bytes_per_block} bytes per block of "
+            f"{block_size} tokens): raise kv_cache_memory"
+        )
+    return KVCacheSizing(bytes_per_block, num_blocks, block_size)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, model_dir: Path, show_progress: bool = True) -> None:
+        config.validate()
+        self.config = config
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        hf_config = read_hf_config(model_dir)
+        self.spec = DecoderSpec.from_hf_config(hf_config, source=str(Path(model_dir) / "config.json"))
+        self.kv_sizing = size_kv_cache(config, hf_config, self.dtype, self.device)
+        self.max_model_len = self._resolve_max_model_len()
+
+        backend = make_attention_backend(self.spec, self.device)
+        self.model = load_model(model_dir, backend, self.dtype, self.device, self.max_model_len, show_progress)
+        block_size = self.kv_sizing.block_size
+        shape = (2, self.kv_sizing.num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        # Zeroed, not empty: padded decode attention reads unused slots (masked, but NaN * 0 would still leak).
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.spec.num_layers)]
+        self.kv_cache_manager = KVCacheManager(
+            self.kv_sizing.num_blocks, block_size, config.cache.enable_prefix_caching
+        )
+        sched = config.scheduler
+        default_tokens = 8192 if self.device.type == "cuda" else 2048
+        self.max_num_batched_tokens = sched.max_num_batched_tokens or default_tokens
+        self.scheduler = Scheduler(self.kv_cache_manager, sched.max_num_seqs, self.max_num_batched_tokens,
+                                   self.max_model_len)
+        generator = torch.Generator().manual_seed(config.model.seed)
+        self.runner = ModelRunner(self.model, self.kv_caches, self.kv_cache_manager, Sampler(generator), self.device)
+        # Seconds spent inside steps that computed tokens, and the tokens they sampled.
+        self.busy_seconds = 0.0
+        self.num_generated_tokens = 0
+        self.num_steps = 0
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d; "
+            "max concurrency at max_model_len %.1f",
+            self.kv_sizing.num_blocks, block_size, self.kv_sizing.num_tokens,
+            self.kv_sizing.num_blocks * self.kv_sizing.bytes_per_block / 2**20, self.dtype,
+            self.max_model_len, self.kv_sizing.num_tokens / self.max_model_len,
+        )
+
+    def _resolve_max_model_len(self) -> int:
+        model_limit = self.spec.max_position_embeddings
+        capacity = self.kv_sizing.num_tokens
+        wanted = self.config.model.max_model_len
+        if wanted is None:
+            return min(model_limit, capacity)
+        if wanted > model_limit:
+            raise ValueError(
+                f"max_model_len={wanted} exceeds the model's limit of {model_limit} tokens "
+                "(max_position_embeddings): lower max_model_len"
+            )
+        if wanted > capacity:
+            raise ValueError(
+                f"max_model_len={wanted} does not fit in the KV cache, which holds {capacity} tokens: "
+                f"raise kv_cache_memory or lower max_model_len to {capacity}"
+            )
+        return wanted
+
+    # ---- requests -----------------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        self.scheduler.finish_requests(request_ids, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the step -------------------------------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        start = time.perf_counter()
+        runner_out = self.runner.execute(sched)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        outputs = self.scheduler.update_from_output(sched, runner_out, elapsed)
+        self.busy_seconds += elapsed
+        self.num_steps += 1
+        self.num_generated_tokens += len(runner_out.sampled)
+        return outputs

@@ -1,0 +1,214 @@
+"""LLMEngine: text in, text out around EngineCore (tokenize and validate; detokenize, stop strings, n > 1)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.engine_core import EngineCore
+from tokenmill.model.default_model import prepare_model
+from tokenmill.model.tokenizer import Tokenizer
+from tokenmill.outputs import (
+    CompletionOutput,
+    EngineCoreOutput,
+    PositionLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
+from tokenmill.request import Request, RequestStatus
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class _Child:
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[PositionLogprobs] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def completion(self) -> CompletionOutput:
+        finished = self.finish_reason is not None
+        return CompletionOutput(
+            index=self.index,
+            text=self.detokenizer.visible_text(finished),
+            token_ids=list(self.request.output_token_ids),
+            cumulative_logprob=self.request.cumulative_logprob,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[PositionLogprobs | None] | None
+    children: list[_Child] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.children)
+
+    def metrics(self) -> RequestMetrics:
+        ms = [c.request.metrics for c in self.children]
+
+        def first(values):
+            values = [v for v in values if v is not None]
+            return min(values) if values else None
+
+        finished = [m.finished_time for m in ms]
+        return RequestMetrics(
+            arrival_time=ms[0].arrival_time,
+            first_scheduled_time=first(m.first_scheduled_time for m in ms),
+            first_token_time=first(m.first_token_time for m in ms),
+            last_token_time=max((m.last_token_time for m in ms if m.last_token_time), default=None),
+            finished_time=max(finished) if all(t is not None for t in finished) else None,
+            compute_seconds=sum(m.compute_seconds for m in ms),
+            num_cached_tokens=ms[0].num_cached_tokens,
+        )
+
+    def output(self) -> RequestOutput:
+        metrics = self.metrics()
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            prompt_logprobs=self.prompt_logprobs,
+            outputs=[c.completion() for c in self.children],
+            finished=self.finished,
+            metrics=metrics,
+            num_cached_tokens=metrics.num_cached_tokens,
+        )
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
+        config.validate()
+        self.model_dir: Path = prepare_model(config.model.model)
+        self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
+        if config.model.chat_template is not None:
+            self.tokenizer.chat_template = config.model.chat_template
+        self.core = EngineCore(config, self.model_dir, show_progress)
+        self.max_model_len = self.core.max_model_len
+        self.vocab_size = self.core.spec.vocab_size
+        # request_id -> parent request state.
+        self.parents: dict[str, _Parent] = {}
+        # child (engine) request_id -> (parent, child).
+        self.children: dict[str, tuple[_Parent, _Child]] = {}
+        self._counter = itertools.count()
+
+    def next_request_id(self) -> str:
+        return str(next(self._counter))
+
+    # ---- input ----------------------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: str | dict | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self.tokenize_prompt(prompt["prompt"])
+            raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids' (a list of token ids)")
+        if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(
+            f"prompt must be a string, a list of token ids or a dict with 'prompt_token_ids', got {type(prompt).__name__}"
+        )
+
+    def validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens, max_model_len is {self.max_model_len}: "
+                "shorten the prompt or raise max_model_len"
+            )
+        bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
+
+    def add_request(self, request_id: str, prompt: str | dict | list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> _Parent:
+        if request_id in self.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        self.validate_prompt(token_ids)
+        parent = _Parent(request_id, text, token_ids, [None] if params.prompt_logprobs is not None else None)
+        for index in range(params.n):
+            child_params = params if params.n == 1 else params.clone_for_child(index)
+            child_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            request = Request(child_id, token_ids, child_params, self.tokenizer.eos_token_ids, arrival_time)
+            child = _Child(index, request, IncrementalDetokenizer(self.tokenizer, token_ids, child_params),
+                           [] if child_params.logprobs is not None else None)
+            parent.children.append(child)
+            self.children[child_id] = (parent, child)
+        self.parents[request_id] = parent
+        for child in parent.children:
+            self.core.add_request(child.request)
+        return parent
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for request_id in request_ids:
+            parent = self.parents.pop(request_id, None)
+            if parent is None:
+                continue
+            child_ids = [c.request.request_id for c in parent.children]
+            self.core.abort_requests(child_ids)
+            for child_id in child_ids:
+                self.children.pop(child_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents)
+
+    # ---- output ---------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the current output of every request that changed (finished ones last
+        time they appear)."""
+        changed: dict[str, _Parent] = {}
+        for out in self.core.step():
+            entry = self.children.get(out.request_id)
+            if entry is None:
+                continue
+            parent, child = entry
+            self._apply(parent, child, out)
+            changed[parent.request_id] = parent
+        results = []
+        for parent in changed.values():
+            results.append(parent.output())
+            if parent.finished:
+                del self.parents[parent.request_id]
+                for child in parent.children:
+                    self.children.pop(child.request.request_id, None)
+        return results
+
+    def _apply(self, parent: _Parent, child: _Child, out: EngineCoreOutput) -> None:
+        if out.new_prompt_logprobs and child.index == 0 and parent.prompt_logprobs is not None:
+            self._decode_logprobs(out.new_prompt_logprobs)
+            parent.prompt_logprobs.extend(out.new_prompt_logprobs)
+        if out.new_logprobs and child.logprobs is not None:
+            self._decode_logprobs(out.new_logprobs)
+            child.logprobs.extend(out.new_logprobs)
+        stop = None
+        for token_id in out.new_token_ids:
+            stop = child.detokenizer.add_token(token_id)
+        if out.finish_reason is not None:
+            child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
+        elif stop is not None:
+            # The stop string is found here, after detokenization: end the request in the core as well.
+            child.finish_reason, child.stop_reason = "stop", stop
+            self.core.abort_requests([child.request.request_id], RequestStatus.FINISHED_STOPPED)
+
+    def _decode_logprobs(self, positions: list[PositionLogprobs]) -> None:
+        for position in positions:
+            for token_id, logprob in position.items():
+                logprob.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -1,0 +1,84 @@
+"""`tokenmill generate` and `tokenmill chat`: offline generation from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Engine flags shared by every command that builds an engine (names as `vllm serve`)."""
+    parser.add_argument("model", nargs="?", default=None,
+                        help="Hugging Face model directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="weights and activations dtype; auto = bf16 where the hardware runs it fast")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + output in tokens (default: the model's limit, capped by the KV cache)")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="most tokens computed per engine step (default 2048 on CPU, 8192 on CUDA)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument("--kv-cache-memory", default=None,
+                        help="KV cache size in bytes or with a unit, e.g. 2GiB (CPU default: 4 GiB or 1/4 of RAM)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of GPU memory the engine may use (CUDA)")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse KV blocks of shared prompt prefixes")
+    parser.add_argument("--seed", type=int, default=0, help="seed for requests without their own")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="number of GPUs to shard the model over (only 1 is supported yet)")
+    parser.add_argument("--chat-template", default=None,
+                        help="Jinja chat template (a file path or the template text) overriding the model's")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """LLM(...) keyword arguments from the parsed engine flags."""
+    chat_template = args.chat_template
+    if chat_template is not None:
+        from pathlib import Path
+
+        path = Path(chat_template)
+        if path.is_file():
+            chat_template = path.read_text()
+    return dict(
+        dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, device=args.device,
+        tensor_parallel_size=args.tensor_parallel_size, chat_template=chat_template,
+    )
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from tokenmill import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k)
+    llm = LLM(args.model, **engine_kwargs(args))
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if args.command == "chat":
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        print(f">>> {prompt}\n{out.outputs[0].text}\n")
+    return 0
+
+
+def register(subparsers) -> None:
+    for name, help_text in (("generate", "complete prompts with a model (offline)"),
+                            ("chat", "answer user messages with the model's chat template (offline)")):
+        parser = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_engine_args(parser)
+        _sampling_args(parser)
+        parser.add_argument("--prompt", "-p", action="append",
+                            help="a prompt (repeatable); without it, one prompt per line of standard input")
+        parser.set_defaults(func=_run_generate)

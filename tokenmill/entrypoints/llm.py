@@ -1,0 +1,140 @@
+"""The offline API, named as vLLM's: LLM(...).generate(prompts, sampling_params) and LLM.chat(messages)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+PromptType = str | dict | list[int]
+
+
+class LLM:
+    """An engine for offline batched generation.
+
+    model: a Hugging Face model directory, a .gguf file, or None for the bundled SmolLM2-135M-Instruct.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        kv_cache_memory: int | str | None = None,
+        gpu_memory_utilization: float = 0.9,
+        seed: int = 0,
+        device: str = "auto",
+        tensor_parallel_size: int = 1,
+        chat_template: str | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        config = EngineConfig(
+            model=ModelConfig(model=None if model is None else str(model), dtype=dtype,
+                              max_model_len=max_model_len, seed=seed, device=device, chat_template=chat_template),
+            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
+                              gpu_memory_utilization=gpu_memory_utilization,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        self.llm_engine = LLMEngine(config, show_progress=show_progress)
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in the order given; all prompts are batched together."""
+        if isinstance(prompts, str | dict) or (
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params_list = self._params_list(sampling_params, len(prompts))
+        engine = self.llm_engine
+        # Validate every prompt before any is queued, so one bad prompt leaves nothing half-submitted.
+        tokenized = []
+        for prompt in prompts:
+            text, ids = engine.tokenize_prompt(prompt)
+            engine.validate_prompt(ids)
+            tokenized.append({"prompt": text, "prompt_token_ids": ids})
+        ids = []
+        now = time.time()
+        for prompt, params in zip(tokenized, params_list, strict=True):
+            request_id = engine.next_request_id()
+            engine.add_request(request_id, prompt, params, arrival_time=now)
+            ids.append(request_id)
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, rendered with the model's chat template."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts (or a list of such lists)")
+        conversations = messages if isinstance(messages[0], list) else [messages]
+        tokenizer = self.llm_engine.tokenizer
+        prompts = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+            )
+            # The template writes the special tokens itself.
+            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    @staticmethod
+    def _params_list(sampling_params, num_prompts: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * num_prompts
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * num_prompts
+        params = list(sampling_params)
+        if len(params) != num_prompts:
+            raise ValueError(
+                f"got {len(params)} sampling_params for {num_prompts} prompts: pass one, or one per prompt"
+            )
+        return params
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        wanted = set(request_ids)
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", unit="req", disable=not use_tqdm)
+        num_output_tokens = 0
+        start = time.perf_counter()
+        try:
+            while len(finished) < len(wanted):
+                for output in engine.step():
+                    if output.finished and output.request_id in wanted:
+                        finished[output.request_id] = output
+                        num_output_tokens += sum(len(o.token_ids) for o in output.outputs)
+                        bar.update(1)
+                        bar.set_postfix_str(f"{num_output_tokens / (time.perf_counter() - start):.1f} output tok/s")
+        except BaseException:
+            engine.abort_request([r for r in request_ids if r not in finished])
+            raise
+        finally:
+            bar.close()
+        return [finished[r] for r in request_ids]

