@@ -84,12 +84,12 @@ def _train_tokenizer(post_processor_bos: bool) -> BackendTokenizer:
 VARIANTS = {
     # no post-processor, no add_bos_token: nothing added
     "plain": (False, {}),
-    # add_bos_token in tokenizer_config.json decides, as in transformers
-    "add_bos_token": (False, {"add_bos_token": True}),
     # tokenizer.json's own post-processor adds the bos token
     "post_processor": (True, {}),
-    # an explicit add_bos_token=False overrides tokenizer.json's post-processor
-    "add_bos_token_false": (True, {"add_bos_token": False}),
+    # transformers ignores add_bos_token in tokenizer_config.json when tokenizer.json exists: the
+    # post-processor decides, in both directions
+    "add_bos_token_ignored": (False, {"add_bos_token": True}),
+    "add_bos_token_false_ignored": (True, {"add_bos_token": False}),
 }
 
 
@@ -283,3 +283,28 @@ def test_unknown_token_id(tokenizer_dir):
     tok = Tokenizer.from_pretrained(tokenizer_dir)
     with pytest.raises(ValueError, match="not in the vocabulary"):
         tok.id_to_token(tok.vocab_size + 5)
+
+
+def test_wordpiece_cleanup_matches_transformers(tmp_path):
+    """clean_up_tokenization_spaces applies to non-BPE models (here WordPiece), as in transformers."""
+    tok = BackendTokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(cleanup=False)  # so the cleanup comes from tokenizer_config.json
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=["[UNK]", "[SEP]"], show_progress=False
+    )
+    tok.train_from_iterator(CORPUS * 10, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "[UNK]",
+        "clean_up_tokenization_spaces": True,
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, ref = Tokenizer.from_pretrained(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in ["Hello world! It's the answer, isn't it?", "The quick brown fox."]:
+        ids = ref.encode(text)
+        assert ours.encode(text) == ids
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+    ids = ours.encode("Hello world!")
+    assert ours.backend.decode(ids) == "Hello world !" and ours.decode(ids) == "Hello world!"

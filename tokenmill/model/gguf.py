@@ -30,10 +30,8 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderField, ReaderTensor
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
-
-from tokenmill.model.tokenizer import bos_eos_post_processor
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -88,7 +86,7 @@ _GPT2_PRE = ("default", "gpt2", "gpt-2")
 # StarCoder-style: every digit is its own pre-token, then GPT-2's byte-level split. SmolLM2 uses this.
 _DIGITS_THEN_GPT2_PRE = ("smollm", "starcoder", "refact")
 _SPLIT_PRE = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "pixtral"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3"), _LLAMA3_SPLIT),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
 }
 SUPPORTED_PRE_TOKENIZERS = (*_GPT2_PRE, *_DIGITS_THEN_GPT2_PRE, *_SPLIT_PRE)
@@ -239,11 +237,14 @@ class _LlamaHParams:
                 f"{metadata.path}: rope.dimension_count={rope_dim} differs from head_dim={head_dim}; partial "
                 "rotary embeddings are not part of the Llama architecture this converter supports."
             )
-        tokens = metadata.get("tokenizer.ggml.tokens") or []
-        embedding = tensors.get("token_embd.weight")
         vocab_size = metadata.get(f"{arch}.vocab_size")
-        if vocab_size is None:
-            vocab_size = int(embedding.shape[1]) if embedding is not None else len(tokens)
+        if vocab_size is None:  # older files: the embedding's row count
+            embedding = tensors.get("token_embd.weight")
+            vocab_size = (
+                int(embedding.shape[1])
+                if embedding is not None
+                else len(metadata.get("tokenizer.ggml.tokens") or [])
+            )
         return cls(
             num_hidden_layers=int(metadata.require(f"{arch}.block_count")),
             hidden_size=hidden_size,
@@ -285,10 +286,10 @@ def _plan_tensors(path: Path, hparams: _LlamaHParams, tensors: dict[str, ReaderT
             continue  # becomes config.rope_scaling
         hf_name = _hf_tensor_name(name, hparams.num_hidden_layers)
         if hf_name is None:
+            layer_names = ", ".join(k.removesuffix(".weight") for k in _LAYER_TENSOR_NAMES)
             raise ValueError(
-                f"{path}: tensor {name!r} is not part of the Llama architecture (expected token_embd, "
-                f"output_norm, output and blk.N.{{{', '.join(k.removesuffix('.weight') for k in _LAYER_TENSOR_NAMES)}}}"
-                ".weight); this GGUF is not a plain Llama model."
+                f"{path}: tensor {name!r} is not part of the Llama architecture (token_embd, output_norm, output "
+                f"and blk.N.{{{layer_names}}}); this GGUF is not a plain Llama model."
             )
         if tensor.tensor_type not in SUPPORTED_TENSOR_TYPES:
             raise ValueError(
@@ -306,6 +307,12 @@ def _plan_tensors(path: Path, hparams: _LlamaHParams, tensors: dict[str, ReaderT
             rope_num_heads = hparams.num_key_value_heads
         # GGUF lists dims fastest-first (ggml's ne); numpy / torch list them slowest-first.
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        expected_shape = _expected_shape(hf_name, hparams)
+        if shape != expected_shape:
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {list(shape)} but the metadata implies {list(expected_shape)}; "
+                "the file is inconsistent."
+            )
         plans.append(_TensorPlan(name, hf_name, shape, dtype, rope_num_heads))
 
     expected = set(_GLOBAL_TENSOR_NAMES) - {"output.weight"}
@@ -317,6 +324,27 @@ def _plan_tensors(path: Path, hparams: _LlamaHParams, tensors: dict[str, ReaderT
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{path}: the file lacks tensors {shown}; it is incomplete or not a Llama model.")
     return plans
+
+
+def _expected_shape(hf_name: str, hparams: _LlamaHParams) -> tuple[int, ...]:
+    """Hugging Face shape of a Llama tensor: [out_features, in_features] for matrices."""
+    hidden, inter, head_dim = hparams.hidden_size, hparams.intermediate_size, hparams.head_dim
+    q_size, kv_size = hparams.num_attention_heads * head_dim, hparams.num_key_value_heads * head_dim
+    suffix = hf_name.rsplit(".", 2)[-2]  # "model.layers.3.self_attn.q_proj.weight" -> "q_proj"
+    return {
+        "embed_tokens": (hparams.vocab_size, hidden),
+        "lm_head": (hparams.vocab_size, hidden),
+        "norm": (hidden,),
+        "input_layernorm": (hidden,),
+        "post_attention_layernorm": (hidden,),
+        "q_proj": (q_size, hidden),
+        "k_proj": (kv_size, hidden),
+        "v_proj": (kv_size, hidden),
+        "o_proj": (hidden, q_size),
+        "gate_proj": (inter, hidden),
+        "up_proj": (inter, hidden),
+        "down_proj": (hidden, inter),
+    }[suffix]
 
 
 def _hf_tensor_name(gguf_name: str, num_layers: int) -> str | None:
@@ -471,9 +499,10 @@ def _llama3_rope_scaling(path: Path, divisors: np.ndarray, hparams: _LlamaHParam
         wavelen = 1.0 / inv_wavelen
         smooth = (original / wavelen - low) / (high - low)
         expected = np.where(
-            wavelen < original / high, 1.0,
+            wavelen < original / high,
+            1.0,
             np.where(wavelen > original / low, factor, 1.0 / ((1 - smooth) / factor + smooth)),
-        )  # fmt: skip
+        )
         if np.allclose(expected, divisors, rtol=1e-3):
             return {"rope_type": "llama3", "factor": _float32_value(factor), **params}
     raise ValueError(
@@ -597,7 +626,7 @@ def _build_tokenizer(
     bos = tokens[special_ids["bos"]] if special_ids["bos"] is not None else None
     eos = tokens[special_ids["eos"]] if special_ids["eos"] is not None else None
     add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
-    tokenizer.post_processor = bos_eos_post_processor(
+    tokenizer.post_processor = _bos_eos_post_processor(
         tokenizer, bos if add_bos else None, eos if add_eos else None
     )
 
@@ -619,6 +648,17 @@ def _build_tokenizer(
     if chat_template is not None:
         tokenizer_config["chat_template"] = chat_template
     return tokenizer, tokenizer_config, special_ids
+
+
+def _bos_eos_post_processor(
+    backend: Tokenizer, bos: str | None, eos: str | None
+) -> processors.TemplateProcessing:
+    """The post-processor that adds `bos` before and `eos` after a sequence (None: nothing), as transformers'
+    update_post_processor builds it for add_bos_token / add_eos_token."""
+    single = " ".join([*([f"{bos}:0"] if bos else []), "$A:0", *([f"{eos}:0"] if eos else [])])
+    pair = single + " " + " ".join([*([f"{bos}:1"] if bos else []), "$B:1", *([f"{eos}:1"] if eos else [])])
+    special = {token: backend.token_to_id(token) for token in (bos, eos) if token}
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(special.items()))
 
 
 def _chat_template(metadata: _GGUFMetadata) -> str | list[dict[str, str]] | None:

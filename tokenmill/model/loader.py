@@ -23,7 +23,9 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): restore the file from the model's original release") from e
+        raise ValueError(
+            f"{path} is not valid JSON ({e}): restore the file from the model's original release"
+        ) from e
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object")
     return config
@@ -58,7 +60,9 @@ def iter_safetensors(files: list[Path], show_progress: bool) -> Iterator[tuple[s
         try:
             handle = safe_open(str(path), framework="pt")
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{path}: cannot read safetensors weights ({e}); the file is corrupt or truncated") from e
+            raise ValueError(
+                f"{path}: cannot read safetensors weights ({e}); the file is corrupt or truncated"
+            ) from e
         keys = list(handle.keys())
         handles.append((path, handle, keys))
         total += len(keys)
@@ -68,7 +72,9 @@ def iter_safetensors(files: list[Path], show_progress: bool) -> Iterator[tuple[s
                 try:
                     tensor = handle.get_tensor(key)
                 except Exception as e:
-                    raise ValueError(f"{path}: tensor {key!r} cannot be read ({e}); the file is corrupt") from e
+                    raise ValueError(
+                        f"{path}: tensor {key!r} cannot be read ({e}); the file is corrupt"
+                    ) from e
                 yield key, tensor
                 bar.update(1)
 

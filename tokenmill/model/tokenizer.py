@@ -17,7 +17,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, processors
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 
 # transformers' named special tokens (SpecialTokensMixin.SPECIAL_TOKENS_ATTRIBUTES), in its order.
@@ -37,9 +37,9 @@ class Tokenizer:
 
     Construct with Tokenizer.from_pretrained(model_dir). Matches transformers' tokenizer on the same directory:
     - special tokens named in tokenizer_config.json are added as special tokens when tokenizer.json lacks them;
-    - when tokenizer_config.json sets add_bos_token / add_eos_token (or tokenizer.json has no post-processor),
-      those flags decide which tokens encode(add_special_tokens=True) adds; otherwise tokenizer.json's
-      post-processor does;
+    - tokenizer.json's post-processor alone decides which tokens encode(add_special_tokens=True) adds:
+      transformers ignores add_bos_token / add_eos_token in tokenizer_config.json when tokenizer.json exists
+      (the GGUF converter therefore writes BOS handling into tokenizer.json);
     - decode(skip_special_tokens=True) drops tokens marked special.
     """
 
@@ -59,7 +59,17 @@ class Tokenizer:
         # template name -> jinja source; "default" is the one used unless another is asked for
         self.chat_templates: dict[str, str] = dict(chat_templates or {})
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
-        self._generation_eos_token_ids = tuple(generation_eos_token_ids)
+        # Looked up once: the engine reads these for every generated token.
+        self._special_ids = {name: backend.token_to_id(token) for name, token in self.special_tokens.items()}
+        eos_ids = set(generation_eos_token_ids)
+        if self._special_ids.get("eos_token") is not None:
+            eos_ids.add(self._special_ids["eos_token"])
+        self._eos_token_ids = frozenset(eos_ids)
+        special_ids = {
+            backend.token_to_id(t) for t in (*self.special_tokens.values(), *self.extra_special_tokens)
+        }
+        special_ids |= {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
+        self._all_special_ids = sorted(i for i in special_ids if i is not None)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -94,13 +104,6 @@ class Tokenizer:
         )
         _add_missing_tokens(backend, config, special_tokens, extra_special_tokens)
 
-        if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
-            backend.post_processor = bos_eos_post_processor(
-                backend,
-                bos=special_tokens.get("bos_token") if config.get("add_bos_token") else None,
-                eos=special_tokens.get("eos_token") if config.get("add_eos_token") else None,
-            )
-
         chat_templates = _chat_templates(
             config.get("chat_template"), tokenizer_config=model_dir / "tokenizer_config.json"
         )
@@ -129,32 +132,25 @@ class Tokenizer:
 
     @property
     def bos_token_id(self) -> int | None:
-        return self._token_id("bos_token")
+        return self._special_ids.get("bos_token")
 
     @property
     def eos_token_id(self) -> int | None:
-        return self._token_id("eos_token")
+        return self._special_ids.get("eos_token")
 
     @property
     def pad_token_id(self) -> int | None:
-        return self._token_id("pad_token")
+        return self._special_ids.get("pad_token")
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
         """Ids that end generation: the tokenizer's eos token and generation_config.json's eos_token_id(s)."""
-        ids = set(self._generation_eos_token_ids)
-        if self.eos_token_id is not None:
-            ids.add(self.eos_token_id)
-        return frozenset(ids)
+        return self._eos_token_ids
 
     @property
     def all_special_ids(self) -> list[int]:
         """Ids of the named special tokens, the additional special tokens and every added token marked special."""
-        ids = {
-            self.backend.token_to_id(t) for t in (*self.special_tokens.values(), *self.extra_special_tokens)
-        }
-        ids |= {i for i, token in self.backend.get_added_tokens_decoder().items() if token.special}
-        return sorted(i for i in ids if i is not None)
+        return list(self._all_special_ids)
 
     @property
     def add_bos_token(self) -> bool:
@@ -170,10 +166,6 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
-
-    def _token_id(self, name: str) -> int | None:
-        token = self.special_tokens.get(name)
-        return None if token is None else self.backend.token_to_id(token)
 
     # ---------------------------------------------------------------------------------------------------------
     # Encode / decode
@@ -298,17 +290,6 @@ def _add_missing_tokens(
         backend.add_tokens(new_tokens)
 
 
-def bos_eos_post_processor(
-    backend: BackendTokenizer, bos: str | None, eos: str | None
-) -> processors.TemplateProcessing:
-    """The post-processor that adds `bos` before and `eos` after a sequence (None: nothing), as transformers'
-    update_post_processor builds it for add_bos_token / add_eos_token."""
-    single = " ".join([*([f"{bos}:0"] if bos else []), "$A:0", *([f"{eos}:0"] if eos else [])])
-    pair = single + " " + " ".join([*([f"{bos}:1"] if bos else []), "$B:1", *([f"{eos}:1"] if eos else [])])
-    special = {token: backend.token_to_id(token) for token in (bos, eos) if token}
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(special.items()))
-
-
 def _chat_templates(value: Any, tokenizer_config: Path) -> dict[str, str]:
     """tokenizer_config.json's chat_template: one template, or a list of {"name", "template"}."""
     if value is None:
@@ -326,9 +307,17 @@ def _chat_templates(value: Any, tokenizer_config: Path) -> dict[str, str]:
 
 def _clean_up_tokenization(text: str) -> str:
     for before, after in (
-        (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-        (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
-    ):  # fmt: skip
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(before, after)
     return text
 

@@ -3,8 +3,8 @@ a GGUF file's metadata, or the built-in catalog."""
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -69,13 +69,22 @@ class ModelArch:
     vision_params: int = 0  # vision encoder + projector of a multimodal checkpoint
     # How the checkpoint stores its weights
     dtype: str = "bfloat16"
-    quantization: str | None = None  # a precision name (int4-awq, fp8, q4_1, ...) when the checkpoint is quantized
+    quantization: str | None = (
+        None  # a precision name (int4-awq, fp8, q4_1, ...) when the checkpoint is quantized
+    )
     quant_group_size: int | None = None
     file_weight_bytes: int | None = None  # exact stored bytes of the tensors (GGUF files)
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "vocab_size"):
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_kv_heads",
+            "head_dim",
+            "vocab_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{self.name}: {name} must be a positive integer, got {value!r}")
@@ -118,14 +127,7 @@ class ModelArch:
         return self.num_attention_heads // self.num_kv_heads
 
     def layer_is_moe(self, layer: int) -> bool:
-        return layer in self._moe_layer_set
-
-    @property
-    def _moe_layer_set(self) -> frozenset[int]:
-        return frozenset(self.moe_layers)
-
-    def with_overrides(self, **changes: Any) -> ModelArch:
-        return replace(self, **changes)
+        return layer in self.moe_layers
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -137,9 +139,17 @@ class ModelArch:
         return _from_hf_config(config, name)
 
     @classmethod
-    def from_gguf(cls, path: str | Path) -> ModelArch:
-        """Build from the metadata of a GGUF file (no tensor data is read)."""
-        return _from_gguf(Path(path))
+    def from_gguf(cls, source: str | Path | Any) -> ModelArch:
+        """Build from the metadata of a GGUF file (a path, or an open ``gguf.GGUFReader``); no tensor data is
+        read."""
+        if isinstance(source, str | Path):
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise ValueError(f"GGUF file {str(path)!r} does not exist")
+            stat = path.stat()
+            return _cached_gguf_arch(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        filename = getattr(source, "path", None) or getattr(getattr(source, "data", None), "filename", None)
+        return _from_gguf_reader(source, Path(filename or "model.gguf"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,7 +197,9 @@ def _rope_theta(cfg: dict[str, Any]) -> float | None:
     return None
 
 
-def _sliding_layers(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, tuple[int, ...]]:
+def _sliding_layers(
+    cfg: dict[str, Any], model_type: str, num_layers: int
+) -> tuple[int | None, tuple[int, ...]]:
     window = cfg.get("sliding_window")
     if not window or cfg.get("use_sliding_window") is False:
         return None, ()
@@ -278,33 +290,30 @@ def _from_hf_config(config: dict[str, Any], name: str | None) -> ModelArch:
     num_kv = _as_int(cfg.get("num_key_value_heads") or num_heads, "num_key_value_heads", where)
 
     # Mixture of experts: three spellings of "how many experts".
-    num_experts = 0
     moe_inter = 0
     moe_layers: tuple[int, ...] = ()
     shared_inter = 0
     num_shared = 0
-    if cfg.get("num_local_experts"):  # Mixtral
-        num_experts = int(cfg["num_local_experts"])
-        moe_inter = _as_int(_require(cfg, "intermediate_size", where), "intermediate_size", where)
-        moe_layers = tuple(range(num_layers))
-    elif cfg.get("n_routed_experts"):  # DeepSeek-V2/V3
-        num_experts = int(cfg["n_routed_experts"])
-        moe_inter = _as_int(_require(cfg, "moe_intermediate_size", where), "moe_intermediate_size", where)
-        first_dense = int(cfg.get("first_k_dense_replace") or 0)
-        freq = int(cfg.get("moe_layer_freq") or 1)
-        moe_layers = tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0)
-        num_shared = int(cfg.get("n_shared_experts") or 0)
-        shared_inter = num_shared * moe_inter
-    elif cfg.get("num_experts"):  # Qwen2-MoE / Qwen3-MoE / OLMoE
-        num_experts = int(cfg["num_experts"])
+    num_experts = int(
+        cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    )
+    if num_experts:
         moe_inter = int(cfg.get("moe_intermediate_size") or 0) or _as_int(
             _require(cfg, "intermediate_size", where), "intermediate_size", where
         )
-        step = int(cfg.get("decoder_sparse_step") or 1)
-        dense_only = set(cfg.get("mlp_only_layers") or [])
-        moe_layers = tuple(i for i in range(num_layers) if (i + 1) % step == 0 and i not in dense_only)
-        shared_inter = int(cfg.get("shared_expert_intermediate_size") or 0)
-        num_shared = 1 if shared_inter else 0
+        if cfg.get("n_routed_experts") or "first_k_dense_replace" in cfg:  # DeepSeek-V2/V3
+            first_dense = int(cfg.get("first_k_dense_replace") or 0)
+            freq = int(cfg.get("moe_layer_freq") or 1)
+            moe_layers = tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0)
+        else:  # Mixtral, Qwen-MoE: every decoder_sparse_step-th layer except mlp_only_layers
+            step = int(cfg.get("decoder_sparse_step") or 1)
+            dense_only = set(cfg.get("mlp_only_layers") or [])
+            moe_layers = tuple(i for i in range(num_layers) if (i + 1) % step == 0 and i not in dense_only)
+        num_shared = int(cfg.get("n_shared_experts") or 0)
+        shared_inter = num_shared * moe_inter
+        if not num_shared and cfg.get("shared_expert_intermediate_size"):  # Qwen2-MoE
+            shared_inter = int(cfg["shared_expert_intermediate_size"])
+            num_shared = 1
     if num_experts:
         top_k = _as_int(_require(cfg, "num_experts_per_tok", where), "num_experts_per_tok", where)
     else:
@@ -384,7 +393,7 @@ def _from_hf_config(config: dict[str, Any], name: str | None) -> ModelArch:
         num_shared_experts=num_shared,
         shared_expert_intermediate_size=shared_inter,
         shared_expert_gate=model_type == "qwen2_moe" and bool(shared_inter),
-        router_bias=str(cfg.get("topk_method", "")) == "noaux_tc",
+        router_bias=model_type == "deepseek_v3" or str(cfg.get("topk_method", "")) == "noaux_tc",
         vision_params=_vision_params(vision, hidden) if isinstance(vision, dict) else 0,
         dtype=dtype,
         quantization=quant,
@@ -444,14 +453,17 @@ def _gguf_value(reader: Any, key: str) -> Any:
     return part.tobytes().decode() if part.dtype.kind == "u" and part.itemsize == 1 else part[0].item()
 
 
-def _from_gguf(path: Path) -> ModelArch:
+@functools.lru_cache(maxsize=16)
+def _cached_gguf_arch(path: str, mtime_ns: int, size: int) -> ModelArch:
+    """Parsing a GGUF's tokenizer arrays takes seconds: read each file version once per process."""
     try:
         from gguf import GGUFReader
     except ImportError as exc:  # pragma: no cover - gguf is a core dependency
         raise ValueError("reading a .gguf file needs the 'gguf' package: pip install gguf") from exc
-    if not path.is_file():
-        raise ValueError(f"GGUF file {str(path)!r} does not exist")
-    reader = GGUFReader(str(path))
+    return _from_gguf_reader(GGUFReader(path), Path(path))
+
+
+def _from_gguf_reader(reader: Any, path: Path) -> ModelArch:
     where = path.name
     arch = _gguf_value(reader, "general.architecture")
     if not arch:
@@ -480,7 +492,9 @@ def _from_gguf(path: Path) -> ModelArch:
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = len(tokens.data) if tokens is not None else opt("vocab_size")
     if not vocab:
-        raise ValueError(f"{where}: GGUF metadata has neither 'tokenizer.ggml.tokens' nor '{arch}.vocab_size'")
+        raise ValueError(
+            f"{where}: GGUF metadata has neither 'tokenizer.ggml.tokens' nor '{arch}.vocab_size'"
+        )
     head_dim = int(opt("attention.key_length", hidden // num_heads))
     model_type = _GGUF_ARCH_TO_MODEL_TYPE.get(arch, arch)
 
@@ -525,7 +539,9 @@ def _from_gguf(path: Path) -> ModelArch:
         )
         num_kv = num_heads
     file_type = _GGUF_FILE_TYPES.get(int(_gguf_value(reader, "general.file_type") or -1))
-    has_post_norms = "blk.0.post_attention_norm.weight" in tensor_names or "blk.0.post_ffw_norm.weight" in tensor_names
+    has_post_norms = (
+        "blk.0.post_attention_norm.weight" in tensor_names or "blk.0.post_ffw_norm.weight" in tensor_names
+    )
     return ModelArch(
         name=str(_gguf_value(reader, "general.name") or path.stem),
         model_type=model_type,
@@ -575,7 +591,9 @@ def load_arch(source: str | Path | ModelArch) -> ModelArch:
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
                 return load_arch(ggufs[0])
-            raise ValueError(f"{text!r} is a directory without config.json: point at a Hugging Face model folder")
+            raise ValueError(
+                f"{text!r} is a directory without config.json: point at a Hugging Face model folder"
+            )
         return _load_config_file(config_path, name=path.name)
     if path.is_file():
         return _load_config_file(path, name=path.parent.name if path.name == "config.json" else path.stem)
@@ -595,4 +613,4 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["ModelArch", "load_arch", "ceil_div", "math"]
+__all__ = ["ModelArch", "load_arch"]

@@ -66,7 +66,9 @@ def break_even(
     per_day = gpu_cost_per_hour * 24
     capacity = requests_per_s_capacity * 86400
     if per_request <= 0:
-        return BreakEven(api_price_input_per_1m, out_price, 0.0, per_day, capacity, float("inf"), float("inf"), False)
+        return BreakEven(
+            api_price_input_per_1m, out_price, 0.0, per_day, capacity, float("inf"), float("inf"), False
+        )
     needed = per_day / per_request
     util = needed / capacity if capacity > 0 else float("inf")
     return BreakEven(
@@ -152,7 +154,14 @@ def cost_estimate(
     be = None
     chosen_price = spot if choice == "spot" else od
     if api_price_input_per_1m is not None and chosen_price is not None:
-        be = break_even(chosen_price, requests_per_s, input_len, output_len, api_price_input_per_1m, api_price_output_per_1m)
+        be = break_even(
+            chosen_price,
+            requests_per_s,
+            input_len,
+            output_len,
+            api_price_input_per_1m,
+            api_price_output_per_1m,
+        )
     return CostEstimate(
         gpu=gpu.name,
         num_gpus=num_gpus,

@@ -188,7 +188,20 @@ _PRECISION_ALIASES: dict[str, str] = {
     "gptq": "int4-gptq",
 }
 
-_GGUF_PRECISIONS = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m"]
+_GGUF_PRECISIONS = [
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q8_0",
+    "q2_k",
+    "q3_k",
+    "q4_k",
+    "q5_k",
+    "q6_k",
+    "q4_k_m",
+    "q5_k_m",
+]
 
 PRECISION_NAMES: tuple[str, ...] = (
     "fp32",

@@ -23,11 +23,15 @@ from tokenmill.planner.memory import (
 class ServingConfig:
     """Engine settings that change memory, named as in vLLM."""
 
-    precision: str = "auto"  # weights: auto (as stored), fp32, bf16, fp16, fp8, int8, int4-awq, int4-gptq, q4_k_m, ...
+    precision: str = (
+        "auto"  # weights: auto (as stored), fp32, bf16, fp16, fp8, int8, int4-awq, int4-gptq, q4_k_m, ...
+    )
     group_size: int | None = None  # AWQ/GPTQ group size; None: the checkpoint's, else 128
     kv_dtype: str = "auto"  # KV cache: auto (activation dtype), bfloat16, float16, fp8
     gpu_memory_utilization: float = 0.9  # fraction of device memory the engine may use, everything included
-    max_num_batched_tokens: int | None = None  # tokens per forward pass; None: 8192 on >= 70 GiB devices, else 2048
+    max_num_batched_tokens: int | None = (
+        None  # tokens per forward pass; None: 8192 on >= 70 GiB devices, else 2048
+    )
     max_num_seqs: int = 256
     block_size: int = 16
     enforce_eager: bool = False  # no CUDA graphs: saves their memory, costs decode speed
@@ -45,10 +49,11 @@ class ServingConfig:
             raise ValueError(f"block_size must be positive, got {self.block_size}: use 16")
 
     def batched_tokens_for(self, gpu: GPUSpec) -> int:
-        """vLLM's default chunked-prefill budget: 8192 tokens on large-memory GPUs, 2048 on smaller ones."""
+        """vLLM's default chunked-prefill budget: 8192 tokens on GPUs with >= 70 GiB, else 2048 (CPU and Apple
+        Silicon too)."""
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
-        return 8192 if gpu.memory_gib >= 70 else 2048
+        return 8192 if gpu.kind == "gpu" and gpu.memory_gib >= 70 else 2048
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,7 +186,9 @@ def max_model_len(
     kv_dtype = kv_dtype_for(precision, serving.kv_dtype)
 
     def fits(length: int) -> bool:
-        per_seq = kv_cache_bytes_per_sequence(arch, length, kv_dtype, tensor_parallel_size, serving.block_size)
+        per_seq = kv_cache_bytes_per_sequence(
+            arch, length, kv_dtype, tensor_parallel_size, serving.block_size
+        )
         return per_seq * num_sequences <= budget
 
     lo, hi = 0, arch.max_position_embeddings

@@ -92,31 +92,125 @@ _G = GPUSpec
 GPU_CATALOG: dict[str, GPUSpec] = {
     g.name: g
     for g in (
-        _G("H200", 139.8, 4800, 989, on_demand_per_hour=3.79, spot_per_hour=2.29, aliases=("H200-SXM", "H200-141GB")),
-        _G("H100-SXM", 79.2, 3350, 989, on_demand_per_hour=2.99, spot_per_hour=1.75, aliases=("H100", "H100-80GB")),
+        _G(
+            "H200",
+            139.8,
+            4800,
+            989,
+            on_demand_per_hour=3.79,
+            spot_per_hour=2.29,
+            aliases=("H200-SXM", "H200-141GB"),
+        ),
+        _G(
+            "H100-SXM",
+            79.2,
+            3350,
+            989,
+            on_demand_per_hour=2.99,
+            spot_per_hour=1.75,
+            aliases=("H100", "H100-80GB"),
+        ),
         _G("H100-PCIe", 79.2, 2000, 756, on_demand_per_hour=2.49, spot_per_hour=1.45),
-        _G("A100-80GB", 79.15, 2039, 312, on_demand_per_hour=1.79, spot_per_hour=0.99, aliases=("A100", "A100-SXM-80GB")),
+        _G(
+            "A100-80GB",
+            79.15,
+            2039,
+            312,
+            on_demand_per_hour=1.79,
+            spot_per_hour=0.99,
+            aliases=("A100", "A100-SXM-80GB"),
+        ),
         _G("A100-40GB", 39.39, 1555, 312, on_demand_per_hour=1.29, spot_per_hour=0.69),
         _G("L40S", 44.5, 864, 362, on_demand_per_hour=1.86, spot_per_hour=0.75),
         _G("A10G", 22.0, 600, 70, on_demand_per_hour=1.01, spot_per_hour=0.42, max_tensor_parallel_size=8),
         _G("L4", 22.0, 300, 121, on_demand_per_hour=0.80, spot_per_hour=0.33),
         _G("RTX-4090", 23.6, 1008, 165, on_demand_per_hour=0.69, spot_per_hour=0.35, aliases=("4090",)),
         _G("MI300X", 191.5, 5300, 1307, vendor="AMD", on_demand_per_hour=2.69, spot_per_hour=1.79),
-        _G("M2-Ultra-192GB", 192, 800, 27, kind="apple", vendor="Apple", max_usable_fraction=0.75,
-           max_tensor_parallel_size=1, price_date=None, aliases=("M2-Ultra",)),
-        _G("M3-Max-128GB", 128, 400, 16, kind="apple", vendor="Apple", max_usable_fraction=0.75,
-           max_tensor_parallel_size=1, price_date=None, aliases=("M3-Max",)),
-        _G("M4-Max-128GB", 128, 546, 18, kind="apple", vendor="Apple", max_usable_fraction=0.75,
-           max_tensor_parallel_size=1, price_date=None, aliases=("M4-Max",)),
-        _G("M3-Ultra-512GB", 512, 819, 28, kind="apple", vendor="Apple", max_usable_fraction=0.75,
-           max_tensor_parallel_size=1, price_date=None, aliases=("M3-Ultra",)),
-        _G("M4-Pro-64GB", 64, 273, 9, kind="apple", vendor="Apple", max_usable_fraction=0.75,
-           max_tensor_parallel_size=1, price_date=None, aliases=("M4-Pro",)),
+        _G(
+            "M2-Ultra-192GB",
+            192,
+            800,
+            27,
+            kind="apple",
+            vendor="Apple",
+            max_usable_fraction=0.75,
+            max_tensor_parallel_size=1,
+            price_date=None,
+            aliases=("M2-Ultra",),
+        ),
+        _G(
+            "M3-Max-128GB",
+            128,
+            400,
+            16,
+            kind="apple",
+            vendor="Apple",
+            max_usable_fraction=0.75,
+            max_tensor_parallel_size=1,
+            price_date=None,
+            aliases=("M3-Max",),
+        ),
+        _G(
+            "M4-Max-128GB",
+            128,
+            546,
+            18,
+            kind="apple",
+            vendor="Apple",
+            max_usable_fraction=0.75,
+            max_tensor_parallel_size=1,
+            price_date=None,
+            aliases=("M4-Max",),
+        ),
+        _G(
+            "M3-Ultra-512GB",
+            512,
+            819,
+            28,
+            kind="apple",
+            vendor="Apple",
+            max_usable_fraction=0.75,
+            max_tensor_parallel_size=1,
+            price_date=None,
+            aliases=("M3-Ultra",),
+        ),
+        _G(
+            "M4-Pro-64GB",
+            64,
+            273,
+            9,
+            kind="apple",
+            vendor="Apple",
+            max_usable_fraction=0.75,
+            max_tensor_parallel_size=1,
+            price_date=None,
+            aliases=("M4-Pro",),
+        ),
         # A 12-channel DDR5-4800 server socket (e.g. EPYC 9004) and a 2-channel DDR5-5600 desktop.
-        _G("CPU-server-12ch-DDR5", 384, 460, 6, kind="cpu", vendor="CPU", max_usable_fraction=0.9,
-           max_tensor_parallel_size=1, price_date=None, aliases=("CPU", "CPU-server")),
-        _G("CPU-desktop-2ch-DDR5", 64, 89.6, 1.5, kind="cpu", vendor="CPU", max_usable_fraction=0.9,
-           max_tensor_parallel_size=1, price_date=None, aliases=("CPU-desktop",)),
+        _G(
+            "CPU-server-12ch-DDR5",
+            384,
+            460,
+            6,
+            kind="cpu",
+            vendor="CPU",
+            max_usable_fraction=0.9,
+            max_tensor_parallel_size=1,
+            price_date=None,
+            aliases=("CPU", "CPU-server"),
+        ),
+        _G(
+            "CPU-desktop-2ch-DDR5",
+            64,
+            89.6,
+            1.5,
+            kind="cpu",
+            vendor="CPU",
+            max_usable_fraction=0.9,
+            max_tensor_parallel_size=1,
+            price_date=None,
+            aliases=("CPU-desktop",),
+        ),
     )
 }
 
@@ -158,7 +252,9 @@ def get_gpu(name: str | GPUSpec, catalog: dict[str, GPUSpec] | None = None) -> G
 _SPEC_FIELDS = {f.name for f in fields(GPUSpec)}
 
 
-def load_gpu_catalog(path: str | Path | None = None, base: dict[str, GPUSpec] | None = None) -> dict[str, GPUSpec]:
+def load_gpu_catalog(
+    path: str | Path | None = None, base: dict[str, GPUSpec] | None = None
+) -> dict[str, GPUSpec]:
     """The built-in catalog updated from a user file (JSON or TOML).
 
     The file maps device names to fields; a known name (or alias) updates only the given fields, a new name
@@ -178,10 +274,14 @@ def load_gpu_catalog(path: str | Path | None = None, base: dict[str, GPUSpec] | 
     try:
         data = tomllib.loads(p.read_text()) if p.suffix.lower() == ".toml" else json.loads(p.read_text())
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ValueError(f"GPU catalog file {p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from exc
+        raise ValueError(
+            f"GPU catalog file {p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}"
+        ) from exc
     entries = data.get("gpus", data) if isinstance(data, dict) else None
     if not isinstance(entries, dict):
-        raise ValueError(f"GPU catalog file {p} must map GPU names to objects, e.g. {{\"gpus\": {{\"H100\": {{...}}}}}}")
+        raise ValueError(
+            f'GPU catalog file {p} must map GPU names to objects, e.g. {{"gpus": {{"H100": {{...}}}}}}'
+        )
     for name, values in entries.items():
         if not isinstance(values, dict):
             raise ValueError(f"GPU catalog file {p}: entry {name!r} must be an object of fields")

@@ -18,7 +18,16 @@ from tokenmill.planner.dtypes import (
     normalize_dtype,
     parse_precision,
 )
-from tokenmill.planner.params import EMBEDDING, EXPERT, LINEAR, LM_HEAD, ROUTER, VECTOR, TensorGroup, tensor_groups
+from tokenmill.planner.params import (
+    EMBEDDING,
+    EXPERT,
+    LINEAR,
+    LM_HEAD,
+    ROUTER,
+    VECTOR,
+    TensorGroup,
+    tensor_groups,
+)
 
 GiB = 1024**3
 MiB = 1024**2
@@ -78,7 +87,9 @@ class WeightBytes:
     exact: bool = False  # True when taken from the stored file rather than computed
 
 
-def resolve_precision(arch: ModelArch, precision: str | Precision = "auto", group_size: int | None = None) -> Precision:
+def resolve_precision(
+    arch: ModelArch, precision: str | Precision = "auto", group_size: int | None = None
+) -> Precision:
     """The precision to plan with. "auto" means what the checkpoint stores; like vLLM's dtype="auto", a float32
     checkpoint is served in bfloat16."""
     if isinstance(precision, Precision):
@@ -105,7 +116,9 @@ def _group_bytes(g: TensorGroup, p: Precision) -> float:
     else:  # awq / gptq, 4-bit
         groups = math.ceil(cols / p.group_size)
         packed_rows = math.ceil(rows / 8) * 4  # eight 4-bit values per int32
-        per_matrix = cols * packed_rows + groups * rows * 2 + groups * packed_rows  # weights, fp16 scales, zeros
+        per_matrix = (
+            cols * packed_rows + groups * rows * 2 + groups * packed_rows
+        )  # weights, fp16 scales, zeros
         if p.kind == "gptq":
             per_matrix += cols * 4  # g_idx: int32 group index per input channel
     return per_matrix * g.count
@@ -150,7 +163,9 @@ def weight_bytes(
     if p.kind == "gguf" and arch.tie_word_embeddings:
         # The tied embedding is the output layer too: llama.cpp quantizes it like the output layer.
         groups = [
-            TensorGroup(g.name, g.component, LM_HEAD, g.rows, g.cols, g.count, g.tp_sharded) if g.kind == EMBEDDING else g
+            TensorGroup(g.name, g.component, LM_HEAD, g.rows, g.cols, g.count, g.tp_sharded)
+            if g.kind == EMBEDDING
+            else g
             for g in groups
         ]
     by_component: dict[str, float] = {}
@@ -175,7 +190,9 @@ def weight_bytes(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def kv_cache_bytes_per_token_per_layer(arch: ModelArch, kv_dtype: object = "bfloat16", tensor_parallel_size: int = 1) -> int:
+def kv_cache_bytes_per_token_per_layer(
+    arch: ModelArch, kv_dtype: object = "bfloat16", tensor_parallel_size: int = 1
+) -> int:
     """Bytes one token adds to one layer's KV cache on one rank.
 
     Standard/grouped-query attention stores K and V for each KV head: 2 * kv_heads_per_rank * head_dim.
@@ -190,7 +207,9 @@ def kv_cache_bytes_per_token_per_layer(arch: ModelArch, kv_dtype: object = "bflo
     return 2 * num_kv_heads_per_rank(arch, tensor_parallel_size) * arch.head_dim * nbytes
 
 
-def kv_cache_bytes_per_token(arch: ModelArch, kv_dtype: object = "bfloat16", tensor_parallel_size: int = 1) -> int:
+def kv_cache_bytes_per_token(
+    arch: ModelArch, kv_dtype: object = "bfloat16", tensor_parallel_size: int = 1
+) -> int:
     """KV bytes per token on one rank, counting every layer as full attention."""
     return arch.num_layers * kv_cache_bytes_per_token_per_layer(arch, kv_dtype, tensor_parallel_size)
 
@@ -206,11 +225,15 @@ def kv_cache_bytes_per_block(
     sliding-window layers included.
     """
     if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}: use 16 (vLLM's default)")
+        raise ValueError(
+            f"block_size must be a positive integer, got {block_size!r}: use 16 (vLLM's default)"
+        )
     return block_size * kv_cache_bytes_per_token(arch, kv_dtype, tensor_parallel_size)
 
 
-def tokens_cached_per_layer(arch: ModelArch, context_len: int, block_size: int | None = None) -> tuple[int, int]:
+def tokens_cached_per_layer(
+    arch: ModelArch, context_len: int, block_size: int | None = None
+) -> tuple[int, int]:
     """(tokens a full-attention layer keeps, tokens a sliding-window layer keeps) for one sequence.
 
     With a block size, both round up to whole blocks, and a sliding layer keeps one block more than the window
@@ -237,7 +260,9 @@ def kv_cache_bytes_per_sequence(
     their window (as a sliding-window-aware paged cache frees blocks that fall out of the window)."""
     per_layer = kv_cache_bytes_per_token_per_layer(arch, kv_dtype, tensor_parallel_size)
     full_tokens, sliding_tokens = tokens_cached_per_layer(arch, context_len, block_size)
-    return per_layer * (arch.num_full_attention_layers * full_tokens + arch.num_sliding_layers * sliding_tokens)
+    return per_layer * (
+        arch.num_full_attention_layers * full_tokens + arch.num_sliding_layers * sliding_tokens
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,17 +329,19 @@ def activation_peak_bytes(
 class Overhead:
     """Memory an inference process holds outside weights, KV cache and activations, on one device."""
 
-    cuda_context: int  # driver context, loaded kernels
+    runtime: int  # CUDA context and loaded kernels (GPU), or the Metal/CPU runtime
     workspace: int  # cuBLAS/attention workspaces, allocator slack
     communication: int  # NCCL buffers when tensor-parallel
     cuda_graphs: int  # captured decode graphs
 
     @property
     def total(self) -> int:
-        return self.cuda_context + self.workspace + self.communication + self.cuda_graphs
+        return self.runtime + self.workspace + self.communication + self.cuda_graphs
 
 
-def overhead_bytes(device_kind: str = "gpu", tensor_parallel_size: int = 1, enforce_eager: bool = False) -> Overhead:
+def overhead_bytes(
+    device_kind: str = "gpu", tensor_parallel_size: int = 1, enforce_eager: bool = False
+) -> Overhead:
     """Fixed runtime overhead per device.
 
     GPU: 0.5 GiB CUDA context, 0.25 GiB workspaces, 0.5 GiB NCCL buffers when tp > 1, 0.5 GiB for CUDA graphs
@@ -323,9 +350,9 @@ def overhead_bytes(device_kind: str = "gpu", tensor_parallel_size: int = 1, enfo
     if device_kind not in ("gpu", "apple", "cpu"):
         raise ValueError(f"device_kind must be 'gpu', 'apple' or 'cpu', got {device_kind!r}")
     if device_kind != "gpu":
-        return Overhead(cuda_context=512 * MiB, workspace=0, communication=0, cuda_graphs=0)
+        return Overhead(runtime=512 * MiB, workspace=0, communication=0, cuda_graphs=0)
     return Overhead(
-        cuda_context=512 * MiB,
+        runtime=512 * MiB,
         workspace=256 * MiB,
         communication=512 * MiB if tensor_parallel_size > 1 else 0,
         cuda_graphs=0 if enforce_eager else 512 * MiB,

@@ -12,7 +12,9 @@ import re
 from typing import Any
 
 
-def _llama(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int = 128256, **extra: Any) -> dict:
+def _llama(
+    hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int = 128256, **extra: Any
+) -> dict:
     cfg = {
         "model_type": "llama",
         "hidden_size": hidden,
@@ -31,7 +33,9 @@ def _llama(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int
     return cfg
 
 
-def _qwen2(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int, tied: bool, max_pos: int) -> dict:
+def _qwen2(
+    hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int, tied: bool, max_pos: int
+) -> dict:
     return {
         "model_type": "qwen2",
         "hidden_size": hidden,

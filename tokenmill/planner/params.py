@@ -26,7 +26,9 @@ class TensorGroup:
     """``count`` tensors of shape [rows, cols] (out_features x in_features; vectors have rows=1)."""
 
     name: str
-    component: str  # "embedding" | "lm_head" | "attention" | "mlp" | "experts" | "router" | "norms" | "vision"
+    component: (
+        str  # "embedding" | "lm_head" | "attention" | "mlp" | "experts" | "router" | "norms" | "vision"
+    )
     kind: str
     rows: int
     cols: int
@@ -99,7 +101,9 @@ def _mlp_groups(prefix: str, component: str, kind: str, hidden: int, inter: int,
     groups.append(TensorGroup(f"{prefix}.up_proj", component, kind, inter, hidden, count))
     groups.append(TensorGroup(f"{prefix}.down_proj", component, kind, hidden, inter, count))
     if arch.mlp_bias and kind == LINEAR:
-        groups.append(TensorGroup(f"{prefix}.bias", component, VECTOR, 1, (2 if arch.gated_mlp else 1) * inter, count))
+        groups.append(
+            TensorGroup(f"{prefix}.bias", component, VECTOR, 1, (2 if arch.gated_mlp else 1) * inter, count)
+        )
         groups.append(TensorGroup(f"{prefix}.down_bias", component, VECTOR, 1, hidden, count, False))
     return groups
 
@@ -118,17 +122,27 @@ def tensor_groups(arch: ModelArch) -> list[TensorGroup]:
         groups += _mlp_groups("experts", "experts", EXPERT, h, arch.moe_intermediate_size, num_moe * e, arch)
         groups.append(TensorGroup("router", "router", ROUTER, e, h, num_moe, tp_sharded=False))
         if arch.router_bias:
-            groups.append(TensorGroup("router.bias", "router", VECTOR, 1, e, num_moe))
+            groups.append(TensorGroup("router.bias", "router", VECTOR, 1, e, num_moe, tp_sharded=False))
         if arch.shared_expert_intermediate_size:
-            groups += _mlp_groups("shared_expert", "mlp", LINEAR, h, arch.shared_expert_intermediate_size, num_moe, arch)
+            groups += _mlp_groups(
+                "shared_expert", "mlp", LINEAR, h, arch.shared_expert_intermediate_size, num_moe, arch
+            )
         if arch.shared_expert_gate:
-            groups.append(TensorGroup("shared_expert_gate", "router", ROUTER, 1, h, num_moe, tp_sharded=False))
-    groups.append(TensorGroup("layer_norms", "norms", VECTOR, 1, h, arch.num_layers * arch.norms_per_layer))
-    groups.append(TensorGroup("final_norm", "norms", VECTOR, 1, h, 1))
+            groups.append(
+                TensorGroup("shared_expert_gate", "router", ROUTER, 1, h, num_moe, tp_sharded=False)
+            )
+    groups.append(
+        TensorGroup(
+            "layer_norms", "norms", VECTOR, 1, h, arch.num_layers * arch.norms_per_layer, tp_sharded=False
+        )
+    )
+    groups.append(TensorGroup("final_norm", "norms", VECTOR, 1, h, 1, tp_sharded=False))
     if not arch.tie_word_embeddings:
         groups.append(TensorGroup("lm_head", "lm_head", LM_HEAD, arch.vocab_size, h, 1))
     if arch.vision_params:
-        groups.append(TensorGroup("vision_tower", "vision", VISION, 1, arch.vision_params, 1, tp_sharded=False))
+        groups.append(
+            TensorGroup("vision_tower", "vision", VISION, 1, arch.vision_params, 1, tp_sharded=False)
+        )
     return groups
 
 

@@ -202,7 +202,9 @@ def prefill_flops(arch: ModelArch, num_tokens: int) -> float:
     """FLOPs of a prompt's forward pass: 2 per parameter per token (the output layer only for the last token,
     which is the one that samples) plus causal attention."""
     pc = param_count(arch)
-    lm_head = pc.by_component.get("lm_head", 0) or (pc.by_component.get("embedding", 0) if arch.tie_word_embeddings else 0)
+    lm_head = pc.by_component.get("lm_head", 0) or (
+        pc.by_component.get("embedding", 0) if arch.tie_word_embeddings else 0
+    )
     body = matmul_params_per_token(arch) - lm_head
     return 2.0 * body * num_tokens + 2.0 * lm_head + attention_flops_prefill(arch, num_tokens)
 

@@ -174,7 +174,9 @@ class Plan:
                 "num_attention_heads": a.num_attention_heads,
                 "num_kv_heads": a.num_kv_heads,
                 "head_dim": a.head_dim,
-                "attention": "mla" if a.is_mla else ("gqa" if a.num_kv_heads < a.num_attention_heads else "mha"),
+                "attention": "mla"
+                if a.is_mla
+                else ("gqa" if a.num_kv_heads < a.num_attention_heads else "mha"),
                 "sliding_window": a.sliding_window,
                 "num_sliding_window_layers": a.num_sliding_layers,
                 "num_experts": a.num_experts,
@@ -219,8 +221,12 @@ def plan_gpu(
         if mem.kv_cache_budget <= 0:
             notes.append(
                 f"weights + activations + overhead need {fixed:.1f} GiB per device at tensor_parallel_size="
-                f"{shown_tp}, above the usable {mem.budget / 2**30:.1f} GiB: quantize (--precision int4-awq or "
-                "fp8) or use a larger device"
+                f"{shown_tp}, above the usable {mem.budget / 2**30:.1f} GiB: "
+                + (
+                    "use a larger device"
+                    if resolve_precision(arch, serving.precision, serving.group_size).weight_bytes < 1
+                    else "quantize (--precision int4-awq or fp8) or use a larger device"
+                )
             )
         else:
             notes.append(
@@ -283,7 +289,9 @@ def plan(
             f"context_len={workload.context_len} exceeds {arch.name}'s max_position_embeddings="
             f"{arch.max_position_embeddings}: lower --context"
         )
-    devices = [get_gpu(g, catalog) for g in gpus] if gpus else [g for g in list_gpus(catalog) if g.kind == "gpu"]
+    devices = (
+        [get_gpu(g, catalog) for g in gpus] if gpus else [g for g in list_gpus(catalog) if g.kind == "gpu"]
+    )
     results = [plan_gpu(arch, g, workload, serving, tensor_parallel_size) for g in devices]
     if not any(r.status != "no" for r in results):
         seen = {r.gpu.name for r in results}

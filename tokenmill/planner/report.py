@@ -25,6 +25,23 @@ def fmt_money(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"${x:,.{digits}f}"
 
 
+def fmt_seconds(t: float) -> str:
+    if t < 1:
+        return f"{t * 1000:,.0f} ms"
+    if t < 600:
+        return f"{t:,.1f} s"
+    return f"{t / 60:,.0f} min"
+
+
+def fmt_rate(x: float) -> str:
+    """A rate with about three significant digits."""
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 1:
+        return f"{x:.1f}"
+    return f"{x:.3g}"
+
+
 def _gib(n: int) -> str:
     return f"{n / GiB:.2f}"
 
@@ -74,11 +91,11 @@ def _row(g: GPUPlan) -> list[str]:
     fit = {"fits": "yes", "partial": "partial", "no": "no"}[g.status]
     if m is None:
         return [g.gpu.name, "-", fit] + ["-"] * 9
-    tps = f"{g.serving.output_tokens_per_s_per_gpu:,.0f}" if g.serving else "-"
+    tps = fmt_rate(g.serving.output_tokens_per_s_per_gpu) if g.serving else "-"
     cost = fmt_money(g.cost.cost_per_1m_output_on_demand) if g.cost else "-"
     return [
         g.gpu.name,
-        str(g.tensor_parallel_size or "-"),
+        str(g.tensor_parallel_size or m.tensor_parallel_size),
         fit,
         _gib(m.weights),
         _gib(m.kv_cache),
@@ -103,9 +120,9 @@ def format_table(rows: list[list[str]], columns: list[tuple[str, str]]) -> str:
 
 def format_details(p: Plan, g: GPUPlan) -> list[str]:
     m = g.memory
-    out = [f"{g.gpu.name} x{g.tensor_parallel_size or '-'} ({g.status})"]
     if m is None:
-        return out
+        return [f"{g.gpu.name} ({g.status})"]
+    out = [f"{g.gpu.name} x{m.tensor_parallel_size} ({g.status})"]
     parts = m.overhead_parts
     ovh = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in parts.items() if v)
     out.append(
@@ -117,20 +134,20 @@ def format_details(p: Plan, g: GPUPlan) -> list[str]:
         w = p.workload
         out.append(
             f"  capacity: {g.max_concurrency:,} sequences of {w.context_len} tokens; "
-            f"max_model_len {g.max_model_len:,} for {min(w.concurrency, g.max_concurrency)} sequences"
+            f"max_model_len {g.max_model_len:,} at {min(w.concurrency, g.max_concurrency)} concurrent"
         )
     if g.serving:
         s, d = g.serving, g.serving.decode
         out.append(
-            f"  decode at batch {d.batch_size}, context {d.context_len}: {d.tokens_per_s:,.0f} tok/s "
-            f"({d.tokens_per_s_per_sequence:,.1f} tok/s per sequence, {d.step_time_s * 1000:.1f} ms/step), "
-            f"{d.bound}-bound; roofline {d.roofline_tokens_per_s:,.0f} tok/s, efficiency "
+            f"  decode at batch {d.batch_size}, context {d.context_len}: {fmt_rate(d.tokens_per_s)} tok/s "
+            f"({fmt_rate(d.tokens_per_s_per_sequence)} tok/s per sequence, {fmt_seconds(d.step_time_s)}/step), "
+            f"{d.bound}-bound; roofline {fmt_rate(d.roofline_tokens_per_s)} tok/s, efficiency "
             f"{d.bandwidth_efficiency:.0%} of bandwidth / {d.compute_efficiency:.0%} of compute"
         )
         out.append(
-            f"  prefill {s.input_len} tokens: {s.ttft_s * 1000:,.0f} ms to first token on an idle device | "
-            f"served: {s.requests_per_s:,.2f} req/s, {s.output_tokens_per_s:,.0f} output tok/s "
-            f"({s.output_tokens_per_s_per_gpu:,.0f} per device)"
+            f"  prefill {s.input_len} tokens: {fmt_seconds(s.ttft_s)} to first token on an idle device | "
+            f"served: {fmt_rate(s.requests_per_s)} req/s, {fmt_rate(s.output_tokens_per_s)} output tok/s "
+            f"({fmt_rate(s.output_tokens_per_s_per_gpu)} per device)"
         )
     c = g.cost
     if c and (c.on_demand_per_hour is not None or c.spot_per_hour is not None):
@@ -170,12 +187,15 @@ def format_plan(p: Plan, details_for: list[str] | None = None) -> str:
         f"tok/s/GPU = served output tokens; $/1M out on-demand at {p.workload.utilization:.0%} busy"
     )
     if not any(g.status != "no" for g in p.gpus if g.gpu.kind == "gpu"):
-        lines.append("no GPU fits this model: CPU and Apple-Silicon estimates are listed (or try --precision int4-awq)")
+        four_bit = p.precision in ("int4-awq", "int4-gptq") or p.precision.startswith("q")
+        hint = "" if four_bit else " (or try --precision int4-awq)"
+        lines.append(f"no GPU fits this workload: CPU and Apple-Silicon estimates are listed{hint}")
     chosen = [g for g in p.gpus if details_for and g.gpu.name in details_for]
-    if not chosen and p.best is not None:
-        chosen = [p.best]
+    best = p.best
+    if best is not None and best not in chosen:
         lines.append("")
-        lines.append(f"best fit (lowest cost per output token): {p.best.gpu.name}")
+        lines.append(f"best fit (lowest cost per output token): {best.gpu.name}")
+        chosen.append(best)
     for g in chosen:
         lines.append("")
         lines.extend(format_details(p, g))

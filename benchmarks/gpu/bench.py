@@ -1,0 +1,471 @@
+"""tokenmill on one GPU: kernel checks, copy bandwidth, decode step time against the bandwidth roofline, the
+nano-vllm workload against transformers' generate, and the CPU side's share of a step.
+
+Run through benchmarks/gpu/run.sh on the lent machine (no installs: it uses the image's torch, triton and
+transformers, and this repository on PYTHONPATH). Full results go to <out>/gpu_bench.json after every
+section, so a run cut short still leaves what it measured; a short table is printed last.
+
+    benchmarks/gpu/run.sh                      # everything, about 5-8 minutes on an H100
+    benchmarks/gpu/run.sh --skip hf,workload   # sections to leave out
+    benchmarks/gpu/run.sh --tiny               # CPU smoke run with tiny models (no GPU needed)
+
+Sections: env, checks, bandwidth, then per model (qwen2.5-0.5b first, llama-3.1-8b last): decode (batch 1
+and 64), overhead (batch 256), and for the workload model: workload (tokenmill) and hf (transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+SECTIONS = ("checks", "bandwidth", "decode", "overhead", "workload", "hf")
+# Targets of the issue: (metric, comparison, bound).
+TARGET_ROOFLINE_B1 = 0.75  # batch-1 decode of the 8B-shaped model, fraction of the bandwidth roofline
+TARGET_SPEEDUP = 10.0  # nano-vllm workload, tokenmill over transformers' generate
+TARGET_CPU_SHARE = 0.15  # CPU-side share of a step at batch 256
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "gpu" / "results"),
+                   help="folder for gpu_bench.json (default: $OUT, else benchmarks/gpu/results)")
+    p.add_argument("--models-dir", default="/tmp/tokenmill-bench-models",
+                   help="where the random-weight models are written (reused when present)")
+    p.add_argument("--models", default="qwen2.5-0.5b,llama-3.1-8b", help="comma-separated model shapes")
+    p.add_argument("--workload-model", default="qwen2.5-0.5b", help="model for the nano-vllm workload")
+    p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny models and workloads")
+    p.add_argument("--kv-cache-memory", default="40GiB")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--context", type=int, default=512, help="prompt tokens before the timed decode steps")
+    p.add_argument("--decode-steps", type=int, default=30)
+    p.add_argument("--num-seqs", type=int, default=256, help="requests of the nano-vllm workload")
+    p.add_argument("--hf-batch", type=int, default=256, help="sequences per transformers generate call")
+    p.add_argument("--hf-time-limit", type=float, default=120.0, help="seconds transformers may generate")
+    p.add_argument("--time-budget", type=float, default=560.0,
+                   help="seconds for the whole run; later sections are skipped when it runs out")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    args = p.parse_args(argv)
+    args.skip = {s for s in args.skip.split(",") if s}
+    unknown = args.skip - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(SECTIONS)}")
+    if args.tiny:
+        args.models, args.workload_model = "tiny-qwen2,tiny-llama", "tiny-qwen2"
+        args.kv_cache_memory = "256MiB"
+        args.context, args.decode_steps, args.num_seqs, args.hf_batch = 24, 4, 8, 8
+        args.max_num_batched_tokens = 512
+        args.models_dir = args.models_dir + "-tiny"
+    return args
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+
+        self.args = args
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+        self.cuda = self.device.type == "cuda"
+        self.start = time.perf_counter()
+        self.out_dir = Path(args.out)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.results: dict = {"args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}}
+        self.copy_bw: float | None = None
+
+    # ---- plumbing -----------------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def remaining(self) -> float:
+        return self.args.time_budget - self.elapsed()
+
+    def save(self) -> None:
+        self.results["elapsed_s"] = round(self.elapsed(), 1)
+        path = self.out_dir / "gpu_bench.json"
+        path.write_text(json.dumps(self.results, indent=2, default=str))
+
+    def section(self, key: str, fn, *fn_args, need_s: float = 0.0, store: dict | None = None):
+        """Run one section, recording its result or its error; never lets one failure stop the rest."""
+        store = self.results if store is None else store
+        name = key.split(":")[0]
+        if name in self.args.skip:
+            return None
+        if self.remaining() < need_s:
+            store[key] = {"skipped": f"time budget: {self.remaining():.0f} s left, needs ~{need_s:.0f} s"}
+            self.save()
+            return None
+        log(f"== {key} ({self.elapsed():.0f} s elapsed)")
+        t0 = time.perf_counter()
+        try:
+            value = fn(*fn_args)
+        except Exception as e:  # a benchmark records the failure and goes on
+            traceback.print_exc()
+            value = {"error": f"{type(e).__name__}: {e}"}
+        if isinstance(value, dict):
+            value["section_seconds"] = round(time.perf_counter() - t0, 1)
+        store[key] = value
+        self.save()
+        return value
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def free(self) -> None:
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+
+    # ---- env ----------------------------------------------------------------------------------------------
+    def env(self) -> dict:
+        torch = self.torch
+        info = {
+            "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "device": str(self.device),
+        }
+        for mod in ("triton", "transformers"):
+            with contextlib.suppress(ImportError):
+                info[mod] = __import__(mod).__version__
+        if self.cuda:
+            props = torch.cuda.get_device_properties(self.device)
+            info.update(gpu=props.name, sm_count=props.multi_processor_count,
+                        gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                        cuda=torch.version.cuda)
+        return info
+
+    # ---- 1. kernels against the reference ------------------------------------------------------------------
+    def checks(self) -> dict:
+        from benchmarks.gpu.checks import check_cuda_graph_replay, check_kernels, kernel_timings
+
+        out = {"cases": check_kernels(self.device)}
+        out["passed"] = sum(c["ok"] for c in out["cases"])
+        out["total"] = len(out["cases"])
+        if self.cuda:
+            out["cuda_graph"] = check_cuda_graph_replay(self.device)
+            out["timings"] = kernel_timings(self.device, self.copy_bw)
+        return out
+
+    # ---- 4(a). copy bandwidth ------------------------------------------------------------------------------
+    def bandwidth(self) -> dict:
+        torch = self.torch
+        nbytes = (1 << 30) if self.cuda else (1 << 26)
+        src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=self.device)
+        dst = torch.empty_like(src)
+        times = []
+        for i in range(25):
+            self.sync()
+            t0 = time.perf_counter()
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                dst.copy_(src)
+                end.record()
+                end.synchronize()
+                seconds = start.elapsed_time(end) / 1e3
+            else:
+                dst.copy_(src)
+                seconds = time.perf_counter() - t0
+            if i >= 5:  # warm-up
+                times.append(seconds)
+        assert torch.equal(dst[:4096], src[:4096])
+        median = statistics.median(times)
+        self.copy_bw = 2 * nbytes / median  # bytes read + bytes written
+        return {"bytes_per_copy": nbytes, "median_ms": median * 1e3, "copy_bandwidth_GBps": self.copy_bw / 1e9}
+
+    # ---- models and engines -----------------------------------------------------------------------------
+    def model_dir(self, name: str) -> Path:
+        from benchmarks.gpu.models import build_random_model
+
+        t0 = time.perf_counter()
+        path = build_random_model(name, Path(self.args.models_dir), device=str(self.device))
+        log(f"model {name} at {path} ({time.perf_counter() - t0:.1f} s)")
+        return path
+
+    def open_engine(self, path: Path, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int):
+        from benchmarks.gpu.engine_hooks import attach_cuda_graphs
+        from tokenmill import LLM
+
+        t0 = time.perf_counter()
+        llm = LLM(str(path), dtype="bfloat16" if self.cuda else "float32", kv_cache_memory=self.args.kv_cache_memory,
+                  max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                  max_model_len=max_model_len, device=self.device.type, show_progress=False)
+        load_s = time.perf_counter() - t0
+        capture_s = None
+        if self.cuda and not self.args.enforce_eager:
+            capture_s = attach_cuda_graphs(llm, max_num_seqs)
+        info = {"load_s": round(load_s, 1), "graph_capture_s": capture_s,
+                "attention_backend": llm.llm_engine.core.model.layers[0].self_attn.backend.name}
+        return llm, info
+
+    # ---- 4(b). decode step time against the roofline ----------------------------------------------------
+    def decode(self, llm, batch: int) -> dict:
+        from benchmarks.gpu.engine_hooks import kv_bytes_per_token, weight_bytes_read_per_step
+
+        core = llm.llm_engine.core
+        requests, parents = self._start_requests(llm, batch, self.args.context)
+        seq_tokens, times = [], []
+        for _ in range(self.args.decode_steps):
+            seq_tokens.append(sum(r.num_computed_tokens + 1 for r in requests))
+            t0 = time.perf_counter()
+            core.step()  # synchronizes the GPU before it returns
+            times.append(time.perf_counter() - t0)
+        llm.llm_engine.abort_request([p.request_id for p in parents])
+        step_s = statistics.median(times)
+        weights = weight_bytes_read_per_step(core.model)
+        kv = kv_bytes_per_token(core) * statistics.mean(seq_tokens)
+        result = {"batch": batch, "context": self.args.context, "median_step_ms": step_s * 1e3,
+                  "min_step_ms": min(times) * 1e3, "weight_bytes": weights, "kv_bytes": kv,
+                  "tokens_per_s": batch / step_s}
+        if self.copy_bw:
+            floor = (weights + kv) / self.copy_bw
+            result.update(roofline_ms=floor * 1e3, fraction_of_roofline=floor / step_s)
+        return result
+
+    def _start_requests(self, llm, batch: int, context: int):
+        """Add `batch` requests of `context` random prompt tokens and step until every one is decoding."""
+        from tokenmill import SamplingParams
+
+        engine = llm.llm_engine
+        rng = random.Random(batch)
+        vocab = engine.vocab_size
+        max_tokens = engine.max_model_len - context
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
+        parents = [engine.add_request(engine.next_request_id(),
+                                      {"prompt_token_ids": [rng.randrange(vocab) for _ in range(context)]}, params)
+                   for _ in range(batch)]
+        requests = [c.request for p in parents for c in p.children]
+        while not all(r.num_computed_tokens >= r.num_prompt_tokens for r in requests):
+            engine.step()
+        for _ in range(3):  # warm-up decode steps
+            engine.step()
+        return requests, parents
+
+    # ---- 4(d). CPU side as a share of the step ------------------------------------------------------------
+    def overhead(self, llm, batch: int) -> dict:
+        from benchmarks.gpu.engine_hooks import StepTimers
+
+        engine = llm.llm_engine
+        requests, parents = self._start_requests(llm, batch, self.args.context)
+        timers = StepTimers(engine, cuda=self.cuda)
+        with timers:
+            for _ in range(self.args.decode_steps):
+                timers.step()
+        engine.abort_request([p.request_id for p in parents])
+        return {"batch": batch, "context": self.args.context, **timers.summary()}
+
+    # ---- 4(c). nano-vllm's workload -------------------------------------------------------------------------
+    def workload_requests(self, vocab: int) -> tuple[list[list[int]], list[int]]:
+        """nano-vllm's bench.py: seed 0, prompts of randint(100, 1024) ids in [0, 10000], then output lengths
+        randint(100, 1024), 256 sequences (same order of random draws)."""
+        random.seed(0)
+        n, lo, hi = self.args.num_seqs, 100, 1024
+        top = 10000
+        if self.args.tiny:
+            lo, hi, top = 10, 40, vocab - 1
+        prompts = [[random.randint(0, top) for _ in range(random.randint(lo, hi))] for _ in range(n)]
+        max_tokens = [random.randint(lo, hi) for _ in range(n)]
+        return prompts, max_tokens
+
+    def workload(self, llm) -> dict:
+        from tokenmill import SamplingParams
+
+        prompts, max_tokens = self.workload_requests(llm.llm_engine.vocab_size)
+        core = llm.llm_engine.core
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+        steps0, busy0 = core.num_steps, core.busy_seconds
+        params = [SamplingParams(max_tokens=m, ignore_eos=True, temperature=0) for m in max_tokens]
+        self.sync()
+        t0 = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+        if generated != sum(max_tokens):
+            raise RuntimeError(f"generated {generated} tokens, asked for {sum(max_tokens)}")
+        return {"num_seqs": len(prompts), "input_tokens": sum(map(len, prompts)), "output_tokens": generated,
+                "seconds": seconds, "output_tok_per_s": generated / seconds,
+                "num_steps": core.num_steps - steps0, "busy_seconds": core.busy_seconds - busy0}
+
+    def hf_generate(self, path: Path) -> dict:
+        """transformers' generate on the same requests: batches of --hf-batch, left-padded, greedy, each batch
+        run to its longest output; tokens past a sequence's own length are not counted. Stops at
+        --hf-time-limit (max_time) and reports the throughput of what it generated by then."""
+        import transformers
+
+        torch = self.torch
+        prompts, max_tokens = self.workload_requests(10**9)
+        dtype = torch.bfloat16 if self.cuda else torch.float32
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(self.device).eval()
+        if self.args.tiny:
+            prompts, max_tokens = self.workload_requests(model.config.vocab_size)
+        # Warm-up: kernels and allocator.
+        model.generate(torch.tensor([[1, 2, 3]], device=self.device), max_new_tokens=4, do_sample=False,
+                       pad_token_id=0)
+        limit = min(self.args.hf_time_limit, max(10.0, self.remaining() - 60))
+        useful, batches, truncated = 0, 0, False
+        self.sync()
+        t0 = time.perf_counter()
+        for start in range(0, len(prompts), self.args.hf_batch):
+            left = limit - (time.perf_counter() - t0)
+            if left <= 0:
+                truncated = True
+                break
+            chunk, lens = prompts[start : start + self.args.hf_batch], max_tokens[start : start + self.args.hf_batch]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=max(lens), min_new_tokens=max(lens),
+                                     do_sample=False, pad_token_id=0, max_time=left)
+            steps = out.shape[1] - width
+            truncated |= steps < max(lens)
+            useful += sum(min(m, steps) for m in lens)
+            batches += 1
+        self.sync()
+        seconds = time.perf_counter() - t0
+        del model
+        self.free()
+        return {"batch": self.args.hf_batch, "batches_run": batches, "output_tokens": useful, "seconds": seconds,
+                "output_tok_per_s": useful / seconds, "truncated_by_time_limit": truncated,
+                "transformers": transformers.__version__}
+
+    # ---- per model ------------------------------------------------------------------------------------------
+    def run_model(self, name: str) -> None:
+        store = self.results.setdefault("models", {}).setdefault(name, {})
+        path = self.model_dir(name)
+        wants_workload = name == self.args.workload_model
+        runs_engine = not {"decode", "overhead"} <= self.args.skip or (wants_workload and "workload" not in self.args.skip)
+        if runs_engine:
+            max_len = max(2048, self.args.context + self.args.decode_steps + 64) if not self.args.tiny else 256
+            tokens = 16384 if wants_workload and not self.args.tiny else self.args.max_num_batched_tokens
+            llm, info = self.open_engine(path, max_num_seqs=256, max_model_len=max_len, max_num_batched_tokens=tokens)
+            store["engine"] = info
+            self.save()
+            for batch in (1, 64):
+                self.section(f"decode:b{batch}", self.decode, llm, batch, need_s=20, store=store)
+            self.section("overhead:b256", self.overhead, llm, 256 if not self.args.tiny else 16, need_s=30,
+                         store=store)
+            if wants_workload:
+                self.section("workload", self.workload, llm, need_s=60, store=store)
+            del llm
+            self.free()
+        if wants_workload:
+            self.section("hf", self.hf_generate, path, need_s=40, store=store)
+
+    def run(self) -> None:
+        self.results["env"] = self.env()
+        self.save()
+        self.section("bandwidth", self.bandwidth)
+        self.section("checks", self.checks, need_s=30)
+        for name in self.args.models.split(","):
+            need = 150 if "8b" in name else 40
+            if self.remaining() < need:
+                self.results.setdefault("models", {})[name] = {"skipped": "time budget"}
+                continue
+            try:
+                self.run_model(name)
+            except Exception as e:
+                traceback.print_exc()
+                self.results.setdefault("models", {}).setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"
+            self.free()
+        self.results["summary"] = summarize(self.results, self.args.workload_model)
+        self.save()
+        print_table(self.results, self.out_dir / "gpu_bench.json")
+
+
+# ---- reporting -------------------------------------------------------------------------------------------
+
+
+def summarize(results: dict, workload_model: str) -> list[dict]:
+    """Rows of the final table: metric, value, target, verdict."""
+    rows = []
+
+    def add(metric: str, value, target: str = "", ok: bool | None = None) -> None:
+        rows.append({"metric": metric, "value": value, "target": target,
+                     "verdict": "" if ok is None else ("PASS" if ok else "FAIL")})
+
+    bw = results.get("bandwidth", {}).get("copy_bandwidth_GBps")
+    if bw:
+        add("copy bandwidth (read+write)", f"{bw:.0f} GB/s")
+    checks = results.get("checks", {})
+    if "total" in checks:
+        add("kernel checks vs torch reference", f"{checks['passed']}/{checks['total']}",
+            "all", checks["passed"] == checks["total"])
+        graph = checks.get("cuda_graph", {})
+        if "ok" in graph:
+            add("cuda graph replay == eager", f"rel err {graph['rel_error']:.1e}", "< 1e-2", graph["ok"])
+    for name, model in results.get("models", {}).items():
+        big = "8b" in name
+        for batch in (1, 64):
+            d = model.get(f"decode:b{batch}", {})
+            if "median_step_ms" in d:
+                frac = d.get("fraction_of_roofline")
+                value = f"{d['median_step_ms']:.2f} ms" + (f", {frac:.0%} of roofline" if frac else "")
+                target, ok = ("", None)
+                if big and batch == 1 and frac is not None:
+                    target, ok = f">= {TARGET_ROOFLINE_B1:.0%}", frac >= TARGET_ROOFLINE_B1
+                add(f"{name} decode b{batch}", value, target, ok)
+        o = model.get("overhead:b256", {})
+        if "cpu_share" in o:
+            add(f"{name} CPU share of step b{o['batch']}", f"{o['cpu_share']:.1%} of {o['step_ms']:.1f} ms",
+                f"< {TARGET_CPU_SHARE:.0%}", o["cpu_share"] < TARGET_CPU_SHARE)
+        w, hf = model.get("workload", {}), model.get("hf", {})
+        if "output_tok_per_s" in w:
+            add(f"{name} nano-vllm workload, tokenmill", f"{w['output_tok_per_s']:.0f} tok/s")
+        if "output_tok_per_s" in hf:
+            add(f"{name} nano-vllm workload, transformers", f"{hf['output_tok_per_s']:.0f} tok/s"
+                + (" (time-limited)" if hf.get("truncated_by_time_limit") else ""))
+        if "output_tok_per_s" in w and "output_tok_per_s" in hf:
+            ratio = w["output_tok_per_s"] / hf["output_tok_per_s"]
+            add(f"{name} tokenmill / transformers", f"{ratio:.1f}x", f">= {TARGET_SPEEDUP:.0f}x", ratio >= TARGET_SPEEDUP)
+        for key, value in model.items():
+            if isinstance(value, dict) and ("error" in value or "skipped" in value):
+                add(f"{name} {key}", value.get("error") or value.get("skipped"), "", False if "error" in value else None)
+    for key in ("bandwidth", "checks"):
+        if "error" in results.get(key, {}):
+            add(key, results[key]["error"], "", False)
+    return rows
+
+
+def print_table(results: dict, path: Path) -> None:
+    env = results.get("env", {})
+    rows = results.get("summary", [])
+    print()
+    print(f"tokenmill GPU benchmark - {env.get('gpu', env.get('device'))} - {env.get('date_utc')} - "
+          f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}")
+    widths = [max([len(str(r[k])) for r in rows] + [len(k)]) for k in ("metric", "value", "target")]
+    header = ("metric", "value", "target")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  verdict")
+    for r in rows:
+        print("  ".join(str(r[k])[:100].ljust(w) for k, w in zip(header, widths)) + "  " + r["verdict"])
+    print(f"full results: {path} ({results.get('elapsed_s')} s)")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.tiny:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU
+    Bench(args).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Where the peer benchmarks find SmolLM2-135M-Instruct in each engine's format (shared by setup.sh and run.py).
+
+- tokenmill and transformers: the HF-style directory that tokenmill converts the bundled Q4_1 GGUF into
+  (weights dequantized to float32), from `prepare_model(None)`.
+- llama-cpp-python: the bundled GGUF itself (Q4_1 weights).
+- CTranslate2: that HF-style directory converted with its TransformersConverter (float32 weights on disk;
+  run.py picks the compute type when it loads the model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def hf_model_dir() -> Path:
+    from tokenmill.model.default_model import prepare_model
+
+    return prepare_model(None)
+
+
+def gguf_path() -> Path:
+    from tokenmill.model.default_model import find_default_gguf
+
+    return find_default_gguf()
+
+
+def ct2_model_dir() -> Path:
+    from tokenmill.model.default_model import cache_dir
+
+    return cache_dir() / "peers" / f"{hf_model_dir().name}-ct2"
+
+
+def convert_ct2(hf_dir: Path, out_dir: Path) -> Path:
+    """Convert an HF-style Llama directory to CTranslate2 format once (a finished directory is reused)."""
+    if (out_dir / "model.bin").is_file():
+        return out_dir
+    from ctranslate2.converters import TransformersConverter
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # No quantization on disk: the compute type (float32, int8, bfloat16) is chosen when the model is loaded.
+    TransformersConverter(str(hf_dir), low_cpu_mem_usage=True).convert(str(out_dir), force=True)
+    return out_dir

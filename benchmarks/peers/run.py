@@ -1,0 +1,559 @@
+"""tokenmill and its peers side by side on this CPU, with the machine's ceilings, in one run.
+
+    bash benchmarks/peers/setup.sh                      # once: ctranslate2, llama-cpp-python, the CT2 model
+    python benchmarks/peers/run.py --json peers.json    # ~10 minutes on 2 cores with the defaults
+
+Every engine runs SmolLM2-135M-Instruct on the same seeded prompts (token ids), generates exactly each request's
+output length (greedy, end-of-sequence ignored) with the same thread count, at concurrency 1 (requests one after
+another) and at concurrency 64 (64 requests in flight):
+- tokenmill: the HF-style directory of the bundled GGUF, in --dtype; continuous batching (`bench throughput` loop).
+- transformers: the same directory, AutoModelForCausalLM in the same dtype; concurrency C = batches of C
+  requests left-padded to the longest prompt, generated for the batch's longest output; a request counts as done
+  when its own last token is out (the extra tokens shorter rows generate are not counted).
+- CTranslate2: that directory converted by setup.sh; generate_batch with C prompts at a time, each row stopped at
+  its own length by the step callback; compute type int8 and/or float32 (this CPU build has no bf16).
+- llama.cpp (llama-cpp-python): the bundled Q4_1 GGUF itself; concurrency C = C sequences decoded together in one
+  llama_batch per step (llama.cpp's `batched` example), each leaving at its own length.
+Each engine runs in its own subprocess (so thread pools and memory of one do not disturb the next).
+
+Ceilings, measured in the same run: matmul FLOP/s (bf16 and float32 torch.mm) and memory read bandwidth. The
+roofline of a workload is its output tokens divided by the least time the ceilings allow:
+    time >= max(FLOPs / matmul FLOP/s, bytes / bandwidth)
+    FLOPs = sum_i 2*P_body*(p_i + o_i) + 2*P_head*o_i + 2*L*d_q*(p_i + o_i)^2     (weights; attention QK and AV)
+    bytes = (sum_i o_i / C) * W + sum_i sum_{t=p_i}^{p_i+o_i-1} t * kv_bytes_per_token
+with p_i / o_i prompt / output tokens, C the concurrency (each decode step reads the weights W once for up to C
+tokens), P_body the decoder-layer parameters, P_head the LM head, L layers, d_q = heads*head_dim. W and the KV
+cache bytes follow each engine's precision (Q4_1: the GGUF's size; int8: 1 byte/param; KV: f16 in llama.cpp,
+f32 in CTranslate2, the dtype in tokenmill and transformers). For int8 and Q4_1 engines the compute ceiling used
+is the bf16 rate (an approximation: their integer dot-product kernels have their own peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+DEFAULT_ENGINES = "tokenmill:bfloat16,transformers:bfloat16,ctranslate2:int8,ctranslate2:float32,llama.cpp:q4_1"
+# engine precision -> bytes per weight for the roofline (Q4_1 uses the GGUF's size instead)
+WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int16": 2.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parent: dataset, workers, roofline, table
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="tokenmill vs transformers, CTranslate2 and llama.cpp on this CPU",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--engines", default=DEFAULT_ENGINES,
+                        help=f"comma-separated ENGINE:PRECISION list (default {DEFAULT_ENGINES})")
+    parser.add_argument("--concurrency", default="1,64", help="comma-separated concurrencies (default 1,64)")
+    parser.add_argument("--num-prompts", type=int, default=64, help="requests at the highest concurrency")
+    parser.add_argument("--num-prompts-c1", type=int, default=8,
+                        help="requests at concurrency 1 (the first ones of the same set; one at a time is slow)")
+    parser.add_argument("--input-len", default="32-512", help="prompt tokens, MIN-MAX drawn uniformly")
+    parser.add_argument("--output-len", default="32-256", help="output tokens, MIN-MAX drawn uniformly")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every engine")
+    parser.add_argument("--model-dir", default=None, help="HF-style model directory (default: the bundled model)")
+    parser.add_argument("--gguf", default=None, help="GGUF file for llama.cpp (default: the bundled model)")
+    parser.add_argument("--ct2-dir", default=None, help="CTranslate2 model directory (default: setup.sh's)")
+    parser.add_argument("--ceiling-size", type=int, default=2048, help="matmul size for the FLOP/s ceiling")
+    parser.add_argument("--ceiling-mib", type=int, default=1024, help="buffer MiB for the bandwidth ceiling")
+    parser.add_argument("--json", dest="json_path", default=None, help="write the results to this JSON file")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-input", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def build_requests(args: argparse.Namespace, model_dir: Path) -> list[dict]:
+    from tokenmill.benchmarks.datasets import parse_range, random_requests
+    from tokenmill.model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    requests = random_requests(tokenizer, args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
+                               seed=args.seed)
+    return [{"prompt_token_ids": r.prompt_token_ids, "output_len": r.expected_output_len} for r in requests]
+
+
+def run_worker(kind: str, spec: dict, timeout_s: float = 3600) -> dict:
+    """Run one worker in a subprocess; returns its JSON result (or {"error": ...})."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+        spec_path = f.name
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--worker-input", spec_path],
+                              capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    finally:
+        os.unlink(spec_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def model_shape(model_dir: Path) -> dict:
+    config = json.loads((model_dir / "config.json").read_text())
+    h = config["hidden_size"]
+    n_heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or h // n_heads
+    n_kv = config.get("num_key_value_heads", n_heads)
+    layers = config["num_hidden_layers"]
+    d_q, d_kv = n_heads * head_dim, n_kv * head_dim
+    p_layer = h * d_q + 2 * h * d_kv + d_q * h + 3 * h * config["intermediate_size"] + 2 * h
+    p_head = config["vocab_size"] * h
+    p_embed = 0 if config.get("tie_word_embeddings", False) else p_head
+    return {"layers": layers, "d_q": d_q, "d_kv": d_kv, "p_body": layers * p_layer, "p_head": p_head,
+            "p_total": layers * p_layer + p_head + p_embed + h}
+
+
+def roofline_tok_per_s(requests: list[dict], concurrency: int, shape: dict, weight_bytes: float,
+                       kv_bytes_per_value: float, flops_per_s: float, bytes_per_s: float) -> dict:
+    """Output tok/s the ceilings allow for these requests at this concurrency (formulas in the module doc)."""
+    flops = 0.0
+    kv_read = 0.0
+    kv_per_token = 2 * shape["layers"] * shape["d_kv"] * kv_bytes_per_value
+    for r in requests:
+        p, o = len(r["prompt_token_ids"]), r["output_len"]
+        flops += 2 * shape["p_body"] * (p + o) + 2 * shape["p_head"] * o + 2 * shape["layers"] * shape["d_q"] * (p + o) ** 2
+        kv_read += kv_per_token * (o * p + o * (o - 1) / 2)  # sum of t for t in [p, p + o)
+    output_tokens = sum(r["output_len"] for r in requests)
+    memory = output_tokens / concurrency * weight_bytes + kv_read
+    compute_s, memory_s = flops / flops_per_s, memory / bytes_per_s
+    return {"tok_per_s": output_tokens / max(compute_s, memory_s), "bound": "compute" if compute_s > memory_s else
+            "memory", "compute_s": compute_s, "memory_s": memory_s}
+
+
+def decode_roofline(requests: list[dict], shape: dict, weight_bytes: float, kv_bytes_per_value: float,
+                    flops_per_s: float, bytes_per_s: float) -> float:
+    """Single-request decode tok/s the ceilings allow at the requests' mean decode context."""
+    contexts = [len(r["prompt_token_ids"]) + r["output_len"] / 2 for r in requests]
+    t = sum(contexts) / len(contexts)
+    flops = 2 * (shape["p_body"] + shape["p_head"]) + 4 * shape["layers"] * shape["d_q"] * t
+    memory = weight_bytes + 2 * shape["layers"] * shape["d_kv"] * kv_bytes_per_value * t
+    return 1.0 / max(flops / flops_per_s, memory / bytes_per_s)
+
+
+def engine_memory_model(engine: str, precision: str, shape: dict, gguf: Path) -> tuple[float, float, str]:
+    """(weight bytes read per step, KV bytes per value, precision label) for one engine."""
+    if engine == "llama.cpp":
+        return float(gguf.stat().st_size), 2.0, f"{precision.upper()} weights (GGUF), f16 KV"
+    per_weight = WEIGHT_BYTES[precision]
+    weights = (shape["p_body"] + shape["p_head"]) * per_weight
+    if engine == "ctranslate2":
+        kv = 4.0  # float32 activations and cache on CPU, int8 or float32 weights
+        return weights, kv, f"{precision} weights, f32 KV"
+    return weights, per_weight, f"{precision} weights and KV"
+
+
+def summarize_run(run: dict) -> dict:
+    """Aggregate figures of one (engine, concurrency) run from its per-request timings."""
+    from tokenmill.benchmarks.metrics import RequestResult, compute_metrics
+
+    results = [RequestResult(**r) for r in run["results"]]
+    metrics = compute_metrics(results, run["duration_s"])
+    decoding = [(r.output_len - 1, r.latency - r.ttft) for r in results if r.output_len > 1]
+    decode_tok_s = sum(n for n, _ in decoding) / sum(t for _, t in decoding) if decoding else math.nan
+    return {
+        "output_tok_per_s": metrics.output_throughput,
+        "ttft_ms_mean": metrics.latency["ttft"].mean,
+        "tpot_ms_mean": metrics.latency["tpot"].mean,
+        # Per-request decode rate: tokens after the first / time after the first token, pooled.
+        "decode_tok_per_s_per_request": decode_tok_s,
+        "duration_s": run["duration_s"],
+        "num_requests": metrics.num_completed,
+        "output_tokens": metrics.total_output_tokens,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, Path(args.worker_input))
+
+    from benchmarks.peers.models import ct2_model_dir, gguf_path, hf_model_dir
+    from tokenmill.benchmarks.report import run_header, write_json
+
+    model_dir = Path(args.model_dir) if args.model_dir else hf_model_dir()
+    gguf = Path(args.gguf) if args.gguf else gguf_path()
+    ct2_dir = Path(args.ct2_dir) if args.ct2_dir else ct2_model_dir()
+    concurrencies = sorted({int(c) for c in args.concurrency.split(",")})
+    engines = [tuple(e.split(":", 1)) for e in args.engines.split(",") if e]
+    requests = build_requests(args, model_dir)
+    shape = model_shape(model_dir)
+    result = run_header("peers")
+    result.update(model_dir=str(model_dir), gguf=str(gguf), ct2_dir=str(ct2_dir), threads=args.threads,
+                  shape=shape, dataset={"num_prompts": len(requests), "num_prompts_c1": args.num_prompts_c1,
+                                        "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed})
+
+    print(f"Measuring ceilings ({args.threads} threads)...", flush=True)
+    ceilings = run_worker("ceilings", {"threads": args.threads, "size": args.ceiling_size, "mib": args.ceiling_mib})
+    if "error" in ceilings:
+        raise SystemExit(f"ceiling measurement failed: {ceilings['error']}")
+    result["ceilings"] = ceilings
+    print(f"  matmul bf16 {ceilings['matmul_flops']['bfloat16'] / 1e9:.0f} GFLOP/s, "
+          f"f32 {ceilings['matmul_flops']['float32'] / 1e9:.0f} GFLOP/s; "
+          f"memory read {ceilings['read_bytes_per_s'] / 1e9:.1f} GB/s, copy {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s")
+
+    rows = []
+    for engine, precision in engines:
+        print(f"Running {engine} ({precision})...", flush=True)
+        spec = {"engine": engine, "precision": precision, "threads": args.threads, "model_dir": str(model_dir),
+                "gguf": str(gguf), "ct2_dir": str(ct2_dir), "requests": requests,
+                "runs": [{"concurrency": c, "num_requests": args.num_prompts_c1 if c == 1 else args.num_prompts}
+                         for c in concurrencies]}
+        out = run_worker("engine", spec)
+        if "error" in out:
+            print(f"  {engine} failed: {out['error']}", flush=True)
+            rows.append({"engine": engine, "precision": precision, "error": out["error"]})
+            continue
+        weight_bytes, kv_bytes, label = engine_memory_model(engine, precision, shape, gguf)
+        flops = ceilings["matmul_flops"]["float32" if precision == "float32" else "bfloat16"]
+        for run in out["runs"]:
+            c = run["concurrency"]
+            used = requests[:run["num_requests"]]
+            row = {"engine": engine, "precision": precision, "precision_detail": label, "concurrency": c,
+                   "version": out.get("version"), **summarize_run(run)}
+            roof = roofline_tok_per_s(used, c, shape, weight_bytes, kv_bytes, flops, ceilings["read_bytes_per_s"])
+            row.update(roofline_tok_per_s=roof["tok_per_s"], roofline_bound=roof["bound"],
+                       fraction_of_roofline=row["output_tok_per_s"] / roof["tok_per_s"])
+            if c == 1:
+                decode_roof = decode_roofline(used, shape, weight_bytes, kv_bytes, flops, ceilings["read_bytes_per_s"])
+                row.update(decode_roofline_tok_per_s=decode_roof,
+                           decode_fraction_of_roofline=row["decode_tok_per_s_per_request"] / decode_roof)
+            rows.append(row)
+            print(f"  concurrency {c}: {row['output_tok_per_s']:.1f} output tok/s "
+                  f"({100 * row['fraction_of_roofline']:.1f}% of roofline)", flush=True)
+    result["rows"] = rows
+    print()
+    print(format_table(rows, ceilings, args.threads))
+    if args.json_path:
+        print(f"\nResults written to {write_json(args.json_path, result)}")
+    return 0
+
+
+def format_table(rows: list[dict], ceilings: dict, threads: int) -> str:
+    lines = [
+        f"Ceilings: matmul bf16 {ceilings['matmul_flops']['bfloat16'] / 1e9:.0f} GFLOP/s, "
+        f"f32 {ceilings['matmul_flops']['float32'] / 1e9:.0f} GFLOP/s; memory read "
+        f"{ceilings['read_bytes_per_s'] / 1e9:.1f} GB/s; {threads} threads",
+        "",
+        "| engine | precision | concurrency | output tok/s | roofline tok/s (bound) | % of roofline | mean TTFT ms "
+        "| decode tok/s per request | % of decode roofline |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['engine']} | {row['precision']} | - | failed: {row['error'][:60]} | | | | | |")
+            continue
+        decode_frac = row.get("decode_fraction_of_roofline")
+        lines.append(
+            f"| {row['engine']} | {row['precision_detail']} | {row['concurrency']} | {row['output_tok_per_s']:.1f} "
+            f"| {row['roofline_tok_per_s']:.0f} ({row['roofline_bound']}) | {100 * row['fraction_of_roofline']:.1f}% "
+            f"| {row['ttft_ms_mean']:.0f} | {row['decode_tok_per_s_per_request']:.1f} "
+            f"| {'' if decode_frac is None else f'{100 * decode_frac:.1f}%'} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers (each in its own process): print one line "RESULT {json}"
+
+
+def worker_main(kind: str, spec_path: Path) -> int:
+    spec = json.loads(spec_path.read_text())
+    if kind == "ceilings":
+        out = measure_ceilings(spec["threads"], spec["size"], spec["mib"])
+    else:
+        out = run_engine(spec)
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_ceilings(threads: int, size: int, mib: int) -> dict:
+    """Peak matmul FLOP/s (bf16, float32) and memory read / copy bandwidth, best of a few repeats."""
+    import torch
+
+    torch.set_num_threads(threads)
+    flops = {}
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        a = torch.randn(size, size, dtype=dtype)
+        b = torch.randn(size, size, dtype=dtype)
+        out = torch.empty(size, size, dtype=dtype)
+        seconds = _best_seconds(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), 5)
+        flops[name] = 2 * size**3 / seconds
+    n = mib * 2**20 // 4
+    x = torch.ones(n, dtype=torch.float32)
+    y = torch.empty_like(x)
+    read_s = _best_seconds(lambda: x.sum(), 5)
+    copy_s = _best_seconds(lambda: y.copy_(x), 5)
+    return {"matmul_flops": flops, "matmul_size": size, "read_bytes_per_s": n * 4 / read_s,
+            "copy_bytes_per_s": 2 * n * 4 / copy_s, "buffer_mib": mib, "threads": threads}
+
+
+def _result(prompt_len: int, token_times: list[float], sent: float, start: float) -> dict:
+    """A RequestResult dict from the times each counted output token came out."""
+    from tokenmill.benchmarks.metrics import RequestResult
+
+    ttft = token_times[0] - sent if token_times else 0.0
+    itl = [b - a for a, b in zip(token_times, token_times[1:])]
+    latency = (token_times[-1] if token_times else sent) - sent
+    return asdict(RequestResult(prompt_len=prompt_len, output_len=len(token_times), ttft=ttft, latency=latency,
+                                itl=itl, start_time=sent - start))
+
+
+def run_engine(spec: dict) -> dict:
+    engine = spec["engine"]
+    runner = {"tokenmill": TokenmillRunner, "transformers": TransformersRunner, "ctranslate2": CT2Runner,
+              "llama.cpp": LlamaCppRunner}.get(engine)
+    if runner is None:
+        raise SystemExit(f"unknown engine {engine!r}: use tokenmill, transformers, ctranslate2 or llama.cpp")
+    instance = runner(spec)
+    requests = spec["requests"]
+    instance.generate(requests[:2], concurrency=2, warmup=True)
+    runs = []
+    for run in spec["runs"]:
+        used = requests[:run["num_requests"]]
+        start = time.perf_counter()
+        results = instance.generate(used, run["concurrency"])
+        duration = time.perf_counter() - start
+        for r in results:
+            r["start_time"] = max(0.0, r["start_time"])
+        wanted = [r["output_len"] for r in used]
+        got = [r["output_len"] for r in results]
+        if got != wanted:
+            raise RuntimeError(f"{engine} generated {got[:8]}... tokens, {wanted[:8]}... were asked for")
+        runs.append({"concurrency": run["concurrency"], "num_requests": len(used), "duration_s": duration,
+                     "results": results})
+    return {"engine": engine, "precision": spec["precision"], "version": instance.version, "runs": runs}
+
+
+class TokenmillRunner:
+    """Continuous batching with at most `concurrency` requests in flight."""
+
+    def __init__(self, spec: dict) -> None:
+        import torch
+
+        import tokenmill
+        from tokenmill import LLM
+
+        torch.set_num_threads(spec["threads"])
+        self.llm = LLM(spec["model_dir"], dtype=spec["precision"], show_progress=False)
+        self.version = tokenmill.__version__
+
+    def generate(self, requests: list[dict], concurrency: int, warmup: bool = False) -> list[dict]:
+        from tokenmill.benchmarks.datasets import SampleRequest
+        from tokenmill.benchmarks.throughput import reset_prefix_cache, run_offline
+
+        reset_prefix_cache(self.llm)
+        samples = [SampleRequest("", r["prompt_token_ids"], r["output_len"]) for r in requests]
+        run = run_offline(self.llm, samples, max_concurrency=concurrency, use_tqdm=False)
+        return [asdict(r) for r in run.results]
+
+
+class TransformersRunner:
+    """Batches of `concurrency` requests, left-padded; token times from a streamer called at every step."""
+
+    def __init__(self, spec: dict) -> None:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(spec["threads"])
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[spec["precision"]]
+        self.model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype).eval()
+        pad = self.model.generation_config.pad_token_id
+        if pad is None:
+            pad = self.model.config.eos_token_id
+        self.pad_id = int(pad[0] if isinstance(pad, list) else pad or 0)
+        self.version = transformers.__version__
+
+    def generate(self, requests: list[dict], concurrency: int, warmup: bool = False) -> list[dict]:
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        class StepTimes(BaseStreamer):
+            def __init__(self) -> None:
+                self.times: list[float] = []
+                self.prompt_seen = False
+
+            def put(self, value) -> None:  # first call: the prompt; then one call per generated step
+                if self.prompt_seen:
+                    self.times.append(time.perf_counter())
+                self.prompt_seen = True
+
+            def end(self) -> None:
+                pass
+
+        start = time.perf_counter()
+        results: list[dict | None] = [None] * len(requests)
+        # Longest outputs first, so a batch's rows need similar numbers of steps.
+        order = sorted(range(len(requests)), key=lambda i: -requests[i]["output_len"])
+        for b in range(0, len(order), concurrency):
+            batch = order[b:b + concurrency]
+            prompts = [requests[i]["prompt_token_ids"] for i in batch]
+            width = max(len(p) for p in prompts)
+            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # [batch, width]
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, prompt in enumerate(prompts):
+                input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+                mask[row, width - len(prompt):] = 1
+            max_new = max(requests[i]["output_len"] for i in batch)
+            streamer = StepTimes()
+            sent = time.perf_counter()
+            with torch.inference_mode():
+                self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new,
+                                    min_new_tokens=max_new, do_sample=False, pad_token_id=self.pad_id,
+                                    streamer=streamer)
+            for i in batch:
+                results[i] = _result(len(requests[i]["prompt_token_ids"]),
+                                     streamer.times[:requests[i]["output_len"]], sent, start)
+        return results
+
+
+class CT2Runner:
+    """generate_batch over `concurrency` prompts at a time; the step callback stops each row at its length."""
+
+    def __init__(self, spec: dict) -> None:
+        import ctranslate2
+
+        from tokenmill.model.tokenizer import Tokenizer
+
+        self.generator = ctranslate2.Generator(spec["ct2_dir"], device="cpu", compute_type=spec["precision"],
+                                               intra_threads=spec["threads"], inter_threads=1)
+        self.tokenizer = Tokenizer.from_pretrained(spec["model_dir"])
+        self.version = ctranslate2.__version__
+
+    def generate(self, requests: list[dict], concurrency: int, warmup: bool = False) -> list[dict]:
+        start = time.perf_counter()
+        results: list[dict | None] = [None] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: -requests[i]["output_len"])
+        for b in range(0, len(order), concurrency):
+            batch = order[b:b + concurrency]
+            wanted = [requests[i]["output_len"] for i in batch]
+            times: list[list[float]] = [[] for _ in batch]
+
+            def on_step(step, times=times, wanted=wanted) -> bool:
+                times[step.batch_id].append(time.perf_counter())
+                return len(times[step.batch_id]) >= wanted[step.batch_id]  # True stops this row
+
+            tokens = [[self.tokenizer.id_to_token(t) for t in requests[i]["prompt_token_ids"]] for i in batch]
+            sent = time.perf_counter()
+            self.generator.generate_batch(tokens, max_length=max(wanted), min_length=max(wanted), beam_size=1,
+                                          sampling_topk=1, include_prompt_in_result=False, callback=on_step)
+            for row, i in enumerate(batch):
+                results[i] = _result(len(requests[i]["prompt_token_ids"]), times[row][:wanted[row]], sent, start)
+        return results
+
+
+class LlamaCppRunner:
+    """The GGUF through llama.cpp's C API: `concurrency` sequences share one llama_batch per decode step."""
+
+    def __init__(self, spec: dict) -> None:
+        import llama_cpp
+
+        self.lib = llama_cpp
+        self.version = llama_cpp.__version__
+        self.threads = spec["threads"]
+        self.gguf = spec["gguf"]
+        max_len = max(len(r["prompt_token_ids"]) + r["output_len"] for r in spec["requests"])
+        self.max_seqs = max(run["concurrency"] for run in spec["runs"])
+        self.n_ctx = self.max_seqs * (max_len + 8)
+        self.n_batch = 512
+        # Llama() loads the model and makes a context sized for all sequences; the C API drives the decoding.
+        self.llama = llama_cpp.Llama(model_path=self.gguf, n_ctx=self.n_ctx, n_batch=self.n_batch,
+                                     n_ubatch=self.n_batch, n_threads=self.threads, n_threads_batch=self.threads,
+                                     n_seq_max=self.max_seqs, verbose=False, logits_all=False)
+        self.ctx = self.llama.ctx
+        self.n_vocab = self.llama.n_vocab()
+
+    def _clear(self) -> None:
+        lib = self.lib
+        if hasattr(lib, "llama_memory_clear"):
+            lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+        else:
+            lib.llama_kv_self_clear(self.ctx) if hasattr(lib, "llama_kv_self_clear") else lib.llama_kv_cache_clear(self.ctx)
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """entries: (token, position, sequence, wants_logits); decoded in chunks of n_batch tokens."""
+        import numpy as np
+
+        lib = self.lib
+        for chunk_start in range(0, len(entries), self.n_batch):
+            chunk = entries[chunk_start:chunk_start + self.n_batch]
+            batch = lib.llama_batch_init(len(chunk), 0, 1)
+            try:
+                for k, (token, pos, seq, logits) in enumerate(chunk):
+                    batch.token[k] = token
+                    batch.pos[k] = pos
+                    batch.n_seq_id[k] = 1
+                    batch.seq_id[k][0] = seq
+                    batch.logits[k] = logits
+                batch.n_tokens = len(chunk)
+                rc = lib.llama_decode(self.ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc}")
+                for k, (_, _, seq, logits) in enumerate(chunk):
+                    if logits:
+                        row = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, k), shape=(self.n_vocab,))
+                        self._next[seq] = int(row.argmax())
+            finally:
+                lib.llama_batch_free(batch)
+
+    def generate(self, requests: list[dict], concurrency: int, warmup: bool = False) -> list[dict]:
+        start = time.perf_counter()
+        results: list[dict | None] = [None] * len(requests)
+        pending = list(range(len(requests)))
+        # Groups of `concurrency` requests: each group is prefilled, then decoded together until all are done.
+        for g in range(0, len(pending), concurrency):
+            group = pending[g:g + concurrency]
+            self._clear()
+            self._next: dict[int, int] = {}
+            sent = time.perf_counter()
+            entries = []
+            for seq, i in enumerate(group):
+                prompt = requests[i]["prompt_token_ids"]
+                entries += [(t, pos, seq, pos == len(prompt) - 1) for pos, t in enumerate(prompt)]
+            self._decode(entries)
+            times: dict[int, list[float]] = {seq: [time.perf_counter()] for seq in range(len(group))}
+            active = [seq for seq, i in enumerate(group) if requests[i]["output_len"] > 1]
+            while active:
+                step = [(self._next[seq], len(requests[group[seq]]["prompt_token_ids"]) + len(times[seq]) - 1, seq,
+                         True) for seq in active]
+                self._decode(step)
+                now = time.perf_counter()
+                for seq in active:
+                    times[seq].append(now)
+                active = [seq for seq in active if len(times[seq]) < requests[group[seq]]["output_len"]]
+            for seq, i in enumerate(group):
+                results[i] = _result(len(requests[i]["prompt_token_ids"]), times[seq], sent, start)
+        return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())

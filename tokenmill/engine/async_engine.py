@@ -1,0 +1,381 @@
+"""AsyncLLMEngine: the engine steps in one background thread; each request reads its outputs as an async stream.
+
+Threading contract
+- Only the engine thread touches the LLMEngine. The event loop sends adds and aborts through a thread-safe
+  inbox, drained before every step, so a new request joins the running batch at the next step and an aborted
+  one (client gone) frees its KV blocks at the next step.
+- After a step, one loop.call_soon_threadsafe hands all outputs of that step to the event loop, which puts
+  each one into its request's RequestStream.
+- An idle engine blocks on the inbox: no spinning.
+
+Outputs are cumulative (RequestOutput.outputs[i].text holds all text so far), so a reader that falls behind
+skips intermediate outputs without losing anything: the stream keeps only the latest one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats, StatLogger
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger("tokenmill.async_engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop is not running (stopped, or never started)."""
+
+
+class EngineStepError(RuntimeError):
+    """An engine step failed; the requests that were in flight are aborted."""
+
+
+class RequestStream:
+    """The latest output of one request, read by a single consumer on the event loop."""
+
+    __slots__ = ("_output", "_error", "_event", "started")
+
+    def __init__(self) -> None:
+        self._output: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._event = asyncio.Event()
+        # Whether any output arrived (the request left the queue and finished its prefill).
+        self.started = False
+
+    def put(self, output: RequestOutput) -> None:
+        self._output = output
+        self.started = True
+        self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._event.set()
+
+    async def get(self) -> RequestOutput:
+        await self._event.wait()
+        self._event.clear()
+        if self._error is not None:
+            raise self._error
+        assert self._output is not None  # the event is set only with an output or an error
+        return self._output
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | dict | list[int]
+    params: SamplingParams
+    arrival_time: float
+    feature: str | None
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+_STOP = object()
+
+
+@dataclass
+class _Tracked:
+    """Engine-thread bookkeeping of one in-flight request, for the per-token stats."""
+
+    parent: object  # llm_engine._Parent: its output() works after an abort too
+    feature: str | None
+    arrival_time: float
+    num_prompt_tokens: int
+    # One entry per sample: output tokens seen so far, and when the last one arrived.
+    num_seen: list[int] = field(default_factory=list)
+    last_token_time: list[float] = field(default_factory=list)
+    prompt_counted: bool = False
+
+
+class AsyncLLMEngine:
+    """Async front of an LLMEngine. Construct, then start() from a running event loop."""
+
+    def __init__(self, engine: LLMEngine, stat_loggers: Sequence[StatLogger] = ()) -> None:
+        self.engine = engine
+        self.stat_loggers = list(stat_loggers)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        # request_id -> stream; owned by the event loop thread.
+        self._streams: dict[str, RequestStream] = {}
+        # request_id -> tracking state; owned by the engine thread.
+        self._tracked: dict[str, _Tracked] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        # Replaced (never mutated) by the engine thread after every iteration; safe to read from any thread.
+        self.scheduler_stats = self._snapshot()
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopped.is_set()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the engine loop is already started")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread (in-flight requests are aborted) and close the stat loggers."""
+        if self._thread is None:
+            return
+        self._inbox.put(_STOP)
+        self._thread.join(timeout)
+        for stat_logger in self.stat_loggers:
+            try:
+                stat_logger.close()
+            except Exception:
+                logger.exception("stat logger %s failed to close", type(stat_logger).__name__)
+
+    # ---- requests (event loop side) --------------------------------------------------------------------------
+    @property
+    def num_in_flight(self) -> int:
+        """Requests submitted and not finished yet."""
+        return len(self._streams)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests submitted that have no output yet (queued, or in their prefill). Counted on the event loop,
+        so a request is counted from the moment generate() submits it (for admission control)."""
+        return sum(1 for stream in self._streams.values() if not stream.started)
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | dict | list[int],
+        params: SamplingParams,
+        *,
+        arrival_time: float | None = None,
+        feature: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its cumulative outputs until the finished one.
+
+        Closing the iterator early (or cancelling the task reading it) aborts the request. An error raised by
+        the engine for this request (e.g. ValueError for a bad prompt) is raised here.
+        """
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = RequestStream()
+        self._streams[request_id] = stream
+        self._inbox.put(_Add(request_id, prompt, params, arrival_time or time.time(), feature))
+        finished = False
+        try:
+            while not finished:
+                output = await stream.get()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str, error: BaseException | None = None) -> None:
+        """Abort a request; its blocks are freed at the next step. Unknown or finished ids are ignored.
+
+        With an error, the request's reader gets that error (else the reader is assumed gone)."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._inbox.put(_Abort(request_id))
+            if error is not None:
+                stream.fail(error)
+
+    def abort_all(self, error: BaseException) -> int:
+        """Abort every request in flight, failing each reader with error; returns how many there were."""
+        request_ids = list(self._streams)
+        for request_id in request_ids:
+            self.abort(request_id, error)
+        return len(request_ids)
+
+    def _dispatch(self, outputs: list[RequestOutput], errors: list[tuple[str, BaseException]]) -> None:
+        """Runs on the event loop: hand one iteration's results to the streams."""
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue  # aborted meanwhile
+            stream.put(output)
+            if output.finished:
+                del self._streams[output.request_id]
+        for request_id, error in errors:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.fail(error)
+
+    def _fail_all_streams(self, error: BaseException) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.fail(error)
+
+    # ---- the engine thread ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                # Block only when there is nothing to step: an idle engine sleeps on the inbox.
+                commands = self._drain(block=not self.engine.has_unfinished_requests())
+                if commands is None:
+                    break
+                self._iterate(commands)
+        except BaseException as e:  # a bug in the loop itself: fail every waiting request, do not hang them
+            logger.exception("the engine loop crashed")
+            self._call_soon(self._fail_all_streams, EngineDeadError(f"the engine loop crashed: {e!r}"))
+        finally:
+            self._stopped.set()
+            ids = list(self._tracked)
+            if ids:
+                self.engine.abort_request(ids)
+            self._call_soon(self._fail_all_streams, EngineDeadError("the engine was shut down"))
+
+    def _drain(self, block: bool) -> list | None:
+        """The commands waiting in the inbox (waiting for one if block); None when asked to stop."""
+        commands = []
+        try:
+            item = self._inbox.get() if block else self._inbox.get_nowait()
+            while True:
+                if item is _STOP:
+                    return None
+                commands.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        return commands
+
+    def _call_soon(self, callback, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def _iterate(self, commands: list) -> None:
+        errors: list[tuple[str, BaseException]] = []
+        stats = IterationStats(timestamp=0.0)
+        for command in commands:
+            if isinstance(command, _Add):
+                self._add(command, errors)
+            else:
+                self._abort(command.request_id, stats)
+        outputs: list[RequestOutput] = []
+        steps_before = self.engine.core.num_steps
+        if self.engine.has_unfinished_requests():
+            try:
+                outputs = self.engine.step()
+            except Exception as e:
+                logger.exception("engine step failed; aborting the %d requests in flight", len(self._tracked))
+                error = EngineStepError(f"the engine failed while running this request: {e!r}")
+                for request_id in list(self._tracked):
+                    self._abort(request_id, stats)
+                    errors.append((request_id, error))
+        now = time.time()
+        stats.timestamp = now
+        for output in outputs:
+            self._account(output, now, stats)
+        if outputs or errors:
+            self._call_soon(self._dispatch, outputs, errors)
+        self.scheduler_stats = self._snapshot()
+        self._log_stats(stats)
+        if self.engine.has_unfinished_requests() and self.engine.core.num_steps == steps_before and not commands:
+            # Nothing could be scheduled (should not happen): wait briefly instead of spinning.
+            time.sleep(0.005)
+
+    def _add(self, command: _Add, errors: list) -> None:
+        try:
+            parent = self.engine.add_request(command.request_id, command.prompt, command.params,
+                                             command.arrival_time)
+        except Exception as e:  # ValueError for a bad prompt; it fails this request alone
+            errors.append((command.request_id, e))
+            return
+        n = len(parent.children)
+        self._tracked[command.request_id] = _Tracked(
+            parent, command.feature, command.arrival_time, len(parent.prompt_token_ids),
+            num_seen=[0] * n, last_token_time=[0.0] * n,
+        )
+
+    def _abort(self, request_id: str, stats: IterationStats) -> None:
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return  # finished in the meantime (its final output is on its way) or never added
+        self.engine.abort_request(request_id)
+        stats.finished_requests.append(self._finished_stats(tracked, tracked.parent.output(), "abort", time.time()))
+
+    def _account(self, output: RequestOutput, now: float, stats: IterationStats) -> None:
+        tracked = self._tracked.get(output.request_id)
+        if tracked is None:
+            return
+        for completion in output.outputs:
+            i = completion.index
+            num_tokens = len(completion.token_ids)
+            num_new = num_tokens - tracked.num_seen[i]
+            if num_new <= 0:
+                continue
+            if tracked.num_seen[i] == 0:
+                stats.time_to_first_tokens.append(now - tracked.arrival_time)
+                if not tracked.prompt_counted:
+                    tracked.prompt_counted = True
+                    stats.num_prompt_tokens += tracked.num_prompt_tokens
+            else:
+                stats.inter_token_latencies.append(now - tracked.last_token_time[i])
+            stats.num_generation_tokens += num_new
+            tracked.num_seen[i] = num_tokens
+            tracked.last_token_time[i] = now
+        if output.finished:
+            del self._tracked[output.request_id]
+            reason = output.outputs[0].finish_reason or "stop"
+            stats.finished_requests.append(self._finished_stats(tracked, output, reason, now))
+
+    @staticmethod
+    def _finished_stats(tracked: _Tracked, output: RequestOutput, reason: str, now: float) -> FinishedRequestStats:
+        m = output.metrics
+        arrival = tracked.arrival_time
+        num_tokens = [len(c.token_ids) for c in output.outputs]
+        tpot = None
+        if m is not None and m.first_token_time is not None and m.last_token_time is not None and max(num_tokens) > 1:
+            tpot = (m.last_token_time - m.first_token_time) / (max(num_tokens) - 1)
+        return FinishedRequestStats(
+            request_id=output.request_id,
+            feature=tracked.feature,
+            finish_reason=reason,
+            num_prompt_tokens=tracked.num_prompt_tokens,
+            num_cached_tokens=output.num_cached_tokens,
+            num_generation_tokens=sum(num_tokens),
+            e2e_latency=max(0.0, ((m.finished_time if m and m.finished_time else None) or now) - arrival),
+            queue_time=(m.first_scheduled_time - arrival) if m and m.first_scheduled_time else None,
+            ttft=(m.first_token_time - arrival) if m and m.first_token_time else None,
+            mean_time_per_output_token=tpot,
+            gpu_seconds=m.compute_seconds if m else 0.0,
+        )
+
+    def _snapshot(self) -> SchedulerStats:
+        core = self.engine.core
+        kv = core.kv_cache_manager
+        return SchedulerStats(
+            num_running=core.scheduler.num_running,
+            num_waiting=core.scheduler.num_waiting,
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.num_queried_tokens,
+            prefix_cache_hits=kv.num_hit_tokens,
+            num_preemptions=core.scheduler.num_preemptions,
+            busy_seconds=core.busy_seconds,
+            num_steps=core.num_steps,
+            num_kv_blocks=core.kv_sizing.num_blocks,
+            block_size=core.kv_sizing.block_size,
+        )
+
+    def _log_stats(self, stats: IterationStats) -> None:
+        iteration = None if stats.is_empty else stats
+        for stat_logger in self.stat_loggers:
+            try:
+                stat_logger.record(self.scheduler_stats, iteration)
+            except Exception:
+                logger.exception("stat logger %s failed", type(stat_logger).__name__)

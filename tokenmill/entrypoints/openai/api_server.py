@@ -1,0 +1,470 @@
+"""The HTTP server: thin routes, the guard middleware (API keys, loading/draining), error handlers, lifecycle.
+
+Lifecycle: the port opens at once and /health answers 503 ("loading") while the engine loads in a thread; then
+200. On SIGTERM (or Ctrl+C) /health and new requests get 503 ("draining"), requests in flight finish (at most
+--shutdown-timeout seconds, then they are aborted), and the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import uvicorn
+from fastapi import APIRouter, Body, Depends, FastAPI, Header
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.async_engine import AsyncLLMEngine
+from tokenmill.entrypoints.openai.auth import Authenticator
+from tokenmill.entrypoints.openai.errors import OpenAIError, unavailable
+from tokenmill.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from tokenmill.entrypoints.openai.rate_limit import RateLimiter
+from tokenmill.entrypoints.openai.server_config import ServerConfig
+from tokenmill.entrypoints.openai.serving_chat import OpenAIServingChat
+from tokenmill.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from tokenmill.entrypoints.openai.serving_engine import RequestContext
+from tokenmill.entrypoints.openai.serving_models import OpenAIServingModels
+from tokenmill.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from tokenmill.metrics.loggers import LoggingStatLogger
+from tokenmill.metrics.prometheus import PrometheusStatLogger
+from tokenmill.metrics.usage import UsageLogger
+
+logger = logging.getLogger("tokenmill.server")
+
+# Paths that need an API key (when keys are configured) and a loaded, non-draining server.
+GUARDED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+@dataclass
+class ServerState:
+    """Everything the routes use. The servings exist once the engine is loaded (status "ok")."""
+
+    config: ServerConfig
+    engine_config: EngineConfig
+    model_names: list[str]
+    chat_template: str | None = None
+    # "loading" -> "ok" -> "draining"; "failed" if the engine could not load.
+    status: str = "loading"
+    engine: AsyncLLMEngine | None = None
+    completion: OpenAIServingCompletion | None = None
+    chat: OpenAIServingChat | None = None
+    tokenization: OpenAIServingTokenization | None = None
+    models: OpenAIServingModels | None = None
+    authenticator: Authenticator = field(init=False)
+    limiter: RateLimiter = field(init=False)
+    metrics: PrometheusStatLogger = field(init=False)
+    stats_logger: LoggingStatLogger = field(default_factory=LoggingStatLogger)
+    server: uvicorn.Server | None = None
+
+    def __post_init__(self) -> None:
+        self.authenticator = Authenticator(self.config.api_keys)
+        self.limiter = RateLimiter(self.config.default_rate_limit, self.config.feature_rate_limits)
+        self.metrics = PrometheusStatLogger(self.model_names[0], self.config.gpu_hourly_cost)
+
+    # ---- loading ------------------------------------------------------------------------------------------------
+    async def load(self) -> None:
+        from tokenmill.engine.llm_engine import LLMEngine
+
+        try:
+            llm_engine = await asyncio.to_thread(LLMEngine, self.engine_config, False)
+        except Exception as e:
+            logger.error("the engine failed to load: %s", e, exc_info=not isinstance(e, ValueError | OSError))
+            self.status = "failed"
+            if self.server is not None:
+                self.server.should_exit = True
+            return
+        stat_loggers = [self.metrics, self.stats_logger]
+        if self.config.usage_log:
+            stat_loggers.append(UsageLogger(self.config.usage_log, self.model_names[0], self.config.gpu_hourly_cost))
+        self.engine = AsyncLLMEngine(llm_engine, stat_loggers)
+        self.engine.start()
+        args = (self.engine, self.config, self.model_names, self.limiter, self.metrics, self.chat_template)
+        self.completion = OpenAIServingCompletion(*args)
+        self.chat = OpenAIServingChat(*args)
+        self.tokenization = OpenAIServingTokenization(*args)
+        self.models = OpenAIServingModels(*args, model_root=str(llm_engine.model_dir))
+        if self.status == "loading":
+            self.status = "ok"
+            sizing = llm_engine.core.kv_sizing
+            max_len = llm_engine.max_model_len
+            host = self.config.host if self.config.host not in ("0.0.0.0", "::") else "localhost"
+            logger.info(
+                "Ready: model %r at http://%s:%d/v1 (KV cache %d blocks x %d = %d tokens; max_model_len %d; "
+                "max concurrency at max_model_len %.2fx)", self.model_names[0], host, self.port,
+                sizing.num_blocks, sizing.block_size, sizing.num_tokens, max_len, sizing.num_tokens / max_len,
+            )
+
+    @property
+    def port(self) -> int:
+        servers = getattr(self.server, "servers", None) or []
+        for server in servers:
+            for sock in server.sockets:
+                return sock.getsockname()[1]
+        return self.config.port
+
+    # ---- draining -----------------------------------------------------------------------------------------------
+    async def drain(self) -> None:
+        """Refuse new requests, let the ones in flight finish (bounded), then stop the server."""
+        self.status = "draining" if self.status != "failed" else self.status
+        timeout = self.config.shutdown_timeout
+        engine = self.engine
+        in_flight = engine.num_in_flight if engine else 0
+        logger.info("Shutting down: %d requests in flight get up to %.0f s to finish", in_flight, timeout)
+        deadline = time.monotonic() + timeout
+        while engine is not None and engine.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if engine is not None and engine.num_in_flight:
+            num = engine.abort_all(unavailable("The server shut down before this request finished.", "shutdown"))
+            logger.warning("Aborted %d requests still running after --shutdown-timeout %.0f s", num, timeout)
+        if self.server is not None:
+            self.server.should_exit = True
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with a draining first signal (and no re-raised signal: a drained exit is exit 0)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._draining or self._loop is None:
+            # A second signal: stop now.
+            self.force_exit = self.should_exit
+            self.should_exit = True
+            return
+        self._draining = True
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.state.drain()))
+
+
+# ---- responses -----------------------------------------------------------------------------------------------------
+class SSEResponse(StreamingResponse):
+    """A server-sent-events stream; closes its generator however the response ends (so requests get aborted)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def error_response(error: OpenAIError) -> JSONResponse:
+    return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers)
+
+
+def respond(result: Any) -> Response:
+    if hasattr(result, "__aiter__"):
+        return SSEResponse(result)
+    return Response(content=result.model_dump_json(), media_type="application/json")
+
+
+# ---- middleware ----------------------------------------------------------------------------------------------------
+class GuardMiddleware:
+    """Pure ASGI (no buffering of streams): API key check, then 503 while loading or draining."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not scope["path"].startswith(GUARDED_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        try:
+            authorization = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    authorization = value.decode("latin-1")
+                    break
+            try:
+                api_key = state.authenticator.authenticate(authorization)
+            except OpenAIError:
+                state.metrics.record_rejected("auth")
+                raise
+            if state.status != "ok":
+                state.metrics.record_rejected(state.status)
+                raise _status_error(state.status)
+        except OpenAIError as e:
+            await error_response(e)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["api_key"] = api_key
+        await self.app(scope, receive, send)
+
+
+def _status_error(status: str) -> OpenAIError:
+    if status == "loading":
+        return unavailable("The model is still loading: retry in a few seconds (GET /health turns 200).",
+                           "model_loading", retry_after=5)
+    if status == "draining":
+        return unavailable("The server is shutting down and takes no new requests: retry on another replica.",
+                           "server_draining", retry_after=5)
+    return unavailable("The engine failed to load: see the server log.", "engine_failed", retry_after=60)
+
+
+# ---- error handlers ------------------------------------------------------------------------------------------------
+def validation_error(exc: RequestValidationError) -> OpenAIError:
+    """Pydantic's errors as one 400 in OpenAI's shape, naming the parameter."""
+    errors = exc.errors()
+    messages, params = [], []
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        # Union members appear in the location ("str", "list[int]"...): keep only field names and indexes.
+        loc = [x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float", "bool", "dict")]
+        param = ".".join(loc) or None
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if not loc and err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            messages.append("The request body must be a JSON object, sent with 'Content-Type: application/json'")
+        elif err.get("type") == "json_invalid":
+            messages.append(f"The request body is not valid JSON ({err.get('ctx', {}).get('error', msg)}): "
+                            "send a JSON object")
+            param = None
+        elif err.get("type") == "missing" and not loc:
+            messages.append("The request body is missing: send a JSON object")
+        elif err.get("type") == "extra_forbidden":
+            messages.append(f"Unrecognized request argument supplied: {param} (tokenmill does not support it; "
+                            "see GET /openapi.json for the accepted parameters)")
+        elif param and "input" in err and err.get("type") not in ("missing", "value_error"):
+            messages.append(f"{param}: {msg}, got {err['input']!r}")
+        else:
+            messages.append(f"{param}: {msg}" if param else msg)
+        if param is not None:
+            params.append(param)
+    # The same problem reported for several union members reads once.
+    unique = list(dict.fromkeys(messages))
+    return OpenAIError("; ".join(unique[:5]), 400, param=params[0] if params else None, code="invalid_request")
+
+
+def add_exception_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request: Request, exc: OpenAIError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"{request.method} {request.url.path} does not exist: see GET /openapi.json for the routes"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}: see GET /openapi.json"
+        return error_response(OpenAIError(message, exc.status_code, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(OpenAIError(f"internal server error: {exc!r}", 500, code="internal_error"))
+
+
+# ---- routes --------------------------------------------------------------------------------------------------------
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "Invalid request: malformed JSON, wrong types, out-of-range values, prompt too long"),
+        (401, "Missing or invalid API key"),
+        (404, "Unknown model"),
+        (429, "Rate limit reached (see the Retry-After header)"),
+        (503, "Loading, draining, or the waiting queue is full (see the Retry-After header)"),
+    )
+}
+
+
+def _context(raw: Request, x_feature: str | None) -> RequestContext:
+    return RequestContext(api_key=raw.scope["state"]["api_key"], feature_header=x_feature,
+                          arrival_time=time.time(), raw_request=raw)
+
+
+FeatureHeader = Annotated[str | None, Header(alias="X-Feature",
+                                             description="Feature tag for rate limits and cost metering.")]
+
+
+def build_router(state: ServerState) -> APIRouter:
+    # Declared so /openapi.json shows the bearer scheme; the check itself is GuardMiddleware's.
+    dependencies = [Depends(HTTPBearer(auto_error=False))] if state.authenticator.enabled else []
+    api = APIRouter(dependencies=dependencies, responses=ERROR_RESPONSES)
+
+    @api.post("/v1/completions", response_model=CompletionResponse, tags=["OpenAI"],
+              summary="Create a completion (stream: true answers with server-sent CompletionStreamResponse events)")
+    async def create_completion(body: CompletionRequest, raw: Request, x_feature: FeatureHeader = None):
+        return respond(await state.completion.create_completion(body, _context(raw, x_feature)))
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["OpenAI"],
+              summary="Create a chat completion (stream: true answers with server-sent "
+                      "ChatCompletionStreamResponse events)")
+    async def create_chat_completion(body: ChatCompletionRequest, raw: Request, x_feature: FeatureHeader = None):
+        return respond(await state.chat.create_chat_completion(body, _context(raw, x_feature)))
+
+    @api.get("/v1/models", response_model=ModelList, tags=["OpenAI"], summary="List the served model names")
+    async def list_models():
+        return respond(state.models.list_models())
+
+    @api.get("/v1/models/{model}", response_model=ModelCard, tags=["OpenAI"], summary="Describe a served model")
+    async def get_model(model: str):
+        return respond(state.models.card(model))
+
+    @api.post("/tokenize", response_model=TokenizeResponse, tags=["vLLM"],
+              summary="Token ids of a prompt, or of chat messages rendered with the chat template")
+    async def tokenize(body: Annotated[TokenizeRequest, Body()]):
+        return respond(state.tokenization.tokenize(body))
+
+    @api.post("/detokenize", response_model=DetokenizeResponse, tags=["vLLM"], summary="Text of token ids")
+    async def detokenize(body: DetokenizeRequest):
+        return respond(state.tokenization.detokenize(body))
+
+    return api
+
+
+def build_open_router(state: ServerState) -> APIRouter:
+    """Routes without API key: health and metrics (for load balancers and Prometheus)."""
+    router = APIRouter()
+
+    @router.get("/health", response_model=HealthResponse, tags=["Operations"],
+                responses={503: {"model": HealthResponse, "description": "Loading, draining or failed"}},
+                summary="200 when ready; 503 while loading or draining")
+    async def health():
+        return JSONResponse({"status": state.status}, status_code=200 if state.status == "ok" else 503)
+
+    @router.get("/metrics", tags=["Operations"], response_class=Response,
+                responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+                summary="Prometheus metrics (vLLM's names, with a model_name label)")
+    async def metrics():
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @router.get("/version", tags=["Operations"], summary="tokenmill's version")
+    async def version():
+        import tokenmill
+
+        return {"version": tokenmill.__version__}
+
+    return router
+
+
+def _openapi(app: FastAPI):
+    """FastAPI's schema, corrected: validation errors are 400 (not 422) and streams are documented."""
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (CompletionStreamResponse, ChatCompletionStreamResponse):
+            defs = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in defs.pop("$defs", {}).items():
+                components.setdefault(name, sub)
+            components[model.__name__] = defs
+        streams = {"/v1/completions": "CompletionStreamResponse",
+                   "/v1/chat/completions": "ChatCompletionStreamResponse"}
+        for path, item in schema.get("paths", {}).items():
+            for operation in item.values():
+                responses = operation.get("responses", {})
+                responses.pop("422", None)
+                if path in streams:
+                    responses["200"].setdefault("content", {})["text/event-stream"] = {
+                        "schema": {"$ref": f"#/components/schemas/{streams[path]}"},
+                    }
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        app.openapi_schema = schema
+        return schema
+
+    return openapi
+
+
+def build_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = asyncio.create_task(state.load())
+        stats_task = asyncio.create_task(_log_stats_periodically(state))
+        try:
+            yield
+        finally:
+            stats_task.cancel()
+            loader.cancel()
+            if state.engine is not None:
+                await asyncio.to_thread(state.engine.shutdown)
+
+    import tokenmill
+
+    app = FastAPI(
+        title="tokenmill OpenAI-compatible API", version=tokenmill.__version__, lifespan=lifespan,
+        description="OpenAI's /v1/completions, /v1/chat/completions and /v1/models, vLLM's /tokenize, "
+                    "/detokenize and metrics. See docs/server.md.",
+    )
+    app.include_router(build_router(state))
+    app.include_router(build_open_router(state))
+    add_exception_handlers(app)
+    app.add_middleware(GuardMiddleware, state=state)
+    if state.config.allowed_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+    app.openapi = _openapi(app)
+    app.state.server_state = state
+    return app
+
+
+async def _log_stats_periodically(state: ServerState) -> None:
+    interval = state.config.log_stats_interval
+    if interval <= 0:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        state.stats_logger.log()
+
+
+def run_server(config: ServerConfig, engine_config: EngineConfig, model_names: list[str],
+               chat_template: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; 0 after a clean drain, 1 if the engine failed to load."""
+    state = ServerState(config, engine_config, model_names, chat_template)
+    app = build_app(state)
+    uv_config = uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
+        access_log=not config.disable_uvicorn_access_log, lifespan="on", timeout_graceful_shutdown=5,
+        timeout_keep_alive=5,
+    )
+    server = _Server(uv_config, state)
+    state.server = server
+    server.run()
+    return 1 if state.status == "failed" else 0

@@ -1,0 +1,170 @@
+"""POST /v1/completions: prompts in, text out (streamed as server-sent events or in one response)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from tokenmill.entrypoints.openai.errors import OpenAIError
+from tokenmill.entrypoints.openai.protocol import (
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionResponseStreamChoice,
+    CompletionStreamResponse,
+)
+from tokenmill.entrypoints.openai.serving_engine import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    SSE_DONE,
+    OpenAIServing,
+    Prompt,
+    RequestContext,
+    engine_error,
+    error_event,
+    merge_outputs,
+    sse,
+    unless_disconnected,
+)
+from tokenmill.outputs import PositionLogprobs, RequestOutput
+
+
+def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs] | None, first_offset: int,
+                        ) -> CompletionLogProbs:
+    """Legacy-completions logprobs of some output tokens; text offsets start at first_offset."""
+    result = CompletionLogProbs()
+    offset = first_offset
+    for token_id, position in zip(token_ids, positions or []):
+        chosen = position.get(token_id)
+        token = chosen.decoded_token if chosen is not None and chosen.decoded_token is not None else ""
+        result.tokens.append(token)
+        result.token_logprobs.append(chosen.logprob if chosen is not None else None)
+        result.top_logprobs.append({lp.decoded_token or "": lp.logprob for lp in position.values()})
+        result.text_offset.append(offset)
+        offset += len(token)
+    return result
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    async def create_completion(self, request: CompletionRequest, ctx: RequestContext
+                                ) -> CompletionResponse | AsyncIterator[str]:
+        model_name = self.check_model(request.model)
+        feature = self.resolve_feature(request.feature, ctx.feature_header)
+        prompts = self._prompts(request.prompt)
+        n = request.n or 1
+        params = []
+        for prompt in prompts:
+            max_tokens = self.resolve_max_tokens(prompt, request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS,
+                                                 "max_tokens")
+            params.append(self.sampling_params(request, max_tokens, request.logprobs))
+        num_tokens = sum(len(p.token_ids) + sp.max_tokens * n for p, sp in zip(prompts, params))
+        reservation = self.admit(ctx.api_key, feature, num_tokens)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = [
+            self.generate(request_id if len(prompts) == 1 else f"{request_id}-{i}", prompt, sp, ctx, feature)
+            for i, (prompt, sp) in enumerate(zip(prompts, params))
+        ]
+        state = _State(request_id, model_name, prompts, n, request.logprobs is not None)
+        if request.stream:
+            options = request.stream_options
+            return self._stream(state, streams, reservation,
+                                bool(options and options.include_usage),
+                                bool(options and options.continuous_usage_stats))
+        try:
+            return await unless_disconnected(ctx.raw_request, self._full(state, streams))
+        finally:
+            self.limiter.settle(reservation, state.num_tokens_used())
+
+    def _prompts(self, prompt) -> list[Prompt]:
+        if isinstance(prompt, str):
+            return [self.text_prompt(prompt)]
+        if isinstance(prompt[0], int):
+            return [self.token_prompt(prompt)]
+        if isinstance(prompt[0], str):
+            return [self.text_prompt(p, param=f"prompt[{i}]") for i, p in enumerate(prompt)]
+        return [self.token_prompt(p, param=f"prompt[{i}]") for i, p in enumerate(prompt)]
+
+    async def _full(self, state: _State, streams) -> CompletionResponse:
+        try:
+            async for index, output in merge_outputs(streams):
+                state.outputs[index] = output
+        except Exception as e:
+            raise engine_error(e) from None
+        choices = []
+        for prompt_index, output in enumerate(state.outputs):
+            assert output is not None and output.finished
+            for completion in output.outputs:
+                logprobs = None
+                if state.logprobs:
+                    logprobs = completion_logprobs(completion.token_ids, completion.logprobs, 0)
+                choices.append(CompletionResponseChoice(
+                    index=prompt_index * state.n + completion.index, text=completion.text, logprobs=logprobs,
+                    finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
+                ))
+        return CompletionResponse(id=state.request_id, created=state.created, model=state.model_name,
+                                  choices=choices, usage=self.usage(state.prompts, state.outputs))
+
+    async def _stream(self, state: _State, streams, reservation, include_usage: bool,
+                      continuous_usage: bool) -> AsyncIterator[str]:
+        num_choices = len(state.prompts) * state.n
+        sent_text = [0] * num_choices  # characters of text sent per choice
+        sent_tokens = [0] * num_choices
+        text_offset = [0] * num_choices
+        try:
+            async with contextlib.aclosing(merge_outputs(streams)) as outputs:
+                async for prompt_index, output in outputs:
+                    state.outputs[prompt_index] = output
+                    for completion in output.outputs:
+                        i = prompt_index * state.n + completion.index
+                        delta = completion.text[sent_text[i]:]
+                        num_tokens = len(completion.token_ids)
+                        logprobs = None
+                        if state.logprobs and num_tokens > sent_tokens[i]:
+                            new_ids = completion.token_ids[sent_tokens[i]:]
+                            new_positions = (completion.logprobs or [])[sent_tokens[i]:num_tokens]
+                            logprobs = completion_logprobs(new_ids, new_positions, text_offset[i])
+                            text_offset[i] += sum(len(t) for t in logprobs.tokens)
+                        if not delta and completion.finish_reason is None and logprobs is None:
+                            continue
+                        sent_text[i] = len(completion.text)
+                        sent_tokens[i] = num_tokens
+                        chunk = CompletionStreamResponse(
+                            id=state.request_id, created=state.created, model=state.model_name,
+                            choices=[CompletionResponseStreamChoice(
+                                index=i, text=delta, logprobs=logprobs, finish_reason=completion.finish_reason,
+                                stop_reason=completion.stop_reason,
+                            )],
+                            usage=self.usage(state.prompts, state.outputs) if continuous_usage else None,
+                        )
+                        yield sse(chunk.model_dump_json())
+            if include_usage:
+                chunk = CompletionStreamResponse(id=state.request_id, created=state.created,
+                                                 model=state.model_name, choices=[],
+                                                 usage=self.usage(state.prompts, state.outputs))
+                yield sse(chunk.model_dump_json())
+        except OpenAIError as e:
+            yield error_event(e)
+        except Exception as e:
+            yield error_event(engine_error(e))
+        finally:
+            self.limiter.settle(reservation, state.num_tokens_used())
+        yield SSE_DONE
+
+
+class _State:
+    """One completion request's outputs as they arrive."""
+
+    def __init__(self, request_id: str, model_name: str, prompts: list[Prompt], n: int, logprobs: bool) -> None:
+        self.request_id = request_id
+        self.model_name = model_name
+        self.prompts = prompts
+        self.n = n
+        self.logprobs = logprobs
+        self.created = int(time.time())
+        self.outputs: list[RequestOutput | None] = [None] * len(prompts)
+
+    def num_tokens_used(self) -> int:
+        used = sum(len(p.token_ids) for p in self.prompts)
+        return used + sum(len(c.token_ids) for o in self.outputs if o is not None for c in o.outputs)
