@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=560.0,
                    help="seconds for the whole run; later sections are skipped when it runs out")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-fused-variant", action="store_true",
+                   help="measure the model code as it is only, not also with the fused layer ops")
     args = p.parse_args(argv)
     args.skip = {s for s in args.skip.split(",") if s}
     unknown = args.skip - set(SECTIONS)
@@ -151,9 +153,14 @@ class Bench:
 
     # ---- 1. kernels against the reference ------------------------------------------------------------------
     def checks(self) -> dict:
-        from benchmarks.gpu.checks import check_cuda_graph_replay, check_kernels, kernel_timings
+        from benchmarks.gpu.checks import (
+            check_cuda_graph_replay,
+            check_kernels,
+            check_layer_ops,
+            kernel_timings,
+        )
 
-        out = {"cases": check_kernels(self.device)}
+        out = {"cases": check_kernels(self.device) + (check_layer_ops(self.device) if self.cuda else [])}
         out["passed"] = sum(c["ok"] for c in out["cases"])
         out["total"] = len(out["cases"])
         if self.cuda:
@@ -198,20 +205,30 @@ class Bench:
         return path
 
     def open_engine(self, path: Path, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int):
-        from benchmarks.gpu.engine_hooks import attach_cuda_graphs
         from tokenmill import LLM
 
         t0 = time.perf_counter()
         llm = LLM(str(path), dtype="bfloat16" if self.cuda else "float32", kv_cache_memory=self.args.kv_cache_memory,
                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                   max_model_len=max_model_len, device=self.device.type, show_progress=False)
-        load_s = time.perf_counter() - t0
+        info = {"load_s": round(time.perf_counter() - t0, 1),
+                "attention_backend": llm.llm_engine.core.model.layers[0].self_attn.backend.name,
+                "num_kv_blocks": llm.llm_engine.core.kv_sizing.num_blocks}
+        return llm, info
+
+    def prepare_variant(self, llm, variant: str, max_num_seqs: int) -> dict:
+        """as_is: the model code as it is; fused: with the fused layer ops the proposed llama.py change uses.
+        Either way CUDA graphs are (re)captured unless --enforce-eager."""
+        from benchmarks.gpu.engine_hooks import apply_fused_layer_ops, attach_cuda_graphs, detach_cuda_graphs
+
+        detach_cuda_graphs(llm)
+        if variant == "fused":
+            apply_fused_layer_ops(llm.llm_engine.core.model)
+        self.free()
         capture_s = None
         if self.cuda and not self.args.enforce_eager:
             capture_s = attach_cuda_graphs(llm, max_num_seqs)
-        info = {"load_s": round(load_s, 1), "graph_capture_s": capture_s,
-                "attention_backend": llm.llm_engine.core.model.layers[0].self_attn.backend.name}
-        return llm, info
+        return {"graph_capture_s": capture_s}
 
     # ---- 4(b). decode step time against the roofline ----------------------------------------------------
     def decode(self, llm, batch: int) -> dict:
@@ -349,19 +366,24 @@ class Bench:
         store = self.results.setdefault("models", {}).setdefault(name, {})
         path = self.model_dir(name)
         wants_workload = name == self.args.workload_model
-        runs_engine = not {"decode", "overhead"} <= self.args.skip or (wants_workload and "workload" not in self.args.skip)
-        if runs_engine:
-            max_len = max(2048, self.args.context + self.args.decode_steps + 64) if not self.args.tiny else 256
-            tokens = 16384 if wants_workload and not self.args.tiny else self.args.max_num_batched_tokens
-            llm, info = self.open_engine(path, max_num_seqs=256, max_model_len=max_len, max_num_batched_tokens=tokens)
-            store["engine"] = info
+        skip = self.args.skip
+        if not {"decode", "overhead"} <= skip or (wants_workload and "workload" not in skip):
+            tiny = self.args.tiny
+            max_len = 256 if tiny else max(2048, self.args.context + self.args.decode_steps + 64)
+            tokens = 16384 if wants_workload and not tiny else self.args.max_num_batched_tokens
+            llm, store["engine"] = self.open_engine(path, max_num_seqs=256, max_model_len=max_len,
+                                                    max_num_batched_tokens=tokens)
             self.save()
-            for batch in (1, 64):
-                self.section(f"decode:b{batch}", self.decode, llm, batch, need_s=20, store=store)
-            self.section("overhead:b256", self.overhead, llm, 256 if not self.args.tiny else 16, need_s=30,
-                         store=store)
-            if wants_workload:
-                self.section("workload", self.workload, llm, need_s=60, store=store)
+            variants = ["as_is", "fused"] if not self.args.no_fused_variant else ["as_is"]
+            for variant in variants:
+                vstore = store.setdefault(variant, {})
+                vstore.update(self.prepare_variant(llm, variant, 256))
+                for batch in (1, 64):
+                    self.section(f"decode:b{batch}", self.decode, llm, batch, need_s=20, store=vstore)
+                if variant == variants[-1]:  # the rest on the faster variant only
+                    self.section("overhead:b256", self.overhead, llm, 16 if tiny else 256, need_s=30, store=vstore)
+                    if wants_workload:
+                        self.section("workload", self.workload, llm, need_s=60, store=vstore)
             del llm
             self.free()
         if wants_workload:
@@ -411,31 +433,42 @@ def summarize(results: dict, workload_model: str) -> list[dict]:
             add("cuda graph replay == eager", f"rel err {graph['rel_error']:.1e}", "< 1e-2", graph["ok"])
     for name, model in results.get("models", {}).items():
         big = "8b" in name
-        for batch in (1, 64):
-            d = model.get(f"decode:b{batch}", {})
-            if "median_step_ms" in d:
-                frac = d.get("fraction_of_roofline")
-                value = f"{d['median_step_ms']:.2f} ms" + (f", {frac:.0%} of roofline" if frac else "")
-                target, ok = ("", None)
-                if big and batch == 1 and frac is not None:
-                    target, ok = f">= {TARGET_ROOFLINE_B1:.0%}", frac >= TARGET_ROOFLINE_B1
-                add(f"{name} decode b{batch}", value, target, ok)
-        o = model.get("overhead:b256", {})
-        if "cpu_share" in o:
-            add(f"{name} CPU share of step b{o['batch']}", f"{o['cpu_share']:.1%} of {o['step_ms']:.1f} ms",
-                f"< {TARGET_CPU_SHARE:.0%}", o["cpu_share"] < TARGET_CPU_SHARE)
-        w, hf = model.get("workload", {}), model.get("hf", {})
-        if "output_tok_per_s" in w:
-            add(f"{name} nano-vllm workload, tokenmill", f"{w['output_tok_per_s']:.0f} tok/s")
+        for variant in ("as_is", "fused"):
+            v = model.get(variant, {})
+            label = f"{name} [{variant}]"
+            for batch in (1, 64):
+                d = v.get(f"decode:b{batch}", {})
+                if "median_step_ms" in d:
+                    frac = d.get("fraction_of_roofline")
+                    value = f"{d['median_step_ms']:.2f} ms" + (f", {frac:.0%} of roofline" if frac else "")
+                    target, ok = ("", None)
+                    if big and batch == 1 and frac is not None:
+                        target, ok = f">= {TARGET_ROOFLINE_B1:.0%}", frac >= TARGET_ROOFLINE_B1
+                    add(f"{label} decode b{batch}", value, target, ok)
+            o = v.get("overhead:b256", {})
+            if "cpu_share" in o:
+                add(f"{label} CPU share of step b{o['batch']}", f"{o['cpu_share']:.1%} of {o['step_ms']:.1f} ms",
+                    f"< {TARGET_CPU_SHARE:.0%}", o["cpu_share"] < TARGET_CPU_SHARE)
+            w, hf = v.get("workload", {}), model.get("hf", {})
+            if "output_tok_per_s" in w:
+                add(f"{label} nano-vllm workload", f"{w['output_tok_per_s']:.0f} tok/s")
+                if "output_tok_per_s" in hf:
+                    ratio = w["output_tok_per_s"] / hf["output_tok_per_s"]
+                    add(f"{label} tokenmill / transformers", f"{ratio:.1f}x", f">= {TARGET_SPEEDUP:.0f}x",
+                        ratio >= TARGET_SPEEDUP)
+            for key, value in v.items():
+                if isinstance(value, dict) and ("error" in value or "skipped" in value):
+                    add(f"{label} {key}", value.get("error") or value.get("skipped"), "",
+                        False if "error" in value else None)
+        hf = model.get("hf", {})
         if "output_tok_per_s" in hf:
             add(f"{name} nano-vllm workload, transformers", f"{hf['output_tok_per_s']:.0f} tok/s"
                 + (" (time-limited)" if hf.get("truncated_by_time_limit") else ""))
-        if "output_tok_per_s" in w and "output_tok_per_s" in hf:
-            ratio = w["output_tok_per_s"] / hf["output_tok_per_s"]
-            add(f"{name} tokenmill / transformers", f"{ratio:.1f}x", f">= {TARGET_SPEEDUP:.0f}x", ratio >= TARGET_SPEEDUP)
         for key, value in model.items():
             if isinstance(value, dict) and ("error" in value or "skipped" in value):
                 add(f"{name} {key}", value.get("error") or value.get("skipped"), "", False if "error" in value else None)
+        if "error" in model or "skipped" in model:
+            add(name, model.get("error") or model.get("skipped"), "", False if "error" in model else None)
     for key in ("bandwidth", "checks"):
         if "error" in results.get(key, {}):
             add(key, results[key]["error"], "", False)

@@ -48,6 +48,42 @@ def check_kernels(device: torch.device) -> list[dict]:
     return results
 
 
+def check_layer_ops(device: torch.device) -> list[dict]:
+    """Fused RMSNorm / rotary / SiLU-and-mul against the model's PyTorch code at Llama-8B widths, bf16."""
+    import torch.nn.functional as F
+
+    from tokenmill.attention.triton.layer_ops import rms_norm, rotary_embedding_, silu_and_mul
+    from tokenmill.model.llama import RMSNorm, _rotate
+
+    results = []
+    dtype, tokens = torch.bfloat16, 300
+    with torch.inference_mode():
+        norm = RMSNorm(4096, 1e-5).to(device=device, dtype=dtype)
+        norm.weight.normal_()
+        x = torch.randn(tokens, 4096, device=device, dtype=dtype)
+        res = torch.randn(tokens, 4096, device=device, dtype=dtype)
+        results.append(("rms_norm", rel_error(rms_norm(x, norm.weight, norm.eps), norm(x))))
+        res_copy = res.clone()
+        out = rms_norm(x, norm.weight, norm.eps, residual=res_copy)
+        results.append(("rms_norm + residual", max(rel_error(out, norm(x + res)), rel_error(res_copy, x + res))))
+        qkv = torch.randn(tokens, 6144, device=device, dtype=dtype)
+        q, k, _ = qkv.split([4096, 1024, 1024], dim=-1)
+        q, k = q.view(tokens, 32, 128), k.view(tokens, 8, 128)
+        freqs = torch.outer(torch.arange(8192, device=device, dtype=torch.float32),
+                            torch.rand(64, device=device))
+        cos, sin = freqs.cos(), freqs.sin()
+        positions = torch.randint(0, 8192, (tokens,), device=device)
+        c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        q_ref, k_ref = _rotate(q, c, s), _rotate(k, c, s)
+        rotary_embedding_(q, k, positions, cos, sin)
+        results.append(("rotary", max(rel_error(q, q_ref), rel_error(k, k_ref))))
+        gate_up = torch.randn(tokens, 2 * 14336, device=device, dtype=dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
+        results.append(("silu_and_mul", rel_error(silu_and_mul(gate_up), F.silu(gate) * up)))
+    return [{"case": f"layer op {name}", "dtype": str(dtype), "rel_error": err, "bound": 1e-2, "ok": err < 1e-2}
+            for name, err in results]
+
+
 def _tiny_model(device: torch.device, dtype: torch.dtype):
     from tokenmill.model.llama import LlamaForCausalLM
     from tokenmill.model.registry import DecoderSpec

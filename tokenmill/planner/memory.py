@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from tokenmill.planner.arch import ModelArch
 from tokenmill.planner.dtypes import (
-    GGUF_TYPES,
     Precision,
     dtype_bytes,
     gguf_type_for_row,
@@ -369,7 +368,6 @@ def kv_dtype_for(precision: Precision, kv_dtype: object = "auto") -> str:
 __all__ = [
     "GiB",
     "MiB",
-    "GGUF_TYPES",
     "Overhead",
     "WeightBytes",
     "activation_peak_bytes",

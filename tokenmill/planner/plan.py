@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from tokenmill.planner.arch import ModelArch, load_arch
 from tokenmill.planner.cost import WORKLOADS, CostEstimate, cost_estimate
+from tokenmill.planner.dtypes import Precision
 from tokenmill.planner.fit import (
     MemoryBreakdown,
     ServingConfig,
@@ -240,18 +241,24 @@ def plan_gpu(
     mem = memory_breakdown(arch, gpu, ctx, batch, serving, tp)
     mml = max_model_len(arch, gpu, batch, serving, tp)
     max_tokens = serving.batched_tokens_for(gpu)
+    # "auto" keeps a GGUF file's exact bytes; anything else is planned as given, with its group size.
+    weights_precision: str | Precision = (
+        "auto"
+        if serving.precision.lower() == "auto"
+        else resolve_precision(arch, serving.precision, serving.group_size)
+    )
     srv = serving_estimate(
         arch,
         gpu,
         batch,
         workload.resolved_input_len,
         workload.resolved_output_len,
-        serving.precision if serving.precision.lower() != "auto" else "auto",
+        weights_precision,
         serving.kv_dtype,
         tp,
         max_tokens,
     )
-    pre = prefill_estimate(arch, gpu, workload.resolved_input_len, serving.precision, tp, max_tokens)
+    pre = prefill_estimate(arch, gpu, workload.resolved_input_len, weights_precision, tp, max_tokens)
     cost = cost_estimate(
         gpu,
         tp,

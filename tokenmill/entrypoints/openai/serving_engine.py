@@ -205,8 +205,8 @@ class OpenAIServing:
         if max_queue is not None and self.engine.num_waiting >= max_queue:
             self._rejected("queue_full")
             raise unavailable(
-                f"The server is overloaded: {self.engine.num_waiting} requests are waiting (--max-queue-len "
-                f"{max_queue}). Retry shortly.", "queue_full",
+                f"The server is overloaded: the waiting queue is full ({max_queue} requests, --max-queue-len). "
+                "Retry shortly.", "queue_full",
             )
         try:
             return self.limiter.acquire(api_key, feature, num_tokens)
