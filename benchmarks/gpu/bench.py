@@ -9,8 +9,10 @@ section, so a run cut short still leaves what it measured; a short table is prin
     benchmarks/gpu/run.sh --skip hf,workload   # sections to leave out
     benchmarks/gpu/run.sh --tiny               # CPU smoke run with tiny models (no GPU needed)
 
-Sections: env, checks, bandwidth, then per model (qwen2.5-0.5b first, llama-3.1-8b last): decode (batch 1
-and 64), overhead (batch 256), and for the workload model: workload (tokenmill) and hf (transformers).
+Sections: env, bandwidth, checks, then per model (qwen2.5-0.5b first, llama-3.1-8b last): memory (KV sizing
+by profiling vs the planner), decode (batch 1 and 64), overhead (batch 256), and for the workload model:
+workload (tokenmill) and hf (transformers). Decode runs twice per model: [as_is] with the model code as it
+is, [fused] with the fused layer ops of the proposed llama.py change; overhead and workload run on [fused].
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-SECTIONS = ("checks", "bandwidth", "decode", "overhead", "workload", "hf")
+SECTIONS = ("checks", "bandwidth", "memory", "decode", "overhead", "workload", "hf")
 # Targets of the issue: (metric, comparison, bound).
 TARGET_ROOFLINE_B1 = 0.75  # batch-1 decode of the 8B-shaped model, fraction of the bandwidth roofline
 TARGET_SPEEDUP = 10.0  # nano-vllm workload, tokenmill over transformers' generate
@@ -54,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=30)
     p.add_argument("--num-seqs", type=int, default=256, help="requests of the nano-vllm workload")
     p.add_argument("--hf-batch", type=int, default=256, help="sequences per transformers generate call")
-    p.add_argument("--hf-time-limit", type=float, default=120.0, help="seconds transformers may generate")
+    p.add_argument("--hf-time-limit", type=float, default=90.0, help="seconds transformers may generate")
     p.add_argument("--time-budget", type=float, default=560.0,
                    help="seconds for the whole run; later sections are skipped when it runs out")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -230,6 +232,35 @@ class Bench:
             capture_s = attach_cuda_graphs(llm, max_num_seqs)
         return {"graph_capture_s": capture_s}
 
+    # ---- 3. KV cache sizing by profiling, beside the planner -------------------------------------------------
+    def memory(self, path: Path) -> dict:
+        """What profile_kv_cache sizes for this model at gpu_memory_utilization 0.9 and 8192 batched tokens, and
+        the planner's prediction for the same settings (the model is loaded on its own, before any KV cache)."""
+        from tokenmill.attention.triton_backend import TritonAttentionBackend
+        from tokenmill.model.loader import load_model, read_hf_config
+        from tokenmill.model.registry import DecoderSpec
+        from tokenmill.planner.arch import ModelArch
+        from tokenmill.planner.memory import kv_cache_bytes_per_block
+        from tokenmill.worker.gpu_memory import profile_kv_cache
+
+        torch = self.torch
+        self.free()
+        hf_config = read_hf_config(path)
+        spec = DecoderSpec.from_hf_config(hf_config)
+        backend = TritonAttentionBackend(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim**-0.5,
+                                         spec.sliding_window)
+        model = load_model(path, backend, torch.bfloat16, self.device, 4096, show_progress=False)
+        block_size, tokens = 16, self.args.max_num_batched_tokens
+        bytes_per_block = kv_cache_bytes_per_block(ModelArch.from_hf_config(hf_config), block_size, torch.bfloat16)
+        profile = profile_kv_cache(
+            model, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, num_layers=spec.num_layers,
+            dtype=torch.bfloat16, device=self.device, block_size=block_size, bytes_per_block=bytes_per_block,
+            max_num_batched_tokens=tokens, max_num_seqs=256, gpu_memory_utilization=0.9, hf_config=hf_config,
+        )
+        del model
+        self.free()
+        return profile.as_dict() | {"log_line": profile.log_line()}
+
     # ---- 4(b). decode step time against the roofline ----------------------------------------------------
     def decode(self, llm, batch: int) -> dict:
         from benchmarks.gpu.engine_hooks import kv_bytes_per_token, weight_bytes_read_per_step
@@ -367,6 +398,8 @@ class Bench:
         path = self.model_dir(name)
         wants_workload = name == self.args.workload_model
         skip = self.args.skip
+        if self.cuda:
+            self.section("memory", self.memory, path, need_s=90 if "8b" in name else 30, store=store)
         if not {"decode", "overhead"} <= skip or (wants_workload and "workload" not in skip):
             tiny = self.args.tiny
             max_len = 256 if tiny else max(2048, self.args.context + self.args.decode_steps + 64)
@@ -405,7 +438,11 @@ class Bench:
                 traceback.print_exc()
                 self.results.setdefault("models", {}).setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"
             self.free()
-        self.results["summary"] = summarize(self.results, self.args.workload_model)
+        try:
+            self.results["summary"] = summarize(self.results, self.args.workload_model)
+        except Exception as e:  # the JSON holds everything; a table bug must not hide it
+            traceback.print_exc()
+            self.results["summary"] = [{"metric": "summary", "value": repr(e), "target": "", "verdict": "FAIL"}]
         self.save()
         print_table(self.results, self.out_dir / "gpu_bench.json")
 
@@ -460,6 +497,13 @@ def summarize(results: dict, workload_model: str) -> list[dict]:
                 if isinstance(value, dict) and ("error" in value or "skipped" in value):
                     add(f"{label} {key}", value.get("error") or value.get("skipped"), "",
                         False if "error" in value else None)
+        mem = model.get("memory", {})
+        if "num_blocks" in mem:
+            def gib(x) -> str:
+                return "?" if x is None else f"{x / 2**30:.2f}"
+
+            add(f"{name} KV blocks by profile (planner)", f"{mem['num_blocks']} ({mem['planned_num_blocks']}); act "
+                f"{gib(mem['activation_peak_bytes'])} ({gib(mem['planned_activation_peak_bytes'])}) GiB")
         hf = model.get("hf", {})
         if "output_tok_per_s" in hf:
             add(f"{name} nano-vllm workload, transformers", f"{hf['output_tok_per_s']:.0f} tok/s"

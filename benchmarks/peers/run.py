@@ -46,6 +46,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 DEFAULT_ENGINES = "tokenmill:bfloat16,transformers:bfloat16,ctranslate2:int8,ctranslate2:float32,llama.cpp:q4_1"
+# Output tokens per request kept to compare engines' greedy outputs.
+HEAD_TOKENS = 8
 # engine precision -> bytes per weight for the roofline (Q4_1 uses the GGUF's size instead)
 WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int16": 2.0}
 
@@ -161,6 +163,21 @@ def engine_memory_model(engine: str, precision: str, shape: dict, gguf: Path) ->
     return weights, per_weight, f"{precision} weights and KV"
 
 
+def agreement_with(reference: list[list[int]], tokens: list[list[int]]) -> dict:
+    """How closely greedy outputs match the first engine's: the share of requests with the same first token, and
+    the mean length of the common prefix of the first HEAD_TOKENS tokens (low precisions drift apart on near-ties)."""
+    pairs = list(zip(reference, tokens))
+    same_first = sum(1 for a, b in pairs if a[:1] == b[:1])
+    prefixes = []
+    for a, b in pairs:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        prefixes.append(n)
+    return {"first_token_agreement": same_first / max(len(pairs), 1),
+            "mean_common_prefix": sum(prefixes) / max(len(prefixes), 1)}
+
+
 def summarize_run(run: dict) -> dict:
     """Aggregate figures of one (engine, concurrency) run from its per-request timings."""
     from tokenmill.benchmarks.metrics import RequestResult, compute_metrics
@@ -211,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
           f"memory read {ceilings['read_bytes_per_s'] / 1e9:.1f} GB/s, copy {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s")
 
     rows = []
+    reference: dict[int, list[list[int]]] = {}  # concurrency -> the first engine's first output tokens
     for engine, precision in engines:
         print(f"Running {engine} ({precision})...", flush=True)
         spec = {"engine": engine, "precision": precision, "threads": args.threads, "model_dir": str(model_dir),
@@ -232,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             roof = roofline_tok_per_s(used, c, shape, weight_bytes, kv_bytes, flops, ceilings["read_bytes_per_s"])
             row.update(roofline_tok_per_s=roof["tok_per_s"], roofline_bound=roof["bound"],
                        fraction_of_roofline=row["output_tok_per_s"] / roof["tok_per_s"])
+            reference.setdefault(c, run["head_tokens"])
+            row.update(agreement_with(reference[c], run["head_tokens"]))
             if c == 1:
                 decode_roof = decode_roofline(used, shape, weight_bytes, kv_bytes, flops, ceilings["read_bytes_per_s"])
                 row.update(decode_roofline_tok_per_s=decode_roof,
@@ -254,19 +274,20 @@ def format_table(rows: list[dict], ceilings: dict, threads: int) -> str:
         f"{ceilings['read_bytes_per_s'] / 1e9:.1f} GB/s; {threads} threads",
         "",
         "| engine | precision | concurrency | output tok/s | roofline tok/s (bound) | % of roofline | mean TTFT ms "
-        "| decode tok/s per request | % of decode roofline |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| decode tok/s per request | % of decode roofline | same 1st token as row 1 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['engine']} | {row['precision']} | - | failed: {row['error'][:60]} | | | | | |")
+            lines.append(f"| {row['engine']} | {row['precision']} | - | failed: {row['error'][:60]} | | | | | | |")
             continue
         decode_frac = row.get("decode_fraction_of_roofline")
         lines.append(
             f"| {row['engine']} | {row['precision_detail']} | {row['concurrency']} | {row['output_tok_per_s']:.1f} "
             f"| {row['roofline_tok_per_s']:.0f} ({row['roofline_bound']}) | {100 * row['fraction_of_roofline']:.1f}% "
             f"| {row['ttft_ms_mean']:.0f} | {row['decode_tok_per_s_per_request']:.1f} "
-            f"| {'' if decode_frac is None else f'{100 * decode_frac:.1f}%'} |"
+            f"| {'' if decode_frac is None else f'{100 * decode_frac:.1f}%'} "
+            f"| {100 * row['first_token_agreement']:.0f}% |"
         )
     return "\n".join(lines)
 
@@ -349,7 +370,7 @@ def run_engine(spec: dict) -> dict:
         if got != wanted:
             raise RuntimeError(f"{engine} generated {got[:8]}... tokens, {wanted[:8]}... were asked for")
         runs.append({"concurrency": run["concurrency"], "num_requests": len(used), "duration_s": duration,
-                     "results": results})
+                     "results": results, "head_tokens": instance.head_tokens})
     return {"engine": engine, "precision": spec["precision"], "version": instance.version, "runs": runs}
 
 
@@ -373,6 +394,7 @@ class TokenmillRunner:
         reset_prefix_cache(self.llm)
         samples = [SampleRequest("", r["prompt_token_ids"], r["output_len"]) for r in requests]
         run = run_offline(self.llm, samples, max_concurrency=concurrency, use_tqdm=False)
+        self.head_tokens = [ids[:HEAD_TOKENS] for ids in run.token_ids]
         return [asdict(r) for r in run.results]
 
 
@@ -400,11 +422,13 @@ class TransformersRunner:
         class StepTimes(BaseStreamer):
             def __init__(self) -> None:
                 self.times: list[float] = []
+                self.tokens: list[list[int]] = []  # step -> the token of each row
                 self.prompt_seen = False
 
             def put(self, value) -> None:  # first call: the prompt; then one call per generated step
                 if self.prompt_seen:
                     self.times.append(time.perf_counter())
+                    self.tokens.append(value.reshape(-1).tolist())
                 self.prompt_seen = True
 
             def end(self) -> None:
@@ -412,6 +436,7 @@ class TransformersRunner:
 
         start = time.perf_counter()
         results: list[dict | None] = [None] * len(requests)
+        self.head_tokens: list[list[int]] = [[] for _ in requests]
         # Longest outputs first, so a batch's rows need similar numbers of steps.
         order = sorted(range(len(requests)), key=lambda i: -requests[i]["output_len"])
         for b in range(0, len(order), concurrency):
@@ -430,9 +455,10 @@ class TransformersRunner:
                 self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new,
                                     min_new_tokens=max_new, do_sample=False, pad_token_id=self.pad_id,
                                     streamer=streamer)
-            for i in batch:
+            for row, i in enumerate(batch):
                 results[i] = _result(len(requests[i]["prompt_token_ids"]),
                                      streamer.times[:requests[i]["output_len"]], sent, start)
+                self.head_tokens[i] = [step[row] for step in streamer.tokens[:HEAD_TOKENS]]
         return results
 
 
@@ -452,14 +478,17 @@ class CT2Runner:
     def generate(self, requests: list[dict], concurrency: int, warmup: bool = False) -> list[dict]:
         start = time.perf_counter()
         results: list[dict | None] = [None] * len(requests)
+        self.head_tokens: list[list[int]] = [[] for _ in requests]
         order = sorted(range(len(requests)), key=lambda i: -requests[i]["output_len"])
         for b in range(0, len(order), concurrency):
             batch = order[b:b + concurrency]
             wanted = [requests[i]["output_len"] for i in batch]
             times: list[list[float]] = [[] for _ in batch]
+            tokens: list[list[int]] = [[] for _ in batch]
 
-            def on_step(step, times=times, wanted=wanted) -> bool:
+            def on_step(step, times=times, tokens=tokens, wanted=wanted) -> bool:
                 times[step.batch_id].append(time.perf_counter())
+                tokens[step.batch_id].append(step.token_id)
                 return len(times[step.batch_id]) >= wanted[step.batch_id]  # True stops this row
 
             tokens = [[self.tokenizer.id_to_token(t) for t in requests[i]["prompt_token_ids"]] for i in batch]
@@ -468,6 +497,7 @@ class CT2Runner:
                                           sampling_topk=1, include_prompt_in_result=False, callback=on_step)
             for row, i in enumerate(batch):
                 results[i] = _result(len(requests[i]["prompt_token_ids"]), times[row][:wanted[row]], sent, start)
+                self.head_tokens[i] = tokens[row][:HEAD_TOKENS]
         return results
 
 
@@ -528,6 +558,7 @@ class LlamaCppRunner:
     def generate(self, requests: list[dict], concurrency: int, warmup: bool = False) -> list[dict]:
         start = time.perf_counter()
         results: list[dict | None] = [None] * len(requests)
+        self.head_tokens: list[list[int]] = [[] for _ in requests]
         pending = list(range(len(requests)))
         # Groups of `concurrency` requests: each group is prefilled, then decoded together until all are done.
         for g in range(0, len(pending), concurrency):
@@ -541,6 +572,7 @@ class LlamaCppRunner:
                 entries += [(t, pos, seq, pos == len(prompt) - 1) for pos, t in enumerate(prompt)]
             self._decode(entries)
             times: dict[int, list[float]] = {seq: [time.perf_counter()] for seq in range(len(group))}
+            tokens: dict[int, list[int]] = {seq: [self._next[seq]] for seq in range(len(group))}
             active = [seq for seq, i in enumerate(group) if requests[i]["output_len"] > 1]
             while active:
                 step = [(self._next[seq], len(requests[group[seq]]["prompt_token_ids"]) + len(times[seq]) - 1, seq,
@@ -549,9 +581,11 @@ class LlamaCppRunner:
                 now = time.perf_counter()
                 for seq in active:
                     times[seq].append(now)
+                    tokens[seq].append(self._next[seq])
                 active = [seq for seq in active if len(times[seq]) < requests[group[seq]]["output_len"]]
             for seq, i in enumerate(group):
                 results[i] = _result(len(requests[i]["prompt_token_ids"]), times[seq], sent, start)
+                self.head_tokens[i] = tokens[seq][:HEAD_TOKENS]
         return results
 
 

@@ -77,3 +77,15 @@ def test_cli_sweep_writes_json_and_plots(server, llama_dir, tmp_path, capsys):
     assert data["runs"][0]["metrics"]["max_concurrency_observed"] == 1
     for name in ("serve_latency_cdf.png", "serve_sweep.png"):
         assert (plot_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_unreachable_server_is_a_clear_error(llama_dir, capsys):
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rc = main(["bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--tokenizer", str(llama_dir),
+               "--num-prompts", "1", "--input-len", "4", "--output-len", "2", "--no-progress"])
+    assert rc == 2
+    assert "check that the server is running" in capsys.readouterr().err

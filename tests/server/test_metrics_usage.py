@@ -154,3 +154,17 @@ def test_openapi_schema(server):
     assert "max_completion_tokens" in chat and "top_logprobs" in chat
     assert "ChatCompletionStreamResponse" in schema["components"]["schemas"]
     assert "HTTPBearer" in schema["components"].get("securitySchemes", {})
+
+
+def test_disconnect_without_streaming_aborts(server, server_dir, auth_headers):
+    feature = f"gone-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/completions", timeout=httpx.Timeout(30, read=0.3),
+                   headers={**auth_headers, "X-Feature": feature},
+                   json={"prompt": "a long story", "max_tokens": 480, "ignore_eos": True})
+    deadline = time.monotonic() + 10
+    while not (records := [x for x in _usage_records(server_dir) if x["feature"] == feature]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert records[0]["finish_reason"] == "abort"
+    assert server.wait_idle()["vllm:kv_cache_usage_perc"] == 0.0

@@ -56,9 +56,14 @@ def _client(limit: int | None, timeout_s: float) -> httpx.AsyncClient:
 async def resolve_model(client: httpx.AsyncClient, target: ServeTarget) -> str:
     if target.model:
         return target.model
-    response = await client.get(target.root + "/v1/models")
-    response.raise_for_status()
-    models = response.json().get("data") or []
+    url = target.root + "/v1/models"
+    try:
+        response = await client.get(url)
+        response.raise_for_status()
+        models = response.json().get("data") or []
+    except (httpx.HTTPError, ValueError) as e:
+        raise ValueError(f"cannot list the models at {url} ({type(e).__name__}: {e}): check that the server is "
+                         "running at --base-url, or pass --model") from e
     if not models:
         raise ValueError(f"{target.root}/v1/models lists no model: pass --model")
     return models[0]["id"]

@@ -42,6 +42,8 @@ class OfflineRun:
     num_steps: int
     busy_seconds: float
     profile: str | None = None
+    # Each request's output token ids, in request order.
+    token_ids: list[list[int]] = field(default_factory=list)
 
     def engine_stats(self) -> dict[str, float]:
         return {
@@ -92,6 +94,7 @@ def run_offline(
     pending = deque(range(len(requests)))
     in_flight: dict[str, _InFlight] = {}  # request_id -> its timings so far
     results: list[RequestResult | None] = [None] * len(requests)
+    token_ids: list[list[int]] = [[] for _ in requests]
     full_batch = min(max_concurrency or len(requests), len(requests))
     profiler = StepProfiler(profile_steps) if profile_steps > 0 else None
     steps_before, busy_before = core.num_steps, core.busy_seconds
@@ -133,6 +136,7 @@ def run_offline(
                 if output.finished:
                     del in_flight[output.request_id]
                     results[entry.index] = _result(requests[entry.index], entry, now, start)
+                    token_ids[entry.index] = list(output.outputs[0].token_ids)
                     bar.update(1)
     except BaseException:
         engine.abort_request(list(in_flight))
@@ -145,7 +149,7 @@ def run_offline(
     return OfflineRun(
         results=[r for r in results if r is not None], duration_s=duration,
         num_steps=core.num_steps - steps_before, busy_seconds=core.busy_seconds - busy_before,
-        profile=profiler.report if profiler is not None else None,
+        profile=profiler.report if profiler is not None else None, token_ids=token_ids,
     )
 
 

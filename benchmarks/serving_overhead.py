@@ -1,0 +1,219 @@
+"""What the HTTP server costs: output-token throughput of N concurrent streaming clients vs the offline API.
+
+Both runs use the same model, engine flags and workload (greedy, ignore_eos, fixed max_tokens, so both generate
+exactly the same number of tokens). The offline run is LLM.generate() on all prompts at once; the server run
+starts `tokenmill serve` as a subprocess and has --num-clients concurrent clients stream /v1/completions,
+each taking prompts from a shared list until none are left.
+
+    python benchmarks/serving_overhead.py                     # bundled SmolLM2-135M, 64 clients
+    python benchmarks/serving_overhead.py MODEL_DIR --num-clients 64 --max-tokens 128 --json
+
+The target is server throughput >= 85% of offline (--min-ratio, checked with --check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+WORDS = ("engine", "batch", "token", "cache", "block", "prefix", "stream", "server", "model", "request", "queue",
+         "latency", "throughput", "kernel", "memory", "scheduler")
+
+
+def make_prompts(num_prompts: int, prompt_words: int) -> list[str]:
+    """Distinct prompts (no shared prefix, so prefix caching does not favour either run)."""
+    prompts = []
+    for i in range(num_prompts):
+        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(prompt_words)]
+        prompts.append(f"Request {i}: " + " ".join(words))
+    return prompts
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs)]
+    if args.kv_cache_memory:
+        flags += ["--kv-cache-memory", args.kv_cache_memory]
+    if args.max_model_len:
+        flags += ["--max-model-len", str(args.max_model_len)]
+    return flags
+
+
+def run_offline(args: argparse.Namespace, prompts: list[str]) -> dict:
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
+              max_model_len=args.max_model_len, show_progress=False)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    def generate():
+        llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return outputs, time.perf_counter() - start
+
+    if args.offline_thread:
+        # As the server steps its engine: in a thread other than the main one.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            outputs, seconds = pool.submit(generate).result()
+    else:
+        outputs, seconds = generate()
+    num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    busy = llm.llm_engine.core.busy_seconds
+    return {"seconds": seconds, "output_tokens": num_tokens, "tokens_per_s": num_tokens / seconds,
+            "engine_busy_s": busy}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _client(http: httpx.AsyncClient, url: str, queue: asyncio.Queue, max_tokens: int, results: list) -> None:
+    while True:
+        try:
+            prompt = queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        sent = time.perf_counter()
+        first = None
+        last_data = None
+        async with http.stream("POST", url, json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if first is None:
+                    first = time.perf_counter()
+                if line != "data: [DONE]":
+                    last_data = line
+        usage = json.loads(last_data[6:])["usage"]
+        results.append({"output_tokens": usage["completion_tokens"], "ttft_s": first - sent,
+                        "e2e_s": time.perf_counter() - sent})
+
+
+async def _drive(base_url: str, prompts: list[str], num_clients: int, max_tokens: int) -> tuple[float, list]:
+    queue: asyncio.Queue = asyncio.Queue()
+    for prompt in prompts:
+        queue.put_nowait(prompt)
+    results: list = []
+    limits = httpx.Limits(max_connections=num_clients, max_keepalive_connections=num_clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        url = base_url + "/v1/completions"
+        # Warm-up: one short request (first-request costs are not serving overhead).
+        await http.post(url, json={"prompt": "warm up", "max_tokens": 4})
+        start = time.perf_counter()
+        await asyncio.gather(*(_client(http, url, queue, max_tokens, results) for _ in range(num_clients)))
+        seconds = time.perf_counter() - start
+    return seconds, results
+
+
+def run_server(args: argparse.Namespace, prompts: list[str]) -> dict:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve"] + ([args.model] if args.model else [])
+    cmd += engine_flags(args) + ["--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log",
+                                 "--log-stats-interval", "0"]
+    base_url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + args.startup_timeout
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read()}")
+                try:
+                    if httpx.get(base_url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server was not ready after {args.startup_timeout} s")
+                time.sleep(0.2)
+            seconds, results = asyncio.run(_drive(base_url, prompts, args.num_clients, args.max_tokens))
+            busy = _busy_seconds(base_url)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    num_tokens = sum(r["output_tokens"] for r in results)
+    ttfts = sorted(r["ttft_s"] for r in results)
+    return {"seconds": seconds, "output_tokens": num_tokens, "tokens_per_s": num_tokens / seconds,
+            "engine_busy_s": busy, "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_max_s": ttfts[-1]}
+
+
+def _busy_seconds(base_url: str) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base_url + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tokenmill:engine_busy_seconds_total":
+                return sample.value
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model", nargs="?", default=None, help="model directory or .gguf (default: bundled SmolLM2)")
+    parser.add_argument("--num-clients", type=int, default=64, help="concurrent streaming clients")
+    parser.add_argument("--num-prompts", type=int, default=None, help="requests in all (default: num-clients)")
+    parser.add_argument("--prompt-words", type=int, default=24, help="words per prompt")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--kv-cache-memory", default=None)
+    parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument("--min-ratio", type=float, default=0.85, help="target server/offline throughput")
+    parser.add_argument("--check", action="store_true", help="exit 1 when the ratio is below --min-ratio")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--offline-thread", action="store_true",
+                        help="run the offline generate() in a worker thread, as the server runs its engine (on a "
+                             "CPU shared with other processes, torch's thread team in the main thread can be "
+                             "much slower, which would flatter the server)")
+    args = parser.parse_args(argv)
+    prompts = make_prompts(args.num_prompts or args.num_clients, args.prompt_words)
+
+    offline = run_offline(args, prompts)
+    server = run_server(args, prompts)
+    ratio = server["tokens_per_s"] / offline["tokens_per_s"]
+    result = {
+        "benchmark": "serving_overhead",
+        "model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "num_clients": args.num_clients, "num_requests": len(prompts), "max_tokens": args.max_tokens,
+        "cpu_count": os.cpu_count(), "offline_thread": args.offline_thread,
+        "offline": offline, "server": server, "ratio": ratio, "min_ratio": args.min_ratio,
+        "passed": ratio >= args.min_ratio,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"workload: {len(prompts)} requests x {args.max_tokens} tokens, {args.num_clients} concurrent "
+              f"streaming clients, model {result['model']}")
+        print(f"offline: {offline['output_tokens']} tokens in {offline['seconds']:.2f} s = "
+              f"{offline['tokens_per_s']:.1f} output tok/s (engine busy {offline['engine_busy_s']:.2f} s)")
+        print(f"server:  {server['output_tokens']} tokens in {server['seconds']:.2f} s = "
+              f"{server['tokens_per_s']:.1f} output tok/s (engine busy {server['engine_busy_s']:.2f} s, "
+              f"TTFT p50 {server['ttft_p50_s']:.3f} s)")
+        print(f"ratio server/offline: {ratio:.3f} (target >= {args.min_ratio})")
+    return 1 if args.check and not result["passed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
