@@ -67,6 +67,8 @@ class ModelConfig:
     device: str = "auto"
     # Jinja chat template overriding the model's own.
     chat_template: str | None = None
+    # CUDA only: run every step eagerly instead of replaying captured CUDA graphs for decode batches.
+    enforce_eager: bool = False
 
     def validate(self) -> None:
         if str(self.dtype).lower() not in DTYPE_ALIASES:
@@ -79,6 +81,8 @@ class ModelConfig:
             raise ValueError(f"device={self.device!r} is not supported: use 'auto', 'cpu' or 'cuda'")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
 
 
 @dataclass(frozen=True)

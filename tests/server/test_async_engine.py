@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tokenmill.config import CacheConfig, EngineConfig, ModelConfig
-from tokenmill.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from tokenmill.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineStepError
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.metrics.stats import StatLogger
 from tokenmill.sampling_params import SamplingParams
@@ -80,6 +80,19 @@ def test_streams_abort_and_idle(llm_engine):
         await asyncio.sleep(0.5)
         assert thread_cpu_seconds(engine._thread.native_id) - before < 0.05
 
+        # A failing step fails the requests in flight (not the engine): the next request is served.
+        real_step = llm_engine.step
+
+        def failing_step():
+            llm_engine.step = real_step
+            raise RuntimeError("injected failure")
+
+        llm_engine.step = failing_step
+        with pytest.raises(EngineStepError, match="injected failure"):
+            async for _ in engine.generate("unlucky", "x", greedy):
+                pass
+        assert len(await collect("lucky", "y")) == 8
+
         await asyncio.to_thread(engine.shutdown)
         assert not engine.is_running
         with pytest.raises(EngineDeadError):
@@ -89,6 +102,7 @@ def test_streams_abort_and_idle(llm_engine):
     asyncio.run(main())
     reasons = {s.request_id: s.finish_reason for s in recorder.finished}
     assert reasons["gone"] == "abort" and reasons["r0"] == "length" and "bad" not in reasons
+    assert reasons["unlucky"] == "abort"
     # Every step's time is attributed to the requests in it.
     total = sum(s.gpu_seconds for s in recorder.finished)
     assert total == pytest.approx(recorder.last.busy_seconds, rel=1e-6)

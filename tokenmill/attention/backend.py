@@ -13,7 +13,7 @@ token of its own sequence (cached or new) and itself: causal, optionally within 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,8 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None = None
     decode_block_tables: torch.Tensor | None = None
     max_decode_seq_len: int = 0
+    # Backend-private data derived once per step and reused by every layer (e.g. length buckets).
+    backend_cache: dict = field(default_factory=dict)
 
 class AttentionBackend(ABC):
     """Computes attention over the paged KV cache for the flat batch described by AttentionMetadata."""

@@ -56,26 +56,53 @@ class TorchAttentionBackend(AttentionBackend):
             self._decode(query, kv_cache, meta, out)
         return out
 
+    def _decode_groups(self, meta: AttentionMetadata) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+        """Decodes sorted by length and cut into groups, so padding to a group's longest stays small.
+
+        Each group: (query rows, sequence lengths, block tables, longest length). Computed once per step.
+        """
+        groups = meta.backend_cache.get("torch_decode_groups")
+        if groups is not None:
+            return groups
+        lens = meta.seq_lens_list
+        order = sorted(range(len(meta.decode_indices)), key=lambda j: lens[meta.decode_indices[j]])
+        cuts, start = [], 0
+        for end in range(1, len(order) + 1):
+            # Close a group when padding the next sequence's length over it would waste more than a quarter.
+            if end == len(order):
+                cuts.append((start, end))
+            else:
+                longest = lens[meta.decode_indices[order[end]]]
+                used = sum(lens[meta.decode_indices[j]] for j in order[start : end + 1])
+                if (end + 1 - start) * longest > 1.25 * used + 64 * (end + 1 - start) and end - start >= 4:
+                    cuts.append((start, end))
+                    start = end
+        groups = []
+        for a, b in cuts:
+            members = torch.tensor(order[a:b], device=meta.decode_rows.device)
+            longest = lens[meta.decode_indices[order[b - 1]]]
+            groups.append((meta.decode_rows[members], meta.decode_seq_lens[members],
+                           meta.decode_block_tables[members], longest))
+        meta.backend_cache["torch_decode_groups"] = groups
+        return groups
+
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 out: torch.Tensor) -> None:
-        """All single-token sequences at once, padded to the longest of them."""
-        rows = meta.decode_rows  # [num_decodes] query row of each decode
-        seq_lens = meta.decode_seq_lens  # [num_decodes]
+        """Single-token sequences in a few batches of similar length, each padded to its longest."""
         block_size = kv_cache.shape[2]
-        max_len = meta.max_decode_seq_len
-        num_blocks = -(-max_len // block_size)
-        tables = meta.decode_block_tables[:, :num_blocks]  # [num_decodes, num_blocks]
-        kv = kv_cache[:, tables]  # [2, num_decodes, num_blocks, block_size, kv_heads, head_dim]
-        num_decodes = tables.shape[0]
-        kv = kv.reshape(2, num_decodes, num_blocks * block_size, self.num_kv_heads, self.head_dim)
-        k = kv[0].transpose(1, 2)  # [num_decodes, kv_heads, padded_len, head_dim]
-        v = kv[1].transpose(1, 2)
-        positions = torch.arange(num_blocks * block_size, device=query.device)[None, :]
-        allowed = positions < seq_lens[:, None]
-        if self.sliding_window is not None:
-            allowed &= positions >= (seq_lens[:, None] - self.sliding_window)
-        q = query[rows].unsqueeze(2)  # [num_decodes, num_heads, 1, head_dim]
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed[:, None, None, :], scale=self.scale, enable_gqa=True
-        )
-        out[rows] = o.squeeze(2)
+        for rows, seq_lens, tables, max_len in self._decode_groups(meta):
+            num_blocks = -(-max_len // block_size)
+            kv = kv_cache[:, tables[:, :num_blocks]]  # [2, group, num_blocks, block_size, kv_heads, head_dim]
+            group = rows.shape[0]
+            kv = kv.reshape(2, group, num_blocks * block_size, self.num_kv_heads, self.head_dim)
+            k = kv[0].transpose(1, 2)  # [group, kv_heads, padded_len, head_dim]
+            v = kv[1].transpose(1, 2)
+            positions = torch.arange(num_blocks * block_size, device=query.device)[None, :]
+            allowed = positions < seq_lens[:, None]
+            if self.sliding_window is not None:
+                allowed &= positions >= (seq_lens[:, None] - self.sliding_window)
+            q = query[rows].unsqueeze(2)  # [group, num_heads, 1, head_dim]
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed[:, None, None, :], scale=self.scale, enable_gqa=True
+            )
+            out[rows] = o.squeeze(2)

@@ -86,8 +86,6 @@ def size_kv_cache(config: EngineConfig, hf_config: dict, dtype: torch.dtype, dev
     bytes_per_block = kv_cache_bytes_per_block(arch, block_size, dtype)
     budget = config.cache.kv_cache_bytes
     if budget is None:
-        if device.type == "cuda":
-            raise ValueError("on CUDA pass kv_cache_memory (bytes or e.g. '20GiB')")
         budget = default_cpu_kv_cache_bytes()
     num_blocks = budget // bytes_per_block
     if num_blocks < 1:
@@ -106,24 +104,45 @@ class EngineCore:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         hf_config = read_hf_config(model_dir)
         self.spec = DecoderSpec.from_hf_config(hf_config, source=str(Path(model_dir) / "config.json"))
-        self.kv_sizing = size_kv_cache(config, hf_config, self.dtype, self.device)
-        self.max_model_len = self._resolve_max_model_len()
+        if config.model.max_model_len is not None and config.model.max_model_len > self.spec.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={config.model.max_model_len} exceeds the model's limit of "
+                f"{self.spec.max_position_embeddings} tokens (max_position_embeddings): lower max_model_len"
+            )
+        sched = config.scheduler
+        default_tokens = 8192 if self.device.type == "cuda" else 2048
+        self.max_num_batched_tokens = sched.max_num_batched_tokens or default_tokens
+        block_size = config.cache.block_size
 
         backend = make_attention_backend(self.spec, self.device)
-        self.model = load_model(model_dir, backend, self.dtype, self.device, self.max_model_len, show_progress)
-        block_size = self.kv_sizing.block_size
+        max_positions = config.model.max_model_len or self.spec.max_position_embeddings
+        self.model = load_model(model_dir, backend, self.dtype, self.device, max_positions, show_progress)
+        self.memory_profile = None
+        if self.device.type == "cuda" and config.cache.kv_cache_bytes is None:
+            self.kv_sizing = self._profile_gpu_kv_cache(hf_config)
+        else:
+            self.kv_sizing = size_kv_cache(config, hf_config, self.dtype, self.device)
+        self.max_model_len = self._resolve_max_model_len()
+
         shape = (2, self.kv_sizing.num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
         self.kv_caches = [allocate_zeroed(shape, self.dtype, self.device) for _ in range(self.spec.num_layers)]
         self.kv_cache_manager = KVCacheManager(
             self.kv_sizing.num_blocks, block_size, config.cache.enable_prefix_caching
         )
-        sched = config.scheduler
-        default_tokens = 8192 if self.device.type == "cuda" else 2048
-        self.max_num_batched_tokens = sched.max_num_batched_tokens or default_tokens
         self.scheduler = Scheduler(self.kv_cache_manager, sched.max_num_seqs, self.max_num_batched_tokens,
                                    self.max_model_len)
+        self.graph_runner = None
+        if self.device.type == "cuda" and not config.model.enforce_eager and backend.name == "triton":
+            from tokenmill.worker.cuda_graphs import CUDAGraphRunner
+
+            self.graph_runner = CUDAGraphRunner(self.model, self.kv_caches, sched.max_num_seqs, self.max_model_len,
+                                                block_size, self.device)
+            seconds = self.graph_runner.capture()
+            logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s",
+                        self.graph_runner.sizes, seconds)
         generator = torch.Generator().manual_seed(config.model.seed)
-        self.runner = ModelRunner(self.model, self.kv_caches, self.kv_cache_manager, Sampler(generator), self.device)
+        self.runner = ModelRunner(self.model, self.kv_caches, self.kv_cache_manager, Sampler(generator), self.device,
+                                  graph_runner=self.graph_runner)
         # Seconds spent inside steps that computed tokens, and the tokens they sampled.
         self.busy_seconds = 0.0
         self.num_generated_tokens = 0
@@ -136,17 +155,34 @@ class EngineCore:
             self.max_model_len, self.kv_sizing.num_tokens / self.max_model_len,
         )
 
+    def _profile_gpu_kv_cache(self, hf_config: dict) -> KVCacheSizing:
+        """Blocks from what one profiled forward at max_num_batched_tokens leaves of the GPU's memory."""
+        from tokenmill.planner import ModelArch, kv_cache_bytes_per_block
+        from tokenmill.worker.gpu_memory import profile_kv_cache
+
+        block_size = self.config.cache.block_size
+        bytes_per_block = kv_cache_bytes_per_block(ModelArch.from_hf_config(hf_config), block_size, self.dtype)
+        spec = self.spec
+        self.memory_profile = profile_kv_cache(
+            self.model, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, num_layers=spec.num_layers,
+            dtype=self.dtype, device=self.device, block_size=block_size, bytes_per_block=bytes_per_block,
+            max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.config.scheduler.max_num_seqs,
+            gpu_memory_utilization=self.config.cache.gpu_memory_utilization, hf_config=hf_config,
+            enforce_eager=self.config.model.enforce_eager,
+        )
+        if self.memory_profile.num_blocks < 1:
+            raise ValueError(
+                "no GPU memory is left for the KV cache after weights and activations: raise "
+                "--gpu-memory-utilization, lower --max-num-batched-tokens, or use a smaller model"
+            )
+        return KVCacheSizing(bytes_per_block, self.memory_profile.num_blocks, block_size)
+
     def _resolve_max_model_len(self) -> int:
         model_limit = self.spec.max_position_embeddings
         capacity = self.kv_sizing.num_tokens
         wanted = self.config.model.max_model_len
         if wanted is None:
             return min(model_limit, capacity)
-        if wanted > model_limit:
-            raise ValueError(
-                f"max_model_len={wanted} exceeds the model's limit of {model_limit} tokens "
-                "(max_position_embeddings): lower max_model_len"
-            )
         if wanted > capacity:
             raise ValueError(
                 f"max_model_len={wanted} does not fit in the KV cache, which holds {capacity} tokens: "

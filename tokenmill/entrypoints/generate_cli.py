@@ -28,6 +28,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="number of GPUs to shard the model over (only 1 is supported yet)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="CUDA: always run eagerly, never replay captured CUDA graphs for decode steps")
     parser.add_argument("--chat-template", default=None,
                         help="Jinja chat template (a file path or the template text) overriding the model's")
 
@@ -47,6 +49,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, device=args.device,
         tensor_parallel_size=args.tensor_parallel_size, chat_template=chat_template,
+        enforce_eager=args.enforce_eager,
     )
 
 

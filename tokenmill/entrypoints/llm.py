@@ -38,11 +38,13 @@ class LLM:
         device: str = "auto",
         tensor_parallel_size: int = 1,
         chat_template: str | None = None,
+        enforce_eager: bool = False,
         show_progress: bool = True,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(model=None if model is None else str(model), dtype=dtype,
-                              max_model_len=max_model_len, seed=seed, device=device, chat_template=chat_template),
+                              max_model_len=max_model_len, seed=seed, device=device, chat_template=chat_template,
+                              enforce_eager=enforce_eager),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching),

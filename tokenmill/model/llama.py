@@ -7,7 +7,9 @@ tied embeddings, explicit head_dim, llama3 RoPE scaling, sliding window.
 from __future__ import annotations
 
 import math
+import functools
 from collections.abc import Iterable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,16 @@ from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
 from tokenmill.model.registry import DecoderSpec
 
 
+@functools.cache
+def _cuda_layer_ops() -> ModuleType | None:
+    """Fused Triton kernels for RMSNorm, RoPE and SiLU-and-mul, used on CUDA tensors when Triton is present."""
+    try:
+        from tokenmill.attention.triton import layer_ops
+    except ImportError:
+        return None
+    return layer_ops
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -24,6 +36,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and (ops := _cuda_layer_ops()) is not None:
+            return ops.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
         # In float32 as the reference implementation does, then back to the activation dtype.
         dtype = x.dtype
         x = x.float()
@@ -70,6 +84,9 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [num_tokens, num_heads, head_dim]; rotate-half layout as in Hugging Face checkpoints.
+        if q.is_cuda and (ops := _cuda_layer_ops()) is not None:
+            ops.rotary_embedding_(q, k, positions, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim / 2]
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -127,7 +144,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.is_cuda and (ops := _cuda_layer_ops()) is not None:
+            return self.down_proj(ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -20,8 +20,11 @@ class ModelRunner:
         kv_cache_manager: KVCacheManager,
         sampler: Sampler,
         device: torch.device,
+        graph_runner=None,
     ) -> None:
         self.model = model
+        # A CUDAGraphRunner replays captured decode steps and falls back to the model for the rest.
+        self.forward = graph_runner if graph_runner is not None else model
         # One tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim].
         self.kv_caches = kv_caches
         self.kv = kv_cache_manager
@@ -82,7 +85,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         input_ids, positions, meta = self._build_batch(sched)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        hidden = self.forward(input_ids, positions, self.kv_caches, meta)
 
         sample_rows, sample_requests = [], []
         out = ModelRunnerOutput(sampled={})

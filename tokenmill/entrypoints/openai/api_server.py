@@ -240,31 +240,75 @@ def _status_error(status: str) -> OpenAIError:
 
 
 # ---- error handlers ------------------------------------------------------------------------------------------------
+_UNION_MEMBER_NAMES = ("str", "int", "float", "bool", "dict", "list", "function-after", "function-before")
+
+
+_UNION_FORMS = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "a string or a list of strings",
+    "content": "a string or a list of text parts",
+}
+
+
+def _param(loc: tuple) -> str | None:
+    """OpenAI's way of naming a parameter: messages.[0].content (union member names left out)."""
+    parts = []
+    for x in loc:
+        if x == "body":
+            continue
+        if isinstance(x, int):
+            parts.append(f"[{x}]")
+        elif "[" not in x and not x.startswith(_UNION_MEMBER_NAMES):
+            parts.append(x)
+    return ".".join(parts) or None
+
+
 def validation_error(exc: RequestValidationError) -> OpenAIError:
     """Pydantic's errors as one 400 in OpenAI's shape, naming the parameter."""
-    errors = exc.errors()
-    messages, params = [], []
+    errors = list(exc.errors())
+    # For a union (content: str | list[part]), a specific check that failed says more than "not a string".
+    specific = [_param(e.get("loc", ())) for e in errors if e.get("type") == "value_error"]
+    errors = [
+        e for e in errors
+        if not (str(e.get("type", "")).endswith("_type") and any(
+            p and (_param(e.get("loc", ())) or "") in p for p in specific))
+    ] or errors
+    # Several type errors under one parameter: the value matched none of a union's forms; say it once.
+    by_param: dict[str | None, list[dict]] = {}
     for err in errors:
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        # Union members appear in the location ("str", "list[int]"...): keep only field names and indexes.
-        loc = [x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float", "bool", "dict")]
-        param = ".".join(loc) or None
+        top = _param(err.get("loc", ())[:2])
+        by_param.setdefault(top if top in _UNION_FORMS else _param(err.get("loc", ())), []).append(err)
+    collapsed = []
+    for top, group in by_param.items():
+        if top is not None and len(group) > 1 and all(str(e.get("type", "")).endswith("_type") for e in group):
+            forms = _UNION_FORMS.get(top.rsplit(".", 1)[-1], "one of the types listed in GET /openapi.json")
+            collapsed.append({"type": "union", "param": top,
+                              "msg": f"must be {forms}, got {group[0].get('input')!r}"})
+        else:
+            collapsed.extend(group)
+    messages, params = [], []
+    for err in collapsed:
+        param = err["param"] if "param" in err else _param(err.get("loc", ()))
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        if not loc and err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        kind = err.get("type")
+        if param is None and kind in ("model_attributes_type", "dict_type", "model_type"):
             messages.append("The request body must be a JSON object, sent with 'Content-Type: application/json'")
-        elif err.get("type") == "json_invalid":
+        elif kind == "json_invalid":
             messages.append(f"The request body is not valid JSON ({err.get('ctx', {}).get('error', msg)}): "
                             "send a JSON object")
             param = None
-        elif err.get("type") == "missing" and not loc:
+        elif kind == "missing" and param is None:
             messages.append("The request body is missing: send a JSON object")
-        elif err.get("type") == "extra_forbidden":
+        elif kind == "extra_forbidden":
             messages.append(f"Unrecognized request argument supplied: {param} (tokenmill does not support it; "
                             "see GET /openapi.json for the accepted parameters)")
-        elif param and "input" in err and err.get("type") not in ("missing", "value_error"):
+        elif kind in ("value_error", "union") or param is None:
+            # Our own checks name the parameter themselves.
+            messages.append(msg if param is None or msg.startswith(param.rsplit(".", 1)[-1]) else f"{param}: {msg}")
+        elif "input" in err and kind != "missing":
             messages.append(f"{param}: {msg}, got {err['input']!r}")
         else:
-            messages.append(f"{param}: {msg}" if param else msg)
+            messages.append(f"{param}: {msg}")
         if param is not None:
             params.append(param)
     # The same problem reported for several union members reads once.
