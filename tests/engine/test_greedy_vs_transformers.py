@@ -7,8 +7,8 @@ import torch
 
 from tests.tiny_models import TINY_ARCHS
 from tokenmill import LLM, SamplingParams
-from tokenmill.planner import ModelArch, kv_cache_bytes_per_block
 from tokenmill.model.loader import read_hf_config
+from tokenmill.planner import ModelArch, kv_cache_bytes_per_block
 
 MAX_TOKENS = 24
 

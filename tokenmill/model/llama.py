@@ -6,8 +6,8 @@ tied embeddings, explicit head_dim, llama3 RoPE scaling, sliding window.
 
 from __future__ import annotations
 
-import math
 import functools
+import math
 from collections.abc import Iterable
 from types import ModuleType
 
