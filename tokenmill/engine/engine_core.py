@@ -42,7 +42,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def make_attention_backend(spec: DecoderSpec, device: torch.device) -> AttentionBackend:
+def make_attention_backend(spec: DecoderSpec, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
     args = (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim**-0.5, spec.sliding_window)
     if device.type == "cuda":
         try:
@@ -51,6 +51,13 @@ def make_attention_backend(spec: DecoderSpec, device: torch.device) -> Attention
             logger.warning("Triton attention unavailable (%s); using the PyTorch backend", e)
         else:
             return TritonAttentionBackend(*args)
+        return TorchAttentionBackend(*args)
+    from tokenmill.attention import cpu_kernels
+
+    if cpu_kernels.supports(dtype):
+        from tokenmill.attention.cpu_backend import CPUAttentionBackend
+
+        return CPUAttentionBackend(*args)
     return TorchAttentionBackend(*args)
 
 
@@ -64,7 +71,26 @@ def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
         return torch.zeros(shape, dtype=dtype, device=device)
     itemsize = torch.empty((), dtype=dtype).element_size()
     raw = np.zeros(shape[:-1] + (shape[-1] * itemsize,), dtype=np.uint8)
+    _advise_huge_pages(raw)
     return torch.from_numpy(raw).view(dtype)
+
+
+def _advise_huge_pages(array: np.ndarray) -> None:
+    """Ask Linux for transparent huge pages: attention reads blocks scattered over the whole cache, and 2 MiB
+    pages keep those reads from missing the TLB. Best effort; nothing changes where it is not supported."""
+    try:
+        import ctypes
+        import mmap
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = mmap.PAGESIZE
+        start = array.ctypes.data
+        aligned = (start + page - 1) // page * page
+        length = (start + array.nbytes - aligned) // page * page
+        if length > 0:
+            libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(length), 14)  # MADV_HUGEPAGE
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -114,7 +140,7 @@ class EngineCore:
         self.max_num_batched_tokens = sched.max_num_batched_tokens or default_tokens
         block_size = config.cache.block_size
 
-        backend = make_attention_backend(self.spec, self.device)
+        backend = make_attention_backend(self.spec, self.device, self.dtype)
         max_positions = config.model.max_model_len or self.spec.max_position_embeddings
         self.model = load_model(model_dir, backend, self.dtype, self.device, max_positions, show_progress)
         self.memory_profile = None
