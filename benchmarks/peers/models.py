@@ -1,4 +1,4 @@
-"""Where the peer benchmarks find SmolLM2-135M-Instruct in each engine's format (shared by setup.sh and run.py).
+"""Where the peer benchmarks find SmolLM2-135M-Instruct in each engine's format (for setup.sh and run.py).
 
 - tokenmill and transformers: the HF-style directory that tokenmill converts the bundled Q4_1 GGUF into
   (weights dequantized to float32), from `prepare_model(None)`.
@@ -37,6 +37,6 @@ def convert_ct2(hf_dir: Path, out_dir: Path) -> Path:
     from ctranslate2.converters import TransformersConverter
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # No quantization on disk: the compute type (float32, int8, bfloat16) is chosen when the model is loaded.
+    # No quantization on disk: the compute type (float32 or int8) is chosen when the model is loaded.
     TransformersConverter(str(hf_dir), low_cpu_mem_usage=True).convert(str(out_dir), force=True)
     return out_dir

@@ -3,29 +3,33 @@
     bash benchmarks/peers/setup.sh                      # once: ctranslate2, llama-cpp-python, the CT2 model
     python benchmarks/peers/run.py --json peers.json    # ~10 minutes on 2 cores with the defaults
 
-Every engine runs SmolLM2-135M-Instruct on the same seeded prompts (token ids), generates exactly each request's
-output length (greedy, end-of-sequence ignored) with the same thread count, at concurrency 1 (requests one after
-another) and at concurrency 64 (64 requests in flight):
-- tokenmill: the HF-style directory of the bundled GGUF, in --dtype; continuous batching (`bench throughput` loop).
+Every engine runs SmolLM2-135M-Instruct on the same seeded prompts (token ids), generates exactly each
+request's output length (greedy, end-of-sequence ignored) with the same thread count, at concurrency 1
+(requests one after another) and at concurrency 64 (64 requests in flight):
+- tokenmill: the HF-style directory of the bundled GGUF, in the --engines precision; continuous batching (the
+  `bench throughput` loop, at most C requests in flight).
 - transformers: the same directory, AutoModelForCausalLM in the same dtype; concurrency C = batches of C
-  requests left-padded to the longest prompt, generated for the batch's longest output; a request counts as done
-  when its own last token is out (the extra tokens shorter rows generate are not counted).
-- CTranslate2: that directory converted by setup.sh; generate_batch with C prompts at a time, each row stopped at
-  its own length by the step callback; compute type int8 and/or float32 (this CPU build has no bf16).
-- llama.cpp (llama-cpp-python): the bundled Q4_1 GGUF itself; concurrency C = C sequences decoded together in one
-  llama_batch per step (llama.cpp's `batched` example), each leaving at its own length.
+  requests left-padded to the longest prompt, generated for the batch's longest output; a request counts as
+  done when its own last token is out (the extra tokens shorter rows generate are not counted).
+- CTranslate2: that directory converted by setup.sh; generate_batch with C prompts at a time, each row stopped
+  at its own length by the step callback; compute type int8 and/or float32 (this CPU build has no bf16).
+- llama.cpp (llama-cpp-python): the bundled Q4_1 GGUF itself; concurrency C = C sequences decoded together in
+  one llama_batch per step (llama.cpp's `batched` example), each leaving at its own length (see LlamaCppRunner
+  on llama.cpp's AMX path).
 Each engine runs in its own subprocess (so thread pools and memory of one do not disturb the next).
 
-Ceilings, measured in the same run: matmul FLOP/s (bf16 and float32 torch.mm) and memory read bandwidth. The
-roofline of a workload is its output tokens divided by the least time the ceilings allow:
+Ceilings, measured in the same run: matmul FLOP/s (bf16 and float32 torch.mm) and memory read bandwidth, over
+a large buffer and over a buffer as large as each engine's weights (the bandwidth that engine's roofline uses:
+weights that fit the last-level cache stream faster than DRAM). The roofline of a workload is its output
+tokens divided by the least time the ceilings allow:
     time >= max(FLOPs / matmul FLOP/s, bytes / bandwidth)
-    FLOPs = sum_i 2*P_body*(p_i + o_i) + 2*P_head*o_i + 2*L*d_q*(p_i + o_i)^2     (weights; attention QK and AV)
+    FLOPs = sum_i 2*P_body*(p_i + o_i) + 2*P_head*o_i + 2*L*d_q*(p_i + o_i)^2   (weights; attention QK, AV)
     bytes = (sum_i o_i / C) * W + sum_i sum_{t=p_i}^{p_i+o_i-1} t * kv_bytes_per_token
-with p_i / o_i prompt / output tokens, C the concurrency (each decode step reads the weights W once for up to C
-tokens), P_body the decoder-layer parameters, P_head the LM head, L layers, d_q = heads*head_dim. W and the KV
-cache bytes follow each engine's precision (Q4_1: the GGUF's size; int8: 1 byte/param; KV: f16 in llama.cpp,
-f32 in CTranslate2, the dtype in tokenmill and transformers). For int8 and Q4_1 engines the compute ceiling used
-is the bf16 rate (an approximation: their integer dot-product kernels have their own peak).
+with p_i / o_i prompt / output tokens, C the concurrency (each decode step reads the weights W once for up to
+C tokens), P_body the decoder-layer parameters, P_head the LM head, L layers, d_q = heads*head_dim. W and the
+KV cache bytes follow each engine's precision (Q4_1: the GGUF's size; int8: 1 byte/param; KV: f16 in
+llama.cpp, f32 in CTranslate2, the dtype in tokenmill and transformers). For int8 and Q4_1 engines the compute
+ceiling used is the bf16 rate (an approximation: their integer dot-product kernels have their own peak).
 """
 
 from __future__ import annotations
@@ -45,35 +49,54 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-DEFAULT_ENGINES = "tokenmill:bfloat16,transformers:bfloat16,ctranslate2:int8,ctranslate2:float32,llama.cpp:q4_1"
+DEFAULT_ENGINES = (
+    "tokenmill:bfloat16,transformers:bfloat16,ctranslate2:int8,ctranslate2:float32,llama.cpp:q4_1"
+)
 # Output tokens per request kept to compare engines' greedy outputs.
 HEAD_TOKENS = 8
 # engine precision -> bytes per weight for the roofline (Q4_1 uses the GGUF's size instead)
 WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int16": 2.0}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The parent: dataset, workers, roofline, table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="tokenmill vs transformers, CTranslate2 and llama.cpp on this CPU",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--engines", default=DEFAULT_ENGINES,
-                        help=f"comma-separated ENGINE:PRECISION list (default {DEFAULT_ENGINES})")
+    parser = argparse.ArgumentParser(
+        description="tokenmill vs transformers, CTranslate2 and llama.cpp on this CPU",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument(
+        "--engines",
+        default=DEFAULT_ENGINES,
+        help=f"comma-separated ENGINE:PRECISION list (default {DEFAULT_ENGINES})",
+    )
     parser.add_argument("--concurrency", default="1,64", help="comma-separated concurrencies (default 1,64)")
     parser.add_argument("--num-prompts", type=int, default=64, help="requests at the highest concurrency")
-    parser.add_argument("--num-prompts-c1", type=int, default=8,
-                        help="requests at concurrency 1 (the first ones of the same set; one at a time is slow)")
+    parser.add_argument(
+        "--num-prompts-c1",
+        type=int,
+        default=8,
+        help="requests at concurrency 1 (the first ones of the same set; one at a time is slow)",
+    )
     parser.add_argument("--input-len", default="32-512", help="prompt tokens, MIN-MAX drawn uniformly")
     parser.add_argument("--output-len", default="32-256", help="output tokens, MIN-MAX drawn uniformly")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every engine")
-    parser.add_argument("--model-dir", default=None, help="HF-style model directory (default: the bundled model)")
+    parser.add_argument(
+        "--model-dir", default=None, help="HF-style model directory (default: the bundled model)"
+    )
     parser.add_argument("--gguf", default=None, help="GGUF file for llama.cpp (default: the bundled model)")
     parser.add_argument("--ct2-dir", default=None, help="CTranslate2 model directory (default: setup.sh's)")
     parser.add_argument("--ceiling-size", type=int, default=2048, help="matmul size for the FLOP/s ceiling")
     parser.add_argument("--ceiling-mib", type=int, default=1024, help="buffer MiB for the bandwidth ceiling")
+    parser.add_argument(
+        "--llama-extra-bufts",
+        action="store_true",
+        help="let llama.cpp use its AMX / repacked weight buffers (crashed on the VM this was written on)",
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="write the results to this JSON file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-input", default=None, help=argparse.SUPPRESS)
@@ -85,8 +108,9 @@ def build_requests(args: argparse.Namespace, model_dir: Path) -> list[dict]:
     from tokenmill.model.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_pretrained(model_dir)
-    requests = random_requests(tokenizer, args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
-                               seed=args.seed)
+    requests = random_requests(
+        tokenizer, args.num_prompts, parse_range(args.input_len), parse_range(args.output_len), seed=args.seed
+    )
     return [{"prompt_token_ids": r.prompt_token_ids, "output_len": r.expected_output_len} for r in requests]
 
 
@@ -96,8 +120,13 @@ def run_worker(kind: str, spec: dict, timeout_s: float = 3600) -> dict:
         json.dump(spec, f)
         spec_path = f.name
     try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--worker-input", spec_path],
-                              capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", kind, "--worker-input", spec_path],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=REPO_ROOT,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     finally:
@@ -106,7 +135,7 @@ def run_worker(kind: str, spec: dict, timeout_s: float = 3600) -> dict:
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
         return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def model_shape(model_dir: Path) -> dict:
@@ -120,29 +149,56 @@ def model_shape(model_dir: Path) -> dict:
     p_layer = h * d_q + 2 * h * d_kv + d_q * h + 3 * h * config["intermediate_size"] + 2 * h
     p_head = config["vocab_size"] * h
     p_embed = 0 if config.get("tie_word_embeddings", False) else p_head
-    return {"layers": layers, "d_q": d_q, "d_kv": d_kv, "p_body": layers * p_layer, "p_head": p_head,
-            "p_total": layers * p_layer + p_head + p_embed + h}
+    return {
+        "layers": layers,
+        "d_q": d_q,
+        "d_kv": d_kv,
+        "p_body": layers * p_layer,
+        "p_head": p_head,
+        "p_total": layers * p_layer + p_head + p_embed + h,
+    }
 
 
-def roofline_tok_per_s(requests: list[dict], concurrency: int, shape: dict, weight_bytes: float,
-                       kv_bytes_per_value: float, flops_per_s: float, bytes_per_s: float) -> dict:
+def roofline_tok_per_s(
+    requests: list[dict],
+    concurrency: int,
+    shape: dict,
+    weight_bytes: float,
+    kv_bytes_per_value: float,
+    flops_per_s: float,
+    bytes_per_s: float,
+) -> dict:
     """Output tok/s the ceilings allow for these requests at this concurrency (formulas in the module doc)."""
     flops = 0.0
     kv_read = 0.0
     kv_per_token = 2 * shape["layers"] * shape["d_kv"] * kv_bytes_per_value
     for r in requests:
         p, o = len(r["prompt_token_ids"]), r["output_len"]
-        flops += 2 * shape["p_body"] * (p + o) + 2 * shape["p_head"] * o + 2 * shape["layers"] * shape["d_q"] * (p + o) ** 2
+        flops += (
+            2 * shape["p_body"] * (p + o)
+            + 2 * shape["p_head"] * o
+            + 2 * shape["layers"] * shape["d_q"] * (p + o) ** 2
+        )
         kv_read += kv_per_token * (o * p + o * (o - 1) / 2)  # sum of t for t in [p, p + o)
     output_tokens = sum(r["output_len"] for r in requests)
     memory = output_tokens / concurrency * weight_bytes + kv_read
     compute_s, memory_s = flops / flops_per_s, memory / bytes_per_s
-    return {"tok_per_s": output_tokens / max(compute_s, memory_s), "bound": "compute" if compute_s > memory_s else
-            "memory", "compute_s": compute_s, "memory_s": memory_s}
+    return {
+        "tok_per_s": output_tokens / max(compute_s, memory_s),
+        "bound": "compute" if compute_s > memory_s else "memory",
+        "compute_s": compute_s,
+        "memory_s": memory_s,
+    }
 
 
-def decode_roofline(requests: list[dict], shape: dict, weight_bytes: float, kv_bytes_per_value: float,
-                    flops_per_s: float, bytes_per_s: float) -> float:
+def decode_roofline(
+    requests: list[dict],
+    shape: dict,
+    weight_bytes: float,
+    kv_bytes_per_value: float,
+    flops_per_s: float,
+    bytes_per_s: float,
+) -> float:
     """Single-request decode tok/s the ceilings allow at the requests' mean decode context."""
     contexts = [len(r["prompt_token_ids"]) + r["output_len"] / 2 for r in requests]
     t = sum(contexts) / len(contexts)
@@ -164,8 +220,9 @@ def engine_memory_model(engine: str, precision: str, shape: dict, gguf: Path) ->
 
 
 def agreement_with(reference: list[list[int]], tokens: list[list[int]]) -> dict:
-    """How closely greedy outputs match the first engine's: the share of requests with the same first token, and
-    the mean length of the common prefix of the first HEAD_TOKENS tokens (low precisions drift apart on near-ties)."""
+    """How closely greedy outputs match the first engine's: the share of requests with the same first token,
+    and the mean length of the common prefix of the first HEAD_TOKENS tokens (low precisions drift apart on
+    near-ties)."""
     pairs = list(zip(reference, tokens))
     same_first = sum(1 for a, b in pairs if a[:1] == b[:1])
     prefixes = []
@@ -174,8 +231,10 @@ def agreement_with(reference: list[list[int]], tokens: list[list[int]]) -> dict:
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
         prefixes.append(n)
-    return {"first_token_agreement": same_first / max(len(pairs), 1),
-            "mean_common_prefix": sum(prefixes) / max(len(prefixes), 1)}
+    return {
+        "first_token_agreement": same_first / max(len(pairs), 1),
+        "mean_common_prefix": sum(prefixes) / max(len(prefixes), 1),
+    }
 
 
 def summarize_run(run: dict) -> dict:
@@ -214,51 +273,108 @@ def main(argv: list[str] | None = None) -> int:
     requests = build_requests(args, model_dir)
     shape = model_shape(model_dir)
     result = run_header("peers")
-    result.update(model_dir=str(model_dir), gguf=str(gguf), ct2_dir=str(ct2_dir), threads=args.threads,
-                  shape=shape, dataset={"num_prompts": len(requests), "num_prompts_c1": args.num_prompts_c1,
-                                        "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed})
+    result.update(
+        model_dir=str(model_dir),
+        gguf=str(gguf),
+        ct2_dir=str(ct2_dir),
+        threads=args.threads,
+        shape=shape,
+        dataset={
+            "num_prompts": len(requests),
+            "num_prompts_c1": args.num_prompts_c1,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "seed": args.seed,
+        },
+    )
 
+    memory_models = {(e, p): engine_memory_model(e, p, shape, gguf) for e, p in engines}
+    working_sets = sorted({int(weights) for weights, _, _ in memory_models.values()})
     print(f"Measuring ceilings ({args.threads} threads)...", flush=True)
-    ceilings = run_worker("ceilings", {"threads": args.threads, "size": args.ceiling_size, "mib": args.ceiling_mib})
+    ceilings = run_worker(
+        "ceilings",
+        {
+            "threads": args.threads,
+            "size": args.ceiling_size,
+            "mib": args.ceiling_mib,
+            "working_sets": working_sets,
+        },
+    )
     if "error" in ceilings:
         raise SystemExit(f"ceiling measurement failed: {ceilings['error']}")
     result["ceilings"] = ceilings
-    print(f"  matmul bf16 {ceilings['matmul_flops']['bfloat16'] / 1e9:.0f} GFLOP/s, "
-          f"f32 {ceilings['matmul_flops']['float32'] / 1e9:.0f} GFLOP/s; "
-          f"memory read {ceilings['read_bytes_per_s'] / 1e9:.1f} GB/s, copy {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s")
+    print(
+        f"  matmul bf16 {ceilings['matmul_flops']['bfloat16'] / 1e9:.0f} GFLOP/s, "
+        f"f32 {ceilings['matmul_flops']['float32'] / 1e9:.0f} GFLOP/s; "
+        f"memory read {ceilings['read_bytes_per_s'] / 1e9:.1f} GB/s, "
+        f"copy {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s "
+        f"({args.ceiling_mib} MiB); read over each engine's weight size: "
+        + ", ".join(
+            f"{int(k) / 2**20:.0f} MiB {v / 1e9:.1f} GB/s"
+            for k, v in ceilings["read_bytes_per_s_at_working_set"].items()
+        )
+    )
 
     rows = []
     reference: dict[int, list[list[int]]] = {}  # concurrency -> the first engine's first output tokens
     for engine, precision in engines:
         print(f"Running {engine} ({precision})...", flush=True)
-        spec = {"engine": engine, "precision": precision, "threads": args.threads, "model_dir": str(model_dir),
-                "gguf": str(gguf), "ct2_dir": str(ct2_dir), "requests": requests,
-                "runs": [{"concurrency": c, "num_requests": args.num_prompts_c1 if c == 1 else args.num_prompts}
-                         for c in concurrencies]}
+        spec = {
+            "engine": engine,
+            "precision": precision,
+            "threads": args.threads,
+            "model_dir": str(model_dir),
+            "gguf": str(gguf),
+            "ct2_dir": str(ct2_dir),
+            "requests": requests,
+            "llama_extra_bufts": args.llama_extra_bufts,
+            "runs": [
+                {"concurrency": c, "num_requests": args.num_prompts_c1 if c == 1 else args.num_prompts}
+                for c in concurrencies
+            ],
+        }
         out = run_worker("engine", spec)
         if "error" in out:
             print(f"  {engine} failed: {out['error']}", flush=True)
             rows.append({"engine": engine, "precision": precision, "error": out["error"]})
             continue
-        weight_bytes, kv_bytes, label = engine_memory_model(engine, precision, shape, gguf)
+        weight_bytes, kv_bytes, label = memory_models[(engine, precision)]
         flops = ceilings["matmul_flops"]["float32" if precision == "float32" else "bfloat16"]
+        # Bandwidth when streaming a buffer the size of this engine's weights (cache residency included).
+        bandwidth = ceilings["read_bytes_per_s_at_working_set"][str(int(weight_bytes))]
         for run in out["runs"]:
             c = run["concurrency"]
-            used = requests[:run["num_requests"]]
-            row = {"engine": engine, "precision": precision, "precision_detail": label, "concurrency": c,
-                   "version": out.get("version"), **summarize_run(run)}
-            roof = roofline_tok_per_s(used, c, shape, weight_bytes, kv_bytes, flops, ceilings["read_bytes_per_s"])
-            row.update(roofline_tok_per_s=roof["tok_per_s"], roofline_bound=roof["bound"],
-                       fraction_of_roofline=row["output_tok_per_s"] / roof["tok_per_s"])
+            used = requests[: run["num_requests"]]
+            row = {
+                "engine": engine,
+                "precision": precision,
+                "precision_detail": label,
+                "concurrency": c,
+                "weight_bytes": weight_bytes,
+                "read_bytes_per_s": bandwidth,
+                "version": out.get("version"),
+                **summarize_run(run),
+            }
+            roof = roofline_tok_per_s(used, c, shape, weight_bytes, kv_bytes, flops, bandwidth)
+            row.update(
+                roofline_tok_per_s=roof["tok_per_s"],
+                roofline_bound=roof["bound"],
+                fraction_of_roofline=row["output_tok_per_s"] / roof["tok_per_s"],
+            )
             reference.setdefault(c, run["head_tokens"])
             row.update(agreement_with(reference[c], run["head_tokens"]))
             if c == 1:
-                decode_roof = decode_roofline(used, shape, weight_bytes, kv_bytes, flops, ceilings["read_bytes_per_s"])
-                row.update(decode_roofline_tok_per_s=decode_roof,
-                           decode_fraction_of_roofline=row["decode_tok_per_s_per_request"] / decode_roof)
+                decode_roof = decode_roofline(used, shape, weight_bytes, kv_bytes, flops, bandwidth)
+                row.update(
+                    decode_roofline_tok_per_s=decode_roof,
+                    decode_fraction_of_roofline=row["decode_tok_per_s_per_request"] / decode_roof,
+                )
             rows.append(row)
-            print(f"  concurrency {c}: {row['output_tok_per_s']:.1f} output tok/s "
-                  f"({100 * row['fraction_of_roofline']:.1f}% of roofline)", flush=True)
+            print(
+                f"  concurrency {c}: {row['output_tok_per_s']:.1f} output tok/s "
+                f"({100 * row['fraction_of_roofline']:.1f}% of roofline)",
+                flush=True,
+            )
     result["rows"] = rows
     print()
     print(format_table(rows, ceilings, args.threads))
@@ -271,20 +387,30 @@ def format_table(rows: list[dict], ceilings: dict, threads: int) -> str:
     lines = [
         f"Ceilings: matmul bf16 {ceilings['matmul_flops']['bfloat16'] / 1e9:.0f} GFLOP/s, "
         f"f32 {ceilings['matmul_flops']['float32'] / 1e9:.0f} GFLOP/s; memory read "
-        f"{ceilings['read_bytes_per_s'] / 1e9:.1f} GB/s; {threads} threads",
+        f"{ceilings['read_bytes_per_s'] / 1e9:.1f} GB/s ({ceilings['buffer_mib']} MiB buffer); "
+        f"{threads} threads. "
+        "Rooflines use the read bandwidth over a buffer the size of each engine's weights:",
+        ", ".join(
+            f"{int(k) / 2**20:.0f} MiB: {v / 1e9:.1f} GB/s"
+            for k, v in ceilings["read_bytes_per_s_at_working_set"].items()
+        ),
         "",
-        "| engine | precision | concurrency | output tok/s | roofline tok/s (bound) | % of roofline | mean TTFT ms "
+        "| engine | precision | concurrency | output tok/s | roofline tok/s (bound) | % of roofline "
+        "| mean TTFT ms "
         "| decode tok/s per request | % of decode roofline | same 1st token as row 1 |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['engine']} | {row['precision']} | - | failed: {row['error'][:60]} | | | | | | |")
+            lines.append(
+                f"| {row['engine']} | {row['precision']} | - | failed: {row['error'][:60]} | | | | | | |"
+            )
             continue
         decode_frac = row.get("decode_fraction_of_roofline")
         lines.append(
-            f"| {row['engine']} | {row['precision_detail']} | {row['concurrency']} | {row['output_tok_per_s']:.1f} "
-            f"| {row['roofline_tok_per_s']:.0f} ({row['roofline_bound']}) | {100 * row['fraction_of_roofline']:.1f}% "
+            f"| {row['engine']} | {row['precision_detail']} | {row['concurrency']} "
+            f"| {row['output_tok_per_s']:.1f} | {row['roofline_tok_per_s']:.0f} ({row['roofline_bound']}) "
+            f"| {100 * row['fraction_of_roofline']:.1f}% "
             f"| {row['ttft_ms_mean']:.0f} | {row['decode_tok_per_s_per_request']:.1f} "
             f"| {'' if decode_frac is None else f'{100 * decode_frac:.1f}%'} "
             f"| {100 * row['first_token_agreement']:.0f}% |"
@@ -292,14 +418,14 @@ def format_table(rows: list[dict], ceilings: dict, threads: int) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Workers (each in its own process): print one line "RESULT {json}"
 
 
 def worker_main(kind: str, spec_path: Path) -> int:
     spec = json.loads(spec_path.read_text())
     if kind == "ceilings":
-        out = measure_ceilings(spec["threads"], spec["size"], spec["mib"])
+        out = measure_ceilings(spec["threads"], spec["size"], spec["mib"], spec.get("working_sets", []))
     else:
         out = run_engine(spec)
     print("RESULT " + json.dumps(out), flush=True)
@@ -316,8 +442,10 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def measure_ceilings(threads: int, size: int, mib: int) -> dict:
-    """Peak matmul FLOP/s (bf16, float32) and memory read / copy bandwidth, best of a few repeats."""
+def measure_ceilings(threads: int, size: int, mib: int, working_sets: list[int] = ()) -> dict:
+    """Peak matmul FLOP/s (bf16, float32), memory read / copy bandwidth over a `mib` MiB buffer, and read
+    bandwidth over buffers as large as each engine's weights (a working set that fits the last-level cache
+    reads faster than DRAM, for the engine as for this loop); best of a few repeats."""
     import torch
 
     torch.set_num_threads(threads)
@@ -331,10 +459,22 @@ def measure_ceilings(threads: int, size: int, mib: int) -> dict:
     n = mib * 2**20 // 4
     x = torch.ones(n, dtype=torch.float32)
     y = torch.empty_like(x)
-    read_s = _best_seconds(lambda: x.sum(), 5)
-    copy_s = _best_seconds(lambda: y.copy_(x), 5)
-    return {"matmul_flops": flops, "matmul_size": size, "read_bytes_per_s": n * 4 / read_s,
-            "copy_bytes_per_s": 2 * n * 4 / copy_s, "buffer_mib": mib, "threads": threads}
+    read_s = _best_seconds(lambda x=x: x.sum(), 5)
+    copy_s = _best_seconds(lambda x=x, y=y: y.copy_(x), 5)
+    del x, y  # free the large buffers before the working-set ones
+    read_at = {}  # working-set bytes -> read bytes/s
+    for nbytes in sorted(set(working_sets)):
+        buf = torch.ones(max(nbytes // 4, 1), dtype=torch.float32)
+        read_at[str(nbytes)] = buf.numel() * 4 / _best_seconds(lambda buf=buf: buf.sum(), 10)
+    return {
+        "matmul_flops": flops,
+        "matmul_size": size,
+        "read_bytes_per_s": n * 4 / read_s,
+        "copy_bytes_per_s": 2 * n * 4 / copy_s,
+        "buffer_mib": mib,
+        "threads": threads,
+        "read_bytes_per_s_at_working_set": read_at,
+    }
 
 
 def _result(prompt_len: int, token_times: list[float], sent: float, start: float) -> dict:
@@ -344,14 +484,26 @@ def _result(prompt_len: int, token_times: list[float], sent: float, start: float
     ttft = token_times[0] - sent if token_times else 0.0
     itl = [b - a for a, b in zip(token_times, token_times[1:])]
     latency = (token_times[-1] if token_times else sent) - sent
-    return asdict(RequestResult(prompt_len=prompt_len, output_len=len(token_times), ttft=ttft, latency=latency,
-                                itl=itl, start_time=sent - start))
+    return asdict(
+        RequestResult(
+            prompt_len=prompt_len,
+            output_len=len(token_times),
+            ttft=ttft,
+            latency=latency,
+            itl=itl,
+            start_time=sent - start,
+        )
+    )
 
 
 def run_engine(spec: dict) -> dict:
     engine = spec["engine"]
-    runner = {"tokenmill": TokenmillRunner, "transformers": TransformersRunner, "ctranslate2": CT2Runner,
-              "llama.cpp": LlamaCppRunner}.get(engine)
+    runner = {
+        "tokenmill": TokenmillRunner,
+        "transformers": TransformersRunner,
+        "ctranslate2": CT2Runner,
+        "llama.cpp": LlamaCppRunner,
+    }.get(engine)
     if runner is None:
         raise SystemExit(f"unknown engine {engine!r}: use tokenmill, transformers, ctranslate2 or llama.cpp")
     instance = runner(spec)
@@ -359,7 +511,7 @@ def run_engine(spec: dict) -> dict:
     instance.generate(requests[:2], concurrency=2, warmup=True)
     runs = []
     for run in spec["runs"]:
-        used = requests[:run["num_requests"]]
+        used = requests[: run["num_requests"]]
         start = time.perf_counter()
         results = instance.generate(used, run["concurrency"])
         duration = time.perf_counter() - start
@@ -369,8 +521,15 @@ def run_engine(spec: dict) -> dict:
         got = [r["output_len"] for r in results]
         if got != wanted:
             raise RuntimeError(f"{engine} generated {got[:8]}... tokens, {wanted[:8]}... were asked for")
-        runs.append({"concurrency": run["concurrency"], "num_requests": len(used), "duration_s": duration,
-                     "results": results, "head_tokens": instance.head_tokens})
+        runs.append(
+            {
+                "concurrency": run["concurrency"],
+                "num_requests": len(used),
+                "duration_s": duration,
+                "results": results,
+                "head_tokens": instance.head_tokens,
+            }
+        )
     return {"engine": engine, "precision": spec["precision"], "version": instance.version, "runs": runs}
 
 
@@ -407,7 +566,9 @@ class TransformersRunner:
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(spec["threads"])
-        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[spec["precision"]]
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
+            spec["precision"]
+        ]
         self.model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype).eval()
         pad = self.model.generation_config.pad_token_id
         if pad is None:
@@ -440,24 +601,34 @@ class TransformersRunner:
         # Longest outputs first, so a batch's rows need similar numbers of steps.
         order = sorted(range(len(requests)), key=lambda i: -requests[i]["output_len"])
         for b in range(0, len(order), concurrency):
-            batch = order[b:b + concurrency]
+            batch = order[b : b + concurrency]
             prompts = [requests[i]["prompt_token_ids"] for i in batch]
             width = max(len(p) for p in prompts)
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # [batch, width]
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, prompt in enumerate(prompts):
-                input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-                mask[row, width - len(prompt):] = 1
+                input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+                mask[row, width - len(prompt) :] = 1
             max_new = max(requests[i]["output_len"] for i in batch)
             streamer = StepTimes()
             sent = time.perf_counter()
             with torch.inference_mode():
-                self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new,
-                                    min_new_tokens=max_new, do_sample=False, pad_token_id=self.pad_id,
-                                    streamer=streamer)
+                self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new,
+                    min_new_tokens=max_new,
+                    do_sample=False,
+                    pad_token_id=self.pad_id,
+                    streamer=streamer,
+                )
             for row, i in enumerate(batch):
-                results[i] = _result(len(requests[i]["prompt_token_ids"]),
-                                     streamer.times[:requests[i]["output_len"]], sent, start)
+                results[i] = _result(
+                    len(requests[i]["prompt_token_ids"]),
+                    streamer.times[: requests[i]["output_len"]],
+                    sent,
+                    start,
+                )
                 self.head_tokens[i] = [step[row] for step in streamer.tokens[:HEAD_TOKENS]]
         return results
 
@@ -470,8 +641,13 @@ class CT2Runner:
 
         from tokenmill.model.tokenizer import Tokenizer
 
-        self.generator = ctranslate2.Generator(spec["ct2_dir"], device="cpu", compute_type=spec["precision"],
-                                               intra_threads=spec["threads"], inter_threads=1)
+        self.generator = ctranslate2.Generator(
+            spec["ct2_dir"],
+            device="cpu",
+            compute_type=spec["precision"],
+            intra_threads=spec["threads"],
+            inter_threads=1,
+        )
         self.tokenizer = Tokenizer.from_pretrained(spec["model_dir"])
         self.version = ctranslate2.__version__
 
@@ -481,7 +657,7 @@ class CT2Runner:
         self.head_tokens: list[list[int]] = [[] for _ in requests]
         order = sorted(range(len(requests)), key=lambda i: -requests[i]["output_len"])
         for b in range(0, len(order), concurrency):
-            batch = order[b:b + concurrency]
+            batch = order[b : b + concurrency]
             wanted = [requests[i]["output_len"] for i in batch]
             times: list[list[float]] = [[] for _ in batch]
             tokens: list[list[int]] = [[] for _ in batch]
@@ -491,43 +667,70 @@ class CT2Runner:
                 tokens[step.batch_id].append(step.token_id)
                 return len(times[step.batch_id]) >= wanted[step.batch_id]  # True stops this row
 
-            tokens = [[self.tokenizer.id_to_token(t) for t in requests[i]["prompt_token_ids"]] for i in batch]
+            prompts = [
+                [self.tokenizer.id_to_token(t) for t in requests[i]["prompt_token_ids"]] for i in batch
+            ]
             sent = time.perf_counter()
-            self.generator.generate_batch(tokens, max_length=max(wanted), min_length=max(wanted), beam_size=1,
-                                          sampling_topk=1, include_prompt_in_result=False, callback=on_step)
+            self.generator.generate_batch(
+                prompts,
+                max_length=max(wanted),
+                min_length=max(wanted),
+                beam_size=1,
+                sampling_topk=1,
+                include_prompt_in_result=False,
+                callback=on_step,
+            )
             for row, i in enumerate(batch):
-                results[i] = _result(len(requests[i]["prompt_token_ids"]), times[row][:wanted[row]], sent, start)
+                results[i] = _result(
+                    len(requests[i]["prompt_token_ids"]), times[row][: wanted[row]], sent, start
+                )
                 self.head_tokens[i] = tokens[row][:HEAD_TOKENS]
         return results
 
 
 class LlamaCppRunner:
-    """The GGUF through llama.cpp's C API: `concurrency` sequences share one llama_batch per decode step."""
+    """The GGUF through llama.cpp's C API: `concurrency` sequences share one llama_batch per decode step.
+
+    llama.cpp's "extra buffer types" (AMX int8 matmul on CPUs with AMX, repacked Q4_0/IQ4_NL layouts) are off
+    unless --llama-extra-bufts: with llama-cpp-python 0.3.36 the AMX path crashed (SIGSEGV in
+    ggml_backend_amx_mul_mat) on the Sapphire Rapids VM this was written on. The Q4_1 weights are not
+    repacked.
+    """
 
     def __init__(self, spec: dict) -> None:
         import llama_cpp
 
         self.lib = llama_cpp
         self.version = llama_cpp.__version__
-        self.threads = spec["threads"]
-        self.gguf = spec["gguf"]
+        threads = spec["threads"]
         max_len = max(len(r["prompt_token_ids"]) + r["output_len"] for r in spec["requests"])
         self.max_seqs = max(run["concurrency"] for run in spec["runs"])
-        self.n_ctx = self.max_seqs * (max_len + 8)
+        # llama.cpp rounds the context up to a multiple of 256 and wants it divisible by n_seq_max; each of
+        # the n_seq_max sequences gets n_ctx / n_seq_max KV cells.
+        self.n_ctx = self.max_seqs * 256 * math.ceil((max_len + 8) / 256)
         self.n_batch = 512
-        # Llama() loads the model and makes a context sized for all sequences; the C API drives the decoding.
-        self.llama = llama_cpp.Llama(model_path=self.gguf, n_ctx=self.n_ctx, n_batch=self.n_batch,
-                                     n_ubatch=self.n_batch, n_threads=self.threads, n_threads_batch=self.threads,
-                                     n_seq_max=self.max_seqs, verbose=False, logits_all=False)
-        self.ctx = self.llama.ctx
-        self.n_vocab = self.llama.n_vocab()
+        self._log_callback = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(self._log_callback, None)  # keep llama.cpp's loading chatter off stderr
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.use_extra_bufts = bool(spec.get("llama_extra_bufts", False))
+        self.model = llama_cpp.llama_model_load_from_file(spec["gguf"].encode(), model_params)
+        if self.model is None:
+            raise RuntimeError(f"llama.cpp could not load {spec['gguf']}")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.n_ctx
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_seq_max = self.max_seqs
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if self.ctx is None:
+            raise RuntimeError(
+                f"llama.cpp could not make a context of {self.n_ctx} tokens x {self.max_seqs} sequences"
+            )
 
     def _clear(self) -> None:
-        lib = self.lib
-        if hasattr(lib, "llama_memory_clear"):
-            lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
-        else:
-            lib.llama_kv_self_clear(self.ctx) if hasattr(lib, "llama_kv_self_clear") else lib.llama_kv_cache_clear(self.ctx)
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
 
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """entries: (token, position, sequence, wants_logits); decoded in chunks of n_batch tokens."""
@@ -535,7 +738,7 @@ class LlamaCppRunner:
 
         lib = self.lib
         for chunk_start in range(0, len(entries), self.n_batch):
-            chunk = entries[chunk_start:chunk_start + self.n_batch]
+            chunk = entries[chunk_start : chunk_start + self.n_batch]
             batch = lib.llama_batch_init(len(chunk), 0, 1)
             try:
                 for k, (token, pos, seq, logits) in enumerate(chunk):
@@ -550,7 +753,9 @@ class LlamaCppRunner:
                     raise RuntimeError(f"llama_decode returned {rc}")
                 for k, (_, _, seq, logits) in enumerate(chunk):
                     if logits:
-                        row = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, k), shape=(self.n_vocab,))
+                        row = np.ctypeslib.as_array(
+                            lib.llama_get_logits_ith(self.ctx, k), shape=(self.n_vocab,)
+                        )
                         self._next[seq] = int(row.argmax())
             finally:
                 lib.llama_batch_free(batch)
@@ -562,7 +767,7 @@ class LlamaCppRunner:
         pending = list(range(len(requests)))
         # Groups of `concurrency` requests: each group is prefilled, then decoded together until all are done.
         for g in range(0, len(pending), concurrency):
-            group = pending[g:g + concurrency]
+            group = pending[g : g + concurrency]
             self._clear()
             self._next: dict[int, int] = {}
             sent = time.perf_counter()
@@ -575,8 +780,15 @@ class LlamaCppRunner:
             tokens: dict[int, list[int]] = {seq: [self._next[seq]] for seq in range(len(group))}
             active = [seq for seq, i in enumerate(group) if requests[i]["output_len"] > 1]
             while active:
-                step = [(self._next[seq], len(requests[group[seq]]["prompt_token_ids"]) + len(times[seq]) - 1, seq,
-                         True) for seq in active]
+                step = [
+                    (
+                        self._next[seq],
+                        len(requests[group[seq]]["prompt_token_ids"]) + len(times[seq]) - 1,
+                        seq,
+                        True,
+                    )
+                    for seq in active
+                ]
                 self._decode(step)
                 now = time.perf_counter()
                 for seq in active:

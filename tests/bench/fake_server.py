@@ -1,9 +1,9 @@
 """A tiny OpenAI-compatible streaming server on loopback, for testing `bench serve` without a real engine.
 
 Plain asyncio HTTP/1.1 in a background thread (one response per connection, closed after the body): GET
-/v1/models, and POST /v1/completions and /v1/chat/completions streamed as server-sent events. Each request gets
-max_tokens one-token chunks, the first after `ttft_s` and the others `itl_s` apart, then a usage chunk and
-"data: [DONE]". A prompt containing "FAIL" is answered with HTTP 500.
+/v1/models, and POST /v1/completions and /v1/chat/completions streamed as server-sent events. Each request
+gets max_tokens one-token chunks, the first after `ttft_s` and the others `itl_s` apart, then a usage chunk
+and "data: [DONE]". A prompt containing "FAIL" is answered with HTTP 500.
 """
 
 from __future__ import annotations
@@ -61,13 +61,15 @@ class FakeOpenAIServer:
         try:
             request_line = (await reader.readline()).decode()
             headers = {}
-            while (line := (await reader.readline()).decode().strip()):
+            while line := (await reader.readline()).decode().strip():
                 name, _, value = line.partition(":")
                 headers[name.strip().lower()] = value.strip()
             body = await reader.readexactly(int(headers.get("content-length", 0)))
             method, path, _ = request_line.split(" ", 2)
             if method == "GET" and path == "/v1/models":
-                await self._send_json(writer, 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]})
+                await self._send_json(
+                    writer, 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]}
+                )
             elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
                 await self._stream(writer, path, json.loads(body))
             else:
@@ -77,8 +79,11 @@ class FakeOpenAIServer:
 
     async def _send_json(self, writer: asyncio.StreamWriter, status: int, data: dict) -> None:
         body = json.dumps(data).encode()
-        writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                     "Connection: close\r\n\r\n".encode() + body)
+        writer.write(
+            f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + body
+        )
         await writer.drain()
 
     async def _stream(self, writer: asyncio.StreamWriter, path: str, payload: dict) -> None:
@@ -96,8 +101,13 @@ class FakeOpenAIServer:
             created = int(time.time())
 
             def event(choices: list, usage: dict | None = None) -> bytes:
-                chunk = {"id": "cmpl-1", "object": "chat.completion.chunk" if chat else "text_completion",
-                         "created": created, "model": self.model, "choices": choices}
+                chunk = {
+                    "id": "cmpl-1",
+                    "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": created,
+                    "model": self.model,
+                    "choices": choices,
+                }
                 if usage is not None:
                     chunk["usage"] = usage
                 return f"data: {json.dumps(chunk)}\n\n".encode()
@@ -110,13 +120,20 @@ class FakeOpenAIServer:
                     await asyncio.sleep(self.itl_s)
                 text = f" t{i}"
                 finish = "length" if i == num_tokens - 1 else None
-                choice = ({"index": 0, "delta": {"content": text}, "finish_reason": finish} if chat
-                          else {"index": 0, "text": text, "finish_reason": finish})
+                choice = (
+                    {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+                    if chat
+                    else {"index": 0, "text": text, "finish_reason": finish}
+                )
                 writer.write(event([choice]))
                 await writer.drain()
             if (payload.get("stream_options") or {}).get("include_usage"):
-                writer.write(event([], {"prompt_tokens": 5, "completion_tokens": num_tokens,
-                                        "total_tokens": 5 + num_tokens}))
+                writer.write(
+                    event(
+                        [],
+                        {"prompt_tokens": 5, "completion_tokens": num_tokens, "total_tokens": 5 + num_tokens},
+                    )
+                )
             writer.write(b"data: [DONE]\n\n")
             await writer.drain()
         finally:

@@ -50,8 +50,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def test_prefix_repetition_shares_a_few_prefixes(tokenizer):
-    requests = prefix_repetition_requests(tokenizer, 12, prefix_len=64, suffix_len=8, num_prefixes=3,
-                                          output_len=5, seed=1)
+    requests = prefix_repetition_requests(
+        tokenizer, 12, prefix_len=64, suffix_len=8, num_prefixes=3, output_len=5, seed=1
+    )
     assert len(requests) == 12 and all(r.expected_output_len == 5 for r in requests)
     # Group by the first 32 tokens: exactly 3 groups of 4, each sharing (nearly) the whole prefix.
     groups: dict[tuple, list] = {}
@@ -62,19 +63,28 @@ def test_prefix_repetition_shares_a_few_prefixes(tokenizer):
         shared = min(_common_prefix(group[0], other) for other in group[1:])
         assert shared >= 62  # only the junction with the suffix may re-merge
         assert len({tuple(ids) for ids in group}) == 4  # each suffix is its own
-    again = prefix_repetition_requests(tokenizer, 12, prefix_len=64, suffix_len=8, num_prefixes=3,
-                                       output_len=5, seed=1)
+    again = prefix_repetition_requests(
+        tokenizer, 12, prefix_len=64, suffix_len=8, num_prefixes=3, output_len=5, seed=1
+    )
     assert [r.prompt for r in again] == [r.prompt for r in requests]
 
 
 def test_sharegpt_file(tokenizer, tmp_path):
     long_text = "Paged attention stores keys and values in fixed-size blocks. " * 4
     data = [
-        {"id": str(i), "conversations": [{"from": "human", "value": f"{long_text} question {i}"},
-                                         {"from": "gpt", "value": long_text}]}
+        {
+            "id": str(i),
+            "conversations": [
+                {"from": "human", "value": f"{long_text} question {i}"},
+                {"from": "gpt", "value": long_text},
+            ],
+        }
         for i in range(5)
     ] + [
-        {"id": "short", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+        {
+            "id": "short",
+            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}],
+        },
         {"id": "one-turn", "conversations": [{"from": "human", "value": long_text}]},
         "not a conversation",
     ]
@@ -82,8 +92,9 @@ def test_sharegpt_file(tokenizer, tmp_path):
     path.write_text(json.dumps(data))
     requests = sharegpt_requests(tokenizer, path, num_requests=10, seed=0)
     assert len(requests) == 5  # the short and the one-turn conversations are skipped
-    assert all(r.expected_output_len == len(tokenizer.encode(long_text, add_special_tokens=False))
-               for r in requests)
+    assert all(
+        r.expected_output_len == len(tokenizer.encode(long_text, add_special_tokens=False)) for r in requests
+    )
     fixed = sharegpt_requests(tokenizer, path, num_requests=3, output_len=7, seed=0)
     assert [r.expected_output_len for r in fixed] == [7, 7, 7]
     assert [r.prompt for r in fixed] == [r.prompt for r in requests[:3]]

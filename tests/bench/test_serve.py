@@ -23,8 +23,9 @@ def _requests(output_lens: list[int]) -> list[SampleRequest]:
 
 
 def test_streamed_timings_and_concurrency_limit(server):
-    run = run_serve_sync(ServeTarget(server.base_url), _requests([3, 5, 8, 2, 6]), max_concurrency=2,
-                         use_tqdm=False)
+    run = run_serve_sync(
+        ServeTarget(server.base_url), _requests([3, 5, 8, 2, 6]), max_concurrency=2, use_tqdm=False
+    )
     assert run.model == "fake-model"
     assert server.max_in_flight <= 2
     assert [r.output_len for r in run.results] == [3, 5, 8, 2, 6]
@@ -55,11 +56,30 @@ def test_chat_endpoint_poisson_arrivals_and_failures(server):
 
 def test_cli_sweep_writes_json_and_plots(server, llama_dir, tmp_path, capsys):
     json_path, plot_dir = tmp_path / "serve.json", tmp_path / "plots"
-    rc = main([
-        "bench", "serve", "--base-url", server.base_url, "--tokenizer", str(llama_dir),
-        "--num-prompts", "4", "--input-len", "8-16", "--output-len", "3-6", "--max-concurrency", "1,2",
-        "--json", str(json_path), "--plot", str(plot_dir), "--save-detailed", "--no-progress",
-    ])
+    rc = main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            server.base_url,
+            "--tokenizer",
+            str(llama_dir),
+            "--num-prompts",
+            "4",
+            "--input-len",
+            "8-16",
+            "--output-len",
+            "3-6",
+            "--max-concurrency",
+            "1,2",
+            "--json",
+            str(json_path),
+            "--plot",
+            str(plot_dir),
+            "--save-detailed",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "Serving Benchmark (concurrency 1)" in out and "P99 ITL (ms):" in out
@@ -85,7 +105,22 @@ def test_cli_unreachable_server_is_a_clear_error(llama_dir, capsys):
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    rc = main(["bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--tokenizer", str(llama_dir),
-               "--num-prompts", "1", "--input-len", "4", "--output-len", "2", "--no-progress"])
+    rc = main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            f"http://127.0.0.1:{port}",
+            "--tokenizer",
+            str(llama_dir),
+            "--num-prompts",
+            "1",
+            "--input-len",
+            "4",
+            "--output-len",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     assert "check that the server is running" in capsys.readouterr().err

@@ -34,8 +34,9 @@ def test_each_request_gets_its_output_length_within_the_concurrency_limit(llm):
 
 
 def test_prefix_caching_hits_and_profile(llm):
-    requests = prefix_repetition_requests(llm.get_tokenizer(), 4, prefix_len=48, suffix_len=4, num_prefixes=1,
-                                          output_len=3, seed=0)
+    requests = prefix_repetition_requests(
+        llm.get_tokenizer(), 4, prefix_len=48, suffix_len=4, num_prefixes=1, output_len=3, seed=0
+    )
     run = run_offline(llm, requests, max_concurrency=1, use_tqdm=False, profile_steps=1)
     assert len(run.results) == 4
     assert llm.llm_engine.core.kv_cache_manager.pool.num_free_blocks > 0
@@ -44,11 +45,30 @@ def test_prefix_caching_hits_and_profile(llm):
 
 def test_cli_writes_json_and_plots(llama_dir, tmp_path, capsys):
     json_path, plot_dir = tmp_path / "throughput.json", tmp_path / "plots"
-    rc = main([
-        "bench", "throughput", str(llama_dir), "--max-model-len", "256", "--kv-cache-memory", "32MiB",
-        "--num-prompts", "3", "--input-len", "8-16", "--output-len", "2-4", "--max-concurrency", "1,3",
-        "--json", str(json_path), "--plot", str(plot_dir), "--no-progress",
-    ])
+    rc = main(
+        [
+            "bench",
+            "throughput",
+            str(llama_dir),
+            "--max-model-len",
+            "256",
+            "--kv-cache-memory",
+            "32MiB",
+            "--num-prompts",
+            "3",
+            "--input-len",
+            "8-16",
+            "--output-len",
+            "2-4",
+            "--max-concurrency",
+            "1,3",
+            "--json",
+            str(json_path),
+            "--plot",
+            str(plot_dir),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "Offline Benchmark (concurrency 3)" in out and "Output token throughput (tok/s):" in out
@@ -60,4 +80,14 @@ def test_cli_writes_json_and_plots(llama_dir, tmp_path, capsys):
         assert run["metrics"]["num_completed"] == 3
         assert run["metrics"]["total_output_tokens"] == data["dataset"]["total_output_tokens"]
         assert run["engine_stats"]["num_steps"] > 0
-    assert (plot_dir / "throughput_latency_cdf.png").is_file() and (plot_dir / "throughput_sweep.png").is_file()
+    assert (plot_dir / "throughput_latency_cdf.png").is_file() and (
+        plot_dir / "throughput_sweep.png"
+    ).is_file()
+
+
+def test_poisson_arrivals_offline(llm):
+    requests = random_requests(llm.get_tokenizer(), 3, input_len=(8, 8), output_len=(2, 2), seed=5)
+    run = run_offline(llm, requests, request_rate=20.0, seed=5, use_tqdm=False)
+    starts = [r.start_time for r in run.results]
+    assert starts == sorted(starts) and starts[-1] > 0.0
+    assert all(r.output_len == 2 for r in run.results)

@@ -42,16 +42,18 @@ class TorchAttentionBackend(AttentionBackend):
         for i in meta.prefill_indices:
             start, end = starts[i], starts[i + 1]
             query_len, seq_len = end - start, meta.seq_lens_list[i]
-            q = query[start:end].transpose(0, 1)  # [num_heads, query_len, head_dim]
+            # 4-D [1, heads, tokens, head_dim]: SDPA's fused CPU kernel takes only batched inputs.
+            q = query[start:end].transpose(0, 1)[None]
             if query_len == seq_len and self.sliding_window is None:
                 # No cached context: attend over this step's keys directly.
-                k, v = key[start:end].transpose(0, 1), value[start:end].transpose(0, 1)
+                k, v = key[start:end].transpose(0, 1)[None], value[start:end].transpose(0, 1)[None]
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
             else:
                 k, v = self._gather(kv_cache, meta.block_tables[i], seq_len)
                 mask = self._mask(query_len, seq_len, query.device)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            out[start:end] = o.transpose(0, 1)
+                o = F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=mask, scale=self.scale,
+                                                   enable_gqa=True)
+            out[start:end] = o[0].transpose(0, 1)
         if meta.decode_indices:
             self._decode(query, kv_cache, meta, out)
         return out

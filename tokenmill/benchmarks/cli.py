@@ -1,4 +1,4 @@
-"""`tokenmill bench throughput` (offline, in-process) and `tokenmill bench serve` (any OpenAI-compatible server)."""
+"""`tokenmill bench throughput` (offline, in-process) and `tokenmill bench serve` (any OpenAI server)."""
 
 from __future__ import annotations
 
@@ -20,41 +20,78 @@ _EPILOG = """examples:
 
 def _add_dataset_args(parser: argparse.ArgumentParser, add_seed: bool = True) -> None:
     group = parser.add_argument_group("dataset")
-    group.add_argument("--dataset", choices=["random", "prefix-repetition", "sharegpt"], default=None,
-                       help="requests to send (default: sharegpt with --dataset-path, else random)")
-    group.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file (for --dataset sharegpt)")
+    group.add_argument(
+        "--dataset",
+        choices=["random", "prefix-repetition", "sharegpt"],
+        default=None,
+        help="requests to send (default: sharegpt with --dataset-path, else random)",
+    )
+    group.add_argument(
+        "--dataset-path", default=None, help="ShareGPT-format JSON file (for --dataset sharegpt)"
+    )
     group.add_argument("--num-prompts", type=int, default=64, help="number of requests")
-    group.add_argument("--input-len", default="128",
-                       help="random: prompt tokens, a length or a MIN-MAX range drawn uniformly (e.g. 32-512)")
-    group.add_argument("--output-len", default=None,
-                       help="output tokens (default 128): a length or (random) a MIN-MAX range; for sharegpt a "
-                            "fixed length replacing the lengths of the dataset's replies")
-    group.add_argument("--prefix-len", type=int, default=512, help="prefix-repetition: tokens of each shared prefix")
-    group.add_argument("--suffix-len", type=int, default=32, help="prefix-repetition: tokens after the prefix")
-    group.add_argument("--num-prefixes", type=int, default=4, help="prefix-repetition: distinct shared prefixes")
+    group.add_argument(
+        "--input-len",
+        default="128",
+        help="random: prompt tokens, a length or a MIN-MAX range drawn uniformly (e.g. 32-512)",
+    )
+    group.add_argument(
+        "--output-len",
+        default=None,
+        help="output tokens (default 128): a length or (random) a MIN-MAX range; for sharegpt a "
+        "fixed length replacing the lengths of the dataset's replies",
+    )
+    group.add_argument(
+        "--prefix-len", type=int, default=512, help="prefix-repetition: tokens of each shared prefix"
+    )
+    group.add_argument(
+        "--suffix-len", type=int, default=32, help="prefix-repetition: tokens after the prefix"
+    )
+    group.add_argument(
+        "--num-prefixes", type=int, default=4, help="prefix-repetition: distinct shared prefixes"
+    )
     if add_seed:  # `bench throughput` shares the engine's --seed
         group.add_argument("--seed", type=int, default=0, help="seed of the dataset and of the arrival times")
 
 
 def _add_load_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("load")
-    group.add_argument("--request-rate", type=float, default=math.inf,
-                       help="requests per second with Poisson arrivals (default inf: all at once)")
-    group.add_argument("--burstiness", type=float, default=1.0,
-                       help="shape of the gamma-distributed gaps between arrivals: 1 = Poisson, <1 burstier")
-    group.add_argument("--max-concurrency", default=None,
-                       help="most requests in flight; a comma-separated list (1,8,64) runs a sweep")
+    group.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="requests per second with Poisson arrivals (default inf: all at once)",
+    )
+    group.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="shape of the gamma-distributed gaps between arrivals: 1 = Poisson, <1 burstier",
+    )
+    group.add_argument(
+        "--max-concurrency",
+        default=None,
+        help="most requests in flight; a comma-separated list (1,8,64) runs a sweep",
+    )
 
 
 def _add_output_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
     group.add_argument("--json", dest="json_path", default=None, help="write the results to this JSON file")
-    group.add_argument("--save-detailed", action="store_true",
-                       help="with --json: also write each request's timings")
-    group.add_argument("--plot", dest="plot_dir", default=None,
-                       help="write PNG plots to this directory (latency CDFs; throughput and p99 TTFT for a sweep)")
-    group.add_argument("--percentiles", default=",".join(f"{p:g}" for p in DEFAULT_PERCENTILES),
-                       help="percentiles reported besides mean and median (90 and 99 always)")
+    group.add_argument(
+        "--save-detailed", action="store_true", help="with --json: also write each request's timings"
+    )
+    group.add_argument(
+        "--plot",
+        dest="plot_dir",
+        default=None,
+        help="write PNG plots to this directory (latency CDFs; throughput and p99 TTFT for a sweep)",
+    )
+    group.add_argument(
+        "--percentiles",
+        default=",".join(f"{p:g}" for p in DEFAULT_PERCENTILES),
+        help="percentiles reported besides mean and median (90 and 99 always)",
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -74,39 +111,54 @@ def build_requests(args: argparse.Namespace, tokenizer) -> list:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     output_len = datasets.parse_range(args.output_len or "128")
     if name == "random":
-        return datasets.random_requests(tokenizer, args.num_prompts, datasets.parse_range(args.input_len),
-                                        output_len, seed=args.seed)
+        return datasets.random_requests(
+            tokenizer, args.num_prompts, datasets.parse_range(args.input_len), output_len, seed=args.seed
+        )
     if output_len[0] != output_len[1]:
         raise ValueError(f"--output-len {args.output_len}: the {name} dataset takes one length, not a range")
     if name == "prefix-repetition":
         return datasets.prefix_repetition_requests(
-            tokenizer, args.num_prompts, prefix_len=args.prefix_len, suffix_len=args.suffix_len,
-            num_prefixes=args.num_prefixes, output_len=output_len[0], seed=args.seed)
+            tokenizer,
+            args.num_prompts,
+            prefix_len=args.prefix_len,
+            suffix_len=args.suffix_len,
+            num_prefixes=args.num_prefixes,
+            output_len=output_len[0],
+            seed=args.seed,
+        )
     if not args.dataset_path:
         raise ValueError("--dataset sharegpt needs --dataset-path FILE.json")
     fixed = output_len[0] if args.output_len is not None else None
-    return datasets.sharegpt_requests(tokenizer, args.dataset_path, args.num_prompts, output_len=fixed,
-                                      seed=args.seed)
+    return datasets.sharegpt_requests(
+        tokenizer, args.dataset_path, args.num_prompts, output_len=fixed, seed=args.seed
+    )
 
 
 def _dataset_record(args: argparse.Namespace, requests: list) -> dict[str, Any]:
     record = {
         "name": args.dataset or ("sharegpt" if args.dataset_path else "random"),
-        "num_prompts": len(requests), "seed": args.seed,
+        "num_prompts": len(requests),
+        "seed": args.seed,
         "total_prompt_tokens": sum(r.prompt_len for r in requests),
         "total_output_tokens": sum(r.expected_output_len for r in requests),
     }
     if record["name"] == "random":
         record.update(input_len=args.input_len, output_len=args.output_len or "128")
     elif record["name"] == "prefix-repetition":
-        record.update(prefix_len=args.prefix_len, suffix_len=args.suffix_len, num_prefixes=args.num_prefixes,
-                      output_len=args.output_len or "128")
+        record.update(
+            prefix_len=args.prefix_len,
+            suffix_len=args.suffix_len,
+            num_prefixes=args.num_prefixes,
+            output_len=args.output_len or "128",
+        )
     else:
         record.update(path=str(args.dataset_path), output_len=args.output_len)
     return record
 
 
-def _run_record(concurrency: int | None, args: argparse.Namespace, metrics, results, **extra) -> dict[str, Any]:
+def _run_record(
+    concurrency: int | None, args: argparse.Namespace, metrics, results, **extra
+) -> dict[str, Any]:
     record = {
         "max_concurrency": concurrency,
         "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
@@ -132,12 +184,17 @@ def _finish(args: argparse.Namespace, benchmark: str, header: dict, runs: list[t
 
         plot_dir = Path(args.plot_dir)
         title = f"tokenmill bench {benchmark}: {header['dataset']['name']}, {header['model']}"
-        labelled = [(f"concurrency {c}" if c else "no concurrency limit", results) for c, _, results, _ in runs]
+        labelled = [
+            (f"concurrency {c}" if c else "no concurrency limit", results) for c, _, results, _ in runs
+        ]
         written = [plots.plot_latency_cdfs(labelled, plot_dir / f"{benchmark}_latency_cdf.png", title)]
         swept = [(c, m) for c, m, _, _ in runs if c is not None]
         if len(swept) > 1:
-            written.append(plots.plot_sweep([c for c, _ in swept], [m for _, m in swept],
-                                            plot_dir / f"{benchmark}_sweep.png", title))
+            written.append(
+                plots.plot_sweep(
+                    [c for c, _ in swept], [m for _, m in swept], plot_dir / f"{benchmark}_sweep.png", title
+                )
+            )
         print("Plots written:", ", ".join(str(p) for p in written))
 
 
@@ -156,7 +213,8 @@ def _run_throughput(args: argparse.Namespace) -> int:
     core = llm.llm_engine.core
     header = run_header("throughput")
     header.update(
-        model=str(llm.llm_engine.model_dir), dtype=str(core.dtype).removeprefix("torch."),
+        model=str(llm.llm_engine.model_dir),
+        dtype=str(core.dtype).removeprefix("torch."),
         engine={k: v for k, v in engine_kwargs(args).items() if k != "chat_template"},
         dataset=_dataset_record(args, requests),
     )
@@ -164,19 +222,38 @@ def _run_throughput(args: argparse.Namespace) -> int:
     runs = []
     for concurrency in concurrencies:
         reset_prefix_cache(llm)
-        run = run_offline(llm, requests, max_concurrency=concurrency, request_rate=args.request_rate,
-                          burstiness=args.burstiness, seed=args.seed, use_tqdm=not args.no_progress,
-                          profile_steps=args.profile_steps)
+        run = run_offline(
+            llm,
+            requests,
+            max_concurrency=concurrency,
+            request_rate=args.request_rate,
+            burstiness=args.burstiness,
+            seed=args.seed,
+            use_tqdm=not args.no_progress,
+            profile_steps=args.profile_steps,
+        )
         metrics = compute_metrics(run.results, run.duration_s, percentiles)
         engine_stats = run.engine_stats()
         title = f"Offline Benchmark (concurrency {concurrency or 'unlimited'})"
-        print(format_report(metrics, title, extra={"Engine steps": run.num_steps,
-                                                   "Mean step compute (ms)": engine_stats["mean_step_ms"]}))
+        print(
+            format_report(
+                metrics,
+                title,
+                extra={"Engine steps": run.num_steps, "Mean step compute (ms)": engine_stats["mean_step_ms"]},
+            )
+        )
         if run.profile:
             print(run.profile)
-        runs.append((concurrency, metrics, run.results,
-                     _run_record(concurrency, args, metrics, run.results, engine_stats=engine_stats,
-                                 profile=run.profile)))
+        runs.append(
+            (
+                concurrency,
+                metrics,
+                run.results,
+                _run_record(
+                    concurrency, args, metrics, run.results, engine_stats=engine_stats, profile=run.profile
+                ),
+            )
+        )
     _finish(args, "throughput", header, runs)
     return 0
 
@@ -193,15 +270,27 @@ def _run_serve(args: argparse.Namespace) -> int:
     percentiles = _percentiles(args.percentiles)
     tokenizer = Tokenizer.from_pretrained(prepare_model(args.tokenizer))
     requests = build_requests(args, tokenizer)
-    target = ServeTarget(args.base_url, args.model, args.endpoint, ignore_eos=args.ignore_eos,
-                         request_timeout_s=args.request_timeout)
+    target = ServeTarget(
+        args.base_url,
+        args.model,
+        args.endpoint,
+        ignore_eos=args.ignore_eos,
+        request_timeout_s=args.request_timeout,
+    )
     header = run_header("serve")
     header.update(base_url=target.root, endpoint=target.url, dataset=_dataset_record(args, requests))
     runs = []
     for concurrency in concurrencies:
-        run = run_serve_sync(target, requests, max_concurrency=concurrency, request_rate=args.request_rate,
-                             burstiness=args.burstiness, seed=args.seed, num_warmups=args.num_warmups,
-                             use_tqdm=not args.no_progress)
+        run = run_serve_sync(
+            target,
+            requests,
+            max_concurrency=concurrency,
+            request_rate=args.request_rate,
+            burstiness=args.burstiness,
+            seed=args.seed,
+            num_warmups=args.num_warmups,
+            use_tqdm=not args.no_progress,
+        )
         header["model"] = run.model
         metrics = compute_metrics(run.results, run.duration_s, percentiles)
         title = f"Serving Benchmark (concurrency {concurrency or 'unlimited'})"
@@ -210,8 +299,14 @@ def _run_serve(args: argparse.Namespace) -> int:
         errors = sorted({r.error for r in run.results if not r.success})
         for error in errors[:5]:
             print(f"  failed: {error}", file=sys.stderr)
-        runs.append((concurrency, metrics, run.results,
-                     _run_record(concurrency, args, metrics, run.results, errors=errors)))
+        runs.append(
+            (
+                concurrency,
+                metrics,
+                run.results,
+                _run_record(concurrency, args, metrics, run.results, errors=errors),
+            )
+        )
     _finish(args, "serve", header, runs)
     failed = sum(m.num_failed for _, m, _, _ in runs)
     return 1 if failed and all(m.num_completed == 0 for _, m, _, _ in runs) else 0
@@ -221,39 +316,66 @@ def register(subparsers) -> None:
     from tokenmill.entrypoints.generate_cli import add_engine_args
 
     bench = subparsers.add_parser(
-        "bench", help="measure throughput and latency (offline, or against an OpenAI-compatible server)",
-        description="Benchmarks reporting request and token throughput, TTFT, TPOT, ITL and end-to-end latency "
-                    "(mean, median, p90, p99), as vLLM's bench does.")
+        "bench",
+        help="measure throughput and latency (offline, or against an OpenAI-compatible server)",
+        description="Benchmarks reporting request and token throughput, TTFT, TPOT, ITL and end-to-end "
+        "latency "
+        "(mean, median, p90, p99), as vLLM's bench does.",
+    )
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
     throughput = bench_sub.add_parser(
-        "throughput", help="offline benchmark of an in-process engine",
-        description="Run the dataset through an in-process engine (no server) and report throughput and latency.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "throughput",
+        help="offline benchmark of an in-process engine",
+        description="Run the dataset through an in-process engine (no server): throughput and latency.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_engine_args(throughput)  # its --seed also seeds the dataset and the arrival times
     _add_dataset_args(throughput, add_seed=False)
     _add_load_args(throughput)
     _add_output_args(throughput)
     throughput.add_argument("--num-warmups", type=int, default=1, help="short requests run before measuring")
-    throughput.add_argument("--profile-steps", type=int, default=0,
-                            help="profile this many engine steps at full batch (torch ops, then tokenmill Python); "
-                                 "the profiler slows those steps, so latencies of a profiled run are inflated")
+    throughput.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile this many engine steps at full batch (torch ops, then tokenmill Python); "
+        "the profiler slows those steps, so latencies of a profiled run are inflated",
+    )
     throughput.set_defaults(func=_run_throughput)
 
     serve = bench_sub.add_parser(
-        "serve", help="benchmark a running OpenAI-compatible server (tokenmill, vLLM, llama.cpp, ...)",
-        description="Stream the dataset's requests to an OpenAI-compatible server and report throughput and latency.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "serve",
+        help="benchmark a running OpenAI-compatible server (tokenmill, vLLM, llama.cpp, ...)",
+        description="Stream the dataset's requests to an OpenAI-compatible server; report throughput and "
+        "latency.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("--base-url", required=True, help="server address, e.g. http://127.0.0.1:8000")
-    serve.add_argument("--model", default=None, help="model name to request (default: the first at /v1/models)")
-    serve.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
-                       help="/v1/completions or /v1/chat/completions")
-    serve.add_argument("--tokenizer", default=None,
-                       help="model directory or .gguf whose tokenizer builds and measures the prompts "
-                            "(default: the bundled SmolLM2-135M-Instruct)")
-    serve.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                       help="ask the server to generate exactly the requested output length (vLLM's ignore_eos)")
+    serve.add_argument(
+        "--model", default=None, help="model name to request (default: the first at /v1/models)"
+    )
+    serve.add_argument(
+        "--endpoint",
+        choices=["completions", "chat"],
+        default="completions",
+        help="/v1/completions or /v1/chat/completions",
+    )
+    serve.add_argument(
+        "--tokenizer",
+        default=None,
+        help="model directory or .gguf whose tokenizer builds and measures the prompts "
+        "(default: the bundled SmolLM2-135M-Instruct)",
+    )
+    serve.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ask the server to generate exactly the requested output length (vLLM's ignore_eos)",
+    )
     serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails")
     serve.add_argument("--num-warmups", type=int, default=1, help="short requests sent before measuring")
     _add_dataset_args(serve)

@@ -1,9 +1,9 @@
 """Benchmark requests: random, prefix-repetition and ShareGPT-format datasets, all seeded.
 
 Every request's prompt text is what a server is sent; prompt_token_ids are that text encoded with the model's
-tokenizer (special tokens included, as a server would), and the offline benchmark feeds those ids to the engine,
-so both benchmarks see the same prompts. Random text is made of random vocabulary tokens, re-encoded until it has
-the asked-for number of tokens (a decode/encode round trip can merge or split tokens).
+tokenizer (special tokens included, as a server would), and the offline benchmark feeds those ids to the
+engine, so both benchmarks see the same prompts. Random text is made of random vocabulary tokens, re-encoded
+until it has the asked-for number of tokens (a decode/encode round trip can merge or split tokens).
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ def _vocab_ids(tokenizer: TokenizerLike) -> np.ndarray:
     return np.array([i for i in range(tokenizer.vocab_size) if i not in special], dtype=np.int64)
 
 
-def random_text(tokenizer: TokenizerLike, rng: np.random.Generator, vocab_ids: np.ndarray, num_tokens: int) -> str:
+def random_text(
+    tokenizer: TokenizerLike, rng: np.random.Generator, vocab_ids: np.ndarray, num_tokens: int
+) -> str:
     """Text of random vocabulary tokens that encodes (without special tokens) to about num_tokens tokens."""
     text = tokenizer.decode(rng.choice(vocab_ids, size=num_tokens).tolist())
     # A few rounds of trimming or extending: the round trip can merge neighbours or split a partial character.
@@ -93,7 +95,7 @@ def random_requests(
     output_len: tuple[int, int] = (128, 128),
     seed: int = 0,
 ) -> list[SampleRequest]:
-    """Prompts of random tokens with lengths drawn uniformly from input_len, output lengths from output_len."""
+    """Random-token prompts, lengths drawn uniformly from input_len, output lengths from output_len."""
     in_lo, in_hi = _check_range("input length", input_len)
     out_lo, out_hi = _check_range("output length", output_len)
     rng = np.random.default_rng(seed)
@@ -143,19 +145,25 @@ def sharegpt_requests(
     """First human turn as the prompt, the first reply's token count as the output length (or output_len).
 
     The file is a JSON list of {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}
-    (ShareGPT_V3_unfiltered_cleaned_split.json and its copies). As in vLLM, conversations are shuffled with the
-    seed, and pairs with fewer than 4 prompt or output tokens, a prompt over max_prompt_len or a total over
-    max_total_len are skipped.
+    (ShareGPT_V3_unfiltered_cleaned_split.json and its copies). As in vLLM, conversations are shuffled with
+    the seed, and pairs with fewer than 4 prompt or output tokens, a prompt over max_prompt_len or a total
+    over max_total_len are skipped.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ShareGPT file {path} not found: pass the path of a ShareGPT-format JSON file")
+        raise FileNotFoundError(
+            f"ShareGPT file {path} not found: pass the path of a ShareGPT-format JSON file"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): a ShareGPT file is a JSON list of conversations") from e
+        raise ValueError(
+            f"{path} is not valid JSON ({e}): a ShareGPT file is a JSON list of conversations"
+        ) from e
     if not isinstance(data, list):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}: a ShareGPT file is a list of conversations")
+        raise ValueError(
+            f"{path} holds a JSON {type(data).__name__}: a ShareGPT file is a list of conversations"
+        )
     rng = np.random.default_rng(seed)
     requests = []
     for index in rng.permutation(len(data)).tolist():
@@ -171,7 +179,9 @@ def sharegpt_requests(
         if not isinstance(prompt, str) or not isinstance(reply, str):
             continue
         prompt_ids = tokenizer.encode(prompt)
-        n_out = output_len if output_len is not None else len(tokenizer.encode(reply, add_special_tokens=False))
+        n_out = (
+            output_len if output_len is not None else len(tokenizer.encode(reply, add_special_tokens=False))
+        )
         if len(prompt_ids) < 4 or n_out < 4 or len(prompt_ids) > max_prompt_len:
             continue
         if len(prompt_ids) + n_out > max_total_len:
@@ -180,8 +190,11 @@ def sharegpt_requests(
         if len(requests) == num_requests:
             break
     if not requests:
-        raise ValueError(f"{path} has no usable conversation (two turns, 4+ tokens each, within length limits)")
+        raise ValueError(
+            f"{path} has no usable conversation (two turns, 4+ tokens each, within length limits)"
+        )
     if len(requests) < num_requests:
-        logger.warning("%s gave %d usable conversations of the %d requests asked for", path, len(requests),
-                       num_requests)
+        logger.warning(
+            "%s gave %d usable conversations of the %d requests asked for", path, len(requests), num_requests
+        )
     return requests

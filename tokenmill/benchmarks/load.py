@@ -7,13 +7,15 @@ import math
 import numpy as np
 
 
-def arrival_offsets(num_requests: int, request_rate: float = math.inf, burstiness: float = 1.0,
-                    seed: int = 0) -> list[float]:
+def arrival_offsets(
+    num_requests: int, request_rate: float = math.inf, burstiness: float = 1.0, seed: int = 0
+) -> list[float]:
     """Seconds after the start at which each request is sent.
 
-    request_rate inf sends everything at once. Otherwise the gaps are gamma-distributed with mean 1/request_rate
-    and shape `burstiness`: 1 is a Poisson process (exponential gaps), below 1 burstier, above 1 more regular.
-    The first request goes at 0; the gaps come from a RNG seeded with `seed`, so a run is reproducible.
+    request_rate inf sends everything at once. Otherwise the gaps are gamma-distributed with mean
+    1/request_rate and shape `burstiness`: 1 is a Poisson process (exponential gaps), below 1 burstier, above
+    1 more regular. The first request goes at 0; the gaps come from a RNG seeded with `seed`, so a run is
+    reproducible.
     """
     if num_requests < 0:
         raise ValueError(f"num_requests must be >= 0, got {num_requests}")
@@ -37,7 +39,9 @@ def parse_concurrencies(text: str | None) -> list[int | None]:
         try:
             value = int(part)
         except ValueError:
-            raise ValueError(f"--max-concurrency {text!r}: give a count or a comma-separated list such as 1,8,64") from None
+            raise ValueError(
+                f"--max-concurrency {text!r}: give a count or a comma-separated list such as 1,8,64"
+            ) from None
         if value < 1:
             raise ValueError(f"--max-concurrency values must be >= 1, got {value}")
         values.append(value)

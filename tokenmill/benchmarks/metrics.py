@@ -4,8 +4,8 @@ Definitions (all per request, times in seconds here and milliseconds in the repo
 - TTFT  time to first token: first output token received - request sent.
 - E2EL  end-to-end latency: last output token received - request sent.
 - TPOT  time per output token after the first: (E2EL - TTFT) / (output tokens - 1); undefined for 1 token.
-- ITL   inter-token latency: each gap between two successive output arrivals (a streamed chunk carrying several
-        tokens is one arrival, so one gap), pooled over all requests.
+- ITL   inter-token latency: each gap between two successive output arrivals (a streamed chunk carrying
+  several tokens is one arrival, so one gap), pooled over all requests.
 Throughputs divide totals by the benchmark's wall-clock duration (first request sent -> last one finished).
 """
 
@@ -48,7 +48,7 @@ class RequestResult:
 
 
 def tpot(latency: float, ttft: float, output_len: int) -> float | None:
-    """(latency - TTFT) / (output_len - 1): the mean decode time per token after the first; None below 2 tokens."""
+    """(latency - TTFT) / (output_len - 1): mean decode time per token after the first; None below 2."""
     if output_len < 2:
         return None
     return (latency - ttft) / (output_len - 1)
@@ -87,7 +87,7 @@ def _format_p(p: float) -> str:
 
 
 def summarize(values_s: Sequence[float], percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> LatencyStats:
-    """Mean, median, standard deviation and percentiles of values given in seconds, reported in milliseconds."""
+    """Mean, median, standard deviation and percentiles of values in seconds, reported in milliseconds."""
     ms = [v * 1000.0 for v in values_s]
     if not ms:
         nan = math.nan
@@ -95,8 +95,11 @@ def summarize(values_s: Sequence[float], percentiles: Sequence[float] = DEFAULT_
     mean = sum(ms) / len(ms)
     std = math.sqrt(sum((v - mean) ** 2 for v in ms) / len(ms))
     return LatencyStats(
-        mean=mean, median=percentile(ms, 50.0), std=std,
-        percentiles={_format_p(p): percentile(ms, p) for p in percentiles}, count=len(ms),
+        mean=mean,
+        median=percentile(ms, 50.0),
+        std=std,
+        percentiles={_format_p(p): percentile(ms, p) for p in percentiles},
+        count=len(ms),
     )
 
 
@@ -125,7 +128,7 @@ def peak_concurrency(results: Sequence[RequestResult]) -> int:
     for r in results:
         events.append((r.start_time, 1))
         events.append((r.start_time + r.latency, -1))
-    # At equal times, process ends (-1) before starts (+1): a request that ends as another starts does not overlap.
+    # At equal times ends (-1) sort before starts (+1): a request ending as another starts does not overlap.
     events.sort()
     current = peak = 0
     for _, delta in events:
@@ -151,11 +154,16 @@ def compute_metrics(
         "e2el": summarize([r.latency for r in ok], percentiles),
     }
     return BenchmarkMetrics(
-        num_completed=len(ok), num_failed=len(results) - len(ok), duration_s=duration_s,
-        total_input_tokens=total_input, total_output_tokens=total_output,
-        request_throughput=len(ok) / duration_s, output_throughput=total_output / duration_s,
+        num_completed=len(ok),
+        num_failed=len(results) - len(ok),
+        duration_s=duration_s,
+        total_input_tokens=total_input,
+        total_output_tokens=total_output,
+        request_throughput=len(ok) / duration_s,
+        output_throughput=total_output / duration_s,
         total_token_throughput=(total_input + total_output) / duration_s,
-        latency=latency, max_concurrency_observed=peak_concurrency(ok),
+        latency=latency,
+        max_concurrency_observed=peak_concurrency(ok),
     )
 
 

@@ -36,8 +36,9 @@ def _metric_values_ms(results: Sequence[RequestResult], key: str) -> list[float]
     return sorted(v * 1000.0 for v in values)
 
 
-def plot_latency_cdfs(runs: Sequence[tuple[str, Sequence[RequestResult]]], path: str | Path,
-                      title: str = "") -> Path:
+def plot_latency_cdfs(
+    runs: Sequence[tuple[str, Sequence[RequestResult]]], path: str | Path, title: str = ""
+) -> Path:
     """One panel per latency metric; each run is a labelled empirical CDF."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
@@ -65,19 +66,29 @@ def plot_latency_cdfs(runs: Sequence[tuple[str, Sequence[RequestResult]]], path:
     return path
 
 
-def plot_sweep(concurrencies: Sequence[int], metrics: Sequence[BenchmarkMetrics], path: str | Path,
-               title: str = "") -> Path:
+def plot_sweep(
+    concurrencies: Sequence[int], metrics: Sequence[BenchmarkMetrics], path: str | Path, title: str = ""
+) -> Path:
     """Output tok/s and p99 TTFT against max concurrency (log2 axis)."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     left.plot(concurrencies, [m.output_throughput for m in metrics], marker="o", label="output tok/s")
-    left.plot(concurrencies, [m.total_token_throughput for m in metrics], marker="s", linestyle="--",
-              label="total tok/s")
+    left.plot(
+        concurrencies,
+        [m.total_token_throughput for m in metrics],
+        marker="s",
+        linestyle="--",
+        label="total tok/s",
+    )
     left.set_ylabel("tokens / s")
     left.set_title("Throughput")
     left.legend(fontsize=8)
-    right.plot(concurrencies, [m.latency["ttft"].percentiles.get("p99", float("nan")) for m in metrics],
-               marker="o", color="tab:red")
+    right.plot(
+        concurrencies,
+        [m.latency["ttft"].percentiles.get("p99", float("nan")) for m in metrics],
+        marker="o",
+        color="tab:red",
+    )
     right.set_ylabel("p99 TTFT (ms)")
     right.set_title("p99 time to first token")
     for ax in (left, right):

@@ -1,7 +1,7 @@
 """The serving benchmark: streams requests to any OpenAI-compatible server and times each token's arrival.
 
-Requests leave at seeded Poisson (gamma) arrival times, or all at once; an asyncio semaphore caps how many are in
-flight. Each response is read as server-sent events ("data: {json}" lines, ending with "data: [DONE]"); the
+Requests leave at seeded Poisson (gamma) arrival times, or all at once; an asyncio semaphore caps how many are
+in flight. Each response is read as server-sent events ("data: {json}" lines, ending with "data: [DONE]"); the
 arrival of each chunk carrying output is one token event. The output token count is the server's usage figure
 (stream_options.include_usage) when it sends one, else the number of such chunks.
 """
@@ -62,8 +62,10 @@ async def resolve_model(client: httpx.AsyncClient, target: ServeTarget) -> str:
         response.raise_for_status()
         models = response.json().get("data") or []
     except (httpx.HTTPError, ValueError) as e:
-        raise ValueError(f"cannot list the models at {url} ({type(e).__name__}: {e}): check that the server is "
-                         "running at --base-url, or pass --model") from e
+        raise ValueError(
+            f"cannot list the models at {url} ({type(e).__name__}: {e}): check that the server is "
+            "running at --base-url, or pass --model"
+        ) from e
     if not models:
         raise ValueError(f"{target.root}/v1/models lists no model: pass --model")
     return models[0]["id"]
@@ -100,8 +102,9 @@ def _chunk_output(chunk: dict) -> str | None:
     return text
 
 
-async def send_request(client: httpx.AsyncClient, target: ServeTarget, model: str, request: SampleRequest,
-                       bench_start: float) -> RequestResult:
+async def send_request(
+    client: httpx.AsyncClient, target: ServeTarget, model: str, request: SampleRequest, bench_start: float
+) -> RequestResult:
     """One streamed request; never raises for a failed request (success=False with the error instead)."""
     result = RequestResult(prompt_len=request.prompt_len)
     payload = request_payload(target, model, request)
@@ -121,7 +124,7 @@ async def send_request(client: httpx.AsyncClient, target: ServeTarget, model: st
                 line = line.strip()
                 if not line.startswith("data:"):
                     continue
-                data = line[len("data:"):].strip()
+                data = line[len("data:") :].strip()
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
@@ -175,8 +178,9 @@ async def run_serve(
         model = await resolve_model(client, target)
         if num_warmups > 0 and requests:
             warmup = SampleRequest(requests[0].prompt, requests[0].prompt_token_ids, 4)
-            results = await asyncio.gather(*(send_request(client, target, model, warmup, 0.0)
-                                             for _ in range(num_warmups)))
+            results = await asyncio.gather(
+                *(send_request(client, target, model, warmup, 0.0) for _ in range(num_warmups))
+            )
             failed = [r for r in results if not r.success]
             if failed:
                 raise ValueError(f"warm-up request to {target.url} failed: {failed[0].error}")

@@ -1,10 +1,10 @@
 """The offline benchmark: drives an in-process engine step by step with the same load shapes as `bench serve`.
 
 Requests are added to the engine when their arrival time has come and fewer than max_concurrency are in flight
-(no limit and an infinite rate = everything queued at once, as LLM.generate does). Each engine step's outputs are
-timestamped when the step returns, which gives TTFT, ITL, TPOT and latency per request without a server.
-Optionally a few engine steps at full batch are profiled (torch operators and tokenmill's Python stages), to show
-where a step's time goes.
+(no limit and an infinite rate = everything queued at once, as LLM.generate does). Each engine step's outputs
+are timestamped when the step returns, which gives TTFT, ITL, TPOT and latency per request without a server.
+Optionally a few engine steps at full batch are profiled (torch operators and tokenmill's Python stages), to
+show where a step's time goes.
 """
 
 from __future__ import annotations
@@ -62,13 +62,17 @@ def reset_prefix_cache(llm) -> bool:
 
 
 def warm_up(llm, num_warmups: int = 1, prompt_len: int = 16, output_len: int = 4) -> None:
-    """A few short requests before measuring: the first steps pay one-off allocation and kernel selection costs."""
+    """A few short requests before measuring: the first steps pay one-off allocation and setup costs."""
     from tokenmill import SamplingParams
 
     if num_warmups <= 0:
         return
-    prompts = [{"prompt_token_ids": [(17 * i + j) % 100 + 10 for j in range(prompt_len)]} for i in range(num_warmups)]
-    llm.generate(prompts, SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0), use_tqdm=False)
+    prompts = [
+        {"prompt_token_ids": [(17 * i + j) % 100 + 10 for j in range(prompt_len)]} for i in range(num_warmups)
+    ]
+    llm.generate(
+        prompts, SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0), use_tqdm=False
+    )
     reset_prefix_cache(llm)
 
 
@@ -103,20 +107,32 @@ def run_offline(
     try:
         while pending or in_flight:
             now = time.perf_counter()
-            while (pending and offsets[pending[0]] <= now - start
-                   and (max_concurrency is None or len(in_flight) < max_concurrency)):
+            while (
+                pending
+                and offsets[pending[0]] <= now - start
+                and (max_concurrency is None or len(in_flight) < max_concurrency)
+            ):
                 index = pending.popleft()
                 request = requests[index]
                 request_id = engine.next_request_id()
-                params = SamplingParams(max_tokens=request.expected_output_len, ignore_eos=True, temperature=0.0)
-                engine.add_request(request_id, {"prompt": request.prompt, "prompt_token_ids": request.prompt_token_ids},
-                                   params, arrival_time=time.time())
+                params = SamplingParams(
+                    max_tokens=request.expected_output_len, ignore_eos=True, temperature=0.0
+                )
+                engine.add_request(
+                    request_id,
+                    {"prompt": request.prompt, "prompt_token_ids": request.prompt_token_ids},
+                    params,
+                    arrival_time=time.time(),
+                )
                 in_flight[request_id] = _InFlight(index, time.perf_counter())
             if not in_flight:
                 time.sleep(max(0.0, start + offsets[pending[0]] - time.perf_counter()))
                 continue
-            if profiler is not None and not profiler.done and (profiler.started or _at_full_decode(
-                    in_flight, full_batch, pending)):
+            if (
+                profiler is not None
+                and not profiler.done
+                and (profiler.started or _at_full_decode(in_flight, full_batch, pending))
+            ):
                 outputs = profiler.step(engine)
             else:
                 outputs = engine.step()
@@ -147,29 +163,38 @@ def run_offline(
     if profiler is not None:
         profiler.finish()
     return OfflineRun(
-        results=[r for r in results if r is not None], duration_s=duration,
-        num_steps=core.num_steps - steps_before, busy_seconds=core.busy_seconds - busy_before,
-        profile=profiler.report if profiler is not None else None, token_ids=token_ids,
+        results=[r for r in results if r is not None],
+        duration_s=duration,
+        num_steps=core.num_steps - steps_before,
+        busy_seconds=core.busy_seconds - busy_before,
+        profile=profiler.report if profiler is not None else None,
+        token_ids=token_ids,
     )
 
 
 def _at_full_decode(in_flight: dict[str, _InFlight], full_batch: int, pending: deque) -> bool:
-    """Every admitted request is decoding and the batch is as large as the load allows: a steady-state step."""
-    return (len(in_flight) >= full_batch or not pending) and all(e.first_token is not None for e in in_flight.values())
+    """Every admitted request is decoding and the batch is as large as the load allows (steady state)."""
+    return (len(in_flight) >= full_batch or not pending) and all(
+        e.first_token is not None for e in in_flight.values()
+    )
 
 
 def _result(request: SampleRequest, entry: _InFlight, finished: float, start: float) -> RequestResult:
     first = entry.first_token if entry.first_token is not None else finished
     return RequestResult(
-        prompt_len=request.prompt_len, output_len=entry.num_tokens, ttft=first - entry.sent,
-        latency=finished - entry.sent, itl=entry.itl, start_time=entry.sent - start,
+        prompt_len=request.prompt_len,
+        output_len=entry.num_tokens,
+        ttft=first - entry.sent,
+        latency=finished - entry.sent,
+        itl=entry.itl,
+        start_time=entry.sent - start,
     )
 
 
 class StepProfiler:
     """Profiles engine steps: num_steps under torch.profiler (operators), then num_steps under cProfile
     (tokenmill's Python: schedule / execute / update). The caller handles each step's outputs as usual; the
-    profilers' overhead inflates those steps' timings, so profile in a run whose latencies are not reported."""
+    profilers' overhead inflates those steps' timings: take latencies from a run without profiling."""
 
     def __init__(self, num_steps: int, row_limit: int = 25) -> None:
         self.num_steps = num_steps
@@ -218,12 +243,22 @@ class StepProfiler:
         self._python_profile.disable()
         stream = io.StringIO()
         pstats.Stats(self._python_profile, stream=stream).sort_stats("cumulative").print_stats(
-            r"tokenmill", self.row_limit)
-        table = self._torch_profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.row_limit)
-        self.report = "\n".join([
-            self._header, "", "torch operators, by self CPU time:", table, "",
-            "tokenmill Python functions, by cumulative time (cProfile):", stream.getvalue(),
-        ])
+            r"tokenmill", self.row_limit
+        )
+        table = self._torch_profile.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=self.row_limit
+        )
+        self.report = "\n".join(
+            [
+                self._header,
+                "",
+                "torch operators, by self CPU time:",
+                table,
+                "",
+                "tokenmill Python functions, by cumulative time (cProfile):",
+                stream.getvalue(),
+            ]
+        )
 
     def _stop_torch_profile(self) -> None:
         self._torch_profile.__exit__(None, None, None)

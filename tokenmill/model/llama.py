@@ -39,6 +39,8 @@ class RMSNorm(nn.Module):
         if x.is_cuda and (ops := _cuda_layer_ops()) is not None:
             return ops.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
         # In float32 as the reference implementation does, then back to the activation dtype.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -79,6 +81,8 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)  # [max_positions, head_dim / 2]
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        self._step_positions: torch.Tensor | None = None
+        self._step_cos = self._step_sin = None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -87,9 +91,15 @@ class RotaryEmbedding(nn.Module):
         if q.is_cuda and (ops := _cuda_layer_ops()) is not None:
             ops.rotary_embedding_(q, k, positions, self.cos, self.sin)
             return q, k
-        cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim / 2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if self._step_positions is not positions:
+            # Gathered once per forward pass and reused by every layer (they all get the same positions tensor).
+            self._step_positions = positions
+            self._step_cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim / 2]
+            self._step_sin = self.sin[positions].unsqueeze(1)
+        # q and k rotated together: one pass over [num_tokens, num_heads + num_kv_heads, head_dim].
+        num_heads = q.shape[1]
+        qk = _rotate(torch.cat((q, k), dim=1), self._step_cos, self._step_sin)
+        return qk[:, :num_heads], qk[:, num_heads:]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

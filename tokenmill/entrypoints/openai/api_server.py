@@ -135,13 +135,13 @@ class ServerState:
         timeout = self.config.shutdown_timeout
         engine = self.engine
         in_flight = engine.num_in_flight if engine else 0
-        logger.info("Shutting down: %d requests in flight get up to %.0f s to finish", in_flight, timeout)
+        logger.info("Shutting down: %d requests in flight get up to %g s to finish", in_flight, timeout)
         deadline = time.monotonic() + timeout
         while engine is not None and engine.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if engine is not None and engine.num_in_flight:
             num = engine.abort_all(unavailable("The server shut down before this request finished.", "shutdown"))
-            logger.warning("Aborted %d requests still running after --shutdown-timeout %.0f s", num, timeout)
+            logger.warning("Aborted %d requests still running after --shutdown-timeout %g s", num, timeout)
         if self.server is not None:
             self.server.should_exit = True
 

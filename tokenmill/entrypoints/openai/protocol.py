@@ -72,7 +72,8 @@ class SamplingFields(RequestModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     presence_penalty: Penalty | None = 0.0
     frequency_penalty: Penalty | None = 0.0
-    seed: int | None = Field(None, description="Same seed and prompt give the same output, whatever the batch.")
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1,
+                             description="Same seed and prompt give the same output, whatever the batch.")
     stop: str | list[str] | None = Field(None, description="Strings that end the output (not included).")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
