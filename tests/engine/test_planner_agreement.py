@@ -21,4 +21,4 @@ def test_kv_bytes_per_block_and_params_match_engine(arch_name, dtype, tiny_model
     allocated = sum(t.numel() * t.element_size() for t in core.kv_caches)
     assert allocated == core.kv_sizing.num_blocks * per_block
     assert core.kv_sizing.num_blocks == 4 * 2**20 // per_block
-    assert param_count(arch).total == sum(p.numel() for p in core.model.parameters())
+    assert param_count(arch).total == core.model.num_weight_elements()

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from tokenmill.attention.backend import AttentionBackend
-from tokenmill.model.llama import LlamaForCausalLM, RotaryEmbedding
+from tokenmill.model.llama import LlamaForCausalLM, RotaryEmbedding, pack_linear_weights
 from tokenmill.model.registry import DecoderSpec
 
 
@@ -106,4 +106,6 @@ def load_model(
             f"{model_dir}: {len(missing)} weight tensors are missing from the checkpoint ({shown}"
             f"{', ...' if len(missing) > 5 else ''}); the download is incomplete or the files do not match config.json"
         )
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        pack_linear_weights(model)
     return model.eval()
