@@ -146,6 +146,38 @@ class EngineConfig:
     # Tensor-parallel degree; only 1 is supported.
     tensor_parallel_size: int = 1
 
+    @classmethod
+    def from_kwargs(
+        cls,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        kv_cache_memory: int | str | None = None,
+        gpu_memory_utilization: float = 0.9,
+        seed: int = 0,
+        device: str = "auto",
+        tensor_parallel_size: int = 1,
+        chat_template: str | None = None,
+        enforce_eager: bool = False,
+    ) -> EngineConfig:
+        """The config from vLLM-named keyword arguments (those of LLM(...) and the serve flags), validated."""
+        config = cls(
+            model=ModelConfig(model=None if model is None else str(model), dtype=dtype, max_model_len=max_model_len,
+                              seed=seed, device=device, chat_template=chat_template, enforce_eager=enforce_eager),
+            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
+                              gpu_memory_utilization=gpu_memory_utilization,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        config.validate()
+        return config
+
     def validate(self) -> None:
         self.model.validate()
         self.cache.validate()

@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -41,15 +41,12 @@ class LLM:
         enforce_eager: bool = False,
         show_progress: bool = True,
     ) -> None:
-        config = EngineConfig(
-            model=ModelConfig(model=None if model is None else str(model), dtype=dtype,
-                              max_model_len=max_model_len, seed=seed, device=device, chat_template=chat_template,
-                              enforce_eager=enforce_eager),
-            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
-                              gpu_memory_utilization=gpu_memory_utilization,
-                              enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-            tensor_parallel_size=tensor_parallel_size,
+        config = EngineConfig.from_kwargs(
+            model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching, kv_cache_memory=kv_cache_memory,
+            gpu_memory_utilization=gpu_memory_utilization, seed=seed, device=device,
+            tensor_parallel_size=tensor_parallel_size, chat_template=chat_template, enforce_eager=enforce_eager,
         )
         self.llm_engine = LLMEngine(config, show_progress=show_progress)
 

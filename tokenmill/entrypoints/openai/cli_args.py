@@ -117,21 +117,13 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 def engine_config(args: argparse.Namespace):
     """(EngineConfig, chat template text) from the engine flags, built as LLM(...) builds it."""
-    from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from tokenmill.config import EngineConfig
 
     kw = engine_kwargs(args)
     # The server applies the chat template itself (passed to apply_chat_template), so the engine gets none.
-    config = EngineConfig(
-        model=ModelConfig(model=args.model, dtype=kw["dtype"], max_model_len=kw["max_model_len"], seed=kw["seed"],
-                          device=kw["device"], chat_template=None),
-        cache=CacheConfig(block_size=kw["block_size"], kv_cache_memory=kw["kv_cache_memory"],
-                          gpu_memory_utilization=kw["gpu_memory_utilization"],
-                          enable_prefix_caching=kw["enable_prefix_caching"]),
-        scheduler=SchedulerConfig(max_num_seqs=kw["max_num_seqs"], max_num_batched_tokens=kw["max_num_batched_tokens"]),
-        tensor_parallel_size=kw["tensor_parallel_size"],
-    )
-    config.validate()
-    return config, kw["chat_template"]
+    chat_template = kw.pop("chat_template")
+    config = EngineConfig.from_kwargs(args.model, **kw)
+    return config, chat_template
 
 
 def _run_serve(args: argparse.Namespace) -> int:
