@@ -23,39 +23,17 @@ def build_metadata(seqs: list[tuple[int, int]], tables: list[list[int]], block_s
     """Metadata for sequences (context_len, query_len) exactly as ModelRunner._build_batch makes it."""
     query_start_loc = [0]
     seq_lens, slots = [], []
-    prefill_indices, decode_indices = [], []
     for i, (context_len, query_len) in enumerate(seqs):
         for pos in range(context_len, context_len + query_len):
             slots.append(tables[i][pos // block_size] * block_size + pos % block_size)
         query_start_loc.append(query_start_loc[-1] + query_len)
         seq_lens.append(context_len + query_len)
-        (decode_indices if query_len == 1 else prefill_indices).append(i)
     width = max(len(t) for t in tables)
     block_tables = torch.zeros((len(seqs), width), dtype=torch.int32, device=device)
     for i, t in enumerate(tables):
         block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    meta = AttentionMetadata(
-        num_tokens=query_start_loc[-1],
-        num_seqs=len(seqs),
-        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
-        seq_lens=seq_lens_t,
-        block_tables=block_tables,
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        max_query_len=max(q for _, q in seqs),
-        max_seq_len=max(seq_lens),
-        query_start_loc_list=query_start_loc,
-        seq_lens_list=seq_lens,
-        prefill_indices=prefill_indices,
-        decode_indices=decode_indices,
-    )
-    if decode_indices:
-        idx = torch.tensor(decode_indices, device=device)
-        meta.decode_rows = torch.tensor([query_start_loc[i] for i in decode_indices], device=device)
-        meta.decode_seq_lens = seq_lens_t[idx]
-        meta.decode_block_tables = block_tables[idx]
-        meta.max_decode_seq_len = max(seq_lens[i] for i in decode_indices)
-    return meta
+    return AttentionMetadata.build(query_start_loc, seq_lens, block_tables,
+                                   torch.tensor(slots, dtype=torch.int64, device=device))
 
 
 def make_case(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,

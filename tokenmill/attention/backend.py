@@ -46,6 +46,37 @@ class AttentionMetadata:
     # Backend-private data derived once per step and reused by every layer (e.g. length buckets).
     backend_cache: dict = field(default_factory=dict)
 
+    @classmethod
+    def build(cls, query_start_loc: list[int], seq_lens: list[int], block_tables: torch.Tensor,
+              slot_mapping: torch.Tensor) -> AttentionMetadata:
+        """Everything else derived from the per-sequence query ranges and lengths; tensors go to
+        block_tables' device."""
+        device = block_tables.device
+        query_lens = [b - a for a, b in zip(query_start_loc, query_start_loc[1:])]
+        decode_indices = [i for i, n in enumerate(query_lens) if n == 1]
+        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+        meta = cls(
+            num_tokens=query_start_loc[-1],
+            num_seqs=len(seq_lens),
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
+            seq_lens=seq_lens_t,
+            block_tables=block_tables,
+            slot_mapping=slot_mapping,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_start_loc_list=query_start_loc,
+            seq_lens_list=seq_lens,
+            prefill_indices=[i for i, n in enumerate(query_lens) if n != 1],
+            decode_indices=decode_indices,
+        )
+        if decode_indices:
+            idx = torch.tensor(decode_indices, device=device)
+            meta.decode_rows = torch.tensor([query_start_loc[i] for i in decode_indices], device=device)
+            meta.decode_seq_lens = seq_lens_t[idx]
+            meta.decode_block_tables = block_tables[idx]
+            meta.max_decode_seq_len = max(seq_lens[i] for i in decode_indices)
+        return meta
+
 class AttentionBackend(ABC):
     """Computes attention over the paged KV cache for the flat batch described by AttentionMetadata."""
 

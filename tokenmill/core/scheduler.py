@@ -88,9 +88,9 @@ class Scheduler:
         now = time.time()
 
         kept: list[Request] = []
-        queue = list(self.running)
+        queue = deque(self.running)
         while queue and budget > 0:
-            request = queue.pop(0)
+            request = queue.popleft()
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate_slots(request, num_new):
                 # Out of blocks: preempt the latest arrival still unscheduled, else this request itself.
@@ -104,7 +104,7 @@ class Scheduler:
                 self._add_scheduled(out, request, num_new)
                 budget -= num_new
         # Requests left unscheduled for lack of budget stay running.
-        self.running = kept + queue
+        self.running = kept + list(queue)
 
         # Admit waiting requests only when nothing had to be preempted this step.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted_ids:

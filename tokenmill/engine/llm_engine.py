@@ -171,9 +171,9 @@ class LLMEngine:
         return bool(self.parents)
 
     # ---- output ---------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
         """Run one engine step; returns the current output of every request that changed (finished ones last
-        time they appear)."""
+        time they appear), or with final_only only those that finished (the offline API needs no more)."""
         changed: dict[str, _Parent] = {}
         for out in self.core.step():
             entry = self.children.get(out.request_id)
@@ -184,7 +184,8 @@ class LLMEngine:
             changed[parent.request_id] = parent
         results = []
         for parent in changed.values():
-            results.append(parent.output())
+            if not final_only or parent.finished:
+                results.append(parent.output())
             if parent.finished:
                 del self.parents[parent.request_id]
                 for child in parent.children:

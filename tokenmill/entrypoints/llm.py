@@ -125,7 +125,7 @@ class LLM:
         start = time.perf_counter()
         try:
             while len(finished) < len(wanted):
-                for output in engine.step():
+                for output in engine.step(final_only=True):
                     if output.finished and output.request_id in wanted:
                         finished[output.request_id] = output
                         num_output_tokens += sum(len(o.token_ids) for o in output.outputs)

@@ -104,26 +104,10 @@ def dummy_prefill_inputs(num_tokens: int, num_seqs: int, block_size: int, device
     starts = [0]
     for n in lens:
         starts.append(starts[-1] + n)
-    max_len = max(lens)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-    block_tables = torch.zeros((num_seqs, -(-max_len // block_size)), dtype=torch.int32, device=device)
+    block_tables = torch.zeros((num_seqs, -(-max(lens) // block_size)), dtype=torch.int32, device=device)
     positions = torch.cat([torch.arange(n, device=device) for n in lens])
-    prefill = [i for i, n in enumerate(lens) if n > 1]
-    decode = [i for i, n in enumerate(lens) if n == 1]
-    meta = AttentionMetadata(
-        num_tokens=num_tokens, num_seqs=num_seqs,
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=seq_lens, block_tables=block_tables,
-        slot_mapping=torch.zeros(num_tokens, dtype=torch.int64, device=device),
-        max_query_len=max_len, max_seq_len=max_len,
-        query_start_loc_list=starts, seq_lens_list=lens,
-        prefill_indices=prefill, decode_indices=decode,
-    )
-    if decode:
-        idx = torch.tensor(decode, device=device)
-        meta.decode_rows = torch.tensor([starts[i] for i in decode], device=device)
-        meta.decode_seq_lens, meta.decode_block_tables = seq_lens[idx], block_tables[idx]
-        meta.max_decode_seq_len = 1
+    meta = AttentionMetadata.build(starts, lens, block_tables,
+                                   torch.zeros(num_tokens, dtype=torch.int64, device=device))
     input_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     return input_ids, positions, meta
 

@@ -38,8 +38,7 @@ class ModelRunner:
         query_start_loc = [0]
         seq_lens: list[int] = []
         tables: list[list[int]] = []
-        prefill_indices, decode_indices = [], []
-        for i, item in enumerate(sched.scheduled):
+        for item in sched.scheduled:
             request, n = item.request, item.num_new_tokens
             start = request.num_computed_tokens
             block_ids = self.kv.block_ids(request.request_id)
@@ -50,7 +49,6 @@ class ModelRunner:
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(start + n)
             tables.append(block_ids)
-            (decode_indices if n == 1 else prefill_indices).append(i)
         max_blocks = max(len(t) for t in tables)
         table_array = np.zeros((len(tables), max_blocks), dtype=np.int32)
         for i, t in enumerate(tables):
@@ -59,27 +57,8 @@ class ModelRunner:
         input_ids = torch.tensor([t for part in ids_parts for t in part], dtype=torch.long, device=dev)
         positions = torch.from_numpy(np.concatenate(pos_parts)).to(dev)
         block_tables = torch.from_numpy(table_array).to(dev)
-        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
-        meta = AttentionMetadata(
-            num_tokens=len(input_ids),
-            num_seqs=len(seq_lens),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
-            seq_lens=seq_lens_t,
-            block_tables=block_tables,
-            slot_mapping=torch.from_numpy(np.concatenate(slot_parts)).to(dev),
-            max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
-            max_seq_len=max(seq_lens),
-            query_start_loc_list=query_start_loc,
-            seq_lens_list=seq_lens,
-            prefill_indices=prefill_indices,
-            decode_indices=decode_indices,
-        )
-        if decode_indices:
-            idx = torch.tensor(decode_indices, device=dev)
-            meta.decode_rows = torch.tensor([query_start_loc[i] for i in decode_indices], device=dev)
-            meta.decode_seq_lens = seq_lens_t[idx]
-            meta.decode_block_tables = block_tables[idx]
-            meta.max_decode_seq_len = max(seq_lens[i] for i in decode_indices)
+        meta = AttentionMetadata.build(query_start_loc, seq_lens, block_tables,
+                                       torch.from_numpy(np.concatenate(slot_parts)).to(dev))
         return input_ids, positions, meta
 
     @torch.inference_mode()
