@@ -26,7 +26,9 @@ def decode_meta(seq_lens: torch.Tensor, block_tables: torch.Tensor) -> Attention
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (6, 2, 48)])
 @pytest.mark.parametrize("window", [None, 37])
-def test_decode_kernel_matches_reference(dtype, tol, num_heads, num_kv_heads, head_dim, window):
+# 1 thread: one task per sequence (all its KV heads); 8 threads for 11 sequences: one task per KV head.
+@pytest.mark.parametrize("num_threads", [1, 8])
+def test_decode_kernel_matches_reference(dtype, tol, num_heads, num_kv_heads, head_dim, window, num_threads):
     g = torch.Generator().manual_seed(0)
     block_size, num_blocks, num_seqs = 16, 300, 11
     kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
@@ -36,10 +38,25 @@ def test_decode_kernel_matches_reference(dtype, tol, num_heads, num_kv_heads, he
     tables = torch.randperm(num_blocks, generator=g)[: num_seqs * max_blocks].view(num_seqs, max_blocks).int()
     q = torch.randn(num_seqs, num_heads, head_dim, generator=g).to(dtype)
     scale = head_dim**-0.5
-    got = cpu_kernels.paged_decode_attention(q, kv_cache, tables, seq_lens, scale, window)
+    got = cpu_kernels.paged_decode_attention(q, kv_cache, tables, seq_lens, scale, window, num_threads)
     # Reference in float32 on the same (rounded) inputs.
     ref_backend = TorchAttentionBackend(num_heads, num_kv_heads, head_dim, scale, window)
     expected = torch.empty(q.shape, dtype=torch.float32)
     ref_backend._decode(q.float(), kv_cache.float(), decode_meta(seq_lens, tables), expected)
     err = (got.float() - expected).abs().max() / expected.abs().max()
     assert err < tol
+
+
+def test_decode_kernel_writes_into_out_view():
+    g = torch.Generator().manual_seed(1)
+    kv_cache = torch.randn(2, 20, 16, 2, 64, generator=g).to(torch.bfloat16)
+    tables = torch.arange(20, dtype=torch.int32).view(4, 5)
+    seq_lens = torch.tensor([5, 80, 33, 64], dtype=torch.int32)
+    q = torch.randn(4, 4, 64, generator=g).to(torch.bfloat16)
+    out = torch.zeros(6, 4, 64, dtype=torch.bfloat16)
+    expected = cpu_kernels.paged_decode_attention(q, kv_cache, tables, seq_lens, 0.125, None)
+    cpu_kernels.paged_decode_attention(q, kv_cache, tables, seq_lens, 0.125, None, out=out[1:5])
+    assert torch.equal(out[1:5], expected)
+    assert not out[0].any() and not out[5].any()
+    with pytest.raises(ValueError, match="out must be"):
+        cpu_kernels.paged_decode_attention(q, kv_cache, tables, seq_lens, 0.125, None, out=out[:3])

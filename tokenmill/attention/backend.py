@@ -43,6 +43,9 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None = None
     decode_block_tables: torch.Tensor | None = None
     max_decode_seq_len: int = 0
+    # decode_rows as a slice when they are consecutive (the scheduler puts running decodes first), so
+    # backends can read and write them as views instead of gathering and scattering.
+    decode_row_slice: slice | None = None
     # Backend-private data derived once per step and reused by every layer (e.g. length buckets).
     backend_cache: dict = field(default_factory=dict)
 
@@ -71,7 +74,10 @@ class AttentionMetadata:
         )
         if decode_indices:
             idx = torch.tensor(decode_indices, device=device)
-            meta.decode_rows = torch.tensor([query_start_loc[i] for i in decode_indices], device=device)
+            rows = [query_start_loc[i] for i in decode_indices]
+            meta.decode_rows = torch.tensor(rows, device=device)
+            if rows[-1] - rows[0] == len(rows) - 1:
+                meta.decode_row_slice = slice(rows[0], rows[-1] + 1)
             meta.decode_seq_lens = seq_lens_t[idx]
             meta.decode_block_tables = block_tables[idx]
             meta.max_decode_seq_len = max(seq_lens[i] for i in decode_indices)

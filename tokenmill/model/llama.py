@@ -29,6 +29,24 @@ def _cuda_layer_ops() -> ModuleType | None:
     return layer_ops
 
 
+@functools.cache
+def _cpu_layer_ops() -> ModuleType | None:
+    """The native CPU versions of the same kernels (bfloat16), when they are built and vectorized here."""
+    from tokenmill.attention import cpu_kernels
+
+    return cpu_kernels if cpu_kernels.layer_ops_supported() else None
+
+
+def _layer_ops(x: torch.Tensor) -> ModuleType | None:
+    """Fused kernels for x's device and dtype (same functions, same arithmetic as the PyTorch code here), or
+    None where plain PyTorch runs: float32 and float16 on CPU, or no kernels available."""
+    if x.is_cuda:
+        return _cuda_layer_ops()
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return _cpu_layer_ops()
+    return None
+
+
 class PackedLinear(nn.Module):
     """A bf16 linear layer whose weight is pre-packed into oneDNN's blocked layout (CPU only).
 
@@ -67,9 +85,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and (ops := _cuda_layer_ops()) is not None:
-            return ops.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm of x; with residual, of x + residual, returning (normed, x + residual) - the residual add of
+        the previous sublayer folded into this norm (in place on residual where a fused kernel runs)."""
+        if (ops := _layer_ops(x)) is not None:
+            hidden = x.shape[-1]
+            if residual is None:
+                return ops.rms_norm(x.reshape(-1, hidden), self.weight, self.eps).view(x.shape)
+            out = ops.rms_norm(x.reshape(-1, hidden), self.weight, self.eps, residual=residual.view(-1, hidden))
+            return out.view(x.shape), residual
+        if residual is not None:
+            residual = x + residual
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # In float32 as the reference implementation does, then back to the activation dtype.
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
@@ -120,7 +152,7 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [num_tokens, num_heads, head_dim]; rotate-half layout as in Hugging Face checkpoints.
-        if q.is_cuda and (ops := _cuda_layer_ops()) is not None:
+        if (ops := _layer_ops(q)) is not None:
             ops.rotary_embedding_(q, k, positions, self.cos, self.sin)
             return q, k
         if self._step_positions is not positions:
@@ -187,7 +219,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if gate_up.is_cuda and (ops := _cuda_layer_ops()) is not None:
+        if (ops := _layer_ops(gate_up)) is not None:
             return self.down_proj(ops.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
@@ -204,13 +236,21 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         rotary: RotaryEmbedding,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream before it): the caller's next norm adds the two, as vLLM's layers do,
+        so every residual add is fused into the RMSNorm after it."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, rotary, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -233,10 +273,10 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Final hidden states [num_tokens, hidden_size] for the flat batch input_ids [num_tokens]."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, self.rotary, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, kv_cache, meta)
+        return self.norm(x, residual)[0]
 
     def num_weight_elements(self) -> int:
         """Elements of the model's weights (tied embeddings once), packed layers included."""
@@ -246,7 +286,8 @@ class LlamaForCausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters()) + packed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """Logits [rows, vocab] in the model's dtype (the sampler converts to float32 where it needs to)."""
+        return self.lm_head(hidden)
 
     # ---- weights ------------------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenmill.attention import cpu_kernels
 from tokenmill.outputs import Logprob, PositionLogprobs, SampledToken
 from tokenmill.request import Request
 
@@ -39,22 +40,29 @@ class Sampler:
         self.generator = generator
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
-        """logits: [num_requests, vocab] float32 at the position that predicts each request's next token."""
+        """logits: [num_requests, vocab] at the position that predicts each request's next token, in the model's
+        dtype. A batch of greedy rows is argmax'ed as it is (a bfloat16 -> float32 conversion is exact and keeps
+        the order); anything else computes in float32."""
         device = logits.device
         params = [r.sampling_params for r in requests]
         max_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        if max_logprobs is not None or any(p.needs_penalties or not p.greedy for p in params):
+            logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if max_logprobs is not None else None
 
         if any(p.needs_penalties for p in params):
             logits = self._apply_penalties(logits.clone(), requests)
         logits = self._mask_min_tokens(logits, requests)
 
-        token_ids = torch.empty(len(requests), dtype=torch.long, device=device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         random = [i for i, p in enumerate(params) if not p.greedy]
-        if greedy:
+        if not random:
+            token_ids = cpu_kernels.argmax(logits)
+        else:
+            token_ids = torch.empty(len(requests), dtype=torch.long, device=device)
+        if greedy and random:
             idx = torch.tensor(greedy, device=device)
-            token_ids[idx] = logits[idx].argmax(dim=-1)
+            token_ids[idx] = cpu_kernels.argmax(logits[idx])
         if random:
             idx = torch.tensor(random, device=device)
             token_ids[idx] = self._sample(logits[idx], [requests[i] for i in random])

@@ -122,7 +122,7 @@ def run_dummy_forward(model: torch.nn.Module, num_kv_heads: int, head_dim: int, 
     cache = torch.zeros((2, 1, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
     hidden = model(input_ids, positions, [cache] * num_layers, meta)
     last_rows = [b - 1 for b in meta.query_start_loc_list[1:]]
-    logits = model.compute_logits(hidden[last_rows])
+    logits = model.compute_logits(hidden[last_rows]).float()  # the sampler's float32 copy when it samples
     torch.softmax(logits, dim=-1)
 
 

@@ -90,7 +90,7 @@ class ModelRunner:
         if end <= first:
             return
         logits = self.model.compute_logits(hidden[row + first - start : row + end - start])
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         targets = torch.tensor(request.prompt_token_ids[first + 1 : end + 1], device=logits.device)
         out.prompt_logprobs[request.request_id] = top_logprobs(
             logprobs, targets, request.sampling_params.prompt_logprobs

@@ -95,94 +95,229 @@ static void softmax_rows_avx512(float *scores, int group, int n) {
     }
 }
 
-// acc[g][:] = sum_t p[g][t] * v[t][:]. The accumulators stay in registers when G and C (head_dim / 16) are
-// compile-time constants, which the dispatch in value_pass arranges.
-static inline __attribute__((always_inline)) void value_pass_fixed(
-    const int G, const int C, const uint16_t *values, const int32_t *table, int start, int n, int block_size,
-    int64_t block_stride, int64_t token_stride, const float *scores, float *acc) {
+// Lane i of the result = the sum of the 16 lanes of v[i]: 16 dot products finished in 45 shuffles and adds
+// instead of 16 separate horizontal reductions.
+static inline __m512 reduce16(const __m512 *v) {
+    __m512 w[8], u[4];
+    for (int i = 0; i < 8; i++)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  // per 128-bit lane: the lane's partial sums of rows 4i..4i+3
+        const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xdd));
+}
+
+// The keys and values a task reads are walked in tiles: up to 16 consecutive positions inside one block, whose
+// rows (all KV heads of a position side by side) are read front to back.
+typedef struct {
+    const uint16_t *q;        // this sequence's queries [num_heads][head_dim]
+    const uint16_t *keys;     // the layer's key half; values follow at value_offset
+    int64_t value_offset;
+    const int32_t *table;     // this sequence's block table
+    int start, n;             // positions [start, start + n) are attended
+    int h0, h1;               // KV heads of this task
+    int group, head_dim, block_size;
+    int64_t block_stride, token_stride;
+    float scale;
+} Task;
+
+static inline int tile_at(const Task *task, int t, int64_t *row) {
+    const int pos = task->start + t;
+    const int in_block = pos % task->block_size;
+    int cnt = task->block_size - in_block;
+    if (cnt > 16) cnt = 16;
+    if (cnt > task->n - t) cnt = task->n - t;
+    *row = (int64_t)task->table[pos / task->block_size] * task->block_stride + (int64_t)in_block * task->token_stride;
+    return cnt;
+}
+
+// Asks for the task's part of the tile that starts at position t (if any) to be brought into the cache, so the
+// next random block's rows arrive while the current one is being computed.
+static inline void prefetch_tile(const Task *task, const uint16_t *base, int t) {
+    if (t >= task->n) return;
+    int64_t row;
+    const int cnt = tile_at(task, t, &row);
+    const char *p = (const char *)(base + row + (int64_t)task->h0 * task->head_dim);
+    const int64_t bytes = (int64_t)(task->h1 - task->h0) * task->head_dim * 2;
+    for (int j = 0; j < cnt; j++, p += task->token_stride * 2)
+        for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// scores[(kvh - h0) * group + g][t] = scale * q[kvh * group + g] . k[t][kvh], with C = head_dim / 32.
+static inline __attribute__((always_inline)) void score_pass_fixed(const int C, const Task *task, float *scores) {
+    const __m512 vscale = _mm512_set1_ps(task->scale);
+    const int n = task->n, group = task->group, head_dim = task->head_dim;
+    for (int t = 0; t < n;) {
+        int64_t row;
+        const int cnt = tile_at(task, t, &row);
+        const __mmask16 m = (__mmask16)((1u << cnt) - 1);
+        prefetch_tile(task, task->keys, t + cnt);
+        for (int kvh = task->h0; kvh < task->h1; kvh++) {
+            const uint16_t *k = task->keys + row + (int64_t)kvh * head_dim;
+            for (int g = 0; g < group; g++) {
+                const int h = kvh * group + g;
+                __m512bh qv[8];
+                for (int c = 0; c < C; c++) qv[c] = (__m512bh)_mm512_loadu_si512(task->q + (int64_t)h * head_dim + c * 32);
+                __m512 d[16];
+                for (int j = 0; j < 16; j++) {
+                    // Rows past the tile repeat its first row (their scores are not stored): no branches.
+                    const uint16_t *kj = k + (j < cnt ? j : 0) * task->token_stride;
+                    d[j] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(kj));
+                    for (int c = 1; c < C; c++)
+                        d[j] = _mm512_dpbf16_ps(d[j], qv[c], (__m512bh)_mm512_loadu_si512(kj + c * 32));
+                }
+                float *dst = scores + (int64_t)(h - task->h0 * group) * n + t;
+                _mm512_mask_storeu_ps(dst, m, _mm512_mul_ps(reduce16(d), vscale));
+            }
+        }
+        t += cnt;
+    }
+}
+
+static void score_pass(const Task *task, float *scores) {
+    switch (task->head_dim / 32) {
+        case 1: score_pass_fixed(1, task, scores); return;
+        case 2: score_pass_fixed(2, task, scores); return;
+        case 3: score_pass_fixed(3, task, scores); return;
+        case 4: score_pass_fixed(4, task, scores); return;
+        case 5: score_pass_fixed(5, task, scores); return;
+        case 6: score_pass_fixed(6, task, scores); return;
+        case 7: score_pass_fixed(7, task, scores); return;
+        default: score_pass_fixed(8, task, scores); return;
+    }
+}
+
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+// acc[g][:] += sum_j p[g][j] * v[j][:] over one tile of cnt positions, for one KV head's G query heads. The
+// accumulators stay in registers when G and C (head_dim / 16) are compile-time constants (see value_pass).
+static inline __attribute__((always_inline)) void value_tile_fixed(
+    const int G, const int C, const uint16_t *v, int cnt, int64_t token_stride, const float *p, int n, float *acc) {
     __m512 a[G][C];
     for (int g = 0; g < G; g++)
-        for (int c = 0; c < C; c++) a[g][c] = _mm512_setzero_ps();
-    for (int t = 0; t < n; t++) {
-        const int pos = start + t;
-        const uint16_t *v = values + (int64_t)table[pos / block_size] * block_stride
-                            + (int64_t)(pos % block_size) * token_stride;
+        for (int c = 0; c < C; c++) a[g][c] = _mm512_loadu_ps(acc + (int64_t)(g * C + c) * 16);
+    for (int j = 0; j < cnt; j++, v += token_stride) {
         for (int c = 0; c < C; c++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(v + c * 16));
-            __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-            for (int g = 0; g < G; g++) a[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(int64_t)g * n + t]), vf, a[g][c]);
+            const __m512 vf = load_bf16x16(v + c * 16);
+            for (int g = 0; g < G; g++) a[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[(int64_t)g * n + j]), vf, a[g][c]);
         }
     }
     for (int g = 0; g < G; g++)
-        for (int c = 0; c < C; c++) _mm512_storeu_ps(acc + (int64_t)g * C * 16 + c * 16, a[g][c]);
+        for (int c = 0; c < C; c++) _mm512_storeu_ps(acc + (int64_t)(g * C + c) * 16, a[g][c]);
 }
 
-static void value_pass(const uint16_t *values, const int32_t *table, int start, int n, int group, int head_dim,
-                       int block_size, int64_t block_stride, int64_t token_stride, const float *scores, float *acc) {
-#define VP(G, C) value_pass_fixed(G, C, values, table, start, n, block_size, block_stride, token_stride, scores, acc)
+static void value_tile(const uint16_t *v, int cnt, int64_t token_stride, const float *p, int n, int group,
+                       int head_dim, float *acc) {
+#define VT(G, C) value_tile_fixed(G, C, v, cnt, token_stride, p, n, acc)
     if (head_dim == 64) {
         switch (group) {
-            case 1: VP(1, 4); return;
-            case 2: VP(2, 4); return;
-            case 3: VP(3, 4); return;
-            case 4: VP(4, 4); return;
-            case 5: VP(5, 4); return;
-            case 6: VP(6, 4); return;
-            case 7: VP(7, 4); return;
-            case 8: VP(8, 4); return;
+            case 1: VT(1, 4); return;
+            case 2: VT(2, 4); return;
+            case 3: VT(3, 4); return;
+            case 4: VT(4, 4); return;
+            case 5: VT(5, 4); return;
+            case 6: VT(6, 4); return;
+            case 7: VT(7, 4); return;
+            case 8: VT(8, 4); return;
         }
     } else if (head_dim == 128) {
         switch (group) {
-            case 1: VP(1, 8); return;
-            case 2: VP(2, 8); return;
-            case 3: VP(3, 8); return;
-            case 4: VP(4, 8); return;
+            case 1: VT(1, 8); return;
+            case 2: VT(2, 8); return;
+            case 3: VT(3, 8); return;
+            case 4: VT(4, 8); return;
         }
     }
-#undef VP
+#undef VT
     // Any other shape: accumulate in memory.
-    memset(acc, 0, sizeof(float) * (size_t)group * head_dim);
-    for (int t = 0; t < n; t++) {
-        const int pos = start + t;
-        const uint16_t *v = values + (int64_t)table[pos / block_size] * block_stride
-                            + (int64_t)(pos % block_size) * token_stride;
+    for (int j = 0; j < cnt; j++, v += token_stride)
         for (int d = 0; d < head_dim; d += 16) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(v + d));
-            __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            const __m512 vf = load_bf16x16(v + d);
             for (int g = 0; g < group; g++) {
                 float *ap = acc + (int64_t)g * head_dim + d;
-                _mm512_storeu_ps(ap, _mm512_fmadd_ps(_mm512_set1_ps(scores[(int64_t)g * n + t]), vf, _mm512_loadu_ps(ap)));
+                _mm512_storeu_ps(ap, _mm512_fmadd_ps(_mm512_set1_ps(p[(int64_t)g * n + j]), vf, _mm512_loadu_ps(ap)));
             }
         }
-    }
 }
 
-// One (sequence, KV head) in bfloat16 with AVX512-BF16 dot products; head_dim a multiple of 32, group <= 16.
-static void head_bf16_avx512(const uint16_t *q, const uint16_t *keys, const uint16_t *values, uint16_t *out,
-                             const int32_t *table, int start, int n, int group, int head_dim, int block_size,
-                             int64_t block_stride, int64_t token_stride, float scale, float *scores, float *acc) {
-    const int chunks = head_dim / 32;
-    __m512bh qv[16 * 8];
-    for (int g = 0; g < group; g++)
-        for (int c = 0; c < chunks; c++)
-            qv[g * chunks + c] = (__m512bh)_mm512_loadu_si512(q + (int64_t)g * head_dim + c * 32);
-    for (int t = 0; t < n; t++) {
-        const int pos = start + t;
-        const uint16_t *k = keys + (int64_t)table[pos / block_size] * block_stride
-                            + (int64_t)(pos % block_size) * token_stride;
-        for (int g = 0; g < group; g++) {
-            __m512 dot = _mm512_setzero_ps();
-            for (int c = 0; c < chunks; c++)
-                dot = _mm512_dpbf16_ps(dot, qv[g * chunks + c], (__m512bh)_mm512_loadu_si512(k + c * 32));
-            scores[(int64_t)g * n + t] = _mm512_reduce_add_ps(dot) * scale;
+// One task in bfloat16 with AVX512-BF16 dot products; head_dim a multiple of 32. scores: [heads of the task][n];
+// acc: [heads of the task][head_dim], zeroed.
+static void task_bf16_avx512(const Task *task, uint16_t *out, float *scores, float *acc) {
+    const int group = task->group, head_dim = task->head_dim, n = task->n;
+    const int heads = (task->h1 - task->h0) * group;
+    score_pass(task, scores);
+    softmax_rows_avx512(scores, heads, n);
+    const uint16_t *values = task->keys + task->value_offset;
+    for (int t = 0; t < n;) {
+        int64_t row;
+        const int cnt = tile_at(task, t, &row);
+        prefetch_tile(task, values, t + cnt);
+        for (int kvh = task->h0; kvh < task->h1; kvh++) {
+            const int i = (kvh - task->h0) * group;
+            value_tile(values + row + (int64_t)kvh * head_dim, cnt, task->token_stride, scores + (int64_t)i * n + t, n,
+                       group, head_dim, acc + (int64_t)i * head_dim);
         }
+        t += cnt;
     }
-    softmax_rows_avx512(scores, group, n);
-    value_pass(values, table, start, n, group, head_dim, block_size, block_stride, token_stride, scores, acc);
-    for (int g = 0; g < group; g++)
-        for (int d = 0; d < head_dim; d++) out[(int64_t)g * head_dim + d] = f32_to_bf16(acc[(int64_t)g * head_dim + d]);
+    for (int i = 0; i < heads * head_dim; i++) out[i] = f32_to_bf16(acc[i]);
 }
 #endif
+
+// One (sequence, KV head) in portable C: float32, or bfloat16 without AVX512-BF16 or for other head sizes.
+static void head_generic(const void *q, const void *kv_cache, void *out, const int32_t *table, int s, int kvh,
+                         int start, int n, int num_heads, int group, int head_dim, int block_size,
+                         int64_t block_stride, int64_t token_stride, int64_t value_offset, float scale, int dtype) {
+    float *qf = malloc(sizeof(float) * (size_t)group * head_dim);
+    float *acc = calloc((size_t)group * head_dim, sizeof(float));
+    float *scores = malloc(sizeof(float) * (size_t)group * (n > 0 ? n : 1));
+    float *row = malloc(sizeof(float) * head_dim);
+    for (int g = 0; g < group; g++)
+        load_row(qf + g * head_dim, q, ((int64_t)s * num_heads + kvh * group + g) * head_dim, head_dim, dtype);
+    // Pass 1: scores of every query head of this KV head against every key.
+    for (int t = 0; t < n; t++) {
+        const int pos = start + t;
+        const int64_t base = (int64_t)table[pos / block_size] * block_stride
+                             + (int64_t)(pos % block_size) * token_stride + (int64_t)kvh * head_dim;
+        load_row(row, kv_cache, base, head_dim, dtype);
+        for (int g = 0; g < group; g++) {
+            const float *qg = qf + g * head_dim;
+            float dot = 0.f;
+            for (int d = 0; d < head_dim; d++) dot += qg[d] * row[d];
+            scores[(int64_t)g * n + t] = dot * scale;
+        }
+    }
+    softmax_rows(scores, group, n);
+    // Pass 2: weighted sum of values.
+    for (int t = 0; t < n; t++) {
+        const int pos = start + t;
+        const int64_t base = value_offset + (int64_t)table[pos / block_size] * block_stride
+                             + (int64_t)(pos % block_size) * token_stride + (int64_t)kvh * head_dim;
+        load_row(row, kv_cache, base, head_dim, dtype);
+        for (int g = 0; g < group; g++) {
+            const float p = scores[(int64_t)g * n + t];
+            float *ag = acc + g * head_dim;
+            for (int d = 0; d < head_dim; d++) ag[d] += p * row[d];
+        }
+    }
+    for (int g = 0; g < group; g++) {
+        const int64_t o = ((int64_t)s * num_heads + kvh * group + g) * head_dim;
+        if (dtype == 0) {
+            memcpy((float *)out + o, acc + g * head_dim, sizeof(float) * head_dim);
+        } else {
+            uint16_t *dst = (uint16_t *)out + o;
+            for (int d = 0; d < head_dim; d++) dst[d] = f32_to_bf16(acc[g * head_dim + d]);
+        }
+    }
+    free(qf);
+    free(acc);
+    free(scores);
+    free(row);
+}
 
 void paged_decode_attention(
     const void *q, const void *kv_cache, void *out,
@@ -194,74 +329,42 @@ void paged_decode_attention(
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
     const int64_t block_stride = (int64_t)block_size * token_stride;
     const int64_t value_offset = num_blocks * block_stride;
-
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
-    for (int s = 0; s < num_seqs; s++) {
-        for (int kvh = 0; kvh < num_kv_heads; kvh++) {
-            const int len = seq_lens[s];
-            const int start = (sliding_window > 0 && len > sliding_window) ? len - sliding_window : 0;
-            const int n = len - start;
-            float *qf = malloc(sizeof(float) * (size_t)group * head_dim);
-            float *acc = calloc((size_t)group * head_dim, sizeof(float));
-            float *scores = malloc(sizeof(float) * (size_t)group * (n > 0 ? n : 1));
-            float *row = malloc(sizeof(float) * head_dim);
-            for (int g = 0; g < group; g++)
-                load_row(qf + g * head_dim, q, ((int64_t)s * num_heads + kvh * group + g) * head_dim, head_dim, dtype);
-            const int32_t *table = block_tables + (int64_t)s * max_blocks;
 #ifdef HAVE_AVX512_BF16
-            if (dtype == 1 && head_dim % 32 == 0 && head_dim <= 256 && group <= 16) {
-                const uint16_t *cache = (const uint16_t *)kv_cache + (int64_t)kvh * head_dim;
-                head_bf16_avx512((const uint16_t *)q + ((int64_t)s * num_heads + kvh * group) * head_dim,
-                                 cache, cache + value_offset,
-                                 (uint16_t *)out + ((int64_t)s * num_heads + kvh * group) * head_dim,
-                                 table, start, n, group, head_dim, block_size, block_stride, token_stride, scale,
-                                 scores, acc);
-                free(qf);
-                free(acc);
-                free(scores);
-                free(row);
-                continue;
-            }
+    const int fast = dtype == 1 && head_dim % 32 == 0 && head_dim <= 256;
+#else
+    const int fast = 0;
 #endif
-            // Pass 1: scores of every query head of this KV head against every key.
-            for (int t = 0; t < n; t++) {
-                const int pos = start + t;
-                const int64_t base = (int64_t)table[pos / block_size] * block_stride
-                                     + (int64_t)(pos % block_size) * token_stride + (int64_t)kvh * head_dim;
-                load_row(row, kv_cache, base, head_dim, dtype);
-                for (int g = 0; g < group; g++) {
-                    const float *qg = qf + g * head_dim;
-                    float dot = 0.f;
-                    for (int d = 0; d < head_dim; d++) dot += qg[d] * row[d];
-                    scores[(int64_t)g * n + t] = dot * scale;
-                }
-            }
-            softmax_rows(scores, group, n);
-            // Pass 2: weighted sum of values.
-            for (int t = 0; t < n; t++) {
-                const int pos = start + t;
-                const int64_t base = value_offset + (int64_t)table[pos / block_size] * block_stride
-                                     + (int64_t)(pos % block_size) * token_stride + (int64_t)kvh * head_dim;
-                load_row(row, kv_cache, base, head_dim, dtype);
-                for (int g = 0; g < group; g++) {
-                    const float p = scores[(int64_t)g * n + t];
-                    float *ag = acc + g * head_dim;
-                    for (int d = 0; d < head_dim; d++) ag[d] += p * row[d];
-                }
-            }
-            for (int g = 0; g < group; g++) {
-                const int64_t o = ((int64_t)s * num_heads + kvh * group + g) * head_dim;
-                if (dtype == 0) {
-                    memcpy((float *)out + o, acc + g * head_dim, sizeof(float) * head_dim);
-                } else {
-                    uint16_t *dst = (uint16_t *)out + o;
-                    for (int d = 0; d < head_dim; d++) dst[d] = f32_to_bf16(acc[g * head_dim + d]);
-                }
-            }
-            free(qf);
-            free(acc);
+    // With enough sequences to keep every thread busy, a task is a whole sequence, so its key and value rows
+    // are read once, front to back; with few, a task is one KV head of one sequence.
+    const int heads_per_task = (fast && num_seqs >= 2 * num_threads) ? num_kv_heads : 1;
+    const int tasks_per_seq = num_kv_heads / heads_per_task;
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int task_id = 0; task_id < num_seqs * tasks_per_seq; task_id++) {
+        const int s = task_id / tasks_per_seq;
+        const int h0 = (task_id % tasks_per_seq) * heads_per_task;
+        const int len = seq_lens[s];
+        const int start = (sliding_window > 0 && len > sliding_window) ? len - sliding_window : 0;
+        const int n = len - start;
+        const int32_t *table = block_tables + (int64_t)s * max_blocks;
+#ifdef HAVE_AVX512_BF16
+        if (fast) {
+            const int heads = heads_per_task * group;
+            const Task task = {
+                .q = (const uint16_t *)q + (int64_t)s * num_heads * head_dim, .keys = (const uint16_t *)kv_cache,
+                .value_offset = value_offset, .table = table, .start = start, .n = n, .h0 = h0,
+                .h1 = h0 + heads_per_task, .group = group, .head_dim = head_dim, .block_size = block_size,
+                .block_stride = block_stride, .token_stride = token_stride, .scale = scale,
+            };
+            float *scores = malloc(sizeof(float) * (size_t)heads * (n > 0 ? n : 1));
+            float *acc = calloc((size_t)heads * head_dim, sizeof(float));
+            task_bf16_avx512(&task, (uint16_t *)out + ((int64_t)s * num_heads + h0 * group) * head_dim, scores, acc);
             free(scores);
-            free(row);
+            free(acc);
+            continue;
         }
+#endif
+        head_generic(q, kv_cache, out, table, s, h0, start, n, num_heads, group, head_dim, block_size, block_stride,
+                     token_stride, value_offset, scale, dtype);
     }
 }
