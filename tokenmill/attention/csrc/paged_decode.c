@@ -70,7 +70,9 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, k);
 }
 
-static void softmax_rows_avx512(float *scores, int group, int n) {
+// Softmax of each row of scores in place; with row_max and row_sum given, the rows keep exp(s - max) without
+// the division, and each row's max and sum of exponentials are returned there (a split to merge later).
+static void softmax_rows_avx512(float *scores, int group, int n, float *row_max, float *row_sum) {
     for (int g = 0; g < group; g++) {
         float *sg = scores + (int64_t)g * n;
         __m512 vmax = _mm512_set1_ps(-INFINITY);
@@ -78,7 +80,8 @@ static void softmax_rows_avx512(float *scores, int group, int n) {
             const __mmask16 m = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
             vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, sg + t));
         }
-        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        const float max = _mm512_reduce_max_ps(vmax);
+        const __m512 mx = _mm512_set1_ps(max);
         __m512 vsum = _mm512_setzero_ps();
         for (int t = 0; t < n; t += 16) {
             const __mmask16 m = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
@@ -87,6 +90,11 @@ static void softmax_rows_avx512(float *scores, int group, int n) {
             vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
         }
         const float sum = _mm512_reduce_add_ps(vsum);
+        if (row_max != NULL) {
+            row_max[g] = max;
+            row_sum[g] = sum;
+            continue;
+        }
         const __m512 inv = _mm512_set1_ps(sum > 0.f ? 1.f / sum : 0.f);
         for (int t = 0; t < n; t += 16) {
             const __mmask16 m = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
@@ -246,12 +254,15 @@ static void value_tile(const uint16_t *v, int cnt, int64_t token_stride, const f
 }
 
 // One task in bfloat16 with AVX512-BF16 dot products; head_dim a multiple of 32. scores: [heads of the task][n];
-// acc: [heads of the task][head_dim], zeroed.
-static void task_bf16_avx512(const Task *task, uint16_t *out, float *scores, float *acc) {
+// acc: [heads of the task][head_dim], zeroed. Writes the normalized output to out, or, for one split of a
+// sequence (partial not NULL), the unnormalized sums to partial[h][0:head_dim] with the row max and sum of
+// exponentials at partial[h][head_dim] and [head_dim + 1], for merge_splits.
+static void task_bf16_avx512(const Task *task, uint16_t *out, float *scores, float *acc, float *partial) {
     const int group = task->group, head_dim = task->head_dim, n = task->n;
     const int heads = (task->h1 - task->h0) * group;
+    float row_max[heads], row_sum[heads];
     score_pass(task, scores);
-    softmax_rows_avx512(scores, heads, n);
+    softmax_rows_avx512(scores, heads, n, partial ? row_max : NULL, partial ? row_sum : NULL);
     const uint16_t *values = task->keys + task->value_offset;
     for (int t = 0; t < n;) {
         int64_t row;
@@ -264,7 +275,16 @@ static void task_bf16_avx512(const Task *task, uint16_t *out, float *scores, flo
         }
         t += cnt;
     }
-    for (int i = 0; i < heads * head_dim; i++) out[i] = f32_to_bf16(acc[i]);
+    if (partial == NULL) {
+        for (int i = 0; i < heads * head_dim; i++) out[i] = f32_to_bf16(acc[i]);
+        return;
+    }
+    for (int h = 0; h < heads; h++) {
+        float *p = partial + (int64_t)h * (head_dim + 2);
+        memcpy(p, acc + (int64_t)h * head_dim, sizeof(float) * head_dim);
+        p[head_dim] = row_max[h];
+        p[head_dim + 1] = row_sum[h];
+    }
 }
 #endif
 
@@ -319,6 +339,96 @@ static void head_generic(const void *q, const void *kv_cache, void *out, const i
     free(row);
 }
 
+#ifdef HAVE_AVX512_BF16
+// The task of every KV head of sequence s over positions [start, start + n).
+static Task make_task(const void *q, const void *kv_cache, int64_t value_offset, const int32_t *table, int s,
+                      int num_heads, int num_kv_heads, int group, int head_dim, int block_size, int start, int n,
+                      float scale) {
+    const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
+    const Task task = {
+        .q = (const uint16_t *)q + (int64_t)s * num_heads * head_dim, .keys = (const uint16_t *)kv_cache,
+        .value_offset = value_offset, .table = table, .start = start, .n = n, .h0 = 0, .h1 = num_kv_heads,
+        .group = group, .head_dim = head_dim, .block_size = block_size,
+        .block_stride = (int64_t)block_size * token_stride, .token_stride = token_stride, .scale = scale,
+    };
+    return task;
+}
+
+// Positions per split below which splitting a sequence further costs more in merging than it gains.
+#define MIN_SPLIT_LEN 64
+
+// Few sequences (fewer than two per thread): each sequence's positions are cut into splits so every thread has
+// work, each split computed as a task of all KV heads, and the splits merged by their softmax statistics
+// (flash-decoding). A sequence of at most MIN_SPLIT_LEN positions is one split, written directly.
+static void split_decode(const void *q, const void *kv_cache, void *out, const int32_t *block_tables,
+                         const int32_t *seq_lens, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+                         int block_size, int max_blocks, int64_t value_offset, float scale, int sliding_window,
+                         int num_threads) {
+    const int group = num_heads / num_kv_heads;
+    const int wanted = (4 * num_threads + num_seqs - 1) / num_seqs;  // splits per sequence for 4 tasks a thread
+    int first_task[num_seqs + 1], splits[num_seqs], split_len[num_seqs], first_pos[num_seqs];
+    first_task[0] = 0;
+    for (int s = 0; s < num_seqs; s++) {
+        const int len = seq_lens[s];
+        first_pos[s] = (sliding_window > 0 && len > sliding_window) ? len - sliding_window : 0;
+        const int n = len - first_pos[s];
+        int k = (n + MIN_SPLIT_LEN - 1) / MIN_SPLIT_LEN;
+        k = k < wanted ? k : wanted;
+        k = k > 0 ? k : 1;
+        split_len[s] = (n + k - 1) / k;
+        splits[s] = (n + split_len[s] - 1) / split_len[s];  // no empty split
+        if (splits[s] < 1) splits[s] = 1;
+        first_task[s + 1] = first_task[s] + splits[s];
+    }
+    const int num_tasks = first_task[num_seqs];
+    const int64_t per_task = (int64_t)num_heads * (head_dim + 2);
+    float *partials = malloc(sizeof(float) * (size_t)num_tasks * per_task);
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int task_id = 0; task_id < num_tasks; task_id++) {
+        int s = 0;
+        while (first_task[s + 1] <= task_id) s++;
+        const int j = task_id - first_task[s];
+        const int len = seq_lens[s] - first_pos[s];
+        const int start = first_pos[s] + j * split_len[s];
+        const int n = (j + 1) * split_len[s] <= len ? split_len[s] : len - j * split_len[s];
+        const Task task = make_task(q, kv_cache, value_offset, block_tables + (int64_t)s * max_blocks, s, num_heads,
+                                    num_kv_heads, group, head_dim, block_size, start, n, scale);
+        float *scores = malloc(sizeof(float) * (size_t)num_heads * (n > 0 ? n : 1));
+        float *acc = calloc((size_t)num_heads * head_dim, sizeof(float));
+        uint16_t *dst = (uint16_t *)out + (int64_t)s * num_heads * head_dim;
+        task_bf16_avx512(&task, dst, scores, acc, splits[s] > 1 ? partials + (int64_t)task_id * per_task : NULL);
+        free(scores);
+        free(acc);
+    }
+
+    // Merge: out = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) l_j, M the largest split max.
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int sh = 0; sh < num_seqs * num_heads; sh++) {
+        const int s = sh / num_heads, h = sh % num_heads;
+        if (splits[s] == 1) continue;
+        const float *p0 = partials + (int64_t)first_task[s] * per_task + (int64_t)h * (head_dim + 2);
+        float m = -INFINITY;
+        for (int j = 0; j < splits[s]; j++) {
+            const float mj = p0[j * per_task + head_dim];
+            m = mj > m ? mj : m;
+        }
+        float acc[head_dim], total = 0.f;
+        memset(acc, 0, sizeof acc);
+        for (int j = 0; j < splits[s]; j++) {
+            const float *p = p0 + j * per_task;
+            const float w = expf(p[head_dim] - m);
+            total += w * p[head_dim + 1];
+            for (int d = 0; d < head_dim; d++) acc[d] += w * p[d];
+        }
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        uint16_t *dst = (uint16_t *)out + ((int64_t)s * num_heads + h) * head_dim;
+        for (int d = 0; d < head_dim; d++) dst[d] = f32_to_bf16(acc[d] * inv);
+    }
+    free(partials);
+}
+#endif
+
 void paged_decode_attention(
     const void *q, const void *kv_cache, void *out,
     const int32_t *block_tables, const int32_t *seq_lens,
@@ -334,9 +444,14 @@ void paged_decode_attention(
 #else
     const int fast = 0;
 #endif
-    // With enough sequences to keep every thread busy, a task is a whole sequence, so its key and value rows
-    // are read once, front to back; with few, a task is one KV head of one sequence.
-    const int heads_per_task = (fast && num_seqs >= 2 * num_threads) ? num_kv_heads : 1;
+    if (fast && num_seqs < 2 * num_threads) {
+        split_decode(q, kv_cache, out, block_tables, seq_lens, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
+                     max_blocks, value_offset, scale, sliding_window, num_threads);
+        return;
+    }
+    // A task is a whole sequence on the fast path, so its key and value rows are read once, front to back;
+    // otherwise one KV head of one sequence.
+    const int heads_per_task = fast ? num_kv_heads : 1;
     const int tasks_per_seq = num_kv_heads / heads_per_task;
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
@@ -349,16 +464,11 @@ void paged_decode_attention(
         const int32_t *table = block_tables + (int64_t)s * max_blocks;
 #ifdef HAVE_AVX512_BF16
         if (fast) {
-            const int heads = heads_per_task * group;
-            const Task task = {
-                .q = (const uint16_t *)q + (int64_t)s * num_heads * head_dim, .keys = (const uint16_t *)kv_cache,
-                .value_offset = value_offset, .table = table, .start = start, .n = n, .h0 = h0,
-                .h1 = h0 + heads_per_task, .group = group, .head_dim = head_dim, .block_size = block_size,
-                .block_stride = block_stride, .token_stride = token_stride, .scale = scale,
-            };
-            float *scores = malloc(sizeof(float) * (size_t)heads * (n > 0 ? n : 1));
-            float *acc = calloc((size_t)heads * head_dim, sizeof(float));
-            task_bf16_avx512(&task, (uint16_t *)out + ((int64_t)s * num_heads + h0 * group) * head_dim, scores, acc);
+            const Task task = make_task(q, kv_cache, value_offset, table, s, num_heads, num_kv_heads, group, head_dim,
+                                        block_size, start, n, scale);
+            float *scores = malloc(sizeof(float) * (size_t)num_heads * (n > 0 ? n : 1));
+            float *acc = calloc((size_t)num_heads * head_dim, sizeof(float));
+            task_bf16_avx512(&task, (uint16_t *)out + (int64_t)s * num_heads * head_dim, scores, acc, NULL);
             free(scores);
             free(acc);
             continue;
