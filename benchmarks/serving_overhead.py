@@ -92,7 +92,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _client(http: httpx.AsyncClient, url: str, queue: asyncio.Queue, max_tokens: int, results: list) -> None:
+async def _client(events, queue: asyncio.Queue, max_tokens: int, results: list) -> None:
+    """Streams prompts from the shared queue one after another; events(body) yields the response's lines."""
     while True:
         try:
             prompt = queue.get_nowait()
@@ -101,20 +102,26 @@ async def _client(http: httpx.AsyncClient, url: str, queue: asyncio.Queue, max_t
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         sent = time.perf_counter()
-        first = None
-        last_data = None
-        async with http.stream("POST", url, json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if first is None:
-                    first = time.perf_counter()
-                if line != "data: [DONE]":
-                    last_data = line
+        first = last_data = None
+        async for line in events(body):
+            if not line.startswith("data: "):
+                continue
+            if first is None:
+                first = time.perf_counter()
+            if line != "data: [DONE]":
+                last_data = line
         usage = json.loads(last_data[6:])["usage"]
         results.append({"output_tokens": usage["completion_tokens"], "ttft_s": first - sent,
                         "e2e_s": time.perf_counter() - sent})
+
+
+def _httpx_events(http: httpx.AsyncClient, url: str):
+    async def events(body: dict):
+        async with http.stream("POST", url, json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                yield line
+    return events
 
 
 class _LeanConnection:
@@ -166,25 +173,7 @@ async def _lean_client(base_url: str, queue: asyncio.Queue, max_tokens: int, res
     host, port = base_url.removeprefix("http://").split(":")
     connection = _LeanConnection(host, int(port))
     try:
-        while True:
-            try:
-                prompt = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-                    "stream": True, "stream_options": {"include_usage": True}}
-            sent = time.perf_counter()
-            first = last_data = None
-            async for event in connection.post_events("/v1/completions", body):
-                if not event.startswith("data: "):
-                    continue
-                if first is None:
-                    first = time.perf_counter()
-                if event != "data: [DONE]":
-                    last_data = event
-            usage = json.loads(last_data[6:])["usage"]
-            results.append({"output_tokens": usage["completion_tokens"], "ttft_s": first - sent,
-                            "e2e_s": time.perf_counter() - sent})
+        await _client(lambda body: connection.post_events("/v1/completions", body), queue, max_tokens, results)
     finally:
         await connection.close()
 
@@ -202,7 +191,8 @@ async def _drive(base_url: str, prompts: list[str], num_clients: int, max_tokens
         await http.post(url, json={"prompt": "warm up", "max_tokens": 4})
         start = time.perf_counter()
         if client == "httpx":
-            await asyncio.gather(*(_client(http, url, queue, max_tokens, results) for _ in range(num_clients)))
+            events = _httpx_events(http, url)
+            await asyncio.gather(*(_client(events, queue, max_tokens, results) for _ in range(num_clients)))
         else:
             await asyncio.gather(*(_lean_client(base_url, queue, max_tokens, results) for _ in range(num_clients)))
         seconds = time.perf_counter() - start

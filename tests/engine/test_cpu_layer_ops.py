@@ -115,3 +115,26 @@ def test_argmax_matches_torch_including_ties_and_nan(dtype):
     assert torch.equal(cpu_kernels.argmax(logits), expected)
     assert expected[3] == 10 and expected[5] == 7
     assert torch.equal(cpu_kernels.argmax(logits[::2]), logits[::2].argmax(dim=-1))  # strided rows
+
+
+def test_bf16_model_same_with_and_without_fused_ops(llama_dir, monkeypatch):
+    """The fused path (residual adds folded into the norms, in-place RoPE) computes the same model: prompt
+    logprobs of a tiny Llama in bfloat16 agree with the PyTorch path to bfloat16 precision."""
+    from tokenmill import LLM, SamplingParams
+    from tokenmill.model import llama
+
+    llm = LLM(str(llama_dir), dtype="bfloat16", kv_cache_memory="8MiB", enable_prefix_caching=False,
+              show_progress=False)
+    prompts = [{"prompt_token_ids": list(range(5 + i, 60 + 7 * i))} for i in range(3)]
+    params = SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=0, ignore_eos=True)
+
+    def run() -> list[list[float]]:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [[next(iter(p.values())).logprob for p in o.prompt_logprobs[1:]] for o in outs]
+
+    fused = run()
+    monkeypatch.setattr(llama, "_cpu_layer_ops", lambda: None)
+    plain = run()
+    for a, b in zip(fused, plain, strict=True):
+        assert len(a) == len(b) > 40
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 0.05

@@ -27,7 +27,9 @@ import torch
 
 logger = logging.getLogger("tokenmill")
 
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode.c", "layer_ops.c")]
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "paged_decode.c", _CSRC / "layer_ops.c"]  # compiled into one library
+_HEADERS = [_CSRC / "simd.h"]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -57,7 +59,11 @@ def load_library() -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler found: CPU decode attention uses the slower PyTorch path")
         return None
-    source = b"".join(path.read_bytes() for path in _SOURCES)
+    missing = [path.name for path in _SOURCES + _HEADERS if not path.is_file()]
+    if missing:
+        logger.warning("the CPU kernel sources %s are missing from this install; using the PyTorch path", missing)
+        return None
+    source = b"".join(path.read_bytes() for path in _SOURCES + _HEADERS)
     # Reassociation lets the compiler vectorize dot products; unlike -ffast-math it does not switch the
     # whole process to flush-to-zero.
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-fassociative-math",

@@ -1,5 +1,6 @@
 // Fused elementwise work of a decoder layer for bfloat16 activations on the CPU: RMSNorm (with the residual add
-// folded in), rotate-half rotary embedding in place, SiLU-and-multiply, and the KV-cache write. In eager
+// folded in), rotate-half rotary embedding in place, SiLU-and-multiply, the KV-cache write (and greedy argmax
+// over logits). In eager
 // PyTorch these are about 30 small ops a layer, each a pass over memory with float32 temporaries; here each is
 // one pass. The arithmetic and its roundings follow tokenmill/model/llama.py's PyTorch code (float32 inside,
 // rounded to bfloat16 where PyTorch stores a bfloat16 tensor), so results agree up to float32 summation order.
@@ -7,38 +8,21 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define LAYER_OPS_AVX512 1
-#endif
+
+#include "simd.h"
 
 // Rows x width below which a call stays on one thread: waking the pool costs more than the work.
 #define PARALLEL_MIN_ELEMENTS 32768
 
 int tokenmill_layer_ops_vectorized(void) {
-#ifdef LAYER_OPS_AVX512
+#ifdef TOKENMILL_AVX512_BF16
     return 1;
 #else
     return 0;
 #endif
 }
 
-static inline float bf(uint16_t h) {
-    uint32_t u = ((uint32_t)h) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t to_bf(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
-    u += 0x7fffu + ((u >> 16) & 1u);                                            // round to nearest even
-    return (uint16_t)(u >> 16);
-}
-
-#ifdef LAYER_OPS_AVX512
+#ifdef TOKENMILL_AVX512_BF16
 static inline __m512 load16(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
@@ -48,29 +32,10 @@ static inline void store16(uint16_t *p, __m512 x, __mmask16 m) {
     _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
 }
 
-static inline __mmask16 tail(int remaining) {
-    return remaining >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << remaining) - 1);
-}
-
 static inline __m512 round_bf16(__m512 x) {  // float -> bfloat16 -> float
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
 }
 
-// e^x for 16 floats: 2^(x log2 e) as an integer power (scalef) times a degree-6 polynomial on [-0.5, 0.5].
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-    const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, k), _mm512_set1_ps(0.6931471805599453f));
-    __m512 p = _mm512_set1_ps(1.f / 720.f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, k);
-}
 #endif
 
 // out[i] = weight * bf16(s / rms(s)) with s = x[i], or with residual: s = bf16(x[i] + residual[i]), stored back
@@ -84,10 +49,10 @@ void rms_norm_bf16(const uint16_t *x, int64_t x_stride, uint16_t *residual, int6
         uint16_t *oi = out + (int64_t)i * o_stride;
         uint16_t *ri = residual ? residual + (int64_t)i * r_stride : NULL;
         const uint16_t *src = xi;
-#ifdef LAYER_OPS_AVX512
+#ifdef TOKENMILL_AVX512_BF16
         __m512 sq = _mm512_setzero_ps();
         for (int d = 0; d < hidden; d += 16) {
-            const __mmask16 m = tail(hidden - d);
+            const __mmask16 m = tail_mask(hidden - d);
             __m512 s = load16(xi + d, m);
             if (ri) {
                 s = round_bf16(_mm512_add_ps(s, load16(ri + d, m)));
@@ -98,23 +63,23 @@ void rms_norm_bf16(const uint16_t *x, int64_t x_stride, uint16_t *residual, int6
         if (ri) src = ri;
         const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sq) / (float)hidden + eps));
         for (int d = 0; d < hidden; d += 16) {
-            const __mmask16 m = tail(hidden - d);
+            const __mmask16 m = tail_mask(hidden - d);
             const __m512 normed = round_bf16(_mm512_mul_ps(load16(src + d, m), inv));
             store16(oi + d, _mm512_mul_ps(load16(weight + d, m), normed), m);
         }
 #else
         float sq = 0.f;
         for (int d = 0; d < hidden; d++) {
-            float s = bf(xi[d]);
+            float s = bf16_to_f32(xi[d]);
             if (ri) {
-                ri[d] = to_bf(s + bf(ri[d]));
-                s = bf(ri[d]);
+                ri[d] = f32_to_bf16(s + bf16_to_f32(ri[d]));
+                s = bf16_to_f32(ri[d]);
             }
             sq += s * s;
         }
         if (ri) src = ri;
         const float inv = 1.0f / sqrtf(sq / (float)hidden + eps);
-        for (int d = 0; d < hidden; d++) oi[d] = to_bf(bf(weight[d]) * bf(to_bf(bf(src[d]) * inv)));
+        for (int d = 0; d < hidden; d++) oi[d] = f32_to_bf16(bf16_to_f32(weight[d]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(src[d]) * inv)));
 #endif
     }
 }
@@ -132,9 +97,9 @@ static void rotate_rows(uint16_t *x, int64_t x_stride, int heads, int n, int hea
         for (int h = 0; h < heads; h++) {
             uint16_t *x1 = x + (int64_t)i * x_stride + (int64_t)h * head_dim;
             uint16_t *x2 = x1 + half;
-#ifdef LAYER_OPS_AVX512
+#ifdef TOKENMILL_AVX512_BF16
             for (int d = 0; d < half; d += 16) {
-                const __mmask16 m = tail(half - d);
+                const __mmask16 m = tail_mask(half - d);
                 const __m512 a = load16(x1 + d, m), b = load16(x2 + d, m);
                 const __m512 cv = _mm512_maskz_loadu_ps(m, c + d), sv = _mm512_maskz_loadu_ps(m, s + d);
                 store16(x1 + d, _mm512_sub_ps(_mm512_mul_ps(a, cv), _mm512_mul_ps(b, sv)), m);
@@ -142,9 +107,9 @@ static void rotate_rows(uint16_t *x, int64_t x_stride, int heads, int n, int hea
             }
 #else
             for (int d = 0; d < half; d++) {
-                const float a = bf(x1[d]), b = bf(x2[d]);
-                x1[d] = to_bf(a * c[d] - b * s[d]);
-                x2[d] = to_bf(b * c[d] + a * s[d]);
+                const float a = bf16_to_f32(x1[d]), b = bf16_to_f32(x2[d]);
+                x1[d] = f32_to_bf16(a * c[d] - b * s[d]);
+                x2[d] = f32_to_bf16(b * c[d] + a * s[d]);
             }
 #endif
         }
@@ -166,18 +131,18 @@ void silu_and_mul_bf16(const uint16_t *x, int64_t x_stride, uint16_t *out, int64
         const uint16_t *g = x + (int64_t)i * x_stride;
         const uint16_t *u = g + inter;
         uint16_t *o = out + (int64_t)i * o_stride;
-#ifdef LAYER_OPS_AVX512
+#ifdef TOKENMILL_AVX512_BF16
         for (int d = 0; d < inter; d += 16) {
-            const __mmask16 m = tail(inter - d);
+            const __mmask16 m = tail_mask(inter - d);
             const __m512 gv = load16(g + d, m);
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
             const __m512 act = round_bf16(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
             store16(o + d, _mm512_mul_ps(act, load16(u + d, m)), m);
         }
 #else
         for (int d = 0; d < inter; d++) {
-            const float gv = bf(g[d]);
-            o[d] = to_bf(bf(to_bf(gv / (1.f + expf(-gv)))) * bf(u[d]));
+            const float gv = bf16_to_f32(g[d]);
+            o[d] = f32_to_bf16(bf16_to_f32(f32_to_bf16(gv / (1.f + expf(-gv)))) * bf16_to_f32(u[d]));
         }
 #endif
     }
@@ -205,13 +170,13 @@ void argmax_rows(const void *x, int dtype, int64_t stride, int rows, int cols, i
         float best = -INFINITY;
         int64_t at = 0;
         int j = 0;
-#ifdef LAYER_OPS_AVX512
+#ifdef TOKENMILL_AVX512_BF16
         // Largest value first, then its first position (the second pass reads the row from cache). A NaN
         // anywhere leaves it to the scalar scan below, which returns the first NaN as torch does.
         __m512 vmax = _mm512_set1_ps(-INFINITY);
         __mmask16 nan = 0;
         for (; j < cols; j += 16) {
-            const __mmask16 m = tail(cols - j);
+            const __mmask16 m = tail_mask(cols - j);
             const __m512 v = dtype == 0 ? _mm512_maskz_loadu_ps(m, xf + j) : load16(xh + j, m);
             vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
             nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
@@ -220,7 +185,7 @@ void argmax_rows(const void *x, int dtype, int64_t stride, int rows, int cols, i
         if (!nan) {
             const __m512 target = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
             for (; j < cols; j += 16) {
-                const __mmask16 m = tail(cols - j);
+                const __mmask16 m = tail_mask(cols - j);
                 const __m512 v = dtype == 0 ? _mm512_maskz_loadu_ps(m, xf + j) : load16(xh + j, m);
                 const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, v, target, _CMP_EQ_OQ);
                 if (hit) {
@@ -233,7 +198,7 @@ void argmax_rows(const void *x, int dtype, int64_t stride, int rows, int cols, i
         }
 #endif
         for (; j < cols; j++) {
-            const float v = dtype == 0 ? xf[j] : bf(xh[j]);
+            const float v = dtype == 0 ? xf[j] : bf16_to_f32(xh[j]);
             if (v != v) {
                 at = j;
                 break;

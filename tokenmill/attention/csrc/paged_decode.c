@@ -8,25 +8,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define HAVE_AVX512_BF16 1
-#endif
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = ((uint32_t)h) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-    return (uint16_t)(u >> 16);
-}
+#include "simd.h"
 
 // Loads n elements at src (float32 or bfloat16) into dst as float32.
 static inline void load_row(float *restrict dst, const void *restrict src, int64_t offset, int n, int dtype) {
@@ -53,23 +36,7 @@ static void softmax_rows(float *scores, int group, int n) {
     }
 }
 
-#ifdef HAVE_AVX512_BF16
-// e^x for 16 floats: 2^(x log2 e) split into an integer power (scalef) and a degree-6 polynomial on [-0.5, 0.5].
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-    const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, k), _mm512_set1_ps(0.6931471805599453f));
-    __m512 p = _mm512_set1_ps(1.f / 720.f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, k);
-}
-
+#ifdef TOKENMILL_AVX512_BF16
 // Softmax of each row of scores in place; with row_max and row_sum given, the rows keep exp(s - max) without
 // the division, and each row's max and sum of exponentials are returned there (a split to merge later).
 static void softmax_rows_avx512(float *scores, int group, int n, float *row_max, float *row_sum) {
@@ -77,14 +44,14 @@ static void softmax_rows_avx512(float *scores, int group, int n, float *row_max,
         float *sg = scores + (int64_t)g * n;
         __m512 vmax = _mm512_set1_ps(-INFINITY);
         for (int t = 0; t < n; t += 16) {
-            const __mmask16 m = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
+            const __mmask16 m = tail_mask(n - t);
             vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, sg + t));
         }
         const float max = _mm512_reduce_max_ps(vmax);
         const __m512 mx = _mm512_set1_ps(max);
         __m512 vsum = _mm512_setzero_ps();
         for (int t = 0; t < n; t += 16) {
-            const __mmask16 m = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
+            const __mmask16 m = tail_mask(n - t);
             const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + t), mx));
             _mm512_mask_storeu_ps(sg + t, m, e);
             vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
@@ -97,7 +64,7 @@ static void softmax_rows_avx512(float *scores, int group, int n, float *row_max,
         }
         const __m512 inv = _mm512_set1_ps(sum > 0.f ? 1.f / sum : 0.f);
         for (int t = 0; t < n; t += 16) {
-            const __mmask16 m = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
+            const __mmask16 m = tail_mask(n - t);
             _mm512_mask_storeu_ps(sg + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sg + t), inv));
         }
     }
@@ -142,18 +109,6 @@ static inline int tile_at(const Task *task, int t, int64_t *row) {
     return cnt;
 }
 
-// Asks for the task's part of the tile that starts at position t (if any) to be brought into the cache, so the
-// next random block's rows arrive while the current one is being computed.
-static inline void prefetch_tile(const Task *task, const uint16_t *base, int t) {
-    if (t >= task->n) return;
-    int64_t row;
-    const int cnt = tile_at(task, t, &row);
-    const char *p = (const char *)(base + row + (int64_t)task->h0 * task->head_dim);
-    const int64_t bytes = (int64_t)(task->h1 - task->h0) * task->head_dim * 2;
-    for (int j = 0; j < cnt; j++, p += task->token_stride * 2)
-        for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-}
-
 // scores[(kvh - h0) * group + g][t] = scale * q[kvh * group + g] . k[t][kvh], with C = head_dim / 32.
 static inline __attribute__((always_inline)) void score_pass_fixed(const int C, const Task *task, float *scores) {
     const __m512 vscale = _mm512_set1_ps(task->scale);
@@ -162,7 +117,6 @@ static inline __attribute__((always_inline)) void score_pass_fixed(const int C, 
         int64_t row;
         const int cnt = tile_at(task, t, &row);
         const __mmask16 m = (__mmask16)((1u << cnt) - 1);
-        prefetch_tile(task, task->keys, t + cnt);
         for (int kvh = task->h0; kvh < task->h1; kvh++) {
             const uint16_t *k = task->keys + row + (int64_t)kvh * head_dim;
             for (int g = 0; g < group; g++) {
@@ -267,7 +221,6 @@ static void task_bf16_avx512(const Task *task, uint16_t *out, float *scores, flo
     for (int t = 0; t < n;) {
         int64_t row;
         const int cnt = tile_at(task, t, &row);
-        prefetch_tile(task, values, t + cnt);
         for (int kvh = task->h0; kvh < task->h1; kvh++) {
             const int i = (kvh - task->h0) * group;
             value_tile(values + row + (int64_t)kvh * head_dim, cnt, task->token_stride, scores + (int64_t)i * n + t, n,
@@ -339,7 +292,7 @@ static void head_generic(const void *q, const void *kv_cache, void *out, const i
     free(row);
 }
 
-#ifdef HAVE_AVX512_BF16
+#ifdef TOKENMILL_AVX512_BF16
 // The task of every KV head of sequence s over positions [start, start + n).
 static Task make_task(const void *q, const void *kv_cache, int64_t value_offset, const int32_t *table, int s,
                       int num_heads, int num_kv_heads, int group, int head_dim, int block_size, int start, int n,
@@ -439,16 +392,18 @@ void paged_decode_attention(
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
     const int64_t block_stride = (int64_t)block_size * token_stride;
     const int64_t value_offset = num_blocks * block_stride;
-#ifdef HAVE_AVX512_BF16
+#ifdef TOKENMILL_AVX512_BF16
     const int fast = dtype == 1 && head_dim % 32 == 0 && head_dim <= 256;
 #else
     const int fast = 0;
 #endif
+#ifdef TOKENMILL_AVX512_BF16
     if (fast && num_seqs < 2 * num_threads) {
         split_decode(q, kv_cache, out, block_tables, seq_lens, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
                      max_blocks, value_offset, scale, sliding_window, num_threads);
         return;
     }
+#endif
     // A task is a whole sequence on the fast path, so its key and value rows are read once, front to back;
     // otherwise one KV head of one sequence.
     const int heads_per_task = fast ? num_kv_heads : 1;
@@ -462,7 +417,7 @@ void paged_decode_attention(
         const int start = (sliding_window > 0 && len > sliding_window) ? len - sliding_window : 0;
         const int n = len - start;
         const int32_t *table = block_tables + (int64_t)s * max_blocks;
-#ifdef HAVE_AVX512_BF16
+#ifdef TOKENMILL_AVX512_BF16
         if (fast) {
             const Task task = make_task(q, kv_cache, value_offset, table, s, num_heads, num_kv_heads, group, head_dim,
                                         block_size, start, n, scale);
