@@ -117,13 +117,15 @@ def test_argmax_matches_torch_including_ties_and_nan(dtype):
     assert torch.equal(cpu_kernels.argmax(logits[::2]), logits[::2].argmax(dim=-1))  # strided rows
 
 
-def test_bf16_model_same_with_and_without_fused_ops(llama_dir, monkeypatch):
-    """The fused path (residual adds folded into the norms, in-place RoPE) computes the same model: prompt
-    logprobs of a tiny Llama in bfloat16 agree with the PyTorch path to bfloat16 precision."""
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_bf16_model_same_with_and_without_fused_ops(tiny_models, arch, monkeypatch):
+    """The fused path (residual adds folded into the norms, in-place RoPE; with q/k norms, sliding window and
+    q/k/v bias) computes the same model: prompt logprobs of tiny models in bfloat16 agree with the PyTorch path
+    to bfloat16 precision."""
     from tokenmill import LLM, SamplingParams
     from tokenmill.model import llama
 
-    llm = LLM(str(llama_dir), dtype="bfloat16", kv_cache_memory="8MiB", enable_prefix_caching=False,
+    llm = LLM(str(tiny_models[arch]), dtype="bfloat16", kv_cache_memory="8MiB", enable_prefix_caching=False,
               show_progress=False)
     prompts = [{"prompt_token_ids": list(range(5 + i, 60 + 7 * i))} for i in range(3)]
     params = SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=0, ignore_eos=True)
