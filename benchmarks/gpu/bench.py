@@ -11,8 +11,8 @@ section, so a run cut short still leaves what it measured; a short table is prin
 
 Sections: env, bandwidth, checks, then per model (qwen2.5-0.5b first, llama-3.1-8b last): memory (KV sizing
 by profiling vs the planner), decode (batch 1 and 64), overhead (batch 256), and for the workload model:
-workload (tokenmill) and hf (transformers). Decode runs twice per model: [as_is] with the model code as it
-is, [fused] with the fused layer ops of the proposed llama.py change; overhead and workload run on [fused].
+workload (tokenmill) and hf (transformers). The model runs as the engine runs it on CUDA: Triton attention,
+the fused layer ops (RMSNorm with the residual add, rotary, SiLU-and-multiply) and CUDA graphs.
 """
 
 from __future__ import annotations
@@ -60,8 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=560.0,
                    help="seconds for the whole run; later sections are skipped when it runs out")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--no-fused-variant", action="store_true",
-                   help="measure the model code as it is only, not also with the fused layer ops")
     args = p.parse_args(argv)
     args.skip = {s for s in args.skip.split(",") if s}
     unknown = args.skip - set(SECTIONS)
@@ -218,14 +216,11 @@ class Bench:
                 "num_kv_blocks": llm.llm_engine.core.kv_sizing.num_blocks}
         return llm, info
 
-    def prepare_variant(self, llm, variant: str, max_num_seqs: int) -> dict:
-        """as_is: the model code as it is; fused: with the fused layer ops the proposed llama.py change uses.
-        Either way CUDA graphs are (re)captured unless --enforce-eager."""
-        from benchmarks.gpu.engine_hooks import apply_fused_layer_ops, attach_cuda_graphs, detach_cuda_graphs
+    def prepare_graphs(self, llm, max_num_seqs: int) -> dict:
+        """(Re)captures the CUDA graphs with timing, unless --enforce-eager."""
+        from benchmarks.gpu.engine_hooks import attach_cuda_graphs, detach_cuda_graphs
 
         detach_cuda_graphs(llm)
-        if variant == "fused":
-            apply_fused_layer_ops(llm.llm_engine.core.model)
         self.free()
         capture_s = None
         if self.cuda and not self.args.enforce_eager:
@@ -407,16 +402,13 @@ class Bench:
             llm, store["engine"] = self.open_engine(path, max_num_seqs=256, max_model_len=max_len,
                                                     max_num_batched_tokens=tokens)
             self.save()
-            variants = ["as_is", "fused"] if not self.args.no_fused_variant else ["as_is"]
-            for variant in variants:
-                vstore = store.setdefault(variant, {})
-                vstore.update(self.prepare_variant(llm, variant, 256))
-                for batch in (1, 64):
-                    self.section(f"decode:b{batch}", self.decode, llm, batch, need_s=20, store=vstore)
-                if variant == variants[-1]:  # the rest on the faster variant only
-                    self.section("overhead:b256", self.overhead, llm, 16 if tiny else 256, need_s=30, store=vstore)
-                    if wants_workload:
-                        self.section("workload", self.workload, llm, need_s=60, store=vstore)
+            vstore = store.setdefault("engine_runs", {})
+            vstore.update(self.prepare_graphs(llm, 256))
+            for batch in (1, 64):
+                self.section(f"decode:b{batch}", self.decode, llm, batch, need_s=20, store=vstore)
+            self.section("overhead:b256", self.overhead, llm, 16 if tiny else 256, need_s=30, store=vstore)
+            if wants_workload:
+                self.section("workload", self.workload, llm, need_s=60, store=vstore)
             del llm
             self.free()
         if wants_workload:
@@ -470,33 +462,31 @@ def summarize(results: dict, workload_model: str) -> list[dict]:
             add("cuda graph replay == eager", f"rel err {graph['rel_error']:.1e}", "< 1e-2", graph["ok"])
     for name, model in results.get("models", {}).items():
         big = "8b" in name
-        for variant in ("as_is", "fused"):
-            v = model.get(variant, {})
-            label = f"{name} [{variant}]"
-            for batch in (1, 64):
-                d = v.get(f"decode:b{batch}", {})
-                if "median_step_ms" in d:
-                    frac = d.get("fraction_of_roofline")
-                    value = f"{d['median_step_ms']:.2f} ms" + (f", {frac:.0%} of roofline" if frac else "")
-                    target, ok = ("", None)
-                    if big and batch == 1 and frac is not None:
-                        target, ok = f">= {TARGET_ROOFLINE_B1:.0%}", frac >= TARGET_ROOFLINE_B1
-                    add(f"{label} decode b{batch}", value, target, ok)
-            o = v.get("overhead:b256", {})
-            if "cpu_share" in o:
-                add(f"{label} CPU share of step b{o['batch']}", f"{o['cpu_share']:.1%} of {o['step_ms']:.1f} ms",
-                    f"< {TARGET_CPU_SHARE:.0%}", o["cpu_share"] < TARGET_CPU_SHARE)
-            w, hf = v.get("workload", {}), model.get("hf", {})
-            if "output_tok_per_s" in w:
-                add(f"{label} nano-vllm workload", f"{w['output_tok_per_s']:.0f} tok/s")
-                if "output_tok_per_s" in hf:
-                    ratio = w["output_tok_per_s"] / hf["output_tok_per_s"]
-                    add(f"{label} tokenmill / transformers", f"{ratio:.1f}x", f">= {TARGET_SPEEDUP:.0f}x",
-                        ratio >= TARGET_SPEEDUP)
-            for key, value in v.items():
-                if isinstance(value, dict) and ("error" in value or "skipped" in value):
-                    add(f"{label} {key}", value.get("error") or value.get("skipped"), "",
-                        False if "error" in value else None)
+        v, label = model.get("engine_runs", {}), name
+        for batch in (1, 64):
+            d = v.get(f"decode:b{batch}", {})
+            if "median_step_ms" in d:
+                frac = d.get("fraction_of_roofline")
+                value = f"{d['median_step_ms']:.2f} ms" + (f", {frac:.0%} of roofline" if frac else "")
+                target, ok = ("", None)
+                if big and batch == 1 and frac is not None:
+                    target, ok = f">= {TARGET_ROOFLINE_B1:.0%}", frac >= TARGET_ROOFLINE_B1
+                add(f"{label} decode b{batch}", value, target, ok)
+        o = v.get("overhead:b256", {})
+        if "cpu_share" in o:
+            add(f"{label} CPU share of step b{o['batch']}", f"{o['cpu_share']:.1%} of {o['step_ms']:.1f} ms",
+                f"< {TARGET_CPU_SHARE:.0%}", o["cpu_share"] < TARGET_CPU_SHARE)
+        w, hf = v.get("workload", {}), model.get("hf", {})
+        if "output_tok_per_s" in w:
+            add(f"{label} nano-vllm workload", f"{w['output_tok_per_s']:.0f} tok/s")
+            if "output_tok_per_s" in hf:
+                ratio = w["output_tok_per_s"] / hf["output_tok_per_s"]
+                add(f"{label} tokenmill / transformers", f"{ratio:.1f}x", f">= {TARGET_SPEEDUP:.0f}x",
+                    ratio >= TARGET_SPEEDUP)
+        for key, value in v.items():
+            if isinstance(value, dict) and ("error" in value or "skipped" in value):
+                add(f"{label} {key}", value.get("error") or value.get("skipped"), "",
+                    False if "error" in value else None)
         mem = model.get("memory", {})
         if "num_blocks" in mem:
             def gib(x) -> str:

@@ -32,37 +32,6 @@ def detach_cuda_graphs(llm) -> None:
         runner.model = runner.model.model
 
 
-def apply_fused_layer_ops(model: torch.nn.Module) -> None:
-    """What the proposed tokenmill/model/llama.py change does on CUDA, applied to a loaded model's modules:
-    RMSNorm, rotary embedding and SiLU-and-multiply each run as one Triton kernel (tokenmill.attention.triton.
-    layer_ops). Call before capturing graphs."""
-    from tokenmill.attention.triton.layer_ops import rms_norm, rotary_embedding_, silu_and_mul
-    from tokenmill.model.llama import MLP, RMSNorm
-
-    def norm_forward(module):
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return rms_norm(x.reshape(-1, x.shape[-1]), module.weight, module.eps).view(x.shape)
-        return forward
-
-    def mlp_forward(module):
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return module.down_proj(silu_and_mul(module.gate_up_proj(x)))
-        return forward
-
-    rotary = model.rotary
-
-    def rotary_forward(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        rotary_embedding_(q, k, positions, rotary.cos, rotary.sin)
-        return q, k
-
-    for module in model.modules():
-        if isinstance(module, RMSNorm):
-            module.forward = norm_forward(module)
-        elif isinstance(module, MLP):
-            module.forward = mlp_forward(module)
-    rotary.forward = rotary_forward
-
-
 def weight_bytes_read_per_step(model: torch.nn.Module) -> int:
     """Bytes of weights a decode step reads: every parameter once, except an untied embedding table, of which
     only the batch's rows are read."""
