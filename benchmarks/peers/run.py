@@ -477,6 +477,13 @@ def measure_ceilings(threads: int, size: int, mib: int, working_sets: list[int] 
     }
 
 
+def _batches(requests: list[dict], concurrency: int) -> list[list[int]]:
+    """Request indices, longest outputs first (so a batch's rows need similar numbers of steps), in batches of
+    `concurrency`: how the static-batch engines (transformers, CTranslate2) are driven."""
+    order = sorted(range(len(requests)), key=lambda i: -requests[i]["output_len"])
+    return [order[b : b + concurrency] for b in range(0, len(order), concurrency)]
+
+
 def _result(prompt_len: int, token_times: list[float], sent: float, start: float) -> dict:
     """A RequestResult dict from the times each counted output token came out."""
     from tokenmill.benchmarks.metrics import RequestResult
@@ -598,10 +605,7 @@ class TransformersRunner:
         start = time.perf_counter()
         results: list[dict | None] = [None] * len(requests)
         self.head_tokens: list[list[int]] = [[] for _ in requests]
-        # Longest outputs first, so a batch's rows need similar numbers of steps.
-        order = sorted(range(len(requests)), key=lambda i: -requests[i]["output_len"])
-        for b in range(0, len(order), concurrency):
-            batch = order[b : b + concurrency]
+        for batch in _batches(requests, concurrency):
             prompts = [requests[i]["prompt_token_ids"] for i in batch]
             width = max(len(p) for p in prompts)
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # [batch, width]
@@ -655,9 +659,7 @@ class CT2Runner:
         start = time.perf_counter()
         results: list[dict | None] = [None] * len(requests)
         self.head_tokens: list[list[int]] = [[] for _ in requests]
-        order = sorted(range(len(requests)), key=lambda i: -requests[i]["output_len"])
-        for b in range(0, len(order), concurrency):
-            batch = order[b : b + concurrency]
+        for batch in _batches(requests, concurrency):
             wanted = [requests[i]["output_len"] for i in batch]
             times: list[list[float]] = [[] for _ in batch]
             tokens: list[list[int]] = [[] for _ in batch]

@@ -23,6 +23,18 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | Path, title: str) -> Path:
+    """Titles, lays out and writes the figure as PNG (creating the folder), then frees it."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _metric_values_ms(results: Sequence[RequestResult], key: str) -> list[float]:
     ok = [r for r in results if r.success]
     if key == "ttft":
@@ -56,14 +68,7 @@ def plot_latency_cdfs(
         ax.grid(alpha=0.3)
         if ax.has_data() and len(runs) > 1:
             ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def plot_sweep(
@@ -96,11 +101,4 @@ def plot_sweep(
         ax.set_xticks(list(concurrencies), [str(c) for c in concurrencies])
         ax.set_xlabel("max concurrency")
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
