@@ -217,7 +217,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     slots = slot_mapping.to(torch.int64).contiguous()
     item = kv_cache.element_size()
     load_library().write_kv(key.data_ptr(), key.stride(0) * item, value.data_ptr(), value.stride(0) * item,
-                            kv_cache.data_ptr(), kv_cache[1].data_ptr() - kv_cache.data_ptr(), slots.data_ptr(),
+                            kv_cache.data_ptr(), kv_cache[0].numel() * item, slots.data_ptr(),
                             key.shape[0], row * item, torch.get_num_threads())
 
 
