@@ -32,6 +32,11 @@ class RequestMetrics:
     compute_seconds: float = 0.0
     num_cached_tokens: int = 0
 
+    def snapshot(self) -> RequestMetrics:
+        """A copy that later updates of this one do not change."""
+        return RequestMetrics(self.arrival_time, self.first_scheduled_time, self.first_token_time,
+                              self.last_token_time, self.finished_time, self.compute_seconds, self.num_cached_tokens)
+
 
 @dataclass
 class CompletionOutput:

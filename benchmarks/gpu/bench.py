@@ -210,22 +210,16 @@ class Bench:
         t0 = time.perf_counter()
         llm = LLM(str(path), dtype="bfloat16" if self.cuda else "float32", kv_cache_memory=self.args.kv_cache_memory,
                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                  max_model_len=max_model_len, device=self.device.type, show_progress=False)
+                  max_model_len=max_model_len, device=self.device.type, show_progress=False,
+                  enforce_eager=self.args.enforce_eager)
+        core = llm.llm_engine.core
+        capture_s = core.graph_capture_seconds
         info = {"load_s": round(time.perf_counter() - t0, 1),
-                "attention_backend": llm.llm_engine.core.model.layers[0].self_attn.backend.name,
-                "num_kv_blocks": llm.llm_engine.core.kv_sizing.num_blocks}
+                "attention_backend": core.model.layers[0].self_attn.backend.name,
+                "num_kv_blocks": core.kv_sizing.num_blocks,
+                "cuda_graph_sizes": core.graph_runner.sizes if core.graph_runner is not None else None,
+                "graph_capture_s": None if capture_s is None else round(capture_s, 1)}
         return llm, info
-
-    def prepare_graphs(self, llm, max_num_seqs: int) -> dict:
-        """(Re)captures the CUDA graphs with timing, unless --enforce-eager."""
-        from benchmarks.gpu.engine_hooks import attach_cuda_graphs, detach_cuda_graphs
-
-        detach_cuda_graphs(llm)
-        self.free()
-        capture_s = None
-        if self.cuda and not self.args.enforce_eager:
-            capture_s = attach_cuda_graphs(llm, max_num_seqs)
-        return {"graph_capture_s": capture_s}
 
     # ---- 3. KV cache sizing by profiling, beside the planner -------------------------------------------------
     def memory(self, path: Path) -> dict:
@@ -403,7 +397,6 @@ class Bench:
                                                     max_num_batched_tokens=tokens)
             self.save()
             vstore = store.setdefault("engine_runs", {})
-            vstore.update(self.prepare_graphs(llm, 256))
             for batch in (1, 64):
                 self.section(f"decode:b{batch}", self.decode, llm, batch, need_s=20, store=vstore)
             self.section("overhead:b256", self.overhead, llm, 16 if tiny else 256, need_s=30, store=vstore)

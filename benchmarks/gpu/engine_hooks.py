@@ -1,5 +1,5 @@
-"""What the benchmark attaches to a running engine: CUDA graphs (until the model runner integrates them),
-byte counts for the roofline, and timers that split a step into its CPU and GPU parts."""
+"""What the benchmark attaches to a running engine: byte counts for the roofline, and timers that split a step into
+its CPU and GPU parts."""
 
 from __future__ import annotations
 
@@ -8,28 +8,6 @@ import time
 from collections import defaultdict
 
 import torch
-
-from tokenmill.worker.cuda_graphs import CUDAGraphRunner
-
-
-def attach_cuda_graphs(llm, max_num_seqs: int) -> float | None:
-    """Capture decode graphs and route the runner's forward through them; returns the capture seconds, or
-    None when the engine already runs its own graphs."""
-    core = llm.llm_engine.core
-    runner = core.runner
-    if isinstance(runner.model, CUDAGraphRunner) or getattr(runner, "graph_runner", None) is not None:
-        return None
-    graphs = CUDAGraphRunner(runner.model, runner.kv_caches, max_num_seqs, core.max_model_len,
-                             core.kv_sizing.block_size, core.device)
-    seconds = graphs.capture()
-    runner.model = graphs  # the runner calls model(...) and model.compute_logits(...)
-    return round(seconds, 1)
-
-
-def detach_cuda_graphs(llm) -> None:
-    runner = llm.llm_engine.core.runner
-    if isinstance(runner.model, CUDAGraphRunner):
-        runner.model = runner.model.model
 
 
 def weight_bytes_read_per_step(model: torch.nn.Module) -> int:
@@ -51,9 +29,10 @@ def kv_bytes_per_token(core) -> int:
 class _TimedForward:
     """Stands in for the runner's model: device time of the forward and of the logits, by CUDA events."""
 
-    def __init__(self, inner, timers: StepTimers) -> None:
+    def __init__(self, inner, timers: StepTimers, key: str = "forward_gpu") -> None:
         self.inner = inner
         self.timers = timers
+        self.key = key
 
     def _timed(self, key: str, fn, *args):
         if not self.timers.cuda:
@@ -69,7 +48,7 @@ class _TimedForward:
         return out
 
     def __call__(self, *args):
-        return self._timed("forward_gpu", self.inner, *args)
+        return self._timed(self.key, self.inner, *args)
 
     def compute_logits(self, hidden):
         return self._timed("logits_gpu", self.inner.compute_logits, hidden)
@@ -83,8 +62,9 @@ class StepTimers:
     (scheduling, batch building, sampling bookkeeping, detokenizing).
     """
 
-    def __init__(self, engine, cuda: bool) -> None:
+    def __init__(self, engine, cuda: bool, final_only: bool = False) -> None:
         self.engine = engine
+        self.final_only = final_only  # consume steps as LLM.generate does (only finished outputs are built)
         self.core = engine.core
         self.cuda = cuda
         self.host: dict[str, list[float]] = defaultdict(list)  # stage -> seconds per call
@@ -97,14 +77,18 @@ class StepTimers:
                          (core.runner, "_build_batch", "build_batch"), (core, "step", "core_step")]
         for obj, name, label in self._methods:
             setattr(obj, name, self._wrap(getattr(obj, name), label))
-        self._model = core.runner.model
-        core.runner.model = _TimedForward(self._model, self)
+        # The runner calls `forward` (the CUDA-graph runner, or the model itself) for the hidden states and
+        # `model.compute_logits`; both are timed, and nothing else of the model is.
+        runner = core.runner
+        self._model, self._forward = runner.model, runner.forward
+        runner.forward = _TimedForward(self._forward, self)
+        runner.model = _TimedForward(self._model, self, key="unexpected_model_call")
         return self
 
     def __exit__(self, *exc) -> None:
         for obj, name, _ in self._methods:
             delattr(obj, name)  # back to the class's method
-        self.core.runner.model = self._model
+        self.core.runner.model, self.core.runner.forward = self._model, self._forward
 
     def _wrap(self, fn, name: str):
         def timed(*args, **kwargs):
@@ -117,7 +101,7 @@ class StepTimers:
 
     def step(self) -> None:
         t0 = time.perf_counter()
-        self.engine.step()
+        self.engine.step(final_only=self.final_only)
         self.host["engine_step"].append(time.perf_counter() - t0)
 
     def summary(self) -> dict:

@@ -23,7 +23,7 @@ def hash_block(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
     return h.digest()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class KVBlock:
     block_id: int
     ref_cnt: int = 0

@@ -17,6 +17,8 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching)
         # request_id -> the blocks holding that request's KV, in token order.
         self.req_to_blocks: dict[str, list[KVBlock]] = {}
+        # request_id -> the same blocks' ids, kept in step so that building a batch reads them as they are.
+        self.req_to_block_ids: dict[str, list[int]] = {}
         # request_id -> how many of its leading blocks were already offered to the prefix cache.
         self._num_cached_blocks: dict[str, int] = {}
         # Prefix cache counters in tokens (as vLLM's prefix_cache_queries / prefix_cache_hits).
@@ -74,16 +76,31 @@ class KVCacheManager:
         computed_blocks are prefix-cache hits for a request that holds no blocks yet; the caller adds
         len(computed_blocks) * block_size to request.num_computed_tokens.
         """
+        request_id = request.request_id
+        if not computed_blocks:
+            # The common case of a decode: the request's blocks already hold the new tokens and none of them
+            # becomes full now, so there is nothing to allocate or to offer to the prefix cache.
+            blocks = self.req_to_blocks.get(request_id)
+            end = request.num_computed_tokens + num_new_tokens
+            if blocks is not None and end <= len(blocks) * self.block_size and (
+                not self.enable_caching or min(end, request.num_tokens) // self.block_size
+                <= self._num_cached_blocks.get(request_id, 0)
+            ):
+                return True
         if not self.can_fit(request, num_new_tokens, computed_blocks):
             return False
-        blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        blocks = self.req_to_blocks.setdefault(request_id, [])
+        block_ids = self.req_to_block_ids.setdefault(request_id, [])
         if computed_blocks:
             self.pool.touch(computed_blocks)
             blocks.extend(computed_blocks)
+            block_ids.extend(b.block_id for b in computed_blocks)
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         needed = cdiv(num_computed + num_new_tokens, self.block_size) - len(blocks)
         if needed > 0:
-            blocks.extend(self.pool.allocate(needed))
+            new_blocks = self.pool.allocate(needed)
+            blocks.extend(new_blocks)
+            block_ids.extend(b.block_id for b in new_blocks)
         if self.enable_caching:
             # Register blocks that will be full once this step runs. Another request in the same step may hit
             # them: the runner writes every token's KV before any attention reads it, so that is safe.
@@ -102,16 +119,23 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         blocks = self.req_to_blocks.pop(request.request_id, None)
+        self.req_to_block_ids.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
         if blocks:
             # Tail blocks first: a shared prefix outlives the request-specific suffix in the eviction order.
             self.pool.free(reversed(blocks))
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_to_blocks[request_id]]
+        """The request's block ids in token order: the manager's own list, to read and not to change."""
+        return self.req_to_block_ids[request_id]
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()
 
     def check_integrity(self) -> None:
         self.pool.check_integrity(self.req_to_blocks.values())
+        for request_id, blocks in self.req_to_blocks.items():
+            if self.req_to_block_ids.get(request_id) != [b.block_id for b in blocks]:
+                raise AssertionError(f"request {request_id}: block ids out of step with its blocks")
+        if self.req_to_block_ids.keys() != self.req_to_blocks.keys():
+            raise AssertionError("block id lists kept for requests that hold no blocks")

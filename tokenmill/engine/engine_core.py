@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -93,6 +95,23 @@ def _advise_huge_pages(array: np.ndarray) -> None:
         pass
 
 
+def freeze_gc_heap() -> None:
+    """Move everything alive after start-up (the block pool's objects, the model's modules) out of the cyclic
+    garbage collector's reach. With hundreds of thousands of KV blocks a full collection takes 0.1-1 s, and
+    one runs every so often in the middle of an engine step; frozen objects are never traversed again. They
+    are still freed as usual when their last reference goes; at exit they are handed back to the collector,
+    so that extension modules see their objects released."""
+    global _gc_unfreeze_registered
+    gc.collect()
+    gc.freeze()
+    if not _gc_unfreeze_registered:
+        atexit.register(gc.unfreeze)
+        _gc_unfreeze_registered = True
+
+
+_gc_unfreeze_registered = False
+
+
 @dataclass
 class KVCacheSizing:
     bytes_per_block: int
@@ -158,14 +177,15 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv_cache_manager, sched.max_num_seqs, self.max_num_batched_tokens,
                                    self.max_model_len)
         self.graph_runner = None
+        self.graph_capture_seconds: float | None = None
         if self.device.type == "cuda" and not config.model.enforce_eager and backend.name == "triton":
             from tokenmill.worker.cuda_graphs import CUDAGraphRunner
 
             self.graph_runner = CUDAGraphRunner(self.model, self.kv_caches, sched.max_num_seqs, self.max_model_len,
                                                 block_size, self.device)
-            seconds = self.graph_runner.capture()
+            self.graph_capture_seconds = self.graph_runner.capture()
             logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s",
-                        self.graph_runner.sizes, seconds)
+                        self.graph_runner.sizes, self.graph_capture_seconds)
         generator = torch.Generator().manual_seed(config.model.seed)
         self.runner = ModelRunner(self.model, self.kv_caches, self.kv_cache_manager, Sampler(generator), self.device,
                                   graph_runner=self.graph_runner)
@@ -180,6 +200,8 @@ class EngineCore:
             self.kv_sizing.num_blocks * self.kv_sizing.bytes_per_block / 2**20, self.dtype,
             self.max_model_len, self.kv_sizing.num_tokens / self.max_model_len,
         )
+        freeze_gc_heap()
+
 
     def _profile_gpu_kv_cache(self, hf_config: dict) -> KVCacheSizing:
         """Blocks from what one profiled forward at max_num_batched_tokens leaves of the GPU's memory."""

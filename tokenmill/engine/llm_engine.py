@@ -57,6 +57,8 @@ class _Parent:
         return all(c.finish_reason is not None for c in self.children)
 
     def metrics(self) -> RequestMetrics:
+        if len(self.children) == 1:
+            return self.children[0].request.metrics.snapshot()
         ms = [c.request.metrics for c in self.children]
 
         def first(values):
@@ -74,7 +76,7 @@ class _Parent:
             num_cached_tokens=ms[0].num_cached_tokens,
         )
 
-    def output(self) -> RequestOutput:
+    def output(self, finished: bool | None = None) -> RequestOutput:
         metrics = self.metrics()
         return RequestOutput(
             request_id=self.request_id,
@@ -82,7 +84,7 @@ class _Parent:
             prompt_token_ids=self.prompt_token_ids,
             prompt_logprobs=self.prompt_logprobs,
             outputs=[c.completion() for c in self.children],
-            finished=self.finished,
+            finished=self.finished if finished is None else finished,
             metrics=metrics,
             num_cached_tokens=metrics.num_cached_tokens,
         )
@@ -184,9 +186,10 @@ class LLMEngine:
             changed[parent.request_id] = parent
         results = []
         for parent in changed.values():
-            if not final_only or parent.finished:
-                results.append(parent.output())
-            if parent.finished:
+            finished = parent.finished
+            if finished or not final_only:
+                results.append(parent.output(finished))
+            if finished:
                 del self.parents[parent.request_id]
                 for child in parent.children:
                     self.children.pop(child.request.request_id, None)

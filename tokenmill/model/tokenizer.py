@@ -71,6 +71,17 @@ class Tokenizer:
         special_ids |= {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
         self._all_special_ids = sorted(i for i in special_ids if i is not None)
 
+    @property
+    def clean_up_tokenization_spaces(self) -> bool:
+        return self._clean_up_spaces
+
+    @clean_up_tokenization_spaces.setter
+    def clean_up_tokenization_spaces(self, value: bool) -> None:
+        self._clean_up_spaces = bool(value)
+        # transformers applies this WordPiece-era cleanup only to non-BPE models; it would corrupt BPE output.
+        # Decided once here: decode() runs for every generated token.
+        self._clean_up = self._clean_up_spaces and type(self.backend.model).__name__ != "BPE"
+
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
         """Load from a model directory holding tokenizer.json (+ optional tokenizer_config.json,
@@ -177,9 +188,8 @@ class Tokenizer:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        # transformers applies this WordPiece-era cleanup only to non-BPE models; it would corrupt BPE output.
-        if self.clean_up_tokenization_spaces and type(self.backend.model).__name__ != "BPE":
+        text = self.backend.decode(ids if type(ids) is list else list(ids), skip_special_tokens=skip_special_tokens)
+        if self._clean_up:
             text = _clean_up_tokenization(text)
         return text
 

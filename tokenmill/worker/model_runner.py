@@ -33,33 +33,45 @@ class ModelRunner:
         self.device = device
 
     def _build_batch(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flat token ids, positions and metadata of the step, with one host-to-device copy per tensor.
+
+        A decode (one new token) is a few list appends; only a prefill chunk goes through numpy. Every
+        list is converted once at the end.
+        """
         bs = self.block_size
-        ids_parts, pos_parts, slot_parts = [], [], []
+        block_ids_of = self.kv.block_ids
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
         tables: list[list[int]] = []
+        num_tokens = 0
         for item in sched.scheduled:
             request, n = item.request, item.num_new_tokens
             start = request.num_computed_tokens
-            block_ids = self.kv.block_ids(request.request_id)
-            positions = np.arange(start, start + n)
-            ids_parts.append(request.all_token_ids[start : start + n])
-            pos_parts.append(positions)
-            slot_parts.append(np.asarray(block_ids, dtype=np.int64)[positions // bs] * bs + positions % bs)
-            query_start_loc.append(query_start_loc[-1] + n)
+            block_ids = block_ids_of(request.request_id)
+            if n == 1:
+                ids.append(request.all_token_ids[start])
+                positions.append(start)
+                slots.append(block_ids[start // bs] * bs + start % bs)
+            else:
+                pos = np.arange(start, start + n)
+                ids.extend(request.all_token_ids[start : start + n])
+                positions.extend(range(start, start + n))
+                slots.extend((np.asarray(block_ids, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
+            num_tokens += n
+            query_start_loc.append(num_tokens)
             seq_lens.append(start + n)
             tables.append(block_ids)
-        max_blocks = max(len(t) for t in tables)
-        table_array = np.zeros((len(tables), max_blocks), dtype=np.int32)
+        table_array = np.zeros((len(tables), max(map(len, tables))), dtype=np.int32)
         for i, t in enumerate(tables):
             table_array[i, : len(t)] = t
         dev = self.device
-        input_ids = torch.tensor([t for part in ids_parts for t in part], dtype=torch.long, device=dev)
-        positions = torch.from_numpy(np.concatenate(pos_parts)).to(dev)
-        block_tables = torch.from_numpy(table_array).to(dev)
-        meta = AttentionMetadata.build(query_start_loc, seq_lens, block_tables,
-                                       torch.from_numpy(np.concatenate(slot_parts)).to(dev))
-        return input_ids, positions, meta
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        meta = AttentionMetadata.build(query_start_loc, seq_lens, torch.from_numpy(table_array).to(dev),
+                                       torch.tensor(slots, dtype=torch.long, device=dev))
+        return input_ids, torch.tensor(positions, dtype=torch.long, device=dev), meta
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
