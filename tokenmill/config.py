@@ -126,6 +126,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     # Most tokens (prefill chunks + decodes) computed in one engine step; None: 2048 on CPU, 8192 on CUDA.
     max_num_batched_tokens: int | None = None
+    # Schedule and launch step N+1 before step N's sampled tokens reach the host, and process step N's outputs
+    # while N+1 runs (vLLM's --async-scheduling): the host work of a step hides behind the GPU's.
+    async_scheduling: bool = False
 
     def validate(self) -> None:
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
@@ -136,6 +139,8 @@ class SchedulerConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be a positive integer, got {self.max_num_batched_tokens!r}"
             )
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be True or False, got {self.async_scheduling!r}")
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,7 @@ class EngineConfig:
         tensor_parallel_size: int = 1,
         chat_template: str | None = None,
         enforce_eager: bool = False,
+        async_scheduling: bool = False,
     ) -> EngineConfig:
         """The config from vLLM-named keyword arguments (those of LLM(...) and the serve flags), validated."""
         config = cls(
@@ -172,7 +178,8 @@ class EngineConfig:
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      async_scheduling=async_scheduling),
             tensor_parallel_size=tensor_parallel_size,
         )
         config.validate()

@@ -44,6 +44,9 @@ class Request:
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
+        # With async scheduling: tokens sampled by a launched step whose ids have not reached the host yet (0 or
+        # 1). They count as computed input of the next step, which reads them from the device.
+        self.num_pending_tokens = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0

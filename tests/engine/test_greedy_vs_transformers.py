@@ -58,11 +58,13 @@ def run_greedy(model_dir, prompts, **kwargs):
     return llm, [o.outputs[0].token_ids for o in outs]
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("setting", ["plain", "chunked", "preempt"])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_greedy_matches_transformers(arch, setting, tiny_models, references):
+def test_greedy_matches_transformers(arch, setting, async_scheduling, tiny_models, references):
     prompts, expected = references[arch]
-    llm, got = run_greedy(tiny_models[arch], prompts, **engine_kwargs(setting, tiny_models[arch]))
+    llm, got = run_greedy(tiny_models[arch], prompts, async_scheduling=async_scheduling,
+                          **engine_kwargs(setting, tiny_models[arch]))
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         assert g == e, f"{arch}/{setting}: prompt {i} ({len(prompts[i])} tokens) differs from transformers"
     core = llm.llm_engine.core

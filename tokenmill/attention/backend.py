@@ -13,6 +13,7 @@ token of its own sequence (cached or new) and itself: causal, optionally within 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -51,17 +52,23 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, query_start_loc: list[int], seq_lens: list[int], block_tables: torch.Tensor,
-              slot_mapping: torch.Tensor) -> AttentionMetadata:
+              slot_mapping: torch.Tensor,
+              to_device: Callable[[list[int], torch.dtype], torch.Tensor] | None = None) -> AttentionMetadata:
         """Everything else derived from the per-sequence query ranges and lengths; tensors go to
-        block_tables' device."""
-        device = block_tables.device
+        block_tables' device, through `to_device(values, dtype)` when given."""
+        if to_device is None:
+            device = block_tables.device
+
+            def to_device(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+                return torch.tensor(values, dtype=dtype, device=device)
+
         query_lens = [b - a for a, b in zip(query_start_loc, query_start_loc[1:])]
         decode_indices = [i for i, n in enumerate(query_lens) if n == 1]
-        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+        seq_lens_t = to_device(seq_lens, torch.int32)
         meta = cls(
             num_tokens=query_start_loc[-1],
             num_seqs=len(seq_lens),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
+            query_start_loc=to_device(query_start_loc, torch.int32),
             seq_lens=seq_lens_t,
             block_tables=block_tables,
             slot_mapping=slot_mapping,
@@ -73,13 +80,18 @@ class AttentionMetadata:
             decode_indices=decode_indices,
         )
         if decode_indices:
-            idx = torch.tensor(decode_indices, device=device)
             rows = [query_start_loc[i] for i in decode_indices]
-            meta.decode_rows = torch.tensor(rows, device=device)
+            meta.decode_rows = to_device(rows, torch.long)
             if rows[-1] - rows[0] == len(rows) - 1:
                 meta.decode_row_slice = slice(rows[0], rows[-1] + 1)
-            meta.decode_seq_lens = seq_lens_t[idx]
-            meta.decode_block_tables = block_tables[idx]
+            first, last = decode_indices[0], decode_indices[-1]
+            if last - first == len(decode_indices) - 1:  # consecutive (decodes go first): views, no gather
+                meta.decode_seq_lens = seq_lens_t[first : last + 1]
+                meta.decode_block_tables = block_tables[first : last + 1]
+            else:
+                idx = to_device(decode_indices, torch.long)
+                meta.decode_seq_lens = seq_lens_t[idx]
+                meta.decode_block_tables = block_tables[idx]
             meta.max_decode_seq_len = max(seq_lens[i] for i in decode_indices)
         return meta
 

@@ -4,6 +4,12 @@ One token budget per step is shared by decodes (1 token each) and prefill chunks
 in arrival order; waiting requests join while budget, max_num_seqs and KV blocks allow (first come, first
 served). When a running request needs a block and none is free, the most recently arrived running request
 is preempted: its blocks are freed and it is recomputed later (its cached prefix usually survives).
+
+With async scheduling a step is scheduled while the previous one runs: `on_launched` advances the launched
+requests at once (a sampling request gets a pending token, the next step's input, read from the device), and
+`update_from_output(..., launched=True)` later only appends the tokens and checks stops. A request certain to
+stop on length with its pending token is not scheduled again; one stopping on EOS or a stop string computes
+one more token, which is dropped.
 """
 
 from __future__ import annotations
@@ -91,7 +97,10 @@ class Scheduler:
         queue = deque(self.running)
         while queue and budget > 0:
             request = queue.popleft()
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_pending_tokens and self._stops_on_length(request):
+                kept.append(request)  # its last token is on the way: nothing left to compute
+                continue
+            num_new = min(request.num_tokens + request.num_pending_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate_slots(request, num_new):
                 # Out of blocks: preempt the latest arrival still unscheduled, else this request itself.
                 victim = queue.pop() if queue else request
@@ -109,6 +118,8 @@ class Scheduler:
         # Admit waiting requests only when nothing had to be preempted this step.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted_ids:
             request = self.waiting[0]
+            if request.num_pending_tokens:
+                break  # preempted while its last step ran: admitted once that step's token is known
             computed_blocks, num_cached = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(request, num_new, computed_blocks):
@@ -125,20 +136,42 @@ class Scheduler:
         return out
 
     def _add_scheduled(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
-        samples = request.num_computed_tokens + num_new == request.num_tokens
+        samples = request.num_computed_tokens + num_new == request.num_tokens + request.num_pending_tokens
         out.scheduled.append(ScheduledRequest(request, num_new, samples))
         out.num_scheduled_tokens += num_new
 
+    def _stops_on_length(self, request: Request) -> bool:
+        """Whether the request ends on max_tokens or max_model_len once its pending tokens are appended."""
+        max_tokens = request.sampling_params.max_tokens
+        pending = request.num_pending_tokens
+        return (max_tokens is not None and request.num_output_tokens + pending >= max_tokens) or (
+            request.num_tokens + pending >= self.max_model_len
+        )
+
     # ---- after the model ran ----------------------------------------------------------------------------
+    def on_launched(self, sched: SchedulerOutput) -> None:
+        """Async scheduling: the step runs; count its tokens as computed and its samples as pending."""
+        for item in sched.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                request.num_pending_tokens += 1
+
     def update_from_output(
-        self, sched: SchedulerOutput, runner_out: ModelRunnerOutput, step_seconds: float
+        self, sched: SchedulerOutput, runner_out: ModelRunnerOutput, step_seconds: float, launched: bool = False
     ) -> list[EngineCoreOutput]:
+        """Apply a step's sampled tokens: stops, finished requests, outputs. `launched`: on_launched already
+        advanced the step's requests (async scheduling)."""
         outputs = []
         now = time.time()
         total_tokens = max(sched.num_scheduled_tokens, 1)
         for item in sched.scheduled:
             request = item.request
-            request.num_computed_tokens += item.num_new_tokens
+            if launched:
+                if item.samples:
+                    request.num_pending_tokens -= 1
+            else:
+                request.num_computed_tokens += item.num_new_tokens
             request.metrics.compute_seconds += step_seconds * item.num_new_tokens / total_tokens
             if request.is_finished:
                 continue
@@ -159,7 +192,10 @@ class Scheduler:
             status = self._check_stop(request)
             if status is not None:
                 self.requests.pop(request.request_id, None)
-                self.running.remove(request)
+                if request.status == RequestStatus.RUNNING:
+                    self.running.remove(request)
+                else:  # preempted while its step ran (async scheduling)
+                    self.waiting.remove(request)
                 self._finish(request, status)
             outputs.append(
                 EngineCoreOutput(

@@ -22,7 +22,7 @@ from tokenmill.model.registry import DecoderSpec
 from tokenmill.outputs import EngineCoreOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sample.sampler import Sampler
-from tokenmill.worker.model_runner import ModelRunner
+from tokenmill.worker.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger("tokenmill")
 
@@ -189,6 +189,10 @@ class EngineCore:
         generator = torch.Generator().manual_seed(config.model.seed)
         self.runner = ModelRunner(self.model, self.kv_caches, self.kv_cache_manager, Sampler(generator), self.device,
                                   graph_runner=self.graph_runner)
+        self.async_scheduling = sched.async_scheduling
+        # Async scheduling: the launched step whose samples have not been collected yet.
+        self._in_flight: LaunchedStep | None = None
+        self._last_collect_end = 0.0
         # Seconds spent inside steps that computed tokens, and the tokens they sampled.
         self.busy_seconds = 0.0
         self.num_generated_tokens = 0
@@ -244,12 +248,20 @@ class EngineCore:
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         self.scheduler.finish_requests(request_ids, status)
+        if self._in_flight is not None and not self.scheduler.has_unfinished_requests():
+            # Nothing would step again to collect it: do it now (its requests are finished, no outputs).
+            in_flight, self._in_flight = self._in_flight, None
+            self._collect(in_flight)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     # ---- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
+        """One engine step: the outputs of the tokens sampled by it, or with async scheduling by the step
+        before it (this one is launched and left running)."""
+        if self.async_scheduling:
+            return self._step_async()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -258,8 +270,39 @@ class EngineCore:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
-        outputs = self.scheduler.update_from_output(sched, runner_out, elapsed)
-        self.busy_seconds += elapsed
         self.num_steps += 1
+        return self._account(self.scheduler.update_from_output(sched, runner_out, elapsed), runner_out, elapsed)
+
+    def _account(self, outputs: list[EngineCoreOutput], runner_out, elapsed: float) -> list[EngineCoreOutput]:
+        self.busy_seconds += elapsed
         self.num_generated_tokens += len(runner_out.sampled)
         return outputs
+
+    def _step_async(self) -> list[EngineCoreOutput]:
+        """Schedule and launch step N+1, then collect step N while N+1 runs on the device.
+
+        Step N+1 reads the tokens sampled by N on the device. Requests whose sampler needs their output
+        tokens on the host (penalties, min_tokens) make the engine collect N before scheduling N+1.
+        """
+        outputs: list[EngineCoreOutput] = []
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and in_flight.needs_sync:
+            outputs = self._collect(in_flight)
+            in_flight = None
+        sched = self.scheduler.schedule()
+        if not sched.is_empty:
+            self._in_flight = self.runner.launch(sched, prev=in_flight)
+            self.scheduler.on_launched(sched)
+            self.num_steps += 1
+        if in_flight is not None:
+            outputs += self._collect(in_flight)
+        return outputs
+
+    def _collect(self, step: LaunchedStep) -> list[EngineCoreOutput]:
+        runner_out = self.runner.collect(step)
+        end = time.perf_counter()
+        # Steps overlap: each is charged from its launch, or the previous collection if later, to its collection.
+        elapsed = end - max(step.start, self._last_collect_end)
+        self._last_collect_end = end
+        outputs = self.scheduler.update_from_output(step.sched, runner_out, elapsed, launched=True)
+        return self._account(outputs, runner_out, elapsed)

@@ -30,6 +30,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="number of GPUs to shard the model over (only 1 is supported yet)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="CUDA: always run eagerly, never replay captured CUDA graphs for decode steps")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="launch each step before the previous one's tokens reach the host, hiding the "
+                             "scheduling and output work behind the GPU's (one wasted token per stop)")
     parser.add_argument("--chat-template", default=None,
                         help="Jinja chat template (a file path or the template text) overriding the model's")
 
@@ -49,7 +52,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, device=args.device,
         tensor_parallel_size=args.tensor_parallel_size, chat_template=chat_template,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
     )
 
 

@@ -39,6 +39,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         chat_template: str | None = None,
         enforce_eager: bool = False,
+        async_scheduling: bool = False,
         show_progress: bool = True,
     ) -> None:
         config = EngineConfig.from_kwargs(
@@ -47,6 +48,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, kv_cache_memory=kv_cache_memory,
             gpu_memory_utilization=gpu_memory_utilization, seed=seed, device=device,
             tensor_parallel_size=tensor_parallel_size, chat_template=chat_template, enforce_eager=enforce_eager,
+            async_scheduling=async_scheduling,
         )
         self.llm_engine = LLMEngine(config, show_progress=show_progress)
 

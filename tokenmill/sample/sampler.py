@@ -8,6 +8,8 @@ rest of the batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from tokenmill.attention import cpu_kernels
@@ -17,10 +19,23 @@ from tokenmill.request import Request
 
 def top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[PositionLogprobs]:
     """For each row of logprobs [rows, vocab]: the given token and the k most likely, with 1-based ranks."""
-    chosen = logprobs.gather(1, token_ids[:, None])  # [rows, 1]
-    ranks = (logprobs > chosen).sum(dim=1) + 1
-    top_vals, top_ids = logprobs.topk(k, dim=1) if k > 0 else (None, None)
-    chosen_l, ranks_l, ids_l = chosen[:, 0].tolist(), ranks.tolist(), token_ids.tolist()
+    return logprob_entries(*logprob_tensors(logprobs, token_ids, k))
+
+
+def logprob_tensors(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """The device half of top_logprobs: (token ids, their logprobs, their ranks[, top-k values, top-k ids])."""
+    chosen = logprobs.gather(1, token_ids[:, None])[:, 0]
+    ranks = (logprobs > chosen[:, None]).sum(dim=1) + 1
+    if k <= 0:
+        return token_ids, chosen, ranks
+    top_vals, top_ids = logprobs.topk(k, dim=1)
+    return token_ids, chosen, ranks, top_vals, top_ids
+
+
+def logprob_entries(token_ids: torch.Tensor, chosen: torch.Tensor, ranks: torch.Tensor,
+                    top_vals: torch.Tensor | None = None, top_ids: torch.Tensor | None = None) -> list[PositionLogprobs]:
+    """The host half of top_logprobs, from the tensors of logprob_tensors."""
+    chosen_l, ranks_l, ids_l = chosen.tolist(), ranks.tolist(), token_ids.tolist()
     top_vals_l = top_vals.tolist() if top_vals is not None else None
     top_ids_l = top_ids.tolist() if top_ids is not None else None
     out = []
@@ -34,15 +49,47 @@ def top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> lis
     return out
 
 
+@dataclass
+class SamplerOutput:
+    """What one sampling call leaves on the logits' device; `to_host` turns it into one SampledToken per row.
+
+    Between the two, the tensors can travel to the host without a stop of the device (`map_tensors`), which is
+    how async scheduling overlaps a step's output work with the next step."""
+
+    token_ids: torch.Tensor  # [rows] int64
+    # With logprobs: the rows that asked, the most any asked for, and logprob_tensors() of those rows.
+    logprob_rows: list[int] = field(default_factory=list)
+    max_logprobs: int = 0
+    logprob_data: tuple[torch.Tensor, ...] = ()
+    k_per_row: list[int] = field(default_factory=list)
+
+    def map_tensors(self, fn) -> SamplerOutput:
+        return SamplerOutput(fn(self.token_ids), self.logprob_rows, self.max_logprobs,
+                             tuple(fn(t) for t in self.logprob_data), self.k_per_row)
+
+    def to_host(self) -> list[SampledToken]:
+        ids = self.token_ids.tolist()
+        out = [SampledToken(t) for t in ids]
+        if self.logprob_rows:
+            entries = logprob_entries(*self.logprob_data)
+            for row, k, entry in zip(self.logprob_rows, self.k_per_row, entries, strict=True):
+                kept = {t: lp for t, lp in entry.items() if t == ids[row] or lp.rank <= k}
+                out[row] = SampledToken(ids[row], kept, entry[ids[row]].logprob)
+        return out
+
+
 class Sampler:
     def __init__(self, generator: torch.Generator) -> None:
         # Draws for requests without a seed of their own.
         self.generator = generator
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
+        return self.sample(logits, requests).to_host()
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits: [num_requests, vocab] at the position that predicts each request's next token, in the model's
         dtype. A batch of greedy rows is argmax'ed as it is (a bfloat16 -> float32 conversion is exact and keeps
-        the order); anything else computes in float32."""
+        the order); anything else computes in float32. Nothing waits for the device here."""
         device = logits.device
         params = [r.sampling_params for r in requests]
         max_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
@@ -67,16 +114,13 @@ class Sampler:
             idx = torch.tensor(random, device=device)
             token_ids[idx] = self._sample(logits[idx], [requests[i] for i in random])
 
-        ids = token_ids.tolist()
-        out = [SampledToken(t) for t in ids]
+        out = SamplerOutput(token_ids)
         if raw_logprobs is not None:
             rows = [i for i, p in enumerate(params) if p.logprobs is not None]
             idx = torch.tensor(rows, device=device)
-            entries = top_logprobs(raw_logprobs[idx], token_ids[idx], max_logprobs)
-            for row, entry in zip(rows, entries, strict=True):
-                k = params[row].logprobs
-                kept = {t: lp for t, lp in entry.items() if t == ids[row] or lp.rank <= k}
-                out[row] = SampledToken(ids[row], kept, entry[ids[row]].logprob)
+            out.logprob_rows, out.max_logprobs = rows, max_logprobs
+            out.logprob_data = logprob_tensors(raw_logprobs[idx], token_ids[idx], max_logprobs)
+            out.k_per_row = [params[row].logprobs for row in rows]
         return out
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -1,6 +1,14 @@
-"""Builds the flat batch of one engine step, runs the model once over it, and samples."""
+"""Builds the flat batch of one engine step, runs the model once over it, and samples.
+
+A step is launched (batch built, forward and sampling queued on the device, the samples' copy to the host
+started) and then collected (wait for the samples). `execute` does both at once; async scheduling launches
+step N+1 before it collects step N.
+"""
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -9,7 +17,28 @@ from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
-from tokenmill.sample.sampler import Sampler, top_logprobs
+from tokenmill.request import Request
+from tokenmill.sample.sampler import Sampler, SamplerOutput, top_logprobs
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device whose samples the host has not read yet."""
+
+    sched: SchedulerOutput
+    output: ModelRunnerOutput  # prompt logprobs already in; sampled filled by ModelRunner.collect
+    sample_requests: list[Request] = field(default_factory=list)
+    sampled: SamplerOutput | None = None  # on the device: the next step may read its token ids
+    host_sampled: SamplerOutput | None = None  # the same, on its way to the host
+    done: torch.cuda.Event | None = None  # recorded after the copy to the host
+    start: float = 0.0  # perf_counter() when the launch began
+
+    @property
+    def needs_sync(self) -> bool:
+        """Whether the next step must wait for this one's tokens on the host: penalties and min_tokens read a
+        request's output tokens as the sampler runs."""
+        return any(r.sampling_params.needs_penalties or r.sampling_params.min_tokens > 0
+                   for r in self.sample_requests)
 
 
 class ModelRunner:
@@ -32,8 +61,18 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
 
-    def _build_batch(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flat token ids, positions and metadata of the step, with one host-to-device copy per tensor.
+    def to_device(self, values: list[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        """A host list or array on the model's device. On CUDA the copy goes through pinned memory without
+        waiting for the device, so a step can be built while the previous one still runs."""
+        t = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _build_batch(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                           list[tuple[int, Request]]]:
+        """Flat token ids, positions and metadata of the step, with one host-to-device copy per tensor, and the
+        (row, request) of every input token still on the device (sampled by the step in flight).
 
         A decode (one new token) is a few list appends; only a prefill chunk goes through numpy. Every
         list is converted once at the end.
@@ -46,13 +85,18 @@ class ModelRunner:
         query_start_loc = [0]
         seq_lens: list[int] = []
         tables: list[list[int]] = []
+        pending: list[tuple[int, Request]] = []
         num_tokens = 0
         for item in sched.scheduled:
             request, n = item.request, item.num_new_tokens
             start = request.num_computed_tokens
             block_ids = block_ids_of(request.request_id)
             if n == 1:
-                ids.append(request.all_token_ids[start])
+                if start < len(request.all_token_ids):
+                    ids.append(request.all_token_ids[start])
+                else:
+                    pending.append((num_tokens, request))
+                    ids.append(0)
                 positions.append(start)
                 slots.append(block_ids[start // bs] * bs + start % bs)
             else:
@@ -67,15 +111,30 @@ class ModelRunner:
         table_array = np.zeros((len(tables), max(map(len, tables))), dtype=np.int32)
         for i, t in enumerate(tables):
             table_array[i, : len(t)] = t
-        dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        meta = AttentionMetadata.build(query_start_loc, seq_lens, torch.from_numpy(table_array).to(dev),
-                                       torch.tensor(slots, dtype=torch.long, device=dev))
-        return input_ids, torch.tensor(positions, dtype=torch.long, device=dev), meta
+        to_device = self.to_device
+        meta = AttentionMetadata.build(query_start_loc, seq_lens, to_device(table_array, torch.int32),
+                                       to_device(slots, torch.long), to_device=to_device)
+        return to_device(ids, torch.long), to_device(positions, torch.long), meta, pending
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        input_ids, positions, meta = self._build_batch(sched)
+        """Run one step to the end: its sampled tokens are on the host when this returns."""
+        return self.collect(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue one step's forward and sampling on the device, and the copy of its samples to the host; on
+        CUDA nothing here waits for the device (except prompt logprobs, which are rare). Input tokens sampled
+        by `prev`, the step in flight, are read from its device tensor."""
+        start = time.perf_counter()
+        input_ids, positions, meta, pending = self._build_batch(sched)
+        if pending:
+            if prev is None or prev.sampled is None:
+                raise RuntimeError("a scheduled token is still pending but no step is in flight")
+            index = {r.request_id: i for i, r in enumerate(prev.sample_requests)}
+            rows = self.to_device([row for row, _ in pending], torch.long)
+            src = self.to_device([index[r.request_id] for _, r in pending], torch.long)
+            input_ids.index_copy_(0, rows, prev.sampled.token_ids.index_select(0, src))
         hidden = self.forward(input_ids, positions, self.kv_caches, meta)
 
         sample_rows, sample_requests = [], []
@@ -87,11 +146,28 @@ class ModelRunner:
                 sample_requests.append(request)
             if request.prompt_logprobs is not None:
                 self._prompt_logprobs(hidden, meta.query_start_loc_list[i], item.num_new_tokens, request, out)
+        step = LaunchedStep(sched, out, sample_requests, start=start)
         if sample_rows:
-            logits = self.model.compute_logits(hidden[sample_rows])
-            sampled = self.sampler(logits, sample_requests)
-            out.sampled = {r.request_id: s for r, s in zip(sample_requests, sampled, strict=True)}
-        return out
+            if len(sample_rows) < hidden.shape[0]:
+                hidden = hidden.index_select(0, self.to_device(sample_rows, torch.long))
+            # else every row samples: the rows are 0..n-1 in order.
+            step.sampled = self.sampler.sample(self.model.compute_logits(hidden), sample_requests)
+            if self.device.type == "cuda":
+                step.host_sampled = step.sampled.map_tensors(lambda t: t.to("cpu", non_blocking=True))
+                step.done = torch.cuda.Event()
+                step.done.record()
+            else:
+                step.host_sampled = step.sampled
+        return step
+
+    def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
+        """Wait for a launched step's samples and turn them into the runner's output."""
+        if step.done is not None:
+            step.done.synchronize()
+        if step.host_sampled is not None:
+            sampled = step.host_sampled.to_host()
+            step.output.sampled = {r.request_id: s for r, s in zip(step.sample_requests, sampled, strict=True)}
+        return step.output
 
     def _prompt_logprobs(self, hidden: torch.Tensor, row: int, num_new: int, request, out: ModelRunnerOutput) -> None:
         """Logprobs of prompt tokens 1.. given their prefixes, for the prompt positions computed this step."""
