@@ -8,8 +8,10 @@ so the host work stands out; the stages are the ones `benchmarks/gpu/run.sh` rep
     python benchmarks/host_overhead.py                  # batch 256, 512-token contexts, 40 decode steps
     python benchmarks/host_overhead.py --batch 64 --json out.json
 
-Two ways of consuming a step are measured in the same run: `stream` (every request's output after every
-step, as the server's engine loop does) and `final` (only finished requests' outputs, as `LLM.generate`).
+Three ways of running steps are measured in the same run: `stream` (every request's output after every step,
+as the server's engine loop does), `final` (only finished requests' outputs, as `LLM.generate`) and `async`
+(`final` with async scheduling: on a CPU nothing overlaps, so this shows what the async path costs the host;
+on a GPU that work runs while the device computes the next step).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu.engine_hooks import StepTimers  # noqa: E402
 from benchmarks.gpu.models import build_random_model  # noqa: E402
 
-MODES = ("stream", "final")
+MODES = ("stream", "final", "async")
 STAGES = ("schedule", "build_batch", "update", "output_processing")
 
 
@@ -39,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40, help="measured decode steps per mode")
     p.add_argument("--model", default="tiny-llama", help="a shape of benchmarks/gpu/models.py")
     p.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "tokenmill-bench-models"))
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES))
     p.add_argument("--json", help="also write the results here")
     return p.parse_args(argv)
 
@@ -62,10 +65,14 @@ def start_batch(llm, batch: int, context: int) -> list:
     return parents
 
 
-def measure(llm, args: argparse.Namespace, final_only: bool) -> dict:
+def measure(llm, args: argparse.Namespace, mode: str) -> dict:
     engine = llm.llm_engine
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+    if mode == "async":
+        engine.core.set_async_scheduling(True)
     parents = start_batch(llm, args.batch, args.context)
-    timers = StepTimers(engine, cuda=False, final_only=final_only)
+    timers = StepTimers(engine, cuda=False, final_only=mode != "stream")
     with timers:
         for _ in range(args.steps):
             timers.step()
@@ -73,6 +80,8 @@ def measure(llm, args: argparse.Namespace, final_only: bool) -> dict:
     if running != args.batch:
         raise RuntimeError(f"{running} requests were decoding at the end instead of {args.batch}")
     engine.abort_request([p.request_id for p in parents])
+    if mode == "async":
+        engine.core.set_async_scheduling(False)
     summary = timers.summary()
     device_ms = summary.get("forward_gpu_ms", 0.0) + summary.get("logits_gpu_ms", 0.0)
     summary["model_ms"] = device_ms
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
               max_num_batched_tokens=tokens, kv_cache_memory=2**30, show_progress=False)
     results = {"machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
                "batch": args.batch, "context": args.context, "steps": args.steps, "model": args.model,
-               "modes": {mode: measure(llm, args, final_only=mode == "final") for mode in MODES}}
+               "modes": {mode: measure(llm, args, mode) for mode in args.modes.split(",")}}
     print(f"host work of one decode step, batch {args.batch}, {args.context}-token contexts, median of "
           f"{args.steps} steps (ms)")
     header = ["mode", "step", "model", "host", "us/seq", *STAGES]

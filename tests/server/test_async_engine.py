@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tokenmill.config import CacheConfig, EngineConfig, ModelConfig
+from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from tokenmill.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineStepError
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.metrics.stats import StatLogger
@@ -31,10 +31,11 @@ def thread_cpu_seconds(native_id: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-@pytest.fixture(scope="module")
-def llm_engine(server_model_dir) -> LLMEngine:
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async-scheduling"])
+def llm_engine(server_model_dir, request) -> LLMEngine:
     config = EngineConfig(model=ModelConfig(model=str(server_model_dir), dtype="float32"),
-                          cache=CacheConfig(kv_cache_memory="8MiB"))
+                          cache=CacheConfig(kv_cache_memory="8MiB"),
+                          scheduler=SchedulerConfig(async_scheduling=request.param))
     return LLMEngine(config, show_progress=False)
 
 

@@ -26,6 +26,16 @@ def async_client(server) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=60)
 
 
+async def stream_completion(client: openai.AsyncOpenAI, **kwargs) -> tuple[str, str | None]:
+    """A greedy streamed completion's text and finish reason."""
+    stream = await client.completions.create(model=MODEL_NAME, temperature=0, stream=True, **kwargs)
+    text, finish = "", None
+    async for chunk in stream:
+        text += chunk.choices[0].text
+        finish = chunk.choices[0].finish_reason or finish
+    return text, finish
+
+
 @pytest.fixture(scope="module")
 def expected(offline_llm) -> dict:
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
@@ -125,18 +135,11 @@ def test_32_concurrent_streams_async(server, offline_llm):
     greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     expected = [o.outputs[0].text for o in offline_llm.generate(prompts, greedy, use_tqdm=False)]
 
-    async def one(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, str | None]:
-        stream = await client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=24, temperature=0,
-                                                       stream=True, extra_body={"ignore_eos": True})
-        text, finish = "", None
-        async for chunk in stream:
-            text += chunk.choices[0].text
-            finish = chunk.choices[0].finish_reason or finish
-        return text, finish
-
     async def run_all():
         async with async_client(server) as client:
-            return await asyncio.wait_for(asyncio.gather(*(one(client, p) for p in prompts)), timeout=120)
+            return await asyncio.wait_for(asyncio.gather(*(
+                stream_completion(client, prompt=p, max_tokens=24, extra_body={"ignore_eos": True})
+                for p in prompts)), timeout=120)
 
     results = asyncio.run(run_all())
     assert [finish for _, finish in results] == ["length"] * 32
@@ -166,3 +169,36 @@ def test_tokenize_detokenize(server, auth_headers, offline_llm):
     assert r.json() == {"prompt": PROMPTS[0]}
     r = httpx.post(server.url + "/tokenize", json={"messages": CHAT}, headers=auth_headers)
     assert r.status_code == 200 and r.json()["count"] > 0
+
+
+def test_async_scheduling_server_streams_equal_offline(server_model_dir, tmp_path, offline_llm):
+    """`serve --async-scheduling`: concurrent streams, stop strings and max_tokens give the offline texts."""
+    from tests.server.conftest import MAX_MODEL_LEN, ServerProcess
+
+    prompts = [f"Request {i}: {PROMPTS[i % len(PROMPTS)]}" for i in range(16)]
+    lengths = [5 + i for i in range(16)]
+    stop = offline_llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
+    stop_text = stop[0].outputs[0].text[6:8]
+    params = [SamplingParams(temperature=0, max_tokens=n, stop=[stop_text] if i % 4 == 0 else None)
+              for i, n in enumerate(lengths)]
+    expected = [(o.outputs[0].text, o.outputs[0].finish_reason)
+                for o in offline_llm.generate(prompts, params, use_tqdm=False)]
+    assert ("stop" in {f for _, f in expected}) and ("length" in {f for _, f in expected})
+
+    proc = ServerProcess([str(server_model_dir), "--dtype", "float32", "--kv-cache-memory", "16MiB",
+                          "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", MODEL_NAME,
+                          "--api-key", API_KEY, "--async-scheduling"], tmp_path / "server.log")
+    try:
+        proc.wait_ready()
+
+        async def run_all():
+            async with async_client(proc) as client:
+                return await asyncio.wait_for(asyncio.gather(*(
+                    stream_completion(client, prompt=prompts[i], max_tokens=lengths[i],
+                                      stop=[stop_text] if i % 4 == 0 else None)
+                    for i in range(16))), timeout=120)
+
+        assert asyncio.run(run_all()) == expected
+        assert proc.wait_idle()["vllm:num_requests_running"] == 0
+    finally:
+        proc.stop()

@@ -256,6 +256,12 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def set_async_scheduling(self, enabled: bool) -> None:
+        """Switch async scheduling on or off between requests (benchmarks compare both on one engine)."""
+        if self.has_unfinished_requests() or self._in_flight is not None:
+            raise RuntimeError("async scheduling can only be switched while no request is in flight")
+        self.async_scheduling = bool(enabled)
+
     # ---- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
         """One engine step: the outputs of the tokens sampled by it, or with async scheduling by the step
