@@ -88,6 +88,8 @@ def test_every_sampling_feature_matches_sync(arch, tiny_models):
     llm = make_llm(tiny_models[arch], True)
     assert summary(llm.generate(prompts(), params, use_tqdm=False)) == expected
     assert_all_freed(llm)
+    # The extra step launched for the requests that stopped on a token was collected with the last one.
+    assert llm.llm_engine.core._in_flight is None
 
 
 def test_preemption_with_steps_in_flight_matches_sync(tiny_models):
@@ -146,6 +148,14 @@ def test_outputs_arrive_one_step_later_and_steps_are_counted_once(tiny_models):
     # max_tokens is known on the host: the step after the last token is never launched.
     assert core.num_steps == 5
     assert core.num_generated_tokens == 5 and core.busy_seconds > 0
+    # A stop token is only seen at collection, after the next step was launched: that step is collected at
+    # once when nothing else runs (idle time is never charged to it), and its token is dropped.
+    token = llm.generate(prompts()[1], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    stop = token.outputs[0].token_ids[2]
+    out = llm.generate(prompts()[1], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop]),
+                       use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == token.outputs[0].token_ids[:3] and out.outputs[0].finish_reason == "stop"
+    assert core._in_flight is None
 
 
 def test_a_pending_token_needs_the_step_that_samples_it(tiny_models):

@@ -248,8 +248,12 @@ class EngineCore:
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         self.scheduler.finish_requests(request_ids, status)
+        self._collect_if_idle()
+
+    def _collect_if_idle(self) -> None:
+        """With no unfinished request left, nothing would step again to collect the step in flight (only
+        finished requests' extra tokens): collect it now, so that idle time is never charged to it."""
         if self._in_flight is not None and not self.scheduler.has_unfinished_requests():
-            # Nothing would step again to collect it: do it now (its requests are finished, no outputs).
             in_flight, self._in_flight = self._in_flight, None
             self._collect(in_flight)
 
@@ -302,6 +306,7 @@ class EngineCore:
             self.num_steps += 1
         if in_flight is not None:
             outputs += self._collect(in_flight)
+        self._collect_if_idle()
         return outputs
 
     def _collect(self, step: LaunchedStep) -> list[EngineCoreOutput]:
