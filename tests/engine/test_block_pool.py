@@ -23,6 +23,7 @@ def fake_step(scheduler: Scheduler, rng: random.Random) -> None:
     assert sched.num_scheduled_tokens <= scheduler.max_num_batched_tokens
     assert len(scheduler.running) <= scheduler.max_num_seqs
     sampled = {s.request.request_id: SampledToken(rng.randrange(0, 50)) for s in sched.scheduled if s.samples}
+    scheduler.on_launched(sched)
     scheduler.update_from_output(sched, ModelRunnerOutput(sampled), 0.01)
 
 
@@ -76,7 +77,7 @@ def test_prefix_hit_shares_blocks_and_refcounts():
     blocks, num_cached = kv.get_computed_blocks(b)
     assert num_cached == 8 and [x.block_id for x in blocks] == kv.block_ids("a")[:2]
     assert kv.allocate_slots(b, 2, blocks)
-    assert [blk.ref_cnt for blk in kv.req_to_blocks["b"][:2]] == [2, 2]
+    assert [kv.pool.blocks[i].ref_cnt for i in kv.block_ids("b")[:2]] == [2, 2]
     kv.check_integrity()
     kv.free(a)
     kv.free(b)

@@ -267,6 +267,6 @@ class StepProfiler:
         self._header = (
             f"Profile of {steps} engine steps at {self._batch} running requests: "
             f"{1000 * (time.perf_counter() - self._wall) / steps:.2f} ms/step wall, "
-            f"{1000 * (core.busy_seconds - self._busy) / steps:.2f} ms/step in runner.execute "
+            f"{1000 * (core.busy_seconds - self._busy) / steps:.2f} ms/step from launch to collection "
             "(both under the profiler)"
         )

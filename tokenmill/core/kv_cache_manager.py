@@ -15,10 +15,9 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
-        # request_id -> the blocks holding that request's KV, in token order.
-        self.req_to_blocks: dict[str, list[KVBlock]] = {}
-        # request_id -> the same blocks' ids, kept in step so that building a batch reads them as they are.
-        self.req_to_block_ids: dict[str, list[int]] = {}
+        # request_id -> the ids of the blocks holding that request's KV, in token order (the pool's `blocks`
+        # list maps an id to its block). Building a batch reads these lists as they are.
+        self.req_to_blocks: dict[str, list[int]] = {}
         # request_id -> how many of its leading blocks were already offered to the prefix cache.
         self._num_cached_blocks: dict[str, int] = {}
         # Prefix cache counters in tokens (as vLLM's prefix_cache_queries / prefix_cache_hits).
@@ -59,83 +58,69 @@ class KVCacheManager:
         self.num_hit_tokens += len(blocks) * bs
         return blocks, len(blocks) * bs
 
-    def can_fit(self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] = ()) -> bool:
-        held = self.req_to_blocks.get(request.request_id, [])
-        num_held = len(held) + len(computed_blocks)
-        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
-        needed = cdiv(num_computed + num_new_tokens, self.block_size) - num_held
-        # Cache hits sitting in the free queue stop being free once touched.
-        reclaimed = sum(1 for b in computed_blocks if b.ref_cnt == 0)
-        return needed <= self.pool.num_free_blocks - reclaimed
-
     def allocate_slots(
         self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] = ()
     ) -> bool:
         """Give the request room for num_new_tokens more tokens; False (and no change) if they do not fit.
 
         computed_blocks are prefix-cache hits for a request that holds no blocks yet; the caller adds
-        len(computed_blocks) * block_size to request.num_computed_tokens.
+        len(computed_blocks) * block_size to request.num_computed_tokens. A decode whose last block has room
+        and fills no block only passes the two checks below.
         """
         request_id = request.request_id
-        if not computed_blocks:
-            # The common case of a decode: the request's blocks already hold the new tokens and none of them
-            # becomes full now, so there is nothing to allocate or to offer to the prefix cache.
-            blocks = self.req_to_blocks.get(request_id)
-            end = request.num_computed_tokens + num_new_tokens
-            if blocks is not None and end <= len(blocks) * self.block_size and (
-                not self.enable_caching or min(end, request.num_tokens) // self.block_size
-                <= self._num_cached_blocks.get(request_id, 0)
-            ):
-                return True
-        if not self.can_fit(request, num_new_tokens, computed_blocks):
-            return False
-        blocks = self.req_to_blocks.setdefault(request_id, [])
-        block_ids = self.req_to_block_ids.setdefault(request_id, [])
-        if computed_blocks:
-            self.pool.touch(computed_blocks)
-            blocks.extend(computed_blocks)
-            block_ids.extend(b.block_id for b in computed_blocks)
-        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
-        needed = cdiv(num_computed + num_new_tokens, self.block_size) - len(blocks)
-        if needed > 0:
-            new_blocks = self.pool.allocate(needed)
-            blocks.extend(new_blocks)
-            block_ids.extend(b.block_id for b in new_blocks)
+        block_ids = self.req_to_blocks.get(request_id)
+        num_held = len(block_ids) if block_ids is not None else 0
+        end = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        needed = cdiv(end, self.block_size) - num_held - len(computed_blocks)
+        if needed > 0 or computed_blocks:
+            # Cache hits sitting in the free queue stop being free once touched.
+            reclaimed = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+            if needed > self.pool.num_free_blocks - reclaimed:
+                return False
+            if block_ids is None:
+                block_ids = self.req_to_blocks[request_id] = []
+            if computed_blocks:
+                self.pool.touch(computed_blocks)
+                block_ids.extend(b.block_id for b in computed_blocks)
+            if needed > 0:
+                block_ids.extend(b.block_id for b in self.pool.allocate(needed))
+        elif block_ids is None:
+            self.req_to_blocks[request_id] = []
         if self.enable_caching:
             # Register blocks that will be full once this step runs. Another request in the same step may hit
             # them: the runner writes every token's KV before any attention reads it, so that is safe.
-            self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
+            self._cache_full_blocks(request, end)
         return True
 
-    def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:
-        self._extend_block_hashes(request)
+    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         bs = self.block_size
         num_full = min(num_tokens, request.num_tokens) // bs
         start = self._num_cached_blocks.get(request.request_id, 0)
-        for i in range(start, num_full):
-            if blocks[i].block_hash is None:
-                self.pool.cache_block(blocks[i], request.block_hashes[i], request.all_token_ids[i * bs : (i + 1) * bs])
-        self._num_cached_blocks[request.request_id] = max(start, num_full)
+        if num_full <= start:
+            return
+        self._extend_block_hashes(request)
+        blocks = self.pool.blocks
+        for i, block_id in enumerate(self.req_to_blocks[request.request_id][start:num_full], start):
+            if blocks[block_id].block_hash is None:
+                self.pool.cache_block(blocks[block_id], request.block_hashes[i],
+                                      request.all_token_ids[i * bs : (i + 1) * bs])
+        self._num_cached_blocks[request.request_id] = num_full
 
     def free(self, request: Request) -> None:
-        blocks = self.req_to_blocks.pop(request.request_id, None)
-        self.req_to_block_ids.pop(request.request_id, None)
+        block_ids = self.req_to_blocks.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
-        if blocks:
+        if block_ids:
             # Tail blocks first: a shared prefix outlives the request-specific suffix in the eviction order.
-            self.pool.free(reversed(blocks))
+            blocks = self.pool.blocks
+            self.pool.free(blocks[i] for i in reversed(block_ids))
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block ids in token order: the manager's own list, to read and not to change."""
-        return self.req_to_block_ids[request_id]
+        return self.req_to_blocks[request_id]
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()
 
     def check_integrity(self) -> None:
-        self.pool.check_integrity(self.req_to_blocks.values())
-        for request_id, blocks in self.req_to_blocks.items():
-            if self.req_to_block_ids.get(request_id) != [b.block_id for b in blocks]:
-                raise AssertionError(f"request {request_id}: block ids out of step with its blocks")
-        if self.req_to_block_ids.keys() != self.req_to_blocks.keys():
-            raise AssertionError("block id lists kept for requests that hold no blocks")
+        blocks = self.pool.blocks
+        self.pool.check_integrity([blocks[i] for i in ids] for ids in self.req_to_blocks.values())

@@ -5,11 +5,12 @@ in arrival order; waiting requests join while budget, max_num_seqs and KV blocks
 served). When a running request needs a block and none is free, the most recently arrived running request
 is preempted: its blocks are freed and it is recomputed later (its cached prefix usually survives).
 
-With async scheduling a step is scheduled while the previous one runs: `on_launched` advances the launched
-requests at once (a sampling request gets a pending token, the next step's input, read from the device), and
-`update_from_output(..., launched=True)` later only appends the tokens and checks stops. A request certain to
-stop on length with its pending token is not scheduled again; one stopping on EOS or a stop string computes
-one more token, which is dropped.
+A step's requests advance when it is launched (`on_launched`: its tokens count as computed, and a sampling
+request gets a pending token) and take their sampled tokens when it is collected (`update_from_output`:
+append, stops, finished requests). Synchronous steps collect at once; with async scheduling the next step is
+scheduled first, and a pending token is that step's input, read on the device. A request certain to stop
+on length with its pending token is not scheduled again; one stopping on EOS or a stop string computes one
+more token, which is dropped.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ class Scheduler:
 
     # ---- after the model ran ----------------------------------------------------------------------------
     def on_launched(self, sched: SchedulerOutput) -> None:
-        """Async scheduling: the step runs; count its tokens as computed and its samples as pending."""
+        """The step runs: count its tokens as computed and its samples as pending."""
         for item in sched.scheduled:
             request = item.request
             request.num_computed_tokens += item.num_new_tokens
@@ -158,20 +159,16 @@ class Scheduler:
                 request.num_pending_tokens += 1
 
     def update_from_output(
-        self, sched: SchedulerOutput, runner_out: ModelRunnerOutput, step_seconds: float, launched: bool = False
+        self, sched: SchedulerOutput, runner_out: ModelRunnerOutput, step_seconds: float
     ) -> list[EngineCoreOutput]:
-        """Apply a step's sampled tokens: stops, finished requests, outputs. `launched`: on_launched already
-        advanced the step's requests (async scheduling)."""
+        """Apply the sampled tokens of a step passed to on_launched: stops, finished requests, outputs."""
         outputs = []
         now = time.time()
         total_tokens = max(sched.num_scheduled_tokens, 1)
         for item in sched.scheduled:
             request = item.request
-            if launched:
-                if item.samples:
-                    request.num_pending_tokens -= 1
-            else:
-                request.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                request.num_pending_tokens -= 1
             request.metrics.compute_seconds += step_seconds * item.num_new_tokens / total_tokens
             if request.is_finished:
                 continue
@@ -194,7 +191,7 @@ class Scheduler:
                 self.requests.pop(request.request_id, None)
                 if request.status == RequestStatus.RUNNING:
                     self.running.remove(request)
-                else:  # preempted while its step ran (async scheduling)
+                else:  # preempted while its step was in flight (async scheduling)
                     self.waiting.remove(request)
                 self._finish(request, status)
             outputs.append(

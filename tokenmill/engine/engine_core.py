@@ -1,4 +1,4 @@
-"""EngineCore: owns the model, the KV cache and the scheduler; one step = schedule -> execute -> update."""
+"""EngineCore: owns the model, the KV cache and the scheduler; one step = schedule -> launch -> collect."""
 
 from __future__ import annotations
 
@@ -206,7 +206,6 @@ class EngineCore:
         )
         freeze_gc_heap()
 
-
     def _profile_gpu_kv_cache(self, hf_config: dict) -> KVCacheSizing:
         """Blocks from what one profiled forward at max_num_batched_tokens leaves of the GPU's memory."""
         from tokenmill.planner import ModelArch, kv_cache_bytes_per_block
@@ -273,20 +272,13 @@ class EngineCore:
         if self.async_scheduling:
             return self._step_async()
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return []
-        start = time.perf_counter()
-        runner_out = self.runner.execute(sched)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - start
-        self.num_steps += 1
-        return self._account(self.scheduler.update_from_output(sched, runner_out, elapsed), runner_out, elapsed)
+        return [] if sched.is_empty else self._collect(self._launch(sched))
 
-    def _account(self, outputs: list[EngineCoreOutput], runner_out, elapsed: float) -> list[EngineCoreOutput]:
-        self.busy_seconds += elapsed
-        self.num_generated_tokens += len(runner_out.sampled)
-        return outputs
+    def _launch(self, sched, prev: LaunchedStep | None = None) -> LaunchedStep:
+        step = self.runner.launch(sched, prev)
+        self.scheduler.on_launched(sched)
+        self.num_steps += 1
+        return step
 
     def _step_async(self) -> list[EngineCoreOutput]:
         """Schedule and launch step N+1, then collect step N while N+1 runs on the device.
@@ -301,9 +293,7 @@ class EngineCore:
             in_flight = None
         sched = self.scheduler.schedule()
         if not sched.is_empty:
-            self._in_flight = self.runner.launch(sched, prev=in_flight)
-            self.scheduler.on_launched(sched)
-            self.num_steps += 1
+            self._in_flight = self._launch(sched, prev=in_flight)
         if in_flight is not None:
             outputs += self._collect(in_flight)
         self._collect_if_idle()
@@ -312,8 +302,10 @@ class EngineCore:
     def _collect(self, step: LaunchedStep) -> list[EngineCoreOutput]:
         runner_out = self.runner.collect(step)
         end = time.perf_counter()
-        # Steps overlap: each is charged from its launch, or the previous collection if later, to its collection.
+        # Async steps overlap: each is charged from its launch, or the previous collection if later, to its
+        # collection (a synchronous step: from its launch).
         elapsed = end - max(step.start, self._last_collect_end)
         self._last_collect_end = end
-        outputs = self.scheduler.update_from_output(step.sched, runner_out, elapsed, launched=True)
-        return self._account(outputs, runner_out, elapsed)
+        self.busy_seconds += elapsed
+        self.num_generated_tokens += len(runner_out.sampled)
+        return self.scheduler.update_from_output(step.sched, runner_out, elapsed)

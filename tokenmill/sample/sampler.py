@@ -57,15 +57,14 @@ class SamplerOutput:
     how async scheduling overlaps a step's output work with the next step."""
 
     token_ids: torch.Tensor  # [rows] int64
-    # With logprobs: the rows that asked, the most any asked for, and logprob_tensors() of those rows.
+    # With logprobs: the rows that asked, logprob_tensors() of those rows, and how many each asked for.
     logprob_rows: list[int] = field(default_factory=list)
-    max_logprobs: int = 0
     logprob_data: tuple[torch.Tensor, ...] = ()
     k_per_row: list[int] = field(default_factory=list)
 
     def map_tensors(self, fn) -> SamplerOutput:
-        return SamplerOutput(fn(self.token_ids), self.logprob_rows, self.max_logprobs,
-                             tuple(fn(t) for t in self.logprob_data), self.k_per_row)
+        return SamplerOutput(fn(self.token_ids), self.logprob_rows, tuple(fn(t) for t in self.logprob_data),
+                             self.k_per_row)
 
     def to_host(self) -> list[SampledToken]:
         ids = self.token_ids.tolist()
@@ -118,7 +117,7 @@ class Sampler:
         if raw_logprobs is not None:
             rows = [i for i, p in enumerate(params) if p.logprobs is not None]
             idx = torch.tensor(rows, device=device)
-            out.logprob_rows, out.max_logprobs = rows, max_logprobs
+            out.logprob_rows = rows
             out.logprob_data = logprob_tensors(raw_logprobs[idx], token_ids[idx], max_logprobs)
             out.k_per_row = [params[row].logprobs for row in rows]
         return out

@@ -1,8 +1,8 @@
 """Builds the flat batch of one engine step, runs the model once over it, and samples.
 
 A step is launched (batch built, forward and sampling queued on the device, the samples' copy to the host
-started) and then collected (wait for the samples). `execute` does both at once; async scheduling launches
-step N+1 before it collects step N.
+started) and then collected (wait for the step, read the samples). A synchronous engine collects each step
+at once; async scheduling launches step N+1 before it collects step N.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class LaunchedStep:
     sample_requests: list[Request] = field(default_factory=list)
     sampled: SamplerOutput | None = None  # on the device: the next step may read its token ids
     host_sampled: SamplerOutput | None = None  # the same, on its way to the host
-    done: torch.cuda.Event | None = None  # recorded after the copy to the host
+    done: torch.cuda.Event | None = None  # CUDA: recorded after the step's last work (the samples' copy)
     start: float = 0.0  # perf_counter() when the launch began
 
     @property
@@ -117,11 +117,6 @@ class ModelRunner:
         return to_device(ids, torch.long), to_device(positions, torch.long), meta, pending
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step to the end: its sampled tokens are on the host when this returns."""
-        return self.collect(self.launch(sched))
-
-    @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
         """Queue one step's forward and sampling on the device, and the copy of its samples to the host; on
         CUDA nothing here waits for the device (except prompt logprobs, which are rare). Input tokens sampled
@@ -152,16 +147,16 @@ class ModelRunner:
                 hidden = hidden.index_select(0, self.to_device(sample_rows, torch.long))
             # else every row samples: the rows are 0..n-1 in order.
             step.sampled = self.sampler.sample(self.model.compute_logits(hidden), sample_requests)
+            step.host_sampled = step.sampled
             if self.device.type == "cuda":
                 step.host_sampled = step.sampled.map_tensors(lambda t: t.to("cpu", non_blocking=True))
-                step.done = torch.cuda.Event()
-                step.done.record()
-            else:
-                step.host_sampled = step.sampled
+        if self.device.type == "cuda":
+            step.done = torch.cuda.Event()
+            step.done.record()
         return step
 
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
-        """Wait for a launched step's samples and turn them into the runner's output."""
+        """Wait for a launched step (its forward and its samples' copy) and return the runner's output."""
         if step.done is not None:
             step.done.synchronize()
         if step.host_sampled is not None:
