@@ -222,16 +222,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
     runs = []
     for concurrency in concurrencies:
         reset_prefix_cache(llm)
-        run = run_offline(
-            llm,
-            requests,
-            max_concurrency=concurrency,
-            request_rate=args.request_rate,
-            burstiness=args.burstiness,
-            seed=args.seed,
-            use_tqdm=not args.no_progress,
-            profile_steps=args.profile_steps,
-        )
+        run = run_offline(llm, requests, **_load_kwargs(args, concurrency), profile_steps=args.profile_steps)
         metrics = compute_metrics(run.results, run.duration_s, percentiles)
         engine_stats = run.engine_stats()
         title = f"Offline Benchmark (concurrency {concurrency or 'unlimited'})"
@@ -258,6 +249,12 @@ def _run_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_kwargs(args: argparse.Namespace, concurrency: int | None) -> dict:
+    """The load shape both runners take: concurrency cap, arrival process, seed, progress bar."""
+    return dict(max_concurrency=concurrency, request_rate=args.request_rate, burstiness=args.burstiness,
+                seed=args.seed, use_tqdm=not args.no_progress)
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from tokenmill.benchmarks.load import parse_concurrencies
     from tokenmill.benchmarks.metrics import compute_metrics, format_report
@@ -281,16 +278,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     header.update(base_url=target.root, endpoint=target.url, dataset=_dataset_record(args, requests))
     runs = []
     for concurrency in concurrencies:
-        run = run_serve_sync(
-            target,
-            requests,
-            max_concurrency=concurrency,
-            request_rate=args.request_rate,
-            burstiness=args.burstiness,
-            seed=args.seed,
-            num_warmups=args.num_warmups,
-            use_tqdm=not args.no_progress,
-        )
+        run = run_serve_sync(target, requests, **_load_kwargs(args, concurrency), num_warmups=args.num_warmups)
         header["model"] = run.model
         metrics = compute_metrics(run.results, run.duration_s, percentiles)
         title = f"Serving Benchmark (concurrency {concurrency or 'unlimited'})"
