@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.gpu.attention_cases import build_metadata, make_case, rel_error
+from tests.attention.triton.attention_cases import build_metadata, make_case, rel_error
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.attention.triton_backend import TritonAttentionBackend
 

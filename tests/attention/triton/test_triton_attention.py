@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: `pip install triton` runs these kernels on CPU")
 
-from tests.gpu.attention_cases import make_case, rel_error  # noqa: E402
+from tests.attention.triton.attention_cases import make_case, rel_error  # noqa: E402
 from tokenmill.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from tokenmill.attention.triton.paged_attention import reshape_and_cache  # noqa: E402
 from tokenmill.attention.triton_backend import TritonAttentionBackend, choose_decode_splits  # noqa: E402

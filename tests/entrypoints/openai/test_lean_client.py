@@ -8,7 +8,7 @@ import json
 import openai
 
 from benchmarks.serving_overhead import _LeanConnection
-from tests.server.conftest import API_KEY, MODEL_NAME
+from tests.entrypoints.openai.conftest import API_KEY, MODEL_NAME
 
 
 def test_lean_client_streams_the_same_completions_as_the_sdk(server):

@@ -9,7 +9,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.server.conftest import GPU_HOURLY_COST, MODEL_NAME
+from tests.entrypoints.openai.conftest import GPU_HOURLY_COST, MODEL_NAME
 
 VLLM_NAMES = [
     "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",

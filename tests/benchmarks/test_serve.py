@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.bench.fake_server import FakeOpenAIServer
+from tests.benchmarks.fake_server import FakeOpenAIServer
 from tokenmill.benchmarks.datasets import SampleRequest
 from tokenmill.benchmarks.serve import ServeTarget, run_serve_sync
 from tokenmill.entrypoints.cli import main

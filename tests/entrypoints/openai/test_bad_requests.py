@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.server.conftest import MAX_MODEL_LEN, assert_openai_error
+from tests.entrypoints.openai.conftest import MAX_MODEL_LEN, assert_openai_error
 
 CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]

@@ -7,7 +7,7 @@ import importlib.metadata
 import openai
 import pytest
 
-from tests.server.conftest import ServerProcess
+from tests.entrypoints.openai.conftest import ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import API_KEY, MODEL_NAME
+from tests.entrypoints.openai.conftest import API_KEY, MODEL_NAME
 from tokenmill import SamplingParams
 
 PROMPTS = ["Paged attention stores keys", "The quick brown fox", "def main():\n    print("]
@@ -173,7 +173,7 @@ def test_tokenize_detokenize(server, auth_headers, offline_llm):
 
 def test_async_scheduling_server_streams_equal_offline(server_model_dir, tmp_path, offline_llm):
     """`serve --async-scheduling`: concurrent streams, stop strings and max_tokens give the offline texts."""
-    from tests.server.conftest import MAX_MODEL_LEN, ServerProcess
+    from tests.entrypoints.openai.conftest import MAX_MODEL_LEN, ServerProcess
 
     prompts = [f"Request {i}: {PROMPTS[i % len(PROMPTS)]}" for i in range(16)]
     lengths = [5 + i for i in range(16)]

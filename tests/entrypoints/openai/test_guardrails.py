@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.server.conftest import (
+from tests.entrypoints.openai.conftest import (
     LIMITED_KEY,
     MAX_TOKENS_LIMIT,
     MODEL_NAME,

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.server.conftest import ServerProcess, assert_openai_error
+from tests.entrypoints.openai.conftest import ServerProcess, assert_openai_error
 
 LONG = {"prompt": "tell me everything", "max_tokens": 480, "ignore_eos": True, "stream": True,
         "stream_options": {"include_usage": True}}

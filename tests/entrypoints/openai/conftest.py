@@ -14,8 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.tiny_models import build_tiny_model
-
 API_KEY = "sk-test-alice"
 LIMITED_KEY = "sk-test-limited"  # 2 requests per minute
 TPM_KEY = "sk-test-tpm"  # 100 tokens per minute
@@ -96,12 +94,6 @@ class ServerProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"server not idle after {timeout} s: {m}")
             time.sleep(0.05)
-
-
-@pytest.fixture(scope="session")
-def server_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    """The tiny random-weight Llama (only this architecture: the server tests need one)."""
-    return build_tiny_model("llama", tmp_path_factory.mktemp("server_model") / "llama", tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
