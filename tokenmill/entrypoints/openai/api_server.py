@@ -102,11 +102,18 @@ class ServerState:
         stat_loggers = [self.metrics, self.stats_logger]
         if self.config.usage_log:
             stat_loggers.append(UsageLogger(self.config.usage_log, self.model_names[0], self.config.gpu_hourly_cost))
+        tracer = None
+        if self.config.otlp_traces_endpoint:
+            from tokenmill.metrics.tracing import RequestTracer
+
+            tracer = RequestTracer(self.config.otlp_traces_endpoint, gpu_hourly_cost=self.config.gpu_hourly_cost)
+            stat_loggers.append(tracer)
         self.engine = AsyncLLMEngine(llm_engine, stat_loggers)
         self.engine.start()
         args = (self.engine, self.config, self.model_names, self.limiter, self.metrics, self.chat_template)
         self.completion = OpenAIServingCompletion(*args)
         self.chat = OpenAIServingChat(*args)
+        self.completion.tracer = self.chat.tracer = tracer
         self.tokenization = OpenAIServingTokenization(*args)
         self.models = OpenAIServingModels(*args, model_root=str(llm_engine.model_dir))
         if self.status == "loading":
@@ -407,6 +414,14 @@ def build_open_router(state: ServerState) -> APIRouter:
                 summary="200 when ready; 503 while loading or draining")
     async def health():
         return JSONResponse({"status": state.status}, status_code=200 if state.status == "ok" else 503)
+
+    @router.get("/live", response_model=HealthResponse, tags=["Operations"],
+                responses={503: {"model": HealthResponse, "description": "The engine failed or its loop died"}},
+                summary="Liveness: 200 while the process works, loading and draining included; 503 once the "
+                        "engine failed or its loop died (restart the process)")
+    async def live():
+        dead = state.status == "failed" or (state.status == "ok" and not (state.engine and state.engine.is_running))
+        return JSONResponse({"status": state.status}, status_code=503 if dead else 200)
 
     @router.get("/metrics", tags=["Operations"], response_class=Response,
                 responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},

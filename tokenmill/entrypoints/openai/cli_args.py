@@ -78,6 +78,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-hourly-cost", type=float, default=0.0, metavar="USD",
                    help="price of the GPU per hour; cost_usd = USD / 3600 x the request's gpu_seconds")
 
+    g = parser.add_argument_group("tracing")
+    g.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                   help="send one OpenTelemetry span per request (GenAI attributes, feature, gpu_seconds, cost) "
+                        "to this OTLP/HTTP collector, e.g. http://otel-collector:4318; an incoming W3C "
+                        "traceparent is continued. Needs: pip install \"tokenmill[otel]\"")
+
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     keys = []
@@ -110,6 +116,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         allowed_origins=tuple(args.allowed_origins or ()),
         uvicorn_log_level=args.uvicorn_log_level,
         disable_uvicorn_access_log=args.disable_uvicorn_access_log,
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
     )
     config.validate()
     return config

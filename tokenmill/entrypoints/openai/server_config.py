@@ -98,6 +98,8 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     uvicorn_log_level: str = "info"
     disable_uvicorn_access_log: bool = False
+    # OTLP/HTTP collector receiving one span per request (None: no tracing). See tokenmill/metrics/tracing.py.
+    otlp_traces_endpoint: str | None = None
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -118,6 +120,11 @@ class ServerConfig:
         for feature, limit in self.feature_rate_limits.items():
             check_feature(feature)
             limit.validate(f"the rate limit of feature {feature!r}")
+        if self.otlp_traces_endpoint is not None:
+            from tokenmill.metrics.tracing import check_otel_installed, traces_url
+
+            traces_url(self.otlp_traces_endpoint)
+            check_otel_installed()
         names = [k.name for k in self.api_keys]
         if len(set(names)) != len(names):
             raise ValueError(f"API key names must be unique, got {names}")

@@ -18,6 +18,7 @@ from tokenmill.entrypoints.openai.protocol import ChatMessage, PromptTokensDetai
 from tokenmill.entrypoints.openai.rate_limit import RateLimiter, Reservation
 from tokenmill.entrypoints.openai.server_config import ApiKey, ServerConfig, check_feature
 from tokenmill.metrics.prometheus import PrometheusStatLogger
+from tokenmill.metrics.tracing import RequestTracer, operation_name
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -59,6 +60,9 @@ SSE_DONE = sse("[DONE]")
 
 
 class OpenAIServing:
+    # Set by the server when --otlp-traces-endpoint is given: a span per request.
+    tracer: RequestTracer | None = None
+
     def __init__(
         self,
         engine: AsyncLLMEngine,
@@ -221,6 +225,11 @@ class OpenAIServing:
     # ---- running requests -------------------------------------------------------------------------------------
     def generate(self, request_id: str, prompt: Prompt, params: SamplingParams, ctx: RequestContext,
                  feature: str | None) -> AsyncIterator[RequestOutput]:
+        if self.tracer is not None:
+            raw = ctx.raw_request
+            self.tracer.start(request_id, raw.headers if raw is not None else {},
+                              operation_name(raw.url.path if raw is not None else ""), self.model_names[0],
+                              params.max_tokens, params.temperature, params.top_p)
         return self.engine.generate(request_id, prompt.engine_input(), params, arrival_time=ctx.arrival_time,
                                     feature=feature)
 
