@@ -107,6 +107,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument(
+        "--emit",
+        choices=["helm-values"],
+        default=None,
+        help="helm-values: print a values file for deploy/helm/tokenmill sized by the plan (GPU count and type, "
+        "tensorParallelSize, gpuMemoryUtilization, maxModelLen, maxNumSeqs, memory requests); refuses when "
+        "nothing fits",
+    )
+    p.add_argument("--output", "-o", default=None, metavar="FILE", help="with --emit: write to FILE, not stdout")
+    p.add_argument(
         "--plot",
         nargs="?",
         const="plan-memory.png",
@@ -205,6 +214,10 @@ def run_plan(args: argparse.Namespace) -> int:
         )
         gpus = _gpu_names(args.gpu)
         result = plan(arch, gpus, workload, serving, args.tp, catalog)
+        if args.emit == "helm-values":
+            return _emit_helm_values(result, args.output)
+        if args.output:
+            raise ValueError("--output goes with --emit helm-values")
         if args.json:
             print(json.dumps(result.to_dict(), indent=2, default=str))
         else:
@@ -219,6 +232,21 @@ def run_plan(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _emit_helm_values(result, output: str | None) -> int:
+    from tokenmill.planner.helm import format_helm_values
+
+    command = "tokenmill plan " + " ".join(a for a in sys.argv[2:] if a) if sys.argv[1:2] == ["plan"] else None
+    text = format_helm_values(result, command)
+    if output:
+        from pathlib import Path
+
+        Path(output).write_text(text)
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
