@@ -67,6 +67,11 @@ app.kubernetes.io/component: router
 {{- if $e.quantization }}
 {{- fail (printf "modelSpec %s: engine.quantization=%v: tokenmill reads the quantization (AWQ, GPTQ, FP8, GGUF) from the checkpoint itself; remove engine.quantization and point model.path at the quantized checkpoint" .tier.name $e.quantization) }}
 {{- end }}
+{{- $gpuCount := int (default 0 (default dict .tier.gpu).count) }}
+{{- $tp := int (default 1 $e.tensorParallelSize) }}
+{{- if and (gt $tp 1) (ne $tp $gpuCount) }}
+{{- fail (printf "modelSpec %s: engine.tensorParallelSize=%d needs gpu.count=%d GPUs in the pod, got %d (tokenmill plan ... --emit helm-values sizes both)" .tier.name $tp $tp $gpuCount) }}
+{{- end }}
 {{- with (include "tokenmill.modelArg" .) }}
 - {{ . | quote }}
 {{- end }}
