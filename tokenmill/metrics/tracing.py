@@ -135,15 +135,6 @@ class RequestTracer(StatLogger):
             while len(self._pending) > MAX_PENDING:
                 self._pending.popitem(last=False)
 
-    def discard(self, request_id: str) -> None:
-        """Forget a request the engine never ran (refused before it started)."""
-        with self._lock:
-            self._pending.pop(request_id, None)
-
-    @property
-    def num_pending(self) -> int:
-        return len(self._pending)
-
     # ---- the engine side ------------------------------------------------------------------------------------
     def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats | None) -> None:
         if iteration_stats is None or not iteration_stats.finished_requests:

@@ -11,7 +11,7 @@ from tokenmill.planner.dtypes import PRECISION_NAMES
 from tokenmill.planner.fit import ServingConfig
 from tokenmill.planner.gpus import PRICE_DATE, list_gpus, load_gpu_catalog
 from tokenmill.planner.models import list_models
-from tokenmill.planner.plan import Workload, plan
+from tokenmill.planner.plan import Plan, Workload, plan
 from tokenmill.planner.report import format_plan, format_table
 
 
@@ -234,7 +234,7 @@ def run_plan(args: argparse.Namespace) -> int:
         return 2
 
 
-def _emit_helm_values(result, output: str | None) -> int:
+def _emit_helm_values(result: Plan, output: str | None) -> int:
     from tokenmill.planner.helm import format_helm_values
 
     command = "tokenmill plan " + " ".join(a for a in sys.argv[2:] if a) if sys.argv[1:2] == ["plan"] else None
