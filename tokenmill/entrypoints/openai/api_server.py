@@ -420,8 +420,9 @@ def build_open_router(state: ServerState) -> APIRouter:
                 summary="Liveness: 200 while the process works, loading and draining included; 503 once the "
                         "engine failed or its loop died (restart the process)")
     async def live():
-        dead = state.status == "failed" or (state.status == "ok" and not (state.engine and state.engine.is_running))
-        return JSONResponse({"status": state.status}, status_code=503 if dead else 200)
+        status = str(getattr(state.status, "value", state.status))  # a plain string or a status enum
+        dead = status == "failed" or (status == "ok" and not (state.engine and state.engine.is_running))
+        return JSONResponse({"status": status}, status_code=503 if dead else 200)
 
     @router.get("/metrics", tags=["Operations"], response_class=Response,
                 responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
