@@ -165,3 +165,45 @@ def test_flag_without_opentelemetry_installed_is_a_clear_error(monkeypatch, caps
     assert main(["serve", "--otlp-traces-endpoint", "http://127.0.0.1:4318"]) == 2
     err = capsys.readouterr().err
     assert "--otlp-traces-endpoint needs the OpenTelemetry SDK" in err and 'pip install "tokenmill[otel]"' in err
+
+
+def _stats(request_id: str, finish_reason: str):
+    from tokenmill.metrics.stats import FinishedRequestStats
+
+    return FinishedRequestStats(request_id=request_id, feature=None, finish_reason=finish_reason,
+                                num_prompt_tokens=3, num_cached_tokens=0, num_generation_tokens=1, e2e_latency=0.5,
+                                queue_time=None, ttft=None, mean_time_per_output_token=None, gpu_seconds=0.01)
+
+
+def test_aborted_request_span_has_error_status_and_unknown_ids_are_ignored():
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from tokenmill.metrics import tracing
+    from tokenmill.metrics.stats import IterationStats, SchedulerStats
+
+    exporter = InMemorySpanExporter()
+    tracer = tracing.RequestTracer("http://127.0.0.1:9", gpu_hourly_cost=0.0, exporter=exporter)
+    tracer.start("a", {}, "chat", "m", 8, None, None)
+    stats = IterationStats(timestamp=1000.0, finished_requests=[_stats("a", "abort"), _stats("never-started", "stop")])
+    tracer.record(SchedulerStats(), stats)
+    tracer.close()
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code == StatusCode.ERROR
+    assert (span.start_time, span.end_time) == (int(999.5e9), int(1000e9))
+    # Unset sampling values and missing timings are left out, not written as zeros.
+    assert "gen_ai.request.temperature" not in span.attributes and "tokenmill.ttft_s" not in span.attributes
+    assert span.attributes["gen_ai.request.max_tokens"] == 8
+
+
+def test_pending_requests_are_bounded(monkeypatch):
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from tokenmill.metrics import tracing
+
+    monkeypatch.setattr(tracing, "MAX_PENDING", 3)
+    tracer = tracing.RequestTracer("http://127.0.0.1:9", exporter=InMemorySpanExporter())
+    for i in range(5):
+        tracer.start(str(i), {}, "chat", "m", None, None, None)
+    assert list(tracer._pending) == ["2", "3", "4"]
+    tracer.close()
