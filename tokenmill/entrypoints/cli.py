@@ -36,10 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _subcommand_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+def _subcommand_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (nested) subcommand args selected: `tokenmill bench serve` -> bench serve's parser."""
     for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            return action.choices[command]
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, action.dest, None)
+            if chosen in action.choices:
+                return _subcommand_parser(action.choices[chosen], args)
     return parser
 
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         # argparse reports a subcommand's unknown flags with the top-level usage; show the subcommand's.
-        _subcommand_parser(parser, getattr(args, "command", None)).error(
+        _subcommand_parser(parser, args).error(
             f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()

@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -341,7 +343,7 @@ class _BodyTooLarge(StarletteHTTPException):
     """Raised from receive() while a body is read: FastAPI passes HTTP exceptions through to the error handlers."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, detail=_body_too_large_message(limit), headers={"Connection": "close"})
+        super().__init__(413, detail=_body_too_large_message(limit))
 
 
 def _body_too_large_message(limit: int) -> str:
@@ -351,7 +353,9 @@ def _body_too_large_message(limit: int) -> str:
 
 class BodyLimitMiddleware:
     """413 in OpenAI's shape for a request body over the limit, without buffering it: at once from
-    Content-Length, else (a chunked body) as soon as the bytes received pass the limit."""
+    Content-Length, else (a chunked body) as soon as the bytes received pass the limit. The connection stays
+    open: uvicorn discards the rest of the body as it arrives (never holding it), so the client, which usually
+    sends the whole body before reading, gets the 413 instead of a broken pipe."""
 
     def __init__(self, app, limit: Callable[[], int]) -> None:
         self.app = app
@@ -368,8 +372,7 @@ class BodyLimitMiddleware:
                 content_length = int(value) if value.isdigit() else None
                 break
         if content_length is not None and content_length > limit:
-            error = OpenAIError(_body_too_large_message(limit), 413, code="request_too_large",
-                                headers={"Connection": "close"})
+            error = OpenAIError(_body_too_large_message(limit), 413, code="request_too_large")
             await error_response(error)(scope, receive, send)
             return
         num_received = 0
@@ -716,5 +719,10 @@ def run_server(config: ServerConfig, engine_config: EngineConfig, model_names: l
     state.server = server
     server.run()
     if state.exit_code is not None:
-        return state.exit_code
+        # Stopped by a second signal: leave now. The interpreter's native teardown after this point (thread
+        # pools of the tensor and tokenizer libraries) takes seconds; logs and the usage log are flushed already.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(state.exit_code)
     return 1 if state.status == ServerStatus.FAILED else 0
