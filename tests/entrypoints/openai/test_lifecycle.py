@@ -138,3 +138,15 @@ def test_engine_load_failure_is_logged_and_exits_1(tmp_path):
     finally:
         proc.stop()
     assert "start-up failed" in proc.log()
+
+
+def test_server_status_is_an_enum_that_health_reports():
+    import typing
+
+    from tokenmill.entrypoints.openai.api_server import ServerState, ServerStatus
+    from tokenmill.entrypoints.openai.protocol import HealthResponse
+    from tokenmill.entrypoints.openai.server_config import ServerConfig
+
+    assert {s.value for s in ServerStatus} == set(typing.get_args(HealthResponse.model_fields["status"].annotation))
+    state = ServerState(ServerConfig(), engine_config=None, model_names=["m"])  # type: ignore[arg-type]
+    assert state.status is ServerStatus.LOADING
