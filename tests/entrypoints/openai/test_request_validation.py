@@ -9,8 +9,6 @@ import pytest
 
 from tests.entrypoints.openai.conftest import API_KEY, MAX_MODEL_LEN, MODEL_NAME, assert_openai_error
 
-CHAT_USER = '{"role": "user", "content": %s}'
-
 
 def _post_raw(server, auth_headers, path: str, body: str) -> httpx.Response:
     """POST a JSON text as written: JSON's "\\ud800" escapes reach the server as they are."""
@@ -46,19 +44,25 @@ def test_unknown_parameter_named(server, auth_headers, name):
         assert f"Unrecognized request argument supplied: {name}" in error["message"], error
 
 
-LONE = '"ab\\ud800cd"'
+LONE = '"ab\\ud800cd"'  # JSON text: a string with a lone high surrogate
+
+
+def _body(template: str, text: str = LONE) -> str:
+    """A JSON body: USER is a user message holding TEXT; TEXT is the JSON string given."""
+    return template.replace("USER", '{"role": "user", "content": TEXT}').replace("TEXT", text)
+
+
 SURROGATE_CASES = [
-    ("completion-prompt", "/v1/completions", '{"prompt": %s, "max_tokens": 1}' % LONE, "prompt"),
-    ("completion-prompt-list", "/v1/completions", '{"prompt": ["ok", %s], "max_tokens": 1}' % LONE, "prompt.[1]"),
-    ("chat-content", "/v1/chat/completions", '{"messages": [%s], "max_tokens": 1}' % (CHAT_USER % LONE),
-     "messages.[0].content"),
+    ("completion-prompt", "/v1/completions", _body('{"prompt": TEXT, "max_tokens": 1}'), "prompt"),
+    ("completion-prompt-list", "/v1/completions", _body('{"prompt": ["ok", TEXT], "max_tokens": 1}'), "prompt.[1]"),
+    ("chat-content", "/v1/chat/completions", _body('{"messages": [USER], "max_tokens": 1}'), "messages.[0].content"),
     ("chat-content-part", "/v1/chat/completions",
-     '{"messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}], "max_tokens": 1}' % LONE,
+     _body('{"messages": [{"role": "user", "content": [{"type": "text", "text": TEXT}]}], "max_tokens": 1}'),
      "messages.[0].content.[0]"),
-    ("chat-low-surrogate", "/v1/chat/completions", '{"messages": [%s]}' % (CHAT_USER % '"\\udc00"'),
+    ("chat-low-surrogate", "/v1/chat/completions", _body('{"messages": [USER]}', '"\\udc00"'),
      "messages.[0].content"),
-    ("tokenize-prompt", "/tokenize", '{"prompt": %s}' % LONE, "prompt"),
-    ("tokenize-messages", "/tokenize", '{"messages": [%s]}' % (CHAT_USER % LONE), "messages.[0].content"),
+    ("tokenize-prompt", "/tokenize", _body('{"prompt": TEXT}'), "prompt"),
+    ("tokenize-messages", "/tokenize", _body('{"messages": [USER]}'), "messages.[0].content"),
 ]
 
 

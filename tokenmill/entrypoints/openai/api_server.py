@@ -243,6 +243,10 @@ def header_timeout_protocol(timeout: float) -> type[H11Protocol]:
             super().data_received(data)
             if self.conn.their_state is not h11.IDLE:  # the request line and headers are in
                 self._cancel_header_timer()
+            elif self._header_timer is None:
+                # A new cycle began within this data (e.g. after the rest of a refused body was discarded); the
+                # deadline is not moved by bytes that leave the headers incomplete.
+                self._arm_header_timer()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
