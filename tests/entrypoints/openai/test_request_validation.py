@@ -138,10 +138,16 @@ def test_openapi_declares_sse_streams(openapi):
         sse = content["text/event-stream"]
         # The body is text, not one payload object; each event's data is one JSON event object.
         assert sse["schema"]["type"] == "string" and "$ref" not in sse["schema"]
-        data = sse["itemSchema"]["properties"]["data"]
+        data = sse["x-sse-event"]["properties"]["data"]
         assert data["contentSchema"]["$ref"].endswith(f"/{event}")
         assert event in openapi["components"]["schemas"]
         assert "$ref" in content["application/json"]["schema"]
+
+
+def test_openapi_schema_is_valid(openapi):
+    from openapi_spec_validator import validate
+
+    validate(openapi)
 
 
 def test_openapi_disallows_what_the_server_rejects(openapi):

@@ -606,8 +606,9 @@ def build_open_router(state: ServerState) -> APIRouter:
 
 
 def _sse_media_type(event_schema: str) -> dict:
-    """An SSE stream in OpenAPI: the body is text (not one JSON object); each event's data is one JSON object of
-    event_schema (OpenAPI 3.2's itemSchema, mirrored in an extension for 3.1 tools), and the last is [DONE]."""
+    """An SSE stream in OpenAPI 3.1: the body is text (not one JSON object). Each event's data is one JSON object
+    of event_schema, then [DONE]; 3.1 has no field for a stream's items (3.2's itemSchema), so the event schema
+    goes in an extension, x-sse-event."""
     event = {
         "type": "object",
         "required": ["data"],
@@ -624,7 +625,6 @@ def _sse_media_type(event_schema: str) -> dict:
                            "followed by a blank line, then `data: [DONE]`. An error after the response started "
                            "arrives as `data: {\"error\": {...}}` (ErrorResponse) before [DONE].",
         },
-        "itemSchema": event,
         "x-sse-event": event,
     }
 
