@@ -449,7 +449,7 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     for err in errors:
         top = _param(err.get("loc", ())[:2])
         by_param.setdefault(top if top in _UNION_FORMS else _param(err.get("loc", ())), []).append(err)
-    collapsed = []
+    collapsed: list[dict[str, Any]] = []
     for top, group in by_param.items():
         if top is not None and len(group) > 1 and all(_is_type_error(e) for e in group):
             forms = _UNION_FORMS.get(top.rsplit(".", 1)[-1], "one of the types listed in GET /openapi.json")
