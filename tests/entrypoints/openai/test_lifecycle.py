@@ -87,6 +87,7 @@ def test_queue_full_then_sigterm_drains(one_slot_server):
     assert "Shutting down" in server.log()
 
 
+@pytest.mark.slow
 def test_second_sigterm_stops_at_once(server_model_dir, tmp_path):
     """A second signal aborts what is in flight: each stream ends with an error event and [DONE], the log has no
     tracebacks, and the exit status says the server was stopped (128 + SIGTERM)."""
@@ -129,6 +130,7 @@ def test_unusable_usage_log_fails_start_up(server_model_dir, tmp_path):
     assert f"--usage-log {tmp_path} is a directory" in proc.log()
 
 
+@pytest.mark.slow
 def test_engine_load_failure_is_logged_and_exits_1(tmp_path):
     empty = tmp_path / "not-a-model"
     empty.mkdir()

@@ -104,6 +104,7 @@ def limits_server(server_model_dir, tmp_path_factory):
         proc.stop()
 
 
+@pytest.mark.slow  # starts its own server (module-scoped)
 def test_body_limit_flag(limits_server):
     r = httpx.post(limits_server.base_url + "/completions", json={"prompt": "x" * 3000, "max_tokens": 1})
     error = assert_openai_error(r, 413)
@@ -112,6 +113,7 @@ def test_body_limit_flag(limits_server):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.slow  # starts its own server (module-scoped)
 def test_prompt_caps(limits_server):
     url = limits_server.base_url + "/completions"
     error = assert_openai_error(httpx.post(url, json={"prompt": ["a"] * 5, "max_tokens": 1}), 400)
@@ -125,6 +127,7 @@ def test_prompt_caps(limits_server):
     assert r.status_code == 200 and len(r.json()["choices"]) == 6, r.text
 
 
+@pytest.mark.slow  # starts its own server (module-scoped)
 def test_slow_header_client_is_disconnected(limits_server):
     with socket.create_connection(("127.0.0.1", limits_server.port), timeout=10) as sock:
         start = time.monotonic()
@@ -153,6 +156,7 @@ def test_slow_header_client_is_disconnected(limits_server):
             time.sleep(0.5)
 
 
+@pytest.mark.slow  # starts its own server (module-scoped)
 def test_cors_flags(limits_server):
     preflight = httpx.options(limits_server.base_url + "/completions", headers={
         "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
@@ -172,6 +176,7 @@ def test_cors_flags(limits_server):
     assert r.headers["access-control-allow-origin"] == ORIGIN
 
 
+@pytest.mark.slow  # starts its own server (module-scoped)
 def test_queue_limit_holds_under_a_burst(limits_server):
     """20 simultaneous streams, one batch slot and --max-queue-len 4: at most 1 running + 4 waiting admitted."""
     url = limits_server.base_url + "/completions"
