@@ -74,6 +74,14 @@ def test_lone_surrogate_is_400_naming_the_field(server, auth_headers, case):
     assert "surrogate" in error["message"], error
 
 
+def test_lone_surrogate_in_a_parameter_name_or_model_is_400(server, auth_headers):
+    error = assert_openai_error(_post_raw(server, auth_headers, "/v1/completions", '{"prompt": "x", "\\ud800": 1}'),
+                                400)
+    assert error["message"].startswith("A parameter name holds a lone UTF-16 surrogate"), error
+    r = _post_raw(server, auth_headers, "/v1/completions", '{"prompt": "x", "model": "\\ud800"}')
+    assert assert_openai_error(r, 404)["code"] == "model_not_found"
+
+
 def test_surrogate_pair_is_text(server, auth_headers):
     # A proper pair (an emoji) is ordinary text.
     r = _post_raw(server, auth_headers, "/tokenize", '{"prompt": "hi \\ud83d\\ude00"}')

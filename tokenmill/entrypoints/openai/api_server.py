@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import os
 import signal
@@ -292,8 +293,11 @@ class SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
-def error_response(error: OpenAIError) -> JSONResponse:
-    return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers)
+def error_response(error: OpenAIError) -> Response:
+    # ASCII JSON: a message quoting the request (an unknown parameter's name) may hold a lone surrogate, which
+    # has no UTF-8 encoding; as a \ud800 escape it is still valid JSON.
+    return Response(json.dumps(error.to_dict()), status_code=error.status, headers=error.headers,
+                    media_type="application/json")
 
 
 def respond(result: Any) -> Response:
@@ -472,8 +476,9 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
         elif kind == "missing" and param is None:
             messages.append("The request body is missing: send a JSON object")
         elif kind == "string_unicode":
-            messages.append(f"{param} holds a lone UTF-16 surrogate, which is not valid Unicode text: send "
-                            "surrogates only in pairs, or the character itself")
+            # Without a location, the string was a key of the request object: a parameter name.
+            messages.append(f"{param or 'A parameter name'} holds a lone UTF-16 surrogate, which is not valid "
+                            "Unicode text: send surrogates only in pairs, or the character itself")
         elif kind == "string_too_short" and (err.get("ctx") or {}).get("min_length") == 1:
             messages.append(f"{param} must not be empty")
         elif kind == "extra_forbidden":
