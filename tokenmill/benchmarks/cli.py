@@ -29,7 +29,7 @@ def _add_dataset_args(parser: argparse.ArgumentParser, add_seed: bool = True) ->
     group.add_argument(
         "--dataset-path", default=None, help="ShareGPT-format JSON file (for --dataset sharegpt)"
     )
-    group.add_argument("--num-prompts", type=int, default=64, help="number of requests")
+    group.add_argument("--num-prompts", type=int, default=64, help="number of requests (default: %(default)s)")
     group.add_argument(
         "--input-len",
         default="128",

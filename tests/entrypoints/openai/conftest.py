@@ -18,7 +18,8 @@ API_KEY = "sk-test-alice"
 LIMITED_KEY = "sk-test-limited"  # 2 requests per minute
 TPM_KEY = "sk-test-tpm"  # 100 tokens per minute
 TIGHT_FEATURE = "tight-feature"  # 1 request per minute, over all keys
-MODEL_NAME = "tiny"
+# Contains "/" as hub ids do (GET /v1/models/{id} must route it).
+MODEL_NAME = "tokenmill-tests/tiny"
 MAX_MODEL_LEN = 512
 MAX_TOKENS_LIMIT = 500
 GPU_HOURLY_COST = 3.6

@@ -30,6 +30,9 @@ def test_default_model_chat(default_server):
     client = openai.OpenAI(base_url=default_server.base_url, api_key="unused", max_retries=0, timeout=120)
     [model] = client.models.list().data
     assert model.id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # The id has a "/"; root names the model, not the converted copy in the server's cache.
+    assert client.models.retrieve(model.id).id == model.id
+    assert model.model_extra["root"] == model.id
     reply = client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "What is 2+2?"}],
                                            max_tokens=8, temperature=0)
     assert reply.choices[0].message.content.strip()

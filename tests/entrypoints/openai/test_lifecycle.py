@@ -85,3 +85,70 @@ def test_queue_full_then_sigterm_drains(one_slot_server):
         assert stream.summary() == ("length", max_tokens, 1)
     assert server.proc.wait(30) == 0
     assert "Shutting down" in server.log()
+
+
+@pytest.mark.slow
+def test_second_sigterm_stops_at_once(server_model_dir, tmp_path):
+    """A second signal aborts what is in flight: each stream ends with an error event and [DONE], the log has no
+    tracebacks, and the exit status says the server was stopped (128 + SIGTERM)."""
+    proc = ServerProcess([str(server_model_dir), "--dtype", "float32", "--kv-cache-memory", "8MiB",
+                          "--max-num-seqs", "2", "--shutdown-timeout", "60"], tmp_path / "server.log")
+    try:
+        proc.wait_ready()
+        streams = [Stream(proc, LONG) for _ in range(2)]
+        for stream in streams:
+            stream.start()
+            assert stream.first.wait(30) and stream.status == 200
+        proc.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while httpx.get(proc.url + "/health").status_code == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        start = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(10) == 128 + signal.SIGTERM
+        assert time.monotonic() - start < 3
+        for stream in streams:
+            stream.join(10)
+            assert stream.error is None, stream.error
+            assert stream.events[-1] == "[DONE]", stream.events[-3:]
+            error = json.loads(stream.events[-2])["error"]
+            assert error["code"] == "shutdown" and "stopped" in error["message"], error
+        log = proc.log()
+        assert "Traceback" not in log and "CancelledError" not in log, log
+        assert "Second SIGTERM: stopping now, 2 requests aborted" in log
+    finally:
+        proc.stop()
+
+
+def test_unusable_usage_log_fails_start_up(server_model_dir, tmp_path):
+    proc = ServerProcess([str(server_model_dir), "--usage-log", str(tmp_path)], tmp_path / "server.log")
+    try:
+        assert proc.proc.wait(60) != 0
+    finally:
+        proc.stop()
+    assert f"--usage-log {tmp_path} is a directory" in proc.log()
+
+
+@pytest.mark.slow
+def test_engine_load_failure_is_logged_and_exits_1(tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    proc = ServerProcess([str(empty)], tmp_path / "server.log")
+    try:
+        assert proc.proc.wait(60) == 1
+    finally:
+        proc.stop()
+    assert "start-up failed" in proc.log()
+
+
+def test_server_status_is_an_enum_that_health_reports():
+    import typing
+
+    from tokenmill.entrypoints.openai.api_server import ServerState, ServerStatus
+    from tokenmill.entrypoints.openai.protocol import HealthResponse
+    from tokenmill.entrypoints.openai.server_config import ServerConfig
+
+    assert {s.value for s in ServerStatus} == set(typing.get_args(HealthResponse.model_fields["status"].annotation))
+    state = ServerState(ServerConfig(), engine_config=None, model_names=["m"])  # type: ignore[arg-type]
+    assert state.status is ServerStatus.LOADING

@@ -168,3 +168,14 @@ def test_disconnect_without_streaming_aborts(server, server_dir, auth_headers):
         time.sleep(0.05)
     assert records[0]["finish_reason"] == "abort"
     assert server.wait_idle()["vllm:kv_cache_usage_perc"] == 0.0
+
+
+def test_idle_stats_lines_are_suppressed(server, auth_headers):
+    """Stats are logged every second while busy, once more when the engine turns idle, then not while idle."""
+    r = httpx.post(server.base_url + "/completions", headers=auth_headers, json={"prompt": "idle", "max_tokens": 2})
+    assert r.status_code == 200
+    server.wait_idle()
+    time.sleep(2.5)  # the line saying it went idle is out
+    count = server.log().count("Avg prompt throughput")
+    time.sleep(3)
+    assert server.log().count("Avg prompt throughput") == count

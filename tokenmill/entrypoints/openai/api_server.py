@@ -2,33 +2,50 @@
 
 Lifecycle: the port opens at once and /health answers 503 ("loading") while the engine loads in a thread; then
 200. On SIGTERM (or Ctrl+C) /health and new requests get 503 ("draining"), requests in flight finish (at most
---shutdown-timeout seconds, then they are aborted), and the process exits 0. A second signal exits at once.
+--shutdown-timeout seconds, then they are aborted), and the process exits 0. A second signal stops at once:
+requests in flight are aborted (streams end with an error event, then [DONE]) and the exit status is 128 + the
+signal number. A failed start-up (the engine or a stat logger could not be set up) is logged and exits 1.
+
+Protection against one client hogging the server: request bodies over --max-request-body-bytes get 413 before
+they are buffered (from Content-Length, or counted as a chunked body arrives); prompts are tokenized in worker
+threads after a cheap length bound; a connection that does not send its headers within --header-read-timeout is
+closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import json
 import logging
+import os
+import signal
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import h11
 import uvicorn
 from fastapi import APIRouter, Body, Depends, FastAPI, Header
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.entrypoints.openai.auth import Authenticator
 from tokenmill.entrypoints.openai.errors import OpenAIError, unavailable
 from tokenmill.entrypoints.openai.protocol import (
+    TOKENIZE_CHAT,
+    TOKENIZE_PROMPT,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamResponse,
@@ -45,10 +62,10 @@ from tokenmill.entrypoints.openai.protocol import (
     TokenizeResponse,
 )
 from tokenmill.entrypoints.openai.rate_limit import RateLimiter
-from tokenmill.entrypoints.openai.server_config import ServerConfig
+from tokenmill.entrypoints.openai.server_config import ServerConfig, default_max_request_body_bytes
 from tokenmill.entrypoints.openai.serving_chat import OpenAIServingChat
 from tokenmill.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from tokenmill.entrypoints.openai.serving_engine import RequestContext
+from tokenmill.entrypoints.openai.serving_engine import QUEUE_TICKET_KEY, RequestContext, RequestQueue
 from tokenmill.entrypoints.openai.serving_models import OpenAIServingModels
 from tokenmill.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from tokenmill.metrics.loggers import LoggingStatLogger
@@ -61,16 +78,24 @@ logger = logging.getLogger("tokenmill.server")
 GUARDED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
 
+class ServerStatus(enum.Enum):
+    """What /health reports: LOADING -> OK -> DRAINING; FAILED if start-up failed."""
+
+    LOADING = "loading"
+    OK = "ok"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
 @dataclass
 class ServerState:
-    """Everything the routes use. The servings exist once the engine is loaded (status "ok")."""
+    """Everything the routes use. The servings exist once the engine is loaded (status OK)."""
 
     config: ServerConfig
     engine_config: EngineConfig
     model_names: list[str]
     chat_template: str | None = None
-    # "loading" -> "ok" -> "draining"; "failed" if the engine could not load.
-    status: str = "loading"
+    status: ServerStatus = ServerStatus.LOADING
     engine: AsyncLLMEngine | None = None
     completion: OpenAIServingCompletion | None = None
     chat: OpenAIServingChat | None = None
@@ -79,27 +104,38 @@ class ServerState:
     authenticator: Authenticator = field(init=False)
     limiter: RateLimiter = field(init=False)
     metrics: PrometheusStatLogger = field(init=False)
+    request_queue: RequestQueue = field(init=False)
     stats_logger: LoggingStatLogger = field(default_factory=LoggingStatLogger)
     server: uvicorn.Server | None = None
+    # Largest request body accepted; known once the model's max_model_len is (until then, the flag or 1 MiB).
+    max_request_body_bytes: int = field(init=False)
+    # Set when a second signal stopped the server at once: 128 + the signal number.
+    exit_code: int | None = None
 
     def __post_init__(self) -> None:
         self.authenticator = Authenticator(self.config.api_keys)
         self.limiter = RateLimiter(self.config.default_rate_limit, self.config.feature_rate_limits)
         self.metrics = PrometheusStatLogger(self.model_names[0], self.config.gpu_hourly_cost)
+        self.request_queue = RequestQueue(self.config.max_queue_len)
+        self.max_request_body_bytes = self.config.max_request_body_bytes or default_max_request_body_bytes(1)
 
     # ---- loading ------------------------------------------------------------------------------------------------
     async def load(self) -> None:
-        from tokenmill.engine.llm_engine import LLMEngine
-
+        """Load the engine and build the servings; any failure is logged and stops the server (exit status 1)."""
         try:
-            llm_engine = await asyncio.to_thread(LLMEngine, self.engine_config, False)
+            await self._load()
         except Exception as e:
-            logger.error("the engine failed to load: %s", e, exc_info=not isinstance(e, ValueError | OSError))
-            self.status = "failed"
+            # Configuration problems (bad path, bad value) read best as one line; anything else gets its traceback.
+            logger.error("start-up failed: %s", e, exc_info=not isinstance(e, ValueError | OSError))
+            self.status = ServerStatus.FAILED
             if self.server is not None:
                 self.server.should_exit = True
-            return
-        stat_loggers = [self.metrics, self.stats_logger]
+
+    async def _load(self) -> None:
+        from tokenmill.engine.llm_engine import LLMEngine
+        from tokenmill.model.default_model import DEFAULT_MODEL_NAME
+
+        stat_loggers: list = [self.metrics, self.stats_logger]
         if self.config.usage_log:
             stat_loggers.append(UsageLogger(self.config.usage_log, self.model_names[0], self.config.gpu_hourly_cost))
         tracer = None
@@ -108,16 +144,21 @@ class ServerState:
 
             tracer = RequestTracer(self.config.otlp_traces_endpoint, gpu_hourly_cost=self.config.gpu_hourly_cost)
             stat_loggers.append(tracer)
+        llm_engine = await asyncio.to_thread(LLMEngine, self.engine_config, False)
+        self.max_request_body_bytes = (self.config.max_request_body_bytes
+                                       or default_max_request_body_bytes(llm_engine.max_model_len))
         self.engine = AsyncLLMEngine(llm_engine, stat_loggers)
         self.engine.start()
-        args = (self.engine, self.config, self.model_names, self.limiter, self.metrics, self.chat_template)
+        args = (self.engine, self.config, self.model_names, self.limiter, self.metrics, self.chat_template,
+                self.request_queue)
         self.completion = OpenAIServingCompletion(*args)
         self.chat = OpenAIServingChat(*args)
         self.completion.tracer = self.chat.tracer = tracer
         self.tokenization = OpenAIServingTokenization(*args)
-        self.models = OpenAIServingModels(*args, model_root=str(llm_engine.model_dir))
-        if self.status == "loading":
-            self.status = "ok"
+        # The model as the user named it (as vLLM's root), never the converted copy in the cache.
+        self.models = OpenAIServingModels(*args, model_root=self.engine_config.model.model or DEFAULT_MODEL_NAME)
+        if self.status == ServerStatus.LOADING:
+            self.status = ServerStatus.OK
             sizing = llm_engine.core.kv_sizing
             max_len = llm_engine.max_model_len
             host = self.config.host if self.config.host not in ("0.0.0.0", "::") else "localhost"
@@ -135,10 +176,11 @@ class ServerState:
                 return sock.getsockname()[1]
         return self.config.port
 
-    # ---- draining -----------------------------------------------------------------------------------------------
+    # ---- stopping -----------------------------------------------------------------------------------------------
     async def drain(self) -> None:
         """Refuse new requests, let the ones in flight finish (bounded), then stop the server."""
-        self.status = "draining" if self.status != "failed" else self.status
+        if self.status != ServerStatus.FAILED:
+            self.status = ServerStatus.DRAINING
         timeout = self.config.shutdown_timeout
         engine = self.engine
         in_flight = engine.num_in_flight if engine else 0
@@ -152,28 +194,94 @@ class ServerState:
         if self.server is not None:
             self.server.should_exit = True
 
+    def stop_now(self, signum: int) -> None:
+        """A second signal: abort everything in flight (each reader gets an error), then stop."""
+        if self.status != ServerStatus.FAILED:
+            self.status = ServerStatus.DRAINING
+        self.exit_code = 128 + signum
+        num = 0
+        if self.engine is not None:
+            num = self.engine.abort_all(unavailable(
+                "The server was stopped (a second shutdown signal) before this request finished.", "shutdown"))
+        logger.warning("Second %s: stopping now, %d requests aborted", signal.Signals(signum).name, num)
+        if self.server is not None:
+            self.server.should_exit = True
+
 
 class _Server(uvicorn.Server):
-    """uvicorn's server with a draining first signal (and no re-raised signal: a drained exit is exit 0)."""
+    """uvicorn's server with a draining first signal, an aborting second one and a forced third (no re-raised
+    signal: the exit status comes from run_server)."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.state = state
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._draining = False
+        self._num_signals = 0
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
     def handle_exit(self, sig, frame) -> None:
-        if self._draining or self._loop is None:
-            # A second signal: stop now.
-            self.force_exit = self.should_exit
+        self._num_signals += 1
+        if self._loop is None:
             self.should_exit = True
-            return
-        self._draining = True
-        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.state.drain()))
+        elif self._num_signals == 1:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.state.drain()))
+        elif self._num_signals == 2:
+            self._loop.call_soon_threadsafe(self.state.stop_now, sig)
+        else:
+            self.force_exit = self.should_exit = True
+
+
+def header_timeout_protocol(timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection whose request headers do not arrive within timeout seconds
+    (counted from the connection's start, or from the end of its previous response). uvicorn's keep-alive timeout
+    stops once any byte arrives, so without this a client sending a header byte now and then holds a
+    connection forever."""
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the request line and headers are in
+                self._cancel_header_timer()
+            elif self._header_timer is None:
+                # A new cycle began within this data (e.g. after the rest of a refused body was discarded); the
+                # deadline is not moved by bytes that leave the headers incomplete.
+                self._arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            self._cancel_header_timer()
+            self._header_timer = self.loop.call_later(timeout, self._header_timeout)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            busy = self.cycle is not None and not self.cycle.response_complete
+            if not busy and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.logger.debug("closing a connection that sent no complete request headers in %g s", timeout)
+                self.transport.close()
+
+    return HeaderTimeoutH11Protocol
 
 
 # ---- responses -----------------------------------------------------------------------------------------------------
@@ -189,11 +297,14 @@ class SSEResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
-def error_response(error: OpenAIError) -> JSONResponse:
-    return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers)
+def error_response(error: OpenAIError) -> Response:
+    # ASCII JSON: a message quoting the request (an unknown parameter's name) may hold a lone surrogate, which
+    # has no UTF-8 encoding; as a \ud800 escape it is still valid JSON.
+    return Response(json.dumps(error.to_dict()), status_code=error.status, headers=error.headers,
+                    media_type="application/json")
 
 
 def respond(result: Any) -> Response:
@@ -204,7 +315,8 @@ def respond(result: Any) -> Response:
 
 # ---- middleware ----------------------------------------------------------------------------------------------------
 class GuardMiddleware:
-    """Pure ASGI (no buffering of streams): API key check, then 503 while loading or draining."""
+    """Pure ASGI (no buffering of streams): API key check, then 503 while loading or draining. When the request
+    ends, it gives back the waiting-queue slots the request still holds."""
 
     def __init__(self, app, state: ServerState) -> None:
         self.app = app
@@ -226,28 +338,88 @@ class GuardMiddleware:
             except OpenAIError:
                 state.metrics.record_rejected("auth")
                 raise
-            if state.status != "ok":
-                state.metrics.record_rejected(state.status)
+            if state.status != ServerStatus.OK:
+                state.metrics.record_rejected(state.status.value)
                 raise _status_error(state.status)
         except OpenAIError as e:
             await error_response(e)(scope, receive, send)
             return
-        scope.setdefault("state", {})["api_key"] = api_key
-        await self.app(scope, receive, send)
+        scope_state = scope.setdefault("state", {})
+        scope_state["api_key"] = api_key
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ticket = scope_state.pop(QUEUE_TICKET_KEY, None)
+            if ticket is not None:
+                ticket.release_all()
 
 
-def _status_error(status: str) -> OpenAIError:
-    if status == "loading":
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from receive() while a body is read: FastAPI passes HTTP exceptions through to the error handlers."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, detail=_body_too_large_message(limit))
+
+
+def _body_too_large_message(limit: int) -> str:
+    return (f"The request body is larger than this server accepts ({limit} bytes, --max-request-body-bytes): "
+            "send a shorter prompt or fewer prompts per request")
+
+
+class BodyLimitMiddleware:
+    """413 in OpenAI's shape for a request body over the limit, without buffering it: at once from
+    Content-Length, else (a chunked body) as soon as the bytes received pass the limit. The connection stays
+    open: uvicorn discards the rest of the body as it arrives (never holding it), so the client, which usually
+    sends the whole body before reading, gets the 413 instead of a broken pipe."""
+
+    def __init__(self, app, limit: Callable[[], int]) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit()
+        content_length = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                content_length = int(value) if value.isdigit() else None
+                break
+        if content_length is not None and content_length > limit:
+            error = OpenAIError(_body_too_large_message(limit), 413, code="request_too_large")
+            await error_response(error)(scope, receive, send)
+            return
+        num_received = 0
+
+        async def limited_receive():
+            nonlocal num_received
+            message = await receive()
+            if message["type"] == "http.request":
+                num_received += len(message.get("body", b""))
+                if num_received > limit:
+                    raise _BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _status_error(status: ServerStatus) -> OpenAIError:
+    if status == ServerStatus.LOADING:
         return unavailable("The model is still loading: retry in a few seconds (GET /health turns 200).",
                            "model_loading", retry_after=5)
-    if status == "draining":
+    if status == ServerStatus.DRAINING:
         return unavailable("The server is shutting down and takes no new requests: retry on another replica.",
                            "server_draining", retry_after=5)
     return unavailable("The engine failed to load: see the server log.", "engine_failed", retry_after=60)
 
 
 # ---- error handlers ------------------------------------------------------------------------------------------------
-_UNION_MEMBER_NAMES = ("str", "int", "float", "bool", "dict", "list", "function-after", "function-before")
+# Names pydantic puts in an error's location for the member of a union it tried (list members contain "[").
+_UNION_MEMBER_NAMES = frozenset({
+    "str", "int", "float", "bool", "dict", "list", "constrained-str", "constrained-int", "constrained-float",
+    TOKENIZE_PROMPT, TOKENIZE_CHAT,
+})
 
 
 _UNION_FORMS = {
@@ -265,9 +437,13 @@ def _param(loc: tuple) -> str | None:
             continue
         if isinstance(x, int):
             parts.append(f"[{x}]")
-        elif "[" not in x and not x.startswith(_UNION_MEMBER_NAMES):
+        elif "[" not in x and x not in _UNION_MEMBER_NAMES:
             parts.append(x)
     return ".".join(parts) or None
+
+
+def _is_type_error(err: dict) -> bool:
+    return str(err.get("type", "")).endswith("_type")
 
 
 def validation_error(exc: RequestValidationError) -> OpenAIError:
@@ -277,22 +453,22 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     specific = [_param(e.get("loc", ())) for e in errors if e.get("type") == "value_error"]
     errors = [
         e for e in errors
-        if not (str(e.get("type", "")).endswith("_type") and any(
-            p and (_param(e.get("loc", ())) or "") in p for p in specific))
+        if not (_is_type_error(e) and any(p and (_param(e.get("loc", ())) or "") in p for p in specific))
     ] or errors
     # Several type errors under one parameter: the value matched none of a union's forms; say it once.
     by_param: dict[str | None, list[dict]] = {}
     for err in errors:
         top = _param(err.get("loc", ())[:2])
         by_param.setdefault(top if top in _UNION_FORMS else _param(err.get("loc", ())), []).append(err)
-    collapsed = []
+    collapsed: list[dict[str, Any]] = []
     for top, group in by_param.items():
-        if top is not None and len(group) > 1 and all(str(e.get("type", "")).endswith("_type") for e in group):
+        if top is not None and len(group) > 1 and all(_is_type_error(e) for e in group):
             forms = _UNION_FORMS.get(top.rsplit(".", 1)[-1], "one of the types listed in GET /openapi.json")
             collapsed.append({"type": "union", "param": top,
                               "msg": f"must be {forms}, got {group[0].get('input')!r}"})
         else:
-            collapsed.extend(group)
+            # The value has the type of one union member and fails its range or content check: say only that.
+            collapsed.extend([e for e in group if not _is_type_error(e)] or group)
     messages, params = [], []
     for err in collapsed:
         param = err["param"] if "param" in err else _param(err.get("loc", ()))
@@ -306,6 +482,12 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
             param = None
         elif kind == "missing" and param is None:
             messages.append("The request body is missing: send a JSON object")
+        elif kind == "string_unicode":
+            # Without a location, the string was a key of the request object: a parameter name.
+            messages.append(f"{param or 'A parameter name'} holds a lone UTF-16 surrogate, which is not valid "
+                            "Unicode text: send surrogates only in pairs, or the character itself")
+        elif kind == "string_too_short" and (err.get("ctx") or {}).get("min_length") == 1:
+            messages.append(f"{param} must not be empty")
         elif kind == "extra_forbidden":
             messages.append(f"Unrecognized request argument supplied: {param} (tokenmill does not support it; "
                             "see GET /openapi.json for the accepted parameters)")
@@ -339,7 +521,8 @@ def add_exception_handlers(app: FastAPI) -> None:
             message = f"{request.method} {request.url.path} does not exist: see GET /openapi.json for the routes"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}: see GET /openapi.json"
-        return error_response(OpenAIError(message, exc.status_code, headers=dict(exc.headers or {})))
+        code = "request_too_large" if isinstance(exc, _BodyTooLarge) else None
+        return error_response(OpenAIError(message, exc.status_code, code=code, headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
@@ -389,18 +572,21 @@ def build_router(state: ServerState) -> APIRouter:
     async def list_models():
         return respond(state.models.list_models())
 
-    @api.get("/v1/models/{model}", response_model=ModelCard, tags=["OpenAI"], summary="Describe a served model")
+    # {model:path}: model names contain "/" (HuggingFaceTB/SmolLM2-135M-Instruct).
+    @api.get("/v1/models/{model:path}", response_model=ModelCard, tags=["OpenAI"], summary="Describe a served model")
     async def get_model(model: str):
         return respond(state.models.card(model))
 
-    @api.post("/tokenize", response_model=TokenizeResponse, tags=["vLLM"],
-              summary="Token ids of a prompt, or of chat messages rendered with the chat template")
-    async def tokenize(body: Annotated[TokenizeRequest, Body()]):
-        return respond(state.tokenization.tokenize(body))
+    for prefix in ("", "/v1"):  # vLLM's paths, and the same under /v1 where OpenAI clients put everything
+        @api.post(f"{prefix}/tokenize", response_model=TokenizeResponse, tags=["vLLM"],
+                  summary="Token ids of a prompt, or of chat messages rendered with the chat template")
+        async def tokenize(body: Annotated[TokenizeRequest, Body()]):
+            return respond(await state.tokenization.tokenize(body))
 
-    @api.post("/detokenize", response_model=DetokenizeResponse, tags=["vLLM"], summary="Text of token ids")
-    async def detokenize(body: DetokenizeRequest):
-        return respond(state.tokenization.detokenize(body))
+        @api.post(f"{prefix}/detokenize", response_model=DetokenizeResponse, tags=["vLLM"],
+                  summary="Text of token ids")
+        async def detokenize(body: DetokenizeRequest):
+            return respond(await state.tokenization.detokenize(body))
 
     return api
 
@@ -413,16 +599,17 @@ def build_open_router(state: ServerState) -> APIRouter:
                 responses={503: {"model": HealthResponse, "description": "Loading, draining or failed"}},
                 summary="200 when ready; 503 while loading or draining")
     async def health():
-        return JSONResponse({"status": state.status}, status_code=200 if state.status == "ok" else 503)
+        return JSONResponse({"status": state.status.value}, status_code=200 if state.status == ServerStatus.OK else 503)
 
     @router.get("/live", response_model=HealthResponse, tags=["Operations"],
                 responses={503: {"model": HealthResponse, "description": "The engine failed or its loop died"}},
                 summary="Liveness: 200 while the process works, loading and draining included; 503 once the "
                         "engine failed or its loop died (restart the process)")
     async def live():
-        status = str(getattr(state.status, "value", state.status))  # a plain string or a status enum
-        dead = status == "failed" or (status == "ok" and not (state.engine and state.engine.is_running))
-        return JSONResponse({"status": status}, status_code=503 if dead else 200)
+        status = state.status
+        dead = status == ServerStatus.FAILED or (
+            status == ServerStatus.OK and not (state.engine and state.engine.is_running))
+        return JSONResponse({"status": status.value}, status_code=503 if dead else 200)
 
     @router.get("/metrics", tags=["Operations"], response_class=Response,
                 responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
@@ -438,6 +625,30 @@ def build_open_router(state: ServerState) -> APIRouter:
         return {"version": tokenmill.__version__}
 
     return router
+
+
+def _sse_media_type(event_schema: str) -> dict:
+    """An SSE stream in OpenAPI 3.1: the body is text (not one JSON object). Each event's data is one JSON object
+    of event_schema, then [DONE]; 3.1 has no field for a stream's items (3.2's itemSchema), so the event schema
+    goes in an extension, x-sse-event."""
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {
+            "type": "string", "contentMediaType": "application/json",
+            "contentSchema": {"$ref": f"#/components/schemas/{event_schema}"},
+            "description": "One JSON event, or the literal [DONE] that ends the stream",
+        }},
+    }
+    return {
+        "schema": {
+            "type": "string",
+            "description": f"Server-sent events (stream: true): one `data: {{...}}` line per {event_schema}, each "
+                           "followed by a blank line, then `data: [DONE]`. An error after the response started "
+                           "arrives as `data: {\"error\": {...}}` (ErrorResponse) before [DONE].",
+        },
+        "x-sse-event": event,
+    }
 
 
 def _openapi(app: FastAPI):
@@ -460,9 +671,7 @@ def _openapi(app: FastAPI):
                 responses = operation.get("responses", {})
                 responses.pop("422", None)
                 if path in streams:
-                    responses["200"].setdefault("content", {})["text/event-stream"] = {
-                        "schema": {"$ref": f"#/components/schemas/{streams[path]}"},
-                    }
+                    responses["200"].setdefault("content", {})["text/event-stream"] = _sse_media_type(streams[path])
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
         app.openapi_schema = schema
@@ -486,21 +695,28 @@ def build_app(state: ServerState) -> FastAPI:
 
     import tokenmill
 
-    app = FastAPI(
+    # FastAPI's /docs loads Swagger UI from a CDN; this serves the same page with assets from the package, so it
+    # works offline. No /redoc.
+    app = FastAPIOffline(
         title="tokenmill OpenAI-compatible API", version=tokenmill.__version__, lifespan=lifespan,
+        redoc_url=None, static_url="/docs-assets",
         description="OpenAI's /v1/completions, /v1/chat/completions and /v1/models, vLLM's /tokenize, "
                     "/detokenize and metrics. See docs/server.md.",
     )
     app.include_router(build_router(state))
     app.include_router(build_open_router(state))
     add_exception_handlers(app)
+    # The last added runs first: CORS (answers preflights), then the guard (keys, status), then the body limit.
+    app.add_middleware(BodyLimitMiddleware, limit=lambda: state.max_request_body_bytes)
     app.add_middleware(GuardMiddleware, state=state)
-    if state.config.allowed_origins:
+    config = state.config
+    if config.allowed_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(state.config.allowed_origins), allow_methods=["*"],
-                           allow_headers=["*"])
-    app.openapi = _openapi(app)
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=list(config.allowed_methods), allow_headers=list(config.allowed_headers),
+                           allow_credentials=config.allow_credentials)
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
     app.state.server_state = state
     return app
 
@@ -516,15 +732,23 @@ async def _log_stats_periodically(state: ServerState) -> None:
 
 def run_server(config: ServerConfig, engine_config: EngineConfig, model_names: list[str],
                chat_template: str | None = None) -> int:
-    """Serve until SIGTERM/SIGINT; 0 after a clean drain, 1 if the engine failed to load."""
+    """Serve until SIGTERM/SIGINT. Exit status: 0 after a clean drain, 1 if start-up failed, 128 + the signal
+    number if a second signal stopped the server at once."""
     state = ServerState(config, engine_config, model_names, chat_template)
     app = build_app(state)
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
         access_log=not config.disable_uvicorn_access_log, lifespan="on", timeout_graceful_shutdown=5,
-        timeout_keep_alive=5,
+        timeout_keep_alive=5, http=header_timeout_protocol(config.header_read_timeout),
     )
     server = _Server(uv_config, state)
     state.server = server
     server.run()
-    return 1 if state.status == "failed" else 0
+    if state.exit_code is not None:
+        # Stopped by a second signal: leave now. The interpreter's native teardown after this point (thread
+        # pools of the tensor and tokenizer libraries) takes seconds; logs and the usage log are flushed already.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(state.exit_code)
+    return 1 if state.status == ServerStatus.FAILED else 0

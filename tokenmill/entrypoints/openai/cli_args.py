@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from tokenmill.entrypoints.generate_cli import add_engine_args, engine_kwargs
 from tokenmill.entrypoints.openai.server_config import (
+    REQUEST_BODY_BYTES_PER_TOKEN,
     ApiKey,
     RateLimit,
     ServerConfig,
@@ -28,6 +30,19 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+def _list_arg(value: str) -> list[str]:
+    """One value, or a JSON list of them (vllm serve --allowed-origins '["http://a", "http://b"]')."""
+    if value.startswith("["):
+        try:
+            items = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a JSON list of strings ({e})") from None
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise argparse.ArgumentTypeError(f"{value!r} is not a JSON list of strings")
+        return items
+    return [value]
+
+
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
@@ -38,9 +53,18 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
     g.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
-    g.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
-                   help="CORS origin allowed to call the API from a browser, e.g. http://localhost:3000 or '*' "
-                        "(repeatable; default: none)")
+    g.add_argument("--allowed-origins", action="extend", type=_list_arg, default=None, metavar="ORIGIN",
+                   help="CORS: origin allowed to call the API from a browser, e.g. http://localhost:3000 or '*' "
+                        "(repeatable, or a JSON list as vllm serve takes; default: none, no CORS headers)")
+    g.add_argument("--allowed-methods", action="extend", type=_list_arg, default=None, metavar="METHOD",
+                   help="CORS: HTTP methods those origins may use (repeatable or a JSON list; default: '*')")
+    g.add_argument("--allowed-headers", action="extend", type=_list_arg, default=None, metavar="HEADER",
+                   help="CORS: request headers those origins may send (repeatable or a JSON list; default: '*')")
+    g.add_argument("--allow-credentials", action="store_true",
+                   help="CORS: let those origins send cookies and Authorization (needs explicit origins, not '*')")
+    g.add_argument("--header-read-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection that has not sent a request's headers this long after connecting "
+                        "(or after its previous response)")
     g.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
                    help="log throughput, running/waiting requests, KV cache usage and prefix hit rate this often "
                         "while busy (0: never)")
@@ -69,6 +93,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue-len", type=int, default=None, metavar="N",
                    help="when N requests are waiting for the engine, new ones get 503 with Retry-After "
                         "(default: unbounded)")
+    g.add_argument("--max-request-body-bytes", type=int, default=None, metavar="BYTES",
+                   help="largest request body accepted; larger ones get 413 before they are read (default: "
+                        f"{REQUEST_BODY_BYTES_PER_TOKEN} bytes per token of --max-model-len, at least 1 MiB)")
+    g.add_argument("--max-prompts-per-request", type=int, default=256, metavar="N",
+                   help="most prompts in one /v1/completions request (a list prompt); more get 400")
+    g.add_argument("--max-choices-per-request", type=int, default=256, metavar="N",
+                   help="most choices (n x prompts) one request may ask for; more get 400")
     g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="after SIGTERM, how long requests in flight may take to finish before they are aborted")
 
@@ -113,7 +144,14 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         gpu_hourly_cost=args.gpu_hourly_cost,
         shutdown_timeout=args.shutdown_timeout,
         log_stats_interval=args.log_stats_interval,
+        max_request_body_bytes=args.max_request_body_bytes,
+        max_prompts_per_request=args.max_prompts_per_request,
+        max_choices_per_request=args.max_choices_per_request,
+        header_read_timeout=args.header_read_timeout,
         allowed_origins=tuple(args.allowed_origins or ()),
+        allowed_methods=tuple(args.allowed_methods or ("*",)),
+        allowed_headers=tuple(args.allowed_headers or ("*",)),
+        allow_credentials=args.allow_credentials,
         uvicorn_log_level=args.uvicorn_log_level,
         disable_uvicorn_access_log=args.disable_uvicorn_access_log,
         otlp_traces_endpoint=args.otlp_traces_endpoint,

@@ -7,10 +7,20 @@ exist but are not supported are declared (so the schema lists them) and refused 
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 
 class RequestModel(BaseModel):
@@ -25,6 +35,26 @@ def _not_supported(name: str, value: Any, neutral: tuple, hint: str) -> Any:
     if value is None or value in neutral:
         return value
     raise ValueError(f"{name} is not supported by tokenmill: {hint}")
+
+
+# JSON's "\ud800" escapes decode to lone UTF-16 surrogates, which are not Unicode text: no tokenizer can encode them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: Any, name: str) -> Any:
+    """Refuse a string (or strings in a list) holding a lone surrogate, naming where it is."""
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            continue
+        match = _SURROGATE.search(text)
+        if match is not None:
+            where = name if isinstance(value, str) else f"{name}[{i}]"
+            raise ValueError(
+                f"{where} holds a lone UTF-16 surrogate (U+{ord(match.group()):04X} at character {match.start()}), "
+                "which is not valid Unicode text: send surrogates only in pairs, or the character itself"
+            )
+    return value
 
 
 # ---- errors --------------------------------------------------------------------------------------------------
@@ -61,6 +91,8 @@ class UsageInfo(ResponseModel):
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Metadata = Annotated[dict[str, str], Field(max_length=16)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class SamplingFields(RequestModel):
@@ -118,8 +150,8 @@ class SamplingFields(RequestModel):
 
 # ---- /v1/completions ---------------------------------------------------------------------------------------------
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="A string, a list of strings, a list of token ids, or a list of token-id lists."
+    prompt: NonEmptyStr | list[NonEmptyStr] | list[TokenId] | list[list[TokenId]] = Field(
+        description="A string, a list of strings, a list of token ids, or a list of token-id lists (none empty)."
     )
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate; default 16 (as OpenAI).")
     logprobs: int | None = Field(None, ge=0, le=20, description="Return the logprobs of this many likely tokens.")
@@ -144,7 +176,7 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt must not be an empty list")
         if isinstance(value, list) and isinstance(value[0], list) and any(not p for p in value):
             raise ValueError("a token-id prompt must not be empty")
-        return value
+        return check_text(value, "prompt")
 
     @model_validator(mode="after")
     def _best_of(self):
@@ -216,6 +248,8 @@ class ContentPart(RequestModel):
             )
         if isinstance(value, dict) and not isinstance(value.get("text"), str):
             raise ValueError("a text content part needs 'text' (a string)")
+        if isinstance(value, dict):
+            check_text(value["text"], "text")
         return value
 
 
@@ -225,6 +259,11 @@ class ChatMessage(RequestModel):
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: Any = Field(None, description="Not supported (rejected unless null or []).")
+
+    @field_validator("content", "name")
+    @classmethod
+    def _text(cls, value, info):
+        return check_text(value, info.field_name) if isinstance(value, str) else value
 
     @field_validator("tool_calls")
     @classmethod
@@ -401,6 +440,11 @@ class TokenizeCompletionRequest(RequestModel):
     prompt: str
     add_special_tokens: bool = True
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value):
+        return check_text(value, "prompt")
+
 
 class TokenizeChatRequest(RequestModel):
     model: str | None = None
@@ -411,7 +455,19 @@ class TokenizeChatRequest(RequestModel):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
+def _tokenize_form(body: Any) -> str:
+    """Which form a /tokenize body takes: chat messages when it has "messages", else a prompt."""
+    if isinstance(body, dict):
+        return TOKENIZE_CHAT if "messages" in body else TOKENIZE_PROMPT
+    return TOKENIZE_CHAT if isinstance(body, TokenizeChatRequest) else TOKENIZE_PROMPT
+
+
+# Tags of the two /tokenize forms; they appear in validation error locations, which leave them out.
+TOKENIZE_PROMPT, TOKENIZE_CHAT = "tokenize-prompt", "tokenize-messages"
+TokenizeRequest = Annotated[
+    Annotated[TokenizeCompletionRequest, Tag(TOKENIZE_PROMPT)] | Annotated[TokenizeChatRequest, Tag(TOKENIZE_CHAT)],
+    Discriminator(_tokenize_form),
+]
 
 
 class TokenizeResponse(ResponseModel):
@@ -422,7 +478,7 @@ class TokenizeResponse(ResponseModel):
 
 class DetokenizeRequest(RequestModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(ResponseModel):

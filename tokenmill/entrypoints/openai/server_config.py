@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,8 +95,21 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     # Seconds between the stats log lines (0: off).
     log_stats_interval: float = 10.0
-    # CORS origins allowed to call the API from a browser (empty: no CORS headers).
+    # Most prompts in one /v1/completions request, and most choices (n x prompts) one request may ask for.
+    max_prompts_per_request: int = 256
+    max_choices_per_request: int = 256
+    # Largest request body accepted (413 over it), in bytes. None: derived from max_model_len
+    # (default_max_request_body_bytes).
+    max_request_body_bytes: int | None = None
+    # Seconds a client gets to send a request's headers (from connecting, or from the end of the previous
+    # response); then the connection is closed. Slow-header clients cannot hold connections open forever.
+    header_read_timeout: float = 10.0
+    # CORS (as vllm serve): origins allowed to call the API from a browser (empty: no CORS headers), and the
+    # methods, headers and credentials those origins may use.
     allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
     uvicorn_log_level: str = "info"
     disable_uvicorn_access_log: bool = False
     # OTLP/HTTP collector receiving one span per request (None: no tracing). See tokenmill/metrics/tracing.py.
@@ -104,10 +118,20 @@ class ServerConfig:
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("max_tokens_limit", "max_queue_len"):
+        for name in ("max_tokens_limit", "max_queue_len", "max_request_body_bytes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer (or unset), got {value}")
+        for name in ("max_prompts_per_request", "max_choices_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.header_read_timeout <= 0:
+            raise ValueError(f"header_read_timeout must be > 0 seconds, got {self.header_read_timeout}")
+        if self.allow_credentials and "*" in self.allowed_origins:
+            raise ValueError("allow_credentials needs explicit allowed_origins: browsers refuse credentials with "
+                             "the origin '*'")
+        if self.usage_log is not None:
+            check_usage_log(self.usage_log)
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if self.gpu_hourly_cost < 0:
@@ -131,6 +155,32 @@ class ServerConfig:
         digests = [k.key_sha256 for k in self.api_keys]
         if len(set(digests)) != len(digests):
             raise ValueError("the same API key is configured twice: give each key one entry")
+
+
+# A full-context prompt's JSON: a few bytes per token as text or as ids; 64 leaves room for escapes (\u00e9 is
+# 6 bytes) and long tokens, and 1 MiB for small models' batches of prompts.
+REQUEST_BODY_BYTES_PER_TOKEN = 64
+MIN_REQUEST_BODY_BYTES = 1 << 20
+
+
+def default_max_request_body_bytes(max_model_len: int) -> int:
+    """The request-body limit when --max-request-body-bytes is not given."""
+    return max(MIN_REQUEST_BODY_BYTES, REQUEST_BODY_BYTES_PER_TOKEN * max_model_len)
+
+
+def check_usage_log(path: str | Path) -> None:
+    """Refuse a usage-log path the server could not append to, before the server starts."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--usage-log {path} is a directory: give a file path, e.g. {path / 'usage.jsonl'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--usage-log {path}: {parent} is not a directory")
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise ValueError(f"--usage-log {path}: {target} is not writable")
 
 
 def parse_feature_limit(spec: str) -> tuple[str, RateLimit]:

@@ -58,8 +58,10 @@ class OpenAIServingChat(OpenAIServing):
                                      ) -> ChatCompletionResponse | AsyncIterator[str]:
         model_name = self.check_model(request.model)
         feature = self.resolve_feature(request.feature, ctx.feature_header)
-        prompt = self.chat_prompt(request.messages, request.add_generation_prompt is not False,
-                                  request.chat_template_kwargs)
+        self.check_num_prompts(1, request.n or 1)
+        self.reserve_queue(ctx)
+        prompt = await self.in_thread(self.chat_prompt, request.messages, request.add_generation_prompt is not False,
+                                      request.chat_template_kwargs)
         if request.max_completion_tokens is not None:
             requested, param = request.max_completion_tokens, "max_completion_tokens"
         else:

@@ -52,8 +52,11 @@ class OpenAIServingCompletion(OpenAIServing):
                                 ) -> CompletionResponse | AsyncIterator[str]:
         model_name = self.check_model(request.model)
         feature = self.resolve_feature(request.feature, ctx.feature_header)
-        prompts = self._prompts(request.prompt)
         n = request.n or 1
+        num_prompts = _num_prompts(request.prompt)
+        self.check_num_prompts(num_prompts, n)
+        self.reserve_queue(ctx, num_prompts)
+        prompts = await self.in_thread(self._prompts, request.prompt)
         params = []
         for prompt in prompts:
             max_tokens = self.resolve_max_tokens(prompt, request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -151,6 +154,11 @@ class OpenAIServingCompletion(OpenAIServing):
         finally:
             self.limiter.settle(reservation, state.num_tokens_used())
         yield SSE_DONE
+
+
+def _num_prompts(prompt) -> int:
+    """How many prompts a request's prompt holds (one string or token-id list, or a list of them)."""
+    return len(prompt) if isinstance(prompt, list) and not isinstance(prompt[0], int) else 1
 
 
 class _State:

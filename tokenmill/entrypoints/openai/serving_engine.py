@@ -1,4 +1,9 @@
-"""What every endpoint shares: model names, prompts, max_tokens, SamplingParams, admission, SSE framing."""
+"""What every endpoint shares: model names, prompts, max_tokens, SamplingParams, admission, SSE framing.
+
+Prompts are rendered and tokenized in a worker thread, never on the event loop: a long prompt must not stall
+/health or the other streams. A cheap length bound runs first, so text that cannot fit max_model_len is refused
+without being tokenized at all.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -40,6 +46,60 @@ class RequestContext:
     # time.time() when the request arrived.
     arrival_time: float
     raw_request: Request | None = None
+    # The waiting-queue slots this request holds (reserve_queue); given back when its engine requests start.
+    queue_ticket: QueueTicket | None = None
+
+
+# Key of the QueueTicket in the ASGI scope's state: the middleware gives back what a request still holds when it ends.
+QUEUE_TICKET_KEY = "queue_ticket"
+
+
+class RequestQueue:
+    """The engine's waiting queue as admission sees it (--max-queue-len), counted on the event loop.
+
+    A request takes its slots synchronously when it arrives, before its first await (prompt tokenization runs in
+    a thread), so a burst of simultaneous requests cannot all pass one check before any is counted. A slot is
+    given back when its engine request produces the first output (it is running then, not waiting) or when the
+    HTTP request ends, whichever comes first.
+    """
+
+    def __init__(self, max_len: int | None) -> None:
+        self.max_len = max_len
+        # Slots held: engine requests admitted that have not started running.
+        self.num_waiting = 0
+
+    def reserve(self, num: int) -> QueueTicket:
+        max_len = self.max_len
+        if max_len is not None and num > max_len:
+            raise bad_request(
+                f"This request has {num} prompts, more than the server's waiting queue holds ({max_len}, "
+                "--max-queue-len): send fewer prompts per request", param="prompt",
+            )
+        if max_len is not None and self.num_waiting + num > max_len:
+            raise unavailable(
+                f"The server is overloaded: the waiting queue is full ({max_len} requests, --max-queue-len). "
+                "Retry shortly.", "queue_full",
+            )
+        self.num_waiting += num
+        return QueueTicket(self, num)
+
+
+class QueueTicket:
+    """Slots one HTTP request holds in the RequestQueue; release() is idempotent past zero."""
+
+    __slots__ = ("_queue", "num_held")
+
+    def __init__(self, queue: RequestQueue, num: int) -> None:
+        self._queue = queue
+        self.num_held = num
+
+    def release(self, num: int = 1) -> None:
+        num = min(num, self.num_held)
+        self.num_held -= num
+        self._queue.num_waiting -= num
+
+    def release_all(self) -> None:
+        self.release(self.num_held)
 
 
 @dataclass
@@ -71,6 +131,7 @@ class OpenAIServing:
         limiter: RateLimiter,
         metrics: PrometheusStatLogger | None,
         chat_template: str | None = None,
+        request_queue: RequestQueue | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -78,8 +139,15 @@ class OpenAIServing:
         self.limiter = limiter
         self.metrics = metrics
         self.chat_template = chat_template
+        # Shared by every endpoint of one server (one waiting queue).
+        self.request_queue = request_queue if request_queue is not None else RequestQueue(config.max_queue_len)
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
+        # Text longer than this cannot fit max_model_len tokens (each token stands for at most
+        # max_token_chars characters): refused before tokenization.
+        self.max_prompt_chars = self.max_model_len * max_token_chars(self.tokenizer)
+        # Rendering and tokenizing prompts; a few threads, so a burst of long prompts queues here.
+        self._prompt_executor = _prompt_executor()
 
     # ---- checks ---------------------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> str:
@@ -104,16 +172,38 @@ class OpenAIServing:
             raise bad_request(str(e), param=param) from None
 
     # ---- prompts --------------------------------------------------------------------------------------------
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the prompt worker threads (rendering and tokenization stay off the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._prompt_executor, fn, *args)
+
     def token_prompt(self, token_ids: list[int], param: str = "prompt") -> Prompt:
         try:
             self.engine.engine.validate_prompt(token_ids)
         except ValueError as e:
-            raise bad_request(_context_message(str(e)), param=param) from None
+            code = "context_length_exceeded" if len(token_ids) > self.max_model_len else None
+            raise bad_request(_context_message(str(e)), param=param, code=code) from None
         return Prompt(None, token_ids)
 
+    def check_prompt_length(self, text: str, param: str = "prompt") -> None:
+        """Refuse text that cannot fit max_model_len tokens, without tokenizing it."""
+        if len(text) > self.max_prompt_chars:
+            raise bad_request(
+                f"{param} has {len(text)} characters, more than {self.max_model_len} tokens (this model's maximum "
+                f"context length) can hold: shorten the prompt, or raise --max-model-len on the server",
+                param=param, code="context_length_exceeded",
+            )
+
+    def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        """Token ids of text; call from a worker thread (in_thread)."""
+        self.check_prompt_length(text, param)
+        try:
+            return encode_releasing_gil(self.tokenizer, text, add_special_tokens)
+        except (TypeError, ValueError, UnicodeError) as e:  # text the tokenizer cannot encode
+            raise bad_request(f"{param} cannot be tokenized: {e}", param=param) from None
+
     def text_prompt(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> Prompt:
-        token_ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        prompt = self.token_prompt(token_ids, param)
+        """Call from a worker thread (in_thread)."""
+        prompt = self.token_prompt(self.encode(text, add_special_tokens, param), param)
         prompt.text = text
         return prompt
 
@@ -130,6 +220,8 @@ class OpenAIServing:
         reserved = {"messages", "add_generation_prompt", "chat_template", "tools"} & set(template_kwargs or {})
         if reserved:
             raise bad_request(f"chat_template_kwargs may not set {sorted(reserved)}", param="chat_template_kwargs")
+        # The template adds little around the messages: their own text must already fit.
+        self.check_prompt_length("".join(entry["content"] for entry in conversation), "messages")
         try:
             return self.tokenizer.apply_chat_template(
                 conversation, add_generation_prompt=add_generation_prompt, chat_template=self.chat_template,
@@ -140,6 +232,7 @@ class OpenAIServing:
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                     template_kwargs: dict[str, Any] | None = None) -> Prompt:
+        """Call from a worker thread (in_thread)."""
         text = self.render_chat(messages, add_generation_prompt, template_kwargs)
         # The template writes the special tokens itself (as LLM.chat).
         return self.text_prompt(text, add_special_tokens=False, param="messages")
@@ -201,17 +294,42 @@ class OpenAIServing:
             raise bad_request(message, param=message.split(" ", 1)[0].strip("(")) from None
 
     # ---- admission ------------------------------------------------------------------------------------------
-    def admit(self, api_key: ApiKey, feature: str | None, num_tokens: int) -> Reservation:
-        """Queue and rate-limit checks, right before the request goes to the engine."""
+    def reserve_queue(self, ctx: RequestContext, num_requests: int = 1) -> None:
+        """Take num_requests waiting-queue slots (503 queue_full when the queue is full). Call first, before any
+        await; generate() gives each slot back when its engine request starts, the server when the request ends."""
         if not self.engine.is_running:
             raise unavailable("The engine is not running: the server is shutting down or failed.", "engine_dead")
-        max_queue = self.config.max_queue_len
-        if max_queue is not None and self.engine.num_waiting >= max_queue:
-            self._rejected("queue_full")
-            raise unavailable(
-                f"The server is overloaded: the waiting queue is full ({max_queue} requests, --max-queue-len). "
-                "Retry shortly.", "queue_full",
+        try:
+            ticket = self.request_queue.reserve(num_requests)
+        except OpenAIError as e:
+            if e.status == 503:
+                self._rejected("queue_full")
+            raise
+        ctx.queue_ticket = ticket
+        if ctx.raw_request is not None:
+            ctx.raw_request.scope.setdefault("state", {})[QUEUE_TICKET_KEY] = ticket
+
+    def check_num_prompts(self, num_prompts: int, n: int) -> None:
+        """The per-request caps: prompts (--max-prompts-per-request) and choices, n x prompts
+        (--max-choices-per-request)."""
+        max_prompts = self.config.max_prompts_per_request
+        if num_prompts > max_prompts:
+            raise bad_request(
+                f"prompt is a list of {num_prompts} prompts, more than this server takes in one request "
+                f"({max_prompts}, --max-prompts-per-request): split it into several requests", param="prompt",
             )
+        max_choices = self.config.max_choices_per_request
+        if num_prompts * n > max_choices:
+            raise bad_request(
+                f"n={n} for {num_prompts} prompt(s) asks for {num_prompts * n} choices, more than this server "
+                f"generates for one request ({max_choices}, --max-choices-per-request): lower n or send fewer "
+                "prompts", param="n",
+            )
+
+    def admit(self, api_key: ApiKey, feature: str | None, num_tokens: int) -> Reservation:
+        """Rate-limit checks, right before the request goes to the engine (the queue slot is taken earlier)."""
+        if not self.engine.is_running:
+            raise unavailable("The engine is not running: the server is shutting down or failed.", "engine_dead")
         try:
             return self.limiter.acquire(api_key, feature, num_tokens)
         except OpenAIError:
@@ -230,8 +348,9 @@ class OpenAIServing:
             self.tracer.start(request_id, raw.headers if raw is not None else {},
                               operation_name(raw.url.path if raw is not None else ""), self.model_names[0],
                               params.max_tokens, params.temperature, params.top_p)
-        return self.engine.generate(request_id, prompt.engine_input(), params, arrival_time=ctx.arrival_time,
-                                    feature=feature)
+        stream = self.engine.generate(request_id, prompt.engine_input(), params, arrival_time=ctx.arrival_time,
+                                      feature=feature)
+        return _leave_queue_on_start(stream, ctx.queue_ticket) if ctx.queue_ticket is not None else stream
 
     @staticmethod
     def usage(prompts: Sequence[Prompt], outputs: Sequence[RequestOutput | None]) -> UsageInfo:
@@ -240,6 +359,51 @@ class OpenAIServing:
         cached = sum(o.num_cached_tokens for o in outputs if o is not None)
         return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_output, total_tokens=num_prompt + num_output,
                          prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+async def _leave_queue_on_start(stream: AsyncIterator[RequestOutput], ticket: QueueTicket
+                                ) -> AsyncIterator[RequestOutput]:
+    """The engine stream; its waiting-queue slot is given back at the first output (or when it ends)."""
+    released = False
+    try:
+        async for output in stream:
+            if not released:
+                released = True
+                ticket.release()
+            yield output
+    finally:
+        if not released:
+            ticket.release()
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+def _prompt_executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenmill-prompt")
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """An upper bound on the characters one token stands for: the longest token text in the vocabulary (a
+    byte-level BPE token's text has one character per byte, so it bounds the decoded characters too), doubled
+    against normalizers that shorten text, and at least 16."""
+    backend = getattr(tokenizer, "backend", None)
+    longest = 0
+    if backend is not None and hasattr(backend, "get_vocab"):
+        longest = max((len(token) for token in backend.get_vocab(with_added_tokens=True)), default=0)
+    return max(16, 2 * longest)
+
+
+def encode_releasing_gil(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """tokenizer.encode(text), letting other threads (the event loop) run meanwhile.
+
+    The Rust tokenizer's encode() holds the GIL for the whole call, so even in a worker thread a long prompt
+    stalls the event loop; encode_batch() releases it while it works, and gives the same ids.
+    """
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None or not hasattr(backend, "encode_batch"):
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    if not isinstance(text, str):
+        raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+    return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
 
 def _context_message(message: str) -> str:
