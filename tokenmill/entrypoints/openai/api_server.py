@@ -44,12 +44,16 @@ from tokenmill.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from tokenmill.entrypoints.openai.protocol_embeddings import EmbeddingRequest, EmbeddingResponse
+from tokenmill.entrypoints.openai.protocol_responses import ResponsesRequest, ResponsesResponse
 from tokenmill.entrypoints.openai.rate_limit import RateLimiter
 from tokenmill.entrypoints.openai.server_config import ServerConfig
 from tokenmill.entrypoints.openai.serving_chat import OpenAIServingChat
 from tokenmill.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from tokenmill.entrypoints.openai.serving_embeddings import OpenAIServingEmbedding
 from tokenmill.entrypoints.openai.serving_engine import RequestContext
 from tokenmill.entrypoints.openai.serving_models import OpenAIServingModels
+from tokenmill.entrypoints.openai.serving_responses import OpenAIServingResponses
 from tokenmill.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from tokenmill.metrics.loggers import LoggingStatLogger
 from tokenmill.metrics.prometheus import PrometheusStatLogger
@@ -76,6 +80,8 @@ class ServerState:
     chat: OpenAIServingChat | None = None
     tokenization: OpenAIServingTokenization | None = None
     models: OpenAIServingModels | None = None
+    responses: OpenAIServingResponses | None = None
+    embedding: OpenAIServingEmbedding | None = None
     authenticator: Authenticator = field(init=False)
     limiter: RateLimiter = field(init=False)
     metrics: PrometheusStatLogger = field(init=False)
@@ -109,6 +115,8 @@ class ServerState:
         self.chat = OpenAIServingChat(*args)
         self.tokenization = OpenAIServingTokenization(*args)
         self.models = OpenAIServingModels(*args, model_root=str(llm_engine.model_dir))
+        self.responses = OpenAIServingResponses(*args)
+        self.embedding = OpenAIServingEmbedding(*args)
         if self.status == "loading":
             self.status = "ok"
             sizing = llm_engine.core.kv_sizing
@@ -377,6 +385,16 @@ def build_router(state: ServerState) -> APIRouter:
                       "ChatCompletionStreamResponse events)")
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request, x_feature: FeatureHeader = None):
         return respond(await state.chat.create_chat_completion(body, _context(raw, x_feature)))
+
+    @api.post("/v1/responses", response_model=ResponsesResponse, tags=["OpenAI"],
+              summary="Create a model response (Responses API; stream: true answers with its semantic events)")
+    async def create_response(body: ResponsesRequest, raw: Request, x_feature: FeatureHeader = None):
+        return respond(await state.responses.create_response(body, _context(raw, x_feature)))
+
+    @api.post("/v1/embeddings", response_model=EmbeddingResponse, tags=["OpenAI"],
+              summary="Create embeddings: final hidden states pooled as --pooling-type says, L2-normalized")
+    async def create_embedding(body: EmbeddingRequest, raw: Request, x_feature: FeatureHeader = None):
+        return respond(await state.embedding.create_embedding(body, _context(raw, x_feature)))
 
     @api.get("/v1/models", response_model=ModelList, tags=["OpenAI"], summary="List the served model names")
     async def list_models():
