@@ -34,6 +34,18 @@ class EmbeddingRequest(RequestModel):
             "shortened (remove it, or truncate and re-normalize the vectors yourself)"
         )
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_form(cls, value):
+        def is_ids(v) -> bool:
+            return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+        if isinstance(value, str) or is_ids(value) or (isinstance(value, list) and (
+                all(isinstance(v, str) for v in value) or all(is_ids(v) for v in value))):
+            return value
+        raise ValueError("input must be a string, a list of strings, a list of token ids or a list of token-id "
+                         f"lists (not a mix), got {str(value)[:100]}")
+
     @field_validator("input")
     @classmethod
     def _input(cls, value):
