@@ -141,3 +141,16 @@ def test_engine_pooling_type_is_the_default(server_model_dir):
     [output] = llm.embed(TEXTS[0], use_tqdm=False)
     expected = hf_reference(server_model_dir, output.prompt_token_ids, "MEAN")
     torch.testing.assert_close(torch.tensor(output.outputs.embedding), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_pooling_type_flag():
+    from tokenmill.config import EngineConfig
+    from tokenmill.entrypoints.cli import build_parser
+    from tokenmill.entrypoints.generate_cli import engine_kwargs
+
+    args = build_parser().parse_args(["serve", "--pooling-type", "mean"])
+    assert engine_kwargs(args)["pooling_type"] == "MEAN"
+    assert build_parser().parse_args(["serve"]).pooling_type == "LAST"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--pooling-type", "cls"])
+    assert EngineConfig.from_kwargs(pooling_type="mean").model.pooling_type == "MEAN"

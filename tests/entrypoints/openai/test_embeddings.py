@@ -168,3 +168,14 @@ def test_mean_pooling_server(server_model_dir, tmp_path, reference):
         assert_vectors(r.data, [reference(i, "MEAN") for i in ids])
     finally:
         proc.stop()
+
+
+def test_openapi_schema(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert "/v1/embeddings" in schema["paths"] and "/v1/responses" in schema["paths"]
+    embedding = schema["components"]["schemas"]["EmbeddingRequest"]
+    assert embedding["additionalProperties"] is False
+    assert {"input", "encoding_format", "dimensions"} <= set(embedding["properties"])
+    responses = schema["components"]["schemas"]["ResponsesRequest"]["properties"]
+    assert {"input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "metadata"} <= set(
+        responses)

@@ -208,3 +208,14 @@ def test_limits(client):
         client.responses.create(model="no-such-model", input="hi")
     with pytest.raises(openai.AuthenticationError):
         client.with_options(api_key="sk-wrong").responses.create(model=MODEL_NAME, input="hi")
+
+
+def test_closing_the_stream_aborts_the_request(client, server):
+    stream = client.responses.create(model=MODEL_NAME, input=QUESTION, max_output_tokens=400, temperature=0,
+                                     stream=True, extra_body={"ignore_eos": True})
+    for event in stream:
+        if event.type == "response.output_text.delta":
+            break
+    stream.close()
+    # Aborted at once: 400 tokens would keep the engine busy for seconds.
+    assert server.wait_idle(timeout=3)["vllm:num_requests_running"] == 0
