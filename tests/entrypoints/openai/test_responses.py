@@ -210,12 +210,18 @@ def test_limits(client):
         client.with_options(api_key="sk-wrong").responses.create(model=MODEL_NAME, input="hi")
 
 
-def test_closing_the_stream_aborts_the_request(client, server):
+def test_closing_the_stream_aborts_the_request(client, server, server_dir):
+    feature = f"resp-gone-{uuid.uuid4().hex[:8]}"
     stream = client.responses.create(model=MODEL_NAME, input=QUESTION, max_output_tokens=400, temperature=0,
-                                     stream=True, extra_body={"ignore_eos": True})
+                                     stream=True, metadata={"feature": feature}, extra_body={"ignore_eos": True})
     for event in stream:
         if event.type == "response.output_text.delta":
             break
     stream.close()
-    # Aborted at once: 400 tokens would keep the engine busy for seconds.
-    assert server.wait_idle(timeout=3)["vllm:num_requests_running"] == 0
+    server.wait_idle()
+    path = server_dir / "usage.jsonl"
+    deadline = time.monotonic() + 5
+    while not (records := [x for x in map(json.loads, path.read_text().splitlines()) if x["feature"] == feature]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert records[0]["finish_reason"] == "abort" and records[0]["output_tokens"] < 400
