@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from tokenmill.engine.llm_engine import LLMEngine, _Parent
+from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats, StatLogger
 from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
@@ -221,7 +221,8 @@ class AsyncLLMEngine:
             self.abort(request_id, error)
         return len(request_ids)
 
-    def _dispatch(self, outputs: list[RequestOutput | EmbeddingRequestOutput], errors: list[tuple[str, BaseException]]) -> None:
+    def _dispatch(self, outputs: list[RequestOutput | EmbeddingRequestOutput],
+                  errors: list[tuple[str, BaseException]]) -> None:
         """Runs on the event loop: hand one iteration's results to the streams."""
         for output in outputs:
             stream = self._streams.get(output.request_id)
@@ -321,7 +322,7 @@ class AsyncLLMEngine:
         except Exception as e:  # ValueError for a bad prompt; it fails this request alone
             errors.append((command.request_id, e))
             return
-        n = len(parent.children) if isinstance(parent, _Parent) else 0
+        n = parent.num_samples
         self._tracked[command.request_id] = _Tracked(
             parent, command.feature, command.arrival_time, len(parent.prompt_token_ids),
             num_seen=[0] * n, last_token_time=[0.0] * n,

@@ -59,6 +59,10 @@ class _Parent:
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.children)
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.children)
+
     def metrics(self) -> RequestMetrics:
         if len(self.children) == 1:
             return self.children[0].request.metrics.snapshot()
@@ -106,6 +110,10 @@ class _PoolingParent:
     @property
     def finished(self) -> bool:
         return self.embedding is not None
+
+    @property
+    def num_samples(self) -> int:
+        return 0
 
     def output(self, finished: bool | None = None) -> EmbeddingRequestOutput:
         metrics = self.request.metrics.snapshot()
