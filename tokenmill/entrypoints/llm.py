@@ -107,7 +107,7 @@ class LLM:
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
         ):
             return [prompts]  # type: ignore[list-item]
-        return list(prompts)
+        return list(prompts)  # type: ignore[arg-type]
 
     def _tokenize_all(self, prompts: list[PromptType]) -> list[dict]:
         """Every prompt tokenized and validated before any is queued, so one bad prompt leaves nothing

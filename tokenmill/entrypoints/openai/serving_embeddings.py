@@ -64,7 +64,7 @@ class OpenAIServingEmbedding(OpenAIServing):
         outputs: list[EmbeddingRequestOutput | None] = [None] * len(streams)
         try:
             async for index, output in merge_outputs(streams):
-                outputs[index] = output
+                outputs[index] = output  # type: ignore[call-overload]  # the streams are encode()'s
         except Exception as e:
             raise engine_error(e) from None
         assert all(o is not None and o.finished for o in outputs)

@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from tokenmill.entrypoints.openai.errors import OpenAIError
 from tokenmill.entrypoints.openai.protocol import ChatMessage
@@ -97,8 +97,8 @@ class OpenAIServingResponses(OpenAIServing):
         item_id = state.item_id
         where = {"item_id": item_id, "output_index": 0, "content_index": 0}
         try:
-            yield event("response.created", response=state.response("in_progress").model_dump(mode="json"))
-            yield event("response.in_progress", response=state.response("in_progress").model_dump(mode="json"))
+            yield event("response.created", response=state.response(in_progress=True).model_dump(mode="json"))
+            yield event("response.in_progress", response=state.response(in_progress=True).model_dump(mode="json"))
             yield event("response.output_item.added", output_index=0,
                         item=ResponseOutputMessage(id=item_id, status="in_progress").model_dump(mode="json"))
             yield event("response.content_part.added", **where,
@@ -142,13 +142,14 @@ class _State:
         output = self.output
         return len(self.prompt.token_ids) + (len(output.outputs[0].token_ids) if output is not None else 0)
 
-    def response(self, status: str | None = None) -> ResponsesResponse:
+    def response(self, in_progress: bool = False) -> ResponsesResponse:
         """The response object: in progress (no output yet), or from the finished output."""
         request, output = self.request, self.output
         incomplete = None
         items = []
         usage = None
-        if status is None:
+        status: Literal["in_progress", "completed", "incomplete"] = "in_progress"
+        if not in_progress:
             assert output is not None and output.finished
             completion = output.outputs[0]
             cut = completion.finish_reason == "length"
