@@ -184,6 +184,8 @@ UNSUPPORTED = [
      "input", "input_image"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "{}"}]}, "input", "function_call_output"),
     ({"input": []}, "input", "empty"),
+    ({"input": [{"role": "tool", "content": "x"}]}, "input", "role 'tool' is not supported"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input", "needs 'text'"),
     ({"n": 2}, "n", "Unrecognized request argument supplied: n"),
 ]
 

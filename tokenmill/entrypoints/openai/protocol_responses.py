@@ -22,6 +22,7 @@ from tokenmill.entrypoints.openai.protocol import (
     _not_supported,
 )
 
+_ROLES = ("user", "system", "developer", "assistant")
 _ITEM_HINTS = {
     "function_call": "tool calling is not implemented",
     "function_call_output": "tool calling is not implemented",
@@ -48,6 +49,8 @@ class ResponseInputTextPart(RequestModel):
                 f"content part type {value.get('type')!r} is not supported: tokenmill serves text models; send "
                 "{'type': 'input_text', 'text': ...} parts or a string"
             )
+        if isinstance(value, dict) and not isinstance(value.get("text"), str):
+            raise ValueError(f"an {value.get('type')} part needs 'text' (a string)")
         return value
 
 
@@ -68,6 +71,11 @@ class ResponseInputMessage(RequestModel):
             kind = value.get("type")
             hint = _ITEM_HINTS.get(str(kind), "only messages are supported")
             raise ValueError(f"input item type {kind!r} is not supported by tokenmill: {hint}")
+        if isinstance(value, dict) and value.get("role") not in _ROLES:
+            raise ValueError(f"message role {value.get('role')!r} is not supported: use one of "
+                             f"{', '.join(_ROLES)} (tool results need tool calling, which is not implemented)")
+        if isinstance(value, dict) and not isinstance(value.get("content"), str | list):
+            raise ValueError("a message needs content: a string or a list of input_text parts")
         return value
 
     def text(self) -> str:
