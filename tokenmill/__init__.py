@@ -10,10 +10,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tokenmill.entrypoints.llm import LLM
-    from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
+    from tokenmill.outputs import (
+        CompletionOutput,
+        EmbeddingOutput,
+        EmbeddingRequestOutput,
+        Logprob,
+        RequestOutput,
+    )
+    from tokenmill.pooling_params import PoolingParams
     from tokenmill.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "PoolingParams",
+           "EmbeddingRequestOutput", "EmbeddingOutput"]
 __version__ = "0.1.0"
 
 # public name -> module defining it
@@ -23,6 +31,9 @@ _EXPORTS = {
     "RequestOutput": "tokenmill.outputs",
     "CompletionOutput": "tokenmill.outputs",
     "Logprob": "tokenmill.outputs",
+    "PoolingParams": "tokenmill.pooling_params",
+    "EmbeddingRequestOutput": "tokenmill.outputs",
+    "EmbeddingOutput": "tokenmill.outputs",
 }
 
 

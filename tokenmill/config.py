@@ -69,6 +69,9 @@ class ModelConfig:
     chat_template: str | None = None
     # CUDA only: run every step eagerly instead of replaying captured CUDA graphs for decode batches.
     enforce_eager: bool = False
+    # How embedding requests pool the prompt's final hidden states: "LAST" (the last token's, as decoder
+    # embedding models are trained) or "MEAN" (the average over every prompt token); vLLM's pooling_type.
+    pooling_type: str = "LAST"
 
     def validate(self) -> None:
         if str(self.dtype).lower() not in DTYPE_ALIASES:
@@ -83,6 +86,9 @@ class ModelConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
+        from tokenmill.pooling_params import check_pooling_type
+
+        check_pooling_type(self.pooling_type)
 
 
 @dataclass(frozen=True)
@@ -170,11 +176,13 @@ class EngineConfig:
         chat_template: str | None = None,
         enforce_eager: bool = False,
         async_scheduling: bool = False,
+        pooling_type: str = "LAST",
     ) -> EngineConfig:
         """The config from vLLM-named keyword arguments (those of LLM(...) and the serve flags), validated."""
         config = cls(
             model=ModelConfig(model=None if model is None else str(model), dtype=dtype, max_model_len=max_model_len,
-                              seed=seed, device=device, chat_template=chat_template, enforce_eager=enforce_eager),
+                              seed=seed, device=device, chat_template=chat_template, enforce_eager=enforce_eager,
+                              pooling_type=str(pooling_type).upper()),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching),

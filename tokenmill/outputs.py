@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
+
+    from tokenmill.model.pooler import PooledChunk
     from tokenmill.request import Request
 
 
@@ -66,6 +69,31 @@ class RequestOutput:
 
 
 @dataclass
+class EmbeddingOutput:
+    """The pooled vector of one prompt (vLLM's EmbeddingOutput)."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """The result of one pooling request (vLLM's EmbeddingRequestOutput); outputs.embedding is empty until
+    finished."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool
+    prompt: str | None = None
+    metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
 class ScheduledRequest:
     request: Request
     # Tokens computed for this request in this step (a prefill chunk, or 1 for a decode).
@@ -100,6 +128,8 @@ class ModelRunnerOutput:
     sampled: dict[str, SampledToken]
     # request_id -> prompt logprobs computed in this step, in prompt order (for requests asking for them).
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+    # request_id -> this step's pooled chunk of a pooling request.
+    pooled: dict[str, PooledChunk] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,3 +140,5 @@ class EngineCoreOutput:
     new_prompt_logprobs: list[PositionLogprobs] | None
     finish_reason: str | None
     stop_reason: int | str | None
+    # A finished pooling request's vector [hidden_size] (float32, on the host); None for generation.
+    pooled: torch.Tensor | None = None

@@ -7,8 +7,14 @@ import time
 
 import torch
 
+from tokenmill.model.pooler import Pooler
 from tokenmill.outputs import PositionLogprobs, RequestMetrics
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
+
+# A pooling request samples nothing; it carries these so that the scheduler treats it as a request whose one
+# "output" is due when its prefill completes (and the scheduler and runner read no field that is not there).
+POOLING_SAMPLING_PARAMS = SamplingParams(max_tokens=1, temperature=0.0)
 
 
 class RequestStatus(enum.Enum):
@@ -36,6 +42,7 @@ class Request:
         sampling_params: SamplingParams,
         eos_token_ids: frozenset[int] = frozenset(),
         arrival_time: float | None = None,
+        pooling_params: PoolingParams | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -61,6 +68,11 @@ class Request:
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(sampling_params.seed)
+        # A pooling request (prefill only: its prompt's hidden states are pooled into one vector, nothing is
+        # sampled) has a Pooler; a generation request has None.
+        self.pooler: Pooler | None = (
+            Pooler(pooling_params, len(prompt_token_ids)) if pooling_params is not None else None
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -77,6 +89,13 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def needs_every_prompt_position(self) -> bool:
+        """Whether every prompt position must be computed (no prefix-cache hits): prompt logprobs, mean pooling."""
+        return self.sampling_params.prompt_logprobs is not None or (
+            self.pooler is not None and self.pooler.pooling_type == "MEAN"
+        )
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

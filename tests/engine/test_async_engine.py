@@ -107,3 +107,41 @@ def test_streams_abort_and_idle(llm_engine):
     # Every step's time is attributed to the requests in it.
     total = sum(s.gpu_seconds for s in recorder.finished)
     assert total == pytest.approx(recorder.last.busy_seconds, rel=1e-6)
+
+
+def test_encode_and_abort(llm_engine):
+    """encode() yields one finished output with the vector; leaving it early aborts the pooling request."""
+    from tokenmill.outputs import EmbeddingRequestOutput
+    from tokenmill.pooling_params import PoolingParams
+
+    recorder = Recorder()
+    prompt = "Embeddings arrive in one output. " * 6  # 150 tokens
+
+    async def main():
+        engine = AsyncLLMEngine(llm_engine, [recorder])
+        engine.start()
+        try:
+            outputs = [o async for o in engine.encode("e1", prompt, PoolingParams(pooling_type="MEAN"))]
+            assert len(outputs) == 1 and isinstance(outputs[0], EmbeddingRequestOutput) and outputs[0].finished
+            stream = engine.encode("e2", prompt * 3, PoolingParams(pooling_type="MEAN"))
+            task = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await stream.aclose()
+            deadline = time.monotonic() + 5
+            while len(recorder.finished) < 2 or llm_engine.has_unfinished_requests():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            return outputs[0]
+        finally:
+            await asyncio.to_thread(engine.shutdown)
+
+    output = asyncio.run(main())
+    assert len(output.outputs.embedding) == 64
+    assert llm_engine.core.kv_cache_manager.req_to_blocks == {}
+    reasons = {s.request_id: s.finish_reason for s in recorder.finished}
+    assert reasons.get("e1") == "stop"
+    # Accounted once either way (it may have finished before the abort reached the engine thread).
+    assert reasons["e2"] in ("abort", "stop")
+    assert [s.num_generation_tokens for s in recorder.finished] == [0, 0]

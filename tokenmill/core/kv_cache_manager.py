@@ -42,8 +42,8 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of the request's tokens, leaving at least one token to compute."""
-        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
-            # Prompt logprobs need every prompt position computed.
+        if not self.enable_caching or request.needs_every_prompt_position:
+            # Prompt logprobs and mean pooling need every prompt position computed.
             return [], 0
         self._extend_block_hashes(request)
         bs = self.block_size

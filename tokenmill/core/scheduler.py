@@ -172,6 +172,11 @@ class Scheduler:
             request.metrics.compute_seconds += step_seconds * item.num_new_tokens / total_tokens
             if request.is_finished:
                 continue
+            if request.pooler is not None:
+                pooled = self._update_pooling(request, runner_out, now)
+                if pooled is not None:
+                    outputs.append(pooled)
+                continue
             new_prompt_logprobs = runner_out.prompt_logprobs.get(request.request_id)
             if new_prompt_logprobs and request.prompt_logprobs is not None:
                 request.prompt_logprobs.extend(new_prompt_logprobs)
@@ -205,6 +210,26 @@ class Scheduler:
                 )
             )
         return outputs
+
+    def _update_pooling(self, request: Request, runner_out: ModelRunnerOutput, now: float
+                        ) -> EngineCoreOutput | None:
+        """Fold a pooling request's chunk in; once its whole prompt is pooled it finishes with the vector."""
+        pooler = request.pooler
+        assert pooler is not None
+        chunk = runner_out.pooled.get(request.request_id)
+        if chunk is not None:
+            pooler.add(chunk)
+        if not pooler.done:
+            return None
+        self.requests.pop(request.request_id, None)
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:  # preempted while its last chunk was in flight (async scheduling)
+            self.waiting.remove(request)
+        request.metrics.first_token_time = request.metrics.last_token_time = now
+        self._finish(request, RequestStatus.FINISHED_STOPPED)
+        return EngineCoreOutput(request.request_id, [], None, None, RequestStatus.FINISHED_STOPPED.finish_reason,
+                                None, pooled=pooler.result())
 
     def _check_stop(self, request: Request) -> RequestStatus | None:
         params = request.sampling_params

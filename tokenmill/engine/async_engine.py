@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats, StatLogger
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger("tokenmill.async_engine")
@@ -72,7 +73,8 @@ class RequestStream:
 class _Add:
     request_id: str
     prompt: str | dict | list[int]
-    params: SamplingParams
+    # PoolingParams: a pooling (embedding) request.
+    params: SamplingParams | PoolingParams
     arrival_time: float
     feature: str | None
 
@@ -152,7 +154,7 @@ class AsyncLLMEngine:
         so a request is counted from the moment generate() submits it (for admission control)."""
         return sum(1 for stream in self._streams.values() if not stream.started)
 
-    async def generate(
+    def generate(
         self,
         request_id: str,
         prompt: str | dict | list[int],
@@ -166,6 +168,25 @@ class AsyncLLMEngine:
         Closing the iterator early (or cancelling the task reading it) aborts the request. An error raised by
         the engine for this request (e.g. ValueError for a bad prompt) is raised here.
         """
+        return self._submit(request_id, prompt, params, arrival_time, feature)
+
+    def encode(
+        self,
+        request_id: str,
+        prompt: str | dict | list[int],
+        params: PoolingParams,
+        *,
+        arrival_time: float | None = None,
+        feature: str | None = None,
+    ) -> AsyncIterator[EmbeddingRequestOutput]:
+        """Submit a pooling request (vLLM's encode) and yield its one output, finished, with the vector.
+
+        Closing the iterator early aborts the request; errors are raised here as for generate().
+        """
+        return self._submit(request_id, prompt, params, arrival_time, feature)
+
+    async def _submit(self, request_id: str, prompt: str | dict | list[int], params: SamplingParams | PoolingParams,
+                      arrival_time: float | None, feature: str | None) -> AsyncIterator:
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         if request_id in self._streams:
@@ -200,7 +221,8 @@ class AsyncLLMEngine:
             self.abort(request_id, error)
         return len(request_ids)
 
-    def _dispatch(self, outputs: list[RequestOutput], errors: list[tuple[str, BaseException]]) -> None:
+    def _dispatch(self, outputs: list[RequestOutput | EmbeddingRequestOutput],
+                  errors: list[tuple[str, BaseException]]) -> None:
         """Runs on the event loop: hand one iteration's results to the streams."""
         for output in outputs:
             stream = self._streams.get(output.request_id)
@@ -266,7 +288,7 @@ class AsyncLLMEngine:
                 self._add(command, errors)
             else:
                 self._abort(command.request_id, stats)
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput | EmbeddingRequestOutput] = []
         steps_before = self.engine.core.num_steps
         if self.engine.has_unfinished_requests():
             try:
@@ -291,12 +313,16 @@ class AsyncLLMEngine:
 
     def _add(self, command: _Add, errors: list) -> None:
         try:
-            parent = self.engine.add_request(command.request_id, command.prompt, command.params,
-                                             command.arrival_time)
+            if isinstance(command.params, PoolingParams):
+                parent = self.engine.add_pooling_request(command.request_id, command.prompt, command.params,
+                                                         command.arrival_time)
+            else:
+                parent = self.engine.add_request(command.request_id, command.prompt, command.params,
+                                                 command.arrival_time)
         except Exception as e:  # ValueError for a bad prompt; it fails this request alone
             errors.append((command.request_id, e))
             return
-        n = len(parent.children)
+        n = parent.num_samples
         self._tracked[command.request_id] = _Tracked(
             parent, command.feature, command.arrival_time, len(parent.prompt_token_ids),
             num_seen=[0] * n, last_token_time=[0.0] * n,
@@ -309,9 +335,14 @@ class AsyncLLMEngine:
         self.engine.abort_request(request_id)
         stats.finished_requests.append(self._finished_stats(tracked, tracked.parent.output(), "abort", time.time()))
 
-    def _account(self, output: RequestOutput, now: float, stats: IterationStats) -> None:
+    def _account(self, output: RequestOutput | EmbeddingRequestOutput, now: float, stats: IterationStats) -> None:
         tracked = self._tracked.get(output.request_id)
         if tracked is None:
+            return
+        if isinstance(output, EmbeddingRequestOutput):  # one output, finished: its prompt is all it computed
+            del self._tracked[output.request_id]
+            stats.num_prompt_tokens += tracked.num_prompt_tokens
+            stats.finished_requests.append(self._finished_stats(tracked, output, "stop", now))
             return
         for completion in output.outputs:
             i = completion.index
@@ -335,10 +366,11 @@ class AsyncLLMEngine:
             stats.finished_requests.append(self._finished_stats(tracked, output, reason, now))
 
     @staticmethod
-    def _finished_stats(tracked: _Tracked, output: RequestOutput, reason: str, now: float) -> FinishedRequestStats:
+    def _finished_stats(tracked: _Tracked, output: RequestOutput | EmbeddingRequestOutput, reason: str, now: float
+                        ) -> FinishedRequestStats:
         m = output.metrics
         arrival = tracked.arrival_time
-        num_tokens = [len(c.token_ids) for c in output.outputs]
+        num_tokens = [len(c.token_ids) for c in output.outputs] if isinstance(output, RequestOutput) else [0]
         tpot = None
         if m is not None and m.first_token_time is not None and m.last_token_time is not None and max(num_tokens) > 1:
             tpot = (m.last_token_time - m.first_token_time) / (max(num_tokens) - 1)

@@ -13,12 +13,15 @@ from tokenmill.model.default_model import prepare_model
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.outputs import (
     CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
     EngineCoreOutput,
     PositionLogprobs,
     RequestMetrics,
     RequestOutput,
 )
-from tokenmill.request import Request, RequestStatus
+from tokenmill.pooling_params import PoolingParams
+from tokenmill.request import POOLING_SAMPLING_PARAMS, Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -56,6 +59,10 @@ class _Parent:
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.children)
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.children)
+
     def metrics(self) -> RequestMetrics:
         if len(self.children) == 1:
             return self.children[0].request.metrics.snapshot()
@@ -90,6 +97,33 @@ class _Parent:
         )
 
 
+@dataclass
+class _PoolingParent:
+    """A pooling request: one engine request, no sampling, one vector at the end."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    request: Request
+    embedding: list[float] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.embedding is not None
+
+    @property
+    def num_samples(self) -> int:
+        return 0
+
+    def output(self, finished: bool | None = None) -> EmbeddingRequestOutput:
+        metrics = self.request.metrics.snapshot()
+        return EmbeddingRequestOutput(
+            request_id=self.request_id, outputs=EmbeddingOutput(list(self.embedding or [])),
+            prompt_token_ids=self.prompt_token_ids, finished=self.finished if finished is None else finished,
+            prompt=self.prompt, metrics=metrics, num_cached_tokens=metrics.num_cached_tokens,
+        )
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
         config.validate()
@@ -104,6 +138,9 @@ class LLMEngine:
         self.parents: dict[str, _Parent] = {}
         # child (engine) request_id -> (parent, child).
         self.children: dict[str, tuple[_Parent, _Child]] = {}
+        # request_id -> pooling request state.
+        self.pooling: dict[str, _PoolingParent] = {}
+        self.pooling_type = config.model.pooling_type
         self._counter = itertools.count()
 
     def next_request_id(self) -> str:
@@ -157,9 +194,27 @@ class LLMEngine:
             self.core.add_request(child.request)
         return parent
 
+    def add_pooling_request(self, request_id: str, prompt: str | dict | list[int], params: PoolingParams,
+                            arrival_time: float | None = None) -> _PoolingParent:
+        """A prefill-only request whose prompt's hidden states are pooled into one vector (LLM.embed)."""
+        if request_id in self.parents or request_id in self.pooling:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        self.validate_prompt(token_ids)
+        if params.pooling_type is None:
+            params = PoolingParams(pooling_type=self.pooling_type, normalize=params.normalize)
+        request = Request(request_id, token_ids, POOLING_SAMPLING_PARAMS, arrival_time=arrival_time,
+                          pooling_params=params)
+        parent = self.pooling[request_id] = _PoolingParent(request_id, text, token_ids, request)
+        self.core.add_request(request)
+        return parent
+
     def abort_request(self, request_ids: str | list[str]) -> None:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
+        pooling = [r for r in request_ids if self.pooling.pop(r, None) is not None]
+        if pooling:
+            self.core.abort_requests(pooling)
         for request_id in request_ids:
             parent = self.parents.pop(request_id, None)
             if parent is None:
@@ -170,21 +225,27 @@ class LLMEngine:
                 self.children.pop(child_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.parents)
+        return bool(self.parents or self.pooling)
 
     # ---- output ---------------------------------------------------------------------------------------
-    def step(self, final_only: bool = False) -> list[RequestOutput]:
+    def step(self, final_only: bool = False) -> list[RequestOutput | EmbeddingRequestOutput]:
         """Run one engine step; returns the current output of every request that changed (finished ones last
-        time they appear), or with final_only only those that finished (the offline API needs no more)."""
+        time they appear), or with final_only only those that finished (the offline API needs no more).
+        A pooling request appears once, finished."""
         changed: dict[str, _Parent] = {}
+        pooled: list[EmbeddingRequestOutput] = []
         for out in self.core.step():
             entry = self.children.get(out.request_id)
             if entry is None:
+                pooling = self.pooling.pop(out.request_id, None)
+                if pooling is not None and out.pooled is not None:
+                    pooling.embedding = out.pooled.tolist()
+                    pooled.append(pooling.output())
                 continue
             parent, child = entry
             self._apply(parent, child, out)
             changed[parent.request_id] = parent
-        results = []
+        results: list[RequestOutput | EmbeddingRequestOutput] = []
         for parent in changed.values():
             finished = parent.finished
             if finished or not final_only:
@@ -193,7 +254,7 @@ class LLMEngine:
                 del self.parents[parent.request_id]
                 for child in parent.children:
                     self.children.pop(child.request.request_id, None)
-        return results
+        return results + pooled
 
     def _apply(self, parent: _Parent, child: _Child, out: EngineCoreOutput) -> None:
         if out.new_prompt_logprobs and child.index == 0 and parent.prompt_logprobs is not None:

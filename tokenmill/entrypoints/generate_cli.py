@@ -33,6 +33,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--async-scheduling", action="store_true",
                         help="launch each step before the previous one's tokens reach the host, hiding the "
                              "scheduling and output work behind the GPU's (one wasted token per stop)")
+    parser.add_argument("--pooling-type", default="LAST", type=str.upper, choices=["LAST", "MEAN"],
+                        help="how /v1/embeddings pools the prompt's final hidden states: the last token's, or "
+                             "their mean (vectors are L2-normalized)")
     parser.add_argument("--chat-template", default=None,
                         help="Jinja chat template (a file path or the template text) overriding the model's")
 
@@ -53,6 +56,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, device=args.device,
         tensor_parallel_size=args.tensor_parallel_size, chat_template=chat_template,
         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+        pooling_type=args.pooling_type,
     )
 
 

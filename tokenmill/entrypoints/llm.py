@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 PromptType = str | dict | list[int]
@@ -40,6 +41,7 @@ class LLM:
         chat_template: str | None = None,
         enforce_eager: bool = False,
         async_scheduling: bool = False,
+        pooling_type: str = "LAST",
         show_progress: bool = True,
     ) -> None:
         config = EngineConfig.from_kwargs(
@@ -48,7 +50,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, kv_cache_memory=kv_cache_memory,
             gpu_memory_utilization=gpu_memory_utilization, seed=seed, device=device,
             tensor_parallel_size=tensor_parallel_size, chat_template=chat_template, enforce_eager=enforce_eager,
-            async_scheduling=async_scheduling,
+            async_scheduling=async_scheduling, pooling_type=pooling_type,
         )
         self.llm_engine = LLMEngine(config, show_progress=show_progress)
 
@@ -62,19 +64,10 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in the order given; all prompts are batched together."""
-        if isinstance(prompts, str | dict) or (
-            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
-        ):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = self._prompt_list(prompts)
         params_list = self._params_list(sampling_params, len(prompts))
         engine = self.llm_engine
-        # Validate every prompt before any is queued, so one bad prompt leaves nothing half-submitted.
-        tokenized = []
-        for prompt in prompts:
-            text, ids = engine.tokenize_prompt(prompt)
-            engine.validate_prompt(ids)
-            tokenized.append({"prompt": text, "prompt_token_ids": ids})
+        tokenized = self._tokenize_all(prompts)
         ids = []
         now = time.time()
         for prompt, params in zip(tokenized, params_list, strict=True):
@@ -82,6 +75,50 @@ class LLM:
             engine.add_request(request_id, prompt, params, arrival_time=now)
             ids.append(request_id)
         return self._run(ids, use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt, in the order given (vLLM's LLM.embed): the prompt's final normed hidden
+        states pooled as pooling_type says (the engine's --pooling-type by default) and L2-normalized."""
+        prompts = self._prompt_list(prompts)
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params_list = [pooling_params or PoolingParams()] * len(prompts)
+        else:
+            params_list = list(pooling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} pooling_params for {len(prompts)} prompts: pass one, "
+                                 "or one per prompt")
+        engine = self.llm_engine
+        tokenized = self._tokenize_all(prompts)
+        ids = []
+        now = time.time()
+        for prompt, params in zip(tokenized, params_list, strict=True):
+            request_id = engine.next_request_id()
+            engine.add_pooling_request(request_id, prompt, params, arrival_time=now)
+            ids.append(request_id)
+        return self._run(ids, use_tqdm)
+
+    def _prompt_list(self, prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+        if isinstance(prompts, str | dict) or (
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            return [prompts]  # type: ignore[list-item]
+        return list(prompts)  # type: ignore[arg-type]
+
+    def _tokenize_all(self, prompts: list[PromptType]) -> list[dict]:
+        """Every prompt tokenized and validated before any is queued, so one bad prompt leaves nothing
+        half-submitted."""
+        engine = self.llm_engine
+        tokenized = []
+        for prompt in prompts:
+            text, ids = engine.tokenize_prompt(prompt)
+            engine.validate_prompt(ids)
+            tokenized.append({"prompt": text, "prompt_token_ids": ids})
+        return tokenized
 
     def chat(
         self,
@@ -118,10 +155,11 @@ class LLM:
             )
         return params
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[Any]:
+        """The finished outputs (RequestOutput, or EmbeddingRequestOutput for pooling) in request order."""
         engine = self.llm_engine
         wanted = set(request_ids)
-        finished: dict[str, RequestOutput] = {}
+        finished: dict[str, Any] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", unit="req", disable=not use_tqdm)
         num_output_tokens = 0
         start = time.perf_counter()
@@ -130,7 +168,8 @@ class LLM:
                 for output in engine.step(final_only=True):
                     if output.finished and output.request_id in wanted:
                         finished[output.request_id] = output
-                        num_output_tokens += sum(len(o.token_ids) for o in output.outputs)
+                        if isinstance(output, RequestOutput):
+                            num_output_tokens += sum(len(o.token_ids) for o in output.outputs)
                         bar.update(1)
                         bar.set_postfix_str(f"{num_output_tokens / (time.perf_counter() - start):.1f} output tok/s")
         except BaseException:

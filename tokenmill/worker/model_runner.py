@@ -16,6 +16,7 @@ import torch
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.model.pooler import pool_chunk
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.request import Request
 from tokenmill.sample.sampler import Sampler, SamplerOutput, top_logprobs
@@ -136,6 +137,13 @@ class ModelRunner:
         out = ModelRunnerOutput(sampled={})
         for i, item in enumerate(sched.scheduled):
             request = item.request
+            if request.pooler is not None:  # prefill only: pooled, never sampled
+                first = meta.query_start_loc_list[i]
+                out.pooled[request.request_id] = pool_chunk(
+                    hidden[first : first + item.num_new_tokens], request.pooler.pooling_type,
+                    request.num_preemptions, request.num_computed_tokens, request.num_prompt_tokens,
+                )
+                continue
             if item.samples:
                 sample_rows.append(meta.query_start_loc_list[i + 1] - 1)
                 sample_requests.append(request)

@@ -57,7 +57,7 @@ CASES = [
      "response_format", "not supported"),
     ("chat-max-tokens-zero", "POST", CHAT, {"messages": USER, "max_completion_tokens": 0}, 400,
      "max_completion_tokens", ""),
-    ("unknown-route", "POST", "/v1/embeddings", {"input": "x"}, 404, None, "does not exist"),
+    ("unknown-route", "POST", "/v1/audio/speech", {"input": "x"}, 404, None, "does not exist"),
     ("wrong-method", "GET", CMPL, None, 405, None, "not allowed"),
     ("detokenize-negative-id", "POST", "/detokenize", {"tokens": [5, -1]}, 400, "tokens.[1]", "greater than or equal to 0"),
     ("detokenize-out-of-vocab", "POST", "/detokenize", {"tokens": [10**9]}, 400, "tokens", "vocabulary"),

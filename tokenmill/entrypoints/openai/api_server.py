@@ -61,12 +61,16 @@ from tokenmill.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from tokenmill.entrypoints.openai.protocol_embeddings import EmbeddingRequest, EmbeddingResponse
+from tokenmill.entrypoints.openai.protocol_responses import ResponsesRequest, ResponsesResponse
 from tokenmill.entrypoints.openai.rate_limit import RateLimiter
 from tokenmill.entrypoints.openai.server_config import ServerConfig, default_max_request_body_bytes
 from tokenmill.entrypoints.openai.serving_chat import OpenAIServingChat
 from tokenmill.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from tokenmill.entrypoints.openai.serving_embeddings import OpenAIServingEmbedding
 from tokenmill.entrypoints.openai.serving_engine import QUEUE_TICKET_KEY, RequestContext, RequestQueue
 from tokenmill.entrypoints.openai.serving_models import OpenAIServingModels
+from tokenmill.entrypoints.openai.serving_responses import OpenAIServingResponses
 from tokenmill.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from tokenmill.metrics.loggers import LoggingStatLogger
 from tokenmill.metrics.prometheus import PrometheusStatLogger
@@ -101,6 +105,8 @@ class ServerState:
     chat: OpenAIServingChat | None = None
     tokenization: OpenAIServingTokenization | None = None
     models: OpenAIServingModels | None = None
+    responses: OpenAIServingResponses | None = None
+    embedding: OpenAIServingEmbedding | None = None
     authenticator: Authenticator = field(init=False)
     limiter: RateLimiter = field(init=False)
     metrics: PrometheusStatLogger = field(init=False)
@@ -157,6 +163,8 @@ class ServerState:
         self.tokenization = OpenAIServingTokenization(*args)
         # The model as the user named it (as vLLM's root), never the converted copy in the cache.
         self.models = OpenAIServingModels(*args, model_root=self.engine_config.model.model or DEFAULT_MODEL_NAME)
+        self.responses = OpenAIServingResponses(*args)
+        self.embedding = OpenAIServingEmbedding(*args)
         if self.status == ServerStatus.LOADING:
             self.status = ServerStatus.OK
             sizing = llm_engine.core.kv_sizing
@@ -567,6 +575,16 @@ def build_router(state: ServerState) -> APIRouter:
                       "ChatCompletionStreamResponse events)")
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request, x_feature: FeatureHeader = None):
         return respond(await state.chat.create_chat_completion(body, _context(raw, x_feature)))
+
+    @api.post("/v1/responses", response_model=ResponsesResponse, tags=["OpenAI"],
+              summary="Create a model response (Responses API; stream: true answers with its semantic events)")
+    async def create_response(body: ResponsesRequest, raw: Request, x_feature: FeatureHeader = None):
+        return respond(await state.responses.create_response(body, _context(raw, x_feature)))
+
+    @api.post("/v1/embeddings", response_model=EmbeddingResponse, tags=["OpenAI"],
+              summary="Create embeddings: final hidden states pooled as --pooling-type says, L2-normalized")
+    async def create_embedding(body: EmbeddingRequest, raw: Request, x_feature: FeatureHeader = None):
+        return respond(await state.embedding.create_embedding(body, _context(raw, x_feature)))
 
     @api.get("/v1/models", response_model=ModelList, tags=["OpenAI"], summary="List the served model names")
     async def list_models():

@@ -1,0 +1,181 @@
+"""/v1/embeddings through a real `tokenmill serve`, with the openai SDK; vectors against transformers."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import uuid
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.entrypoints.openai.conftest import (
+    API_KEY,
+    MAX_MODEL_LEN,
+    MODEL_NAME,
+    ServerProcess,
+    assert_openai_error,
+)
+from tokenmill import SamplingParams
+
+TEXTS = ["Paged attention stores keys", "The quick brown fox jumps over the lazy dog. " * 6]
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(server_model_dir):
+    """(token ids of a text, pooled and normalized final hidden states) from transformers."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(server_model_dir, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(server_model_dir)
+
+    def embed(value: str | list[int], pooling_type: str = "LAST") -> np.ndarray:
+        ids = tokenizer(value)["input_ids"] if isinstance(value, str) else value
+        with torch.no_grad():
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+        pooled = hidden[-1] if pooling_type == "LAST" else hidden.mean(dim=0)
+        return F.normalize(pooled, dim=-1).numpy()
+
+    embed.num_tokens = lambda text: len(tokenizer(text)["input_ids"])
+    return embed
+
+
+def assert_vectors(data, expected: list[np.ndarray]) -> None:
+    assert [d.index for d in data] == list(range(len(expected)))
+    for d, want in zip(data, expected, strict=True):
+        got = np.asarray(d.embedding, dtype=np.float32)
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+        assert np.linalg.norm(got) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_string_and_list_inputs(client, reference):
+    r = client.embeddings.create(model=MODEL_NAME, input=TEXTS[0], encoding_format="float")
+    assert r.object == "list" and r.model == MODEL_NAME and r.data[0].object == "embedding"
+    assert_vectors(r.data, [reference(TEXTS[0])])
+    assert r.usage.prompt_tokens == r.usage.total_tokens == reference.num_tokens(TEXTS[0])
+    r = client.embeddings.create(model=MODEL_NAME, input=TEXTS, encoding_format="float")
+    assert_vectors(r.data, [reference(t) for t in TEXTS])
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(map(reference.num_tokens, TEXTS))
+
+
+def test_token_id_inputs(client, reference):
+    ids = [[5, 17, 42, 99, 7], list(range(10, 80))]
+    r = client.embeddings.create(model=MODEL_NAME, input=ids[0], encoding_format="float")
+    assert_vectors(r.data, [reference(ids[0])])
+    r = client.embeddings.create(model=MODEL_NAME, input=ids, encoding_format="float")
+    assert_vectors(r.data, [reference(i) for i in ids])
+    assert r.usage.prompt_tokens == 75
+
+
+def test_base64_equals_float(client, server, auth_headers):
+    floats = client.embeddings.create(model=MODEL_NAME, input=TEXTS, encoding_format="float")
+    # The SDK asks for base64 by default and decodes it.
+    decoded = client.embeddings.create(model=MODEL_NAME, input=TEXTS)
+    for a, b in zip(floats.data, decoded.data, strict=True):
+        assert list(np.asarray(a.embedding, dtype=np.float32)) == list(np.asarray(b.embedding, dtype=np.float32))
+    raw = httpx.post(server.base_url + "/embeddings", headers=auth_headers, timeout=30,
+                     json={"input": TEXTS, "encoding_format": "base64"}).json()
+    for item, want in zip(raw["data"], floats.data, strict=True):
+        assert isinstance(item["embedding"], str)
+        vector = np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4")
+        np.testing.assert_array_equal(vector, np.asarray(want.embedding, dtype=np.float32))
+
+
+def test_embeddings_beside_a_running_generation(client, server, offline_llm, reference):
+    """A pooling request joins the batch of a generation in flight; both come out as they would alone."""
+    prompt = "Generation keeps going while embeddings are computed"
+    expected = offline_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                                    use_tqdm=False)[0].outputs[0].text
+    result = {}
+
+    def generate():
+        stream = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=40, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        result["text"] = "".join(chunk.choices[0].text for chunk in stream)
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        vectors = [client.embeddings.create(model=MODEL_NAME, input=TEXTS, encoding_format="float")
+                   for _ in range(3)]
+    finally:
+        thread.join(60)
+    for r in vectors:
+        assert_vectors(r.data, [reference(t) for t in TEXTS])
+    assert result["text"] == expected
+    assert server.wait_idle()["vllm:num_requests_running"] == 0
+
+
+def test_feature_metering(client, server, server_dir):
+    feature = f"embed-{uuid.uuid4().hex[:8]}"
+    r = client.embeddings.create(model=MODEL_NAME, input=TEXTS, extra_headers={"X-Feature": feature})
+    server.wait_idle()
+    path = server_dir / "usage.jsonl"
+    deadline = time.monotonic() + 5
+    while len(records := [x for x in map(json.loads, path.read_text().splitlines())
+                          if x["feature"] == feature]) < 2:
+        assert time.monotonic() < deadline, records
+        time.sleep(0.05)
+    assert sum(x["input_tokens"] for x in records) == r.usage.prompt_tokens
+    assert all(x["output_tokens"] == 0 and x["gpu_seconds"] > 0 for x in records)
+
+
+@pytest.mark.parametrize(("body", "param", "code", "words"), [
+    ({"input": "hi", "dimensions": 8}, "dimensions", None, "dimensions is not supported"),
+    ({"input": ""}, "input", None, "empty"),
+    ({"input": []}, "input", None, "empty"),
+    ({"input": ["a", ""]}, "input", None, "empty"),
+    ({"input": "hi", "encoding_format": "int8"}, "encoding_format", None, "float"),
+    ({"input": "word " * (MAX_MODEL_LEN + 10)}, "input", "context_length_exceeded", "maximum context length"),
+    ({"input": ["ok", [1] * 3, "x"]}, "input", None, "a list of strings, a list of token ids"),
+    ({"input": 5}, "input", None, "a list of strings, a list of token ids"),
+    ({"input": ["ok", "word " * (MAX_MODEL_LEN + 10)]}, "input[1]", "context_length_exceeded", "input[1]"),
+    ({"input": [5, 10**6]}, "input", None, "vocabulary"),
+    ({"input": "hi", "model": "nope"}, "model", "model_not_found", "does not exist"),
+    ({"input": "hi", "truncate_prompt_tokens": 4}, "truncate_prompt_tokens", None, "Unrecognized"),
+])
+def test_bad_requests(server, auth_headers, body, param, code, words):
+    response = httpx.post(server.base_url + "/embeddings", headers=auth_headers, json=body, timeout=30)
+    error = assert_openai_error(response)
+    assert error["param"] == param and error["code"] == (code or error["code"]), error
+    assert words in error["message"], error
+
+
+@pytest.mark.slow
+def test_mean_pooling_server(server_model_dir, tmp_path, reference):
+    proc = ServerProcess([str(server_model_dir), "--dtype", "float32", "--kv-cache-memory", "16MiB",
+                          "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", MODEL_NAME,
+                          "--pooling-type", "mean", "--max-num-batched-tokens", "32"], tmp_path / "server.log")
+    try:
+        proc.wait_ready()
+        client = openai.OpenAI(base_url=proc.base_url, api_key="unused", max_retries=0, timeout=60)
+        r = client.embeddings.create(model=MODEL_NAME, input=TEXTS)
+        assert_vectors(r.data, [reference(t, "MEAN") for t in TEXTS])
+        ids = [list(range(10, 80)), [5, 6, 7]]
+        r = client.embeddings.create(model=MODEL_NAME, input=ids)
+        assert_vectors(r.data, [reference(i, "MEAN") for i in ids])
+    finally:
+        proc.stop()
+
+
+def test_openapi_schema(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert "/v1/embeddings" in schema["paths"] and "/v1/responses" in schema["paths"]
+    embedding = schema["components"]["schemas"]["EmbeddingRequest"]
+    assert embedding["additionalProperties"] is False
+    assert {"input", "encoding_format", "dimensions"} <= set(embedding["properties"])
+    responses = schema["components"]["schemas"]["ResponsesRequest"]["properties"]
+    assert {"input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "metadata"} <= set(
+        responses)

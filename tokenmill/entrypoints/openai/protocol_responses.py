@@ -1,0 +1,308 @@
+"""Pydantic models of POST /v1/responses, OpenAI's Responses API, as far as a text model serves it.
+
+Text or message input, instructions, sampling, max_output_tokens, metadata and streaming with the API's
+semantic events are supported. Tools, structured output (text.format), reasoning, stored responses
+(store, previous_response_id, conversation, background) and non-text content are declared where OpenAI has
+them and refused with a 400 that names the parameter, unless left at a neutral value.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from tokenmill.entrypoints.openai.protocol import (
+    Metadata,
+    Penalty,
+    Probability,
+    RequestModel,
+    ResponseModel,
+    _not_supported,
+)
+
+_ROLES = ("user", "system", "developer", "assistant")
+_ITEM_HINTS = {
+    "function_call": "tool calling is not implemented",
+    "function_call_output": "tool calling is not implemented",
+    "reasoning": "reasoning items are not supported",
+    "item_reference": "stored items cannot be referenced: responses are not stored",
+}
+
+
+# ---- request ---------------------------------------------------------------------------------------------------
+class ResponseInputTextPart(RequestModel):
+    """A text content part: input_text, or output_text replayed from an earlier response's output."""
+
+    type: Literal["input_text", "output_text"]
+    text: str
+    # Carried by output_text parts copied from an earlier response; not used.
+    annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, value):
+        if isinstance(value, dict) and value.get("type") not in ("input_text", "output_text"):
+            raise ValueError(
+                f"content part type {value.get('type')!r} is not supported: tokenmill serves text models; send "
+                "{'type': 'input_text', 'text': ...} parts or a string"
+            )
+        if isinstance(value, dict) and not isinstance(value.get("text"), str):
+            raise ValueError(f"an {value.get('type')} part needs 'text' (a string)")
+        return value
+
+
+class ResponseInputMessage(RequestModel):
+    """A message of the conversation (EasyInputMessage, or a message item with type 'message')."""
+
+    type: Literal["message"] | None = None
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[ResponseInputTextPart]
+    # Present on items copied from an earlier response's output; not used.
+    id: str | None = None
+    status: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _messages_only(cls, value):
+        if isinstance(value, dict) and value.get("type", "message") != "message":
+            kind = value.get("type")
+            hint = _ITEM_HINTS.get(str(kind), "only messages are supported")
+            raise ValueError(f"input item type {kind!r} is not supported by tokenmill: {hint}")
+        if isinstance(value, dict) and value.get("role") not in _ROLES:
+            raise ValueError(f"message role {value.get('role')!r} is not supported: use one of "
+                             f"{', '.join(_ROLES)} (tool results need tool calling, which is not implemented)")
+        if isinstance(value, dict) and not isinstance(value.get("content"), str | list):
+            raise ValueError("a message needs content: a string or a list of input_text parts")
+        return value
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseTextFormat(RequestModel):
+    type: Literal["text"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, value):
+        if isinstance(value, dict) and value.get("type") != "text":
+            raise ValueError(
+                f"text.format type {value.get('type')!r} is not supported by tokenmill yet (structured outputs "
+                "are not implemented): remove text.format or send {'type': 'text'}"
+            )
+        return value
+
+
+class ResponseTextConfig(RequestModel):
+    format: ResponseTextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+    @field_validator("verbosity")
+    @classmethod
+    def _verbosity(cls, value):
+        return _not_supported("text.verbosity", value, ("medium",), "remove it")
+
+
+class ResponsesRequest(RequestModel):
+    model: str | None = Field(None, description="A served model name; omitted: the server's model.")
+    input: str | list[ResponseInputMessage] = Field(
+        description="Text (one user message), or a list of messages with roles user, system, developer or "
+                    "assistant and content as a string or input_text parts."
+    )
+    instructions: str | None = Field(None, description="A system message put before the input.")
+    max_output_tokens: int | None = Field(None, ge=1, description="Most tokens to generate; cut: status incomplete.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy. Default 1.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool | None = False
+    metadata: Metadata | None = Field(
+        None, description="Free key/value pairs, echoed; metadata.feature tags the request for rate limits and cost "
+                          "metering."
+    )
+    user: str | None = Field(None, description="An end-user id; accepted and not used.")
+    safety_identifier: str | None = Field(None, description="An end-user id; accepted and not used.")
+    text: ResponseTextConfig | None = Field(None, description="Only {'format': {'type': 'text'}}.")
+    store: bool | None = Field(None, description="Only false: responses are not stored.")
+    truncation: Literal["auto", "disabled"] | None = Field(None, description="Only 'disabled'.")
+    tools: Any = Field(None, description="Not supported (rejected unless null or []).")
+    tool_choice: Any = Field(None, description="Only 'none' or 'auto' (there are no tools).")
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: Any = Field(None, description="Not supported.")
+    previous_response_id: Any = Field(None, description="Not supported: responses are not stored.")
+    conversation: Any = Field(None, description="Not supported: conversations are not stored.")
+    background: bool | None = Field(None, description="Only false.")
+    reasoning: Any = Field(None, description="Not supported (rejected unless null or {}).")
+    include: Any = Field(None, description="Not supported (rejected unless null or []).")
+    top_logprobs: Any = Field(None, description="Not supported (rejected unless null or 0).")
+    stream_options: Any = Field(None, description="Not supported (rejected unless null or {}).")
+    prompt: Any = Field(None, description="Not supported: there are no stored prompt templates.")
+    prompt_cache_key: Any = Field(None, description="Not supported: prefix caching is automatic.")
+    service_tier: Any = Field(None, description="Only 'auto' or 'default'.")
+    # vLLM's extra sampling parameters (as on /v1/chat/completions).
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: str | list[str] | None = Field(None, description="vLLM extra: strings that end the output.")
+    top_k: int | None = Field(None, ge=-1, description="vLLM extra: keep the k most likely tokens; -1 or 0 = off.")
+    min_p: Probability | None = Field(None, description="vLLM extra: drop tokens below min_p x the top probability.")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="vLLM extra; 1 = off.")
+    min_tokens: int | None = Field(None, ge=0, description="vLLM extra: tokens generated before EOS/stop may end.")
+    ignore_eos: bool | None = Field(None, description="vLLM extra: keep generating after EOS.")
+    stop_token_ids: list[int] | None = Field(None, description="vLLM extra: token ids that end the output.")
+    skip_special_tokens: bool | None = Field(None, description="vLLM extra: drop special tokens from the text.")
+    include_stop_str_in_output: bool | None = Field(None, description="vLLM extra: keep the stop string.")
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("input must not be an empty list")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        stops = [value] if isinstance(value, str) else value or []
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value):
+        return _not_supported("store", value, (False,), "responses are not stored; send store=false or omit it")
+
+    @field_validator("background")
+    @classmethod
+    def _background(cls, value):
+        return _not_supported("background", value, (False,), "responses run in the foreground only")
+
+    @field_validator("truncation")
+    @classmethod
+    def _truncation(cls, value):
+        return _not_supported("truncation", value, ("disabled",),
+                              "input is never truncated; shorten it to fit the context")
+
+    @field_validator("tools", "include")
+    @classmethod
+    def _empty_lists(cls, value, info):
+        hint = "tool calling is not implemented" if info.field_name == "tools" else "remove it"
+        return _not_supported(info.field_name, value, ([],), hint)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, value):
+        return _not_supported("tool_choice", value, ("none", "auto"), "tool calling is not implemented")
+
+    @field_validator("reasoning", "stream_options")
+    @classmethod
+    def _empty_objects(cls, value, info):
+        hint = "tokenmill runs no reasoning models" if info.field_name == "reasoning" else "remove it"
+        return _not_supported(info.field_name, value, ({},), hint)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, value):
+        return _not_supported("top_logprobs", value, (0,), "use /v1/chat/completions with logprobs")
+
+    @field_validator("previous_response_id", "conversation")
+    @classmethod
+    def _stored(cls, value, info):
+        return _not_supported(info.field_name, value, (), "responses are not stored; send the whole conversation "
+                              "in input")
+
+    @field_validator("max_tool_calls", "prompt", "prompt_cache_key")
+    @classmethod
+    def _unsupported(cls, value, info):
+        return _not_supported(info.field_name, value, (), "remove it")
+
+    @field_validator("service_tier")
+    @classmethod
+    def _service_tier(cls, value):
+        return _not_supported("service_tier", value, ("auto", "default"), "there is one tier")
+
+    # The shared sampling-parameter builder reads these.
+    @property
+    def n(self) -> int:
+        return 1
+
+    @property
+    def feature(self) -> str | None:
+        return (self.metadata or {}).get("feature")
+
+
+# ---- response --------------------------------------------------------------------------------------------------
+class ResponseOutputText(ResponseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class ResponseOutputMessage(ResponseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] = "assistant"
+    content: list[ResponseOutputText] = Field(default_factory=list)
+
+
+class ResponseInputTokensDetails(ResponseModel):
+    cached_tokens: int = 0
+
+
+class ResponseOutputTokensDetails(ResponseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(ResponseModel):
+    input_tokens: int
+    input_tokens_details: ResponseInputTokensDetails
+    output_tokens: int
+    output_tokens_details: ResponseOutputTokensDetails = Field(default_factory=ResponseOutputTokensDetails)
+    total_tokens: int
+
+
+class IncompleteDetails(ResponseModel):
+    reason: Literal["max_output_tokens", "content_filter"]
+
+
+class ResponseError(ResponseModel):
+    code: str
+    message: str
+
+
+class ResponsesResponse(ResponseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int = Field(default_factory=lambda: int(time.time()))
+    status: Literal["completed", "failed", "in_progress", "incomplete"]
+    error: ResponseError | None = None
+    incomplete_details: IncompleteDetails | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    model: str
+    output: list[ResponseOutputMessage] = Field(default_factory=list)
+    parallel_tool_calls: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    tool_choice: Literal["none", "auto"] = "none"
+    tools: list[Any] = Field(default_factory=list)
+    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
+    truncation: Literal["disabled"] = "disabled"
+    metadata: dict[str, str] = Field(default_factory=dict)
+    store: bool = False
+    background: bool = False
+    previous_response_id: None = None
+    reasoning: None = None
+    service_tier: Literal["default"] = "default"
+    user: str | None = None
+    usage: ResponseUsage | None = None
+
+    @property
+    def output_text(self) -> str:
+        return "".join(part.text for item in self.output for part in item.content)
