@@ -33,6 +33,8 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
+from tokenmill.model.tokenizer import byte_level_alphabet
+
 SUPPORTED_ARCHITECTURES = ("llama",)
 
 # Tensor types this converter reads. Others (Q5_K, IQ*, ...) would need their own test coverage first.
@@ -607,7 +609,7 @@ def _build_tokenizer(
         )
 
     named_ids = {special_ids[name] for name in ("bos", "eos", "unk", "pad") if special_ids[name] is not None}
-    byte_alphabet = set(_bytes_to_unicode().values())
+    byte_alphabet = set(byte_level_alphabet().values())
     special, user_defined = [], []
     for token_id, (token, token_type) in enumerate(zip(tokens, token_types)):
         if token_type == _TOKEN_TYPE_CONTROL or token_id in named_ids:
@@ -678,7 +680,7 @@ def _byte_level_bpe(metadata: _GGUFMetadata, tokens: list[str]) -> Tokenizer:
     merges: list[str] | None = metadata.get("tokenizer.ggml.merges")
     if not merges:
         raise ValueError(f"{path}: a byte-level BPE tokenizer needs tokenizer.ggml.merges, which is missing.")
-    spelling = _bytes_to_unicode()
+    spelling = byte_level_alphabet()
     alphabet = set(spelling.values())
     # Tokens are stored in the byte alphabet (" " as "Ġ"); the few that are not (added tokens with real spaces)
     # are respelled so the BPE model can find them.
@@ -770,16 +772,3 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
         merges.extend(local)
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
