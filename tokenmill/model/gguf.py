@@ -125,7 +125,7 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, show_progress
         )
 
     tensors_by_name = {tensor.name: tensor for tensor in reader.tensors}
-    hparams = _LlamaHParams.from_metadata(metadata, tensors_by_name)
+    hparams = _LlamaHParams.from_metadata(metadata, reader)
     plans = _plan_tensors(gguf_path, hparams, tensors_by_name)
     rope_scaling = _rope_scaling(metadata, hparams, tensors_by_name.get(_ROPE_FREQS_TENSOR))
     tokenizer, tokenizer_config, special_ids = _build_tokenizer(metadata, hparams)
@@ -228,37 +228,33 @@ class _LlamaHParams:
     vocab_size: int
 
     @classmethod
-    def from_metadata(cls, metadata: _GGUFMetadata, tensors: dict[str, ReaderTensor]) -> _LlamaHParams:
-        arch = "llama"
-        hidden_size = int(metadata.require(f"{arch}.embedding_length"))
-        num_heads = int(metadata.require(f"{arch}.attention.head_count"))
-        num_kv_heads = int(metadata.get(f"{arch}.attention.head_count_kv", num_heads))
-        head_dim = int(metadata.get(f"{arch}.attention.key_length", hidden_size // num_heads))
-        rope_dim = int(metadata.get(f"{arch}.rope.dimension_count", head_dim))
-        if rope_dim != head_dim:
+    def from_metadata(cls, metadata: _GGUFMetadata, reader: GGUFReader) -> _LlamaHParams:
+        """The numbers of the model, as the planner's ModelArch reads them from the metadata (one parser for
+        GGUF files), checked for what this converter writes."""
+        from tokenmill.planner.arch import ModelArch
+
+        try:
+            arch = ModelArch.from_gguf(reader)
+        except ValueError as e:
+            raise ValueError(f"{metadata.path}: {e}; the file is incomplete.") from e
+        rope_dim = int(metadata.get("llama.rope.dimension_count", arch.head_dim))
+        if rope_dim != arch.head_dim:
             raise ValueError(
-                f"{metadata.path}: rope.dimension_count={rope_dim} differs from head_dim={head_dim}; partial "
+                f"{metadata.path}: rope.dimension_count={rope_dim} differs from head_dim={arch.head_dim}; partial "
                 "rotary embeddings are not part of the Llama architecture this converter supports."
             )
-        vocab_size = metadata.get(f"{arch}.vocab_size")
-        if vocab_size is None:  # older files: the embedding's row count
-            embedding = tensors.get("token_embd.weight")
-            vocab_size = (
-                int(embedding.shape[1])
-                if embedding is not None
-                else len(metadata.get("tokenizer.ggml.tokens") or [])
-            )
+        metadata.require("llama.attention.layer_norm_rms_epsilon")
         return cls(
-            num_hidden_layers=int(metadata.require(f"{arch}.block_count")),
-            hidden_size=hidden_size,
-            intermediate_size=int(metadata.require(f"{arch}.feed_forward_length")),
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=_float32_value(metadata.require(f"{arch}.attention.layer_norm_rms_epsilon")),
-            rope_theta=_float32_value(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
-            max_position_embeddings=int(metadata.get(f"{arch}.context_length", 2048)),
-            vocab_size=int(vocab_size),
+            num_hidden_layers=arch.num_layers,
+            hidden_size=arch.hidden_size,
+            intermediate_size=arch.intermediate_size,
+            num_attention_heads=arch.num_attention_heads,
+            num_key_value_heads=arch.num_kv_heads,
+            head_dim=arch.head_dim,
+            rms_norm_eps=arch.rms_norm_eps,
+            rope_theta=arch.rope_theta if arch.rope_theta is not None else 10000.0,
+            max_position_embeddings=arch.max_position_embeddings,
+            vocab_size=arch.vocab_size,
         )
 
 
