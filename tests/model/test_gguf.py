@@ -637,15 +637,19 @@ def test_prepare_model_gguf_path_is_cached_by_path_size_and_mtime(tmp_path, tiny
     assert not stale.exists() and live.exists()
 
 
-def test_prepare_model_directory(tmp_path):
+def test_prepare_model_directory(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     assert prepare_model(tmp_path) == tmp_path
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty/config\.json"):
         prepare_model(empty)
-    with pytest.raises(FileNotFoundError, match="does not download"):
-        prepare_model("some-org/some-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="'some-org/some-model' is not a local path, not in the Hugging Face"):
+        prepare_model("some-org/some-model")  # a hub id, not cached (tests/model/test_hub.py)
+    with pytest.raises(FileNotFoundError, match="no local path and no Hugging Face hub id"):
+        prepare_model("not a/model/path")
 
 
 def test_cache_dir_default(monkeypatch):

