@@ -180,3 +180,15 @@ def test_spaces_between_special_tokens(tmp_path):
         params = SamplingParams(skip_special_tokens=False, spaces_between_special_tokens=spaces)
         detok = _stream(tok, ids, params)
         assert detok.visible_text(finished=True) == tok.decode(ids, False, spaces)
+
+
+def test_surrogate_and_overlong_starts_come_out_at_once(bpe_tokenizer):
+    """ED A0 starts a UTF-16 surrogate and E0 80 an overlong form: no byte can complete them (Python's own
+    incremental decoder would still wait on them)."""
+    tok = bpe_tokenizer
+    for first, second in ((0xED, 0xA0), (0xE0, 0x80), (0xF4, 0x90)):
+        ids = [_byte_token(tok, first), _byte_token(tok, second)]
+        detok = IncrementalDetokenizer(tok, [], SamplingParams())
+        for token_id in ids:
+            detok.add_token(token_id)
+        assert detok.visible_text(finished=False) == tok.decode(ids) == "\ufffd\ufffd"

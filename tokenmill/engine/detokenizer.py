@@ -75,14 +75,13 @@ class IncrementalDetokenizer:
         # tokenizers' DecodeStream (Rust) does the windowed decoding where its text is decode()'s: not for
         # byte-fallback runs (their text can change as a run grows), nor where Tokenizer.decode post-processes.
         self._backend = getattr(tokenizer, "backend", None)
-        self._stream: DecodeStream | None = None
-        if (
+        self._use_stream = (
             self._backend is not None
             and self._bytes_kind != BYTE_FALLBACK
             and not getattr(tokenizer, "_clean_up", True)
             and (self.skip_special_tokens or self.spaces_between_special_tokens)
-        ):
-            self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
+        )
+        self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens) if self._use_stream else None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, self.skip_special_tokens, self.spaces_between_special_tokens)
@@ -106,6 +105,9 @@ class IncrementalDetokenizer:
             text, consumed = codecs.utf_8_decode(data, "replace", False)
             self._pending = data[consumed:]
             self._new_text = bool(text)
+            if self._pending and not _valid_incomplete_utf8(self._pending):
+                self._pending = b""  # a surrogate or out-of-range lead: U+FFFDs now, whatever follows
+                self._new_text = True
             return 1 if self._pending else None  # one U+FFFD stands for the incomplete character
         if data is None:  # byte fallback: a whole-text token closes the byte run
             self._pending = b""
@@ -122,6 +124,8 @@ class IncrementalDetokenizer:
             else:
                 self._run_chars += len(text)
                 self._pending = data[consumed:]
+                if self._pending and not _valid_incomplete_utf8(self._pending):
+                    self._run_invalid = True
         return self._unsettled_chars_now()
 
     def _unsettled_chars_now(self) -> int | None:
@@ -140,18 +144,19 @@ class IncrementalDetokenizer:
         if self._stopped:
             return None
         if self._stream is None:
-            return self._step(unsettled, move_window=True)
+            return self._step_and_restart_stream(unsettled)
         try:
             chunk = self._stream.step(self._backend, token_id)
         except Exception:  # DecodeStream refuses a text that does not extend its window's: decode here from now on
             self._stream = None
-            return self._step(unsettled, move_window=True)
+            self._use_stream = False
+            return self._step(unsettled)
         if chunk is None:
             # DecodeStream waits whenever its text ends in U+FFFD; only an incomplete character may wait, so
             # text completed before it is shown here.
             if unsettled is not None and not self._new_text:
                 return None
-            return self._step(unsettled, move_window=False)
+            return self._step_and_restart_stream(unsettled)
         delta = chunk[self._ahead :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         self._prefix_text = None
@@ -159,9 +164,23 @@ class IncrementalDetokenizer:
         self.text += delta
         return self._find_stop(len(delta)) if delta else None
 
-    def _step(self, unsettled: int | None, move_window: bool) -> str | None:
-        """Show the settled new text of the window (two decodes); move the window past it when all is settled
-        (and DecodeStream, which keeps its own window, is not in use)."""
+    def _step_and_restart_stream(self, unsettled: int | None) -> str | None:
+        """_step(); where the window moves on, DecodeStream starts again from it (left alone, its own window
+        would grow for as long as its text ends in U+FFFD). It cannot start from a window whose text ends in
+        U+FFFD: until a later window, decoding stays here."""
+        read_offset = self.read_offset
+        stop = self._step(unsettled)
+        if self._use_stream and self.read_offset != read_offset:
+            self._prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            self._stream = None
+            if not self._prefix_text.endswith("\ufffd"):
+                self._stream = DecodeStream(
+                    ids=self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip_special_tokens
+                )
+        return stop
+
+    def _step(self, unsettled: int | None) -> str | None:
+        """Show the settled new text of the window (two decodes); move the window past it when all is settled."""
         full = self._decode(self.ids[self.prefix_offset :])
         if self._prefix_text is None:
             self._prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
@@ -171,7 +190,7 @@ class IncrementalDetokenizer:
         if end <= start or not full.startswith(prefix):
             return None
         delta = full[start:end]
-        if unsettled is None and move_window:
+        if unsettled is None:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             self._prefix_text = None
             self._ahead = 0
@@ -221,3 +240,30 @@ class IncrementalDetokenizer:
         if self.max_stop_len <= 1 or self.include_stop:
             return self.text
         return self.text[: max(0, len(self.text) - self.max_stop_len + 1)]
+
+
+# Second-byte range of a multi-byte UTF-8 character, by lead byte (Unicode table 3-7): E0 and F0 exclude
+# overlong forms, ED surrogates, F4 code points past U+10FFFF.
+_SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
+def _valid_incomplete_utf8(data: bytes) -> bool:
+    """Whether `data` (1 to 3 bytes) is the start of a valid UTF-8 character that more bytes could complete.
+
+    Python's incremental decoder also waits on some starts that can never complete (ED A0: a surrogate);
+    decode() renders those as U+FFFD at once."""
+    lead = data[0]
+    if 0xC2 <= lead <= 0xDF:
+        length = 2
+    elif 0xE0 <= lead <= 0xEF:
+        length = 3
+    elif 0xF0 <= lead <= 0xF4:
+        length = 4
+    else:
+        return False
+    if len(data) >= length:
+        return False
+    low, high = _SECOND_BYTE.get(lead, (0x80, 0xBF))
+    if len(data) > 1 and not low <= data[1] <= high:
+        return False
+    return all(0x80 <= b <= 0xBF for b in data[2:])
