@@ -94,11 +94,11 @@ def test_random_tokens_text_equals_decode(which, request):
     tok = request.getfixturevalue(which)
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(ids=st.lists(st.integers(0, tok.vocab_size - 1), max_size=40), skip=st.booleans())
-    def check(ids, skip):
-        params = SamplingParams(skip_special_tokens=skip)
+    @given(ids=st.lists(st.integers(0, tok.vocab_size - 1), max_size=40), skip=st.booleans(), spaces=st.booleans())
+    def check(ids, skip, spaces):
+        params = SamplingParams(skip_special_tokens=skip, spaces_between_special_tokens=spaces)
         detok = _stream(tok, ids, params)
-        assert detok.visible_text(finished=True) == tok.decode(ids, skip_special_tokens=skip)
+        assert detok.visible_text(finished=True) == tok.decode(ids, skip, spaces)
 
     check()
 

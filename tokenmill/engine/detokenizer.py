@@ -48,8 +48,9 @@ class IncrementalDetokenizer:
         self.spaces_between_special_tokens = params.spaces_between_special_tokens
         self.ids: list[int] = []
         # Window of the next decode: ids[prefix_offset:read_offset] is text already shown, rendered as
-        # self._prefix_text; text of ids[read_offset:] is new. self._ahead: characters past the window's
-        # prefix already shown although the window could not move on (U+FFFDs of an open invalid byte run).
+        # self._prefix_text (None: not decoded yet); text of ids[read_offset:] is new. self._ahead: characters
+        # past the window's prefix already shown while the window could not move on (the text before an
+        # incomplete character, the U+FFFDs of an open invalid byte run).
         self.prefix_offset = 0
         self.read_offset = 0
         self._prefix_text: str | None = ""
