@@ -98,19 +98,19 @@ def test_local_path_takes_priority_over_a_hub_id(offline, hub_cache, tmp_path, s
 
 @pytest.mark.slow
 def test_serve_a_hub_id(offline, hub_cache, tmp_path):
-    """`tokenmill serve <id>` loads the id from the cache and serves the model under the id."""
+    """`tokenmill serve <id> --download-dir CACHE --revision v2` loads that snapshot and serves it under the id."""
     import openai
 
     from tests.entrypoints.openai.conftest import ServerProcess
 
-    offline.setenv("HF_HUB_CACHE", str(hub_cache))
-    server = ServerProcess([REPO, "--dtype", "float32", "--kv-cache-memory", "16MiB", "--revision", "main"],
-                           tmp_path / "server.log")
+    server = ServerProcess([REPO, "--download-dir", str(hub_cache), "--revision", "v2", "--dtype", "float32",
+                            "--kv-cache-memory", "16MiB"], tmp_path / "server.log")
     try:
         server.wait_ready()
         client = openai.OpenAI(base_url=server.base_url, api_key="unused")
         assert [m.id for m in client.models.list().data] == [REPO]
         completion = client.completions.create(model=REPO, prompt="Hello", max_tokens=3)
         assert completion.model == REPO
+        assert f"snapshots/{V2}" in server.log()  # the v2 snapshot was loaded
     finally:
         server.stop()

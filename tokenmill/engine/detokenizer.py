@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import codecs
-from typing import Protocol
+from typing import Any, Protocol
 
 from tokenizers.decoders import DecodeStream
 
@@ -12,7 +12,8 @@ from tokenmill.sampling_params import SamplingParams
 
 
 class _Decoder(Protocol):
-    byte_decoding: str | None
+    @property
+    def byte_decoding(self) -> str | None: ...
 
     def decode(
         self, ids: list[int], skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True
@@ -75,7 +76,7 @@ class IncrementalDetokenizer:
         self._new_text = False  # byte-level: this token's bytes completed text (characters or U+FFFD)
         # tokenizers' DecodeStream (Rust) does the windowed decoding where its text is decode()'s: not for
         # byte-fallback runs (their text can change as a run grows), nor where Tokenizer.decode post-processes.
-        self._backend = getattr(tokenizer, "backend", None)
+        self._backend: Any = getattr(tokenizer, "backend", None)  # tokenizers.Tokenizer, or None in a test double
         self._use_stream = (
             self._backend is not None
             and self._bytes_kind != BYTE_FALLBACK

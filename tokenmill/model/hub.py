@@ -8,9 +8,12 @@ network; HF_TOKEN authenticates for private and gated repositories.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
+
+logger = logging.getLogger("tokenmill")
 
 # What a model directory needs: config, weights, tokenizer and generation files, chat templates. Not the
 # PyTorch .bin, TF, Flax, ONNX or GGUF copies many repositories also hold.
@@ -111,6 +114,7 @@ def resolve_hub_model(
             "model repositories (config.json, *.safetensors, tokenizer.json). For a GGUF-only repository, "
             "download one .gguf file and pass its path."
         )
+    logger.info("Model %s%s: %s", repo_id, at, model_dir)
     return model_dir
 
 
