@@ -21,6 +21,8 @@ if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
     warnings.warn("triton was imported before tests/conftest.py set TRITON_INTERPRET=1; kernels may not run on CPU",
                   stacklevel=1)
 os.environ["TRITON_INTERPRET"] = "1"
+# No test may reach a model hub: a hub id resolves from the local HF cache only (tests/model/test_hub.py).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 from tests.tiny_models import TINY_ARCHS, build_tiny_model, build_tokenizer  # noqa: E402
 

@@ -52,6 +52,41 @@ def build_tokenizer(path: Path, vocab_size: int = 384) -> None:
     }))
 
 
+def build_sentencepiece_tokenizer(path: Path, vocab_size: int = 384) -> None:
+    """A SentencePiece-style BPE tokenizer, as Llama 2 / Mistral ship it in tokenizer.json: "▁" for spaces
+    (Metaspace), <0x00>..<0xFF> byte-fallback tokens for characters outside the vocabulary, and a decoder
+    that strips the leading space. Same special tokens and chat template as build_tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = metaspace
+    trained.train_from_iterator(_CORPUS * 20, trainers.BpeTrainer(vocab_size=vocab_size - 257, show_progress=False))
+    model = json.loads(trained.to_str())["model"]
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for token in sorted(model["vocab"], key=model["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = metaspace
+    tok.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1),
+    ])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<unk>",
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 512,
+        "clean_up_tokenization_spaces": False,
+    }))
+
+
 def _config(name: str, vocab_size: int, eos_id: int, pad_id: int):
     import transformers
 

@@ -55,8 +55,12 @@ def cpu_supports_bf16() -> bool:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # Path to a Hugging Face model directory or a .gguf file; None selects the bundled SmolLM2-135M-Instruct.
+    # A Hugging Face model directory, a .gguf file or a hub id ("org/name"); None: the bundled SmolLM2-135M-Instruct.
     model: str | None = None
+    # Hub ids: the branch, tag or commit to load (default "main"), and the HF cache directory to download into
+    # and read from (default: $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub).
+    revision: str | None = None
+    download_dir: str | None = None
     # "auto" (bf16 where the hardware runs it fast, else float32), "bfloat16", "float16" or "float32".
     dtype: str = "auto"
     # Longest prompt + output in tokens; None takes the model's limit capped by what the KV cache holds.
@@ -177,12 +181,15 @@ class EngineConfig:
         enforce_eager: bool = False,
         async_scheduling: bool = False,
         pooling_type: str = "LAST",
+        revision: str | None = None,
+        download_dir: str | None = None,
     ) -> EngineConfig:
         """The config from vLLM-named keyword arguments (those of LLM(...) and the serve flags), validated."""
         config = cls(
             model=ModelConfig(model=None if model is None else str(model), dtype=dtype, max_model_len=max_model_len,
                               seed=seed, device=device, chat_template=chat_template, enforce_eager=enforce_eager,
-                              pooling_type=str(pooling_type).upper()),
+                              pooling_type=str(pooling_type).upper(), revision=revision,
+                              download_dir=None if download_dir is None else str(download_dir)),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching),

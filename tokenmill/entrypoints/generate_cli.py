@@ -9,7 +9,13 @@ import sys
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Engine flags shared by every command that builds an engine (names as `vllm serve`)."""
     parser.add_argument("model", nargs="?", default=None,
-                        help="Hugging Face model directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+                        help="Hugging Face model directory, .gguf file or hub id such as Qwen/Qwen2.5-0.5B-Instruct "
+                             "(default: bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--revision", default=None,
+                        help="hub ids: the branch, tag or commit to load (default: main)")
+    parser.add_argument("--download-dir", default=None,
+                        help="hub ids: the Hugging Face cache directory to download into and load from (default: "
+                             "$HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub); HF_HUB_OFFLINE=1 only reads it")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="weights and activations dtype; auto = bf16 where the hardware runs it fast")
     parser.add_argument("--max-model-len", type=int, default=None,
@@ -57,6 +63,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         tensor_parallel_size=args.tensor_parallel_size, chat_template=chat_template,
         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
         pooling_type=args.pooling_type,
+        revision=args.revision, download_dir=args.download_dir,
     )
 
 

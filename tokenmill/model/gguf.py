@@ -8,10 +8,11 @@ What the conversion does:
 - config.json: a LlamaConfig built from the `llama.*` metadata keys.
 - model.safetensors: every tensor dequantized with the `gguf` library, renamed to transformers' names, and the
   q_proj / k_proj rows put back in Hugging Face order (llama.cpp interleaves them for its RoPE kernel).
-  Storage dtype: tensors stored as F16 or BF16 in the GGUF keep that dtype (bit-exact copy); F32 and every
-  quantized type are written as float32, the dtype `gguf.quants.dequantize` produces, so the values equal
-  llama.cpp's dequantized weights exactly. The file is written one tensor at a time: peak memory is one
-  dequantized tensor, not the whole model.
+  Storage dtype: tensors stored as F16, BF16 or F32 in the GGUF keep that dtype (bit-exact copy); every
+  quantized type is dequantized to float32 (`gguf.quants.dequantize`, llama.cpp's values exactly) and written
+  as bfloat16, rounded to nearest even as torch's .to(torch.bfloat16) does: the weights the engine ran when
+  this cache held float32 and loaded it in bfloat16, at half the disk size (a 98 MB Q4_1 file becomes
+  ~270 MB, not 538 MB). The file is written one tensor at a time: peak memory is one dequantized tensor.
 - tokenizer.json / tokenizer_config.json / generation_config.json: rebuilt from the `tokenizer.*` metadata with
   the `tokenizers` library (byte-level BPE for tokenizer.ggml.model "gpt2", SentencePiece-style BPE with byte
   fallback for "llama").
@@ -32,6 +33,8 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderField, R
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
+
+from tokenmill.model.tokenizer import byte_level_alphabet
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -122,7 +125,7 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, show_progress
         )
 
     tensors_by_name = {tensor.name: tensor for tensor in reader.tensors}
-    hparams = _LlamaHParams.from_metadata(metadata, tensors_by_name)
+    hparams = _LlamaHParams.from_metadata(metadata, reader)
     plans = _plan_tensors(gguf_path, hparams, tensors_by_name)
     rope_scaling = _rope_scaling(metadata, hparams, tensors_by_name.get(_ROPE_FREQS_TENSOR))
     tokenizer, tokenizer_config, special_ids = _build_tokenizer(metadata, hparams)
@@ -225,37 +228,33 @@ class _LlamaHParams:
     vocab_size: int
 
     @classmethod
-    def from_metadata(cls, metadata: _GGUFMetadata, tensors: dict[str, ReaderTensor]) -> _LlamaHParams:
-        arch = "llama"
-        hidden_size = int(metadata.require(f"{arch}.embedding_length"))
-        num_heads = int(metadata.require(f"{arch}.attention.head_count"))
-        num_kv_heads = int(metadata.get(f"{arch}.attention.head_count_kv", num_heads))
-        head_dim = int(metadata.get(f"{arch}.attention.key_length", hidden_size // num_heads))
-        rope_dim = int(metadata.get(f"{arch}.rope.dimension_count", head_dim))
-        if rope_dim != head_dim:
+    def from_metadata(cls, metadata: _GGUFMetadata, reader: GGUFReader) -> _LlamaHParams:
+        """The numbers of the model, as the planner's ModelArch reads them from the metadata (one parser for
+        GGUF files), checked for what this converter writes."""
+        from tokenmill.planner.arch import ModelArch
+
+        try:
+            arch = ModelArch.from_gguf(reader)
+        except ValueError as e:
+            raise ValueError(f"{metadata.path}: {e}; the file is incomplete.") from e
+        rope_dim = int(metadata.get("llama.rope.dimension_count", arch.head_dim))
+        if rope_dim != arch.head_dim:
             raise ValueError(
-                f"{metadata.path}: rope.dimension_count={rope_dim} differs from head_dim={head_dim}; partial "
+                f"{metadata.path}: rope.dimension_count={rope_dim} differs from head_dim={arch.head_dim}; partial "
                 "rotary embeddings are not part of the Llama architecture this converter supports."
             )
-        vocab_size = metadata.get(f"{arch}.vocab_size")
-        if vocab_size is None:  # older files: the embedding's row count
-            embedding = tensors.get("token_embd.weight")
-            vocab_size = (
-                int(embedding.shape[1])
-                if embedding is not None
-                else len(metadata.get("tokenizer.ggml.tokens") or [])
-            )
+        metadata.require("llama.attention.layer_norm_rms_epsilon")
         return cls(
-            num_hidden_layers=int(metadata.require(f"{arch}.block_count")),
-            hidden_size=hidden_size,
-            intermediate_size=int(metadata.require(f"{arch}.feed_forward_length")),
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=_float32_value(metadata.require(f"{arch}.attention.layer_norm_rms_epsilon")),
-            rope_theta=_float32_value(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
-            max_position_embeddings=int(metadata.get(f"{arch}.context_length", 2048)),
-            vocab_size=int(vocab_size),
+            num_hidden_layers=arch.num_layers,
+            hidden_size=arch.hidden_size,
+            intermediate_size=arch.intermediate_size,
+            num_attention_heads=arch.num_attention_heads,
+            num_key_value_heads=arch.num_kv_heads,
+            head_dim=arch.head_dim,
+            rms_norm_eps=arch.rms_norm_eps,
+            rope_theta=arch.rope_theta if arch.rope_theta is not None else 10000.0,
+            max_position_embeddings=arch.max_position_embeddings,
+            vocab_size=arch.vocab_size,
         )
 
 
@@ -297,9 +296,11 @@ def _plan_tensors(path: Path, hparams: _LlamaHParams, tensors: dict[str, ReaderT
                 f"read; supported types: {', '.join(t.name for t in SUPPORTED_TENSOR_TYPES)}. Use a GGUF "
                 "quantized to one of these."
             )
-        dtype = {GGMLQuantizationType.F16: "F16", GGMLQuantizationType.BF16: "BF16"}.get(
-            tensor.tensor_type, "F32"
-        )
+        dtype = {
+            GGMLQuantizationType.F32: "F32",
+            GGMLQuantizationType.F16: "F16",
+            GGMLQuantizationType.BF16: "BF16",
+        }.get(tensor.tensor_type, "BF16")  # quantized: dequantized, stored in bfloat16
         rope_num_heads = None
         if name.endswith(".attn_q.weight"):
             rope_num_heads = hparams.num_attention_heads
@@ -362,12 +363,23 @@ def _load_tensor(tensor: ReaderTensor, plan: _TensorPlan) -> np.ndarray:
         data = tensor.data  # float16, kept as is
     elif tensor.tensor_type == GGMLQuantizationType.BF16:
         data = tensor.data.view(np.uint16)  # raw bfloat16 bits (numpy has no bfloat16), copied bit-exact
+    elif tensor.tensor_type == GGMLQuantizationType.F32:
+        data = tensor.data
     else:
-        data = dequantize(tensor.data, tensor.tensor_type)  # float32
+        data = _to_bfloat16_bits(dequantize(tensor.data, tensor.tensor_type))  # float32 -> bfloat16
     data = data.reshape(plan.shape)
     if plan.rope_num_heads is not None:
         data = _unpermute_rope_rows(data, plan.rope_num_heads)
     return np.ascontiguousarray(data)
+
+
+def _to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 by torch (nearest even, as the engine's .to(torch.bfloat16)), as the
+    raw 16-bit patterns (numpy has no bfloat16)."""
+    import torch
+
+    rounded = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
+    return rounded.view(torch.int16).numpy().view(np.uint16)
 
 
 def _unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -518,9 +530,10 @@ def _llama_config(
     special_ids: dict[str, Any],
 ) -> dict[str, Any]:
     matrix_dtypes = {plan.dtype for plan in plans if len(plan.shape) == 2}
-    # The model's dtype: the 16-bit type when every matrix was stored in it, else float32 (dequantized).
-    torch_dtype = {"F16": "float16", "BF16": "bfloat16"}.get(
-        matrix_dtypes.pop() if len(matrix_dtypes) == 1 else "F32", "float32"
+    # The model's dtype: the one every matrix is stored in (float32 or float16 files), else bfloat16 (the
+    # dtype of dequantized matrices, and what a mix of dtypes is run in).
+    torch_dtype = {"F16": "float16", "F32": "float32"}.get(
+        matrix_dtypes.pop() if len(matrix_dtypes) == 1 else "BF16", "bfloat16"
     )
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
@@ -607,7 +620,7 @@ def _build_tokenizer(
         )
 
     named_ids = {special_ids[name] for name in ("bos", "eos", "unk", "pad") if special_ids[name] is not None}
-    byte_alphabet = set(_bytes_to_unicode().values())
+    byte_alphabet = set(byte_level_alphabet().values())
     special, user_defined = [], []
     for token_id, (token, token_type) in enumerate(zip(tokens, token_types)):
         if token_type == _TOKEN_TYPE_CONTROL or token_id in named_ids:
@@ -678,7 +691,7 @@ def _byte_level_bpe(metadata: _GGUFMetadata, tokens: list[str]) -> Tokenizer:
     merges: list[str] | None = metadata.get("tokenizer.ggml.merges")
     if not merges:
         raise ValueError(f"{path}: a byte-level BPE tokenizer needs tokenizer.ggml.merges, which is missing.")
-    spelling = _bytes_to_unicode()
+    spelling = byte_level_alphabet()
     alphabet = set(spelling.values())
     # Tokens are stored in the byte alphabet (" " as "Ġ"); the few that are not (added tokens with real spaces)
     # are respelled so the BPE model can find them.
@@ -770,16 +783,3 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
         merges.extend(local)
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping

@@ -6,6 +6,7 @@ tied embeddings, explicit head_dim, llama3 RoPE scaling, sliding window.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Iterable
@@ -253,12 +254,29 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+def _backends_by_window(spec: DecoderSpec, backend: AttentionBackend) -> dict[int | None, AttentionBackend]:
+    """window -> the attention backend of the layers with that window: `backend` for its own window, a copy
+    with the other window for the rest (Qwen2 windows only the layers from max_window_layers on, Gemma-style
+    models alternate)."""
+    backends = {backend.sliding_window: backend}
+    for layer in range(spec.num_layers):
+        window = spec.layer_sliding_window(layer)
+        if window not in backends:
+            other = copy.copy(backend)
+            other.sliding_window = window
+            backends[window] = other
+    return backends
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, spec: DecoderSpec, backend: AttentionBackend, max_positions: int) -> None:
         super().__init__()
         self.spec = spec
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, backend) for _ in range(spec.num_layers))
+        backends = _backends_by_window(spec, backend)
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, backends[spec.layer_sliding_window(i)]) for i in range(spec.num_layers)
+        )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:

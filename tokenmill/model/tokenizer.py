@@ -8,8 +8,9 @@ apply_chat_template, without importing transformers.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,33 @@ SPECIAL_TOKEN_NAMES = (
     "cls_token",
     "mask_token",
 )
+
+# How the model's decoder turns tokens into text, as far as partial UTF-8 characters are concerned:
+# "byte_level" (GPT-2 style: every token spells bytes in a 256-character alphabet), "byte_fallback"
+# (SentencePiece style: <0xNN> tokens each stand for one byte), or None (tokens are whole text).
+BYTE_LEVEL = "byte_level"
+BYTE_FALLBACK = "byte_fallback"
+_BYTE_FALLBACK_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class InvalidTextError(ValueError):
+    """Text that cannot be tokenized because it is not valid Unicode (a lone UTF-16 surrogate)."""
+
+
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, in which byte-level BPE vocabularies spell their tokens."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+_BYTE_LEVEL_DECODE = {char: byte for byte, char in byte_level_alphabet().items()}
 
 
 class Tokenizer:
@@ -185,13 +213,91 @@ class Tokenizer:
         """Token ids of `text`. Special-token text inside it ("<|im_start|>") becomes the special token."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            check_valid_text(text)  # names the lone surrogate the tokenizers library refused
+            raise
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        text = self.backend.decode(ids if type(ids) is list else list(ids), skip_special_tokens=skip_special_tokens)
+    def decode(
+        self, ids: list[int], skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True
+    ) -> str:
+        """Text of `ids`. spaces_between_special_tokens=False (vLLM's option; only with skip_special_tokens=False)
+        drops whatever separator the decoder puts between two consecutive added tokens: each added token that
+        follows another contributes exactly its own text, as in vLLM's detokenizer."""
+        ids = ids if type(ids) is list else list(ids)
+        if not spaces_between_special_tokens and not skip_special_tokens:
+            runs = [i for i in range(1, len(ids)) if ids[i] in self._added_ids and ids[i - 1] in self._added_ids]
+            if runs:
+                return self._decode_joined(ids, runs)
+        text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         if self._clean_up:
             text = _clean_up_tokenization(text)
         return text
+
+    def _decode_joined(self, ids: list[int], joined: list[int]) -> str:
+        """decode(), with the text of each token at an index in `joined` replaced by its raw content."""
+        parts = []
+        done = ""  # text of ids[:start] as the decoder renders it
+        start = 0
+        for i in joined:
+            before = self.decode(ids[:i], skip_special_tokens=False)
+            parts.append(before[len(done) :] if before.startswith(done) else before)
+            parts.append(self._added_ids[ids[i]])
+            done = self.decode(ids[: i + 1], skip_special_tokens=False)
+            start = i + 1
+        full = self.decode(ids, skip_special_tokens=False) if start < len(ids) else done
+        parts.append(full[len(done) :] if full.startswith(done) else "")
+        return "".join(parts)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Bytes behind the text (for incremental detokenization)
+
+    @cached_property
+    def _added_ids(self) -> dict[int, str]:
+        # added token id -> its text
+        return {i: token.content for i, token in self.backend.get_added_tokens_decoder().items()}
+
+    @cached_property
+    def byte_decoding(self) -> str | None:
+        """BYTE_LEVEL, BYTE_FALLBACK or None: whether decoding joins bytes of several tokens into characters."""
+        decoder = json.loads(self.backend.to_str()).get("decoder")
+        types: set[str] = set()
+        stack = [decoder]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                types.add(str(node.get("type")))
+                stack.extend(node.get("decoders") or [])
+        if "ByteLevel" in types:
+            return BYTE_LEVEL
+        if "ByteFallback" in types:
+            return BYTE_FALLBACK
+        return None
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes a token stands for where byte_decoding joins bytes across tokens, else None (an added
+        token, or a whole-text token of a byte-fallback vocabulary: it ends any partial character)."""
+        cache = self._token_bytes
+        if token_id in cache:
+            return cache[token_id]
+        value: bytes | None = None
+        token = self.backend.id_to_token(token_id)
+        if token is not None and token_id not in self._added_ids:
+            if self.byte_decoding == BYTE_LEVEL:
+                if all(c in _BYTE_LEVEL_DECODE for c in token):
+                    value = bytes(_BYTE_LEVEL_DECODE[c] for c in token)
+            elif self.byte_decoding == BYTE_FALLBACK:
+                match = _BYTE_FALLBACK_TOKEN.fullmatch(token)
+                if match is not None:
+                    value = bytes([int(match.group(1), 16)])
+        cache[token_id] = value
+        return value
+
+    @cached_property
+    def _token_bytes(self) -> dict[int, bytes | None]:
+        # token id -> token_bytes(token id), filled as tokens are met
+        return {}
 
     # ---------------------------------------------------------------------------------------------------------
     # Chat template
@@ -242,6 +348,17 @@ class Tokenizer:
             "this model has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja): "
             "pass chat_template= with a jinja template, or send plain prompts instead of chat messages."
         )
+
+
+def check_valid_text(text: str, field: str = "text") -> None:
+    """Raise InvalidTextError if `text` holds a lone surrogate (it has no UTF-8 encoding, so no tokens)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidTextError(
+            f"{field} contains a lone surrogate {text[e.start]!r} at position {e.start}, which is not valid "
+            "Unicode: send valid UTF-8 (or, in JSON, a surrogate pair such as \\ud83d\\ude00 for one character)"
+        ) from None
 
 
 # -------------------------------------------------------------------------------------------------------------

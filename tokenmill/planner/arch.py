@@ -17,6 +17,8 @@ _SANDWICH_NORM_TYPES = {"gemma2", "gemma3", "gemma3_text"}
 _QK_NORM_TYPES = {"qwen3", "qwen3_moe", "gemma3", "gemma3_text"}
 # Model types whose q/k/v projections always carry a bias (and o_proj none).
 _QKV_BIAS_TYPES = {"qwen2", "qwen2_moe"}
+# Model types whose sliding_window applies only when use_sliding_window is true (transformers' default false).
+_USE_SLIDING_WINDOW_TYPES = {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
 # Model types that tie lm_head to the embeddings when config.json does not say.
 _TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gemma3_text"}
 
@@ -48,6 +50,10 @@ class ModelArch:
     norms_per_layer: int = 2
     gated_mlp: bool = True  # SwiGLU/GeGLU: gate, up and down projections
     rope_theta: float | None = None
+    # rope_scaling of config.json (rope_type "linear", "llama3", "yarn", ...), None for plain RoPE.
+    rope_scaling: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
     sliding_window: int | None = None
     sliding_window_layers: tuple[int, ...] = ()  # layer indices that attend to the last sliding_window tokens
     # Mixture of experts
@@ -203,6 +209,8 @@ def _sliding_layers(
     window = cfg.get("sliding_window")
     if not window or cfg.get("use_sliding_window") is False:
         return None, ()
+    if model_type in _USE_SLIDING_WINDOW_TYPES and not cfg.get("use_sliding_window"):
+        return None, ()  # their configs window nothing unless use_sliding_window is set (transformers' default)
     window = int(window)
     layer_types = cfg.get("layer_types")
     if isinstance(layer_types, list) and len(layer_types) == num_layers:
@@ -218,6 +226,17 @@ def _sliding_layers(
     else:  # Mistral, Phi-3 and others: every layer
         layers = tuple(range(num_layers))
     return (window, layers) if layers else (None, ())
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """config.json's RoPE scaling (rope_scaling, or transformers >= 5's rope_parameters); None for plain RoPE."""
+    params = cfg.get("rope_parameters")
+    scaling = cfg.get("rope_scaling")
+    if not isinstance(scaling, dict) and isinstance(params, dict) and params.get("rope_type", "default") != "default":
+        scaling = params
+    if not isinstance(scaling, dict) or scaling.get("rope_type", scaling.get("type")) == "default":
+        return None
+    return dict(scaling)
 
 
 def _quantization(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
@@ -384,6 +403,9 @@ def _from_hf_config(config: dict[str, Any], name: str | None) -> ModelArch:
         norms_per_layer=4 if model_type in _SANDWICH_NORM_TYPES else 2,
         gated_mlp=True,
         rope_theta=_rope_theta(cfg),
+        rope_scaling=_rope_scaling(cfg),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        hidden_act=str(cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"),
         sliding_window=window,
         sliding_window_layers=sliding,
         num_experts=num_experts,
@@ -453,6 +475,13 @@ def _gguf_value(reader: Any, key: str) -> Any:
     return part.tobytes().decode() if part.dtype.kind == "u" and part.itemsize == 1 else part[0].item()
 
 
+def _float32_value(value: Any) -> float:
+    """A float32 metadata value as the short decimal it was written from (9.99999974e-06 -> 1e-05)."""
+    import numpy as np
+
+    return float(str(np.float32(value)))
+
+
 @functools.lru_cache(maxsize=16)
 def _cached_gguf_arch(path: str, mtime_ns: int, size: int) -> ModelArch:
     """Parsing a GGUF's tokenizer arrays takes seconds: read each file version once per process."""
@@ -489,8 +518,14 @@ def _from_gguf_reader(reader: Any, path: Path) -> ModelArch:
     ffn = req("feed_forward_length")
     if isinstance(ffn, list):
         ffn = max(ffn)
+    # The embedding's rows, as {arch}.vocab_size states or the tensor's shape shows; else the tokenizer's size.
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = len(tokens.data) if tokens is not None else opt("vocab_size")
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab = opt("vocab_size")
+    if vocab is None and embedding is not None and len(embedding.shape) == 2:
+        vocab = int(embedding.shape[1])
+    if vocab is None and tokens is not None:
+        vocab = len(tokens.data)
     if not vocab:
         raise ValueError(
             f"{where}: GGUF metadata has neither 'tokenizer.ggml.tokens' nor '{arch}.vocab_size'"
@@ -558,7 +593,8 @@ def _from_gguf_reader(reader: Any, path: Path) -> ModelArch:
         o_bias="blk.0.attn_output.bias" in tensor_names,
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         norms_per_layer=4 if has_post_norms else 2,
-        rope_theta=float(opt("rope.freq_base")) if opt("rope.freq_base") is not None else None,
+        rope_theta=_float32_value(opt("rope.freq_base")) if opt("rope.freq_base") is not None else None,
+        rms_norm_eps=_float32_value(opt("attention.layer_norm_rms_epsilon", 1e-6)),
         sliding_window=int(window) if window else None,
         sliding_window_layers=sliding,
         quantization=file_type,

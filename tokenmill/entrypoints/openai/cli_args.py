@@ -177,7 +177,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     config, chat_template = engine_config(args)
     server = server_config(args)
     if args.model is not None and not os.path.exists(os.path.expanduser(args.model)):
-        prepare_model(args.model)  # raises FileNotFoundError naming the path, before the port opens
+        # Raises FileNotFoundError naming the path or hub id, before the port opens; downloads a hub id.
+        prepare_model(args.model, args.revision, args.download_dir)
     names = list(server.served_model_names) or [args.model or DEFAULT_MODEL_NAME]
 
     from tokenmill.entrypoints.openai.api_server import run_server
