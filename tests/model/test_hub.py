@@ -109,6 +109,7 @@ def test_serve_a_hub_id(offline, hub_cache, tmp_path):
         server.wait_ready()
         client = openai.OpenAI(base_url=server.base_url, api_key="unused")
         assert [m.id for m in client.models.list().data] == [REPO]
+        assert client.models.retrieve(REPO).id == REPO  # an id with "/" in the path
         completion = client.completions.create(model=REPO, prompt="Hello", max_tokens=3)
         assert completion.model == REPO
         assert f"snapshots/{V2}" in server.log()  # the v2 snapshot was loaded
