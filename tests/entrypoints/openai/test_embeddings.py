@@ -153,7 +153,7 @@ def test_feature_metering(client, server, server_dir):
     ({"input": ["ok", "\udc00"]}, "input", None, "input[1] holds a lone UTF-16 surrogate"),
 ])
 def test_bad_requests(server, auth_headers, body, param, code, words):
-    # ASCII JSON: a lone surrogate travels as its \\ud800 escape, as JSON allows.
+    # ASCII JSON: a lone surrogate travels as its \ud800 escape, as JSON allows.
     response = httpx.post(server.base_url + "/embeddings", content=json.dumps(body).encode("ascii"), timeout=30,
                           headers={**auth_headers, "Content-Type": "application/json"})
     error = assert_openai_error(response)
