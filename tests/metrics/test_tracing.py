@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: 
     ExportTraceServiceResponse,
 )
 
-from tokenmill.metrics.tracing import traces_url  # noqa: E402
+from tokenmill.metrics.tracing import operation_name, traces_url  # noqa: E402
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
@@ -147,6 +147,57 @@ def test_without_traceparent_a_new_trace_starts(server_model_dir, tmp_path, rece
     attrs = attributes(span)
     assert attrs["gen_ai.operation.name"] == "text_completion"
     assert attrs["tokenmill.feature"] == "untagged" and attrs["tokenmill.cost_usd"] == 0
+
+
+@pytest.mark.slow
+def test_responses_and_embeddings_export_spans(server_model_dir, tmp_path, receiver, monkeypatch):
+    """/v1/responses gets a chat span as /v1/chat/completions does; each /v1/embeddings input an embeddings
+    span with its input tokens."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    proc = ServerProcess([str(server_model_dir), "--dtype", "float32", "--kv-cache-memory", "8MiB",
+                          "--max-model-len", "256", "--served-model-name", "tiny",
+                          "--otlp-traces-endpoint", receiver.url], tmp_path / "server.log")
+    try:
+        proc.wait_ready()
+        traceparent = {"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"}
+        r = httpx.post(proc.base_url + "/responses", timeout=60, headers={**traceparent, "X-Feature": "agent"},
+                       json={"input": "hello there", "max_output_tokens": 4, "temperature": 0.5,
+                             "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        response_usage = r.json()["usage"]
+        r = httpx.post(proc.base_url + "/embeddings", timeout=60, json={"input": ["one two", "three four five"]})
+        assert r.status_code == 200, r.text
+        embedding_usage = r.json()["usage"]
+        deadline = time.monotonic() + 15
+        while len(receiver.spans()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        spans = receiver.spans()
+    finally:
+        proc.stop()
+    assert len(spans) == 3, spans
+    by_operation: dict[str, list] = {}
+    for span in spans:
+        by_operation.setdefault(attributes(span)["gen_ai.operation.name"], []).append(span)
+    [chat] = by_operation["chat"]
+    assert chat.name == "chat tiny" and chat.trace_id.hex() == TRACE_ID
+    attrs = attributes(chat)
+    assert attrs["gen_ai.usage.input_tokens"] == response_usage["input_tokens"]
+    assert attrs["gen_ai.usage.output_tokens"] == response_usage["output_tokens"] == 4
+    assert attrs["gen_ai.request.max_tokens"] == 4
+    assert attrs["gen_ai.request.temperature"] == pytest.approx(0.5)
+    assert attrs["tokenmill.feature"] == "agent"
+    embeddings = by_operation["embeddings"]
+    assert len(embeddings) == 2 and all(span.name == "embeddings tiny" for span in embeddings)
+    attrs = [attributes(span) for span in embeddings]
+    assert sum(a["gen_ai.usage.input_tokens"] for a in attrs) == embedding_usage["prompt_tokens"]
+    assert all(a["gen_ai.usage.output_tokens"] == 0 and a["gen_ai.response.finish_reasons"] == ["stop"]
+               and "gen_ai.request.max_tokens" not in a for a in attrs)
+
+
+def test_operation_names():
+    assert operation_name("/v1/chat/completions") == operation_name("/v1/responses") == "chat"
+    assert operation_name("/v1/completions") == "text_completion"
+    assert operation_name("/v1/embeddings") == "embeddings"
 
 
 def test_traces_url():

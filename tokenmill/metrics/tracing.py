@@ -8,7 +8,7 @@ gpu_seconds and cost_usd, queue time and TTFT.
 
 Attributes follow the OpenTelemetry GenAI semantic conventions (gen_ai.*), plus tokenmill's own (tokenmill.*):
 
-    gen_ai.operation.name          "chat" or "text_completion"
+    gen_ai.operation.name          "chat" (/v1/chat/completions, /v1/responses), "text_completion" or "embeddings"
     gen_ai.system                  "tokenmill"
     gen_ai.request.model           the served model name
     gen_ai.request.max_tokens / temperature / top_p
@@ -92,7 +92,12 @@ class _Pending:
 
 def operation_name(path: str) -> str:
     """GenAI operation name of an HTTP route."""
-    return "chat" if path.rstrip("/").endswith("/chat/completions") else "text_completion"
+    path = path.rstrip("/")
+    if path.endswith(("/chat/completions", "/responses")):
+        return "chat"
+    if path.endswith("/embeddings"):
+        return "embeddings"
+    return "text_completion"
 
 
 class RequestTracer(StatLogger):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +25,10 @@ MODEL_NAME = "tokenmill-tests/tiny"
 MAX_MODEL_LEN = 512
 MAX_TOKENS_LIMIT = 500
 GPU_HOURLY_COST = 3.6
+# limits_server's waiting queue (--max-queue-len), prompt cap and CORS origin.
+LIMITS_MAX_QUEUE_LEN = 4
+LIMITS_MAX_PROMPTS = 4
+LIMITS_ORIGIN = "http://app.example"
 
 
 def free_port() -> int:
@@ -97,6 +103,35 @@ class ServerProcess:
             time.sleep(0.05)
 
 
+class HealthProbe(threading.Thread):
+    """GET /health over and over on one connection, recording each latency, until stopped."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.latencies: list[float] = []
+        self.statuses: set[int] = set()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self.stop.is_set():
+                start = time.perf_counter()
+                self.statuses.add(client.get(self.url + "/health").status_code)
+                self.latencies.append(time.perf_counter() - start)
+                time.sleep(0.005)
+
+    def __enter__(self) -> HealthProbe:
+        self.start()
+        time.sleep(0.2)  # a few calls before the load starts
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.2)
+        self.stop.set()
+        self.join(30)
+
+
 @pytest.fixture(scope="session")
 def server_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("server")
@@ -124,6 +159,80 @@ def server(server_model_dir, server_dir):
         yield proc.wait_ready()
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def limits_server(server_model_dir, tmp_path_factory):
+    """Tight per-client limits: one batch slot, a waiting queue of 4, small bodies, few prompts; CORS flags."""
+    proc = ServerProcess([
+        str(server_model_dir), "--dtype", "float32", "--kv-cache-memory", "8MiB", "--max-num-seqs", "1",
+        "--max-queue-len", str(LIMITS_MAX_QUEUE_LEN), "--header-read-timeout", "1",
+        "--max-prompts-per-request", str(LIMITS_MAX_PROMPTS), "--max-choices-per-request", "6",
+        "--max-request-body-bytes", "2000", "--allowed-origins", LIMITS_ORIGIN,
+        "--allowed-methods", '["GET", "POST"]', "--allowed-headers", "authorization", "--allowed-headers",
+        "content-type", "--allow-credentials",
+    ], tmp_path_factory.mktemp("limits") / "server.log")
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+def burst(url: str, body: dict, num_requests: int) -> list[tuple[int, dict | None]]:
+    """num_requests simultaneous POSTs of body: (200, None) for each admitted one, else (status, error body with
+    its retry-after header). An admitted stream is read to its first event, then closed (aborting the request);
+    an admitted non-streamed request is read whole."""
+
+    async def run() -> list[tuple[int, dict | None]]:
+        limits = httpx.Limits(max_connections=2 * num_requests)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            start = asyncio.Event()
+
+            async def one() -> tuple[int, dict | None]:
+                await start.wait()
+                async with client.stream("POST", url, json=body) as r:
+                    if r.status_code != 200:
+                        await r.aread()
+                        return r.status_code, {**r.json(), "retry-after": r.headers.get("retry-after")}
+                    if not body.get("stream"):
+                        await r.aread()
+                        return 200, None
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            break
+                    return 200, None
+
+            tasks = [asyncio.create_task(one()) for _ in range(num_requests)]
+            await asyncio.sleep(0.1)
+            start.set()
+            return [await task for task in tasks]
+
+    return asyncio.run(run())
+
+
+def queue_burst(server: ServerProcess, url: str, body: dict, num_requests: int) -> tuple[int, float]:
+    """burst() against server, watching its waiting count: (requests admitted, most requests seen waiting).
+    Every refused request must be a 503 queue_full with a Retry-After."""
+    waiting_seen: list[float] = []
+    stop = threading.Event()
+
+    def watch_waiting() -> None:
+        while not stop.is_set():
+            waiting_seen.append(server.metrics()["vllm:num_requests_waiting"])
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch_waiting, daemon=True)
+    watcher.start()
+    try:
+        results = burst(url, body, num_requests)
+    finally:
+        stop.set()
+        watcher.join(10)
+    for status, error in results:
+        if status != 200:
+            assert status == 503 and error is not None and error["error"]["code"] == "queue_full", error
+            assert int(error["retry-after"]) >= 1
+    return sum(status == 200 for status, _ in results), max(waiting_seen, default=0)
 
 
 @pytest.fixture(scope="session")

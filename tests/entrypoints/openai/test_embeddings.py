@@ -17,10 +17,14 @@ import torch.nn.functional as F
 
 from tests.entrypoints.openai.conftest import (
     API_KEY,
+    LIMITS_MAX_PROMPTS,
+    LIMITS_MAX_QUEUE_LEN,
     MAX_MODEL_LEN,
     MODEL_NAME,
+    HealthProbe,
     ServerProcess,
     assert_openai_error,
+    queue_burst,
 )
 from tokenmill import SamplingParams
 
@@ -145,9 +149,13 @@ def test_feature_metering(client, server, server_dir):
     ({"input": [5, 10**6]}, "input", None, "vocabulary"),
     ({"input": "hi", "model": "nope"}, "model", "model_not_found", "does not exist"),
     ({"input": "hi", "truncate_prompt_tokens": 4}, "truncate_prompt_tokens", None, "Unrecognized"),
+    ({"input": "ab\ud800cd"}, "input", None, "input holds a lone UTF-16 surrogate"),
+    ({"input": ["ok", "\udc00"]}, "input", None, "input[1] holds a lone UTF-16 surrogate"),
 ])
 def test_bad_requests(server, auth_headers, body, param, code, words):
-    response = httpx.post(server.base_url + "/embeddings", headers=auth_headers, json=body, timeout=30)
+    # ASCII JSON: a lone surrogate travels as its \ud800 escape, as JSON allows.
+    response = httpx.post(server.base_url + "/embeddings", content=json.dumps(body).encode("ascii"), timeout=30,
+                          headers={**auth_headers, "Content-Type": "application/json"})
     error = assert_openai_error(response)
     assert error["param"] == param and error["code"] == (code or error["code"]), error
     assert words in error["message"], error
@@ -179,3 +187,43 @@ def test_openapi_schema(server):
     responses = schema["components"]["schemas"]["ResponsesRequest"]["properties"]
     assert {"input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "metadata"} <= set(
         responses)
+
+
+def test_long_input_is_refused_before_tokenization(server, auth_headers):
+    """~0.9 MB of text is more than max_model_len tokens can hold: refused at once, /health never stalls."""
+    body = json.dumps({"input": ["ok", "x" * 900_000]}).encode()
+    with HealthProbe(server.url) as probe:
+        for _ in range(3):
+            r = httpx.post(server.base_url + "/embeddings", content=body, timeout=60,
+                           headers={**auth_headers, "Content-Type": "application/json"})
+            error = assert_openai_error(r, 400)
+            assert error["code"] == "context_length_exceeded" and error["param"] == "input[1]", error
+    assert max(probe.latencies) < 0.1, sorted(probe.latencies)[-5:]
+
+
+@pytest.mark.slow  # starts its own server (limits_server)
+def test_input_count_follows_max_prompts_per_request(limits_server):
+    url = limits_server.base_url + "/embeddings"
+    r = httpx.post(url, json={"input": ["a"] * (LIMITS_MAX_PROMPTS + 1)}, timeout=30)
+    error = assert_openai_error(r, 400)
+    assert error["param"] == "input" and "--max-prompts-per-request" in error["message"], error
+    r = httpx.post(url, json={"input": [[1, 2]] * (LIMITS_MAX_PROMPTS + 1)}, timeout=30)
+    assert assert_openai_error(r, 400)["param"] == "input"
+    r = httpx.post(url, json={"input": ["a"] * LIMITS_MAX_PROMPTS}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["data"]) == LIMITS_MAX_PROMPTS, r.text
+
+
+@pytest.mark.slow  # starts its own server (limits_server)
+def test_queue_limit_holds_under_a_burst(limits_server):
+    """While a long generation holds the one batch slot, 10 simultaneous requests of 2 inputs each: each input
+    takes a waiting-queue slot, so at most 2 requests (4 slots, --max-queue-len) are admitted."""
+    inputs_per_request = 2
+    with httpx.stream("POST", limits_server.base_url + "/completions", timeout=60, json={
+            "prompt": "hold", "max_tokens": 400, "ignore_eos": True, "stream": True}) as running:
+        assert running.status_code == 200
+        next(running.iter_lines())  # it runs
+        admitted, max_waiting = queue_burst(limits_server, limits_server.base_url + "/embeddings",
+                                            {"input": ["burst"] * inputs_per_request}, 10)
+    assert 1 <= admitted <= LIMITS_MAX_QUEUE_LEN // inputs_per_request, admitted
+    assert max_waiting <= LIMITS_MAX_QUEUE_LEN, max_waiting
+    limits_server.wait_idle(30)

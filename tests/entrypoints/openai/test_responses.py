@@ -12,12 +12,15 @@ import pytest
 
 from tests.entrypoints.openai.conftest import (
     API_KEY,
+    LIMITS_MAX_QUEUE_LEN,
     MAX_MODEL_LEN,
     MAX_TOKENS_LIMIT,
     MODEL_NAME,
     assert_openai_error,
+    queue_burst,
 )
 from tokenmill import SamplingParams
+from tokenmill.entrypoints.openai.protocol_responses import ResponseStreamEvent
 
 SYSTEM = "You are terse."
 QUESTION = "What is continuous batching?"
@@ -147,6 +150,64 @@ def test_stream_wire_format(server):
         event_line, data_line = block.split("\n")
         assert event_line.startswith("event: ") and data_line.startswith("data: ")
         assert json.loads(data_line[6:])["type"] == event_line[7:]
+        # Each event is what /openapi.json declares (ResponseStreamEvent, with its event types).
+        ResponseStreamEvent.model_validate_json(data_line[6:])
+
+
+def test_openapi_declares_the_stream(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    content = schema["paths"]["/v1/responses"]["post"]["responses"]["200"]["content"]
+    sse = content["text/event-stream"]
+    assert sse["schema"]["type"] == "string" and "$ref" not in sse["schema"]
+    event = sse["x-sse-event"]
+    assert event["properties"]["data"]["contentSchema"]["$ref"].endswith("/ResponseStreamEvent")
+    assert {"response.created", "response.output_text.delta", "response.completed", "error"} <= set(
+        event["properties"]["event"]["enum"])
+    assert "ResponseStreamEvent" in schema["components"]["schemas"]
+    assert "$ref" in content["application/json"]["schema"]
+
+
+LONE = '"ab\\ud800cd"'  # JSON text: a string with a lone high surrogate
+SURROGATE_CASES = [
+    ("input-text", '{"input": LONE}', "input"),
+    ("instructions", '{"input": "hi", "instructions": LONE}', "instructions"),
+    ("message-content", '{"input": [{"role": "user", "content": LONE}]}', "input.[0].content"),
+    ("content-part", '{"input": [{"role": "user", "content": [{"type": "input_text", "text": LONE}]}]}',
+     "input.[0].content.[0]"),
+]
+
+
+@pytest.mark.parametrize("case", SURROGATE_CASES, ids=[c[0] for c in SURROGATE_CASES])
+def test_lone_surrogate_is_400_naming_the_field(server, auth_headers, case):
+    _, body, param = case
+    r = httpx.post(server.base_url + "/responses", content=body.replace("LONE", LONE).encode("ascii"),
+                   headers={**auth_headers, "Content-Type": "application/json"}, timeout=30)
+    error = assert_openai_error(r, 400)
+    assert error["param"] == param, error
+    assert "surrogate" in error["message"], error
+
+
+def test_long_input_is_context_length_exceeded(server, auth_headers):
+    """Over max_model_len tokens, or more text than max_model_len tokens can hold (refused before it is
+    tokenized): 400 context_length_exceeded naming input, as chat names messages."""
+    for text in ("word " * MAX_MODEL_LEN, "x" * 900_000):
+        for path, body, param in (("/responses", {"input": text, "max_output_tokens": 4}, "input"),
+                                  ("/chat/completions", {"messages": [{"role": "user", "content": text}],
+                                                         "max_tokens": 4}, "messages")):
+            r = httpx.post(server.base_url + path, json=body, headers=auth_headers, timeout=60)
+            error = assert_openai_error(r, 400)
+            assert error["code"] == "context_length_exceeded" and error["param"] == param, (path, error)
+            assert str(MAX_MODEL_LEN) in error["message"] and "shorten" in error["message"], error
+
+
+@pytest.mark.slow  # starts its own server (limits_server)
+def test_queue_limit_holds_under_a_burst(limits_server):
+    """20 simultaneous response streams, one batch slot and --max-queue-len 4: at most 1 running + 4 waiting."""
+    body = {"input": "burst", "max_output_tokens": 400, "ignore_eos": True, "stream": True}
+    admitted, max_waiting = queue_burst(limits_server, limits_server.base_url + "/responses", body, 20)
+    assert 1 <= admitted <= LIMITS_MAX_QUEUE_LEN + 1, admitted
+    assert max_waiting <= LIMITS_MAX_QUEUE_LEN, max_waiting
+    limits_server.wait_idle(30)
 
 
 def test_metadata_feature_and_usage_log(client, server, server_dir):

@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import h11
 import uvicorn
@@ -62,7 +62,12 @@ from tokenmill.entrypoints.openai.protocol import (
     TokenizeResponse,
 )
 from tokenmill.entrypoints.openai.protocol_embeddings import EmbeddingRequest, EmbeddingResponse
-from tokenmill.entrypoints.openai.protocol_responses import ResponsesRequest, ResponsesResponse
+from tokenmill.entrypoints.openai.protocol_responses import (
+    ResponsesRequest,
+    ResponsesResponse,
+    ResponseStreamEvent,
+    ResponseStreamEventType,
+)
 from tokenmill.entrypoints.openai.rate_limit import RateLimiter
 from tokenmill.entrypoints.openai.server_config import ServerConfig, default_max_request_body_bytes
 from tokenmill.entrypoints.openai.serving_chat import OpenAIServingChat
@@ -159,12 +164,14 @@ class ServerState:
                 self.request_queue)
         self.completion = OpenAIServingCompletion(*args)
         self.chat = OpenAIServingChat(*args)
-        self.completion.tracer = self.chat.tracer = tracer
         self.tokenization = OpenAIServingTokenization(*args)
         # The model as the user named it (as vLLM's root), never the converted copy in the cache.
         self.models = OpenAIServingModels(*args, model_root=self.engine_config.model.model or DEFAULT_MODEL_NAME)
         self.responses = OpenAIServingResponses(*args)
         self.embedding = OpenAIServingEmbedding(*args)
+        # Every endpoint that runs engine requests: a span per request.
+        for serving in (self.completion, self.chat, self.responses, self.embedding):
+            serving.tracer = tracer
         if self.status == ServerStatus.LOADING:
             self.status = ServerStatus.OK
             sizing = llm_engine.core.kv_sizing
@@ -649,24 +656,36 @@ def _sse_media_type(event_schema: str) -> dict:
     """An SSE stream in OpenAPI 3.1: the body is text (not one JSON object). Each event's data is one JSON object
     of event_schema, then [DONE]; 3.1 has no field for a stream's items (3.2's itemSchema), so the event schema
     goes in an extension, x-sse-event."""
+    return _sse_content(event_schema, {}, "One JSON event, or the literal [DONE] that ends the stream",
+                        f"Server-sent events (stream: true): one `data: {{...}}` line per {event_schema}, each "
+                        "followed by a blank line, then `data: [DONE]`. An error after the response started "
+                        "arrives as `data: {\"error\": {...}}` (ErrorResponse) before [DONE].")
+
+
+def _responses_sse_media_type() -> dict:
+    """The Responses API's stream: named events (`event: <type>`), each data one ResponseStreamEvent, no [DONE]."""
+    event_types = list(get_args(ResponseStreamEventType))
+    named = {"event": {"type": "string", "enum": event_types,
+                       "description": "The event's type, the same as its data's type"}}
+    return _sse_content("ResponseStreamEvent", named, "One JSON event (ResponseStreamEvent) of the type named",
+                        "Server-sent events (stream: true): per event, an `event: <type>` line and a `data: {...}` "
+                        "line holding one ResponseStreamEvent, then a blank line. The stream starts with "
+                        "response.created and ends with response.completed, or response.incomplete when "
+                        "max_output_tokens cut the output; there is no [DONE]. An error after the response "
+                        "started arrives as an `error` event.")
+
+
+def _sse_content(event_schema: str, extra_fields: dict, data_description: str, description: str) -> dict:
     event = {
         "type": "object",
-        "required": ["data"],
-        "properties": {"data": {
+        "required": [*extra_fields, "data"],
+        "properties": {**extra_fields, "data": {
             "type": "string", "contentMediaType": "application/json",
             "contentSchema": {"$ref": f"#/components/schemas/{event_schema}"},
-            "description": "One JSON event, or the literal [DONE] that ends the stream",
+            "description": data_description,
         }},
     }
-    return {
-        "schema": {
-            "type": "string",
-            "description": f"Server-sent events (stream: true): one `data: {{...}}` line per {event_schema}, each "
-                           "followed by a blank line, then `data: [DONE]`. An error after the response started "
-                           "arrives as `data: {\"error\": {...}}` (ErrorResponse) before [DONE].",
-        },
-        "x-sse-event": event,
-    }
+    return {"schema": {"type": "string", "description": description}, "x-sse-event": event}
 
 
 def _openapi(app: FastAPI):
@@ -677,19 +696,20 @@ def _openapi(app: FastAPI):
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (CompletionStreamResponse, ChatCompletionStreamResponse):
+        for model in (CompletionStreamResponse, ChatCompletionStreamResponse, ResponseStreamEvent):
             defs = model.model_json_schema(ref_template="#/components/schemas/{model}")
             for name, sub in defs.pop("$defs", {}).items():
                 components.setdefault(name, sub)
             components[model.__name__] = defs
-        streams = {"/v1/completions": "CompletionStreamResponse",
-                   "/v1/chat/completions": "ChatCompletionStreamResponse"}
+        streams = {"/v1/completions": _sse_media_type("CompletionStreamResponse"),
+                   "/v1/chat/completions": _sse_media_type("ChatCompletionStreamResponse"),
+                   "/v1/responses": _responses_sse_media_type()}
         for path, item in schema.get("paths", {}).items():
             for operation in item.values():
                 responses = operation.get("responses", {})
                 responses.pop("422", None)
                 if path in streams:
-                    responses["200"].setdefault("content", {})["text/event-stream"] = _sse_media_type(streams[path])
+                    responses["200"].setdefault("content", {})["text/event-stream"] = streams[path]
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
         app.openapi_schema = schema

@@ -6,17 +6,14 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from tokenmill.entrypoints.openai.protocol import RequestModel, ResponseModel
-
-# OpenAI's limit on the inputs of one request.
-MAX_EMBEDDING_INPUTS = 2048
+from tokenmill.entrypoints.openai.protocol import RequestModel, ResponseModel, check_text
 
 
 class EmbeddingRequest(RequestModel):
     model: str | None = Field(None, description="A served model name; omitted: the server's model.")
     input: str | list[str] | list[int] | list[list[int]] = Field(
         description="A string, a list of strings, a list of token ids, or a list of token-id lists "
-                    f"(at most {MAX_EMBEDDING_INPUTS} inputs)."
+                    "(at most --max-prompts-per-request inputs, 256 by default)."
     )
     encoding_format: Literal["float", "base64"] | None = Field(
         "float", description="float: lists of numbers; base64: little-endian float32 bytes, base64-encoded."
@@ -52,16 +49,15 @@ class EmbeddingRequest(RequestModel):
         if isinstance(value, str):
             if not value:
                 raise ValueError("input must not be an empty string")
-            return value
+            return check_text(value, "input")
         if not value:
             raise ValueError("input must not be an empty list")
-        if isinstance(value[0], list | str) and len(value) > MAX_EMBEDDING_INPUTS:
-            raise ValueError(f"input has {len(value)} items: at most {MAX_EMBEDDING_INPUTS} per request")
+        # How many inputs one request may hold is the server's --max-prompts-per-request.
         if isinstance(value[0], str) and any(not s for s in value):
             raise ValueError("input must not contain empty strings")
         if isinstance(value[0], list) and any(not ids for ids in value):
             raise ValueError("input must not contain an empty token-id list")
-        return value
+        return check_text(value, "input")
 
 
 class EmbeddingData(ResponseModel):

@@ -20,6 +20,7 @@ from tokenmill.entrypoints.openai.protocol import (
     RequestModel,
     ResponseModel,
     _not_supported,
+    check_text,
 )
 
 _ROLES = ("user", "system", "developer", "assistant")
@@ -51,6 +52,8 @@ class ResponseInputTextPart(RequestModel):
             )
         if isinstance(value, dict) and not isinstance(value.get("text"), str):
             raise ValueError(f"an {value.get('type')} part needs 'text' (a string)")
+        if isinstance(value, dict):
+            check_text(value["text"], "text")
         return value
 
 
@@ -77,6 +80,11 @@ class ResponseInputMessage(RequestModel):
         if isinstance(value, dict) and not isinstance(value.get("content"), str | list):
             raise ValueError("a message needs content: a string or a list of input_text parts")
         return value
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value):
+        return check_text(value, "content") if isinstance(value, str) else value
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -161,7 +169,12 @@ class ResponsesRequest(RequestModel):
     def _input(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("input must not be an empty list")
-        return value
+        return check_text(value, "input") if isinstance(value, str) else value
+
+    @field_validator("instructions")
+    @classmethod
+    def _instructions(cls, value):
+        return check_text(value, "instructions")
 
     @field_validator("stop")
     @classmethod
@@ -306,3 +319,36 @@ class ResponsesResponse(ResponseModel):
     @property
     def output_text(self) -> str:
         return "".join(part.text for item in self.output for part in item.content)
+
+
+ResponseStreamEventType = Literal[
+    "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+    "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+    "response.output_item.done", "response.completed", "response.incomplete", "error",
+]
+
+
+class ResponseStreamEvent(ResponseModel):
+    """One server-sent event of a streamed response (`event: <type>` then `data: {...}`). Which fields an event
+    carries depends on its type, as in OpenAI's Responses API; an error after the stream started is an `error`
+    event (code, message, param)."""
+
+    type: ResponseStreamEventType
+    sequence_number: int
+    # response.created / in_progress / completed / incomplete: the whole response so far.
+    response: ResponsesResponse | None = None
+    output_index: int | None = None
+    content_index: int | None = None
+    item_id: str | None = None
+    # response.output_item.added / done.
+    item: ResponseOutputMessage | None = None
+    # response.content_part.added / done.
+    part: ResponseOutputText | None = None
+    # response.output_text.delta: the new text; response.output_text.done: all of it.
+    delta: str | None = None
+    text: str | None = None
+    logprobs: list[Any] | None = None
+    # error events.
+    code: str | None = None
+    message: str | None = None
+    param: str | None = None

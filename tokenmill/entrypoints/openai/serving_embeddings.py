@@ -36,14 +36,16 @@ class OpenAIServingEmbedding(OpenAIServing):
     async def create_embedding(self, request: EmbeddingRequest, ctx: RequestContext) -> EmbeddingResponse:
         model_name = self.check_model(request.model)
         feature = self.resolve_feature(None, ctx.feature_header)
-        prompts = self._prompts(request.input)
+        num_inputs = _num_inputs(request.input)
+        self.check_num_prompts(num_inputs, 1, param="input")
+        self.reserve_queue(ctx, num_inputs, param="input")
+        prompts = await self.in_thread(self._prompts, request.input)
         num_tokens = sum(len(p.token_ids) for p in prompts)
         reservation = self.admit(ctx.api_key, feature, num_tokens)
         request_id = f"embd-{uuid.uuid4().hex}"
         params = PoolingParams()  # the engine's --pooling-type, normalized
         streams: list[AsyncIterator[EmbeddingRequestOutput]] = [
-            self.engine.encode(request_id if len(prompts) == 1 else f"{request_id}-{i}", p.engine_input(), params,
-                               arrival_time=ctx.arrival_time, feature=feature)
+            self.pool(request_id if len(prompts) == 1 else f"{request_id}-{i}", p, params, ctx, feature)
             for i, p in enumerate(prompts)
         ]
         try:
@@ -71,21 +73,13 @@ class OpenAIServingEmbedding(OpenAIServing):
         return outputs  # type: ignore[return-value]
 
     def _prompts(self, value: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
-        if isinstance(value, str):
-            return [self._prompt(value, "input")]
-        if isinstance(value[0], int):
+        """Call from a worker thread (in_thread)."""
+        if isinstance(value, str) or isinstance(value[0], int):
             return [self._prompt(value, "input")]  # type: ignore[arg-type]
         return [self._prompt(v, f"input[{i}]") for i, v in enumerate(value)]  # type: ignore[arg-type]
 
     def _prompt(self, value: str | list[int], param: str) -> Prompt:
-        text = value if isinstance(value, str) else None
-        if isinstance(value, str):
-            try:
-                token_ids = self.tokenizer.encode(value)
-            except (TypeError, ValueError, UnicodeError) as e:  # e.g. a lone surrogate, not valid Unicode text
-                raise bad_request(f"{param} is not valid text ({e}): send UTF-8 text", param=param) from None
-        else:
-            token_ids = list(value)
+        token_ids = self.encode(value, param=param) if isinstance(value, str) else list(value)
         if len(token_ids) > self.max_model_len:
             raise bad_request(
                 f"This model's maximum context length is {self.max_model_len} tokens, however {param} has "
@@ -93,5 +87,10 @@ class OpenAIServingEmbedding(OpenAIServing):
                 param=param, code="context_length_exceeded",
             )
         prompt = self.token_prompt(token_ids, param)
-        prompt.text = text
+        prompt.text = value if isinstance(value, str) else None
         return prompt
+
+
+def _num_inputs(value: str | list[str] | list[int] | list[list[int]]) -> int:
+    """Engine requests an input makes: one per string or token-id list."""
+    return 1 if isinstance(value, str) or isinstance(value[0], int) else len(value)

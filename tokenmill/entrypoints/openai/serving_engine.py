@@ -25,12 +25,14 @@ from tokenmill.entrypoints.openai.rate_limit import RateLimiter, Reservation
 from tokenmill.entrypoints.openai.server_config import ApiKey, ServerConfig, check_feature
 from tokenmill.metrics.prometheus import PrometheusStatLogger
 from tokenmill.metrics.tracing import RequestTracer, operation_name
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger("tokenmill.server")
 
 T = TypeVar("T")
+OutputT = TypeVar("OutputT", RequestOutput, EmbeddingRequestOutput)
 
 # OpenAI's default max_tokens for /v1/completions.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -68,12 +70,12 @@ class RequestQueue:
         # Slots held: engine requests admitted that have not started running.
         self.num_waiting = 0
 
-    def reserve(self, num: int) -> QueueTicket:
+    def reserve(self, num: int, param: str = "prompt") -> QueueTicket:
         max_len = self.max_len
         if max_len is not None and num > max_len:
             raise bad_request(
-                f"This request has {num} prompts, more than the server's waiting queue holds ({max_len}, "
-                "--max-queue-len): send fewer prompts per request", param="prompt",
+                f"This request has {num} prompts ({param}), more than the server's waiting queue holds ({max_len}, "
+                "--max-queue-len): send fewer per request", param=param,
             )
         if max_len is not None and self.num_waiting + num > max_len:
             raise unavailable(
@@ -208,7 +210,7 @@ class OpenAIServing:
         return prompt
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                    template_kwargs: dict[str, Any] | None) -> str:
+                    template_kwargs: dict[str, Any] | None, param: str = "messages") -> str:
         conversation = []
         for message in messages:
             entry = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
@@ -221,21 +223,21 @@ class OpenAIServing:
         if reserved:
             raise bad_request(f"chat_template_kwargs may not set {sorted(reserved)}", param="chat_template_kwargs")
         # The template adds little around the messages: their own text must already fit.
-        self.check_prompt_length("".join(entry["content"] for entry in conversation), "messages")
+        self.check_prompt_length("".join(entry["content"] for entry in conversation), param)
         try:
             return self.tokenizer.apply_chat_template(
                 conversation, add_generation_prompt=add_generation_prompt, chat_template=self.chat_template,
                 **(template_kwargs or {}),
             )
         except (ValueError, TypeError) as e:
-            raise bad_request(str(e), param="messages") from None
+            raise bad_request(str(e), param=param) from None
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                    template_kwargs: dict[str, Any] | None = None) -> Prompt:
-        """Call from a worker thread (in_thread)."""
-        text = self.render_chat(messages, add_generation_prompt, template_kwargs)
+                    template_kwargs: dict[str, Any] | None = None, param: str = "messages") -> Prompt:
+        """Call from a worker thread (in_thread). param names the messages in errors (Responses: input)."""
+        text = self.render_chat(messages, add_generation_prompt, template_kwargs, param)
         # The template writes the special tokens itself (as LLM.chat).
-        return self.text_prompt(text, add_special_tokens=False, param="messages")
+        return self.text_prompt(text, add_special_tokens=False, param=param)
 
     # ---- sampling -------------------------------------------------------------------------------------------
     def resolve_max_tokens(self, prompt: Prompt, requested: int | None, default: int, param: str) -> int:
@@ -294,13 +296,14 @@ class OpenAIServing:
             raise bad_request(message, param=message.split(" ", 1)[0].strip("(")) from None
 
     # ---- admission ------------------------------------------------------------------------------------------
-    def reserve_queue(self, ctx: RequestContext, num_requests: int = 1) -> None:
+    def reserve_queue(self, ctx: RequestContext, num_requests: int = 1, param: str = "prompt") -> None:
         """Take num_requests waiting-queue slots (503 queue_full when the queue is full). Call first, before any
-        await; generate() gives each slot back when its engine request starts, the server when the request ends."""
+        await; generate() and pool() give each slot back when its engine request starts (pool(): when it is
+        done), the server when the request ends. param names the prompts when they alone overflow the queue."""
         if not self.engine.is_running:
             raise unavailable("The engine is not running: the server is shutting down or failed.", "engine_dead")
         try:
-            ticket = self.request_queue.reserve(num_requests)
+            ticket = self.request_queue.reserve(num_requests, param)
         except OpenAIError as e:
             if e.status == 503:
                 self._rejected("queue_full")
@@ -309,14 +312,14 @@ class OpenAIServing:
         if ctx.raw_request is not None:
             ctx.raw_request.scope.setdefault("state", {})[QUEUE_TICKET_KEY] = ticket
 
-    def check_num_prompts(self, num_prompts: int, n: int) -> None:
+    def check_num_prompts(self, num_prompts: int, n: int, param: str = "prompt") -> None:
         """The per-request caps: prompts (--max-prompts-per-request) and choices, n x prompts
-        (--max-choices-per-request)."""
+        (--max-choices-per-request). param names the prompts (embeddings: input)."""
         max_prompts = self.config.max_prompts_per_request
         if num_prompts > max_prompts:
             raise bad_request(
-                f"prompt is a list of {num_prompts} prompts, more than this server takes in one request "
-                f"({max_prompts}, --max-prompts-per-request): split it into several requests", param="prompt",
+                f"{param} is a list of {num_prompts} prompts, more than this server takes in one request "
+                f"({max_prompts}, --max-prompts-per-request): split it into several requests", param=param,
             )
         max_choices = self.config.max_choices_per_request
         if num_prompts * n > max_choices:
@@ -343,14 +346,28 @@ class OpenAIServing:
     # ---- running requests -------------------------------------------------------------------------------------
     def generate(self, request_id: str, prompt: Prompt, params: SamplingParams, ctx: RequestContext,
                  feature: str | None) -> AsyncIterator[RequestOutput]:
-        if self.tracer is not None:
-            raw = ctx.raw_request
-            self.tracer.start(request_id, raw.headers if raw is not None else {},
-                              operation_name(raw.url.path if raw is not None else ""), self.model_names[0],
-                              params.max_tokens, params.temperature, params.top_p)
+        self._trace(request_id, ctx, params.max_tokens, params.temperature, params.top_p)
         stream = self.engine.generate(request_id, prompt.engine_input(), params, arrival_time=ctx.arrival_time,
                                       feature=feature)
         return _leave_queue_on_start(stream, ctx.queue_ticket) if ctx.queue_ticket is not None else stream
+
+    def pool(self, request_id: str, prompt: Prompt, params: PoolingParams, ctx: RequestContext,
+             feature: str | None) -> AsyncIterator[EmbeddingRequestOutput]:
+        """A pooling (embedding) request: as generate(); its one output comes when it is done."""
+        self._trace(request_id, ctx, None, None, None)
+        stream = self.engine.encode(request_id, prompt.engine_input(), params, arrival_time=ctx.arrival_time,
+                                    feature=feature)
+        return _leave_queue_on_start(stream, ctx.queue_ticket) if ctx.queue_ticket is not None else stream
+
+    def _trace(self, request_id: str, ctx: RequestContext, max_tokens: int | None, temperature: float | None,
+               top_p: float | None) -> None:
+        """Register the request with the tracer (a span when the engine finishes it), if tracing is on."""
+        if self.tracer is None:
+            return
+        raw = ctx.raw_request
+        self.tracer.start(request_id, raw.headers if raw is not None else {},
+                          operation_name(raw.url.path if raw is not None else ""), self.model_names[0],
+                          max_tokens, temperature, top_p)
 
     @staticmethod
     def usage(prompts: Sequence[Prompt], outputs: Sequence[RequestOutput | None]) -> UsageInfo:
@@ -361,8 +378,7 @@ class OpenAIServing:
                          prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
-async def _leave_queue_on_start(stream: AsyncIterator[RequestOutput], ticket: QueueTicket
-                                ) -> AsyncIterator[RequestOutput]:
+async def _leave_queue_on_start(stream: AsyncIterator[OutputT], ticket: QueueTicket) -> AsyncIterator[OutputT]:
     """The engine stream; its waiting-queue slot is given back at the first output (or when it ends)."""
     released = False
     try:

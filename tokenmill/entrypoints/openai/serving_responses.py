@@ -47,7 +47,8 @@ class OpenAIServingResponses(OpenAIServing):
                               ) -> ResponsesResponse | AsyncIterator[str]:
         model_name = self.check_model(request.model)
         feature = self.resolve_feature(request.feature, ctx.feature_header)
-        prompt = self.chat_prompt(self._messages(request))
+        self.reserve_queue(ctx)
+        prompt = await self.in_thread(self._prompt, request)
         max_tokens = self.resolve_max_tokens(prompt, request.max_output_tokens, self.config.default_max_tokens,
                                              "max_output_tokens")
         params = self.sampling_params(request, max_tokens, None)
@@ -61,6 +62,10 @@ class OpenAIServingResponses(OpenAIServing):
         finally:
             self.limiter.settle(reservation, state.num_tokens_used())
         return state.response()
+
+    def _prompt(self, request: ResponsesRequest) -> Prompt:
+        """The chat prompt of the instructions and input; call from a worker thread (in_thread)."""
+        return self.chat_prompt(self._messages(request), param="input")
 
     @staticmethod
     def _messages(request: ResponsesRequest) -> list[ChatMessage]:
