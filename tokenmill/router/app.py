@@ -250,11 +250,11 @@ class RouterState:
         if isinstance(result, Failure):
             return self._failed(call, result)
         if result.body is not None:
-            self._record(call, result, final=result)
+            self._record(call, final=result)
             return self._reply(call, result, result.body)
 
         def done(attempt: Attempt, error: str | None) -> None:
-            self._record(call, attempt, final=attempt, error=error)
+            self._record(call, final=attempt, error=error)
 
         return StreamingResponse(self.forwarder.stream_events(result, call.include_usage, done),
                                  media_type="text/event-stream", headers=self._response_headers(call, result))
@@ -278,7 +278,7 @@ class RouterState:
         if isinstance(cheap, Failure):
             failure = CheckFailure("cheap_tier_error", cheap.error.message)
         elif cheap.status != 200:
-            self._record(call, cheap, final=cheap)
+            self._record(call, final=cheap)
             return self._reply(call, cheap, cheap.body or b"")
         else:
             response = cheap.json
@@ -291,7 +291,7 @@ class RouterState:
                 if added_logprobs:
                     for choice in response.get("choices") or []:
                         choice["logprobs"] = None
-                self._record(call, cheap, final=cheap)
+                self._record(call, final=cheap)
                 if call.stream:
                     return Response(synthesize_stream(response, call.chat, call.include_usage),
                                     media_type="text/event-stream", headers=self._response_headers(call, cheap))
@@ -308,7 +308,7 @@ class RouterState:
             return self._failed(call, strong, cheap=cheap_attempt)
 
         def done(attempt: Attempt, error: str | None) -> None:
-            self._record(call, attempt, final=attempt, cheap=cheap_attempt, failure=failure, error=error)
+            self._record(call, final=attempt, cheap=cheap_attempt, failure=failure, error=error)
             self._log_escalation(call, cheap_attempt, failure, attempt)
 
         if strong.body is not None:
@@ -353,7 +353,7 @@ class RouterState:
             return final.cost_usd
         return cost_usd(self.config.backends[escalate.to].price, final.usage)
 
-    def _record(self, call: Call, final: Attempt, *, cheap: Attempt | None = None,
+    def _record(self, call: Call, *, final: Attempt, cheap: Attempt | None = None,
                 failure: CheckFailure | None = None, error: str | None = None) -> None:
         route = call.route
         self.metrics.requests.labels(route.name, final.backend, str(final.status)).inc()
@@ -407,8 +407,8 @@ class RouterState:
             if attempt is None:
                 return None
             out = {"backend": attempt.backend, "model": attempt.model, "input_tokens": attempt.usage.input_tokens,
-                   "output_tokens": attempt.usage.output_tokens, "latency_s": attempt.latency_s,
-                   "cost_usd": attempt.cost_usd}
+                   "output_tokens": attempt.usage.output_tokens, "gpu_seconds": attempt.usage.gpu_seconds,
+                   "latency_s": attempt.latency_s, "cost_usd": attempt.cost_usd}
             if with_output and self.config.log_outputs:
                 try:
                     choices = json.loads(attempt.body or b"{}").get("choices") or []
@@ -496,11 +496,18 @@ def build_app(state: RouterState) -> FastAPI:
             message = f"{request.method} is not allowed on {request.url.path}: see GET /openapi.json"
         return error_response(OpenAIError(message, exc.status_code))
 
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(OpenAIError(f"internal router error: {exc!r}", 500, code="internal_error"))
+
     app.state.router_state = state
     return app
 
 
 def run_router(config: RouterConfig) -> int:
+    # One line per health probe would drown the log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     state = RouterState(config)
     app = build_app(state)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info", access_log=False,
