@@ -132,3 +132,28 @@ def backends_config(local_replicas, cloud_server) -> dict:
         "cloud-mid": {"urls": [cloud_server.base_url], "model": CLOUD_MODEL, "api_key_env": CLOUD_KEY_ENV,
                       "price": dict(CLOUD_PRICE)},
     }
+
+
+class FixedPortServer(ServerProcess):
+    """ServerProcess on a chosen port, so that a killed replica can come back at the same URL."""
+
+    def __init__(self, args: list[str], log_path: Path, port: int) -> None:
+        self.port = port
+        self.log_path = log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.base_url = self.url + "/v1"
+        cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", *args, "--host", "127.0.0.1",
+               "--port", str(port)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        self._log = open(log_path, "a")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout} s")

@@ -473,7 +473,9 @@ def build_app(state: RouterState) -> FastAPI:
     @app.get("/health", tags=["Operations"], summary="200 when every route has a replica in rotation")
     async def health():
         backends = {name: [{"url": r.url, "healthy": r.healthy, "outstanding": r.num_outstanding,
-                            "error": r.last_error} for r in pool.replicas] for name, pool in state.pools.items()}
+                            "requests": r.num_requests, "error": r.last_error,
+                            **({"pid": state.supervisor.pid(r.url)} if pool.config.launch else {})}
+                           for r in pool.replicas] for name, pool in state.pools.items()}
         ok = state.healthy
         return JSONResponse({"status": "ok" if ok else "degraded", "backends": backends},
                             status_code=200 if ok else 503)
@@ -505,6 +507,15 @@ def build_app(state: RouterState) -> FastAPI:
     return app
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server; a SIGTERM/SIGINT stops it cleanly (launched replicas stopped) and exits 0."""
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
+
+
 def run_router(config: RouterConfig) -> int:
     # One line per health probe would drown the log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -512,5 +523,5 @@ def run_router(config: RouterConfig) -> int:
     app = build_app(state)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info", access_log=False,
                                lifespan="on", timeout_graceful_shutdown=5, timeout_keep_alive=30)
-    uvicorn.Server(uv_config).run()
+    _Server(uv_config).run()
     return 0

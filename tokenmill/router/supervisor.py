@@ -89,6 +89,12 @@ class Supervisor:
     def urls(self, backend: str) -> list[str]:
         return [r.url for r in self.replicas.get(backend, [])]
 
+    def pid(self, url: str) -> int | None:
+        for replica in self.all():
+            if replica.url == url and replica.process is not None and replica.process.poll() is None:
+                return replica.process.pid
+        return None
+
     def all(self) -> list[LaunchedReplica]:
         return [r for replicas in self.replicas.values() for r in replicas]
 
