@@ -48,6 +48,7 @@ def router(local_replicas, cloud_server, cloud_env, router_dir):
              "max_tokens": 64},
         ],
         "api_keys_file": str(keys),
+        "feature_rate_limits": {"tight": {"requests_per_minute": 1}},
         "usage_log": str(router_dir / "usage.jsonl"),
         "escalation_log": str(router_dir / "escalations.jsonl"),
         "health": {"interval_s": 0.5},
@@ -182,6 +183,13 @@ def test_rate_limit_429_with_retry_after(router):
         limited.completions.create(model=LOCAL_MODEL, prompt=PROMPT, max_tokens=2)
     assert int(e.value.response.headers["retry-after"]) >= 1
     assert "limited" in e.value.message
+    # A feature's limit holds over all keys.
+    client = openai.OpenAI(base_url=router.base_url, api_key=USER_KEY, max_retries=0)
+    client.completions.create(model=LOCAL_MODEL, prompt=PROMPT, max_tokens=2, extra_headers={"X-Feature": "tight"})
+    with pytest.raises(openai.RateLimitError) as e:
+        client.completions.create(model=LOCAL_MODEL, prompt=PROMPT, max_tokens=2,
+                                  extra_headers={"X-Feature": "tight"})
+    assert "feature 'tight'" in e.value.message and int(e.value.response.headers["retry-after"]) >= 1
 
 
 def test_max_tokens_cap_and_max_input_tokens(client):

@@ -146,6 +146,14 @@ class RouterState:
     async def count_prompt_tokens(self, route: RouteConfig, body: dict[str, Any], chat: bool) -> int:
         """Prompt tokens by the route backend's /tokenize; a 4-characters-per-token estimate if it has none."""
         pool = self.pools[route.backend]
+        if not chat:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+                return len(prompt)  # token ids
+            if isinstance(prompt, list) and all(isinstance(p, list) for p in prompt):
+                return sum(len(p) for p in prompt)
+            if isinstance(prompt, list):
+                return sum([await self.count_prompt_tokens(route, {"prompt": p}, False) for p in prompt])
         payload: dict[str, Any] = {"model": pool.config.model}
         if chat:
             payload["messages"] = body.get("messages")
