@@ -20,6 +20,9 @@ LOCAL_MODEL = "tiny-local"
 CLOUD_MODEL = "cloud-mid"
 CLOUD_KEY = "sk-cloud-secret"
 CLOUD_KEY_ENV = "TOKENMILL_TEST_CLOUD_KEY"
+# A second key of the cloud server, allowed 1 request per minute: the backend answers 429 after that.
+CLOUD_LIMITED_KEY = "sk-cloud-limited"
+CLOUD_LIMITED_KEY_ENV = "TOKENMILL_TEST_CLOUD_LIMITED_KEY"
 GPU_HOURLY = 2.99
 CLOUD_PRICE = {"input_per_1m": 150.0, "output_per_1m": 600.0}
 MAX_MODEL_LEN = 512
@@ -111,7 +114,8 @@ def local_replicas(server_model_dir, router_dir):
 def cloud_server(server_model_dir, router_dir):
     """The "cloud" tier: another tokenmill server, with its own API key."""
     keys = router_dir / "cloud-keys.json"
-    keys.write_text(json.dumps({"keys": [{"name": "router", "key": CLOUD_KEY}]}))
+    keys.write_text(json.dumps({"keys": [{"name": "router", "key": CLOUD_KEY},
+                                         {"name": "limited", "key": CLOUD_LIMITED_KEY, "requests_per_minute": 1}]}))
     proc = ServerProcess(serve_args(server_model_dir, CLOUD_MODEL, "--api-keys-file", str(keys)),
                          router_dir / "cloud.log")
     try:
@@ -122,7 +126,7 @@ def cloud_server(server_model_dir, router_dir):
 
 @pytest.fixture(scope="session")
 def cloud_env() -> dict[str, str]:
-    return {CLOUD_KEY_ENV: CLOUD_KEY}
+    return {CLOUD_KEY_ENV: CLOUD_KEY, CLOUD_LIMITED_KEY_ENV: CLOUD_LIMITED_KEY}
 
 
 def backends_config(local_replicas, cloud_server) -> dict:
@@ -131,6 +135,9 @@ def backends_config(local_replicas, cloud_server) -> dict:
                         "price": {"gpu_hourly": GPU_HOURLY}},
         "cloud-mid": {"urls": [cloud_server.base_url], "model": CLOUD_MODEL, "api_key_env": CLOUD_KEY_ENV,
                       "price": dict(CLOUD_PRICE)},
+        # The same server through a key limited to 1 request per minute.
+        "cloud-limited": {"urls": [cloud_server.base_url], "model": CLOUD_MODEL, "api_key_env": CLOUD_LIMITED_KEY_ENV,
+                          "price": dict(CLOUD_PRICE)},
     }
 
 

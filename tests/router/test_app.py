@@ -44,6 +44,9 @@ def router(local_replicas, cloud_server, cloud_env, router_dir):
                                                       {"check": "min_mean_logprob", "value": -1.0e9}]}},
             {"name": "cloud", "match": {"feature": "cloud-only"}, "backend": "cloud-mid"},
             {"name": "short", "match": {"feature": "short-input"}, "backend": "local-small", "max_input_tokens": 5},
+            {"name": "busy", "match": {"feature": "busy"}, "backend": "cloud-limited"},
+            {"name": "busy-fallback", "match": {"feature": "busy-fallback"}, "backend": "cloud-limited",
+             "fallback": ["local-small"]},
             {"name": "default", "match": {"model": "*"}, "backend": "local-small", "fallback": ["cloud-mid"],
              "max_tokens": 64},
         ],
@@ -149,7 +152,7 @@ def test_feature_routing_and_default_route(client, cloud_direct):
 
 
 def test_models_lists_route_models(client):
-    assert {m.id for m in client.models.list().data} == {LOCAL_MODEL, CLOUD_MODEL}
+    assert [m.id for m in client.models.list().data] == [LOCAL_MODEL, CLOUD_MODEL]
 
 
 def test_openapi_health_and_bad_feature(router):
@@ -163,6 +166,27 @@ def test_openapi_health_and_bad_feature(router):
     r = httpx.post(router.base_url + "/completions", content=b"{not json",
                    headers={"Authorization": f"Bearer {USER_KEY}"})
     assert_openai_error(r, 400)
+
+
+def test_busy_backend_fails_over_and_passes_retry_after(router, client):
+    # The limited cloud key allows 1 request per minute: the first request uses it up.
+    raw = client.completions.with_raw_response.create(model=LOCAL_MODEL, prompt=PROMPT, max_tokens=2,
+                                                      extra_headers={"X-Feature": "busy"})
+    assert raw.headers["x-tokenmill-backend"] == "cloud-limited"
+    # Then the backend answers 429: with no other replica, the client gets 503 and the backend's Retry-After.
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model=LOCAL_MODEL, prompt=PROMPT, max_tokens=2, extra_headers={"X-Feature": "busy"})
+    assert e.value.status_code == 503 and e.value.body["code"] == "backends_busy"
+    assert int(e.value.response.headers["retry-after"]) > 1
+    # With a fallback, "busy" moves the request on, and the failover is counted.
+    raw = client.completions.with_raw_response.create(model=LOCAL_MODEL, prompt=PROMPT, max_tokens=2,
+                                                      extra_headers={"X-Feature": "busy-fallback"})
+    assert raw.headers["x-tokenmill-backend"] == "local-small"
+    metrics = router.metrics()
+    assert metrics["tokenmill_router:failovers_total{backend=cloud-limited,reason=busy,route=busy-fallback}"] == 1
+    assert metrics["tokenmill_router:failovers_total{backend=cloud-limited,reason=busy,route=busy}"] == 1
+    # A busy replica is not ejected.
+    assert all(r["healthy"] for r in router.health()["backends"]["cloud-limited"])
 
 
 # ---- guardrails ----------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def test_sigkill_one_replica_under_load(server_model_dir, tmp_path):
     ports = [free_port(), free_port()]
     replicas = [FixedPortServer(serve_args(server_model_dir, LOCAL_MODEL), tmp_path / f"r{i}.log", port)
                 for i, port in enumerate(ports)]
-    router = None
+    router = solo = None
     try:
         for r in replicas:
             r.wait_ready()
@@ -40,6 +40,9 @@ def test_sigkill_one_replica_under_load(server_model_dir, tmp_path):
         }
         router = RouterProcess(config, tmp_path, "router").wait_ready()
         victim = replicas[0]
+        # A second router whose only replica is the victim: its stream in flight at the kill is cut.
+        solo = RouterProcess(dict(config, backends={"local-small": {"urls": [victim.base_url], "model": LOCAL_MODEL}},
+                                  usage_log=str(tmp_path / "solo.jsonl")), tmp_path, "solo").wait_ready()
         results: list[tuple[str, bool, bool]] = []  # (kind, ok, had bytes before failing)
         stop = asyncio.Event()
 
@@ -72,8 +75,17 @@ def test_sigkill_one_replica_under_load(server_model_dir, tmp_path):
                                           timeout=60) as client:
                 tasks = [asyncio.create_task(worker(i, client)) for i in range(NUM_WORKERS)]
                 await asyncio.sleep(2.0)
-                victim.proc.send_signal(signal.SIGKILL)
-                killed = time.monotonic()
+                async with openai.AsyncOpenAI(base_url=solo.base_url, api_key="x", max_retries=0) as solo_client:
+                    long_stream = await solo_client.completions.create(
+                        model=LOCAL_MODEL, prompt="a long answer", max_tokens=400, stream=True,
+                        extra_body={"ignore_eos": True})
+                    await long_stream.__anext__()  # bytes have reached the client
+                    victim.proc.send_signal(signal.SIGKILL)
+                    killed = time.monotonic()
+                    with pytest.raises(openai.APIError) as cut:
+                        async for _ in long_stream:
+                            pass
+                    assert "failed mid-stream" in cut.value.message
                 ejected_after = None
                 while time.monotonic() - killed < 10:
                     state = await asyncio.to_thread(_replica_state, router, victim.base_url)
@@ -111,8 +123,10 @@ def test_sigkill_one_replica_under_load(server_model_dir, tmp_path):
         metrics = router.metrics()
         assert sum(v for k, v in metrics.items() if k.startswith("tokenmill_router:ejections_total{")) >= 1
         assert metrics[f"tokenmill_router:backend_healthy{{backend=local-small,replica={restarted.base_url}}}"] == 1
+        assert solo.metrics()["tokenmill_router:stream_errors_total{backend=local-small}"] == 1
     finally:
-        if router is not None:
-            router.stop()
+        for r in (router, solo):
+            if r is not None:
+                r.stop()
         for r in replicas:
             r.stop()

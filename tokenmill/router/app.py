@@ -14,6 +14,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,27 @@ ROUTE_HEADER = "X-Tokenmill-Route"
 ESCALATED_HEADER = "X-Tokenmill-Escalated"
 # Headers passed on to backends.
 FORWARDED_HEADERS = ("x-request-id", "traceparent", "tracestate")
+
+
+class SSEResponse(StreamingResponse):
+    """A backend's stream passed on as server-sent events. However the response ends (a client that goes away,
+    even before the first event), the backend stream is closed, the replica released and the request recorded."""
+
+    def __init__(self, forwarder: Forwarder, attempt: Attempt, keep_usage_chunk: bool,
+                 on_done: Callable[[Attempt, str | None], None], headers: dict[str, str]) -> None:
+        super().__init__(forwarder.stream_events(attempt, keep_usage_chunk, on_done), media_type="text/event-stream",
+                         headers=headers)
+        self.forwarder = forwarder
+        self.attempt = attempt
+        self.on_done = on_done
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            if not self.attempt.finished:  # the generator never started
+                await self.forwarder.abandon(self.attempt, self.on_done)
 
 
 @dataclass
@@ -264,8 +286,7 @@ class RouterState:
         def done(attempt: Attempt, error: str | None) -> None:
             self._record(call, final=attempt, error=error)
 
-        return StreamingResponse(self.forwarder.stream_events(result, call.include_usage, done),
-                                 media_type="text/event-stream", headers=self._response_headers(call, result))
+        return SSEResponse(self.forwarder, result, call.include_usage, done, self._response_headers(call, result))
 
     async def _escalating(self, call: Call) -> Response:
         route = call.route
@@ -322,9 +343,8 @@ class RouterState:
         if strong.body is not None:
             done(strong, None)
             return self._reply(call, strong, strong.body, escalated=True)
-        return StreamingResponse(self.forwarder.stream_events(strong, call.include_usage, done),
-                                 media_type="text/event-stream",
-                                 headers=self._response_headers(call, strong, escalated=True))
+        return SSEResponse(self.forwarder, strong, call.include_usage, done,
+                           self._response_headers(call, strong, escalated=True))
 
     def _response_headers(self, call: Call, attempt: Attempt, escalated: bool = False) -> dict[str, str]:
         headers = {BACKEND_HEADER: attempt.backend, ROUTE_HEADER: call.route.name, "X-Request-Id": call.request_id}

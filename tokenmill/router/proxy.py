@@ -237,6 +237,14 @@ class Forwarder:
             self.finish(attempt)
             on_done(attempt, error)
 
+    async def abandon(self, attempt: Attempt, on_done: Callable[[Attempt, str | None], None]) -> None:
+        """Close a stream the client left before its first event was sent."""
+        if attempt.response is not None:
+            await attempt.response.aclose()
+        self._release(self.pools[attempt.backend], attempt.replica)
+        self.finish(attempt)
+        on_done(attempt, "the client went away before the stream started")
+
     @staticmethod
     def _read_usage(attempt: Attempt, event: bytes, keep_usage_chunk: bool) -> bool:
         """Read usage from one event; False when the event is the usage-only chunk the client did not ask for."""
