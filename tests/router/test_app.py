@@ -22,6 +22,9 @@ from tests.router.conftest import (
     backends_config,
 )
 
+# Four processes start for this module (~40 s on 2 shared cores): the full lane runs it.
+pytestmark = pytest.mark.slow
+
 USER_KEY = "sk-router-user"
 LIMITED_KEY = "sk-router-limited"  # 2 requests per minute
 PROMPT = "The quick brown fox"

@@ -195,27 +195,32 @@ class Forwarder:
         """The backend's SSE bytes, passed through event by event; the usage is read on the way.
 
         The usage-only last chunk (asked for by the router) is dropped unless the client asked for it. A backend
-        failure mid-stream ends the stream with an error event. on_done(attempt, error) runs once at the end.
+        failure mid-stream ends the stream with an error event. on_done(attempt, error) runs once, before the
+        client gets the final `data: [DONE]` (so the request is logged by the time the client sees its end).
         """
-        response, iterator = attempt.response, attempt.chunks
-        assert response is not None and iterator is not None
-        pool = self.pools[attempt.backend]
-        error: str | None = None
+        assert attempt.response is not None and attempt.chunks is not None
+        iterator = attempt.chunks
         buffer = attempt.first_chunk
         try:
             while True:
                 # Pass on every whole event in the buffer.
                 out = []
+                done = False
                 while True:
                     end = buffer.find(b"\n\n")
                     if end < 0:
                         break
                     event, buffer = buffer[: end + 2], buffer[end + 2:]
-                    if b'"usage":{' in event or b'"usage": {' in event:
-                        keep = self._read_usage(attempt, event, keep_usage_chunk)
-                        if not keep:
-                            continue
+                    if (b'"usage":{' in event or b'"usage": {' in event) and not self._read_usage(
+                            attempt, event, keep_usage_chunk):
+                        continue
                     out.append(event)
+                    done = done or event.startswith(b"data: [DONE]")
+                if done:
+                    # The end: account the request, then let the client see it (nothing is read after [DONE]).
+                    await self._close_stream(attempt, on_done, None)
+                    yield b"".join(out)
+                    return
                 if out:
                     yield b"".join(out)
                 try:
@@ -229,21 +234,27 @@ class Forwarder:
             error = f"the backend {attempt.backend!r} failed mid-stream ({type(e).__name__}); the answer is incomplete"
             self.metrics.stream_errors.labels(attempt.backend).inc()
             self.health.eject(attempt.replica, f"mid-stream: {type(e).__name__}")
+            await self._close_stream(attempt, on_done, error)
             payload = {"error": {"message": error, "type": "bad_gateway", "param": None, "code": "backend_stream_error"}}
             yield f"data: {json.dumps(payload)}\n\ndata: [DONE]\n\n".encode()
         finally:
-            await response.aclose()
-            self._release(pool, attempt.replica)
-            self.finish(attempt)
-            on_done(attempt, error)
+            await self._close_stream(attempt, on_done, None)
 
-    async def abandon(self, attempt: Attempt, on_done: Callable[[Attempt, str | None], None]) -> None:
-        """Close a stream the client left before its first event was sent."""
+    async def _close_stream(self, attempt: Attempt, on_done: Callable[[Attempt, str | None], None],
+                            error: str | None) -> None:
+        """Close the backend stream, release the replica and account the attempt (once)."""
+        if attempt.finished:
+            return
+        attempt.finished = True
         if attempt.response is not None:
             await attempt.response.aclose()
         self._release(self.pools[attempt.backend], attempt.replica)
         self.finish(attempt)
-        on_done(attempt, "the client went away before the stream started")
+        on_done(attempt, error)
+
+    async def abandon(self, attempt: Attempt, on_done: Callable[[Attempt, str | None], None]) -> None:
+        """Close a stream the client left before its first event was sent."""
+        await self._close_stream(attempt, on_done, "the client went away before the stream started")
 
     @staticmethod
     def _read_usage(attempt: Attempt, event: bytes, keep_usage_chunk: bool) -> bool:
