@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 USER_KEY = "sk-router-user"
 LIMITED_KEY = "sk-router-limited"  # 2 requests per minute
+TPM_KEY = "sk-router-tpm"  # 60 tokens per minute
 PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "system", "content": "You classify."}, {"role": "user", "content": "I want my money back"}]
 GREEDY = {"temperature": 0.0, "max_tokens": 8, "extra_body": {"ignore_eos": True}}
@@ -36,7 +37,8 @@ GREEDY = {"temperature": 0.0, "max_tokens": 8, "extra_body": {"ignore_eos": True
 def router(local_replicas, cloud_server, cloud_env, router_dir):
     keys = router_dir / "router-keys.json"
     keys.write_text(json.dumps({"keys": [{"name": "user", "key": USER_KEY},
-                                         {"name": "limited", "key": LIMITED_KEY, "requests_per_minute": 2}]}))
+                                         {"name": "limited", "key": LIMITED_KEY, "requests_per_minute": 2},
+                                         {"name": "tpm", "key": TPM_KEY, "tokens_per_minute": 60}]}))
     config = {
         "backends": backends_config(local_replicas, cloud_server),
         "routes": [
@@ -217,6 +219,21 @@ def test_rate_limit_429_with_retry_after(router):
         client.completions.create(model=LOCAL_MODEL, prompt=PROMPT, max_tokens=2,
                                   extra_headers={"X-Feature": "tight"})
     assert "feature 'tight'" in e.value.message and int(e.value.response.headers["retry-after"]) >= 1
+
+
+def test_token_rate_limit_counts_the_prompt(router, direct):
+    tpm = openai.OpenAI(base_url=router.base_url, api_key=TPM_KEY, max_retries=0)
+    num_prompt = direct.completions.create(model=LOCAL_MODEL, prompt=PROMPT, max_tokens=1).usage.prompt_tokens
+    # prompt + max_tokens over the key's 60 tokens per minute: it can never fit (400, with the exact count).
+    with pytest.raises(openai.BadRequestError) as e:
+        tpm.completions.create(model=LOCAL_MODEL, prompt=PROMPT, max_tokens=61 - num_prompt)
+    assert f"needs {61} tokens" in e.value.message
+    # Exactly 60 fits once; the next request waits for the bucket to refill.
+    tpm.completions.create(model=LOCAL_MODEL, prompt=PROMPT, max_tokens=60 - num_prompt,
+                           extra_body={"ignore_eos": True})
+    with pytest.raises(openai.RateLimitError) as e:
+        tpm.completions.create(model=LOCAL_MODEL, prompt=PROMPT, max_tokens=2)
+    assert "tokens per minute" in e.value.message and int(e.value.response.headers["retry-after"]) >= 1
 
 
 def test_max_tokens_cap_and_max_input_tokens(client):
