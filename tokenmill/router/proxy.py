@@ -75,8 +75,10 @@ class Forwarder:
         timeouts = config.timeouts
         self.timeout = httpx.Timeout(connect=timeouts.connect_s, read=timeouts.read_s, write=timeouts.read_s,
                                      pool=timeouts.read_s)
+        # Idle connections are dropped before the backend drops them (tokenmill serve: 5 s), so a request is not
+        # sent on a connection the backend is closing (that would read as a broken replica).
         self.client = httpx.AsyncClient(timeout=self.timeout, limits=httpx.Limits(
-            max_connections=None, max_keepalive_connections=256, keepalive_expiry=30.0))
+            max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0))
 
     async def close(self) -> None:
         await self.client.aclose()
