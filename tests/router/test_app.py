@@ -312,6 +312,13 @@ def test_passing_check_escalates_nothing(router, client, direct, router_dir):
             assert response.choices[0].logprobs is None
             text = response.choices[0].message.content
         assert text == expected.choices[0].message.content
+    # Completions too: the router asks for logprobs=0 (the sampled tokens' logprobs) and strips them.
+    raw = client.completions.with_raw_response.create(model=LOCAL_MODEL, prompt=PROMPT,
+                                                      extra_headers={"X-Feature": "confident"}, **GREEDY)
+    assert raw.headers["x-tokenmill-escalated"] == "false"
+    assert raw.parse().choices[0].logprobs is None
+    assert raw.parse().choices[0].text == direct.completions.create(model=LOCAL_MODEL, prompt=PROMPT, **GREEDY
+                                                                     ).choices[0].text
     assert (log_path.read_text() if log_path.exists() else "") == before
 
 
