@@ -13,6 +13,7 @@ _SUBCOMMAND_MODULES = (
     "tokenmill.entrypoints.generate_cli",
     "tokenmill.planner.cli",
     "tokenmill.benchmarks.cli",
+    "tokenmill.router.cli",
 )
 
 

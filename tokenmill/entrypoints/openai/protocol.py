@@ -86,6 +86,8 @@ class UsageInfo(ResponseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = None
+    # tokenmill's extension: engine seconds the request took (its share of every step), for cost metering.
+    gpu_seconds: float | None = None
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]

@@ -374,8 +374,9 @@ class OpenAIServing:
         num_prompt = sum(len(p.token_ids) for p in prompts)
         num_output = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
         cached = sum(o.num_cached_tokens for o in outputs if o is not None)
+        gpu_seconds = sum(o.metrics.compute_seconds for o in outputs if o is not None and o.metrics is not None)
         return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_output, total_tokens=num_prompt + num_output,
-                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached), gpu_seconds=gpu_seconds)
 
 
 async def _leave_queue_on_start(stream: AsyncIterator[OutputT], ticket: QueueTicket) -> AsyncIterator[OutputT]:
