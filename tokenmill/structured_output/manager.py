@@ -126,8 +126,9 @@ class StructuredOutputManager:
         self.num_cache_hits = 0
         self.num_compiles = 0
 
-    def submit(self, params: StructuredOutputsParams) -> PendingGrammar:
-        """Start compiling (or find the cached grammar) without blocking; the timeout starts now."""
+    def submit(self, params: StructuredOutputsParams, timeout_s: float | None = None) -> PendingGrammar:
+        """Start compiling (or find the cached grammar) without blocking. The request's compile timeout
+        (timeout_s, default compile_timeout_s) starts now."""
         choice = params.backend if params.backend != "auto" else self.backend
         key = (choice, params.spec_key())
         with self._lock:
@@ -141,11 +142,11 @@ class StructuredOutputManager:
                 future.add_done_callback(lambda f, key=key: self._forget_failure(key, f))
                 self._cache[key] = future
                 self._evict()
-        return PendingGrammar(self, future, self.compile_timeout_s)
+        return PendingGrammar(self, future, self.compile_timeout_s if timeout_s is None else timeout_s)
 
-    def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
+    def compile(self, params: StructuredOutputsParams, timeout_s: float | None = None) -> CompiledGrammar:
         """Compile (or fetch from the cache) and wait, within the timeout."""
-        return self.submit(params).result()
+        return self.submit(params, timeout_s).result()
 
     def shutdown(self) -> None:
         """Drop the cache and stop accepting compiles (running compiles finish on their own threads)."""

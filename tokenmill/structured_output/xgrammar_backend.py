@@ -164,14 +164,15 @@ class XGrammarMatcher(GrammarMatcher):
         return bool(self._matcher.is_completed())
 
 
-# The character class xgrammar 0.2 writes for the characters of a string with minLength/maxLength. It lets
-# raw control characters (U+0000-U+001F other than CR/LF) through, which JSON forbids inside strings.
-_LENGTH_BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
-_JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
+# The character classes xgrammar 0.2 writes for the characters of JSON strings: with minLength/maxLength, and
+# without. Both let through the UTF-8 encodings of surrogates (U+D800-U+DFFF, not valid UTF-8: they decode to
+# U+FFFD), and the first also raw control characters (U+0000-U+001F but CR/LF), which JSON forbids in strings.
+_XGRAMMAR_STRING_CHARS = (r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\r\n]')
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\uD800-\uDFFF]'
 
 
-def _json_grammar(params: StructuredOutputsParams) -> xgrammar.Grammar | str:
-    """The grammar of a JSON-schema (or json_object) request, with xgrammar's string-character rule fixed."""
+def _json_grammar(params: StructuredOutputsParams) -> str:
+    """The grammar (EBNF) of a JSON-schema or json_object request, with xgrammar's string characters fixed."""
     import xgrammar
 
     whitespace = params.json_whitespace
@@ -185,9 +186,9 @@ def _json_grammar(params: StructuredOutputsParams) -> xgrammar.Grammar | str:
         strict_mode=False,
     )
     text = str(grammar)
-    if _LENGTH_BOUNDED_STRING_CHAR not in text:
-        return grammar
-    return text.replace(_LENGTH_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)
+    for chars in _XGRAMMAR_STRING_CHARS:
+        text = text.replace(chars, _JSON_STRING_CHAR)
+    return text
 
 
 def _clean_message(error: Exception) -> str:
