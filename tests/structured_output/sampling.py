@@ -13,6 +13,16 @@ def sample_masked(
 ) -> tuple[list[int], bool]:
     """Sample until the matcher terminates or max_tokens; returns (token ids without the stop token,
     terminated). Checks on every step that a stop token is allowed exactly when the grammar is complete."""
+    # One torch thread: these are small ops, and on a shared machine extra threads only wait for each other.
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _sample(matcher, vocab_size, seed, max_tokens)
+    finally:
+        torch.set_num_threads(num_threads)
+
+
+def _sample(matcher: GrammarMatcher, vocab_size: int, seed: int, max_tokens: int) -> tuple[list[int], bool]:
     generator = torch.Generator().manual_seed(seed)
     buffer = TokenBitmaskBuffer(2, vocab_size)
     token_ids: list[int] = []
@@ -32,7 +42,9 @@ def sample_masked(
         )
         buffer.apply(logits, rows)
         assert not bool(logits[1].any()), "a row without a matcher was changed"
-        token_id = int(torch.multinomial(torch.softmax(logits[0], dim=-1), 1, generator=generator))
+        # Sampling from softmax(logits) (temperature 1.0) by the exponential race: argmax of p_i / E_i.
+        probs = torch.softmax(logits[0], dim=-1)
+        token_id = int((probs / torch.empty_like(probs).exponential_(generator=generator)).argmax())
         assert allowed(token_id)
         assert matcher.accept_token(token_id), f"masked-in token {token_id} refused after {token_ids}"
         if token_id in matcher.stop_token_ids:

@@ -120,8 +120,9 @@ def test_json_schema_outputs_validate_bundled_tokenizer(bundled_manager, bundled
 
 
 @needs_bundled
+@pytest.mark.slow
 def test_json_schema_outputs_validate_bundled_tokenizer_auto(bundled_manager, bundled_tokenizer):
-    """The default lane's check on the 49k vocabulary: the auto backend, compact JSON, one schema."""
+    """The auto backend, compact JSON."""
     compiled = bundled_manager.compile(StructuredOutputsParams(json=PERSON, disable_any_whitespace=True))
     check_json(bundled_tokenizer, compiled.matcher, PERSON, range(4), compact=True)
 
@@ -149,6 +150,7 @@ def test_choice_outputs_are_choices(tiny_manager, tiny_tokenizer, backend):
 
 
 @needs_bundled
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_regex_and_choice_bundled_tokenizer(bundled_manager, bundled_tokenizer, backend):
     regex = REGEXES[1]

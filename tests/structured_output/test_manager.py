@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.structured_output.sampling import sample_masked
 from tokenmill.structured_output import (
     StructuredOutputCompileTimeout,
     StructuredOutputError,
@@ -15,9 +16,9 @@ from tokenmill.structured_output import (
 )
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-# Compiling this regex for a vocabulary takes xgrammar about a second (measured 0.8 s on an idle core): a
-# real grammar that is slow to compile.
-SLOW_REGEX = "[a-z]{0,6000}"
+# A real schema that is slow to compile: xgrammar takes seconds for a 10,000-value enum (2.8 s measured
+# for the tiny tokenizer).
+SLOW_SCHEMA = {"enum": [f"value_{i}_x" for i in range(10_000)]}
 
 
 def test_cache_hit_returns_the_same_compiled_grammar(tiny_tokenizer):
@@ -52,15 +53,23 @@ def test_cache_is_bounded(tiny_tokenizer):
         manager.shutdown()
 
 
-def test_auto_backend_routes_unenforced_keywords_to_guidance(tiny_manager):
+def test_auto_backend_routes_unenforced_keywords_to_guidance(tiny_manager, tiny_tokenizer):
     plain = tiny_manager.compile(StructuredOutputsParams(json=SCHEMA))
     assert plain.backend.name == "xgrammar"
-    unique = {"type": "array", "items": {"enum": [1, 2, 3]}, "uniqueItems": True, "maxItems": 3}
-    compiled = tiny_manager.compile(StructuredOutputsParams(json=unique))
+    # xgrammar ignores a multi-entry allOf; llguidance enforces it.
+    both = {"allOf": [{"type": "integer"}, {"minimum": 5, "maximum": 9}]}
+    compiled = tiny_manager.compile(StructuredOutputsParams(json=both))
     assert compiled.backend.name == "guidance"
+    for seed in range(5):
+        token_ids, terminated = sample_masked(compiled.matcher(), tiny_tokenizer.vocab_size, seed, 50)
+        assert terminated and 5 <= int(tiny_tokenizer.decode(token_ids)) <= 9
     # Named by the request: xgrammar refuses rather than ignore the keyword.
-    with pytest.raises(StructuredOutputError, match="does not enforce the JSON-schema keyword.*uniqueItems"):
-        tiny_manager.compile(StructuredOutputsParams(json=unique, backend="xgrammar"))
+    with pytest.raises(StructuredOutputError, match="does not enforce the JSON-schema keyword.*allOf"):
+        tiny_manager.compile(StructuredOutputsParams(json=both, backend="xgrammar"))
+    # Neither enforces uniqueItems: auto refuses it by name.
+    unique = {"type": "array", "items": {"enum": [1, 2, 3]}, "uniqueItems": True, "maxItems": 3}
+    with pytest.raises(StructuredOutputError, match="structured_outputs.json.*uniqueItems"):
+        tiny_manager.compile(StructuredOutputsParams(json=unique))
 
 
 @pytest.mark.parametrize("backend", ["auto", "xgrammar", "guidance"])
@@ -103,7 +112,7 @@ def test_compile_timeout_fails_only_its_own_request(tiny_tokenizer):
     manager = StructuredOutputManager(tiny_tokenizer, backend="xgrammar", compile_timeout_s=0.3)
     try:
         manager.compile(StructuredOutputsParams(regex="warm"), timeout_s=120)  # tokenizer tables built
-        slow = manager.submit(StructuredOutputsParams(regex=SLOW_REGEX))
+        slow = manager.submit(StructuredOutputsParams(json=SLOW_SCHEMA))
         fast = manager.submit(StructuredOutputsParams(json=SCHEMA))
         assert slow.poll() is None  # never blocks
         assert wait_for(fast, 0.3 + 5).matcher().accept_token(tiny_tokenizer.encode("{", add_special_tokens=False)[0])
@@ -124,7 +133,7 @@ def test_compile_runs_off_the_callers_thread(tiny_tokenizer):
     try:
         manager.compile(StructuredOutputsParams(regex="warm"))
         start = time.perf_counter()
-        pending = manager.submit(StructuredOutputsParams(regex="[a-z]{0,3000}"))
+        pending = manager.submit(StructuredOutputsParams(json={"enum": [f"v{i}" for i in range(1000)]}))
         submit_s = time.perf_counter() - start
         compiled = pending.result()
         assert compiled.compile_time_s > 5 * submit_s, (compiled.compile_time_s, submit_s)

@@ -71,8 +71,10 @@ class GuidanceBackend(GrammarBackend):
             return llguidance.LLMatcher.grammar_from_lark(lark)
         grammar = str(params.grammar)
         if "::=" in grammar:  # GBNF (llama.cpp's EBNF); llguidance runs it as Lark
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+
             try:
-                grammar = llguidance.gbnf_to_lark(grammar)
+                grammar = gbnf_to_lark(grammar)
             except Exception as e:
                 raise StructuredOutputError(
                     f"structured_outputs.grammar is not a valid GBNF grammar: {e}"
@@ -103,12 +105,18 @@ class GuidanceMatcher(GrammarMatcher):
     def __init__(self, compiled: CompiledGrammar):
         super().__init__(compiled)
         self._matcher: llguidance.LLMatcher = compiled.handle.deep_copy()
+        self._stop_recorded = True  # whether llguidance counted the accepted stop token (see _accept)
 
     def _accept(self, token_id: int) -> bool:
         if token_id in self.stop_token_ids:
             # try_consume_tokens does not take the end-of-sequence token; consume_token does, where it is
             # allowed (checked first: a refused consume_token leaves the matcher in its terminal error state).
-            return self._matcher.is_accepting() and self._matcher.consume_token(token_id)
+            if not self._matcher.is_accepting():
+                return False
+            # A matcher that had already stopped (nothing but the end can follow) does not record the token:
+            # rolling it back is then a no-op for llguidance.
+            self._stop_recorded = not self._matcher.is_stopped()
+            return self._matcher.consume_token(token_id)
         # try_consume_tokens leaves the matcher usable when the token is refused.
         return self._matcher.try_consume_tokens([token_id]) == 1
 
@@ -121,7 +129,9 @@ class GuidanceMatcher(GrammarMatcher):
             raise GrammarMatcherError(f"the guidance matcher failed: {self._matcher.get_error()}")
 
     def _rollback(self, num_tokens: int) -> None:
-        if not self._matcher.rollback(num_tokens):
+        if self.is_terminated() and not self._stop_recorded:
+            num_tokens -= 1
+        if num_tokens and not self._matcher.rollback(num_tokens):
             raise GrammarMatcherError(f"the guidance matcher failed to roll back: {self._matcher.get_error()}")
 
     def _reset(self) -> None:

@@ -133,15 +133,18 @@ class StructuredOutputManager:
         key = (choice, params.spec_key())
         with self._lock:
             future = self._cache.get(key)
+            new = future is None
             if future is not None:
                 self._cache.move_to_end(key)
                 self.num_cache_hits += 1
             else:
                 self.num_compiles += 1
                 future = self._executor.submit(lambda: self._compile(choice, params))
-                future.add_done_callback(lambda f, key=key: self._forget_failure(key, f))
                 self._cache[key] = future
                 self._evict()
+        if new:
+            # Outside the lock: a compile that already finished runs the callback right here.
+            future.add_done_callback(lambda f: self._forget_failure(key, f))
         return PendingGrammar(self, future, self.compile_timeout_s if timeout_s is None else timeout_s)
 
     def compile(self, params: StructuredOutputsParams, timeout_s: float | None = None) -> CompiledGrammar:
