@@ -66,7 +66,7 @@ def apply_token_bitmask_(
         logits[row_list, covered:] = float("-inf")
     kernel = _xgrammar_cpu_kernel() if logits.device.type == "cpu" else None
     if kernel is not None and logits.dtype in _XGRAMMAR_CPU_DTYPES:
-        kernel(logits, bitmask, covered, None if rows is None else row_list)
+        kernel(logits, bitmask, covered, row_list)
         return
     apply_token_bitmask_torch_(logits, bitmask.to(logits.device, non_blocking=True), row_list, covered)
 
