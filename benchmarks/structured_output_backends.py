@@ -11,8 +11,9 @@ For each tokenizer (the bundled SmolLM2-135M-Instruct one, 49,152 tokens, read f
 - fill / accept: per-token time to fill one sequence's bitmask row and to accept a token, walking a valid
   instance of each schema token by token;
 - apply: setting the forbidden logits of a [batch, vocab] float32 / bfloat16 tensor to -inf, every row
-  constrained: xgrammar's native CPU kernel (what tokenmill uses), llguidance's own torch kernel
-  (torch.compile'd), and the plain torch shift-and-masked_fill (the fallback), best of --repeat.
+  constrained: tokenmill's fused torch.compile'd kernel (also with only every other row constrained),
+  xgrammar's native CPU kernel, llguidance's own torch.compile'd kernel, and the plain torch
+  shift-and-masked_fill, alternated, best of --repeat.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from tokenmill.structured_output import (  # noqa: E402
     allocate_token_bitmask,
     apply_token_bitmask_,
 )
-from tokenmill.structured_output.bitmask import apply_token_bitmask_torch_  # noqa: E402
+from tokenmill.structured_output.bitmask import apply_token_bitmask_torch_, warmup_apply_kernel  # noqa: E402
 
 SCHEMAS = {
     "person": {
@@ -158,11 +159,17 @@ def measure_apply(vocab_size: int, batch: int, dtype: torch.dtype, repeat: int, 
                             dtype=torch.int64).to(torch.int32)
     rows = list(range(batch))
     work = logits.clone()
+    from xgrammar.kernels.apply_token_bitmask_inplace_cpu import apply_token_bitmask_inplace_cpu
+
     kernels = {
-        "native": lambda: apply_token_bitmask_(work, bitmask, rows),
+        "xgrammar": lambda: apply_token_bitmask_inplace_cpu(work, bitmask, vocab_size, rows),
         "torch": lambda: apply_token_bitmask_torch_(work, bitmask, rows),
     }
     row: dict = {"batch": batch, "dtype": str(dtype).replace("torch.", "")}
+    if warmup_apply_kernel(vocab_size, dtype):
+        kernels["fused"] = lambda: apply_token_bitmask_(work, bitmask, rows)
+        half = rows[::2]  # every other row constrained: the others must come out untouched
+        kernels["fused_half_rows"] = lambda: apply_token_bitmask_(work, bitmask, half)
     try:
         if not llguidance_kernel:
             raise RuntimeError("not measured (--no-llguidance-kernel)")
@@ -181,7 +188,7 @@ def measure_apply(vocab_size: int, batch: int, dtype: torch.dtype, repeat: int, 
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    for name in ("native", "torch", "llguidance"):
+    for name in ("fused", "fused_half_rows", "xgrammar", "llguidance", "torch"):
         row[f"{name}_ms"] = 1000 * min(times[name]) if name in times else None
     return row
 
@@ -221,15 +228,20 @@ def main(argv: list[str] | None = None) -> int:
                   + " / ".join(f"{ms:.3f}" for ms in r["compile_cached_ms"]) + " ms | "
                   + " / ".join(f"{ms:.2f}" for ms in r["validate_ms"]) + " ms | "
                   f"{r['fill_us']:.1f} us | {r['fill_p99_us']:.1f} us | {r['accept_us']:.1f} us |")
-        print("\n| batch | dtype | xgrammar native kernel | llguidance torch.compile kernel | torch masked_fill | "
-              "torch / native |")
-        print("|---|---|---|---|---|---|")
+        print("\n| batch | dtype | tokenmill fused (torch.compile) | same, half the rows | xgrammar native | "
+              "llguidance (torch.compile) | plain torch | xgrammar / fused | torch / fused |")
+        print("|---|---|---|---|---|---|---|---|---|")
+
+        def ms(value: float | None) -> str:
+            return f"{value:.3f} ms" if value is not None else "n/a"
+
         for r in apply_rows:
-            ll = f"{r['llguidance_ms']:.3f} ms" if r["llguidance_ms"] is not None else "n/a"
-            print(f"| {r['batch']} | {r['dtype']} | {r['native_ms']:.3f} ms | {ll} | {r['torch_ms']:.3f} ms | "
-                  f"{r['torch_ms'] / r['native_ms']:.1f}x |")
+            fused = r["fused_ms"]
+            ratios = (f"{r['xgrammar_ms'] / fused:.1f}x | {r['torch_ms'] / fused:.1f}x" if fused else "n/a | n/a")
+            print(f"| {r['batch']} | {r['dtype']} | {ms(fused)} | {ms(r['fused_half_rows_ms'])} | "
+                  f"{ms(r['xgrammar_ms'])} | {ms(r['llguidance_ms'])} | {ms(r['torch_ms'])} | {ratios} |")
             if r.get("llguidance_error"):
-                print(f"|   | llguidance kernel unavailable: {r['llguidance_error']} | | | | |")
+                print(f"|   | llguidance kernel unavailable: {r['llguidance_error']} | | | | | | | |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -96,3 +96,24 @@ def test_processor_apply_default_uses_the_bitmask():
     logits = torch.randn(300)
     _AllowOnly(42).apply(logits)
     assert torch.isfinite(logits).nonzero().flatten().tolist() == [42]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_matches_reference(dtype):
+    """The torch.compile'd kernel (used once warmed up) gives the reference result, for all rows and a subset."""
+    from tokenmill.structured_output.bitmask import _COMPILED, warmup_apply_kernel
+
+    vocab = 385
+    if not warmup_apply_kernel(vocab, dtype):
+        pytest.skip(f"torch.compile unavailable here: {_COMPILED.failed}")
+    assert _COMPILED.ready(vocab, dtype)
+    for batch, rows in ((1, [0]), (5, [0, 1, 2, 3, 4]), (7, [1, 4, 6])):
+        logits = torch.randn(batch, vocab).to(dtype)
+        bitmask = random_bitmask(batch, vocab, seed=batch)
+        fast, reference = logits.clone(), logits.clone()
+        apply_token_bitmask_(fast, bitmask, rows)
+        apply_token_bitmask_torch_(reference, bitmask, rows)
+        assert torch.equal(fast, reference)
+        for row in set(range(batch)) - set(rows):
+            assert torch.equal(fast[row], logits[row])

@@ -172,7 +172,7 @@ class StructuredOutputManager:
         try:
             return xgrammar.compile(params)
         except StructuredOutputError as xgrammar_error:
-            # Something only llguidance reads (its Lark extensions), or a schema xgrammar's strict mode cannot
+            # Something only llguidance reads (its Lark extensions), or a schema xgrammar's compiler cannot
             # satisfy (minProperties beyond the named properties). When both refuse, xgrammar's message says why.
             try:
                 return self.backends["guidance"].compile(params)
