@@ -23,11 +23,13 @@ from tokenmill.structured_output.params import StructuredOutputError, Structured
 if TYPE_CHECKING:
     import llguidance
 
+    from tokenmill.model.tokenizer import Tokenizer
+
 
 class GuidanceBackend(GrammarBackend):
     name = "guidance"
 
-    def __init__(self, tokenizer: Any, vocab_size: int | None = None):
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int | None = None):
         super().__init__(tokenizer, vocab_size)
         self._lock = threading.Lock()
         self._ll_tokenizer: llguidance.LLTokenizer | None = None

@@ -21,6 +21,8 @@ from tokenmill.structured_output.params import StructuredOutputError, Structured
 if TYPE_CHECKING:
     import xgrammar
 
+    from tokenmill.model.tokenizer import Tokenizer
+
 # Keywords xgrammar 0.2 compiles but does not enforce (checked by generating violating instances).
 _UNENFORCED_KEYWORDS = frozenset(
     {"uniqueItems", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "minContains",
@@ -47,7 +49,7 @@ def unenforced_keywords(schema: Any) -> list[str]:
 class XGrammarBackend(GrammarBackend):
     name = "xgrammar"
 
-    def __init__(self, tokenizer: Any, vocab_size: int | None = None):
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int | None = None):
         super().__init__(tokenizer, vocab_size)
         self._lock = threading.Lock()
         self._compiler: xgrammar.GrammarCompiler | None = None
@@ -108,7 +110,7 @@ class XGrammarBackend(GrammarBackend):
             if kind in ("json", "json_object"):
                 handle = compiler.compile_grammar(_json_grammar(params))
             elif kind == "regex":
-                handle = compiler.compile_regex(params.regex)
+                handle = compiler.compile_regex(str(params.regex))
             elif kind == "choice":
                 assert params.choice is not None
                 ebnf = "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
