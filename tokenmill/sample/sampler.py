@@ -82,9 +82,6 @@ class Sampler:
         # Draws for requests without a seed of their own.
         self.generator = generator
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
-        return self.sample(logits, requests).to_host()
-
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits: [num_requests, vocab] at the position that predicts each request's next token, in the model's
         dtype. A batch of greedy rows is argmax'ed as it is (a bfloat16 -> float32 conversion is exact and keeps
