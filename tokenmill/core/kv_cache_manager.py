@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from tokenmill.core.block_pool import BlockPool, KVBlock, hash_block
 from tokenmill.request import Request
 
@@ -68,7 +70,7 @@ class KVCacheManager:
             self.num_hit_tokens += num_cached_tokens
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] = ()
+        self, request: Request, num_new_tokens: int, computed_blocks: Sequence[KVBlock] = ()
     ) -> bool:
         """Give the request room for num_new_tokens more tokens; False (and no change) if they do not fit.
 

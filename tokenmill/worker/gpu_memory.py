@@ -23,10 +23,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata
+
+if TYPE_CHECKING:
+    from tokenmill.model.llama import LlamaForCausalLM
 
 logger = logging.getLogger("tokenmill")
 
@@ -113,7 +117,7 @@ def dummy_prefill_inputs(num_tokens: int, num_seqs: int, block_size: int, device
 
 
 @torch.inference_mode()
-def run_dummy_forward(model: torch.nn.Module, num_kv_heads: int, head_dim: int, num_layers: int,
+def run_dummy_forward(model: LlamaForCausalLM, num_kv_heads: int, head_dim: int, num_layers: int,
                       dtype: torch.dtype, device: torch.device, max_num_batched_tokens: int,
                       max_num_seqs: int, block_size: int) -> torch.Tensor:
     """The worst-case step: a forward over max_num_batched_tokens, then logits and softmax of the rows that
@@ -160,7 +164,7 @@ def planner_prediction(hf_config: dict, dtype: torch.dtype, max_num_batched_toke
 
 
 def profile_kv_cache(
-    model: torch.nn.Module,
+    model: LlamaForCausalLM,
     *,
     num_kv_heads: int,
     head_dim: int,
