@@ -43,6 +43,20 @@ DTYPE_ALIASES = {
 }
 
 
+# The environment variable that turns batch-invariant mode on (as VLLM_BATCH_INVARIANT does for vLLM) when
+# batch_invariant is not given: 1/true/yes/on or 0/false/no/off.
+BATCH_INVARIANT_ENV = "TOKENMILL_BATCH_INVARIANT"
+
+
+def batch_invariant_from_env() -> bool:
+    value = os.environ.get(BATCH_INVARIANT_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{BATCH_INVARIANT_ENV}={os.environ[BATCH_INVARIANT_ENV]!r} is not a switch: set it to 1 or 0")
+
+
 def cpu_supports_bf16() -> bool:
     """True when this CPU has native bf16 matmul instructions (AVX512-BF16 or AMX)."""
     try:
@@ -69,6 +83,9 @@ class ModelConfig:
     chat_template: str | None = None
     # CUDA only: run every step eagerly instead of replaying captured CUDA graphs for decode batches.
     enforce_eager: bool = False
+    # Kernels whose reduction order does not depend on the batch (vLLM's VLLM_BATCH_INVARIANT): greedy and
+    # seeded outputs are then identical whatever the batch mates, at a cost in throughput. CPU only.
+    batch_invariant: bool = False
 
     def validate(self) -> None:
         if str(self.dtype).lower() not in DTYPE_ALIASES:
@@ -83,6 +100,8 @@ class ModelConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
 
 
 @dataclass(frozen=True)
@@ -170,11 +189,16 @@ class EngineConfig:
         chat_template: str | None = None,
         enforce_eager: bool = False,
         async_scheduling: bool = False,
+        batch_invariant: bool | None = None,
     ) -> EngineConfig:
-        """The config from vLLM-named keyword arguments (those of LLM(...) and the serve flags), validated."""
+        """The config from vLLM-named keyword arguments (those of LLM(...) and the serve flags), validated.
+        batch_invariant=None reads TOKENMILL_BATCH_INVARIANT."""
+        if batch_invariant is None:
+            batch_invariant = batch_invariant_from_env()
         config = cls(
             model=ModelConfig(model=None if model is None else str(model), dtype=dtype, max_model_len=max_model_len,
-                              seed=seed, device=device, chat_template=chat_template, enforce_eager=enforce_eager),
+                              seed=seed, device=device, chat_template=chat_template, enforce_eager=enforce_eager,
+                              batch_invariant=batch_invariant),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
@@ -20,6 +20,8 @@ class LLM:
     """An engine for offline batched generation.
 
     model: a Hugging Face model directory, a .gguf file, or None for the bundled SmolLM2-135M-Instruct.
+    batch_invariant: kernels whose results do not depend on the batch, so greedy and seeded outputs are the same
+    whatever else runs (CPU; slower). None reads the TOKENMILL_BATCH_INVARIANT environment variable.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class LLM:
         chat_template: str | None = None,
         enforce_eager: bool = False,
         async_scheduling: bool = False,
+        batch_invariant: bool | None = None,
         show_progress: bool = True,
     ) -> None:
         config = EngineConfig.from_kwargs(
@@ -48,7 +51,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, kv_cache_memory=kv_cache_memory,
             gpu_memory_utilization=gpu_memory_utilization, seed=seed, device=device,
             tensor_parallel_size=tensor_parallel_size, chat_template=chat_template, enforce_eager=enforce_eager,
-            async_scheduling=async_scheduling,
+            async_scheduling=async_scheduling, batch_invariant=batch_invariant,
         )
         self.llm_engine = LLMEngine(config, show_progress=show_progress)
 
@@ -62,26 +65,28 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in the order given; all prompts are batched together."""
+        batch: list[PromptType]
         if isinstance(prompts, str | dict) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
         ):
-            prompts = [prompts]
-        prompts = list(prompts)
-        params_list = self._params_list(sampling_params, len(prompts))
+            batch = [cast(PromptType, prompts)]
+        else:
+            batch = list(cast(Sequence[PromptType], prompts))
+        params_list = self._params_list(sampling_params, len(batch))
         engine = self.llm_engine
         # Validate every prompt before any is queued, so one bad prompt leaves nothing half-submitted.
         tokenized = []
-        for prompt in prompts:
-            text, ids = engine.tokenize_prompt(prompt)
-            engine.validate_prompt(ids)
-            tokenized.append({"prompt": text, "prompt_token_ids": ids})
-        ids = []
+        for prompt in batch:
+            text, token_ids = engine.tokenize_prompt(prompt)
+            engine.validate_prompt(token_ids)
+            tokenized.append({"prompt": text, "prompt_token_ids": token_ids})
+        request_ids = []
         now = time.time()
-        for prompt, params in zip(tokenized, params_list, strict=True):
+        for tokenized_prompt, params in zip(tokenized, params_list, strict=True):
             request_id = engine.next_request_id()
-            engine.add_request(request_id, prompt, params, arrival_time=now)
-            ids.append(request_id)
-        return self._run(ids, use_tqdm)
+            engine.add_request(request_id, tokenized_prompt, params, arrival_time=now)
+            request_ids.append(request_id)
+        return self._run(request_ids, use_tqdm)
 
     def chat(
         self,
