@@ -7,7 +7,9 @@ short parallel loops with Python work between them, so those threads spin throug
 idle machine that costs nothing; on a CPU that other processes also use, the spinning threads take the time
 slices that the thread with the work needs, and one 32-token request went from 3 s to 28-42 s
 (BENCHMARKS.md, "Offline generation on a shared CPU"). With OMP_WAIT_POLICY=PASSIVE a waiting thread sleeps
-at once, and the same request takes 3 s whatever else runs.
+at once, and the same request takes 1-4 s whatever else runs. On an idle machine sleeping costs ~0.5 s on a
+lone 32-token request and ~20% of throughput; a dedicated machine gets that back with GOMP_SPINCOUNT=30000 or
+OMP_WAIT_POLICY=ACTIVE in the environment, which tokenmill leaves alone.
 
 libgomp reads its environment once, when it is loaded (at `import torch`), so the default has to be in the
 environment before that: `import tokenmill` sets it (tokenmill/__init__.py), unless the user chose a wait
