@@ -8,6 +8,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from tokenmill.worker.cpu_threads import configure_openmp_env
+
+# Before anything loads torch (and its OpenMP runtime, which reads the environment once): waiting OpenMP
+# threads sleep instead of spinning, which keeps generation fast on a CPU shared with other processes.
+configure_openmp_env()
+
 if TYPE_CHECKING:
     from tokenmill.entrypoints.llm import LLM
     from tokenmill.outputs import (

@@ -43,6 +43,20 @@ DTYPE_ALIASES = {
 }
 
 
+# The environment variable that turns batch-invariant mode on (as VLLM_BATCH_INVARIANT does for vLLM) when
+# batch_invariant is not given: 1/true/yes/on or 0/false/no/off.
+BATCH_INVARIANT_ENV = "TOKENMILL_BATCH_INVARIANT"
+
+
+def batch_invariant_from_env() -> bool:
+    value = os.environ.get(BATCH_INVARIANT_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{BATCH_INVARIANT_ENV}={os.environ[BATCH_INVARIANT_ENV]!r} is not a switch: set it to 1 or 0")
+
+
 def cpu_supports_bf16() -> bool:
     """True when this CPU has native bf16 matmul instructions (AVX512-BF16 or AMX)."""
     try:
@@ -76,6 +90,9 @@ class ModelConfig:
     # How embedding requests pool the prompt's final hidden states: "LAST" (the last token's, as decoder
     # embedding models are trained) or "MEAN" (the average over every prompt token); vLLM's pooling_type.
     pooling_type: str = "LAST"
+    # Kernels whose reduction order does not depend on the batch (vLLM's VLLM_BATCH_INVARIANT): greedy and
+    # seeded outputs are then identical whatever the batch mates, at a cost in throughput. CPU only.
+    batch_invariant: bool = False
 
     def validate(self) -> None:
         if str(self.dtype).lower() not in DTYPE_ALIASES:
@@ -93,6 +110,8 @@ class ModelConfig:
         from tokenmill.pooling_params import check_pooling_type
 
         check_pooling_type(self.pooling_type)
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
 
 
 @dataclass(frozen=True)
@@ -183,13 +202,18 @@ class EngineConfig:
         pooling_type: str = "LAST",
         revision: str | None = None,
         download_dir: str | None = None,
+        batch_invariant: bool | None = None,
     ) -> EngineConfig:
-        """The config from vLLM-named keyword arguments (those of LLM(...) and the serve flags), validated."""
+        """The config from vLLM-named keyword arguments (those of LLM(...) and the serve flags), validated.
+        batch_invariant=None reads TOKENMILL_BATCH_INVARIANT."""
+        if batch_invariant is None:
+            batch_invariant = batch_invariant_from_env()
         config = cls(
             model=ModelConfig(model=None if model is None else str(model), dtype=dtype, max_model_len=max_model_len,
                               seed=seed, device=device, chat_template=chat_template, enforce_eager=enforce_eager,
                               pooling_type=str(pooling_type).upper(), revision=revision,
-                              download_dir=None if download_dir is None else str(download_dir)),
+                              download_dir=None if download_dir is None else str(download_dir),
+                              batch_invariant=batch_invariant),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching),

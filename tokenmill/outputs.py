@@ -52,9 +52,6 @@ class CompletionOutput:
     # The stop string or stop token id that ended the output; None for EOS or length.
     stop_reason: int | str | None = None
 
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
 
 @dataclass
 class RequestOutput:

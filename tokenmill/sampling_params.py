@@ -23,7 +23,9 @@ class SamplingParams:
     # 0 or -1 disables top-k.
     top_k: int = 0
     min_p: float = 0.0
-    # Per-request seed: the same seed gives the same output whatever else is in the batch.
+    # Per-request seed: the same seed gives the same draws whatever else is in the batch. The output is the
+    # same too in float32 or with batch_invariant=True; in bfloat16 without it, batch mates can flip a token
+    # whose top two logits are within one bfloat16 step.
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None

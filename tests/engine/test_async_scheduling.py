@@ -70,6 +70,7 @@ def assert_all_freed(llm: LLM) -> None:
     core.scheduler.check_integrity()
 
 
+@pytest.mark.slow  # 4-17 s: two engines over many requests
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_every_sampling_feature_matches_sync(arch, tiny_models):
     sync = make_llm(tiny_models[arch], False)
@@ -92,6 +93,7 @@ def test_every_sampling_feature_matches_sync(arch, tiny_models):
     assert llm.llm_engine.core._in_flight is None
 
 
+@pytest.mark.slow  # 4-17 s: two engines over many requests
 def test_preemption_with_steps_in_flight_matches_sync(tiny_models):
     arch = ModelArch.from_hf_config(read_hf_config(tiny_models["llama"]))
     # 24 blocks of 16 tokens for 12 requests of up to ~150 tokens each.

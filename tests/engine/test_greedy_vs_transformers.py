@@ -10,6 +10,8 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.model.loader import read_hf_config
 from tokenmill.planner import ModelArch, kv_cache_bytes_per_block
 
+pytestmark = pytest.mark.slow  # transformers' references take ~25 s to generate
+
 MAX_TOKENS = 24
 
 

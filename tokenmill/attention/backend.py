@@ -43,7 +43,8 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None = None
     decode_seq_lens: torch.Tensor | None = None
     decode_block_tables: torch.Tensor | None = None
-    max_decode_seq_len: int = 0
+    # Longest decode sequence; None when the step has no decode.
+    max_decode_seq_len: int | None = None
     # decode_rows as a slice when they are consecutive (the scheduler puts running decodes first), so
     # backends can read and write them as views instead of gathering and scattering.
     decode_row_slice: slice | None = None

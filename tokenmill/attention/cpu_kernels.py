@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,6 +49,14 @@ def _cache_root() -> Path:
     from tokenmill.model.default_model import cache_dir
 
     return cache_dir() / "kernels"
+
+
+def _library() -> ctypes.CDLL:
+    """The library, for ops that only run where layer_ops_supported() (or supports()) said yes."""
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError("the CPU kernel library is not available (the log says why): use the PyTorch path")
+    return lib
 
 
 @functools.cache
@@ -84,7 +93,8 @@ def load_library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     fn = lib.paged_decode_attention
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_int64, ctypes.c_float] + [ctypes.c_int] * 3
+    argtypes: list[Any] = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_int64, ctypes.c_float]
+    fn.argtypes = argtypes + [ctypes.c_int] * 4
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {
         "rms_norm_bf16": [ptr, i64, ptr, i64, ptr, ptr, i64, i32, i32, ctypes.c_float, i32],
@@ -113,13 +123,15 @@ def paged_decode_attention(
     sliding_window: int | None,
     num_threads: int | None = None,
     out: torch.Tensor | None = None,
+    allow_split: bool = True,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged keys/values.
 
     q: [num_seqs, num_heads, head_dim]; kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim];
     block_tables: [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32 (including the new token).
     Returns [num_seqs, num_heads, head_dim] in q's dtype, written into `out` when given (a contiguous tensor of
-    that shape and dtype, e.g. a row slice of the layer's output).
+    that shape and dtype, e.g. a row slice of the layer's output). allow_split=False never splits a sequence's
+    positions across threads (flash-decoding), so each row's result does not depend on how many rows there are.
     """
     lib = load_library()
     if lib is None:
@@ -141,7 +153,7 @@ def paged_decode_attention(
         q.data_ptr(), kv_cache.data_ptr(), out.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
         num_seqs, num_heads, num_kv_heads, head_dim, block_size, block_tables.shape[1],
         num_blocks, float(scale), int(sliding_window or 0), _DTYPE_CODES[q.dtype],
-        num_threads or torch.get_num_threads(),
+        num_threads or torch.get_num_threads(), int(allow_split),
     )
     return out
 
@@ -173,7 +185,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     weight = weight.to(torch.bfloat16).contiguous()
     out = torch.empty(x.shape, dtype=x.dtype)
-    load_library().rms_norm_bf16(x.data_ptr(), x_stride, residual.data_ptr() if residual is not None else None,
+    _library().rms_norm_bf16(x.data_ptr(), x_stride, residual.data_ptr() if residual is not None else None,
                                  r_stride, weight.data_ptr(), out.data_ptr(), out.stride(0), n, x.shape[1],
                                  float(eps), torch.get_num_threads())
     return out
@@ -190,7 +202,7 @@ def rotary_embedding_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
             raise ValueError(f"{name} must be a bfloat16 [tokens, heads, head_dim] view with contiguous heads")
     positions = positions.to(torch.int64).contiguous()
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    load_library().rotary_bf16(q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1],
+    _library().rotary_bf16(q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1],
                                q.shape[0], head_dim, positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                torch.get_num_threads())
 
@@ -200,7 +212,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n, stride = _rows(gate_up, "gate_up")
     inter = gate_up.shape[1] // 2
     out = torch.empty((n, inter), dtype=gate_up.dtype)
-    load_library().silu_and_mul_bf16(gate_up.data_ptr(), stride, out.data_ptr(), out.stride(0), n, inter,
+    _library().silu_and_mul_bf16(gate_up.data_ptr(), stride, out.data_ptr(), out.stride(0), n, inter,
                                      torch.get_num_threads())
     return out
 
@@ -216,7 +228,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
             raise ValueError(f"{name} must be [tokens, num_kv_heads, head_dim] with contiguous rows")
     slots = slot_mapping.to(torch.int64).contiguous()
     item = kv_cache.element_size()
-    load_library().write_kv(key.data_ptr(), key.stride(0) * item, value.data_ptr(), value.stride(0) * item,
+    _library().write_kv(key.data_ptr(), key.stride(0) * item, value.data_ptr(), value.stride(0) * item,
                             kv_cache.data_ptr(), kv_cache[0].numel() * item, slots.data_ptr(),
                             key.shape[0], row * item, torch.get_num_threads())
 

@@ -80,11 +80,12 @@ class TorchAttentionBackend(AttentionBackend):
                     cuts.append((start, end))
                     start = end
         groups = []
+        rows, seq_lens, tables = meta.decode_rows, meta.decode_seq_lens, meta.decode_block_tables
+        assert rows is not None and seq_lens is not None and tables is not None  # set whenever decodes exist
         for a, b in cuts:
-            members = torch.tensor(order[a:b], device=meta.decode_rows.device)
+            members = torch.tensor(order[a:b], device=rows.device)
             longest = lens[meta.decode_indices[order[b - 1]]]
-            groups.append((meta.decode_rows[members], meta.decode_seq_lens[members],
-                           meta.decode_block_tables[members], longest))
+            groups.append((rows[members], seq_lens[members], tables[members], longest))
         meta.backend_cache["torch_decode_groups"] = groups
         return groups
 

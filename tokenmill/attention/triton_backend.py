@@ -83,7 +83,9 @@ class TritonAttentionBackend(AttentionBackend):
                 idx = torch.tensor(meta.decode_indices, device=query.device)
                 rows = meta.query_start_loc[idx]
                 seq_lens, tables = meta.seq_lens[idx], meta.block_tables[idx]
-            max_len = meta.max_decode_seq_len or max(meta.seq_lens_list[i] for i in meta.decode_indices)
+            max_len = meta.max_decode_seq_len
+            if max_len is None:
+                max_len = max(meta.seq_lens_list[i] for i in meta.decode_indices)
             paged_decode_attention(
                 out, query, kv_cache, tables, seq_lens, rows, self.scale,
                 self.num_decode_splits(rows.shape[0], max_len, query.device), self.sliding_window,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from tokenmill.core.block_pool import BlockPool, KVBlock, hash_block
 from tokenmill.request import Request
 
@@ -20,7 +22,8 @@ class KVCacheManager:
         self.req_to_blocks: dict[str, list[int]] = {}
         # request_id -> how many of its leading blocks were already offered to the prefix cache.
         self._num_cached_blocks: dict[str, int] = {}
-        # Prefix cache counters in tokens (as vLLM's prefix_cache_queries / prefix_cache_hits).
+        # Prefix cache counters in tokens (as vLLM's prefix_cache_queries / prefix_cache_hits), counted once per
+        # admission (record_admission), not per lookup: a request waiting for blocks looks up every step.
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
 
@@ -40,10 +43,14 @@ class KVCacheManager:
             start = len(hashes) * bs
             hashes.append(hash_block(hashes[-1] if hashes else None, tokens[start : start + bs]))
 
+    def _uses_prefix_cache(self, request: Request) -> bool:
+        # Prompt logprobs and mean pooling need every prompt position computed.
+        return self.enable_caching and not request.needs_every_prompt_position
+
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
-        """Longest cached prefix of the request's tokens, leaving at least one token to compute."""
-        if not self.enable_caching or request.needs_every_prompt_position:
-            # Prompt logprobs and mean pooling need every prompt position computed.
+        """Longest cached prefix of the request's tokens, leaving at least one token to compute. A lookup
+        only: the counters move when the request is admitted (record_admission)."""
+        if not self._uses_prefix_cache(request):
             return [], 0
         self._extend_block_hashes(request)
         bs = self.block_size
@@ -54,12 +61,16 @@ class KVCacheManager:
             if block is None:
                 break
             blocks.append(block)
-        self.num_queried_tokens += request.num_tokens
-        self.num_hit_tokens += len(blocks) * bs
         return blocks, len(blocks) * bs
 
+    def record_admission(self, request: Request, num_cached_tokens: int) -> None:
+        """Count a prefix-cache query for a request admitted with num_cached_tokens from the cache."""
+        if self._uses_prefix_cache(request):
+            self.num_queried_tokens += request.num_tokens
+            self.num_hit_tokens += num_cached_tokens
+
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] = ()
+        self, request: Request, num_new_tokens: int, computed_blocks: Sequence[KVBlock] = ()
     ) -> bool:
         """Give the request room for num_new_tokens more tokens; False (and no change) if they do not fit.
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.llm_engine import LLMEngine, _Parent
 from tokenmill.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats, StatLogger
 from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
@@ -91,7 +91,7 @@ _STOP = object()
 class _Tracked:
     """Engine-thread bookkeeping of one in-flight request, for the per-token stats."""
 
-    parent: object  # llm_engine._Parent: its output() works after an abort too
+    parent: _Parent  # its output() works after an abort too
     feature: str | None
     arrival_time: float
     num_prompt_tokens: int
@@ -275,6 +275,8 @@ class AsyncLLMEngine:
         return commands
 
     def _call_soon(self, callback, *args) -> None:
+        if self._loop is None:
+            return  # not started: nobody is listening yet
         try:
             self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the event loop is closed: nobody is listening any more

@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,7 +23,11 @@ from tokenmill.model.registry import DecoderSpec
 from tokenmill.outputs import EngineCoreOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sample.sampler import Sampler
+from tokenmill.worker.cpu_threads import check_cpu_threads
 from tokenmill.worker.model_runner import LaunchedStep, ModelRunner
+
+if TYPE_CHECKING:
+    from tokenmill.worker.gpu_memory import MemoryProfile
 
 logger = logging.getLogger("tokenmill")
 
@@ -44,8 +49,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def make_attention_backend(spec: DecoderSpec, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+def make_attention_backend(spec: DecoderSpec, device: torch.device, dtype: torch.dtype,
+                           batch_invariant: bool = False) -> AttentionBackend:
     args = (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim**-0.5, spec.sliding_window)
+    if batch_invariant:
+        from tokenmill.attention import cpu_kernels
+
+        if device.type != "cpu":
+            raise ValueError("batch_invariant=True is implemented for the CPU only: use device='cpu' or drop "
+                             "batch_invariant (--batch-invariant)")
+        if not cpu_kernels.supports(dtype):
+            raise ValueError(f"batch_invariant=True needs the native CPU kernels for {dtype}, which are not "
+                             "available here (see the log for why): drop batch_invariant")
+        from tokenmill.attention.cpu_backend import CPUAttentionBackend
+
+        return CPUAttentionBackend(*args, batch_invariant=True)
     if device.type == "cuda":
         try:
             from tokenmill.attention.triton_backend import TritonAttentionBackend
@@ -146,6 +164,8 @@ class EngineCore:
         config.validate()
         self.config = config
         self.device = resolve_device(config.model.device)
+        if self.device.type == "cpu":
+            check_cpu_threads()
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         hf_config = read_hf_config(model_dir)
         self.spec = DecoderSpec.from_hf_config(hf_config, source=str(Path(model_dir) / "config.json"))
@@ -159,10 +179,15 @@ class EngineCore:
         self.max_num_batched_tokens = sched.max_num_batched_tokens or default_tokens
         block_size = config.cache.block_size
 
-        backend = make_attention_backend(self.spec, self.device, self.dtype)
+        backend = make_attention_backend(self.spec, self.device, self.dtype, config.model.batch_invariant)
         max_positions = config.model.max_model_len or self.spec.max_position_embeddings
         self.model = load_model(model_dir, backend, self.dtype, self.device, max_positions, show_progress)
-        self.memory_profile = None
+        if config.model.batch_invariant:
+            from tokenmill.worker.batch_invariant import tile_linear_rows
+
+            tile_linear_rows(self.model)
+            logger.info("batch-invariant mode: linear layers in tiles of fixed rows, attention per token")
+        self.memory_profile: MemoryProfile | None = None
         if self.device.type == "cuda" and config.cache.kv_cache_bytes is None:
             self.kv_sizing = self._profile_gpu_kv_cache(hf_config)
         else:
@@ -214,19 +239,19 @@ class EngineCore:
         block_size = self.config.cache.block_size
         bytes_per_block = kv_cache_bytes_per_block(ModelArch.from_hf_config(hf_config), block_size, self.dtype)
         spec = self.spec
-        self.memory_profile = profile_kv_cache(
+        profile = self.memory_profile = profile_kv_cache(
             self.model, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, num_layers=spec.num_layers,
             dtype=self.dtype, device=self.device, block_size=block_size, bytes_per_block=bytes_per_block,
             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.config.scheduler.max_num_seqs,
             gpu_memory_utilization=self.config.cache.gpu_memory_utilization, hf_config=hf_config,
             enforce_eager=self.config.model.enforce_eager,
         )
-        if self.memory_profile.num_blocks < 1:
+        if profile.num_blocks < 1:
             raise ValueError(
                 "no GPU memory is left for the KV cache after weights and activations: raise "
                 "--gpu-memory-utilization, lower --max-num-batched-tokens, or use a smaller model"
             )
-        return KVCacheSizing(bytes_per_block, self.memory_profile.num_blocks, block_size)
+        return KVCacheSizing(bytes_per_block, profile.num_blocks, block_size)
 
     def _resolve_max_model_len(self) -> int:
         model_limit = self.spec.max_position_embeddings

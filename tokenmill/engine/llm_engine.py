@@ -72,13 +72,13 @@ class _Parent:
             values = [v for v in values if v is not None]
             return min(values) if values else None
 
-        finished = [m.finished_time for m in ms]
+        finished = [m.finished_time for m in ms if m.finished_time is not None]
         return RequestMetrics(
             arrival_time=ms[0].arrival_time,
             first_scheduled_time=first(m.first_scheduled_time for m in ms),
             first_token_time=first(m.first_token_time for m in ms),
             last_token_time=max((m.last_token_time for m in ms if m.last_token_time), default=None),
-            finished_time=max(finished) if all(t is not None for t in finished) else None,
+            finished_time=max(finished) if len(finished) == len(ms) else None,
             compute_seconds=sum(m.compute_seconds for m in ms),
             num_cached_tokens=ms[0].num_cached_tokens,
         )

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenmill.sampling_params import SamplingParams
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +46,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooling-type", default="LAST", type=str.upper, choices=["LAST", "MEAN"],
                         help="how /v1/embeddings pools the prompt's final hidden states: the last token's, or "
                              "their mean (vectors are L2-normalized)")
+    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                        help="kernels whose results do not depend on the batch: greedy and seeded outputs are "
+                             "identical whatever else runs, at a cost in throughput (CPU only; default: the "
+                             "TOKENMILL_BATCH_INVARIANT environment variable, else off)")
     parser.add_argument("--chat-template", default=None,
                         help="Jinja chat template (a file path or the template text) overriding the model's")
 
@@ -64,21 +72,42 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
         pooling_type=args.pooling_type,
         revision=args.revision, download_dir=args.download_dir,
+        batch_invariant=args.batch_invariant,
     )
 
 
+# Defaults of `generate` and `chat`: sampled text, a little nudged away from repeats. Greedy decoding of small
+# models loops on the same phrase within a hundred tokens; --temperature 0 asks for it.
+SAMPLING_DEFAULTS = {"max_tokens": 128, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1}
+
+
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
+    d = SAMPLING_DEFAULTS
+    parser.add_argument("--max-tokens", type=int, default=d["max_tokens"],
+                        help=f"most tokens to generate per prompt (default {d['max_tokens']})")
+    parser.add_argument("--temperature", type=float, default=d["temperature"],
+                        help=f"sampling temperature; 0 = greedy (default {d['temperature']})")
+    parser.add_argument("--top-p", type=float, default=d["top_p"],
+                        help=f"nucleus sampling: keep the most likely tokens up to this mass (default {d['top_p']})")
+    parser.add_argument("--top-k", type=int, default=d["top_k"],
+                        help="keep only the k most likely tokens; 0 = all (default 0)")
+    parser.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"],
+                        help="shrink the logits of tokens already in the prompt or output; 1 = off "
+                             f"(default {d['repetition_penalty']})")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The SamplingParams of `generate` / `chat` from their parsed flags."""
+    from tokenmill import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from tokenmill import LLM, SamplingParams
+    from tokenmill import LLM
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k)
+    params = sampling_params(args)
     llm = LLM(args.model, **engine_kwargs(args))
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if args.command == "chat":

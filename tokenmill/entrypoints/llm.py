@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
@@ -22,6 +22,8 @@ class LLM:
 
     model: a Hugging Face model directory, a .gguf file, a hub id ("org/name", with revision= and download_dir=;
     downloaded into the HF cache unless HF_HUB_OFFLINE=1), or None for the bundled SmolLM2-135M-Instruct.
+    batch_invariant: kernels whose results do not depend on the batch, so greedy and seeded outputs are the same
+    whatever else runs (CPU; slower). None reads the TOKENMILL_BATCH_INVARIANT environment variable.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class LLM:
         pooling_type: str = "LAST",
         revision: str | None = None,
         download_dir: str | None = None,
+        batch_invariant: bool | None = None,
         show_progress: bool = True,
     ) -> None:
         config = EngineConfig.from_kwargs(
@@ -54,7 +57,7 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization, seed=seed, device=device,
             tensor_parallel_size=tensor_parallel_size, chat_template=chat_template, enforce_eager=enforce_eager,
             async_scheduling=async_scheduling, pooling_type=pooling_type, revision=revision,
-            download_dir=download_dir,
+            download_dir=download_dir, batch_invariant=batch_invariant,
         )
         self.llm_engine = LLMEngine(config, show_progress=show_progress)
 
@@ -72,13 +75,13 @@ class LLM:
         params_list = self._params_list(sampling_params, len(prompts))
         engine = self.llm_engine
         tokenized = self._tokenize_all(prompts)
-        ids = []
+        request_ids = []
         now = time.time()
-        for prompt, params in zip(tokenized, params_list, strict=True):
+        for tokenized_prompt, params in zip(tokenized, params_list, strict=True):
             request_id = engine.next_request_id()
-            engine.add_request(request_id, prompt, params, arrival_time=now)
-            ids.append(request_id)
-        return self._run(ids, use_tqdm)
+            engine.add_request(request_id, tokenized_prompt, params, arrival_time=now)
+            request_ids.append(request_id)
+        return self._run(request_ids, use_tqdm)
 
     def embed(
         self,
@@ -110,8 +113,8 @@ class LLM:
         if isinstance(prompts, str | dict) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
         ):
-            return [prompts]  # type: ignore[list-item]
-        return list(prompts)  # type: ignore[arg-type]
+            return [cast(PromptType, prompts)]
+        return list(cast(Sequence[PromptType], prompts))
 
     def _tokenize_all(self, prompts: list[PromptType]) -> list[dict]:
         """Every prompt tokenized and validated before any is queued, so one bad prompt leaves nothing

@@ -123,18 +123,6 @@ class ModelArch:
     def num_full_attention_layers(self) -> int:
         return self.num_layers - self.num_sliding_layers
 
-    @property
-    def attn_v_head_dim(self) -> int:
-        """Per-head size of V (and of the attention output)."""
-        return self.v_head_dim if self.is_mla else self.head_dim
-
-    @property
-    def gqa_group_size(self) -> int:
-        return self.num_attention_heads // self.num_kv_heads
-
-    def layer_is_moe(self, layer: int) -> bool:
-        return layer in self.moe_layers
-
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], name: str | None = None) -> ModelArch:
@@ -643,10 +631,6 @@ def _load_config_file(path: Path, name: str) -> ModelArch:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}): pass a Hugging Face config.json") from exc
     return replace(ModelArch.from_hf_config(config, name=name or None), source=str(path))
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 __all__ = ["ModelArch", "load_arch"]

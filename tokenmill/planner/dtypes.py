@@ -93,10 +93,6 @@ class GGUFType:
     def nbytes(self, numel: int) -> int:
         return math.ceil(numel / self.block_size) * self.block_bytes
 
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.block_bytes / self.block_size
-
 
 GGUF_TYPES: dict[str, GGUFType] = {
     t.name: t
@@ -151,10 +147,6 @@ class Precision:
     group_size: int = 128
     gguf_type: str | None = None
     gguf_mix: str | None = None  # "M": attn_v / ffn_down of half the layers one step up (Q4_K_M, Q5_K_M)
-
-    @property
-    def is_quantized(self) -> bool:
-        return self.kind != "dense"
 
     @property
     def compute_dtype(self) -> str:

@@ -36,7 +36,7 @@ def logprob_entries(token_ids: torch.Tensor, chosen: torch.Tensor, ranks: torch.
                     top_vals: torch.Tensor | None = None, top_ids: torch.Tensor | None = None) -> list[PositionLogprobs]:
     """The host half of top_logprobs, from the tensors of logprob_tensors."""
     chosen_l, ranks_l, ids_l = chosen.tolist(), ranks.tolist(), token_ids.tolist()
-    top_vals_l = top_vals.tolist() if top_vals is not None else None
+    top_vals_l = top_vals.tolist() if top_vals is not None else []
     top_ids_l = top_ids.tolist() if top_ids is not None else None
     out = []
     for row in range(len(ids_l)):
@@ -82,9 +82,6 @@ class Sampler:
         # Draws for requests without a seed of their own.
         self.generator = generator
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
-        return self.sample(logits, requests).to_host()
-
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits: [num_requests, vocab] at the position that predicts each request's next token, in the model's
         dtype. A batch of greedy rows is argmax'ed as it is (a bfloat16 -> float32 conversion is exact and keeps
@@ -114,12 +111,13 @@ class Sampler:
             token_ids[idx] = self._sample(logits[idx], [requests[i] for i in random])
 
         out = SamplerOutput(token_ids)
-        if raw_logprobs is not None:
-            rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if raw_logprobs is not None and max_logprobs is not None:
+            k_of_row = {i: p.logprobs for i, p in enumerate(params) if p.logprobs is not None}
+            rows = list(k_of_row)
             idx = torch.tensor(rows, device=device)
             out.logprob_rows = rows
             out.logprob_data = logprob_tensors(raw_logprobs[idx], token_ids[idx], max_logprobs)
-            out.k_per_row = [params[row].logprobs for row in rows]
+            out.k_per_row = list(k_of_row.values())
         return out
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -226,6 +226,3 @@ class CUDAGraphRunner:
             out = self.model(buf.input_ids[:padded], buf.positions[:padded], self.kv_caches,
                              buf.metadata(padded, self.max_model_len))
         return out[:n]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(hidden)

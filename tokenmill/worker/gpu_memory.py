@@ -23,10 +23,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata
+
+if TYPE_CHECKING:
+    from tokenmill.model.llama import LlamaForCausalLM
 
 logger = logging.getLogger("tokenmill")
 
@@ -113,17 +117,18 @@ def dummy_prefill_inputs(num_tokens: int, num_seqs: int, block_size: int, device
 
 
 @torch.inference_mode()
-def run_dummy_forward(model: torch.nn.Module, num_kv_heads: int, head_dim: int, num_layers: int,
+def run_dummy_forward(model: LlamaForCausalLM, num_kv_heads: int, head_dim: int, num_layers: int,
                       dtype: torch.dtype, device: torch.device, max_num_batched_tokens: int,
-                      max_num_seqs: int, block_size: int) -> None:
+                      max_num_seqs: int, block_size: int) -> torch.Tensor:
     """The worst-case step: a forward over max_num_batched_tokens, then logits and softmax of the rows that
-    sample (one per sequence, at most max_num_seqs), as the sampler does."""
+    sample (one per sequence, at most max_num_seqs), as the sampler does. Returns those probabilities
+    [num_seqs, vocab_size] in float32."""
     input_ids, positions, meta = dummy_prefill_inputs(max_num_batched_tokens, max_num_seqs, block_size, device)
     cache = torch.zeros((2, 1, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
     hidden = model(input_ids, positions, [cache] * num_layers, meta)
     last_rows = [b - 1 for b in meta.query_start_loc_list[1:]]
     logits = model.compute_logits(hidden[last_rows]).float()  # the sampler's float32 copy when it samples
-    torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1)
 
 
 def measure_memory(run_forward: Callable[[], None], device: torch.device) -> tuple[int, int, int, int]:
@@ -159,7 +164,7 @@ def planner_prediction(hf_config: dict, dtype: torch.dtype, max_num_batched_toke
 
 
 def profile_kv_cache(
-    model: torch.nn.Module,
+    model: LlamaForCausalLM,
     *,
     num_kv_heads: int,
     head_dim: int,

@@ -7,6 +7,8 @@ import pytest
 
 from tests.entrypoints.openai.conftest import MAX_MODEL_LEN, assert_openai_error
 
+pytestmark = pytest.mark.slow  # drives a tokenmill serve process
+
 CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
 

@@ -71,9 +71,20 @@ def test_feature_limit_applies_across_keys_and_refusal_takes_nothing():
 
 
 def test_unlimited_by_default():
-    limiter = RateLimiter(RateLimit(), {}, Clock())
+    clock = Clock()
+    limiter = RateLimiter(RateLimit(), {}, clock)
+    key = ApiKey("a", b"")
     for _ in range(1000):
-        limiter.acquire(ApiKey("a", b""), "f", 10**6)
+        reservation = limiter.acquire(key, "f", 10**6)  # never refused, however many and however large
+        # Nothing is metered: the reservation holds no bucket, so settling it gives nothing back.
+        assert reservation.num_tokens == 10**6 and reservation.token_buckets == []
+        limiter.settle(reservation, 0)
+    # A key with its own limit is still limited under the unlimited default.
+    limited = ApiKey("b", b"", RateLimit(requests_per_minute=1))
+    limiter.acquire(limited, "f", 1)
+    with pytest.raises(OpenAIError) as e:
+        limiter.acquire(limited, "f", 1)
+    assert e.value.status == 429
 
 
 def test_authenticator():

@@ -14,6 +14,8 @@ from tests.entrypoints.openai.conftest import (
     assert_openai_error,
 )
 
+pytestmark = pytest.mark.slow  # starts tokenmill serve processes
+
 ROUTES = [
     ("GET", "/v1/models", None),
     ("GET", f"/v1/models/{MODEL_NAME}", None),

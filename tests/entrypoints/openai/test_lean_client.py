@@ -6,9 +6,12 @@ import asyncio
 import json
 
 import openai
+import pytest
 
 from benchmarks.serving_overhead import _LeanConnection
 from tests.entrypoints.openai.conftest import API_KEY, MODEL_NAME
+
+pytestmark = pytest.mark.slow  # drives a tokenmill serve process
 
 
 def test_lean_client_streams_the_same_completions_as_the_sdk(server):

@@ -12,6 +12,8 @@ import pytest
 
 from tests.entrypoints.openai.conftest import ServerProcess, assert_openai_error
 
+pytestmark = pytest.mark.slow  # starts and signals tokenmill serve processes
+
 LONG = {"prompt": "tell me everything", "max_tokens": 480, "ignore_eos": True, "stream": True,
         "stream_options": {"include_usage": True}}
 

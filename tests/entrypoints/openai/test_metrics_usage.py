@@ -11,6 +11,8 @@ import pytest
 
 from tests.entrypoints.openai.conftest import GPU_HOURLY_COST, MODEL_NAME
 
+pytestmark = pytest.mark.slow  # drives tokenmill serve processes
+
 VLLM_NAMES = [
     "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
     "vllm:gpu_cache_usage_perc", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",

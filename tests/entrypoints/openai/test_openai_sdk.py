@@ -11,6 +11,8 @@ import pytest
 from tests.entrypoints.openai.conftest import API_KEY, MODEL_NAME
 from tokenmill import SamplingParams
 
+pytestmark = pytest.mark.slow  # starts tokenmill serve processes
+
 PROMPTS = ["Paged attention stores keys", "The quick brown fox", "def main():\n    print("]
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Continuous batching?"}]
 MAX_TOKENS = 12

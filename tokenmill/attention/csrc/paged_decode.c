@@ -387,7 +387,7 @@ void paged_decode_attention(
     const int32_t *block_tables, const int32_t *seq_lens,
     int num_seqs, int num_heads, int num_kv_heads, int head_dim,
     int block_size, int max_blocks, int64_t num_blocks, float scale, int sliding_window, int dtype,
-    int num_threads) {
+    int num_threads, int allow_split) {
     const int group = num_heads / num_kv_heads;
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
     const int64_t block_stride = (int64_t)block_size * token_stride;
@@ -398,7 +398,9 @@ void paged_decode_attention(
     const int fast = 0;
 #endif
 #ifdef TOKENMILL_AVX512_BF16
-    if (fast && num_seqs < 2 * num_threads) {
+    // Splitting depends on the batch (few sequences are split, many are not), and a split sequence sums its
+    // softmax in another order: batch-invariant mode (allow_split = 0) never splits.
+    if (fast && allow_split && num_seqs < 2 * num_threads) {
         split_decode(q, kv_cache, out, block_tables, seq_lens, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
                      max_blocks, value_offset, scale, sliding_window, num_threads);
         return;

@@ -107,7 +107,10 @@ class SamplingFields(RequestModel):
     presence_penalty: Penalty | None = 0.0
     frequency_penalty: Penalty | None = 0.0
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1,
-                             description="Same seed and prompt give the same output, whatever the batch.")
+                             description="Same seed and prompt give the same draws. The output is the same "
+                             "whatever the batch in float32, or with the server's --batch-invariant; in bfloat16 "
+                             "without it, batch mates can flip a token whose top two logits are within one "
+                             "bfloat16 step.")
     stop: str | list[str] | None = Field(None, description="Strings that end the output (not included).")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
