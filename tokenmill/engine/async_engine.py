@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from tokenmill.engine.llm_engine import LLMEngine, _Parent
+from tokenmill.engine.llm_engine import LLMEngine, _Parent, _PoolingParent
 from tokenmill.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats, StatLogger
 from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
@@ -39,19 +39,22 @@ class EngineStepError(RuntimeError):
     """An engine step failed; the requests that were in flight are aborted."""
 
 
+EngineOutput = RequestOutput | EmbeddingRequestOutput
+
+
 class RequestStream:
-    """The latest output of one request, read by a single consumer on the event loop."""
+    """The latest output of one request (generation or pooling), read by a single consumer on the event loop."""
 
     __slots__ = ("_output", "_error", "_event", "started")
 
     def __init__(self) -> None:
-        self._output: RequestOutput | None = None
+        self._output: EngineOutput | None = None
         self._error: BaseException | None = None
         self._event = asyncio.Event()
         # Whether any output arrived (the request left the queue and finished its prefill).
         self.started = False
 
-    def put(self, output: RequestOutput) -> None:
+    def put(self, output: EngineOutput) -> None:
         self._output = output
         self.started = True
         self._event.set()
@@ -60,7 +63,7 @@ class RequestStream:
         self._error = error
         self._event.set()
 
-    async def get(self) -> RequestOutput:
+    async def get(self) -> EngineOutput:
         await self._event.wait()
         self._event.clear()
         if self._error is not None:
@@ -91,7 +94,7 @@ _STOP = object()
 class _Tracked:
     """Engine-thread bookkeeping of one in-flight request, for the per-token stats."""
 
-    parent: _Parent  # its output() works after an abort too
+    parent: _Parent | _PoolingParent  # its output() works after an abort too
     feature: str | None
     arrival_time: float
     num_prompt_tokens: int
@@ -314,6 +317,7 @@ class AsyncLLMEngine:
             time.sleep(0.005)
 
     def _add(self, command: _Add, errors: list) -> None:
+        parent: _Parent | _PoolingParent
         try:
             if isinstance(command.params, PoolingParams):
                 parent = self.engine.add_pooling_request(command.request_id, command.prompt, command.params,

@@ -56,8 +56,8 @@ class SSEResponse(StreamingResponse):
 
     def __init__(self, forwarder: Forwarder, attempt: Attempt, keep_usage_chunk: bool,
                  on_done: Callable[[Attempt, str | None], None], headers: dict[str, str]) -> None:
-        super().__init__(forwarder.stream_events(attempt, keep_usage_chunk, on_done), media_type="text/event-stream",
-                         headers=headers)
+        self.events = forwarder.stream_events(attempt, keep_usage_chunk, on_done)
+        super().__init__(self.events, media_type="text/event-stream", headers=headers)
         self.forwarder = forwarder
         self.attempt = attempt
         self.on_done = on_done
@@ -66,7 +66,7 @@ class SSEResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            await self.events.aclose()
             if not self.attempt.finished:  # the generator never started
                 await self.forwarder.abandon(self.attempt, self.on_done)
 
@@ -235,8 +235,9 @@ class RouterState:
                 raise bad_request(
                     f"{param}={requested} is over the limit of route {route.name!r} ({route.max_tokens} tokens): "
                     f"ask for at most {route.max_tokens}", param=param, code="max_tokens_over_limit")
-        max_tokens = body.get(param) if isinstance(body.get(param), int) else (1024 if chat else 16)
-        n = body.get("n") if isinstance(body.get("n"), int) else 1
+        limit, choices = body.get(param), body.get("n")
+        max_tokens: int = limit if isinstance(limit, int) else (1024 if chat else 16)
+        n: int = choices if isinstance(choices, int) else 1
         num_prompt = 0
         if route.max_input_tokens is not None or self._token_limited(api_key, feature):
             num_prompt = await self.count_prompt_tokens(route, body, chat)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,7 +193,7 @@ class Forwarder:
         attempt.cost_usd = cost_usd(self.pools[attempt.backend].config.price, attempt.usage)
 
     async def stream_events(self, attempt: Attempt, keep_usage_chunk: bool,
-                            on_done: Callable[[Attempt, str | None], None]) -> AsyncIterator[bytes]:
+                            on_done: Callable[[Attempt, str | None], None]) -> AsyncGenerator[bytes, None]:
         """The backend's SSE bytes, passed through event by event; the usage is read on the way.
 
         The usage-only last chunk (asked for by the router) is dropped unless the client asked for it. A backend

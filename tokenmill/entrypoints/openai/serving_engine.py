@@ -11,10 +11,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.requests import Request
 
@@ -28,6 +28,9 @@ from tokenmill.metrics.tracing import RequestTracer, operation_name
 from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.entrypoints.openai.protocol_responses import ResponsesRequest
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -267,7 +270,8 @@ class OpenAIServing:
         return max(1, min(default, room, limit or default))
 
     @staticmethod
-    def sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(request: SamplingFields | ResponsesRequest, max_tokens: int, logprobs: int | None
+                        ) -> SamplingParams:
         def pick(value, default):
             return default if value is None else value
 
@@ -445,7 +449,8 @@ def error_event(error: OpenAIError) -> str:
     return sse(json.dumps(error.to_dict()))
 
 
-async def merge_outputs(streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merge_outputs(streams: Sequence[AsyncIterator[RequestOutput]]
+                        ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """(stream index, output) from several engine streams as they come; closing this closes (aborts) them all."""
     if len(streams) == 1:
         try:
