@@ -304,9 +304,9 @@ class AsyncLLMEngine:
                 for request_id in list(self._tracked):
                     self._abort(request_id, stats)
                     errors.append((request_id, error))
-        for request_id, error in self.engine.take_errors().items():
+        for request_id, failure in self.engine.take_errors().items():
             self._abort(request_id, stats)
-            errors.append((request_id, error))
+            errors.append((request_id, failure))
         now = time.time()
         stats.timestamp = now
         for output in outputs:
