@@ -23,6 +23,7 @@ from tokenmill.entrypoints.openai.errors import OpenAIError, bad_request, unavai
 from tokenmill.entrypoints.openai.protocol import ChatMessage, PromptTokensDetails, SamplingFields, UsageInfo
 from tokenmill.entrypoints.openai.rate_limit import RateLimiter, Reservation
 from tokenmill.entrypoints.openai.server_config import ApiKey, ServerConfig, check_feature
+from tokenmill.entrypoints.openai.structured_outputs import structured_outputs_params
 from tokenmill.metrics.prometheus import PrometheusStatLogger
 from tokenmill.metrics.tracing import RequestTracer, operation_name
 from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
@@ -294,6 +295,7 @@ class OpenAIServing:
                 logprobs=logprobs,
                 include_stop_str_in_output=pick(request.include_stop_str_in_output, False),
                 skip_special_tokens=pick(request.skip_special_tokens, True),
+                structured_outputs=structured_outputs_params(request),
             )
         except ValueError as e:
             message = str(e)
