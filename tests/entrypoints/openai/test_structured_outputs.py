@@ -128,3 +128,14 @@ def test_grammar_that_does_not_compile_is_a_400_and_the_server_serves_on(http):
     assert "grammar" in error["message"]
     r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
     assert r.status_code == 200, r.text
+
+
+def test_streamed_output_equals_the_non_streamed_one(client):
+    kwargs = dict(model=MODEL_NAME, messages=USER, temperature=1.0, seed=21, max_tokens=100,
+                  response_format={"type": "json_schema", "json_schema": {"name": "n_ok", "schema": SCHEMA}})
+    full = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
