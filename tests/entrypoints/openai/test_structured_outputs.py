@@ -121,9 +121,15 @@ def test_bad_specifications_are_400s(http, body, param, text):
     assert text in error["message"], error
 
 
-def test_grammar_that_does_not_compile_is_a_400_and_the_server_serves_on(http):
-    r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 8,
-                                           "structured_outputs": {"grammar": "root ::= undefined_rule"}})
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "x"}),
+    ("/v1/completions", {"prompt": ["x", "y"], "stream": True}),
+    ("/v1/chat/completions", {"messages": USER, "stream": True}),
+], ids=["completions", "completions-stream", "chat-stream"])
+def test_grammar_that_does_not_compile_is_a_400_and_the_server_serves_on(http, path, body):
+    # Found only by the backend's compile (in the engine), streamed or not: a 400 before any event.
+    r = http.post(path, json={"max_tokens": 8, "structured_outputs": {"grammar": "root ::= undefined_rule"},
+                              **body})
     error = assert_openai_error(r, 400)
     assert "grammar" in error["message"]
     r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})

@@ -385,6 +385,34 @@ class OpenAIServing:
                          prompt_tokens_details=PromptTokensDetails(cached_tokens=cached), gpu_seconds=gpu_seconds)
 
 
+async def first_output_or_error(raw_request: Request | None, stream: AsyncIterator[RequestOutput]
+                                 ) -> AsyncIterator[RequestOutput]:
+    """Wait for a stream's first output and return a stream that yields it and the rest. A request the engine
+    fails before its first token (a grammar that does not compile, or compiles past the timeout) raises here,
+    so a streamed request gets the error's status (400) instead of an error event in a started stream."""
+    try:
+        first = await unless_disconnected(raw_request, anext(stream))
+    except StopAsyncIteration:
+        first = None
+    except OpenAIError:
+        await stream.aclose()  # type: ignore[attr-defined]
+        raise
+    except Exception as e:
+        await stream.aclose()  # type: ignore[attr-defined]
+        raise engine_error(e) from None
+
+    async def chained() -> AsyncIterator[RequestOutput]:
+        try:
+            if first is not None:
+                yield first
+                async for output in stream:
+                    yield output
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    return chained()
+
+
 async def _leave_queue_on_start(stream: AsyncIterator[OutputT], ticket: QueueTicket) -> AsyncIterator[OutputT]:
     """The engine stream; its waiting-queue slot is given back at the first output (or when it ends)."""
     released = False
