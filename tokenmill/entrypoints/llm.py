@@ -74,7 +74,9 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in the order given; all prompts are batched together."""
+        """One RequestOutput per prompt, in the order given; all prompts are batched together. A request whose
+        grammar (structured_outputs) cannot be compiled, or not within the compile timeout, raises
+        StructuredOutputError (a ValueError) and the call's other requests are aborted."""
         prompts = self._prompt_list(prompts)
         params_list = self._params_list(sampling_params, len(prompts))
         engine = self.llm_engine
