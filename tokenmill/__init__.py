@@ -25,9 +25,10 @@ if TYPE_CHECKING:
     )
     from tokenmill.pooling_params import PoolingParams
     from tokenmill.sampling_params import SamplingParams
+    from tokenmill.structured_output.params import StructuredOutputsParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "PoolingParams",
-           "EmbeddingRequestOutput", "EmbeddingOutput"]
+           "EmbeddingRequestOutput", "EmbeddingOutput", "StructuredOutputsParams"]
 __version__ = "0.1.0"
 
 # public name -> module defining it
@@ -40,6 +41,7 @@ _EXPORTS = {
     "PoolingParams": "tokenmill.pooling_params",
     "EmbeddingRequestOutput": "tokenmill.outputs",
     "EmbeddingOutput": "tokenmill.outputs",
+    "StructuredOutputsParams": "tokenmill.structured_output.params",
 }
 
 

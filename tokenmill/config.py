@@ -173,10 +173,32 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class StructuredOutputsConfig:
+    # The grammar library for requests that do not name one: "auto" (xgrammar, llguidance where xgrammar
+    # cannot enforce the specification), "xgrammar" or "guidance" (vLLM's --structured-outputs-backend).
+    backend: str = "auto"
+    # Seconds a request's grammar may take to compile; past it that request alone fails (a 400 at the server).
+    compile_timeout_s: float = 10.0
+
+    def validate(self) -> None:
+        if self.backend not in ("auto", "xgrammar", "guidance"):
+            raise ValueError(
+                f"structured_outputs_backend must be auto, xgrammar or guidance, got {self.backend!r}"
+            )
+        if isinstance(self.compile_timeout_s, bool) or not isinstance(self.compile_timeout_s, int | float) or not (
+            self.compile_timeout_s > 0
+        ):
+            raise ValueError(
+                f"structured_outputs_compile_timeout must be a number of seconds > 0, got {self.compile_timeout_s!r}"
+            )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     # Tensor-parallel degree; only 1 is supported.
     tensor_parallel_size: int = 1
 
@@ -203,6 +225,8 @@ class EngineConfig:
         revision: str | None = None,
         download_dir: str | None = None,
         batch_invariant: bool | None = None,
+        structured_outputs_backend: str = "auto",
+        structured_outputs_compile_timeout: float = 10.0,
     ) -> EngineConfig:
         """The config from vLLM-named keyword arguments (those of LLM(...) and the serve flags), validated.
         batch_invariant=None reads TOKENMILL_BATCH_INVARIANT."""
@@ -219,6 +243,8 @@ class EngineConfig:
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       async_scheduling=async_scheduling),
+            structured_outputs=StructuredOutputsConfig(backend=structured_outputs_backend,
+                                                       compile_timeout_s=structured_outputs_compile_timeout),
             tensor_parallel_size=tensor_parallel_size,
         )
         config.validate()
@@ -228,6 +254,7 @@ class EngineConfig:
         self.model.validate()
         self.cache.validate()
         self.scheduler.validate()
+        self.structured_outputs.validate()
         if self.tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: tokenmill runs on one "

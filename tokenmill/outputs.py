@@ -139,3 +139,5 @@ class EngineCoreOutput:
     stop_reason: int | str | None
     # A finished pooling request's vector [hidden_size] (float32, on the host); None for generation.
     pooled: torch.Tensor | None = None
+    # The request failed inside the engine (finish_reason "abort"): e.g. its grammar did not compile.
+    error: BaseException | None = None

@@ -11,6 +11,7 @@ from tokenmill.model.pooler import Pooler
 from tokenmill.outputs import PositionLogprobs, RequestMetrics
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured_output.request_state import StructuredOutputRequest
 
 # A pooling request samples nothing; it carries these so that the scheduler treats it as a request whose one
 # "output" is due when its prefill completes (and the scheduler and runner read no field that is not there).
@@ -68,6 +69,10 @@ class Request:
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(sampling_params.seed)
+        # Under structured outputs: the grammar (compiling, then its matcher); set by the engine at add_request.
+        self.structured_output: StructuredOutputRequest | None = None
+        # Why the request failed inside the engine (its grammar did not compile); None otherwise.
+        self.error: BaseException | None = None
         # A pooling request (prefill only: its prompt's hidden states are pooled into one vector, nothing is
         # sampled) has a Pooler; a generation request has None.
         self.pooler: Pooler | None = (
@@ -89,6 +94,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def is_schedulable(self) -> bool:
+        """Whether the request may be admitted: False while its grammar compiles."""
+        return self.structured_output is None or self.structured_output.is_ready
 
     @property
     def needs_every_prompt_position(self) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenmill.structured_output.params import StructuredOutputsParams
+
 _EPS = 1e-5
 
 
@@ -39,6 +41,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # Constrain the output to a JSON schema, a regex, a choice of strings or a grammar (vLLM's name).
+    structured_outputs: StructuredOutputsParams | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +100,11 @@ class SamplingParams:
             raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
             fail("stop_token_ids", "must be a list of non-negative integers")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(
+                "structured_outputs must be a StructuredOutputsParams (from tokenmill import "
+                f"StructuredOutputsParams), got {type(self.structured_outputs).__name__}"
+            )
 
     @property
     def stop_strings(self) -> list[str]:
@@ -121,4 +130,5 @@ class SamplingParams:
             prompt_logprobs=self.prompt_logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
+            structured_outputs=self.structured_outputs,
         )

@@ -83,6 +83,9 @@ class Scheduler:
     # ---- scheduling -------------------------------------------------------------------------------------
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
+        if request.structured_output is not None:
+            # Recompute restarts the sequence: its matcher restarts too and replays the output so far.
+            request.structured_output.replay(request.output_token_ids)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -117,15 +120,18 @@ class Scheduler:
         self.running = kept + list(queue)
 
         # Admit waiting requests only when nothing had to be preempted this step.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted_ids:
-            request = self.waiting[0]
+        # A request that is not schedulable yet (its grammar compiles) is passed over; the rest keep their order.
+        candidates = (r for r in list(self.waiting) if r.is_schedulable)
+        for request in candidates:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs or out.preempted_ids:
+                break
             if request.num_pending_tokens:
                 break  # preempted while its last step ran: admitted once that step's token is known
             computed_blocks, num_cached = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(request, num_new, computed_blocks):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             self.kv.record_admission(request, num_cached)
             request.num_computed_tokens = num_cached
             if request.metrics.first_scheduled_time is None:
@@ -192,7 +198,7 @@ class Scheduler:
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             request.metrics.last_token_time = now
-            status = self._check_stop(request)
+            status = self._advance_grammar(request, sampled.token_id) or self._check_stop(request)
             if status is not None:
                 self.requests.pop(request.request_id, None)
                 if request.status == RequestStatus.RUNNING:
@@ -208,6 +214,7 @@ class Scheduler:
                     new_prompt_logprobs,
                     status.finish_reason if status is not None else None,
                     request.stop_reason,
+                    error=request.error,
                 )
             )
         return outputs
@@ -231,6 +238,22 @@ class Scheduler:
         self._finish(request, RequestStatus.FINISHED_STOPPED)
         return EngineCoreOutput(request.request_id, [], None, None, RequestStatus.FINISHED_STOPPED.finish_reason,
                                 None, pooled=pooler.result())
+
+    @staticmethod
+    def _advance_grammar(request: Request, token_id: int) -> RequestStatus | None:
+        """The grammar matcher accepts the sampled token: "stop" once the grammar is complete and has accepted
+        its end; an abort with an error if the token is refused (the mask makes that a bug, not user input)."""
+        state = request.structured_output
+        if state is None or state.matcher is None:
+            return None
+        if not state.matcher.accept_token(token_id):
+            request.error = RuntimeError(
+                f"the grammar matcher refused sampled token {token_id} of request {request.request_id!r}"
+            )
+            return RequestStatus.FINISHED_ABORTED
+        if state.matcher.is_terminated():
+            return RequestStatus.FINISHED_STOPPED
+        return None
 
     def _check_stop(self, request: Request) -> RequestStatus | None:
         params = request.sampling_params

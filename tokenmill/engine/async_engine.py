@@ -304,6 +304,9 @@ class AsyncLLMEngine:
                 for request_id in list(self._tracked):
                     self._abort(request_id, stats)
                     errors.append((request_id, error))
+        for request_id, failure in self.engine.take_errors().items():
+            self._abort(request_id, stats)
+            errors.append((request_id, failure))
         now = time.time()
         stats.timestamp = now
         for output in outputs:

@@ -23,10 +23,14 @@ from tokenmill.model.registry import DecoderSpec
 from tokenmill.outputs import EngineCoreOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sample.sampler import Sampler
+from tokenmill.structured_output.params import StructuredOutputError
+from tokenmill.structured_output.request_state import StructuredOutputRequest
 from tokenmill.worker.cpu_threads import check_cpu_threads
 from tokenmill.worker.model_runner import LaunchedStep, ModelRunner
 
 if TYPE_CHECKING:
+    from tokenmill.model.tokenizer import Tokenizer
+    from tokenmill.structured_output.manager import StructuredOutputManager
     from tokenmill.worker.gpu_memory import MemoryProfile
 
 logger = logging.getLogger("tokenmill")
@@ -160,9 +164,16 @@ def size_kv_cache(config: EngineConfig, hf_config: dict, dtype: torch.dtype, dev
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, model_dir: Path, show_progress: bool = True) -> None:
+    def __init__(self, config: EngineConfig, model_dir: Path, show_progress: bool = True,
+                 tokenizer: Tokenizer | None = None) -> None:
         config.validate()
         self.config = config
+        self.model_dir = Path(model_dir)
+        # For grammars (structured outputs); loaded from model_dir on first need when not given.
+        self._tokenizer = tokenizer
+        self._structured_outputs: StructuredOutputManager | None = None
+        # request_id -> Request whose grammar is still compiling (it waits; the others run).
+        self._compiling: dict[str, Request] = {}
         self.device = resolve_device(config.model.device)
         if self.device.type == "cpu":
             check_cpu_threads()
@@ -268,9 +279,54 @@ class EngineCore:
 
     # ---- requests -----------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
+        spec = request.sampling_params.structured_outputs
+        if spec is not None:
+            # Never blocks: the compile runs on a thread; the request waits until its grammar is ready.
+            pending = self.structured_outputs.submit(spec)
+            request.structured_output = StructuredOutputRequest(pending)
         self.scheduler.add_request(request)
+        if request.structured_output is not None:
+            self._compiling[request.request_id] = request
+
+    @property
+    def structured_outputs(self) -> StructuredOutputManager:
+        """The grammar compiler and cache, built on first use (engines that never see a constrained request
+        do not load the grammar libraries)."""
+        if self._structured_outputs is None:
+            from tokenmill.model.tokenizer import Tokenizer
+            from tokenmill.structured_output.manager import StructuredOutputManager
+
+            if self._tokenizer is None:
+                self._tokenizer = Tokenizer.from_pretrained(self.model_dir)
+            so = self.config.structured_outputs
+            self._structured_outputs = StructuredOutputManager(
+                self._tokenizer, vocab_size=self.spec.vocab_size, backend=so.backend,
+                compile_timeout_s=so.compile_timeout_s,
+            )
+        return self._structured_outputs
+
+    def _poll_grammars(self) -> list[EngineCoreOutput]:
+        """Admit requests whose grammar is ready; fail alone those whose compile failed or timed out."""
+        outputs = []
+        for request_id, request in list(self._compiling.items()):
+            state = request.structured_output
+            assert state is not None
+            try:
+                ready = state.poll()
+            except StructuredOutputError as e:
+                del self._compiling[request_id]
+                request.error = e
+                self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+                outputs.append(EngineCoreOutput(request_id, [], None, None, RequestStatus.FINISHED_ABORTED.finish_reason,
+                                                None, error=e))
+                continue
+            if ready or request.is_finished:
+                del self._compiling[request_id]
+        return outputs
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        for request_id in request_ids:
+            self._compiling.pop(request_id, None)
         self.scheduler.finish_requests(request_ids, status)
         self._collect_if_idle()
 
@@ -294,10 +350,15 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """One engine step: the outputs of the tokens sampled by it, or with async scheduling by the step
         before it (this one is launched and left running)."""
+        failed = self._poll_grammars() if self._compiling else []
         if self.async_scheduling:
-            return self._step_async()
-        sched = self.scheduler.schedule()
-        return [] if sched.is_empty else self._collect(self._launch(sched))
+            outputs = failed + self._step_async()
+        else:
+            sched = self.scheduler.schedule()
+            outputs = failed + ([] if sched.is_empty else self._collect(self._launch(sched)))
+        if not outputs and self._compiling and self._in_flight is None:
+            time.sleep(0.001)  # every request left waits for its grammar: do not spin
+        return outputs
 
     def _launch(self, sched, prev: LaunchedStep | None = None) -> LaunchedStep:
         step = self.runner.launch(sched, prev)
@@ -309,7 +370,8 @@ class EngineCore:
         """Schedule and launch step N+1, then collect step N while N+1 runs on the device.
 
         Step N+1 reads the tokens sampled by N on the device. Requests whose sampler needs their output
-        tokens on the host (penalties, min_tokens) make the engine collect N before scheduling N+1.
+        tokens on the host (penalties, min_tokens, a grammar matcher) make the engine collect N before
+        scheduling N+1.
         """
         outputs: list[EngineCoreOutput] = []
         in_flight, self._in_flight = self._in_flight, None

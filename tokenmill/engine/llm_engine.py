@@ -131,7 +131,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
         if config.model.chat_template is not None:
             self.tokenizer.chat_templates["default"] = config.model.chat_template
-        self.core = EngineCore(config, self.model_dir, show_progress)
+        self.core = EngineCore(config, self.model_dir, show_progress, tokenizer=self.tokenizer)
         self.max_model_len = self.core.max_model_len
         self.vocab_size = self.core.spec.vocab_size
         # request_id -> parent request state.
@@ -141,6 +141,8 @@ class LLMEngine:
         # request_id -> pooling request state.
         self.pooling: dict[str, _PoolingParent] = {}
         self.pooling_type = config.model.pooling_type
+        # request_id -> why it failed inside the engine (a grammar that did not compile); read by take_errors.
+        self.errors: dict[str, BaseException] = {}
         self._counter = itertools.count()
 
     def next_request_id(self) -> str:
@@ -243,6 +245,10 @@ class LLMEngine:
                     pooled.append(pooling.output())
                 continue
             parent, child = entry
+            if out.error is not None:
+                self._fail(parent, out.error)
+                changed.pop(parent.request_id, None)
+                continue
             self._apply(parent, child, out)
             changed[parent.request_id] = parent
         results: list[RequestOutput | EmbeddingRequestOutput] = []
@@ -255,6 +261,17 @@ class LLMEngine:
                 for child in parent.children:
                     self.children.pop(child.request.request_id, None)
         return results + pooled
+
+    def _fail(self, parent: _Parent, error: BaseException) -> None:
+        """A request failed inside the engine: its samples end, and take_errors() reports it."""
+        self.errors[parent.request_id] = error
+        self.abort_request(parent.request_id)
+
+    def take_errors(self) -> dict[str, BaseException]:
+        """The requests that failed inside the engine since the last call (request_id -> error); they produce
+        no more output."""
+        errors, self.errors = self.errors, {}
+        return errors
 
     def _apply(self, parent: _Parent, child: _Child, out: EngineCoreOutput) -> None:
         if out.new_prompt_logprobs and child.index == 0 and parent.prompt_logprobs is not None:

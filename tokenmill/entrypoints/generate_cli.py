@@ -50,6 +50,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="kernels whose results do not depend on the batch: greedy and seeded outputs are "
                              "identical whatever else runs, at a cost in throughput (CPU only; default: the "
                              "TOKENMILL_BATCH_INVARIANT environment variable, else off)")
+    parser.add_argument("--structured-outputs-backend", default="auto", choices=["auto", "xgrammar", "guidance"],
+                        help="grammar library for structured outputs (JSON schema, regex, choice, grammar): auto "
+                             "uses xgrammar, and llguidance where xgrammar cannot enforce the specification")
+    parser.add_argument("--structured-outputs-compile-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds a request's grammar may take to compile; past it that request fails alone")
     parser.add_argument("--chat-template", default=None,
                         help="Jinja chat template (a file path or the template text) overriding the model's")
 
@@ -73,6 +78,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         pooling_type=args.pooling_type,
         revision=args.revision, download_dir=args.download_dir,
         batch_invariant=args.batch_invariant,
+        structured_outputs_backend=args.structured_outputs_backend,
+        structured_outputs_compile_timeout=args.structured_outputs_compile_timeout,
     )
 
 

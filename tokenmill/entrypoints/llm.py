@@ -48,6 +48,8 @@ class LLM:
         revision: str | None = None,
         download_dir: str | None = None,
         batch_invariant: bool | None = None,
+        structured_outputs_backend: str = "auto",
+        structured_outputs_compile_timeout: float = 10.0,
         show_progress: bool = True,
     ) -> None:
         config = EngineConfig.from_kwargs(
@@ -58,6 +60,8 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size, chat_template=chat_template, enforce_eager=enforce_eager,
             async_scheduling=async_scheduling, pooling_type=pooling_type, revision=revision,
             download_dir=download_dir, batch_invariant=batch_invariant,
+            structured_outputs_backend=structured_outputs_backend,
+            structured_outputs_compile_timeout=structured_outputs_compile_timeout,
         )
         self.llm_engine = LLMEngine(config, show_progress=show_progress)
 
@@ -70,7 +74,9 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in the order given; all prompts are batched together."""
+        """One RequestOutput per prompt, in the order given; all prompts are batched together. A request whose
+        grammar (structured_outputs) cannot be compiled, or not within the compile timeout, raises
+        StructuredOutputError (a ValueError) and the call's other requests are aborted."""
         prompts = self._prompt_list(prompts)
         params_list = self._params_list(sampling_params, len(prompts))
         engine = self.llm_engine
@@ -172,7 +178,11 @@ class LLM:
         start = time.perf_counter()
         try:
             while len(finished) < len(wanted):
-                for output in engine.step(final_only=True):
+                outputs = engine.step(final_only=True)
+                failed = [e for r, e in engine.take_errors().items() if r in wanted]
+                if failed:
+                    raise failed[0]  # e.g. a grammar that did not compile (StructuredOutputError, a ValueError)
+                for output in outputs:
                     if output.finished and output.request_id in wanted:
                         finished[output.request_id] = output
                         if isinstance(output, RequestOutput):

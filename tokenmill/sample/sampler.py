@@ -9,12 +9,16 @@ rest of the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokenmill.attention import cpu_kernels
 from tokenmill.outputs import Logprob, PositionLogprobs, SampledToken
 from tokenmill.request import Request
+
+if TYPE_CHECKING:
+    from tokenmill.structured_output.bitmask import TokenBitmaskBuffer
 
 
 def top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[PositionLogprobs]:
@@ -81,6 +85,8 @@ class Sampler:
     def __init__(self, generator: torch.Generator) -> None:
         # Draws for requests without a seed of their own.
         self.generator = generator
+        # Token bitmasks of the constrained rows (structured outputs), allocated on first use.
+        self.bitmask: TokenBitmaskBuffer | None = None
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits: [num_requests, vocab] at the position that predicts each request's next token, in the model's
@@ -96,6 +102,7 @@ class Sampler:
         if any(p.needs_penalties for p in params):
             logits = self._apply_penalties(logits.clone(), requests)
         logits = self._mask_min_tokens(logits, requests)
+        logits = self._apply_grammars(logits, requests)
 
         greedy = [i for i, p in enumerate(params) if p.greedy]
         random = [i for i, p in enumerate(params) if not p.greedy]
@@ -119,6 +126,21 @@ class Sampler:
             out.logprob_data = logprob_tensors(raw_logprobs[idx], token_ids[idx], max_logprobs)
             out.k_per_row = list(k_of_row.values())
         return out
+
+    def _apply_grammars(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Forbid the tokens each constrained row's grammar does not allow next (one bitmask, one kernel for all
+        such rows); rows without a grammar are untouched."""
+        matchers = [r.structured_output.matcher if r.structured_output is not None else None for r in requests]
+        if not any(m is not None for m in matchers):
+            return logits
+        if self.bitmask is None or self.bitmask.vocab_size != logits.shape[1]:
+            from tokenmill.structured_output.bitmask import TokenBitmaskBuffer
+
+            self.bitmask = TokenBitmaskBuffer(len(requests), logits.shape[1], logits_dtype=logits.dtype)
+        rows = self.bitmask.fill(matchers)  # grows with the batch
+        # In place: these logits are this step's own (the model's fresh output, or a converted copy).
+        self.bitmask.apply(logits, rows)
+        return logits
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         num_rows, vocab = logits.shape

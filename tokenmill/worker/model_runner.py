@@ -37,9 +37,10 @@ class LaunchedStep:
     @property
     def needs_sync(self) -> bool:
         """Whether the next step must wait for this one's tokens on the host: penalties and min_tokens read a
-        request's output tokens as the sampler runs."""
+        request's output tokens as the sampler runs, and a grammar matcher must accept a token before it can
+        mask the next."""
         return any(r.sampling_params.needs_penalties or r.sampling_params.min_tokens > 0
-                   for r in self.sample_requests)
+                   or r.structured_output is not None for r in self.sample_requests)
 
 
 class ModelRunner:

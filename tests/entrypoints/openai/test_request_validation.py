@@ -34,7 +34,7 @@ def test_models_root_is_the_model_as_given(server, auth_headers, server_model_di
     assert card["root"] == str(server_model_dir)
 
 
-@pytest.mark.parametrize("name", ["structured_outputs", "strict", "listing", "intercept", "boolean_flag", "dictum"])
+@pytest.mark.parametrize("name", ["guided_whitespace_pattern", "strict", "listing", "intercept", "boolean_flag", "dictum"])
 def test_unknown_parameter_named(server, auth_headers, name):
     for path, body in (("/v1/completions", {"prompt": "x"}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):

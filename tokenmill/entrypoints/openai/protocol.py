@@ -128,6 +128,19 @@ class SamplingFields(RequestModel):
     stop_token_ids: list[int] | None = Field(None, description="vLLM extra: token ids that end the output.")
     skip_special_tokens: bool | None = Field(None, description="vLLM extra: drop special tokens from the text.")
     include_stop_str_in_output: bool | None = Field(None, description="vLLM extra: keep the stop string.")
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names.
+    response_format: dict[str, Any] | None = Field(
+        None, description="{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
+        "{'name', 'schema', 'strict'}}: the output is constrained to JSON (to the schema)."
+    )
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM extra: one of {'json': schema}, {'regex': str}, {'choice': [str, ...]}, "
+        "{'grammar': str} or {'json_object': true}, with optional disable_any_whitespace, backend."
+    )
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM extra (older name): structured_outputs.json.")
+    guided_regex: str | None = Field(None, description="vLLM extra (older name): structured_outputs.regex.")
+    guided_choice: list[str] | None = Field(None, description="vLLM extra (older name): structured_outputs.choice.")
+    guided_grammar: str | None = Field(None, description="vLLM extra (older name): structured_outputs.grammar.")
 
     @field_validator("logit_bias")
     @classmethod
@@ -295,7 +308,6 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1, description="Deprecated name of max_completion_tokens.")
     logprobs: bool | None = Field(False, description="Return the logprob of each output token.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many likely tokens too.")
-    response_format: Any = Field(None, description="Only {'type': 'text'} is supported.")
     tools: Any = Field(None, description="Not supported (rejected unless null or []).")
     tool_choice: Any = Field(None, description="Only 'none' is supported.")
     parallel_tool_calls: bool | None = None
@@ -311,11 +323,6 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's chat extras.
     add_generation_prompt: bool | None = Field(True, description="vLLM extra: end the prompt with the assistant turn.")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM extra: variables for the template.")
-
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, value):
-        return _not_supported("response_format", value, ({"type": "text"},), "only {'type': 'text'}")
 
     @field_validator("tools", "functions")
     @classmethod

@@ -26,6 +26,7 @@ from tokenmill.entrypoints.openai.serving_engine import (
     RequestContext,
     engine_error,
     error_event,
+    first_output_or_error,
     merge_outputs,
     sse,
     unless_disconnected,
@@ -75,6 +76,12 @@ class OpenAIServingChat(OpenAIServing):
         stream = self.generate(request_id, prompt, params, ctx, feature)
         created = int(time.time())
         if request.stream:
+            if params.structured_outputs is not None:
+                try:  # a grammar that does not compile is a 400, not an error event in a started stream
+                    stream = await first_output_or_error(ctx.raw_request, stream)
+                except BaseException:
+                    self.limiter.settle(reservation, _tokens_used(prompt.token_ids, None))
+                    raise
             options = request.stream_options
             return self._stream(request_id, model_name, created, prompt, stream, reservation, n,
                                 num_top if request.logprobs else None,

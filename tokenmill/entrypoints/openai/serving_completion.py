@@ -24,6 +24,7 @@ from tokenmill.entrypoints.openai.serving_engine import (
     RequestContext,
     engine_error,
     error_event,
+    first_output_or_error,
     merge_outputs,
     sse,
     unless_disconnected,
@@ -71,6 +72,14 @@ class OpenAIServingCompletion(OpenAIServing):
         ]
         state = _State(request_id, model_name, prompts, n, request.logprobs is not None)
         if request.stream:
+            if any(sp.structured_outputs is not None for sp in params):
+                try:  # a grammar that does not compile is a 400, not an error event in a started stream
+                    streams = [await first_output_or_error(ctx.raw_request, s) for s in streams]
+                except BaseException:
+                    for s in streams:
+                        await s.aclose()  # type: ignore[attr-defined]
+                    self.limiter.settle(reservation, state.num_tokens_used())
+                    raise
             options = request.stream_options
             return self._stream(state, streams, reservation,
                                 bool(options and options.include_usage),

@@ -23,6 +23,7 @@ from tokenmill.entrypoints.openai.errors import OpenAIError, bad_request, unavai
 from tokenmill.entrypoints.openai.protocol import ChatMessage, PromptTokensDetails, SamplingFields, UsageInfo
 from tokenmill.entrypoints.openai.rate_limit import RateLimiter, Reservation
 from tokenmill.entrypoints.openai.server_config import ApiKey, ServerConfig, check_feature
+from tokenmill.entrypoints.openai.structured_outputs import structured_outputs_params
 from tokenmill.metrics.prometheus import PrometheusStatLogger
 from tokenmill.metrics.tracing import RequestTracer, operation_name
 from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
@@ -294,6 +295,7 @@ class OpenAIServing:
                 logprobs=logprobs,
                 include_stop_str_in_output=pick(request.include_stop_str_in_output, False),
                 skip_special_tokens=pick(request.skip_special_tokens, True),
+                structured_outputs=structured_outputs_params(request),
             )
         except ValueError as e:
             message = str(e)
@@ -381,6 +383,34 @@ class OpenAIServing:
         gpu_seconds = sum(o.metrics.compute_seconds for o in outputs if o is not None and o.metrics is not None)
         return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_output, total_tokens=num_prompt + num_output,
                          prompt_tokens_details=PromptTokensDetails(cached_tokens=cached), gpu_seconds=gpu_seconds)
+
+
+async def first_output_or_error(raw_request: Request | None, stream: AsyncIterator[RequestOutput]
+                                 ) -> AsyncIterator[RequestOutput]:
+    """Wait for a stream's first output and return a stream that yields it and the rest. A request the engine
+    fails before its first token (a grammar that does not compile, or compiles past the timeout) raises here,
+    so a streamed request gets the error's status (400) instead of an error event in a started stream."""
+    try:
+        first = await unless_disconnected(raw_request, anext(stream))
+    except StopAsyncIteration:
+        first = None
+    except OpenAIError:
+        await stream.aclose()  # type: ignore[attr-defined]
+        raise
+    except Exception as e:
+        await stream.aclose()  # type: ignore[attr-defined]
+        raise engine_error(e) from None
+
+    async def chained() -> AsyncIterator[RequestOutput]:
+        try:
+            if first is not None:
+                yield first
+                async for output in stream:
+                    yield output
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    return chained()
 
 
 async def _leave_queue_on_start(stream: AsyncIterator[OutputT], ticket: QueueTicket) -> AsyncIterator[OutputT]:
