@@ -30,12 +30,14 @@ def one_slot_server(server_model_dir, tmp_path):
 
 
 class Stream(threading.Thread):
-    """Reads one streamed completion in the background; .first is set when its response starts."""
+    """Reads one streamed completion in the background; .first is set when its response starts, .first_data at its
+    first event (the request has left the waiting queue: a slot is given back at the request's first output)."""
 
     def __init__(self, server: ServerProcess, body: dict) -> None:
         super().__init__(daemon=True)
         self.server, self.body = server, body
         self.first = threading.Event()
+        self.first_data = threading.Event()
         self.events: list[str] = []
         self.status: int | None = None
         self.error: BaseException | None = None
@@ -45,11 +47,15 @@ class Stream(threading.Thread):
             with httpx.stream("POST", self.server.base_url + "/completions", json=self.body, timeout=120) as r:
                 self.status = r.status_code
                 self.first.set()
-                self.events.extend(line[6:] for line in r.iter_lines() if line.startswith("data: "))
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        self.events.append(line[6:])
+                        self.first_data.set()
         except BaseException as e:  # reported by the test
             self.error = e
         finally:
             self.first.set()
+            self.first_data.set()
 
     def summary(self) -> tuple[str | None, int, int]:
         """(finish reason, completion tokens from the usage chunk, number of [DONE] events)."""
@@ -63,7 +69,7 @@ def test_queue_full_then_sigterm_drains(one_slot_server):
     server = one_slot_server
     running = Stream(server, LONG)
     running.start()
-    assert running.first.wait(30) and running.status == 200
+    assert running.first_data.wait(30) and running.status == 200
     queued = Stream(server, {**LONG, "max_tokens": 200})
     queued.start()
     assert queued.first.wait(30) and queued.status == 200
