@@ -210,3 +210,20 @@ def test_an_answer_left_unread_closes_its_connection():
             pool.close()
 
     run(main())
+
+
+def test_a_body_without_a_length_ends_with_the_connection():
+    async def answer(request, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"a\": 1}")
+        return False  # the end of the body is the end of the connection
+
+    async def main():
+        async with Backend(answer) as backend:
+            pool = UpstreamPool(5.0, 5.0, keepalive_expiry=4.0)
+            response = await pool.post("127.0.0.1", backend.port, "/", b"{}", {})
+            assert await response.aread() == b'{"a": 1}'
+            response = await pool.post("127.0.0.1", backend.port, "/", b"{}", {})  # on a new connection
+            assert await response.aread() == b'{"a": 1}'
+            assert backend.connections == 2
+
+    run(main())

@@ -65,6 +65,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if (exc is None and self.headers_done and not self.complete and "content-length" not in self.headers
+                and "transfer-encoding" not in self.headers):
+            self.complete = True  # a body without a length ends with the connection (not kept alive)
+            self._wake()
         if not self.complete:
             self._fail(httpx.RemoteProtocolError(
                 "the backend closed the connection before the answer was complete" + (f" ({exc})" if exc else "")))
@@ -214,8 +218,11 @@ class UpstreamPool:
                    headers: dict[str, str]) -> UpstreamResponse:
         """POST body to http://host:port/target; the answer once its status line and headers are in."""
         key = (host, port)
-        head = [f"POST {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"]
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        head = [f"POST {target} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: {len(body)}\r\n"]
         for name, value in headers.items():
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise httpx.LocalProtocolError(f"header {name!r} has a line break: it cannot be sent")
             head.append(f"{name}: {value}\r\n")
         head.append("\r\n")
         data = "".join(head).encode("latin-1") + body
