@@ -8,9 +8,12 @@ questions, in a shuffled order, --concurrency at a time) is run once with `balan
 client through the router. Each replica's KV cache is sized by --kv-cache-memory: by default it holds about
 4.5 of the 8 documents, as in a deployment whose documents fill more than one replica's cache.
 
-overhead: one replica; the same requests sent alternately straight to it and through the router.
-Non-streaming: the p50 latency the router adds (max_tokens 1). Streaming: output tokens per second of long
-streams (ignore_eos) through the router as a share of direct.
+overhead: the same requests sent straight to a backend and through the router, interleaved (the order within a
+pair alternates) on warm keep-alive connections. Non-streaming, first against a stub backend that answers at once
+(so the router's own cost is not lost in the model's noise: the target's measurement), then against one
+`tokenmill serve` replica (max_tokens 1): router p50 minus direct p50, and the router process's CPU time per
+request. Streaming: output tokens per second of long streams (ignore_eos) from the replica through the router as
+a share of direct.
 
     python benchmarks/router_bench.py prefix-affinity          # bundled SmolLM2-135M
     python benchmarks/router_bench.py overhead
@@ -78,6 +81,47 @@ class Proc:
         self._log.close()
 
 
+# ---- a stub OpenAI backend: answers at once, so the router's own cost is not lost in the model's noise ----------
+STUB_COMPLETION = json.dumps({
+    "id": "cmpl-stub", "object": "text_completion", "created": 0, "model": "stub-model",
+    "choices": [{"index": 0, "text": " stub", "logprobs": None, "finish_reason": "length"}],
+    "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}}).encode()
+
+
+async def stub_backend_app(scope: dict, receive, send) -> None:
+    """A minimal ASGI app with the OpenAI shape: GET /health, POST /v1/completions (non-streaming), nothing else."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    more = True
+    while more:  # read (and drop) the request body
+        message = await receive()
+        more = message.get("more_body", False)
+    if scope["path"] == "/health":
+        status, body = 200, b"{}"
+    elif scope["path"] == "/v1/completions":
+        status, body = 200, STUB_COMPLETION
+    else:
+        status, body = 404, b'{"error": {"message": "not found"}}'
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def start_stub_backend(workdir: Path) -> tuple[Proc, str]:
+    port = free_port()
+    proc = Proc([sys.executable, os.path.abspath(__file__), "stub-backend", "--port", str(port)],
+                workdir / "stub-backend.log")
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_ready(url)
+    return proc, url
+
+
 def start_replica(args: argparse.Namespace, workdir: Path, name: str) -> tuple[Proc, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", *([args.model] if args.model else []),
@@ -88,11 +132,16 @@ def start_replica(args: argparse.Namespace, workdir: Path, name: str) -> tuple[P
     return proc, f"http://127.0.0.1:{port}"
 
 
-def start_router(urls: list[str], policy: str, workdir: Path, name: str) -> tuple[Proc, str]:
+def start_router(urls: list[str], policy: str, workdir: Path, name: str,
+                 stub_url: str | None = None) -> tuple[Proc, str]:
+    """A router over one pool of replicas (and, with stub_url, a second backend serving model "stub-model")."""
     port = free_port()
-    config = {"backends": {"pool": {"urls": [u + "/v1" for u in urls], "model": "bench-model"}},
-              "routes": [{"name": "all", "match": {"model": "*"}, "backend": "pool"}],
-              "balancing": {"policy": policy}, "health": {"interval_s": 5.0}}
+    config: dict = {"backends": {"pool": {"urls": [u + "/v1" for u in urls], "model": "bench-model"}},
+                    "routes": [{"name": "all", "match": {"model": "*"}, "backend": "pool"}],
+                    "balancing": {"policy": policy}, "health": {"interval_s": 5.0}}
+    if stub_url is not None:
+        config["backends"]["stub"] = {"urls": [stub_url + "/v1"], "model": "stub-model"}
+        config["routes"].insert(0, {"name": "stub", "match": {"model": "stub-model"}, "backend": "stub"})
     path = workdir / f"{name}.json"
     path.write_text(json.dumps(config))
     cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "route", "--config", str(path), "--host", "127.0.0.1",
@@ -220,29 +269,52 @@ def bench_prefix_affinity(args: argparse.Namespace, workdir: Path) -> dict:
     }
 
 
+def paired_latencies(client: httpx.Client, direct_url: str, router_url: str, body: dict, num: int,
+                     warmup: int = 20) -> tuple[list[float], list[float]]:
+    """num (direct, routed) latencies of the same request, on warm keep-alive connections, interleaved (the order
+    within a pair alternates, so neither side always runs right after the other)."""
+    for _ in range(warmup):
+        for target in (direct_url, router_url):
+            client.post(target + "/v1/completions", json=body).raise_for_status()
+    direct, routed = [], []
+    for i in range(num):
+        times = {}
+        for target in ((direct_url, router_url) if i % 2 == 0 else (router_url, direct_url)):
+            start = time.perf_counter()
+            client.post(target + "/v1/completions", json=body).raise_for_status()
+            times[target] = time.perf_counter() - start
+        direct.append(times[direct_url])
+        routed.append(times[router_url])
+    return direct, routed
+
+
+def latency_summary(direct: list[float], routed: list[float], router_cpu_s: float | None = None) -> dict:
+    p50_direct, p50_routed = statistics.median(direct), statistics.median(routed)
+    out = {"requests": len(direct), "p50_direct_ms": 1e3 * p50_direct, "p50_routed_ms": 1e3 * p50_routed,
+           "p50_added_ms": 1e3 * (p50_routed - p50_direct),
+           "median_paired_added_ms": 1e3 * statistics.median(r - d for d, r in zip(direct, routed))}
+    if router_cpu_s is not None:
+        out["router_cpu_ms_per_request"] = 1e3 * router_cpu_s / len(direct)
+    return out
+
+
 def bench_overhead(args: argparse.Namespace, workdir: Path) -> dict:
+    stub, stub_url = start_stub_backend(workdir)
     proc, url = start_replica(args, workdir, "overhead-replica")
     router = None
     try:
         proc.wait_ready(url)
-        router, router_url = start_router([url], "prefix", workdir, "router-overhead")
+        router, router_url = start_router([url], "prefix", workdir, "router-overhead", stub_url=stub_url)
         client = httpx.Client(timeout=600)
-        body = {"model": "bench-model", "prompt": "The router adds", "max_tokens": 1, "temperature": 0.0}
-        for target in (url, router_url):  # warm up connections and the engine
-            for _ in range(5):
-                client.post(target + "/v1/completions", json=body).raise_for_status()
-        direct, routed, paired = [], [], []
+        # Non-streaming against the stub backend: the added latency is the router's alone.
+        body = {"model": "stub-model", "prompt": "The router adds", "max_tokens": 1, "temperature": 0.0}
         cpu_before = process_cpu_seconds(router.proc.pid)
-        for _ in range(args.num_requests):
-            times = {}
-            for target in (url, router_url):
-                start = time.perf_counter()
-                client.post(target + "/v1/completions", json=body).raise_for_status()
-                times[target] = time.perf_counter() - start
-            direct.append(times[url])
-            routed.append(times[router_url])
-            paired.append(times[router_url] - times[url])
-        router_cpu = process_cpu_seconds(router.proc.pid) - cpu_before
+        direct, routed = paired_latencies(client, stub_url, router_url, body, args.num_stub_requests, warmup=50)
+        stub_result = latency_summary(direct, routed, process_cpu_seconds(router.proc.pid) - cpu_before)
+        # The same against the model: the router's share of a real (tiny) request.
+        body = {"model": "bench-model", "prompt": "The router adds", "max_tokens": 1, "temperature": 0.0}
+        direct, routed = paired_latencies(client, url, router_url, body, args.num_requests, warmup=5)
+        model_result = latency_summary(direct, routed)
 
         async def streams(target: str) -> tuple[float, int]:
             async with httpx.AsyncClient() as aclient:
@@ -253,20 +325,19 @@ def bench_overhead(args: argparse.Namespace, workdir: Path) -> dict:
                 return time.perf_counter() - start, num_chunks
 
         stream_direct, stream_routed = [], []
-        for _ in range(args.num_streams):
-            for target, out in ((url, stream_direct), (router_url, stream_routed)):
+        for i in range(args.num_streams):
+            pair = ((url, stream_direct), (router_url, stream_routed))
+            for target, out in (pair if i % 2 == 0 else pair[::-1]):
                 seconds, num_chunks = asyncio.run(streams(target))
                 out.append(num_chunks / seconds)
     finally:
         if router is not None:
             router.stop()
         proc.stop()
-    p50_direct, p50_routed = statistics.median(direct), statistics.median(routed)
+        stub.stop()
     return {
-        "non_streaming": {"requests": args.num_requests, "p50_direct_ms": 1e3 * p50_direct,
-                          "p50_routed_ms": 1e3 * p50_routed, "p50_added_ms": 1e3 * (p50_routed - p50_direct),
-                          "median_paired_added_ms": 1e3 * statistics.median(paired),
-                          "router_cpu_ms_per_request": 1e3 * router_cpu / args.num_requests},
+        "non_streaming_stub": stub_result,
+        "non_streaming": model_result,
         "streaming": {"streams": args.num_streams, "max_tokens": args.stream_tokens,
                       "direct_tokens_per_s": statistics.median(stream_direct),
                       "routed_tokens_per_s": statistics.median(stream_routed),
@@ -276,7 +347,8 @@ def bench_overhead(args: argparse.Namespace, workdir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("which", choices=["prefix-affinity", "overhead", "all"])
+    parser.add_argument("which", choices=["prefix-affinity", "overhead", "all", "stub-backend"])
+    parser.add_argument("--port", type=int, default=0, help="stub-backend: the port to serve on")
     parser.add_argument("--model", default=None, help="model directory or .gguf (default: bundled SmolLM2-135M)")
     parser.add_argument("--num-prefixes", type=int, default=8)
     parser.add_argument("--prefix-tokens", type=int, default=1024)
@@ -286,11 +358,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="per replica (the default holds ~4.5 documents of the bundled model)")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--threads-per-replica", type=int, default=1)
-    parser.add_argument("--num-requests", type=int, default=200, help="overhead: non-streaming pairs")
+    parser.add_argument("--num-requests", type=int, default=200, help="overhead: non-streaming pairs (model)")
+    parser.add_argument("--num-stub-requests", type=int, default=1000,
+                        help="overhead: non-streaming pairs (stub backend)")
     parser.add_argument("--num-streams", type=int, default=5, help="overhead: streams each way")
     parser.add_argument("--stream-tokens", type=int, default=256)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.which == "stub-backend":
+        import uvicorn
+
+        uvicorn.run(stub_backend_app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+        return 0
     results = {}
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
         workdir = Path(tmp)
@@ -312,11 +391,14 @@ def main(argv: list[str] | None = None) -> int:
               "(target >= 2)")
     if "overhead" in results:
         o = results["overhead"]
-        n, s = o["non_streaming"], o["streaming"]
-        print(f"router overhead: non-streaming p50 direct {n['p50_direct_ms']:.2f} ms, routed "
-              f"{n['p50_routed_ms']:.2f} ms, added {n['p50_added_ms']:.2f} ms (median paired "
-              f"{n['median_paired_added_ms']:.2f} ms; target < 2); router CPU "
-              f"{n['router_cpu_ms_per_request']:.2f} ms per request")
+        for key, what in (("non_streaming_stub", "stub backend"), ("non_streaming", "model")):
+            n = o[key]
+            cpu = (f"; router CPU {n['router_cpu_ms_per_request']:.2f} ms per request"
+                   if "router_cpu_ms_per_request" in n else "")
+            print(f"router overhead, non-streaming, {what}: p50 direct {n['p50_direct_ms']:.2f} ms, routed "
+                  f"{n['p50_routed_ms']:.2f} ms, added {n['p50_added_ms']:.2f} ms (median paired "
+                  f"{n['median_paired_added_ms']:.2f} ms; target < 2){cpu}")
+        s = o["streaming"]
         print(f"  streaming {s['routed_tokens_per_s']:.1f} vs {s['direct_tokens_per_s']:.1f} tokens/s: "
               f"{s['ratio']:.1%} of direct (target >= 95%)")
     return 0

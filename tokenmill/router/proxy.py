@@ -24,6 +24,7 @@ from tokenmill.router.config import RouterConfig
 from tokenmill.router.costs import Usage, cost_usd
 from tokenmill.router.health import HealthMonitor
 from tokenmill.router.metrics import RouterMetrics
+from tokenmill.router.upstream import UpstreamPool, UpstreamResponse
 
 logger = logging.getLogger("tokenmill.router")
 
@@ -43,7 +44,7 @@ class Attempt:
     headers: dict[str, str]
     # Non-streaming: the whole body. Streaming: None (the events come from `events`).
     body: bytes | None = None
-    response: httpx.Response | None = None
+    response: httpx.Response | UpstreamResponse | None = None
     first_chunk: bytes = b""
     chunks: AsyncIterator[bytes] | None = None
     usage: Usage = field(default_factory=Usage)
@@ -79,9 +80,25 @@ class Forwarder:
         # sent on a connection the backend is closing (that would read as a broken replica).
         self.client = httpx.AsyncClient(timeout=self.timeout, limits=httpx.Limits(
             max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0))
+        # Plain-HTTP backends not behind a proxy (local replicas) go through the lean client.
+        self.upstream = UpstreamPool(timeouts.connect_s, timeouts.read_s, keepalive_expiry=4.0)
+        self._targets: dict[str, tuple[str, int, str] | None] = {}
 
     async def close(self) -> None:
+        self.upstream.close()
         await self.client.aclose()
+
+    def _direct_target(self, url: str) -> tuple[str, int, str] | None:
+        """(host, port, path) when url is plain HTTP reached without a proxy; None for httpx to handle."""
+        if url not in self._targets:
+            parsed = httpx.URL(url)
+            direct = parsed.scheme == "http" and not parsed.query and not parsed.userinfo
+            transport_for_url = getattr(self.client, "_transport_for_url", None)
+            if direct and transport_for_url is not None:
+                direct = transport_for_url(parsed) is self.client._transport
+            self._targets[url] = ((parsed.host, parsed.port or 80, parsed.raw_path.decode("ascii"))
+                                  if direct and transport_for_url is not None else None)
+        return self._targets[url]
 
     # ---- one chain --------------------------------------------------------------------------------------------------
     async def send(self, route: str, backends: list[str], path: str, body: dict[str, Any], stream: bool,
@@ -134,11 +151,17 @@ class Forwarder:
         replica.num_outstanding += 1
         replica.num_requests += 1
         self.metrics.backend_outstanding.labels(pool.name, replica.url).inc()
-        response = None
+        response: httpx.Response | UpstreamResponse | None = None
         done = True
         try:
-            request = self.client.build_request("POST", replica.url + path, json=payload, headers=send_headers)
-            response = await self.client.send(request, stream=True)
+            target = self._direct_target(replica.url + path)
+            if target is not None:
+                send_headers["Content-Type"] = "application/json"
+                response = await self.upstream.post(target[0], target[1], target[2], json.dumps(payload).encode(),
+                                                    send_headers)
+            else:
+                request = self.client.build_request("POST", replica.url + path, json=payload, headers=send_headers)
+                response = await self.client.send(request, stream=True)
             status = response.status_code
             if status in (429, 503):
                 await response.aclose()
