@@ -97,7 +97,20 @@ NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]
 
 
-class SamplingFields(RequestModel):
+class VllmSamplingExtras(RequestModel):
+    """vLLM's extra sampling parameters, accepted by every generating endpoint."""
+
+    top_k: int | None = Field(None, ge=-1, description="vLLM extra: keep the k most likely tokens; -1 or 0 = off.")
+    min_p: Probability | None = Field(None, description="vLLM extra: drop tokens below min_p x the top probability.")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="vLLM extra; 1 = off.")
+    min_tokens: int | None = Field(None, ge=0, description="vLLM extra: tokens generated before EOS/stop may end.")
+    ignore_eos: bool | None = Field(None, description="vLLM extra: keep generating after EOS.")
+    stop_token_ids: list[int] | None = Field(None, description="vLLM extra: token ids that end the output.")
+    skip_special_tokens: bool | None = Field(None, description="vLLM extra: drop special tokens from the text.")
+    include_stop_str_in_output: bool | None = Field(None, description="vLLM extra: keep the stop string.")
+
+
+class SamplingFields(VllmSamplingExtras):
     """Parameters shared by /v1/completions and /v1/chat/completions (OpenAI's, then vLLM's extras)."""
 
     model: str | None = Field(None, description="A served model name; omitted: the server's model.")
@@ -119,15 +132,6 @@ class SamplingFields(RequestModel):
         None, description="Free key/value pairs; metadata.feature tags the request for rate limits and cost metering."
     )
     logit_bias: Any = Field(None, description="Not supported (rejected unless null or {}).")
-    # vLLM's extra sampling parameters.
-    top_k: int | None = Field(None, ge=-1, description="vLLM extra: keep the k most likely tokens; -1 or 0 = off.")
-    min_p: Probability | None = Field(None, description="vLLM extra: drop tokens below min_p x the top probability.")
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="vLLM extra; 1 = off.")
-    min_tokens: int | None = Field(None, ge=0, description="vLLM extra: tokens generated before EOS/stop may end.")
-    ignore_eos: bool | None = Field(None, description="vLLM extra: keep generating after EOS.")
-    stop_token_ids: list[int] | None = Field(None, description="vLLM extra: token ids that end the output.")
-    skip_special_tokens: bool | None = Field(None, description="vLLM extra: drop special tokens from the text.")
-    include_stop_str_in_output: bool | None = Field(None, description="vLLM extra: keep the stop string.")
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names.
     response_format: dict[str, Any] | None = Field(
         None, description="{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "

@@ -16,9 +16,9 @@ from pydantic import Field, field_validator, model_validator
 from tokenmill.entrypoints.openai.protocol import (
     Metadata,
     Penalty,
-    Probability,
     RequestModel,
     ResponseModel,
+    VllmSamplingExtras,
     _not_supported,
     check_text,
 )
@@ -116,7 +116,7 @@ class ResponseTextConfig(RequestModel):
         return _not_supported("text.verbosity", value, ("medium",), "remove it")
 
 
-class ResponsesRequest(RequestModel):
+class ResponsesRequest(VllmSamplingExtras):
     model: str | None = Field(None, description="A served model name; omitted: the server's model.")
     input: str | list[ResponseInputMessage] = Field(
         description="Text (one user message), or a list of messages with roles user, system, developer or "
@@ -150,19 +150,11 @@ class ResponsesRequest(RequestModel):
     prompt: Any = Field(None, description="Not supported: there are no stored prompt templates.")
     prompt_cache_key: Any = Field(None, description="Not supported: prefix caching is automatic.")
     service_tier: Any = Field(None, description="Only 'auto' or 'default'.")
-    # vLLM's extra sampling parameters (as on /v1/chat/completions).
+    # Sampling parameters beside OpenAI's (as on /v1/chat/completions); vLLM's extras come with the base class.
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = Field(None, description="vLLM extra: strings that end the output.")
-    top_k: int | None = Field(None, ge=-1, description="vLLM extra: keep the k most likely tokens; -1 or 0 = off.")
-    min_p: Probability | None = Field(None, description="vLLM extra: drop tokens below min_p x the top probability.")
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="vLLM extra; 1 = off.")
-    min_tokens: int | None = Field(None, ge=0, description="vLLM extra: tokens generated before EOS/stop may end.")
-    ignore_eos: bool | None = Field(None, description="vLLM extra: keep generating after EOS.")
-    stop_token_ids: list[int] | None = Field(None, description="vLLM extra: token ids that end the output.")
-    skip_special_tokens: bool | None = Field(None, description="vLLM extra: drop special tokens from the text.")
-    include_stop_str_in_output: bool | None = Field(None, description="vLLM extra: keep the stop string.")
 
     @field_validator("input")
     @classmethod
