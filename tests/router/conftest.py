@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.entrypoints.openai.conftest import ServerProcess, free_port
+from tests.entrypoints.openai.conftest import ServerProcess
 
 LOCAL_MODEL = "tiny-local"
 CLOUD_MODEL = "cloud-mid"
@@ -34,40 +33,15 @@ def serve_args(model_dir: Path, name: str, *extra: str) -> list[str]:
     return [str(model_dir), *SERVE_ARGS, "--served-model-name", name, *extra]
 
 
-class RouterProcess:
+class RouterProcess(ServerProcess):
     """`tokenmill route --config ...` as a subprocess."""
 
     def __init__(self, config: dict, workdir: Path, name: str, env: dict | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.base_url = self.url + "/v1"
-        self.config_path = workdir / f"{name}.yaml"
         import yaml
 
+        self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "route", "--config", str(self.config_path),
-               "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 120.0) -> RouterProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"router exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"router not ready after {timeout} s:\n{self.log()}")
+        super().__init__(["--config", str(self.config_path)], workdir / f"{name}.log", command="route", env=env)
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=5).json()
@@ -81,17 +55,6 @@ class RouterProcess:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
         return values
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="session")

@@ -38,16 +38,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`tokenmill serve ...` as a subprocess; its output goes to a log file read on failure."""
+    """`tokenmill serve ...` (or another serving subcommand, such as `route`) as a subprocess on a free loopback
+    port; its output goes to a log file read on failure."""
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, command: str = "serve", env: dict | None = None) -> None:
         self.port = free_port()
         self.log_path = log_path
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
-        cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", *args,
+        cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", command, *args,
                "--host", "127.0.0.1", "--port", str(self.port)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+                   **(env or {}))
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
