@@ -26,6 +26,7 @@ from tokenmill.entrypoints.openai.serving_engine import (
     RequestContext,
     engine_error,
     error_event,
+    final_output,
     first_output_or_error,
     merge_outputs,
     sse,
@@ -89,7 +90,7 @@ class OpenAIServingChat(OpenAIServing):
                                 bool(options and options.continuous_usage_stats))
         final: list[RequestOutput] = []
         try:
-            final.append(await unless_disconnected(ctx.raw_request, self._last(stream)))
+            final.append(await unless_disconnected(ctx.raw_request, final_output(stream)))
         finally:
             self.limiter.settle(reservation, _tokens_used(prompt.token_ids, final[0] if final else None))
         output = final[0]
@@ -105,18 +106,6 @@ class OpenAIServingChat(OpenAIServing):
         ]
         return ChatCompletionResponse(id=request_id, created=created, model=model_name, choices=choices,
                                       usage=self.usage([prompt], [output]))
-
-    @staticmethod
-    async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-        last = None
-        try:
-            async with contextlib.aclosing(merge_outputs([stream])) as outputs:
-                async for _, output in outputs:
-                    last = output
-        except Exception as e:
-            raise engine_error(e) from None
-        assert last is not None and last.finished
-        return last
 
     async def _stream(self, request_id, model_name, created, prompt, stream, reservation, n: int,
                       num_top: int | None, include_usage: bool, continuous_usage: bool) -> AsyncIterator[str]:

@@ -520,6 +520,19 @@ async def merge_outputs(streams: Sequence[AsyncIterator[RequestOutput]]
             await stream.aclose()
 
 
+async def final_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """The finished output of one engine stream (engine errors as OpenAI errors); closing aborts the request."""
+    last = None
+    try:
+        async with contextlib.aclosing(merge_outputs([stream])) as outputs:
+            async for _, output in outputs:
+                last = output
+    except Exception as e:
+        raise engine_error(e) from None
+    assert last is not None and last.finished
+    return last
+
+
 async def unless_disconnected(raw_request: Request | None, work: Awaitable[T]) -> T:
     """Await work, cancelling it if the client disconnects first (so its requests are aborted)."""
     if raw_request is None:

@@ -31,6 +31,7 @@ from tokenmill.entrypoints.openai.serving_engine import (
     Prompt,
     RequestContext,
     engine_error,
+    final_output,
     merge_outputs,
     unless_disconnected,
 )
@@ -58,7 +59,7 @@ class OpenAIServingResponses(OpenAIServing):
         if request.stream:
             return self._stream(state, stream, reservation)
         try:
-            state.output = await unless_disconnected(ctx.raw_request, self._last(stream))
+            state.output = await unless_disconnected(ctx.raw_request, final_output(stream))
         finally:
             self.limiter.settle(reservation, state.num_tokens_used())
         return state.response()
@@ -77,18 +78,6 @@ class OpenAIServingResponses(OpenAIServing):
         else:
             messages += [ChatMessage(role=m.role, content=m.text()) for m in request.input]
         return messages
-
-    @staticmethod
-    async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-        last = None
-        try:
-            async with contextlib.aclosing(merge_outputs([stream])) as outputs:
-                async for _, output in outputs:
-                    last = output
-        except Exception as e:
-            raise engine_error(e) from None
-        assert last is not None and last.finished
-        return last
 
     async def _stream(self, state: _State, stream: AsyncIterator[RequestOutput], reservation) -> AsyncIterator[str]:
         seq = 0
