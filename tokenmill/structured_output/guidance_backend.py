@@ -48,6 +48,8 @@ class GuidanceBackend(GrammarBackend):
             return self._ll_tokenizer
 
     def unsupported_reason(self, params: StructuredOutputsParams) -> str | None:
+        if params.kind == "structural_tag":
+            return "structural tags (tool calling) are compiled by the xgrammar backend only: use 'xgrammar' or 'auto'"
         return None  # llguidance itself refuses what it does not implement, when compiling
 
     def _grammar_text(self, params: StructuredOutputsParams) -> str:
@@ -86,6 +88,9 @@ class GuidanceBackend(GrammarBackend):
     def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
         import llguidance
 
+        reason = self.unsupported_reason(params)
+        if reason is not None:
+            raise StructuredOutputError(f"structured_outputs.{params.kind}: {reason}")
         ll_tokenizer = self.ll_tokenizer()
         start = time.perf_counter()
         grammar = self._grammar_text(params)

@@ -1,7 +1,8 @@
 """What a request's output must match: StructuredOutputsParams (vLLM's names), validated on construction.
 
 Exactly one constraint is set per request: a JSON schema (`json`), any JSON object (`json_object`), a regular
-expression (`regex`), one of a list of strings (`choice`) or a grammar (`grammar`). Validation here is the cheap,
+expression (`regex`), one of a list of strings (`choice`), a grammar (`grammar`) or an xgrammar structural tag
+(`structural_tag`: free text and tagged JSON sections, what tool calling compiles to). Validation here is the cheap,
 synchronous part (types, JSON syntax, the schema against its metaschema, regex syntax, an empty choice list), so
 a server can answer bad input with a 400 before the request reaches the engine. What only the backend can tell
 (a keyword it does not support, regex syntax it lacks, a grammar that does not parse) is reported when the
@@ -25,7 +26,7 @@ BACKENDS: tuple[str, ...] = ("auto", "xgrammar", "guidance")
 DEFAULT_MAX_WHITESPACE = 4
 _MAX_WHITESPACE_LIMIT = 64
 
-_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 class StructuredOutputError(ValueError):
@@ -51,6 +52,10 @@ class StructuredOutputsParams:
     grammar: str | None = None
     # Any JSON object (OpenAI's response_format {"type": "json_object"}).
     json_object: bool | None = None
+    # An xgrammar structural tag ({"type": "structural_tag", "format": {...}}, as a dict or its JSON text):
+    # tagged sections (begin string, JSON-schema content, end string) with triggers, separators and free text.
+    # Tool calling builds these (tool_parsers/); only the xgrammar backend compiles them.
+    structural_tag: dict[str, Any] | str | None = None
     # JSON output without whitespace between tokens (`{"a":1,"b":[2,3]}`). When False, up to max_whitespace
     # whitespace characters are allowed between tokens: never unbounded, so bounded schemas terminate.
     disable_any_whitespace: bool = False
@@ -67,13 +72,13 @@ class StructuredOutputsParams:
         kinds = [kind for kind in _KINDS if getattr(self, kind) is not None]
         if not kinds:
             raise StructuredOutputError(
-                "structured_outputs sets no constraint: give one of json, regex, choice, grammar or "
-                "json_object=True"
+                "structured_outputs sets no constraint: give one of json, regex, choice, grammar, "
+                "structural_tag or json_object=True"
             )
         if len(kinds) > 1:
             raise StructuredOutputError(
                 f"structured_outputs sets {', '.join(kinds)}: give exactly one of json, regex, choice, "
-                "grammar or json_object"
+                "grammar, structural_tag or json_object"
             )
         if self.backend not in BACKENDS:
             raise StructuredOutputError(
@@ -98,6 +103,8 @@ class StructuredOutputsParams:
             _validate_regex(self.regex)
         elif self.choice is not None:
             _validate_choice(self.choice)
+        elif self.structural_tag is not None:
+            self.structural_tag = _validated_structural_tag(self.structural_tag)
         elif self.grammar is not None:
             if not isinstance(self.grammar, str) or not self.grammar.strip():
                 raise StructuredOutputError(
@@ -110,7 +117,7 @@ class StructuredOutputsParams:
 
     @property
     def kind(self) -> str:
-        """Which constraint is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        """Which constraint is set: "json", "regex", "choice", "grammar", "json_object" or "structural_tag"."""
         return next(kind for kind in _KINDS if getattr(self, kind) is not None)
 
     @property
@@ -146,6 +153,8 @@ class StructuredOutputsParams:
             text = json.dumps(self.choice, ensure_ascii=False)
         elif self.json_object:
             text = ""
+        elif self.structural_tag is not None:
+            text = str(self.structural_tag)
         else:
             text = self.regex if self.regex is not None else str(self.grammar)
         # Whitespace shapes only JSON grammars.
@@ -228,6 +237,25 @@ def _validated_schema(value: Any) -> dict[str, Any]:
             f"structured_outputs.json is not a valid JSON schema: at {where}: {e.message}"
         ) from None
     return schema
+
+
+def _validated_structural_tag(value: Any) -> str:
+    """The structural tag as compact JSON text; its format is checked by xgrammar when compiling."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise StructuredOutputError(f"structured_outputs.structural_tag is not valid JSON: {e}") from None
+    if not isinstance(value, dict) or value.get("type") != "structural_tag" or not isinstance(
+            value.get("format"), dict):
+        raise StructuredOutputError(
+            "structured_outputs.structural_tag must be an object {'type': 'structural_tag', 'format': {...}} "
+            "(xgrammar's structural tag)"
+        )
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise StructuredOutputError(f"structured_outputs.structural_tag is not JSON-serialisable: {e}") from None
 
 
 def _validate_regex(regex: Any) -> None:

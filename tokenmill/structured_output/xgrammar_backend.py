@@ -90,8 +90,11 @@ class XGrammarBackend(GrammarBackend):
             return self._compiler
 
     def unsupported_reason(self, params: StructuredOutputsParams) -> str | None:
-        if params.schema is not None:
-            keywords = unenforced_keywords(params.schema)
+        schemas = [params.schema] if params.schema is not None else []
+        if params.structural_tag is not None:
+            schemas = _structural_tag_schemas(json.loads(str(params.structural_tag)))
+        for schema in schemas:
+            keywords = unenforced_keywords(schema)
             if keywords:
                 return (
                     f"the xgrammar backend does not enforce the JSON-schema keyword(s) {', '.join(keywords)}: "
@@ -115,6 +118,8 @@ class XGrammarBackend(GrammarBackend):
                 assert params.choice is not None
                 ebnf = "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
                 handle = compiler.compile_grammar(ebnf)
+            elif kind == "structural_tag":
+                handle = compiler.compile_grammar(_structural_tag_grammar(str(params.structural_tag)))
             else:
                 handle = self._compile_grammar(compiler, str(params.grammar))
         except StructuredOutputError:
@@ -188,6 +193,27 @@ def _json_grammar(params: StructuredOutputsParams) -> str:
         strict_mode=False,
     )
     text = str(grammar)
+    for chars in _XGRAMMAR_STRING_CHARS:
+        text = text.replace(chars, _JSON_STRING_CHAR)
+    return text
+
+
+def _structural_tag_schemas(node: Any) -> list[Any]:
+    """The JSON schemas inside a structural tag (the json_schema of its json_schema formats)."""
+    if isinstance(node, list):
+        return [schema for item in node for schema in _structural_tag_schemas(item)]
+    if not isinstance(node, dict):
+        return []
+    if node.get("type") == "json_schema" and "json_schema" in node:
+        return [node["json_schema"]]
+    return [schema for value in node.values() for schema in _structural_tag_schemas(value)]
+
+
+def _structural_tag_grammar(structural_tag: str) -> str:
+    """The grammar (EBNF) of a structural tag, with the JSON string characters fixed as in _json_grammar."""
+    import xgrammar
+
+    text = str(xgrammar.Grammar.from_structural_tag(structural_tag))
     for chars in _XGRAMMAR_STRING_CHARS:
         text = text.replace(chars, _JSON_STRING_CHAR)
     return text

@@ -103,6 +103,14 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="after SIGTERM, how long requests in flight may take to finish before they are aborted")
 
+    g = parser.add_argument_group("tool calling")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="serve tool_choice 'auto': the model chooses between text and tool calls (needs "
+                        "--tool-call-parser)")
+    g.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="the model's tool-call format, to read calls from its output and constrain them: "
+                        "hermes (Hermes, Qwen 2.5+) or llama3_json (Llama 3.x)")
+
     g = parser.add_argument_group("cost metering")
     g.add_argument("--usage-log", default=None, metavar="PATH",
                    help="append one JSON line per finished request (tokens, gpu_seconds, cost_usd, feature...)")
@@ -155,6 +163,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         uvicorn_log_level=args.uvicorn_log_level,
         disable_uvicorn_access_log=args.disable_uvicorn_access_log,
         otlp_traces_endpoint=args.otlp_traces_endpoint,
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
     )
     config.validate()
     return config

@@ -275,27 +275,64 @@ class ContentPart(RequestModel):
         return value
 
 
+# ---- tools ------------------------------------------------------------------------------------------------------
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+
+
+class FunctionDefinition(RequestModel):
+    name: ToolName = Field(description="The function's name: letters, digits, _, -, . (at most 64).")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="A JSON schema of the arguments object; omitted: no arguments.")
+    strict: bool | None = Field(None, description="Calls are always constrained to the schema (as strict).")
+
+
+class ChatCompletionToolParam(RequestModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: ToolName
+
+
+class ChatCompletionNamedToolChoiceParam(RequestModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class FunctionCall(RequestModel):
+    name: str
+    # The arguments as JSON text (OpenAI's shape).
+    arguments: str
+
+
+class ChatCompletionMessageToolCall(RequestModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # tool messages: the id of the call this is the result of.
     tool_call_id: str | None = None
-    tool_calls: Any = Field(None, description="Not supported (rejected unless null or []).")
+    # assistant messages: the calls it made (content may then be null).
+    tool_calls: list[ChatCompletionMessageToolCall] | None = None
 
     @field_validator("content", "name")
     @classmethod
     def _text(cls, value, info):
         return check_text(value, info.field_name) if isinstance(value, str) else value
 
-    @field_validator("tool_calls")
-    @classmethod
-    def _tool_calls(cls, value):
-        return _not_supported("tool_calls", value, ([],), "tool calling is not implemented")
-
     @model_validator(mode="after")
     def _content(self):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {self.role} messages")
         return self
 
     def text(self) -> str:
@@ -312,9 +349,13 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1, description="Deprecated name of max_completion_tokens.")
     logprobs: bool | None = Field(False, description="Return the logprob of each output token.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many likely tokens too.")
-    tools: Any = Field(None, description="Not supported (rejected unless null or []).")
-    tool_choice: Any = Field(None, description="Only 'none' is supported.")
-    parallel_tool_calls: bool | None = None
+    tools: list[ChatCompletionToolParam] | None = Field(
+        None, description="Functions the model may call; see tool_choice and docs/tool_calling.md.")
+    tool_choice: Literal["none", "auto", "required"] | ChatCompletionNamedToolChoiceParam | None = Field(
+        None, description="'none', 'auto' (needs --enable-auto-tool-choice and --tool-call-parser), 'required' or "
+        "{'type': 'function', 'function': {'name': ...}}; default 'auto' with tools, else 'none'. 'required' "
+        "and named calls are constrained to the tools' schemas, and so is a call the model opens in 'auto'.")
+    parallel_tool_calls: bool | None = Field(None, description="Allow several calls in one reply (default true).")
     functions: Any = Field(None, description="Not supported.")
     function_call: Any = Field(None, description="Only 'none' is supported.")
     store: bool | None = Field(None, description="Only false is supported (nothing is stored).")
@@ -328,15 +369,15 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool | None = Field(True, description="vLLM extra: end the prompt with the assistant turn.")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM extra: variables for the template.")
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _tools(cls, value, info):
-        return _not_supported(info.field_name, value, ([],), "tool calling is not implemented")
+    def _functions(cls, value):
+        return _not_supported("functions", value, ([],), "functions is deprecated: send tools")
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _tool_choice(cls, value, info):
-        return _not_supported(info.field_name, value, ("none",), "tool calling is not implemented")
+    def _function_call(cls, value):
+        return _not_supported("function_call", value, ("none",), "function_call is deprecated: send tool_choice")
 
     @field_validator("store")
     @classmethod
@@ -380,17 +421,34 @@ class ChatCompletionLogProbs(ResponseModel):
     refusal: list[ChatCompletionLogProbsContent] | None = None
 
 
+class ToolCallFunction(ResponseModel):
+    name: str
+    # The arguments' JSON text, as generated (constrained to the tool's schema unless tool_choice was "none").
+    arguments: str
+
+
+class ToolCall(ResponseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+# "tool_calls": the reply ended after its tool calls.
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
+
+
 class ChatResponseMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionResponseChoice(ResponseModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatCompletionLogProbs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
     stop_reason: int | str | None = None
 
 
@@ -409,6 +467,29 @@ class DeltaMessage(ResponseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(ResponseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(ResponseModel):
+    """A streamed tool call's news: its first delta carries id, type and name; later ones more arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):
@@ -419,7 +500,7 @@ class ChatCompletionResponseStreamChoice(ResponseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatCompletionLogProbs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
     stop_reason: int | str | None = None
 
 

@@ -114,6 +114,10 @@ class ServerConfig:
     disable_uvicorn_access_log: bool = False
     # OTLP/HTTP collector receiving one span per request (None: no tracing). See tokenmill/metrics/tracing.py.
     otlp_traces_endpoint: str | None = None
+    # Tool calling (vLLM's flags): the parser of the model's tool-call format (tool_parsers/, e.g. "hermes"),
+    # and whether tool_choice "auto" is served (it needs the parser).
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -149,6 +153,13 @@ class ServerConfig:
 
             traces_url(self.otlp_traces_endpoint)
             check_otel_installed()
+        if self.tool_call_parser is not None:
+            from tokenmill.entrypoints.openai.tool_parsers import get_tool_parser
+
+            get_tool_parser(self.tool_call_parser)
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME (the model's tool-call "
+                             "format, e.g. hermes or llama3_json)")
         names = [k.name for k in self.api_keys]
         if len(set(names)) != len(names):
             raise ValueError(f"API key names must be unique, got {names}")

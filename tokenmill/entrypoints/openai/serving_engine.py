@@ -214,32 +214,39 @@ class OpenAIServing:
         return prompt
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                    template_kwargs: dict[str, Any] | None, param: str = "messages") -> str:
+                    template_kwargs: dict[str, Any] | None, param: str = "messages",
+                    tools: list[dict[str, Any]] | None = None) -> str:
         conversation = []
         for message in messages:
-            entry = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+            entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
+            if message.content is not None or not message.tool_calls:
+                entry["content"] = message.text()
             if message.name is not None:
                 entry["name"] = message.name
             if message.tool_call_id is not None:
                 entry["tool_call_id"] = message.tool_call_id
+            if message.tool_calls:
+                entry["tool_calls"] = [_template_tool_call(call.model_dump()) for call in message.tool_calls]
             conversation.append(entry)
         reserved = {"messages", "add_generation_prompt", "chat_template", "tools"} & set(template_kwargs or {})
         if reserved:
             raise bad_request(f"chat_template_kwargs may not set {sorted(reserved)}", param="chat_template_kwargs")
         # The template adds little around the messages: their own text must already fit.
-        self.check_prompt_length("".join(entry["content"] for entry in conversation), param)
+        self.check_prompt_length("".join(entry.get("content", "") for entry in conversation), param)
         try:
             return self.tokenizer.apply_chat_template(
                 conversation, add_generation_prompt=add_generation_prompt, chat_template=self.chat_template,
-                **(template_kwargs or {}),
+                tools=tools, **(template_kwargs or {}),
             )
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), param=param) from None
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                    template_kwargs: dict[str, Any] | None = None, param: str = "messages") -> Prompt:
-        """Call from a worker thread (in_thread). param names the messages in errors (Responses: input)."""
-        text = self.render_chat(messages, add_generation_prompt, template_kwargs, param)
+                    template_kwargs: dict[str, Any] | None = None, param: str = "messages",
+                    tools: list[dict[str, Any]] | None = None) -> Prompt:
+        """Call from a worker thread (in_thread). param names the messages in errors (Responses: input); tools
+        (OpenAI's shape) go to the chat template."""
+        text = self.render_chat(messages, add_generation_prompt, template_kwargs, param, tools)
         # The template writes the special tokens itself (as LLM.chat).
         return self.text_prompt(text, add_special_tokens=False, param=param)
 
@@ -383,6 +390,19 @@ class OpenAIServing:
         gpu_seconds = sum(o.metrics.compute_seconds for o in outputs if o is not None and o.metrics is not None)
         return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_output, total_tokens=num_prompt + num_output,
                          prompt_tokens_details=PromptTokensDetails(cached_tokens=cached), gpu_seconds=gpu_seconds)
+
+
+def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message's tool call for the chat template: arguments as a dict when they are a JSON object
+    (templates write `tool_call.arguments | tojson`, as transformers' examples pass them), else the text."""
+    function = dict(call["function"])
+    try:
+        arguments = json.loads(function["arguments"])
+    except (TypeError, ValueError):
+        arguments = None
+    if isinstance(arguments, dict):
+        function["arguments"] = arguments
+    return {**call, "function": function}
 
 
 async def first_output_or_error(raw_request: Request | None, stream: AsyncIterator[RequestOutput]

@@ -10,7 +10,8 @@ from tokenmill.structured_output.params import StructuredOutputError, Structured
 
 # guided_* extra -> the StructuredOutputsParams field it sets.
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
-_STRUCTURED_OUTPUTS_FIELDS = ("json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace",
+_STRUCTURED_OUTPUTS_FIELDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag",
+                              "disable_any_whitespace",
                               "max_whitespace", "backend")
 
 
