@@ -5,6 +5,7 @@ for tests of auto mode, whose continuation only the grammar makes valid."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.tiny_models import build_tiny_model, build_tokenizer
@@ -64,6 +65,11 @@ def build_tool_model(path: Path, eager: bool = False) -> Path:
     tok.save(str(tokenizer_dir / "tokenizer.json"))
     (tokenizer_dir / "chat_template.jinja").write_text(HERMES_CHAT_TEMPLATE)
     build_tiny_model("llama", path, tokenizer_dir)
+    # Tool definitions make long prompts for a 384-token vocabulary: room for them and the calls.
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    config["max_position_embeddings"] = 2048
+    config_file.write_text(json.dumps(config))
     if eager:
         from safetensors.torch import load_file, save_file
 

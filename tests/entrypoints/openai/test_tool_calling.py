@@ -1,0 +1,255 @@
+"""Tool calling through the real server and the official openai client: tool_choice required / named / auto
+with the hermes parser, streaming equal to non-streaming, multi-turn history with tool results (rendered as
+transformers renders it), and the 400s. The model is the tiny random-weight Llama with Hermes' tool tokens and
+template, tweaked to write <tool_call> wherever it may (tool_models.py): its arguments are noise unless the
+grammar holds them, so every valid call shows the constraint at work."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.entrypoints.openai.conftest import API_KEY, MODEL_NAME, ServerProcess, assert_openai_error
+from tests.entrypoints.openai.tool_models import build_tool_model
+
+pytestmark = pytest.mark.slow  # drives tokenmill serve processes
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Oslo", "Lima", "Kyoto"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "units": {"type": "object", "properties": {"metric": {"type": "boolean"}}, "required": ["metric"]},
+    },
+    "required": ["city", "days", "units"],
+}
+SEARCH = {
+    "type": "object",
+    "properties": {"query": {"type": "string", "maxLength": 12}, "limit": {"type": "integer", "maximum": 5}},
+    "required": ["query"],
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather forecast", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "search", "description": "Web search", "parameters": SEARCH}},
+]
+SCHEMAS = {"get_weather": WEATHER, "search": SEARCH}
+USER = [{"role": "user", "content": "What is the weather in Oslo?"}]
+TOOL_MODEL_NAME = "tokenmill-tests/tiny-tools"
+
+
+@pytest.fixture(scope="module")
+def tool_model_dir(tmp_path_factory):
+    return build_tool_model(tmp_path_factory.mktemp("tool_model") / "llama", eager=True)
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_model_dir, tmp_path_factory):
+    proc = ServerProcess([
+        str(tool_model_dir), "--dtype", "float32", "--kv-cache-memory", "16MiB", "--max-model-len", "2048",
+        "--served-model-name", TOOL_MODEL_NAME, "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+    ], tmp_path_factory.mktemp("tool_server") / "server.log")
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(tool_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=tool_server.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(tool_server):
+    with httpx.Client(base_url=tool_server.url, timeout=120) as c:
+        yield c
+
+
+def check_calls(message, names: set[str]) -> list:
+    assert message.tool_calls, message
+    for call in message.tool_calls:
+        assert call.type == "function" and call.id.startswith("chatcmpl-tool-")
+        assert call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    assert len({call.id for call in message.tool_calls}) == len(message.tool_calls)
+    return message.tool_calls
+
+
+def streamed_calls(chunks) -> tuple[str | None, list[tuple[str, str]], str | None]:
+    """(content, [(name, arguments)], finish_reason) reassembled from tool-call deltas."""
+    content = None
+    calls: dict[int, list[str]] = {}
+    finish = None
+    for chunk in chunks:
+        for choice in chunk.choices:
+            if choice.delta.content:
+                content = (content or "") + choice.delta.content
+            for delta in choice.delta.tool_calls or []:
+                if delta.id is not None:
+                    assert delta.index not in calls and delta.type == "function"
+                    calls[delta.index] = [delta.function.name, delta.function.arguments or ""]
+                else:
+                    calls[delta.index][1] += delta.function.arguments or ""
+            finish = choice.finish_reason or finish
+    return content, [tuple(calls[i]) for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("tool_choice, names", [
+    ("required", {"get_weather", "search"}),
+    ({"type": "function", "function": {"name": "search"}}, {"search"}),
+], ids=["required", "named"])
+def test_required_and_named_calls_validate_and_stream_equal(client, tool_choice, names):
+    for seed in range(4):
+        kwargs = dict(model=TOOL_MODEL_NAME, messages=USER, tools=TOOLS, tool_choice=tool_choice, temperature=1.0,
+                      seed=seed, max_tokens=300, parallel_tool_calls=False)
+        full = client.chat.completions.create(**kwargs)
+        choice = full.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        assert choice.message.content is None
+        calls = check_calls(choice.message, names)
+        assert len(calls) == 1  # parallel_tool_calls=False
+        content, streamed, finish = streamed_calls(client.chat.completions.create(stream=True, **kwargs))
+        assert content is None and finish == "tool_calls"
+        assert streamed == [(c.function.name, c.function.arguments) for c in calls]
+
+
+def test_auto_mode_calls_the_model_opens_are_valid(client):
+    # The model writes <tool_call> first (its tweak); everything after it is noise unless constrained.
+    for seed in range(8):
+        completion = client.chat.completions.create(
+            model=TOOL_MODEL_NAME, messages=USER, tools=TOOLS, temperature=1.0, seed=seed, max_tokens=300,
+            parallel_tool_calls=False,
+        )
+        choice = completion.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        check_calls(choice.message, {"get_weather", "search"})
+
+
+def test_parallel_calls_stream_equal(client):
+    kwargs = dict(model=TOOL_MODEL_NAME, messages=USER, tools=TOOLS, tool_choice="required", temperature=1.0,
+                  seed=5, max_tokens=400, n=2)
+    full = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    for choice in full.choices:
+        calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+        own = [c.model_copy(update={"choices": [x for x in c.choices if x.index == choice.index]}) for c in chunks]
+        content, streamed, finish = streamed_calls(own)
+        assert streamed == calls and finish == choice.finish_reason
+        if choice.finish_reason == "tool_calls":
+            check_calls(choice.message, {"get_weather", "search"})
+
+
+def test_tool_choice_none_is_text(client):
+    completion = client.chat.completions.create(model=TOOL_MODEL_NAME, messages=USER, tools=TOOLS,
+                                                tool_choice="none", temperature=0.0, max_tokens=4)
+    choice = completion.choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason == "length"
+    assert choice.message.content == "<tool_call>" * 4  # the model's free text, not parsed
+
+
+def test_multi_turn_with_tool_results(client, tool_model_dir):
+    first = client.chat.completions.create(model=TOOL_MODEL_NAME, messages=USER, tools=TOOLS,
+                                           tool_choice="required", temperature=1.0, seed=1, max_tokens=300,
+                                           parallel_tool_calls=False)
+    call = first.choices[0].message.tool_calls[0]
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        *USER,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 3}'},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    second = client.chat.completions.create(model=TOOL_MODEL_NAME, messages=messages, tools=TOOLS,
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                            temperature=1.0, seed=2, max_tokens=300)
+    check_calls(second.choices[0].message, {"get_weather"})
+    # The prompt is what transformers renders for the same conversation (tools, the call, its result).
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tool_model_dir))
+    reference = [dict(m) for m in messages]
+    reference[2] = {"role": "assistant", "tool_calls": [{
+        "id": call.id, "type": "function",
+        "function": {"name": call.function.name, "arguments": json.loads(call.function.arguments)},
+    }]}
+    text = tokenizer.apply_chat_template(reference, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    assert "<tool_response>\n{\"temperature\": 3}\n</tool_response>" in text
+    assert call.function.name in text and '"name": "search"' in text
+    assert second.usage.prompt_tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_sdk_parse_with_pydantic_tools(client):
+    from pydantic import BaseModel, Field
+
+    class Lookup(BaseModel):
+        query: str = Field(max_length=8)
+        limit: int = Field(ge=1, le=3)
+
+    completion = client.chat.completions.parse(
+        model=TOOL_MODEL_NAME, messages=USER, tools=[openai.pydantic_function_tool(Lookup)], tool_choice="required",
+        temperature=1.0, seed=3, max_tokens=200,
+    )
+    call = completion.choices[0].message.tool_calls[0]
+    assert isinstance(call.function.parsed_arguments, Lookup)
+
+
+@pytest.mark.parametrize("body, param, text", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]},
+     "tools[0].function.parameters", "not a valid JSON schema"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "missing"}}},
+     "tool_choice", "'missing', which is not in tools"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", "needs tools"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
+     "cannot apply as well"),
+    ({"tools": [TOOLS[0], TOOLS[0]]}, "tools", "more than once"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"not": {"type": "string"}}}}}}], "tool_choice": "required"},
+     "tools[0].function.parameters", "not"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools", "pattern"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "a", "type": "function",
+                                                                      "function": {"name": "f", "arguments": "{}"}}]}]},
+     "messages", "only assistant messages carry tool_calls"),
+], ids=["bad-schema", "unknown-named", "required-no-tools", "named-no-tools", "with-response-format", "duplicate",
+        "unenforceable", "bad-name", "user-tool-calls"])
+def test_bad_tool_requests_are_400s_and_the_server_serves_on(http, body, param, text):
+    r = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 8, **body})
+    error = assert_openai_error(r, 400)
+    assert error["param"] is not None and error["param"].startswith(param), error
+    assert text in error["message"], error
+    r = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+
+
+# ---- a server without a tool parser (the shared test server) ------------------------------------------------------
+@pytest.fixture(scope="module")
+def plain_client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def test_auto_without_a_parser_is_a_400_naming_the_flags(server, auth_headers):
+    for body in ({"tools": TOOLS}, {"tools": TOOLS, "tool_choice": "auto"}):
+        r = httpx.post(server.base_url + "/chat/completions", headers=auth_headers, timeout=60,
+                       json={"messages": USER, "max_tokens": 4, **body})
+        error = assert_openai_error(r, 400)
+        assert error["param"] == "tool_choice"
+        assert "--enable-auto-tool-choice" in error["message"] and "--tool-call-parser" in error["message"]
+
+
+def test_named_and_required_work_without_a_parser(plain_client):
+    # Named: the output is the arguments object (as vLLM); required: llama3_json's plain-JSON calls.
+    for tool_choice, names in (({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"}),
+                               ("required", {"get_weather", "search"})):
+        kwargs = dict(model=MODEL_NAME, messages=USER, tools=TOOLS, tool_choice=tool_choice, temperature=1.0,
+                      seed=7, max_tokens=300, parallel_tool_calls=False)
+        full = plain_client.chat.completions.create(**kwargs)
+        choice = full.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        calls = check_calls(choice.message, names)
+        content, streamed, finish = streamed_calls(plain_client.chat.completions.create(stream=True, **kwargs))
+        assert content is None and finish == "tool_calls"
+        assert streamed == [(c.function.name, c.function.arguments) for c in calls]
