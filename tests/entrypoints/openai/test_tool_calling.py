@@ -1,17 +1,19 @@
 """Tool calling through the real server and the official openai client: tool_choice required / named / auto
 with the hermes parser, streaming equal to non-streaming, multi-turn history with tool results (rendered as
-transformers renders it), and the 400s. The model is the tiny random-weight Llama with Hermes' tool tokens and
+transformers renders it), LangChain's with_structured_output and bind_tools, and the 400s. The model is the tiny random-weight Llama with Hermes' tool tokens and
 template, tweaked to write <tool_call> wherever it may (tool_models.py): its arguments are noise unless the
 grammar holds them, so every valid call shows the constraint at work."""
 
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import httpx
 import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from tests.entrypoints.openai.conftest import API_KEY, MODEL_NAME, ServerProcess, assert_openai_error
 from tests.entrypoints.openai.tool_models import build_tool_model
@@ -183,8 +185,6 @@ def test_multi_turn_with_tool_results(client, tool_model_dir):
 
 
 def test_sdk_parse_with_pydantic_tools(client):
-    from pydantic import BaseModel, Field
-
     class Lookup(BaseModel):
         query: str = Field(max_length=8)
         limit: int = Field(ge=1, le=3)
@@ -223,6 +223,53 @@ def test_bad_tool_requests_are_400s_and_the_server_serves_on(http, body, param, 
     assert text in error["message"], error
     r = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4})
     assert r.status_code == 200, r.text
+
+
+# ---- LangChain ---------------------------------------------------------------------------------------------------
+class Forecast(BaseModel):
+    """A weather forecast."""
+
+    city: Literal["Oslo", "Lima"]
+    days: int = Field(ge=1, le=7)
+    sunny: bool
+
+
+@pytest.fixture(scope="module")
+def chat(tool_server):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(base_url=tool_server.base_url, api_key="unused", model=TOOL_MODEL_NAME, temperature=1.0,
+                      max_tokens=200, max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("method", ["function_calling", "json_schema"])
+def test_with_structured_output(chat, method):
+    structured = chat.with_structured_output(Forecast, method=method)
+    for seed in range(3):
+        result = structured.bind(seed=seed).invoke("Forecast for Oslo?")
+        assert isinstance(result, Forecast), result
+
+
+def test_bind_tools_returns_tool_calls(chat):
+    def get_weather(city: Literal["Oslo", "Lima", "Kyoto"], days: int) -> str:
+        """Weather forecast for a city, for 1 to 7 days."""
+        return "sunny"
+
+    class Search(BaseModel):
+        """Search the web."""
+
+        query: str = Field(max_length=10)
+
+    # tool_choice left to "auto": the model chooses (this one always opens a call), the call is constrained.
+    model = chat.bind_tools([get_weather, Search], parallel_tool_calls=False)
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in model.kwargs["tools"]}
+    for seed in range(3):
+        message = model.bind(seed=seed).invoke("What is the weather in Lima?")
+        assert message.tool_calls, message
+        for call in message.tool_calls:
+            assert call["name"] in ("get_weather", "Search") and call["id"]
+            jsonschema.validate(call["args"], schemas[call["name"]])
+        assert message.response_metadata["finish_reason"] == "tool_calls"
 
 
 # ---- a server without a tool parser (the shared test server) ------------------------------------------------------
