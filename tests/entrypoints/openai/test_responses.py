@@ -228,10 +228,12 @@ def test_metadata_feature_and_usage_log(client, server, server_dir):
 
 
 UNSUPPORTED = [
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "tool calling"),
-    ({"tool_choice": "required"}, "tool_choice", "tool calling"),
-    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format", "json_schema"),
-    ({"text": {"format": {"type": "json_object"}}}, "text.format", "json_object"),
+    ({"tools": [{"type": "web_search"}]}, "tools", "only function tools"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": [{"type": "function", "name": "f"}]}, "tool_choice", "--enable-auto-tool-choice"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}}, "text.format",
+     "not a valid JSON schema"),
+    ({"text": {"format": {"type": "xml"}}}, "text.format", "json_object"),
     ({"previous_response_id": "resp_123"}, "previous_response_id", "not stored"),
     ({"conversation": "conv_1"}, "conversation", "not stored"),
     ({"store": True}, "store", "store=false"),
@@ -243,7 +245,7 @@ UNSUPPORTED = [
     ({"prompt": {"id": "pmpt_1"}}, "prompt", "prompt"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]},
      "input", "input_image"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "{}"}]}, "input", "function_call_output"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input", "reasoning items are not supported"),
     ({"input": []}, "input", "empty"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input", "role 'tool' is not supported"),
     ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input", "needs 'text'"),

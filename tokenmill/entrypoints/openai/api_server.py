@@ -63,6 +63,7 @@ from tokenmill.entrypoints.openai.protocol import (
 )
 from tokenmill.entrypoints.openai.protocol_embeddings import EmbeddingRequest, EmbeddingResponse
 from tokenmill.entrypoints.openai.protocol_responses import (
+    INPUT_ITEM_TAGS,
     ResponsesRequest,
     ResponsesResponse,
     ResponseStreamEvent,
@@ -433,7 +434,7 @@ def _status_error(status: ServerStatus) -> OpenAIError:
 # Names pydantic puts in an error's location for the member of a union it tried (list members contain "[").
 _UNION_MEMBER_NAMES = frozenset({
     "str", "int", "float", "bool", "dict", "list", "constrained-str", "constrained-int", "constrained-float",
-    TOKENIZE_PROMPT, TOKENIZE_CHAT,
+    TOKENIZE_PROMPT, TOKENIZE_CHAT, *INPUT_ITEM_TAGS,
 })
 
 

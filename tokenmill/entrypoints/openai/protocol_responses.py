@@ -1,23 +1,25 @@
 """Pydantic models of POST /v1/responses, OpenAI's Responses API, as far as a text model serves it.
 
-Text or message input, instructions, sampling, max_output_tokens, metadata and streaming with the API's
-semantic events are supported. Tools, structured output (text.format), reasoning, stored responses
-(store, previous_response_id, conversation, background) and non-text content are declared where OpenAI has
-them and refused with a 400 that names the parameter, unless left at a neutral value.
+Text or message input, instructions, sampling, max_output_tokens, metadata, streaming with the API's
+semantic events, structured output (text.format json_object / json_schema) and function tools (tool_choice,
+function_call output items, function_call / function_call_output input items) are supported. Built-in tools,
+reasoning, stored responses (store, previous_response_id, conversation, background) and non-text content are
+declared where OpenAI has them and refused with a 400 that names the parameter, unless left at a neutral value.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from tokenmill.entrypoints.openai.protocol import (
     Metadata,
     Penalty,
     RequestModel,
     ResponseModel,
+    ToolName,
     VllmSamplingExtras,
     _not_supported,
     check_text,
@@ -25,8 +27,6 @@ from tokenmill.entrypoints.openai.protocol import (
 
 _ROLES = ("user", "system", "developer", "assistant")
 _ITEM_HINTS = {
-    "function_call": "tool calling is not implemented",
-    "function_call_output": "tool calling is not implemented",
     "reasoning": "reasoning items are not supported",
     "item_reference": "stored items cannot be referenced: responses are not stored",
 }
@@ -76,7 +76,7 @@ class ResponseInputMessage(RequestModel):
             raise ValueError(f"input item type {kind!r} is not supported by tokenmill: {hint}")
         if isinstance(value, dict) and value.get("role") not in _ROLES:
             raise ValueError(f"message role {value.get('role')!r} is not supported: use one of "
-                             f"{', '.join(_ROLES)} (tool results need tool calling, which is not implemented)")
+                             f"{', '.join(_ROLES)} (a tool's result is a function_call_output item)")
         if isinstance(value, dict) and not isinstance(value.get("content"), str | list):
             raise ValueError("a message needs content: a string or a list of input_text parts")
         return value
@@ -92,18 +92,92 @@ class ResponseInputMessage(RequestModel):
         return "".join(part.text for part in self.content)
 
 
+class ResponseFunctionCallItem(RequestModel):
+    """A call from an earlier response's output, replayed in the conversation."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class ResponseFunctionCallOutputItem(RequestModel):
+    """The result of a call (call_id), for the model to read."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value):
+        return check_text(value, "output")
+
+
+# Tags of the input item kinds; they appear in validation error locations, which leave them out.
+INPUT_MESSAGE, INPUT_FUNCTION_CALL, INPUT_FUNCTION_CALL_OUTPUT = (
+    "input-message", "input-function-call", "input-function-call-output")
+INPUT_ITEM_TAGS = (INPUT_MESSAGE, INPUT_FUNCTION_CALL, INPUT_FUNCTION_CALL_OUTPUT)
+
+
+def _input_item_kind(value: Any) -> str:
+    kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", None) or "message"
+    return {"function_call": INPUT_FUNCTION_CALL, "function_call_output": INPUT_FUNCTION_CALL_OUTPUT}.get(
+        kind, INPUT_MESSAGE)
+
+
+ResponseInputItem = Annotated[
+    Annotated[ResponseInputMessage, Tag(INPUT_MESSAGE)]
+    | Annotated[ResponseFunctionCallItem, Tag(INPUT_FUNCTION_CALL)]
+    | Annotated[ResponseFunctionCallOutputItem, Tag(INPUT_FUNCTION_CALL_OUTPUT)],
+    Discriminator(_input_item_kind),
+]
+
+
 class ResponseTextFormat(RequestModel):
-    type: Literal["text"]
+    """text.format: "text", "json_object", or "json_schema" with name, schema (and strict, description)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    def response_format(self) -> dict[str, Any]:
+        """The same constraint in /v1/chat/completions' response_format shape."""
+        if self.type != "json_schema":
+            return {"type": self.type}
+        spec: dict[str, Any] = {"name": self.name, "schema": self.schema_}
+        if self.strict is not None:
+            spec["strict"] = self.strict
+        return {"type": "json_schema", "json_schema": spec}
+
+
+class ResponseFunctionTool(RequestModel):
+    type: Literal["function"]
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
-    def _text_only(cls, value):
-        if isinstance(value, dict) and value.get("type") != "text":
-            raise ValueError(
-                f"text.format type {value.get('type')!r} is not supported by tokenmill yet (structured outputs "
-                "are not implemented): remove text.format or send {'type': 'text'}"
-            )
+    def _functions_only(cls, value):
+        if isinstance(value, dict) and value.get("type") != "function":
+            raise ValueError(f"tool type {value.get('type')!r} is not supported by tokenmill: only function tools "
+                             "(there are no built-in tools)")
         return value
+
+
+class ResponseNamedToolChoice(RequestModel):
+    type: Literal["function"]
+    name: ToolName
 
 
 class ResponseTextConfig(RequestModel):
@@ -118,9 +192,10 @@ class ResponseTextConfig(RequestModel):
 
 class ResponsesRequest(VllmSamplingExtras):
     model: str | None = Field(None, description="A served model name; omitted: the server's model.")
-    input: str | list[ResponseInputMessage] = Field(
-        description="Text (one user message), or a list of messages with roles user, system, developer or "
-                    "assistant and content as a string or input_text parts."
+    input: str | list[ResponseInputItem] = Field(
+        description="Text (one user message), or a list of items: messages with roles user, system, developer "
+                    "or assistant and content as a string or input_text parts; function_call items of earlier "
+                    "responses and function_call_output items with their results."
     )
     instructions: str | None = Field(None, description="A system message put before the input.")
     max_output_tokens: int | None = Field(None, ge=1, description="Most tokens to generate; cut: status incomplete.")
@@ -133,11 +208,16 @@ class ResponsesRequest(VllmSamplingExtras):
     )
     user: str | None = Field(None, description="An end-user id; accepted and not used.")
     safety_identifier: str | None = Field(None, description="An end-user id; accepted and not used.")
-    text: ResponseTextConfig | None = Field(None, description="Only {'format': {'type': 'text'}}.")
+    text: ResponseTextConfig | None = Field(
+        None, description="format: {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'name', "
+                          "'schema', 'strict'}: the output is constrained to JSON (to the schema).")
     store: bool | None = Field(None, description="Only false: responses are not stored.")
     truncation: Literal["auto", "disabled"] | None = Field(None, description="Only 'disabled'.")
-    tools: Any = Field(None, description="Not supported (rejected unless null or []).")
-    tool_choice: Any = Field(None, description="Only 'none' or 'auto' (there are no tools).")
+    tools: list[ResponseFunctionTool] | None = Field(
+        None, description="Function tools ({'type': 'function', 'name', 'parameters', ...}); see tool_choice.")
+    tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice | None = Field(
+        None, description="As on /v1/chat/completions: 'auto' needs --enable-auto-tool-choice and "
+                          "--tool-call-parser; 'required' and {'type': 'function', 'name'} are constrained.")
     parallel_tool_calls: bool | None = None
     max_tool_calls: Any = Field(None, description="Not supported.")
     previous_response_id: Any = Field(None, description="Not supported: responses are not stored.")
@@ -192,16 +272,10 @@ class ResponsesRequest(VllmSamplingExtras):
         return _not_supported("truncation", value, ("disabled",),
                               "input is never truncated; shorten it to fit the context")
 
-    @field_validator("tools", "include")
+    @field_validator("include")
     @classmethod
-    def _empty_lists(cls, value, info):
-        hint = "tool calling is not implemented" if info.field_name == "tools" else "remove it"
-        return _not_supported(info.field_name, value, ([],), hint)
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _tool_choice(cls, value):
-        return _not_supported("tool_choice", value, ("none", "auto"), "tool calling is not implemented")
+    def _include(cls, value):
+        return _not_supported("include", value, ([],), "remove it")
 
     @field_validator("reasoning", "stream_options")
     @classmethod
@@ -239,6 +313,13 @@ class ResponsesRequest(VllmSamplingExtras):
     def feature(self) -> str | None:
         return (self.metadata or {}).get("feature")
 
+    @property
+    def response_format(self) -> dict[str, Any] | None:
+        """text.format as chat's response_format (what the shared structured-output reader takes)."""
+        if self.text is None or self.text.format is None:
+            return None
+        return self.text.format.response_format()
+
 
 # ---- response --------------------------------------------------------------------------------------------------
 class ResponseOutputText(ResponseModel):
@@ -254,6 +335,21 @@ class ResponseOutputMessage(ResponseModel):
     status: Literal["in_progress", "completed", "incomplete"]
     role: Literal["assistant"] = "assistant"
     content: list[ResponseOutputText] = Field(default_factory=list)
+
+
+class ResponseFunctionToolCall(ResponseModel):
+    """A function call in a response's output; its result goes back as a function_call_output input item."""
+
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    # The arguments' JSON text (constrained to the tool's schema).
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
+ResponseOutputItem = ResponseOutputMessage | ResponseFunctionToolCall
 
 
 class ResponseInputTokensDetails(ResponseModel):
@@ -291,11 +387,11 @@ class ResponsesResponse(ResponseModel):
     instructions: str | None = None
     max_output_tokens: int | None = None
     model: str
-    output: list[ResponseOutputMessage] = Field(default_factory=list)
-    parallel_tool_calls: bool = False
+    output: list[ResponseOutputItem] = Field(default_factory=list)
+    parallel_tool_calls: bool = True
     temperature: float | None = None
     top_p: float | None = None
-    tool_choice: Literal["none", "auto"] = "none"
+    tool_choice: Any = "auto"
     tools: list[Any] = Field(default_factory=list)
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
     truncation: Literal["disabled"] = "disabled"
@@ -310,13 +406,15 @@ class ResponsesResponse(ResponseModel):
 
     @property
     def output_text(self) -> str:
-        return "".join(part.text for item in self.output for part in item.content)
+        return "".join(part.text for item in self.output if isinstance(item, ResponseOutputMessage)
+                       for part in item.content)
 
 
 ResponseStreamEventType = Literal[
     "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
     "response.output_text.delta", "response.output_text.done", "response.content_part.done",
     "response.output_item.done", "response.completed", "response.incomplete", "error",
+    "response.function_call_arguments.delta", "response.function_call_arguments.done",
 ]
 
 
@@ -333,12 +431,16 @@ class ResponseStreamEvent(ResponseModel):
     content_index: int | None = None
     item_id: str | None = None
     # response.output_item.added / done.
-    item: ResponseOutputMessage | None = None
+    item: ResponseOutputItem | None = None
     # response.content_part.added / done.
     part: ResponseOutputText | None = None
-    # response.output_text.delta: the new text; response.output_text.done: all of it.
+    # response.output_text.delta / function_call_arguments.delta: the new text or arguments;
+    # response.output_text.done: all the text.
     delta: str | None = None
     text: str | None = None
+    # response.function_call_arguments.done: the call's name and all its arguments.
+    name: str | None = None
+    arguments: str | None = None
     logprobs: list[Any] | None = None
     # error events.
     code: str | None = None

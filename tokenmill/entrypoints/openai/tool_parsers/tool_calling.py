@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from tokenmill.entrypoints.openai.errors import bad_request
 from tokenmill.entrypoints.openai.protocol import (
     ChatCompletionNamedToolChoiceParam,
     ChatCompletionRequest,
+    ChatCompletionToolParam,
     DeltaFunctionCall,
     DeltaToolCall,
     ToolCall,
@@ -37,6 +38,8 @@ from tokenmill.entrypoints.openai.tool_parsers.llama3_json_tool_parser import Ll
 from tokenmill.structured_output.params import StructuredOutputsParams
 from tokenmill.structured_output.tool_calls import tool_call_params
 from tokenmill.structured_output.xgrammar_backend import unenforced_keywords
+
+ToolChoice = Literal["none", "auto", "required"] | ChatCompletionNamedToolChoiceParam | None
 
 # A tool without parameters takes no arguments (OpenAI's reading of an omitted schema).
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -86,8 +89,16 @@ def resolve_tool_calling(request: ChatCompletionRequest, tool_call_parser: str |
     """None when the request has no tools; else the ToolCalling. structured_outputs is the request's own
     constraint (response_format, ...), which only tool_choice "none" can be combined with. Raises a 400 naming
     the parameter for bad tools or tool_choice, and for "auto" on a server without auto tool choice."""
-    tools = request.tools or []
-    choice = request.tool_choice
+    return resolve_tools(request.tools or [], request.tool_choice, request.parallel_tool_calls, tool_call_parser,
+                         enable_auto_tool_choice, structured_outputs)
+
+
+def resolve_tools(tools: list[ChatCompletionToolParam], choice: ToolChoice, parallel_tool_calls: bool | None,
+                  tool_call_parser: str | None, enable_auto_tool_choice: bool,
+                  structured_outputs: StructuredOutputsParams | None, structured_param: str = "response_format"
+                  ) -> ToolCalling | None:
+    """resolve_tool_calling for any endpoint: its tools (in chat's shape), tool_choice and parallel_tool_calls.
+    structured_param names the endpoint's structured-output parameter in errors."""
     if not tools:
         if isinstance(choice, ChatCompletionNamedToolChoiceParam) or choice == "required":
             raise bad_request(
@@ -107,10 +118,10 @@ def resolve_tool_calling(request: ChatCompletionRequest, tool_call_parser: str |
         return ToolCalling(template_tools)
     if structured_outputs is not None:
         raise bad_request(
-            f"tool_choice {_choice_text(choice)} constrains the output to tool calls, so response_format / "
-            "structured_outputs cannot apply as well: send one of them (or tool_choice 'none')",
+            f"tool_choice {_choice_text(choice)} constrains the output to tool calls, so {structured_param} "
+            "cannot apply as well: send one of them (or tool_choice 'none')",
             param="tool_choice")
-    parallel = request.parallel_tool_calls is not False
+    parallel = parallel_tool_calls is not False
     parser = get_tool_parser(tool_call_parser) if tool_call_parser is not None else None
     if choice == "auto":
         if parser is None or not enable_auto_tool_choice:
