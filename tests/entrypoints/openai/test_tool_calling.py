@@ -225,6 +225,69 @@ def test_bad_tool_requests_are_400s_and_the_server_serves_on(http, body, param, 
     assert r.status_code == 200, r.text
 
 
+# ---- /v1/responses -----------------------------------------------------------------------------------------------
+RESPONSES_TOOLS = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+                    "parameters": t["function"]["parameters"]} for t in TOOLS]
+
+
+def test_responses_function_calls_validate_and_stream_equal(client):
+    for tool_choice in ("required", {"type": "function", "name": "get_weather"}, "auto"):
+        kwargs = dict(model=TOOL_MODEL_NAME, input="Weather in Lima?", tools=RESPONSES_TOOLS, tool_choice=tool_choice,
+                      temperature=1.0, extra_body={"seed": 4}, max_output_tokens=300,
+                      parallel_tool_calls=False)
+        response = client.responses.create(**kwargs)
+        assert response.status == "completed"
+        [call] = response.output
+        assert call.type == "function_call" and call.call_id.startswith("call_") and call.id.startswith("fc_")
+        jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+        events = list(client.responses.create(stream=True, **kwargs))
+        arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+        [added] = [e for e in events if e.type == "response.output_item.added"]
+        [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+        assert added.item.name == call.name and arguments == done.arguments == call.arguments
+        assert events[-1].type == "response.completed"
+        assert events[-1].response.output[0].arguments == call.arguments
+
+
+def test_responses_multi_turn_with_function_call_output(client):
+    first = client.responses.create(model=TOOL_MODEL_NAME, input="Weather in Lima?", tools=RESPONSES_TOOLS,
+                                    tool_choice="required", temperature=1.0, extra_body={"seed": 2}, max_output_tokens=300,
+                                    parallel_tool_calls=False)
+    call = first.output[0]
+    conversation = [
+        {"role": "user", "content": "Weather in Lima?"},
+        call.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'},
+    ]
+    second = client.responses.create(model=TOOL_MODEL_NAME, input=conversation, tools=RESPONSES_TOOLS,
+                                     tool_choice={"type": "function", "name": "search"}, temperature=1.0, extra_body={"seed": 3},
+                                     max_output_tokens=300)
+    [call2] = second.output
+    jsonschema.validate(json.loads(call2.arguments), SEARCH)
+    # The same conversation on chat renders the same prompt.
+    chat = client.chat.completions.create(
+        model=TOOL_MODEL_NAME, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "search"}},
+        max_tokens=1, messages=[
+            {"role": "user", "content": "Weather in Lima?"},
+            {"role": "assistant", "tool_calls": [{"id": call.call_id, "type": "function",
+                                                  "function": {"name": call.name, "arguments": call.arguments}}]},
+            {"role": "tool", "tool_call_id": call.call_id, "content": '{"temperature": 21}'},
+        ])
+    assert chat.usage.prompt_tokens == second.usage.input_tokens
+
+
+def test_responses_text_format_json_schema(plain_client):
+    response = plain_client.responses.create(
+        model=MODEL_NAME, input="Forecast?", temperature=1.0, extra_body={"seed": 6}, max_output_tokens=200,
+        text={"format": {"type": "json_schema", "name": "weather", "schema": WEATHER, "strict": True}})
+    assert response.status == "completed"
+    jsonschema.validate(json.loads(response.output_text), WEATHER)
+    assert response.text.format.type == "json_schema"
+    parsed = plain_client.responses.parse(model=MODEL_NAME, input="Forecast?", temperature=1.0, extra_body={"seed": 6},
+                                          max_output_tokens=200, text_format=Forecast)
+    assert isinstance(parsed.output_parsed, Forecast)
+
+
 # ---- LangChain ---------------------------------------------------------------------------------------------------
 class Forecast(BaseModel):
     """A weather forecast."""
