@@ -188,12 +188,12 @@ class OpenAIServingResponses(OpenAIServing):
                     for delta in deltas:
                         if delta.id is not None:
                             opened.append(("call", delta.index))
-                            item = ResponseFunctionToolCall(id=state.call_item_id(delta.index),
-                                                            call_id=state.call_id(delta.index),
-                                                            name=delta.function.name or "", arguments="",
-                                                            status="in_progress")
+                            added = ResponseFunctionToolCall(id=state.call_item_id(delta.index),
+                                                             call_id=state.call_id(delta.index),
+                                                             name=delta.function.name or "", arguments="",
+                                                             status="in_progress")
                             yield event("response.output_item.added", output_index=len(opened) - 1,
-                                        item=item.model_dump(mode="json"))
+                                        item=added.model_dump(mode="json"))
                         elif delta.function.arguments:
                             yield event("response.function_call_arguments.delta",
                                         item_id=state.call_item_id(delta.index),

@@ -92,23 +92,25 @@ class TaggedJsonToolParser(ToolParser):
                 segments.append(tail)
                 break
             segments.append(text[pos:start])
-            head = self._match_head(text, start)
+            try:
+                head = self._match_head(text, start)
+            except _Incomplete:
+                if final:  # the output ended inside the head: text
+                    segments[-1] += text[start:]
+                break
             if head is None:  # not a call after all: the trigger is text
                 segments[-1] += self.trigger
                 pos = start + len(self.trigger)
                 continue
-            if head == "partial":
-                if final:  # the output ended inside the head: text
-                    segments[-1] += text[start:]
-                break
             name, args_start = head
             args_end = _json_value_end(text, args_start)
             if args_end is None:  # still generating the arguments (or cut by max_tokens)
                 calls.append(ExtractedToolCall(name, text[args_start:], complete=False))
                 break
             calls.append(ExtractedToolCall(name, text[args_start:args_end]))
-            tail_end = _match_literals(text, args_end, ["}", *_literal_steps(self.call_suffix)])
-            if tail_end == "partial":
+            try:
+                tail_end = _match_literals(text, args_end, ["}", *_literal_steps(self.call_suffix)])
+            except _Incomplete:
                 break
             pos = tail_end if tail_end is not None else args_end
         content = "".join(segment for segment in segments if not self._is_filler(segment))
@@ -120,36 +122,46 @@ class TaggedJsonToolParser(ToolParser):
         """Text around calls that is only whitespace and separators is not content."""
         return not segment.strip(" \t\r\n" + self.separator.strip())
 
-    def _match_head(self, text: str, start: int) -> tuple[str, int] | str | None:
-        """(tool name, where the arguments start), "partial" if text ends inside the head, None if it is not
-        a call head."""
-        steps = [*_literal_steps(self.call_prefix), "{", '"name"', ":"]
-        end = _match_literals(text, start, steps)
-        if end is None or end == "partial":
-            return end
+    def _match_head(self, text: str, start: int) -> tuple[str, int] | None:
+        """(tool name, where the arguments start), or None if this is not a call's head; _Incomplete if the
+        text ends inside it."""
+        end = _match_literals(text, start, [*_literal_steps(self.call_prefix), "{", '"name"', ":"])
+        if end is None:
+            return None
         end = _skip_ws(text, end)
         name_end = _json_string_end(text, end)
         if name_end is None:
-            return "partial" if _could_be_string(text, end) else None
+            if end >= len(text) or text[end] == '"':
+                raise _Incomplete
+            return None
         try:
             name = json.loads(text[end:name_end])
         except json.JSONDecodeError:
             return None
         after_comma = _match_literals(text, name_end, [","])
-        if after_comma is None or after_comma == "partial":
-            return after_comma
+        if after_comma is None:
+            return None
         key_start = _skip_ws(text, after_comma)
         rest = text[key_start:key_start + len('"parameters"')]
-        for key in ('"arguments"', '"parameters"'):
+        for key in _ARGUMENTS_KEYS:
             if rest.startswith(key):
                 args = _match_literals(text, key_start + len(key), [":"])
-                if args is None or args == "partial":
-                    return args
+                if args is None:
+                    return None
                 args = _skip_ws(text, args)
-                return "partial" if args >= len(text) else (name, args)
-        if key_start + len(rest) == len(text) and any(k.startswith(rest) for k in ('"arguments"', '"parameters"')):
-            return "partial"
+                if args >= len(text):
+                    raise _Incomplete
+                return name, args
+        if key_start + len(rest) == len(text) and any(key.startswith(rest) for key in _ARGUMENTS_KEYS):
+            raise _Incomplete
         return None
+
+
+_ARGUMENTS_KEYS = ('"arguments"', '"parameters"')
+
+
+class _Incomplete(Exception):
+    """The text ends before what is being matched is decided (streaming: wait for more)."""
 
 
 def _literal_steps(value: str) -> list[str]:
@@ -163,15 +175,16 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def _match_literals(text: str, pos: int, literals: list[str]) -> int | str | None:
-    """Match literals in order, whitespace allowed before each: the end, "partial" if text ends first, or None."""
+def _match_literals(text: str, pos: int, literals: list[str]) -> int | None:
+    """Match literals in order, whitespace allowed before each: the end, or None; _Incomplete if text ends
+    first."""
     for literal in literals:
         pos = _skip_ws(text, pos)
         piece = text[pos:pos + len(literal)]
         if piece == literal:
             pos += len(literal)
         elif literal.startswith(piece) and pos + len(piece) == len(text):
-            return "partial"
+            raise _Incomplete
         else:
             return None
     return pos
@@ -190,10 +203,6 @@ def _json_string_end(text: str, pos: int) -> int | None:
             return i + 1
         i += 1
     return None
-
-
-def _could_be_string(text: str, pos: int) -> bool:
-    return pos >= len(text) or text[pos] == '"'
 
 
 def _json_value_end(text: str, pos: int) -> int | None:

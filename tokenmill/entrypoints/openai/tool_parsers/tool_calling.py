@@ -147,7 +147,7 @@ def resolve_tools(tools: list[ChatCompletionToolParam], choice: ToolChoice, para
     if parser is None:
         parser = Llama3JsonToolParser()
     tags = [parser.call_tag(name, schemas[name]) for name in selected]
-    mode = "auto" if choice == "auto" else "required"
+    mode: Literal["auto", "required"] = "auto" if choice == "auto" else "required"
     params = tool_call_params(tags, mode, parallel, parser.separator, parser.trigger)
     return ToolCalling(template_tools, parser, params)
 
