@@ -89,7 +89,7 @@ def test_any_text_streams_as_it_extracts_whole(name):
 
     parser = get_tool_parser(name)
 
-    @settings(max_examples=120, deadline=None, database=None)
+    @settings(max_examples=80, deadline=None, database=None)
     @given(st.lists(st.sampled_from(PIECES), max_size=12), st.integers(1, 5))
     def check(pieces, step):
         text = "".join(pieces)
