@@ -218,9 +218,10 @@ class OpenAIServing:
                     tools: list[dict[str, Any]] | None = None) -> str:
         conversation = []
         for message in messages:
-            entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
-            if message.content is not None or not message.tool_calls:
-                entry["content"] = message.text()
+            # content "" (not absent) for an assistant message with only tool_calls: templates that do not know
+            # tool calls still render it, and those that do test `if message.content`.
+            entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
+                                     "content": message.text()}
             if message.name is not None:
                 entry["name"] = message.name
             if message.tool_call_id is not None:
@@ -232,7 +233,7 @@ class OpenAIServing:
         if reserved:
             raise bad_request(f"chat_template_kwargs may not set {sorted(reserved)}", param="chat_template_kwargs")
         # The template adds little around the messages: their own text must already fit.
-        self.check_prompt_length("".join(entry.get("content", "") for entry in conversation), param)
+        self.check_prompt_length("".join(entry["content"] for entry in conversation), param)
         try:
             return self.tokenizer.apply_chat_template(
                 conversation, add_generation_prompt=add_generation_prompt, chat_template=self.chat_template,
