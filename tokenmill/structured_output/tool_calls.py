@@ -76,7 +76,8 @@ def tool_call_params(
 ) -> StructuredOutputsParams:
     """StructuredOutputsParams with the structural tag of tool_call_structural_tag (compiled by xgrammar)."""
     tag = tool_call_structural_tag(tags, mode, parallel, separator, trigger)
-    return StructuredOutputsParams(structural_tag=json.dumps(tag, ensure_ascii=False))
+    # Structural tags are xgrammar's: named here so a server whose default backend is guidance serves them.
+    return StructuredOutputsParams(structural_tag=json.dumps(tag, ensure_ascii=False), backend="xgrammar")
 
 
 __all__ = ["ToolCallTag", "tool_call_params", "tool_call_structural_tag"]

@@ -96,3 +96,25 @@ def test_any_text_streams_as_it_extracts_whole(name):
         assert streamed(parser, text, step) == whole(parser, text)
 
     check()
+
+
+def test_server_flags_are_validated():
+    from tokenmill.entrypoints.openai.server_config import ServerConfig
+
+    ServerConfig(tool_call_parser="hermes", enable_auto_tool_choice=True).validate()
+    with pytest.raises(ValueError, match="unknown tool call parser 'hermez': use one of hermes, llama3_json"):
+        ServerConfig(tool_call_parser="hermez").validate()
+    with pytest.raises(ValueError, match="--enable-auto-tool-choice needs --tool-call-parser"):
+        ServerConfig(enable_auto_tool_choice=True).validate()
+
+
+def test_finish_reason_is_tool_calls_only_after_complete_calls():
+    from tokenmill.entrypoints.openai.tool_parsers.tool_calling import finish_reason
+
+    hermes = get_tool_parser("hermes")
+    done = hermes.extract('<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>', final=True)
+    cut = hermes.extract('<tool_call>\n{"name": "f", "arguments": {"a": ', final=True)
+    assert finish_reason("stop", done) == "tool_calls"
+    assert finish_reason("length", done) == "length"
+    assert finish_reason("stop", cut) == "stop"
+    assert finish_reason("stop", hermes.extract("text", final=True)) == "stop"

@@ -185,8 +185,9 @@ def tool_call_id() -> str:
 
 
 def finish_reason(reason: str | None, extracted: ExtractedToolCalls) -> str | None:
-    """"tool_calls" when the reply ended normally after calls; a cut reply stays "length"."""
-    if reason == "stop" and extracted.tool_calls:
+    """"tool_calls" when the reply ended normally after complete calls; a cut reply stays "length" (and one a
+    stop string cut inside a call "stop")."""
+    if reason == "stop" and extracted.tool_calls and all(call.complete for call in extracted.tool_calls):
         return "tool_calls"
     return reason
 
