@@ -158,6 +158,11 @@ def test_multi_turn_with_tool_results(client, tool_model_dir):
                                            tool_choice="required", temperature=1.0, seed=1, max_tokens=300,
                                            parallel_tool_calls=False)
     call = first.choices[0].message.tool_calls[0]
+    # The SDK's reply message object sent back as it is (the usual agent loop).
+    resent = client.chat.completions.create(
+        model=TOOL_MODEL_NAME, tools=TOOLS, tool_choice="none", max_tokens=1,
+        messages=[*USER, first.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "3"}])
+    assert resent.choices[0].finish_reason == "length"
     messages = [
         {"role": "system", "content": "You are terse."},
         *USER,

@@ -321,6 +321,13 @@ class ChatMessage(RequestModel):
     tool_call_id: str | None = None
     # assistant messages: the calls it made (content may then be null).
     tool_calls: list[ChatCompletionMessageToolCall] | None = None
+    # Echoed back by SDKs that resend a reply's message object (refusal: null); only null is accepted.
+    refusal: Any = Field(None, description="Only null (replies carry no refusals).")
+
+    @field_validator("refusal")
+    @classmethod
+    def _refusal(cls, value):
+        return _not_supported("refusal", value, (), "send the assistant's text as content")
 
     @field_validator("content", "name")
     @classmethod
