@@ -66,6 +66,18 @@ class CachedRequestState:
     def needs_output_tokens(self) -> bool:
         return any(p.needs_output_tokens for p in self.logits_processors)
 
+    def append_token(self, token_id: int) -> tuple[bool, str | None]:
+        """Append a sampled token and let every logits processor accept it. Returns (whether a processor ended
+        the sequence, why one refused the token or None)."""
+        self.token_ids.append(token_id)
+        ended = False
+        for processor in self.logits_processors:
+            if not processor.accept_token(token_id):
+                return True, (f"a {type(processor).__name__} refused sampled token {token_id} of request "
+                              f"{self.request_id!r}")
+            ended = ended or processor.is_terminated()
+        return ended, None
+
 
 @dataclass
 class LaunchedStep:
@@ -79,6 +91,28 @@ class LaunchedStep:
     start: float = 0.0  # perf_counter() when the launch began
     # Whether a sampled request's logits processors need its token on the host before the next step.
     needs_sync: bool = False
+
+
+def new_request_state(new: NewRequestData, grammar: GrammarMatcher | None = None,
+                      generator: torch.Generator | None = None) -> CachedRequestState:
+    """The runner's state of a request from its NewRequestData: tokens, block table, a seeded request's
+    generator (`generator`: the one it had before a preemption, else a new one from the seed) and fresh logits
+    processors (grammar: the sequence's matcher under structured outputs), which replay the output so far."""
+    params = new.sampling_params
+    tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
+    if generator is None and params.seed is not None:
+        generator = torch.Generator().manual_seed(params.seed)
+    processors = (build_logits_processors(params, new.prompt_token_ids, new.eos_token_ids, grammar)
+                  if new.pooling_type is None else [])
+    for token_id in new.output_token_ids:
+        for processor in processors:
+            if not processor.accept_token(token_id):
+                raise RuntimeError(f"a logits processor of request {new.request_id!r} refused output token "
+                                   f"{token_id} while replaying")
+    return CachedRequestState(
+        new.request_id, list(new.prompt_token_ids), tokens, params, list(new.block_ids), new.num_computed_tokens,
+        len(tokens), generator, processors, new.num_preemptions, new.pooling_type, new.num_prompt_logprobs_done,
+    )
 
 
 class ModelRunner:
@@ -128,28 +162,12 @@ class ModelRunner:
 
     def _new_state(self, new: NewRequestData) -> CachedRequestState:
         params = new.sampling_params
-        tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
-        generator = self._preempted_generators.pop(new.request_id, None)
-        if generator is None and params.seed is not None:
-            generator = torch.Generator().manual_seed(params.seed)
         grammar = None
-        if params.structured_outputs is not None:
+        if params.structured_outputs is not None and new.pooling_type is None:
             if self.grammar_factory is None:
                 raise RuntimeError("a request with structured_outputs reached a runner without a grammar compiler")
             grammar = self.grammar_factory(params.structured_outputs)
-        processors = (build_logits_processors(params, new.prompt_token_ids, new.eos_token_ids, grammar)
-                      if new.pooling_type is None else [])
-        # A resumed request's processors replay its output so far (a grammar matcher rebuilds its state).
-        for token_id in new.output_token_ids:
-            for processor in processors:
-                if not processor.accept_token(token_id):
-                    raise RuntimeError(f"a logits processor of request {new.request_id!r} refused output token "
-                                       f"{token_id} while replaying")
-        return CachedRequestState(
-            new.request_id, list(new.prompt_token_ids), tokens, params, list(new.block_ids),
-            new.num_computed_tokens, len(tokens), generator, processors, new.num_preemptions, new.pooling_type,
-            new.num_prompt_logprobs_done,
-        )
+        return new_request_state(new, grammar, self._preempted_generators.pop(new.request_id, None))
 
     # ---- the step -------------------------------------------------------------------------------------------
     def to_device(self, values: list[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -276,16 +294,9 @@ class ModelRunner:
             state = requests.get(request_id)
             if state is None:  # preempted or finished while the step ran: nothing left to advance
                 continue
-            state.token_ids.append(token.token_id)
-            for processor in state.logits_processors:
-                if not processor.accept_token(token.token_id):
-                    out.processor_finished[request_id] = (
-                        f"a {type(processor).__name__} refused sampled token {token.token_id} of request "
-                        f"{request_id!r}"
-                    )
-                    break
-                if processor.is_terminated():
-                    out.processor_finished.setdefault(request_id, None)
+            ended, error = state.append_token(token.token_id)
+            if ended:
+                out.processor_finished[request_id] = error
         return out
 
     def _prompt_logprobs(self, hidden: torch.Tensor, row: int, num_new: int, state: CachedRequestState,
