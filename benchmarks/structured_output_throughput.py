@@ -83,16 +83,16 @@ def main() -> None:
 
     sampler = engine.core.runner.sampler
     grammar_times: list[float] = []
-    apply_grammars = sampler._apply_grammars
+    apply_processors = sampler._apply_processors
 
     def timed_apply(logits, requests):
         start = time.perf_counter()
-        result = apply_grammars(logits, requests)
-        if any(r.structured_output is not None for r in requests):
+        result = apply_processors(logits, requests)
+        if any(r.sampling_params.structured_outputs is not None for r in requests):
             grammar_times.append(time.perf_counter() - start)
         return result
 
-    sampler._apply_grammars = timed_apply  # type: ignore[method-assign]
+    sampler._apply_processors = timed_apply  # type: ignore[method-assign]
 
     def run(constrained: bool) -> tuple[float, int, int]:
         start = time.perf_counter()

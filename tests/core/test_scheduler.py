@@ -222,3 +222,37 @@ def test_prefix_cache_counters_count_once_on_admission():
     for _ in range(3):
         step(scheduler)
     assert (kv.num_queried_tokens, kv.num_hit_tokens) == (28, 8)
+
+
+def test_make_stats_reports_queues_usage_prefix_counters_and_preemptions():
+    scheduler, (r0, r1, r2) = three_running()
+    stats = scheduler.make_stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_preemptions) == (3, 0, 0)
+    assert stats.kv_cache_usage == 4 / 5 and (stats.num_kv_blocks, stats.block_size) == (5, 4)
+    step(scheduler)  # preempts r2
+    stats = scheduler.make_stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_preemptions) == (2, 1, 1)
+    assert stats.kv_cache_usage == 4 / 5  # r2's two blocks went to r0 and r1
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (0, 0)  # caching is off here
+
+
+def test_scheduler_output_sends_a_request_once_then_diffs():
+    """NewRequestData when first scheduled and after a preemption (with the output so far); after that only
+    new block ids and num_computed_tokens; finished and preempted ids reach the runner."""
+    scheduler, (r0, r1, r2) = three_running()
+    sched = scheduler.schedule()  # r0 takes the last free block, r1 none: r2 is preempted
+    assert sched.preempted_ids == ["r2"] and not sched.new_requests
+    cached = sched.cached_requests
+    assert cached.request_ids == ["r0", "r1"] and cached.num_computed_tokens == [4, 4]
+    r1_blocks = scheduler.kv.block_ids("r1")
+    assert cached.new_block_ids == [scheduler.kv.block_ids("r0")[1:], r1_blocks[1:]]
+    scheduler.on_launched(sched)
+    collect(scheduler, sched)
+    r0.sampling_params.max_tokens = r1.sampling_params.max_tokens = 3
+    while r2.status != RequestStatus.RUNNING:
+        sched = step(scheduler)
+    [new] = sched.new_requests
+    assert (new.request_id, new.output_token_ids, new.num_computed_tokens) == ("r2", [7], 0)
+    assert new.block_ids == scheduler.kv.block_ids("r2") and new.prompt_token_ids == r2.prompt_token_ids
+    assert sorted(sched.finished_request_ids) == ["r0", "r1"]
+    assert scheduler.schedule().finished_request_ids == []
