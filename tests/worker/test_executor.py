@@ -96,9 +96,9 @@ def test_step_contract_round_trips_through_msgpack(tiny_models):
 def test_decoder_refuses_classes_outside_tokenmill():
     import msgpack
 
-    payload = msgpack.packb(["subprocess:Popen", [["true"]]])
+    message = msgpack.packb([msgpack.ExtType(1, b""), "subprocess:Popen", ["true"]])
     with pytest.raises(ValueError, match="refusing to decode subprocess:Popen"):
-        MsgpackDecoder().decode(msgpack.packb(msgpack.ExtType(1, payload)))
+        MsgpackDecoder().decode(message)
 
 
 @pytest.mark.slow  # a spawned worker process imports torch and loads the model (~10 s)

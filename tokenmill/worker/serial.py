@@ -1,14 +1,15 @@
 """msgpack encoding of the plain-data contracts that cross a process boundary (SchedulerOutput,
 ModelRunnerOutput, and anything else built from dataclasses, enums, numpy arrays and tensors).
 
-One encoder and one decoder for all of them, with msgpack ext types for what msgpack has no type for:
+One encoder and one decoder for all of them. What msgpack has no type for is written inline as a list whose
+first item is a tag (a one-byte msgpack ext value), so nothing is packed twice:
 
-    ext 1  dataclass   [module:qualname, field values in declaration order]  (init=False fields included)
-    ext 2  enum        [module:qualname, value]
-    ext 3  ndarray     [dtype str, shape, raw bytes]  (C order)
-    ext 4  tensor      the same as ndarray; decoded as a CPU tensor (a device tensor is copied to the host)
-    ext 5  tuple       its items (a plain list stays a list)
-    ext 6  set         its items; frozenset is ext 7
+    [DATACLASS, "module:qualname", field values in declaration order...]   (init=False fields included)
+    [ENUM, "module:qualname", value]
+    [TUPLE, items...]   [SET, items...]   [FROZENSET, items...]
+
+and arrays as ext values of their own: ext 3 numpy array, ext 4 tensor (decoded as a CPU tensor; a device
+tensor is copied to the host), each holding [dtype str, shape, raw bytes in C order].
 
 Decoding rebuilds a dataclass without calling __init__ (validation ran where it was built; its derived,
 init=False fields travel with it), and only for classes in the modules named by `allowed_modules` (the
@@ -29,13 +30,30 @@ import numpy as np
 import torch
 
 _DATACLASS, _ENUM, _NDARRAY, _TENSOR, _TUPLE, _SET, _FROZENSET = 1, 2, 3, 4, 5, 6, 7
+_TAG_CODES = (_DATACLASS, _ENUM, _TUPLE, _SET, _FROZENSET)
+
+
+class _Tag:
+    """The decoded form of a tag: marks the list it heads."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+_TAGS = {code: msgpack.ExtType(code, b"") for code in _TAG_CODES}
+_DECODED_TAGS = {code: _Tag(code) for code in _TAG_CODES}
+_DATACLASS_TAG = _TAGS[_DATACLASS]
 
 
 @functools.cache
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    """A dataclass's field names in declaration order; None for any other class (cached per class)."""
+    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else None
 
 
+@functools.cache
 def _class_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
@@ -44,50 +62,46 @@ class MsgpackEncoder:
     """Encodes a value (nested dataclasses, dicts, lists, numpy arrays, tensors, ...) into msgpack bytes."""
 
     def __init__(self) -> None:
+        # strict_types: a subclass (an IntEnum, a tuple) reaches `default` instead of being packed as its base.
         self._packer = msgpack.Packer(default=self._default, use_bin_type=True, strict_types=True)
 
     def encode(self, value: Any) -> bytes:
         return self._packer.pack(value)
 
-    def _default(self, obj: Any) -> msgpack.ExtType:
-        # strict_types: a subclass (an IntEnum, a tuple) reaches here instead of being packed as its base.
-        pack = self._pack_payload
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            cls = type(obj)
-            values = [getattr(obj, name) for name in _field_names(cls)]
-            return msgpack.ExtType(_DATACLASS, pack([_class_name(cls), values]))
+    def _default(self, obj: Any) -> Any:
+        cls = type(obj)
+        names = _field_names(cls)
+        if names is not None:
+            return [_DATACLASS_TAG, _class_name(cls), *[getattr(obj, name) for name in names]]
         if isinstance(obj, enum.Enum):
-            return msgpack.ExtType(_ENUM, pack([_class_name(type(obj)), obj.value]))
+            return [_TAGS[_ENUM], _class_name(cls), obj.value]
+        if isinstance(obj, tuple):
+            return [_TAGS[_TUPLE], *obj]
+        if isinstance(obj, (set, frozenset)):
+            items = sorted(obj) if _sortable(obj) else list(obj)
+            return [_TAGS[_FROZENSET if isinstance(obj, frozenset) else _SET], *items]
         if isinstance(obj, torch.Tensor):
             array = obj.detach().cpu().contiguous()
             if array.dtype == torch.bfloat16:
                 raise TypeError("bfloat16 tensors have no numpy dtype: convert to float32 before sending")
-            return msgpack.ExtType(_TENSOR, pack(_array_parts(array.numpy())))
+            return msgpack.ExtType(_TENSOR, _pack_array(array.numpy()))
         if isinstance(obj, np.ndarray):
-            return msgpack.ExtType(_NDARRAY, pack(_array_parts(obj)))
-        if isinstance(obj, tuple):
-            return msgpack.ExtType(_TUPLE, pack(list(obj)))
-        if isinstance(obj, frozenset):
-            return msgpack.ExtType(_FROZENSET, pack(sorted(obj) if _sortable(obj) else list(obj)))
-        if isinstance(obj, set):
-            return msgpack.ExtType(_SET, pack(sorted(obj) if _sortable(obj) else list(obj)))
+            return msgpack.ExtType(_NDARRAY, _pack_array(obj))
         if isinstance(obj, (np.integer, np.floating, np.bool_)):
-            return msgpack.ExtType(_NDARRAY, pack(_array_parts(np.asarray(obj))))
-        raise TypeError(f"cannot encode {type(obj).__qualname__} for a process boundary: send plain data")
+            return obj.item()
+        for base in (int, float, str, bytes, list, dict):  # a subclass of a plain type, as its base
+            if isinstance(obj, base):
+                return base(obj)
+        raise TypeError(f"cannot encode {cls.__qualname__} for a process boundary: send plain data")
 
 
-    def _pack_payload(self, value: Any) -> bytes:
-        # A packer of its own: the outer one is in the middle of a pack and its buffer must not be reused.
-        return msgpack.packb(value, default=self._default, use_bin_type=True, strict_types=True)
+def _sortable(values: set | frozenset) -> bool:
+    return all(type(v) is int for v in values) or all(type(v) is str for v in values)
 
 
-def _sortable(values: frozenset | set) -> bool:
-    return all(isinstance(v, int) for v in values) or all(isinstance(v, str) for v in values)
-
-
-def _array_parts(array: np.ndarray) -> list[Any]:
+def _pack_array(array: np.ndarray) -> bytes:
     array = np.ascontiguousarray(array)
-    return [array.dtype.str, list(array.shape), array.tobytes()]
+    return msgpack.packb([array.dtype.str, list(array.shape), array.tobytes()], use_bin_type=True)
 
 
 class MsgpackDecoder:
@@ -98,8 +112,8 @@ class MsgpackDecoder:
         self._classes: dict[str, type] = {}
 
     def decode(self, data: bytes | memoryview) -> Any:
-        return msgpack.unpackb(data, ext_hook=self._ext_hook, raw=False, strict_map_key=False,
-                               use_list=True)
+        return msgpack.unpackb(data, ext_hook=self._ext_hook, list_hook=self._list_hook, raw=False,
+                               strict_map_key=False)
 
     def _resolve(self, name: str) -> type:
         cls = self._classes.get(name)
@@ -116,31 +130,38 @@ class MsgpackDecoder:
         self._classes[name] = obj
         return obj
 
-    def _ext_hook(self, code: int, data: bytes) -> Any:
-        value = msgpack.unpackb(data, ext_hook=self._ext_hook, raw=False, strict_map_key=False)
+    @staticmethod
+    def _ext_hook(code: int, data: bytes) -> Any:
+        if code in (_NDARRAY, _TENSOR):
+            dtype, shape, raw = msgpack.unpackb(data, raw=False)
+            array = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
+            return torch.from_numpy(array) if code == _TENSOR else array
+        tag = _DECODED_TAGS.get(code)
+        if tag is None or data:
+            raise ValueError(f"unknown msgpack ext type {code}")
+        return tag
+
+    def _list_hook(self, items: list[Any]) -> Any:
+        if not items or type(items[0]) is not _Tag:
+            return items
+        code = items[0].code
         if code == _DATACLASS:
-            name, values = value
-            cls = self._resolve(name)
+            cls = self._resolve(items[1])
             obj = object.__new__(cls)
-            for field_name, field_value in zip(_field_names(cls), values, strict=True):
-                object.__setattr__(obj, field_name, field_value)
+            names = _field_names(cls)
+            assert names is not None  # _resolve admits dataclasses and enums only
+            if len(names) != len(items) - 2:
+                raise ValueError(f"{items[1]} has {len(names)} fields, the message {len(items) - 2}")
+            for name, value in zip(names, items[2:]):  # noqa: B905 - lengths checked above
+                object.__setattr__(obj, name, value)
             return obj
         if code == _ENUM:
-            name, enum_value = value
-            return self._resolve(name)(enum_value)
-        if code in (_NDARRAY, _TENSOR):
-            dtype, shape, raw = value
-            array = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape)
-            if code == _NDARRAY:
-                return array.copy() if shape else array[()]
-            return torch.from_numpy(array.copy())
+            return self._resolve(items[1])(items[2])
         if code == _TUPLE:
-            return tuple(value)
+            return tuple(items[1:])
         if code == _SET:
-            return set(value)
-        if code == _FROZENSET:
-            return frozenset(value)
-        raise ValueError(f"unknown msgpack ext type {code}")
+            return set(items[1:])
+        return frozenset(items[1:])
 
 
 def round_trip(value: Any, encoder: MsgpackEncoder | None = None,
