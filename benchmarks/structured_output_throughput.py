@@ -6,8 +6,8 @@
 The same 64 prompts run twice per round: once with every other request under a JSON schema (temperature 0.8,
 seeded), once with the same sampling parameters and no constraint. Rounds alternate the two so that a busy
 machine hurts both alike. Reported: output tokens per second of each and their ratio, the time the sampler
-spends on grammars per step (bitmask fill + apply, measured around Sampler._apply_grammars), and the compile
-time of three schemas cold and cached (through the engine's StructuredOutputManager).
+spends on logits processors per step (grammar bitmask fill + apply, measured around Sampler._apply_processors
+in steps with a constrained row), and the compile time of three schemas cold and cached (through the engine's StructuredOutputManager).
 """
 
 from __future__ import annotations

@@ -251,9 +251,9 @@ class EngineCore:
     def _step_async(self) -> list[EngineCoreOutput]:
         """Schedule and launch step N+1, then collect step N while N+1 runs on the device.
 
-        Step N+1 reads the tokens sampled by N on the device. Requests whose sampler needs their output
-        tokens on the host (penalties, min_tokens, a grammar matcher) make the engine collect N before
-        scheduling N+1.
+        Step N+1 reads the tokens sampled by N on the device. A request whose logits processors need each
+        output token on the host (penalties, min_tokens, a grammar matcher: LogitsProcessor.needs_output_tokens)
+        makes the engine collect N before scheduling N+1.
         """
         outputs: list[EngineCoreOutput] = []
         in_flight, self._in_flight = self._in_flight, None
