@@ -133,3 +133,40 @@ def test_worker_process_start_up_error_reaches_the_engine(tmp_path):
     with pytest.raises(WorkerProcessError, match="worker process failed"):
         EngineCore(EngineConfig.from_kwargs(str(tmp_path), device="cpu", distributed_executor_backend="mp"),
                    tmp_path, show_progress=False)
+
+
+@pytest.mark.slow
+def test_worker_process_runs_structured_outputs(server_model_dir):
+    """Constrained requests (the worker process compiles its own matchers) beside free ones, seeded, under
+    preemption: the same tokens as in-process, and every constrained output is one of the choices."""
+    from tokenmill.model.tokenizer import Tokenizer
+    from tokenmill.structured_output.params import StructuredOutputsParams
+
+    tokenizer = Tokenizer.from_pretrained(server_model_dir)
+    choices = ["yes", "no", "maybe"]
+    spec = StructuredOutputsParams(choice=choices)
+    prompts = make_prompts(read_hf_config(server_model_dir)["vocab_size"])
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=24,
+                             structured_outputs=spec if i % 2 == 0 else None) for i in range(len(prompts))]
+    eos = frozenset(tokenizer.eos_token_ids)
+
+    def run_with(core: EngineCore) -> dict[str, list[int]]:
+        outputs: dict[str, list[int]] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            core.add_request(Request(f"r{i}", prompt, p, eos))
+            outputs[f"r{i}"] = []
+        while core.has_unfinished_requests():
+            for out in core.step():
+                outputs[out.request_id] += out.new_token_ids
+        return outputs
+
+    expected = run_with(make_core(server_model_dir))
+    for i in range(0, len(prompts), 2):
+        text = tokenizer.decode([t for t in expected[f"r{i}"] if t not in eos])
+        assert text in choices, text
+    remote = make_core(server_model_dir, "mp")
+    try:
+        assert run_with(remote) == expected
+        assert remote.scheduler.num_preemptions > 0
+    finally:
+        remote.shutdown()
