@@ -122,6 +122,12 @@ def test_worker_process_matches_in_process_engine(tiny_models, async_scheduling)
         assert remote.scheduler.num_preemptions > 0
         with pytest.raises(AttributeError, match="another process"):
             remote.runner  # noqa: B018
+        # A worker process that dies is reported, not waited for.
+        remote.executor._process.kill()
+        remote.executor._process.join()
+        remote.add_request(Request("late", prompts[0], params[0], frozenset({0})))
+        with pytest.raises(WorkerProcessError, match="worker process (died|is gone)"):
+            remote.step()
     finally:
         remote.shutdown()
     assert not remote.executor._process.is_alive()

@@ -197,7 +197,7 @@ class Scheduler:
         samples = request.num_computed_tokens + num_new == request.num_tokens + request.num_pending_tokens
         scheduled.append(ScheduledRequest(request, num_new, samples))
         request_id = request.request_id
-        block_ids = self.kv.block_ids(request_id)
+        block_ids = self.kv.req_to_blocks[request_id]
         num_sent = self._num_sent_blocks.get(request_id)
         if num_sent is None:
             self._runner_ids.add(request_id)

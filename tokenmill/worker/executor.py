@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import traceback
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -131,6 +132,8 @@ class MultiprocExecutor(Executor):
                                         name="tokenmill-worker", daemon=True)
         self._process.start()
         child_conn.close()
+        # An executor dropped without shutdown() (an engine garbage-collected) does not leave its process behind.
+        weakref.finalize(self, _kill_process, self._process)
         self.info = self._reply()
 
     def _send(self, method: str, argument: Any = None) -> None:
@@ -175,6 +178,12 @@ class MultiprocExecutor(Executor):
                 self._process.kill()
                 self._process.join()
         self._conn.close()
+
+
+def _kill_process(process: multiprocessing.process.BaseProcess) -> None:
+    if process.is_alive():
+        process.kill()
+        process.join(timeout=5)
 
 
 def run_worker_process(conn: Connection, config: EngineConfig, model_dir: str) -> None:

@@ -58,13 +58,12 @@ class CachedRequestState:
     pooling_type: str | None = None
     num_prompt_logprobs_done: int = 0
 
+    def __post_init__(self) -> None:
+        self.wants_prompt_logprobs = self.sampling_params.prompt_logprobs is not None
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
-
-    @property
-    def needs_output_tokens(self) -> bool:
-        return any(p.needs_output_tokens for p in self.logits_processors)
 
     def append_token(self, token_id: int) -> tuple[bool, str | None]:
         """Append a sampled token and let every logits processor accept it. Returns (whether a processor ended
@@ -89,8 +88,6 @@ class LaunchedStep:
     host_sampled: SamplerOutput | None = None  # the same, on its way to the host
     done: torch.cuda.Event | None = None  # CUDA: recorded after the step's last work (the samples' copy)
     start: float = 0.0  # perf_counter() when the launch began
-    # Whether a sampled request's logits processors need its token on the host before the next step.
-    needs_sync: bool = False
 
 
 def new_request_state(new: NewRequestData, grammar: GrammarMatcher | None = None,
@@ -247,23 +244,23 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_states: list[CachedRequestState] = []
         out = ModelRunnerOutput(sampled={})
+        query_start_loc = meta.query_start_loc_list
         for i, (state, n) in enumerate(zip(states, num_new, strict=True)):
             computed = state.num_computed_tokens
             if state.pooling_type is not None:  # prefill only: pooled, never sampled
-                first = meta.query_start_loc_list[i]
+                first = query_start_loc[i]
                 out.pooled[state.request_id] = pool_chunk(
                     hidden[first : first + n], state.pooling_type, state.num_preemptions, computed,
                     state.num_prompt_tokens,
                 )
             else:
                 if computed + n == state.num_tokens:
-                    sample_rows.append(meta.query_start_loc_list[i + 1] - 1)
+                    sample_rows.append(query_start_loc[i + 1] - 1)
                     sample_states.append(state)
-                if state.sampling_params.prompt_logprobs is not None:
-                    self._prompt_logprobs(hidden, meta.query_start_loc_list[i], n, state, out)
+                if state.wants_prompt_logprobs:
+                    self._prompt_logprobs(hidden, query_start_loc[i], n, state, out)
             state.num_computed_tokens = computed + n
-        step = LaunchedStep(out, [s.request_id for s in sample_states], start=start,
-                            needs_sync=any(s.needs_output_tokens for s in sample_states))
+        step = LaunchedStep(out, [s.request_id for s in sample_states], start=start)
         if sample_rows:
             if len(sample_rows) < hidden.shape[0]:
                 hidden = hidden.index_select(0, self.to_device(sample_rows, torch.long))
@@ -293,6 +290,9 @@ class ModelRunner:
         for request_id, token in out.sampled.items():
             state = requests.get(request_id)
             if state is None:  # preempted or finished while the step ran: nothing left to advance
+                continue
+            if not state.logits_processors:
+                state.token_ids.append(token.token_id)
                 continue
             ended, error = state.append_token(token.token_id)
             if ended:
