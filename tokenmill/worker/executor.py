@@ -28,7 +28,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.model.registry import DecoderSpec
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.worker.serial import MsgpackDecoder, MsgpackEncoder
-from tokenmill.worker.worker import KVCacheSizing, Worker
+from tokenmill.worker.worker import KVCacheSizing, Worker, freeze_gc_heap
 
 if TYPE_CHECKING:
     from tokenmill.worker.model_runner import GrammarFactory
@@ -221,6 +221,7 @@ def run_worker_process(conn: Connection, config: EngineConfig, model_dir: str) -
                 answer("ok", worker.determine_kv_cache_sizing())
             elif method == "initialize_cache":
                 worker.initialize_cache(*argument)
+                freeze_gc_heap()  # as the engine's process does: start-up's objects out of the collector's way
                 answer("ok")
             else:
                 answer("error", f"unknown worker method {method!r}")
