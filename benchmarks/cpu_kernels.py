@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from tokenmill.attention import cpu_kernels
     from tokenmill.attention.backend import AttentionMetadata
     from tokenmill.attention.torch_backend import TorchAttentionBackend
-    from tokenmill.engine.engine_core import allocate_zeroed
     from tokenmill.model.llama import RMSNorm, _rotate
+    from tokenmill.worker.worker import allocate_zeroed
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)

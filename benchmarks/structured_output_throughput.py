@@ -6,8 +6,8 @@
 The same 64 prompts run twice per round: once with every other request under a JSON schema (temperature 0.8,
 seeded), once with the same sampling parameters and no constraint. Rounds alternate the two so that a busy
 machine hurts both alike. Reported: output tokens per second of each and their ratio, the time the sampler
-spends on grammars per step (bitmask fill + apply, measured around Sampler._apply_grammars), and the compile
-time of three schemas cold and cached (through the engine's StructuredOutputManager).
+spends on logits processors per step (grammar bitmask fill + apply, measured around Sampler._apply_processors
+in steps with a constrained row), and the compile time of three schemas cold and cached (through the engine's StructuredOutputManager).
 """
 
 from __future__ import annotations
@@ -83,16 +83,16 @@ def main() -> None:
 
     sampler = engine.core.runner.sampler
     grammar_times: list[float] = []
-    apply_grammars = sampler._apply_grammars
+    apply_processors = sampler._apply_processors
 
     def timed_apply(logits, requests):
         start = time.perf_counter()
-        result = apply_grammars(logits, requests)
-        if any(r.structured_output is not None for r in requests):
+        result = apply_processors(logits, requests)
+        if any(r.sampling_params.structured_outputs is not None for r in requests):
             grammar_times.append(time.perf_counter() - start)
         return result
 
-    sampler._apply_grammars = timed_apply  # type: ignore[method-assign]
+    sampler._apply_processors = timed_apply  # type: ignore[method-assign]
 
     def run(constrained: bool) -> tuple[float, int, int]:
         start = time.perf_counter()

@@ -201,6 +201,9 @@ class EngineConfig:
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     # Tensor-parallel degree; only 1 is supported.
     tensor_parallel_size: int = 1
+    # Where the worker (model, KV cache, runner) runs: "uni" in the engine's process, "mp" in a child process
+    # reached through the serialized step contract (vLLM's --distributed-executor-backend).
+    distributed_executor_backend: str = "uni"
 
     @classmethod
     def from_kwargs(
@@ -227,6 +230,7 @@ class EngineConfig:
         batch_invariant: bool | None = None,
         structured_outputs_backend: str = "auto",
         structured_outputs_compile_timeout: float = 10.0,
+        distributed_executor_backend: str = "uni",
     ) -> EngineConfig:
         """The config from vLLM-named keyword arguments (those of LLM(...) and the serve flags), validated.
         batch_invariant=None reads TOKENMILL_BATCH_INVARIANT."""
@@ -246,6 +250,7 @@ class EngineConfig:
             structured_outputs=StructuredOutputsConfig(backend=structured_outputs_backend,
                                                        compile_timeout_s=structured_outputs_compile_timeout),
             tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend=distributed_executor_backend,
         )
         config.validate()
         return config
@@ -255,6 +260,10 @@ class EngineConfig:
         self.cache.validate()
         self.scheduler.validate()
         self.structured_outputs.validate()
+        if self.distributed_executor_backend not in ("uni", "mp"):
+            raise ValueError(
+                f"distributed_executor_backend must be 'uni' or 'mp', got {self.distributed_executor_backend!r}"
+            )
         if self.tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: tokenmill runs on one "

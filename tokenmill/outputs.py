@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tokenmill.model.pooler import PooledChunk
+from tokenmill.sampling_params import SamplingParams
+
 if TYPE_CHECKING:
     import torch
-
-    from tokenmill.model.pooler import PooledChunk
-    from tokenmill.request import Request
 
 
 @dataclass
@@ -91,24 +91,60 @@ class EmbeddingRequestOutput:
 
 
 @dataclass
-class ScheduledRequest:
-    request: Request
-    # Tokens computed for this request in this step (a prefill chunk, or 1 for a decode).
-    num_new_tokens: int
-    # Whether this step finishes the request's known tokens, so a next token is sampled.
-    samples: bool
+class NewRequestData:
+    """A request the runner has no state for: first scheduled, or resumed after a preemption (recomputed from
+    scratch: its KV was freed, so the runner rebuilds its state, logits processors replaying output_token_ids).
+    Sent once; after that the request travels as CachedRequestData diffs."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    # Tokens sampled before a preemption (empty for a new request): the runner appends them to the prompt.
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: list[int]
+    # The request's blocks in token order (prefix-cache hits first).
+    block_ids: list[int]
+    num_computed_tokens: int
+    # How often the request was preempted so far (a pooling chunk's epoch).
+    num_preemptions: int = 0
+    # "MEAN" / "LAST" for a pooling request (prefill only, nothing sampled); None for generation.
+    pooling_type: str | None = None
+    # Prompt positions whose logprobs were reported already (a resumed request does not report them again).
+    num_prompt_logprobs_done: int = 0
+
+
+@dataclass
+class CachedRequestData:
+    """Diffs for requests the runner already holds, in parallel lists (one entry per request).
+
+    No token ids: every input token is either in the request's NewRequestData or was sampled by the runner
+    itself, which appends each sampled token to its own copy when the step is collected (with async scheduling
+    the newest one is read on the device, from the step in flight)."""
+
+    request_ids: list[str] = field(default_factory=list)
+    # Blocks appended to each request's block table since it was last scheduled.
+    new_block_ids: list[list[int]] = field(default_factory=list)
+    # Tokens whose KV is computed before this step (the scheduler's count; the runner's must agree).
+    num_computed_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    num_scheduled_tokens: int = 0
-    # Requests preempted in this step (their blocks were freed; they will be recomputed).
+    """One step's decisions, as plain data: nothing here refers to a Request or to the KV cache manager."""
+
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: CachedRequestData = field(default_factory=CachedRequestData)
+    # request_id -> tokens computed for it in this step (a prefill chunk, or 1 for a decode), in batch order.
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    total_num_scheduled_tokens: int = 0
+    # Requests finished (stopped, aborted) since the previous step: the runner drops their state.
+    finished_request_ids: list[str] = field(default_factory=list)
+    # Requests preempted in this step (their blocks were freed; they come back as NewRequestData).
     preempted_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.num_scheduled_tokens
 
 
 @dataclass
@@ -121,12 +157,15 @@ class SampledToken:
 
 @dataclass
 class ModelRunnerOutput:
-    # request_id -> the token sampled for it in this step (only for requests whose ScheduledRequest.samples).
+    # request_id -> the token sampled for it in this step (requests whose scheduled tokens reach their end).
     sampled: dict[str, SampledToken]
     # request_id -> prompt logprobs computed in this step, in prompt order (for requests asking for them).
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     # request_id -> this step's pooled chunk of a pooling request.
     pooled: dict[str, PooledChunk] = field(default_factory=dict)
+    # request_id -> how a logits processor ended the sequence with its sampled token: None when it finished
+    # (a grammar reached its end: finish "stop"), or an error message when it refused the token.
+    processor_finished: dict[str, str | None] = field(default_factory=dict)
 
 
 @dataclass

@@ -5,11 +5,10 @@ from __future__ import annotations
 import enum
 import time
 
-import torch
-
 from tokenmill.model.pooler import Pooler
 from tokenmill.outputs import PositionLogprobs, RequestMetrics
 from tokenmill.pooling_params import PoolingParams
+from tokenmill.sample.logits_processor import needs_output_tokens
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured_output.request_state import StructuredOutputRequest
 
@@ -66,10 +65,11 @@ class Request:
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (
             [None] if sampling_params.prompt_logprobs is not None else None
         )
-        self.generator: torch.Generator | None = None
-        if sampling_params.seed is not None:
-            self.generator = torch.Generator().manual_seed(sampling_params.seed)
-        # Under structured outputs: the grammar (compiling, then its matcher); set by the engine at add_request.
+        # Whether the runner's logits processors for this request read each sampled token on the host before
+        # the next step (penalties, min_tokens, a grammar): async scheduling then waits for the token.
+        self.needs_output_tokens = pooling_params is None and needs_output_tokens(sampling_params)
+        # Under structured outputs: the grammar while it compiles; set by the engine at add_request. (The
+        # runner holds the sequence's matcher.)
         self.structured_output: StructuredOutputRequest | None = None
         # Why the request failed inside the engine (its grammar did not compile); None otherwise.
         self.error: BaseException | None = None

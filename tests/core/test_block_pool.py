@@ -20,10 +20,10 @@ EOS = 0
 
 def fake_step(scheduler: Scheduler, rng: random.Random) -> None:
     sched = scheduler.schedule()
-    assert sched.num_scheduled_tokens <= scheduler.max_num_batched_tokens
+    assert sched.total_num_scheduled_tokens <= scheduler.max_num_batched_tokens
     assert len(scheduler.running) <= scheduler.max_num_seqs
-    sampled = {s.request.request_id: SampledToken(rng.randrange(0, 50)) for s in sched.scheduled if s.samples}
     scheduler.on_launched(sched)
+    sampled = {request_id: SampledToken(rng.randrange(0, 50)) for request_id in scheduler.sampling_request_ids()}
     scheduler.update_from_output(sched, ModelRunnerOutput(sampled), 0.01)
 
 

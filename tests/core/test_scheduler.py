@@ -26,12 +26,12 @@ def make_request(request_id: str, prompt: list[int] | int, max_tokens: int = 50)
 
 def scheduled(sched: SchedulerOutput) -> dict[str, int]:
     """request_id -> tokens scheduled for it, in scheduling order."""
-    return {s.request.request_id: s.num_new_tokens for s in sched.scheduled}
+    return dict(sched.num_scheduled_tokens)
 
 
 def collect(scheduler: Scheduler, sched: SchedulerOutput, token: int = 7) -> None:
     """The runner's part of a step: every sampling request gets `token`."""
-    sampled = {s.request.request_id: SampledToken(token) for s in sched.scheduled if s.samples}
+    sampled = {request_id: SampledToken(token) for request_id in scheduler.sampling_request_ids()}
     scheduler.update_from_output(sched, ModelRunnerOutput(sampled), 0.01)
 
 
@@ -80,7 +80,7 @@ def test_a_request_preempts_itself_when_it_is_the_latest():
         step(scheduler)  # r0 decodes into its second block
     # r0 alone needs a third block and none is free: with nobody later to preempt, it preempts itself.
     sched = step(scheduler)
-    assert sched.preempted_ids == ["r0"] and not sched.scheduled
+    assert sched.preempted_ids == ["r0"] and sched.is_empty
     assert [r.request_id for r in scheduler.waiting] == ["r0", "r1"]  # the preempted go back to the front
 
 
@@ -111,11 +111,14 @@ def test_budget_goes_to_decodes_first_then_prefill_chunks():
     scheduler.add_request(late)
     chunks = []
     while True:
+        num_outputs = long.num_output_tokens
         sched = step(scheduler)
+        # Only the chunk that completes the prompt samples.
+        assert long.num_output_tokens == num_outputs + (long.num_computed_tokens == 20)
         # Every running decode is scheduled, one token each, before any prefill chunk.
         assert list(scheduled(sched))[:2] == ["r0", "r1"]
         assert scheduled(sched)["r0"] == scheduled(sched)["r1"] == 1
-        assert sched.num_scheduled_tokens <= 8
+        assert sched.total_num_scheduled_tokens <= 8
         if long.num_output_tokens:
             break
         chunks.append(scheduled(sched)["long"])
@@ -124,8 +127,7 @@ def test_budget_goes_to_decodes_first_then_prefill_chunks():
     chunks.append(scheduled(sched)["long"])
     assert chunks == [6, 6, 6, 2]
     assert scheduled(sched) == {"r0": 1, "r1": 1, "long": 2, "late": 2}  # the leftover budget admits "late"
-    # Only the chunk that completes the prompt samples.
-    assert [s.samples for s in sched.scheduled] == [True, True, True, True]
+    assert late.num_output_tokens == 1 and long.num_output_tokens == 1
 
 
 def test_requests_beyond_the_budget_stay_running_unscheduled():
@@ -220,3 +222,37 @@ def test_prefix_cache_counters_count_once_on_admission():
     for _ in range(3):
         step(scheduler)
     assert (kv.num_queried_tokens, kv.num_hit_tokens) == (28, 8)
+
+
+def test_make_stats_reports_queues_usage_prefix_counters_and_preemptions():
+    scheduler, (r0, r1, r2) = three_running()
+    stats = scheduler.make_stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_preemptions) == (3, 0, 0)
+    assert stats.kv_cache_usage == 4 / 5 and (stats.num_kv_blocks, stats.block_size) == (5, 4)
+    step(scheduler)  # preempts r2
+    stats = scheduler.make_stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_preemptions) == (2, 1, 1)
+    assert stats.kv_cache_usage == 4 / 5  # r2's two blocks went to r0 and r1
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (0, 0)  # caching is off here
+
+
+def test_scheduler_output_sends_a_request_once_then_diffs():
+    """NewRequestData when first scheduled and after a preemption (with the output so far); after that only
+    new block ids and num_computed_tokens; finished and preempted ids reach the runner."""
+    scheduler, (r0, r1, r2) = three_running()
+    sched = scheduler.schedule()  # r0 takes the last free block, r1 none: r2 is preempted
+    assert sched.preempted_ids == ["r2"] and not sched.new_requests
+    cached = sched.cached_requests
+    assert cached.request_ids == ["r0", "r1"] and cached.num_computed_tokens == [4, 4]
+    r1_blocks = scheduler.kv.block_ids("r1")
+    assert cached.new_block_ids == [scheduler.kv.block_ids("r0")[1:], r1_blocks[1:]]
+    scheduler.on_launched(sched)
+    collect(scheduler, sched)
+    r0.sampling_params.max_tokens = r1.sampling_params.max_tokens = 3
+    while r2.status != RequestStatus.RUNNING:
+        sched = step(scheduler)
+    [new] = sched.new_requests
+    assert (new.request_id, new.output_token_ids, new.num_computed_tokens) == ("r2", [7], 0)
+    assert new.block_ids == scheduler.kv.block_ids("r2") and new.prompt_token_ids == r2.prompt_token_ids
+    assert sorted(sched.finished_request_ids) == ["r0", "r1"]
+    assert scheduler.schedule().finished_request_ids == []

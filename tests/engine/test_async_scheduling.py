@@ -11,12 +11,12 @@ import pytest
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import EngineConfig
+from tokenmill.engine.engine_core import InFlightStep
 from tokenmill.entrypoints.cli import build_parser
 from tokenmill.entrypoints.generate_cli import engine_kwargs
 from tokenmill.model.loader import read_hf_config
 from tokenmill.outputs import SchedulerOutput
 from tokenmill.planner import ModelArch, kv_cache_bytes_per_block
-from tokenmill.worker.model_runner import LaunchedStep
 
 
 def make_llm(model_dir, async_scheduling: bool, **kwargs) -> LLM:
@@ -166,10 +166,10 @@ def test_a_pending_token_needs_the_step_that_samples_it(tiny_models):
     llm.llm_engine.add_request("a", prompts()[0], SamplingParams(temperature=0, max_tokens=5))
     core.step()
     sched = core.scheduler.schedule()
-    assert sched.scheduled[0].request.num_pending_tokens == 1
+    assert core.scheduler.requests["a"].num_pending_tokens == 1 and sched.num_scheduled_tokens == {"a": 1}
     with pytest.raises(RuntimeError, match="pending"):
         core.runner.launch(sched, prev=None)
-    assert isinstance(core._in_flight, LaunchedStep) and core._in_flight.sched is not sched
+    assert isinstance(core._in_flight, InFlightStep) and core._in_flight.sched is not sched
     assert SchedulerOutput().is_empty
 
 

@@ -149,6 +149,20 @@ def test_max_tokens_cut_finishes_with_length(server_model_dir):
     assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 3
 
 
+def test_min_tokens_yields_to_a_complete_grammar(server_model_dir):
+    """min_tokens masks EOS, but a grammar that is complete allows nothing else: the grammar wins (as vLLM),
+    and the output stops short of min_tokens with finish_reason "stop" instead of failing the request."""
+    llm = make_llm(server_model_dir)
+    spec = StructuredOutputsParams(choice=["yes"])
+    outs = llm.generate(["x", "y"], [SamplingParams(temperature=t, seed=2, max_tokens=40, min_tokens=30,
+                                                    structured_outputs=spec) for t in (0.0, 1.0)],
+                        use_tqdm=False)
+    for out in outs:
+        completion = out.outputs[0]
+        assert completion.text == "yes" and completion.finish_reason == "stop", completion
+        assert len(completion.token_ids) < 30
+
+
 def test_bad_grammar_fails_offline_with_value_error(server_model_dir):
     llm = make_llm(server_model_dir)
     # Valid syntax for llguidance's Lark and xgrammar's EBNF alike fails to parse as neither.

@@ -7,17 +7,18 @@ from collections import Counter
 import pytest
 import torch
 
-from tokenmill.request import Request
+from tokenmill.outputs import NewRequestData
 from tokenmill.sample.sampler import Sampler
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.worker.model_runner import CachedRequestState, new_request_state
 
 
-def request(prompt: list[int] | None = None, outputs: list[int] = (), **params) -> Request:
+def request(prompt: list[int] | None = None, outputs: list[int] = (), eos: list[int] = (),
+            **params) -> CachedRequestState:
+    """A runner's row state (what the sampler reads), with `outputs` already generated."""
     params.setdefault("max_tokens", 100)
-    r = Request("r", prompt or [2], SamplingParams(**params))
-    for t in outputs:
-        r.append_output_token(t)
-    return r
+    new = NewRequestData("r", prompt or [2], list(outputs), SamplingParams(**params), list(eos), [], 0)
+    return new_request_state(new)
 
 
 def probs_logits(probs: list[float]) -> torch.Tensor:
@@ -113,10 +114,10 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
 
 def test_min_tokens_masks_eos_and_stop_tokens():
     sampler = Sampler(torch.Generator().manual_seed(0))
-    r = Request("r", [5], SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[1]), frozenset([0]))
+    r = request([5], eos=[0], temperature=0, min_tokens=2, stop_token_ids=[1])
     assert sampler.sample(torch.tensor([[3.0, 2.0, 1.0]]), [r]).token_ids.item() == 2
-    r.append_output_token(2)
-    r.append_output_token(2)
+    r.append_token(2)
+    r.append_token(2)
     assert sampler.sample(torch.tensor([[3.0, 2.0, 1.0]]), [r]).token_ids.item() == 0
 
 

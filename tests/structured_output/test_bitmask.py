@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tokenmill.sample.logits_processor import LogitsProcessor
 from tokenmill.structured_output import TokenBitmaskBuffer, allocate_token_bitmask, apply_token_bitmask_
 from tokenmill.structured_output.bitmask import (
     apply_token_bitmask_torch_,
     bitmask_words,
     unpack_token_bitmask,
 )
-from tokenmill.structured_output.processor import LogitsProcessor
 
 
 def random_bitmask(batch: int, vocab: int, seed: int) -> torch.Tensor:

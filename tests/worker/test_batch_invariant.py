@@ -97,9 +97,9 @@ def test_batch_invariant_is_a_flag_an_argument_and_an_environment_variable(monke
 
 
 def test_batch_invariant_is_refused_where_it_is_not_implemented(tiny_models, monkeypatch):
-    from tokenmill.engine.engine_core import make_attention_backend
     from tokenmill.model.loader import read_hf_config
     from tokenmill.model.registry import DecoderSpec
+    from tokenmill.worker.worker import make_attention_backend
 
     spec = DecoderSpec.from_hf_config(read_hf_config(tiny_models["qwen3"]))
     with pytest.raises(ValueError, match="CPU only"):

@@ -5,9 +5,14 @@ in arrival order; waiting requests join while budget, max_num_seqs and KV blocks
 served). When a running request needs a block and none is free, the most recently arrived running request
 is preempted: its blocks are freed and it is recomputed later (its cached prefix usually survives).
 
+What a step hands the runner is plain data (SchedulerOutput, tokenmill/outputs.py): a request's prompt,
+sampling params and block table once (NewRequestData: when first scheduled, and again when resumed after a
+preemption), then only diffs (new block ids, num_computed_tokens), plus the ids of requests finished or
+preempted since the previous step. The scheduler remembers which blocks the runner has been sent.
+
 A step's requests advance when it is launched (`on_launched`: its tokens count as computed, and a sampling
 request gets a pending token) and take their sampled tokens when it is collected (`update_from_output`:
-append, stops, finished requests). Synchronous steps collect at once; with async scheduling the next step is
+append, stops, finished requests). Launched steps are collected in launch order. Synchronous steps collect at once; with async scheduling the next step is
 scheduled first, and a pending token is that step's input, read on the device. A request certain to stop
 on length with its pending token is not scheduled again; one stopping on EOS or a stop string computes one
 more token, which is dropped.
@@ -18,10 +23,23 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from tokenmill.core.kv_cache_manager import KVCacheManager
-from tokenmill.outputs import EngineCoreOutput, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenmill.metrics.stats import SchedulerStats
+from tokenmill.outputs import EngineCoreOutput, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from tokenmill.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    """The scheduler's own record of one request in a step (never handed to the runner)."""
+
+    request: Request
+    # Tokens computed for this request in this step (a prefill chunk, or 1 for a decode).
+    num_new_tokens: int
+    # Whether this step finishes the request's known tokens, so a next token is sampled.
+    samples: bool
 
 
 class Scheduler:
@@ -41,6 +59,16 @@ class Scheduler:
         # request_id -> Request, for every unfinished request.
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # request_id -> how many of its block ids the runner holds (sent in NewRequestData or diffs); absent
+        # while the runner holds no state for it (not yet scheduled, or preempted).
+        self._num_sent_blocks: dict[str, int] = {}
+        # Requests the runner has seen (scheduled at least once): their end is reported to it.
+        self._runner_ids: set[str] = set()
+        # Requests finished since the last schedule(): the next SchedulerOutput tells the runner.
+        self._finished_ids: list[str] = []
+        # The records of the last schedule() (until on_launched), and of launched steps not yet collected.
+        self._unlaunched: tuple[SchedulerOutput, list[ScheduledRequest]] | None = None
+        self._launched: deque[list[ScheduledRequest]] = deque()
 
     # ---- queue management -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -68,6 +96,10 @@ class Scheduler:
         request.status = status
         request.metrics.finished_time = time.time()
         self.kv.free(request)
+        self._num_sent_blocks.pop(request.request_id, None)
+        if request.request_id in self._runner_ids:
+            self._runner_ids.discard(request.request_id)
+            self._finished_ids.append(request.request_id)
 
     @property
     def num_running(self) -> int:
@@ -80,12 +112,26 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def make_stats(self) -> SchedulerStats:
+        """The scheduler's part of the engine's stats (the counters are cumulative since start)."""
+        kv = self.kv
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.num_queried_tokens,
+            prefix_cache_hits=kv.num_hit_tokens,
+            num_preemptions=self.num_preemptions,
+            num_kv_blocks=kv.num_blocks,
+            block_size=kv.block_size,
+        )
+
     # ---- scheduling -------------------------------------------------------------------------------------
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
-        if request.structured_output is not None:
-            # Recompute restarts the sequence: its matcher restarts too and replays the output so far.
-            request.structured_output.replay(request.output_token_ids)
+        # The runner drops its state; the request comes back as NewRequestData (its logits processors, a
+        # grammar matcher among them, replay the output so far).
+        self._num_sent_blocks.pop(request.request_id, None)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -93,7 +139,9 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self._finished_ids = []
+        scheduled: list[ScheduledRequest] = []
         budget = self.max_num_batched_tokens
         now = time.time()
 
@@ -114,7 +162,7 @@ class Scheduler:
                     break
             else:
                 kept.append(request)
-                self._add_scheduled(out, request, num_new)
+                self._add_scheduled(out, scheduled, request, num_new)
                 budget -= num_new
         # Requests left unscheduled for lack of budget stay running.
         self.running = kept + list(queue)
@@ -139,14 +187,35 @@ class Scheduler:
                 request.metrics.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            self._add_scheduled(out, request, num_new)
+            self._add_scheduled(out, scheduled, request, num_new)
             budget -= num_new
+        self._unlaunched = (out, scheduled)
         return out
 
-    def _add_scheduled(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
+    def _add_scheduled(self, out: SchedulerOutput, scheduled: list[ScheduledRequest], request: Request,
+                       num_new: int) -> None:
         samples = request.num_computed_tokens + num_new == request.num_tokens + request.num_pending_tokens
-        out.scheduled.append(ScheduledRequest(request, num_new, samples))
-        out.num_scheduled_tokens += num_new
+        scheduled.append(ScheduledRequest(request, num_new, samples))
+        request_id = request.request_id
+        block_ids = self.kv.req_to_blocks[request_id]
+        num_sent = self._num_sent_blocks.get(request_id)
+        if num_sent is None:
+            self._runner_ids.add(request_id)
+            pooler = request.pooler
+            out.new_requests.append(NewRequestData(
+                request_id, request.prompt_token_ids, list(request.output_token_ids), request.sampling_params,
+                sorted(request.eos_token_ids), list(block_ids), request.num_computed_tokens,
+                request.num_preemptions, pooler.pooling_type if pooler is not None else None,
+                len(request.prompt_logprobs) - 1 if request.prompt_logprobs is not None else 0,
+            ))
+        else:
+            cached = out.cached_requests
+            cached.request_ids.append(request_id)
+            cached.new_block_ids.append(block_ids[num_sent:])
+            cached.num_computed_tokens.append(request.num_computed_tokens)
+        self._num_sent_blocks[request_id] = len(block_ids)
+        out.num_scheduled_tokens[request_id] = num_new
+        out.total_num_scheduled_tokens += num_new
 
     def _stops_on_length(self, request: Request) -> bool:
         """Whether the request ends on max_tokens or max_model_len once its pending tokens are appended."""
@@ -157,22 +226,40 @@ class Scheduler:
         )
 
     # ---- after the model ran ----------------------------------------------------------------------------
-    def on_launched(self, sched: SchedulerOutput) -> None:
-        """The step runs: count its tokens as computed and its samples as pending."""
-        for item in sched.scheduled:
+    def on_launched(self, sched: SchedulerOutput) -> bool:
+        """The step (the last one schedule() returned) runs: count its tokens as computed and its samples as
+        pending. Returns whether a request it samples needs that token on the host before its next step
+        (its logits processors read output tokens: the engine collects before scheduling again)."""
+        if self._unlaunched is None or self._unlaunched[0] is not sched:
+            raise RuntimeError("on_launched() takes the SchedulerOutput of the last schedule()")
+        scheduled = self._unlaunched[1]
+        self._unlaunched = None
+        self._launched.append(scheduled)
+        needs_sync = False
+        for item in scheduled:
             request = item.request
             request.num_computed_tokens += item.num_new_tokens
             if item.samples:
                 request.num_pending_tokens += 1
+                needs_sync = needs_sync or request.needs_output_tokens
+        return needs_sync
+
+    def sampling_request_ids(self) -> list[str]:
+        """The requests that the oldest launched, uncollected step samples (whose tokens its runner output
+        carries): a check for runners, and how tests build runner outputs by hand."""
+        if not self._launched:
+            raise RuntimeError("no launched step is waiting to be collected")
+        return [item.request.request_id for item in self._launched[0] if item.samples]
 
     def update_from_output(
         self, sched: SchedulerOutput, runner_out: ModelRunnerOutput, step_seconds: float
     ) -> list[EngineCoreOutput]:
-        """Apply the sampled tokens of a step passed to on_launched: stops, finished requests, outputs."""
+        """Apply the sampled tokens of a step passed to on_launched (the oldest not yet collected): stops,
+        finished requests, outputs."""
         outputs = []
         now = time.time()
-        total_tokens = max(sched.num_scheduled_tokens, 1)
-        for item in sched.scheduled:
+        total_tokens = max(sched.total_num_scheduled_tokens, 1)
+        for item in self._launched.popleft():
             request = item.request
             if item.samples:
                 request.num_pending_tokens -= 1
@@ -198,7 +285,7 @@ class Scheduler:
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             request.metrics.last_token_time = now
-            status = self._advance_grammar(request, sampled.token_id) or self._check_stop(request)
+            status = self._processor_status(request, runner_out) or self._check_stop(request)
             if status is not None:
                 self.requests.pop(request.request_id, None)
                 if request.status == RequestStatus.RUNNING:
@@ -240,20 +327,17 @@ class Scheduler:
                                 None, pooled=pooler.result())
 
     @staticmethod
-    def _advance_grammar(request: Request, token_id: int) -> RequestStatus | None:
-        """The grammar matcher accepts the sampled token: "stop" once the grammar is complete and has accepted
-        its end; an abort with an error if the token is refused (the mask makes that a bug, not user input)."""
-        state = request.structured_output
-        if state is None or state.matcher is None:
+    def _processor_status(request: Request, runner_out: ModelRunnerOutput) -> RequestStatus | None:
+        """A logits processor ended the sequence with its token: "stop" when it terminated (a grammar complete
+        and its end accepted); an abort with an error when it refused the token (the mask makes that a bug,
+        not user input)."""
+        if request.request_id not in runner_out.processor_finished:
             return None
-        if not state.matcher.accept_token(token_id):
-            request.error = RuntimeError(
-                f"the grammar matcher refused sampled token {token_id} of request {request.request_id!r}"
-            )
+        error = runner_out.processor_finished[request.request_id]
+        if error is not None:
+            request.error = RuntimeError(error)
             return RequestStatus.FINISHED_ABORTED
-        if state.matcher.is_terminated():
-            return RequestStatus.FINISHED_STOPPED
-        return None
+        return RequestStatus.FINISHED_STOPPED
 
     def _check_stop(self, request: Request) -> RequestStatus | None:
         params = request.sampling_params

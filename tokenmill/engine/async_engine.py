@@ -398,20 +398,7 @@ class AsyncLLMEngine:
         )
 
     def _snapshot(self) -> SchedulerStats:
-        core = self.engine.core
-        kv = core.kv_cache_manager
-        return SchedulerStats(
-            num_running=core.scheduler.num_running,
-            num_waiting=core.scheduler.num_waiting,
-            kv_cache_usage=kv.usage,
-            prefix_cache_queries=kv.num_queried_tokens,
-            prefix_cache_hits=kv.num_hit_tokens,
-            num_preemptions=core.scheduler.num_preemptions,
-            busy_seconds=core.busy_seconds,
-            num_steps=core.num_steps,
-            num_kv_blocks=core.kv_sizing.num_blocks,
-            block_size=core.kv_sizing.block_size,
-        )
+        return self.engine.core.scheduler_stats()
 
     def _log_stats(self, stats: IterationStats) -> None:
         iteration = None if stats.is_empty else stats

@@ -1,24 +1,35 @@
 """Turns the logits of a mixed batch into one token per request, each with its own sampling settings.
 
-Order per row (as vLLM): raw logprobs for reporting -> penalties -> min_tokens mask -> greedy argmax, or
-temperature -> top-k -> top-p -> min-p -> a draw. A draw is argmax(probs / q) with q ~ Exp(1) (equivalent to
+Order per row (as vLLM): raw logprobs for reporting -> logits processors (penalties, min_tokens, then the
+grammar's bitmask; logits_processor.py) -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> a draw. A draw is argmax(probs / q) with q ~ Exp(1) (equivalent to
 sampling from probs); a seeded request draws q from its own generator so its text does not depend on the
 rest of the batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from tokenmill.attention import cpu_kernels
 from tokenmill.outputs import Logprob, PositionLogprobs, SampledToken
-from tokenmill.request import Request
+from tokenmill.sample.logits_processor import BatchMasks, LogitsProcessor
 
 if TYPE_CHECKING:
+    from tokenmill.sampling_params import SamplingParams
     from tokenmill.structured_output.bitmask import TokenBitmaskBuffer
+
+
+class SamplingState(Protocol):
+    """What the sampler reads of one row's sequence (the model runner's per-request state)."""
+
+    sampling_params: SamplingParams
+    # A seeded request's own generator; None draws from the sampler's.
+    generator: torch.Generator | None
+    logits_processors: list[LogitsProcessor]
 
 
 def top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[PositionLogprobs]:
@@ -88,21 +99,20 @@ class Sampler:
         # Token bitmasks of the constrained rows (structured outputs), allocated on first use.
         self.bitmask: TokenBitmaskBuffer | None = None
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, requests: Sequence[SamplingState]) -> SamplerOutput:
         """logits: [num_requests, vocab] at the position that predicts each request's next token, in the model's
-        dtype. A batch of greedy rows is argmax'ed as it is (a bfloat16 -> float32 conversion is exact and keeps
-        the order); anything else computes in float32. Nothing waits for the device here."""
+        dtype. A batch of greedy rows without processors is argmax'ed as it is (a bfloat16 -> float32
+        conversion is exact and keeps the order); anything else computes in float32. Nothing waits for the
+        device here."""
         device = logits.device
         params = [r.sampling_params for r in requests]
         max_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        if max_logprobs is not None or any(p.needs_penalties or not p.greedy for p in params):
+        has_processors = any(r.logits_processors for r in requests)
+        if max_logprobs is not None or has_processors or any(not p.greedy for p in params):
             logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if max_logprobs is not None else None
-
-        if any(p.needs_penalties for p in params):
-            logits = self._apply_penalties(logits.clone(), requests)
-        logits = self._mask_min_tokens(logits, requests)
-        logits = self._apply_grammars(logits, requests)
+        if has_processors:
+            logits = self._apply_processors(logits, requests)
 
         greedy = [i for i, p in enumerate(params) if p.greedy]
         random = [i for i, p in enumerate(params) if not p.greedy]
@@ -127,61 +137,37 @@ class Sampler:
             out.k_per_row = list(k_of_row.values())
         return out
 
-    def _apply_grammars(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Forbid the tokens each constrained row's grammar does not allow next (one bitmask, one kernel for all
-        such rows); rows without a grammar are untouched."""
-        matchers = [r.structured_output.matcher if r.structured_output is not None else None for r in requests]
-        if not any(m is not None for m in matchers):
-            return logits
-        if self.bitmask is None or self.bitmask.vocab_size != logits.shape[1]:
-            from tokenmill.structured_output.bitmask import TokenBitmaskBuffer
-
-            self.bitmask = TokenBitmaskBuffer(len(requests), logits.shape[1], logits_dtype=logits.dtype)
-        rows = self.bitmask.fill(matchers)  # grows with the batch
-        # In place: these logits are this step's own (the model's fresh output, or a converted copy).
-        self.bitmask.apply(logits, rows)
-        return logits
-
-    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        num_rows, vocab = logits.shape
-        device = logits.device
-        counts = torch.zeros(num_rows, vocab, device=device)
-        prompt_mask = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
+    def _apply_processors(self, logits: torch.Tensor, requests: Sequence[SamplingState]) -> torch.Tensor:
+        """Every row's logits processors, one call per processor kind for all its rows (logits_processor.py):
+        bitmask rows filled first, then the other kinds, then one bitmask kernel for all bitmask rows."""
+        # In place: these logits are this step's own (the model's fresh output, or a converted copy; raw
+        # logprobs, when asked for, were computed into a tensor of their own).
+        bitmask_procs: list[LogitsProcessor | None] = [None] * len(requests)
+        by_kind: dict[type[LogitsProcessor], tuple[list[int], list[LogitsProcessor]]] = {}
         for row, r in enumerate(requests):
-            if not r.sampling_params.needs_penalties:
-                continue
-            if r.output_token_ids:
-                out_ids = torch.tensor(r.output_token_ids, device=device)
-                counts[row].index_add_(0, out_ids, torch.ones(len(r.output_token_ids), device=device))
-            if r.sampling_params.repetition_penalty != 1.0:
-                prompt_mask[row, torch.tensor(r.prompt_token_ids, device=device)] = True
-        rep = torch.tensor([r.sampling_params.repetition_penalty for r in requests], device=device)[:, None]
-        freq = torch.tensor([r.sampling_params.frequency_penalty for r in requests], device=device)[:, None]
-        pres = torch.tensor([r.sampling_params.presence_penalty for r in requests], device=device)[:, None]
-        seen = prompt_mask | (counts > 0)
-        # Repetition penalty (CTRL paper): shrink the logits of every token already seen, whatever its sign.
-        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-        logits = logits - freq * counts - pres * (counts > 0).float()
+            for processor in r.logits_processors:
+                if processor.uses_bitmask:
+                    bitmask_procs[row] = processor
+                else:
+                    rows, procs = by_kind.setdefault(type(processor), ([], []))
+                    rows.append(row)
+                    procs.append(processor)
+        masks = BatchMasks()
+        if any(p is not None for p in bitmask_procs):
+            if self.bitmask is None or self.bitmask.vocab_size != logits.shape[1]:
+                from tokenmill.structured_output.bitmask import TokenBitmaskBuffer
+
+                self.bitmask = TokenBitmaskBuffer(len(requests), logits.shape[1], logits_dtype=logits.dtype)
+            rows_filled = self.bitmask.fill(bitmask_procs)  # grows with the batch
+            masks = BatchMasks(self.bitmask.bitmask, rows_filled)
+        for kind, (rows, procs) in by_kind.items():
+            logits = kind.apply_batch(logits, rows, procs, masks)
+        if masks.rows:
+            assert self.bitmask is not None
+            self.bitmask.apply(logits, sorted(masks.rows))
         return logits
 
-    def _mask_min_tokens(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        rows, cols = [], []
-        for row, r in enumerate(requests):
-            p = r.sampling_params
-            if r.num_output_tokens < p.min_tokens:
-                banned = set(p.stop_token_ids or [])
-                if not p.ignore_eos:
-                    banned |= r.eos_token_ids
-                for tok in banned:
-                    if tok < logits.shape[1]:
-                        rows.append(row)
-                        cols.append(tok)
-        if rows:
-            logits = logits.clone()
-            logits[rows, cols] = float("-inf")
-        return logits
-
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, requests: Sequence[SamplingState]) -> torch.Tensor:
         device = logits.device
         params = [r.sampling_params for r in requests]
         temps = torch.tensor([p.temperature for p in params], device=device)[:, None]

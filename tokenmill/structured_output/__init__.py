@@ -3,10 +3,11 @@
 params.py     StructuredOutputsParams (what the user asks for), validated
 manager.py    StructuredOutputManager: compile off the engine's step, cache by specification, timeouts
 backend.py    the backend interface, CompiledGrammar, GrammarMatcher (one sequence's matcher)
-processor.py  LogitsProcessor: the per-sequence contract the sampler drives (grammar matchers are one kind)
+(the LogitsProcessor contract that matchers implement is tokenmill/sample/logits_processor.py)
 bitmask.py    token bitmasks for a batch: allocate, fill, apply to the logits
 """
 
+from tokenmill.sample.logits_processor import LogitsProcessor
 from tokenmill.structured_output.backend import CompiledGrammar, GrammarMatcher, GrammarMatcherError
 from tokenmill.structured_output.bitmask import (
     TokenBitmaskBuffer,
@@ -21,7 +22,6 @@ from tokenmill.structured_output.params import (
     StructuredOutputError,
     StructuredOutputsParams,
 )
-from tokenmill.structured_output.processor import LogitsProcessor
 
 __all__ = [
     "BACKENDS",

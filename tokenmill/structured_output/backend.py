@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from tokenmill.sample.logits_processor import LogitsProcessor
 from tokenmill.structured_output.params import StructuredOutputsParams
-from tokenmill.structured_output.processor import LogitsProcessor
 
 if TYPE_CHECKING:
     from tokenmill.model.tokenizer import Tokenizer

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from tokenmill.structured_output.processor import LogitsProcessor
+    from tokenmill.sample.logits_processor import LogitsProcessor
 
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 

@@ -1,41 +1,28 @@
-"""One engine request's structured-output state: its grammar while it compiles, then its matcher."""
+"""One engine request's structured-output state on the scheduler side: its grammar while it compiles."""
 
 from __future__ import annotations
 
-from tokenmill.structured_output.backend import GrammarMatcher
 from tokenmill.structured_output.manager import PendingGrammar
 
 
 class StructuredOutputRequest:
-    """Held by a Request under structured outputs (one per sequence: n > 1 gives each sample its own).
+    """Held by a Request under structured outputs (n > 1: each sample has its own).
 
-    The scheduler admits the request only once `matcher` is set; the engine polls the compile each step
-    (`poll`). After each sampled token the matcher accepts it; recompute after preemption replays the output.
+    The scheduler admits the request only once the grammar is compiled (`is_ready`); the engine polls the
+    compile each step (`poll`). The matcher itself lives with the model runner (a logits processor), built
+    from the same compiled grammar (the compile cache's), and rebuilt by replay after a preemption.
     """
 
     def __init__(self, pending: PendingGrammar) -> None:
         self.pending = pending
-        # None until the grammar is compiled.
-        self.matcher: GrammarMatcher | None = None
+        self._ready = False
 
     @property
     def is_ready(self) -> bool:
-        return self.matcher is not None
+        return self._ready
 
     def poll(self) -> bool:
-        """Whether the matcher is ready; raises StructuredOutputError when the compile failed or timed out."""
-        if self.matcher is None:
-            compiled = self.pending.poll()
-            if compiled is None:
-                return False
-            self.matcher = compiled.matcher()
-        return True
-
-    def replay(self, output_token_ids: list[int]) -> None:
-        """Rebuild the matcher's state from scratch: reset, then accept the output so far (recompute)."""
-        if self.matcher is None:
-            return
-        self.matcher.reset()
-        for token_id in output_token_ids:
-            if not self.matcher.accept_token(token_id):
-                raise RuntimeError(f"the grammar matcher refused output token {token_id} while replaying")
+        """Whether the grammar is compiled; raises StructuredOutputError when the compile failed or timed out."""
+        if not self._ready:
+            self._ready = self.pending.poll() is not None
+        return self._ready

@@ -1,46 +1,115 @@
 """Builds the flat batch of one engine step, runs the model once over it, and samples.
 
-A step is launched (batch built, forward and sampling queued on the device, the samples' copy to the host
-started) and then collected (wait for the step, read the samples). A synchronous engine collects each step
-at once; async scheduling launches step N+1 before it collects step N.
+The runner keeps its own state of every request it runs (CachedRequestState: token ids, block table,
+sampling state with the seeded generator and the logits processors), created from a SchedulerOutput's
+NewRequestData and updated from its diffs (CachedRequestData, finished and preempted ids). It never sees
+a Request or the KV cache manager: everything it needs arrives as plain data, so the scheduler and the
+runner can live in different processes.
+
+A step is launched (state updated, batch built, forward and sampling queued on the device, the samples' copy
+to the host started) and then collected (wait for the step, read the samples, append them to the requests'
+token ids and let the logits processors accept them). A synchronous engine collects each step at once; async
+scheduling launches step N+1 before it collects step N, and N+1 reads N's sampled tokens on the device.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.pooler import pool_chunk
-from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
-from tokenmill.request import Request
+from tokenmill.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from tokenmill.sample.logits_processor import LogitsProcessor, build_logits_processors
 from tokenmill.sample.sampler import Sampler, SamplerOutput, top_logprobs
+from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.structured_output.backend import GrammarMatcher
+    from tokenmill.structured_output.params import StructuredOutputsParams
+
+# A structured-outputs spec -> a fresh matcher for one sequence (compiles, or takes the compile cache's).
+GrammarFactory = Callable[["StructuredOutputsParams"], "GrammarMatcher"]
+
+
+@dataclass
+class CachedRequestState:
+    """The runner's copy of one request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    # Prompt and sampled tokens known on the host (a token sampled by the step in flight is not here yet).
+    token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    # Prompt + every token sampled by a launched step, collected or not: a step samples when its scheduled
+    # tokens reach this count.
+    num_tokens: int
+    generator: torch.Generator | None = None
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    num_preemptions: int = 0
+    pooling_type: str | None = None
+    num_prompt_logprobs_done: int = 0
+
+    def __post_init__(self) -> None:
+        self.wants_prompt_logprobs = self.sampling_params.prompt_logprobs is not None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def append_token(self, token_id: int) -> tuple[bool, str | None]:
+        """Append a sampled token and let every logits processor accept it. Returns (whether a processor ended
+        the sequence, why one refused the token or None)."""
+        self.token_ids.append(token_id)
+        ended = False
+        for processor in self.logits_processors:
+            if not processor.accept_token(token_id):
+                return True, (f"a {type(processor).__name__} refused sampled token {token_id} of request "
+                              f"{self.request_id!r}")
+            ended = ended or processor.is_terminated()
+        return ended, None
 
 
 @dataclass
 class LaunchedStep:
     """A step queued on the device whose samples the host has not read yet."""
 
-    sched: SchedulerOutput
     output: ModelRunnerOutput  # prompt logprobs already in; sampled filled by ModelRunner.collect
-    sample_requests: list[Request] = field(default_factory=list)
+    sample_ids: list[str] = field(default_factory=list)  # the sampling requests, in row order
     sampled: SamplerOutput | None = None  # on the device: the next step may read its token ids
     host_sampled: SamplerOutput | None = None  # the same, on its way to the host
     done: torch.cuda.Event | None = None  # CUDA: recorded after the step's last work (the samples' copy)
     start: float = 0.0  # perf_counter() when the launch began
 
-    @property
-    def needs_sync(self) -> bool:
-        """Whether the next step must wait for this one's tokens on the host: penalties and min_tokens read a
-        request's output tokens as the sampler runs, and a grammar matcher must accept a token before it can
-        mask the next."""
-        return any(r.sampling_params.needs_penalties or r.sampling_params.min_tokens > 0
-                   or r.structured_output is not None for r in self.sample_requests)
+
+def new_request_state(new: NewRequestData, grammar: GrammarMatcher | None = None,
+                      generator: torch.Generator | None = None) -> CachedRequestState:
+    """The runner's state of a request from its NewRequestData: tokens, block table, a seeded request's
+    generator (`generator`: the one it had before a preemption, else a new one from the seed) and fresh logits
+    processors (grammar: the sequence's matcher under structured outputs), which replay the output so far."""
+    params = new.sampling_params
+    tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
+    if generator is None and params.seed is not None:
+        generator = torch.Generator().manual_seed(params.seed)
+    processors = (build_logits_processors(params, new.prompt_token_ids, new.eos_token_ids, grammar)
+                  if new.pooling_type is None else [])
+    for token_id in new.output_token_ids:
+        for processor in processors:
+            if not processor.accept_token(token_id):
+                raise RuntimeError(f"a logits processor of request {new.request_id!r} refused output token "
+                                   f"{token_id} while replaying")
+    return CachedRequestState(
+        new.request_id, list(new.prompt_token_ids), tokens, params, list(new.block_ids), new.num_computed_tokens,
+        len(tokens), generator, processors, new.num_preemptions, new.pooling_type, new.num_prompt_logprobs_done,
+    )
 
 
 class ModelRunner:
@@ -48,21 +117,56 @@ class ModelRunner:
         self,
         model: LlamaForCausalLM,
         kv_caches: list[torch.Tensor],
-        kv_cache_manager: KVCacheManager,
+        block_size: int,
         sampler: Sampler,
         device: torch.device,
         graph_runner=None,
+        grammar_factory: GrammarFactory | None = None,
     ) -> None:
         self.model = model
         # A CUDAGraphRunner replays captured decode steps and falls back to the model for the rest.
         self.forward = graph_runner if graph_runner is not None else model
         # One tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim].
         self.kv_caches = kv_caches
-        self.kv = kv_cache_manager
-        self.block_size = kv_cache_manager.block_size
+        self.block_size = block_size
         self.sampler = sampler
         self.device = device
+        self.grammar_factory = grammar_factory
+        # request_id -> the runner's state of every request it runs.
+        self.requests: dict[str, CachedRequestState] = {}
+        # request_id -> the generator of a seeded request while it is preempted: its draws continue where they
+        # stopped, so that a recomputed request samples what it would have without the preemption.
+        self._preempted_generators: dict[str, torch.Generator] = {}
 
+    # ---- state ----------------------------------------------------------------------------------------------
+    def update_states(self, sched: SchedulerOutput) -> None:
+        """Apply a SchedulerOutput's finished / preempted ids, new requests and diffs to the runner's state."""
+        for request_id in sched.finished_request_ids:
+            self.requests.pop(request_id, None)
+            self._preempted_generators.pop(request_id, None)
+        for request_id in sched.preempted_ids:
+            state = self.requests.pop(request_id, None)
+            if state is not None and state.generator is not None:
+                self._preempted_generators[request_id] = state.generator
+        for new in sched.new_requests:
+            self.requests[new.request_id] = self._new_state(new)
+        cached = sched.cached_requests
+        for request_id, new_block_ids, num_computed in zip(cached.request_ids, cached.new_block_ids,
+                                                           cached.num_computed_tokens, strict=True):
+            state = self.requests[request_id]
+            state.block_ids.extend(new_block_ids)
+            state.num_computed_tokens = num_computed
+
+    def _new_state(self, new: NewRequestData) -> CachedRequestState:
+        params = new.sampling_params
+        grammar = None
+        if params.structured_outputs is not None and new.pooling_type is None:
+            if self.grammar_factory is None:
+                raise RuntimeError("a request with structured_outputs reached a runner without a grammar compiler")
+            grammar = self.grammar_factory(params.structured_outputs)
+        return new_request_state(new, grammar, self._preempted_generators.pop(new.request_id, None))
+
+    # ---- the step -------------------------------------------------------------------------------------------
     def to_device(self, values: list[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         """A host list or array on the model's device. On CUDA the copy goes through pinned memory without
         waiting for the device, so a step can be built while the previous one still runs."""
@@ -71,39 +175,38 @@ class ModelRunner:
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
 
-    def _build_batch(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
-                                                           list[tuple[int, Request]]]:
+    def _build_batch(self, states: list[CachedRequestState], num_new: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[tuple[int, str]]]:
         """Flat token ids, positions and metadata of the step, with one host-to-device copy per tensor, and the
-        (row, request) of every input token still on the device (sampled by the step in flight).
+        (row, request id) of every input token still on the device (sampled by the step in flight).
 
         A decode (one new token) is a few list appends; only a prefill chunk goes through numpy. Every
         list is converted once at the end.
         """
         bs = self.block_size
-        block_ids_of = self.kv.block_ids
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
         tables: list[list[int]] = []
-        pending: list[tuple[int, Request]] = []
+        pending: list[tuple[int, str]] = []
         num_tokens = 0
-        for item in sched.scheduled:
-            request, n = item.request, item.num_new_tokens
-            start = request.num_computed_tokens
-            block_ids = block_ids_of(request.request_id)
+        for state, n in zip(states, num_new, strict=True):
+            start = state.num_computed_tokens
+            block_ids = state.block_ids
+            token_ids = state.token_ids
             if n == 1:
-                if start < len(request.all_token_ids):
-                    ids.append(request.all_token_ids[start])
+                if start < len(token_ids):
+                    ids.append(token_ids[start])
                 else:
-                    pending.append((num_tokens, request))
+                    pending.append((num_tokens, state.request_id))
                     ids.append(0)
                 positions.append(start)
                 slots.append(block_ids[start // bs] * bs + start % bs)
             else:
                 pos = np.arange(start, start + n)
-                ids.extend(request.all_token_ids[start : start + n])
+                ids.extend(token_ids[start : start + n])
                 positions.extend(range(start, start + n))
                 slots.extend((np.asarray(block_ids, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
             num_tokens += n
@@ -120,70 +223,95 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
-        """Queue one step's forward and sampling on the device, and the copy of its samples to the host; on
-        CUDA nothing here waits for the device (except prompt logprobs, which are rare). Input tokens sampled
-        by `prev`, the step in flight, are read from its device tensor."""
+        """Apply the step's state updates, then queue its forward and sampling on the device, and the copy of its
+        samples to the host; on CUDA nothing here waits for the device (except prompt logprobs, which are
+        rare). Input tokens sampled by `prev`, the step in flight, are read from its device tensor."""
         start = time.perf_counter()
-        input_ids, positions, meta, pending = self._build_batch(sched)
+        self.update_states(sched)
+        requests = self.requests
+        states = [requests[request_id] for request_id in sched.num_scheduled_tokens]
+        num_new = list(sched.num_scheduled_tokens.values())
+        input_ids, positions, meta, pending = self._build_batch(states, num_new)
         if pending:
             if prev is None or prev.sampled is None:
                 raise RuntimeError("a scheduled token is still pending but no step is in flight")
-            index = {r.request_id: i for i, r in enumerate(prev.sample_requests)}
+            index = {request_id: i for i, request_id in enumerate(prev.sample_ids)}
             rows = self.to_device([row for row, _ in pending], torch.long)
-            src = self.to_device([index[r.request_id] for _, r in pending], torch.long)
+            src = self.to_device([index[request_id] for _, request_id in pending], torch.long)
             input_ids.index_copy_(0, rows, prev.sampled.token_ids.index_select(0, src))
         hidden = self.forward(input_ids, positions, self.kv_caches, meta)
 
-        sample_rows, sample_requests = [], []
+        sample_rows: list[int] = []
+        sample_states: list[CachedRequestState] = []
         out = ModelRunnerOutput(sampled={})
-        for i, item in enumerate(sched.scheduled):
-            request = item.request
-            if request.pooler is not None:  # prefill only: pooled, never sampled
-                first = meta.query_start_loc_list[i]
-                out.pooled[request.request_id] = pool_chunk(
-                    hidden[first : first + item.num_new_tokens], request.pooler.pooling_type,
-                    request.num_preemptions, request.num_computed_tokens, request.num_prompt_tokens,
+        query_start_loc = meta.query_start_loc_list
+        for i, (state, n) in enumerate(zip(states, num_new, strict=True)):
+            computed = state.num_computed_tokens
+            if state.pooling_type is not None:  # prefill only: pooled, never sampled
+                first = query_start_loc[i]
+                out.pooled[state.request_id] = pool_chunk(
+                    hidden[first : first + n], state.pooling_type, state.num_preemptions, computed,
+                    state.num_prompt_tokens,
                 )
-                continue
-            if item.samples:
-                sample_rows.append(meta.query_start_loc_list[i + 1] - 1)
-                sample_requests.append(request)
-            if request.prompt_logprobs is not None:
-                self._prompt_logprobs(hidden, meta.query_start_loc_list[i], item.num_new_tokens, request, out)
-        step = LaunchedStep(sched, out, sample_requests, start=start)
+            else:
+                if computed + n == state.num_tokens:
+                    sample_rows.append(query_start_loc[i + 1] - 1)
+                    sample_states.append(state)
+                if state.wants_prompt_logprobs:
+                    self._prompt_logprobs(hidden, query_start_loc[i], n, state, out)
+            state.num_computed_tokens = computed + n
+        step = LaunchedStep(out, [s.request_id for s in sample_states], start=start)
         if sample_rows:
             if len(sample_rows) < hidden.shape[0]:
                 hidden = hidden.index_select(0, self.to_device(sample_rows, torch.long))
             # else every row samples: the rows are 0..n-1 in order.
-            step.sampled = self.sampler.sample(self.model.compute_logits(hidden), sample_requests)
+            step.sampled = self.sampler.sample(self.model.compute_logits(hidden), sample_states)
             step.host_sampled = step.sampled
             if self.device.type == "cuda":
                 step.host_sampled = step.sampled.map_tensors(lambda t: t.to("cpu", non_blocking=True))
+            for state in sample_states:
+                state.num_tokens += 1
         if self.device.type == "cuda":
             step.done = torch.cuda.Event()
             step.done.record()
         return step
 
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
-        """Wait for a launched step (its forward and its samples' copy) and return the runner's output."""
+        """Wait for a launched step (its forward and its samples' copy), append the sampled tokens to the
+        requests' state, let their logits processors accept them, and return the runner's output."""
         if step.done is not None:
             step.done.synchronize()
-        if step.host_sampled is not None:
-            sampled = step.host_sampled.to_host()
-            step.output.sampled = {r.request_id: s for r, s in zip(step.sample_requests, sampled, strict=True)}
-        return step.output
+        if step.host_sampled is None:
+            return step.output
+        sampled = step.host_sampled.to_host()
+        out = step.output
+        out.sampled = dict(zip(step.sample_ids, sampled, strict=True))
+        requests = self.requests
+        for request_id, token in out.sampled.items():
+            state = requests.get(request_id)
+            if state is None:  # preempted or finished while the step ran: nothing left to advance
+                continue
+            if not state.logits_processors:
+                state.token_ids.append(token.token_id)
+                continue
+            ended, error = state.append_token(token.token_id)
+            if ended:
+                out.processor_finished[request_id] = error
+        return out
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, row: int, num_new: int, request, out: ModelRunnerOutput) -> None:
+    def _prompt_logprobs(self, hidden: torch.Tensor, row: int, num_new: int, state: CachedRequestState,
+                         out: ModelRunnerOutput) -> None:
         """Logprobs of prompt tokens 1.. given their prefixes, for the prompt positions computed this step."""
-        start = request.num_computed_tokens
+        start = state.num_computed_tokens
         # A recomputed (preempted) request already reported its earlier positions.
-        first = max(start, len(request.prompt_logprobs) - 1)
-        end = min(start + num_new, request.num_prompt_tokens - 1)
+        first = max(start, state.num_prompt_logprobs_done)
+        end = min(start + num_new, state.num_prompt_tokens - 1)
         if end <= first:
             return
         logits = self.model.compute_logits(hidden[row + first - start : row + end - start])
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        targets = torch.tensor(request.prompt_token_ids[first + 1 : end + 1], device=logits.device)
-        out.prompt_logprobs[request.request_id] = top_logprobs(
-            logprobs, targets, request.sampling_params.prompt_logprobs
+        targets = torch.tensor(state.prompt_token_ids[first + 1 : end + 1], device=logits.device)
+        out.prompt_logprobs[state.request_id] = top_logprobs(
+            logprobs, targets, state.sampling_params.prompt_logprobs
         )
+        state.num_prompt_logprobs_done = end

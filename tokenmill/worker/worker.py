@@ -1,0 +1,282 @@
+"""The Worker: everything that touches the device. It resolves device and dtype, picks the attention backend,
+loads the model, measures what memory the KV cache may take (profiling on a GPU), allocates the KV cache
+tensors, captures CUDA graphs and owns the ModelRunner.
+
+Start-up flows one way: config -> Worker(...) (device, model) -> determine_kv_cache_sizing() (blocks that
+fit) -> the engine settles max_model_len -> initialize_cache(num_blocks, max_model_len) (tensors, graphs,
+runner) -> the engine builds its KV cache manager and scheduler. After that the worker runs steps:
+launch(SchedulerOutput) and collect() -> ModelRunnerOutput, both plain data (tokenmill/outputs.py), so the
+worker can live in another process (executor.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import logging
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from tokenmill.attention.backend import AttentionBackend
+from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.config import DTYPE_ALIASES, EngineConfig, cpu_supports_bf16, default_cpu_kv_cache_bytes
+from tokenmill.model.loader import load_model, read_hf_config
+from tokenmill.model.registry import DecoderSpec
+from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
+from tokenmill.sample.sampler import Sampler
+from tokenmill.worker.cpu_threads import check_cpu_threads
+from tokenmill.worker.model_runner import GrammarFactory, LaunchedStep, ModelRunner
+
+if TYPE_CHECKING:
+    from tokenmill.worker.cuda_graphs import CUDAGraphRunner
+    from tokenmill.worker.gpu_memory import MemoryProfile
+
+logger = logging.getLogger("tokenmill")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA GPU is available: use device='cpu'")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    name = DTYPE_ALIASES[str(name).lower()]
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def make_attention_backend(spec: DecoderSpec, device: torch.device, dtype: torch.dtype,
+                           batch_invariant: bool = False) -> AttentionBackend:
+    args = (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim**-0.5, spec.sliding_window)
+    if batch_invariant:
+        from tokenmill.attention import cpu_kernels
+
+        if device.type != "cpu":
+            raise ValueError("batch_invariant=True is implemented for the CPU only: use device='cpu' or drop "
+                             "batch_invariant (--batch-invariant)")
+        if not cpu_kernels.supports(dtype):
+            raise ValueError(f"batch_invariant=True needs the native CPU kernels for {dtype}, which are not "
+                             "available here (see the log for why): drop batch_invariant")
+        from tokenmill.attention.cpu_backend import CPUAttentionBackend
+
+        return CPUAttentionBackend(*args, batch_invariant=True)
+    if device.type == "cuda":
+        try:
+            from tokenmill.attention.triton_backend import TritonAttentionBackend
+        except ImportError as e:  # Triton missing: the reference backend still runs on CUDA
+            logger.warning("Triton attention unavailable (%s); using the PyTorch backend", e)
+        else:
+            return TritonAttentionBackend(*args)
+        return TorchAttentionBackend(*args)
+    from tokenmill.attention import cpu_kernels
+
+    if cpu_kernels.supports(dtype):
+        from tokenmill.attention.cpu_backend import CPUAttentionBackend
+
+        return CPUAttentionBackend(*args)
+    return TorchAttentionBackend(*args)
+
+
+def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeroed, not empty: padded decode attention reads unused slots (masked, but NaN * 0 would still leak).
+
+    On CPU the memory comes from calloc through numpy, so untouched pages cost neither time nor RSS: a
+    4 GiB cache starts at once and grows into memory as blocks are used.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(shape[:-1] + (shape[-1] * itemsize,), dtype=np.uint8)
+    _advise_huge_pages(raw)
+    return torch.from_numpy(raw).view(dtype)
+
+
+def _advise_huge_pages(array: np.ndarray) -> None:
+    """Ask Linux for transparent huge pages: attention reads blocks scattered over the whole cache, and 2 MiB
+    pages keep those reads from missing the TLB. Best effort; nothing changes where it is not supported."""
+    try:
+        import ctypes
+        import mmap
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = mmap.PAGESIZE
+        start = array.ctypes.data
+        aligned = (start + page - 1) // page * page
+        length = (start + array.nbytes - aligned) // page * page
+        if length > 0:
+            libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(length), 14)  # MADV_HUGEPAGE
+    except (OSError, AttributeError):
+        pass
+
+
+def freeze_gc_heap() -> None:
+    """Move everything alive after start-up (the block pool's objects, the model's modules) out of the cyclic
+    garbage collector's reach. With hundreds of thousands of KV blocks a full collection takes 0.1-1 s, and
+    one runs every so often in the middle of an engine step; frozen objects are never traversed again. They
+    are still freed as usual when their last reference goes; at exit they are handed back to the collector,
+    so that extension modules see their objects released."""
+    global _gc_unfreeze_registered
+    gc.collect()
+    gc.freeze()
+    if not _gc_unfreeze_registered:
+        atexit.register(gc.unfreeze)
+        _gc_unfreeze_registered = True
+
+
+_gc_unfreeze_registered = False
+
+
+@dataclass
+class KVCacheSizing:
+    bytes_per_block: int
+    num_blocks: int
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+def size_kv_cache(config: EngineConfig, hf_config: dict, dtype: torch.dtype, device: torch.device) -> KVCacheSizing:
+    from tokenmill.planner import ModelArch, kv_cache_bytes_per_block
+
+    arch = ModelArch.from_hf_config(hf_config)
+    block_size = config.cache.block_size
+    bytes_per_block = kv_cache_bytes_per_block(arch, block_size, dtype)
+    budget = config.cache.kv_cache_bytes
+    if budget is None:
+        budget = default_cpu_kv_cache_bytes()
+    num_blocks = budget // bytes_per_block
+    if num_blocks < 1:
+        raise ValueError(
+            f"kv_cache_memory={budget} bytes holds no KV block ({bytes_per_block} bytes per block of "
+            f"{block_size} tokens): raise kv_cache_memory"
+        )
+    return KVCacheSizing(bytes_per_block, num_blocks, block_size)
+
+
+def default_max_num_batched_tokens(config: EngineConfig, device: torch.device) -> int:
+    """The step's token budget: the configured one, else 2048 on CPU and 8192 on CUDA."""
+    return config.scheduler.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+
+
+class Worker:
+    """One device's model, KV cache and runner (one worker per device; tensor parallelism will run several)."""
+
+    def __init__(self, config: EngineConfig, model_dir: Path, show_progress: bool = True,
+                 grammar_factory: GrammarFactory | None = None) -> None:
+        self.config = config
+        self.model_dir = Path(model_dir)
+        self.grammar_factory = grammar_factory
+        self.device = resolve_device(config.model.device)
+        if self.device.type == "cpu":
+            check_cpu_threads()
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.hf_config = read_hf_config(model_dir)
+        self.spec = DecoderSpec.from_hf_config(self.hf_config, source=str(Path(model_dir) / "config.json"))
+        if config.model.max_model_len is not None and config.model.max_model_len > self.spec.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={config.model.max_model_len} exceeds the model's limit of "
+                f"{self.spec.max_position_embeddings} tokens (max_position_embeddings): lower max_model_len"
+            )
+        self.max_num_batched_tokens = default_max_num_batched_tokens(config, self.device)
+        self.backend = make_attention_backend(self.spec, self.device, self.dtype, config.model.batch_invariant)
+        max_positions = config.model.max_model_len or self.spec.max_position_embeddings
+        self.model = load_model(model_dir, self.backend, self.dtype, self.device, max_positions, show_progress)
+        if config.model.batch_invariant:
+            from tokenmill.worker.batch_invariant import tile_linear_rows
+
+            tile_linear_rows(self.model)
+            logger.info("batch-invariant mode: linear layers in tiles of fixed rows, attention per token")
+        self.memory_profile: MemoryProfile | None = None
+        self.kv_caches: list[torch.Tensor] = []
+        self.graph_runner: CUDAGraphRunner | None = None
+        self.graph_capture_seconds: float | None = None
+        self._runner: ModelRunner | None = None
+        # Launched steps not yet collected, oldest first (two at most: async scheduling).
+        self._in_flight: deque[LaunchedStep] = deque()
+
+    # ---- start-up -------------------------------------------------------------------------------------------
+    def determine_kv_cache_sizing(self) -> KVCacheSizing:
+        """How many KV blocks fit: from kv_cache_memory, else on a GPU from a profiled forward at
+        max_num_batched_tokens and gpu_memory_utilization, else the CPU default budget."""
+        if self.device.type == "cuda" and self.config.cache.kv_cache_bytes is None:
+            return self._profile_gpu_kv_cache()
+        return size_kv_cache(self.config, self.hf_config, self.dtype, self.device)
+
+    def _profile_gpu_kv_cache(self) -> KVCacheSizing:
+        """Blocks from what one profiled forward at max_num_batched_tokens leaves of the GPU's memory."""
+        from tokenmill.planner import ModelArch, kv_cache_bytes_per_block
+        from tokenmill.worker.gpu_memory import profile_kv_cache
+
+        config = self.config
+        block_size = config.cache.block_size
+        bytes_per_block = kv_cache_bytes_per_block(ModelArch.from_hf_config(self.hf_config), block_size, self.dtype)
+        spec = self.spec
+        profile = self.memory_profile = profile_kv_cache(
+            self.model, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, num_layers=spec.num_layers,
+            dtype=self.dtype, device=self.device, block_size=block_size, bytes_per_block=bytes_per_block,
+            max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=config.scheduler.max_num_seqs,
+            gpu_memory_utilization=config.cache.gpu_memory_utilization, hf_config=self.hf_config,
+            enforce_eager=config.model.enforce_eager,
+        )
+        if profile.num_blocks < 1:
+            raise ValueError(
+                "no GPU memory is left for the KV cache after weights and activations: raise "
+                "--gpu-memory-utilization, lower --max-num-batched-tokens, or use a smaller model"
+            )
+        return KVCacheSizing(bytes_per_block, profile.num_blocks, block_size)
+
+    def initialize_cache(self, num_blocks: int, max_model_len: int) -> None:
+        """Allocate the KV cache tensors, capture CUDA graphs (CUDA with Triton attention, unless
+        enforce_eager) and build the model runner."""
+        config = self.config
+        block_size = config.cache.block_size
+        spec = self.spec
+        shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_caches = [allocate_zeroed(shape, self.dtype, self.device) for _ in range(spec.num_layers)]
+        if self.device.type == "cuda" and not config.model.enforce_eager and self.backend.name == "triton":
+            from tokenmill.worker.cuda_graphs import CUDAGraphRunner
+
+            self.graph_runner = CUDAGraphRunner(self.model, self.kv_caches, config.scheduler.max_num_seqs,
+                                                max_model_len, block_size, self.device)
+            self.graph_capture_seconds = self.graph_runner.capture()
+            logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s",
+                        self.graph_runner.sizes, self.graph_capture_seconds)
+        generator = torch.Generator().manual_seed(config.model.seed)
+        self._runner = ModelRunner(self.model, self.kv_caches, block_size, Sampler(generator), self.device,
+                                   graph_runner=self.graph_runner, grammar_factory=self.grammar_factory)
+
+    @property
+    def runner(self) -> ModelRunner:
+        if self._runner is None:
+            raise RuntimeError("the worker's KV cache is not initialized: call initialize_cache() first")
+        return self._runner
+
+    # ---- steps ----------------------------------------------------------------------------------------------
+    def launch(self, sched: SchedulerOutput) -> None:
+        """Queue a step on the device; it reads the tokens of the step launched before it, if still in flight."""
+        prev = self._in_flight[-1] if self._in_flight else None
+        self._in_flight.append(self.runner.launch(sched, prev))
+
+    def collect(self) -> ModelRunnerOutput:
+        """Wait for the oldest launched step and return its output."""
+        if not self._in_flight:
+            raise RuntimeError("collect() without a launched step")
+        return self.runner.collect(self._in_flight.popleft())
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """One synchronous step: launch and collect."""
+        self.launch(sched)
+        return self.collect()
