@@ -9,6 +9,7 @@ from typing import Any, cast
 from tqdm.auto import tqdm
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine.core_client import multiprocess_from_env
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
@@ -51,6 +52,7 @@ class LLM:
         structured_outputs_backend: str = "auto",
         structured_outputs_compile_timeout: float = 10.0,
         show_progress: bool = True,
+        multiprocess: bool | None = None,
     ) -> None:
         config = EngineConfig.from_kwargs(
             model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
@@ -63,7 +65,9 @@ class LLM:
             structured_outputs_backend=structured_outputs_backend,
             structured_outputs_compile_timeout=structured_outputs_compile_timeout,
         )
-        self.llm_engine = LLMEngine(config, show_progress=show_progress)
+        if multiprocess is None:
+            multiprocess = multiprocess_from_env()
+        self.llm_engine = LLMEngine(config, show_progress=show_progress, multiprocess=multiprocess)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

@@ -1,0 +1,202 @@
+"""The engine core's side of the client contract: EngineCoreService (requests in, step outputs out) and the busy
+loop of the engine core process (run_engine_core_proc).
+
+The process loop: wait for input while idle; drain every input message (adds, aborts, utility calls); step;
+send the step's EngineCoreOutputs. It exits on a SHUTDOWN message, when its parent dies, or when a step raises
+(the front end then fails every request in flight with the error and stops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.messages import (
+    EngineCoreOutputs,
+    EngineCoreOutputType,
+    EngineCoreRequest,
+    EngineCoreRequestType,
+    MsgpackDecoder,
+    MsgpackEncoder,
+    encode_error,
+)
+from tokenmill.request import POOLING_SAMPLING_PARAMS, Request, RequestStatus
+
+logger = logging.getLogger("tokenmill.engine_core")
+
+
+class EngineCoreService:
+    """An EngineCore behind the client contract: EngineCoreRequests in, EngineCoreOutputs (with each request's
+    metrics and the scheduler's stats) out. In-process clients call it directly; the engine core process runs it
+    in its loop."""
+
+    def __init__(self, core: Any) -> None:
+        self.core = core
+        # request_id -> the engine's Request, until it finishes or is aborted (its metrics go out with outputs).
+        self._requests: dict[str, Request] = {}
+
+    def info(self) -> dict[str, Any]:
+        """What the front end needs to know about the engine once it is up."""
+        core = self.core
+        return {
+            "max_model_len": core.max_model_len,
+            "vocab_size": core.spec.vocab_size,
+            "num_kv_blocks": core.kv_sizing.num_blocks,
+            "block_size": core.kv_sizing.block_size,
+            "dtype": str(core.dtype).removeprefix("torch."),
+            "device": core.device.type,
+        }
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        if request.pooling_params is not None:
+            engine_request = Request(request.request_id, request.prompt_token_ids, POOLING_SAMPLING_PARAMS,
+                                     arrival_time=request.arrival_time, pooling_params=request.pooling_params)
+        else:
+            assert request.sampling_params is not None, "a generation request carries its SamplingParams"
+            engine_request = Request(request.request_id, request.prompt_token_ids, request.sampling_params,
+                                     request.eos_token_ids, request.arrival_time)
+        self._requests[request.request_id] = engine_request
+        self.core.add_request(engine_request)
+
+    def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        for request_id in request_ids:
+            self._requests.pop(request_id, None)
+        self.core.abort_requests(request_ids, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def step(self) -> EngineCoreOutputs:
+        outputs = self.core.step()
+        metrics = {}
+        cumulative = {}
+        for out in outputs:
+            request = self._requests.get(out.request_id)
+            if request is None:
+                continue
+            metrics[out.request_id] = request.metrics.snapshot()
+            if request.cumulative_logprob is not None:
+                cumulative[out.request_id] = request.cumulative_logprob
+            if out.finish_reason is not None:
+                del self._requests[out.request_id]
+        return EngineCoreOutputs(outputs, metrics, cumulative, self.core.scheduler_stats(), time.time())
+
+    def scheduler_stats(self):
+        return self.core.scheduler_stats()
+
+    def call_utility(self, name: str, args: list) -> Any:
+        """The utility calls a client may make (benchmarks switch async scheduling between runs)."""
+        if name == "set_async_scheduling":
+            return self.core.set_async_scheduling(*args)
+        if name == "scheduler_stats":
+            return None  # the stats go out with the answer's message
+        raise ValueError(f"unknown engine utility call {name!r}")
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies, so that no engine outlives its server."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_engine_core_proc(config: EngineConfig, model_dir: Path, input_address: str, output_address: str,
+                         log_level: int = logging.INFO) -> None:
+    """The engine core process's entry point (multiprocessing spawn target)."""
+    import zmq
+
+    _die_with_parent()
+    parent = os.getppid()
+    # The server decides when the engine stops (after draining): a terminal's Ctrl+C or a SIGTERM sent to the
+    # whole process group must not kill the engine under requests still in flight.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    context = zmq.Context(io_threads=1)
+    inputs = context.socket(zmq.PULL)
+    inputs.connect(input_address)
+    outputs = context.socket(zmq.PUSH)
+    outputs.setsockopt(zmq.LINGER, 2000)
+    outputs.connect(output_address)
+    encoder, decoder = MsgpackEncoder(), MsgpackDecoder()
+    exit_code = 0
+    try:
+        from tokenmill.engine.engine_core import EngineCore
+
+        service = EngineCoreService(EngineCore(config, model_dir, show_progress=False))
+    except BaseException as e:
+        logger.error("engine start-up failed: %s", e, exc_info=not isinstance(e, ValueError | OSError))
+        outputs.send(encoder.encode(EngineCoreOutputType.STARTUP_FAILED, encode_error(e)))
+        exit_code = 1
+    else:
+        outputs.send(encoder.encode(EngineCoreOutputType.READY, service.info()))
+        try:
+            _busy_loop(service, inputs, outputs, encoder, decoder, parent)
+        except BaseException as e:
+            logger.exception("the engine core failed")
+            with contextlib.suppress(Exception):
+                outputs.send(encoder.encode(EngineCoreOutputType.DEAD, encode_error(e)))
+            exit_code = 1
+    outputs.close()
+    inputs.close(linger=0)
+    context.term()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown (thread pools of the tensor libraries): the parent waits for this exit.
+    os._exit(exit_code)
+
+
+def _busy_loop(service: EngineCoreService, inputs, outputs, encoder: MsgpackEncoder, decoder: MsgpackDecoder,
+               parent: int) -> None:
+    import zmq
+
+    poller = zmq.Poller()
+    poller.register(inputs, zmq.POLLIN)
+    last_counts = (-1, -1)
+    while True:
+        if not service.has_unfinished_requests():
+            # Idle: sleep on the input socket; wake up now and then to notice an orphaned engine.
+            while not poller.poll(1000):
+                if os.getppid() != parent:
+                    return
+        while True:
+            try:
+                frame = inputs.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            message_type, payload = decoder.decode(frame.buffer)
+            if message_type == EngineCoreRequestType.ADD:
+                service.add_request(payload)
+            elif message_type == EngineCoreRequestType.ABORT:
+                request_ids, status = payload
+                service.abort_requests(request_ids, RequestStatus(status))
+            elif message_type == EngineCoreRequestType.UTILITY:
+                call_id, name, args = payload
+                try:
+                    result = [call_id, service.call_utility(name, args), None]
+                except Exception as e:
+                    result = [call_id, None, encode_error(e)]
+                outputs.send(encoder.encode(EngineCoreOutputType.UTILITY_RESULT, result))
+            elif message_type == EngineCoreRequestType.SHUTDOWN:
+                return
+        step_outputs = service.step() if service.has_unfinished_requests() else None
+        if step_outputs is None:
+            stats = service.scheduler_stats()
+            step_outputs = EngineCoreOutputs(scheduler_stats=stats)
+        stats = step_outputs.scheduler_stats
+        counts = (stats.num_running, stats.num_waiting) if stats is not None else last_counts
+        # Every step with outputs goes out; an empty one only when the queues changed (the stats stay current).
+        if step_outputs.outputs or counts != last_counts:
+            outputs.send(encoder.encode_outputs(step_outputs), copy=False)
+            last_counts = counts
