@@ -117,6 +117,8 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}
         # request_id -> tracking state; owned by the engine thread.
         self._tracked: dict[str, _Tracked] = {}
+        # request_id -> tracking state of an aborted request until its final metrics arrive; engine thread.
+        self._aborting: dict[str, _Tracked] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -290,13 +292,18 @@ class AsyncLLMEngine:
             ids = list(self._tracked)
             if ids:
                 self.engine.abort_request(ids)
+            if self._aborting:
+                stats = IterationStats(timestamp=time.time())
+                self._finish_aborted(stats)
+                self._log_stats(stats)
             self._call_soon(self._fail_all_streams, EngineDeadError("the engine was shut down"))
 
     def _engine_busy(self) -> bool:
         """Requests in flight, or a core whose last stats still show requests (aborted ones it has not let go
         of yet): its next outputs are due."""
         stats = self.engine.scheduler_stats
-        return self.engine.has_unfinished_requests() or bool(stats.num_running or stats.num_waiting)
+        return (self.engine.has_unfinished_requests() or bool(self._aborting)
+                or bool(stats.num_running or stats.num_waiting))
 
     def _drain(self, block: bool) -> list | None:
         """The commands waiting in the inbox (waiting for one if block); None when asked to stop."""
@@ -345,6 +352,8 @@ class AsyncLLMEngine:
         for request_id, failure in self.engine.take_errors().items():
             self._abort(request_id, stats)
             errors.append((request_id, failure))
+        if self._aborting:
+            self._finish_aborted(stats, self.engine.take_aborted())
         # Token times are those of the engine step that produced the tokens.
         now = self.engine.last_step_time or time.time()
         stats.timestamp = now
@@ -378,8 +387,22 @@ class AsyncLLMEngine:
         if tracked is None:
             return  # finished in the meantime (its final output is on its way) or never added
         self.engine.abort_request(request_id)
-        output = tracked.parent.output()
-        stats.finished_requests.append(tracked.timings.finished(output, "abort", time.time(), tracked.feature))
+        if self.engine.is_aborting(request_id):
+            # Its stats once the engine reports what the steps under way cost it (the next outputs).
+            self._aborting[request_id] = tracked
+        else:
+            output = tracked.parent.output()
+            stats.finished_requests.append(tracked.timings.finished(output, "abort", time.time(), tracked.feature))
+
+    def _finish_aborted(self, stats: IterationStats, outputs: list | None = None) -> None:
+        """Stats of aborted requests whose final metrics arrived (outputs None: all of them, as they stand)."""
+        if outputs is None:
+            outputs = [t.parent.output() for t in self._aborting.values()]
+        for output in outputs:
+            tracked = self._aborting.pop(output.request_id, None)
+            if tracked is not None:
+                stats.finished_requests.append(tracked.timings.finished(output, "abort", time.time(),
+                                                                        tracked.feature))
 
     def _account(self, output: RequestOutput | EmbeddingRequestOutput, now: float, stats: IterationStats) -> None:
         tracked = self._tracked.get(output.request_id)

@@ -95,6 +95,9 @@ class EngineCoreClient(ABC):
     @abstractmethod
     def shutdown(self) -> None: ...
 
+    def kill(self) -> None:  # noqa: B027 - nothing to kill in-process
+        """Stop the engine at once, without a goodbye (the server's immediate exit)."""
+
 
 class InprocClient(EngineCoreClient):
     """The engine core in this process, stepped by get_output()."""
@@ -121,7 +124,7 @@ class InprocClient(EngineCoreClient):
 
     def get_output(self) -> EngineCoreOutputs | None:
         if not self.service.has_unfinished_requests():
-            return EngineCoreOutputs(scheduler_stats=self.service.scheduler_stats())
+            return self.service.idle_outputs()
         return self.service.step()
 
     def call_utility(self, name: str, *args: Any) -> Any:

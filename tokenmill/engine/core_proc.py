@@ -41,6 +41,8 @@ class EngineCoreService:
         self.core = core
         # request_id -> the engine's Request, until it finishes or is aborted (its metrics go out with outputs).
         self._requests: dict[str, Request] = {}
+        # Requests aborted since the last outputs: their final metrics go out with the next ones.
+        self._aborted: list[Request] = []
 
     def info(self) -> dict[str, Any]:
         """What the front end needs to know about the engine once it is up."""
@@ -67,8 +69,24 @@ class EngineCoreService:
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         for request_id in request_ids:
-            self._requests.pop(request_id, None)
+            request = self._requests.pop(request_id, None)
+            if request is not None and status == RequestStatus.FINISHED_ABORTED:
+                self._aborted.append(request)
         self.core.abort_requests(request_ids, status)
+
+    @property
+    def has_aborted(self) -> bool:
+        """Whether aborted requests wait for their final metrics to go out."""
+        return bool(self._aborted)
+
+    def _take_aborted(self) -> dict:
+        aborted = {request.request_id: request.metrics.snapshot() for request in self._aborted}
+        self._aborted.clear()
+        return aborted
+
+    def idle_outputs(self) -> EngineCoreOutputs:
+        """The outputs of an engine with nothing to step: its stats, and the final metrics of aborted requests."""
+        return EngineCoreOutputs(scheduler_stats=self.core.scheduler_stats(), aborted=self._take_aborted())
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
@@ -86,7 +104,8 @@ class EngineCoreService:
                 cumulative[out.request_id] = request.cumulative_logprob
             if out.finish_reason is not None:
                 del self._requests[out.request_id]
-        return EngineCoreOutputs(outputs, metrics, cumulative, self.core.scheduler_stats(), time.time())
+        return EngineCoreOutputs(outputs, metrics, cumulative, self.core.scheduler_stats(), self._take_aborted(),
+                                 time.time())
 
     def scheduler_stats(self):
         return self.core.scheduler_stats()
@@ -100,23 +119,13 @@ class EngineCoreService:
         raise ValueError(f"unknown engine utility call {name!r}")
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies, so that no engine outlives its server."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def run_engine_core_proc(config: EngineConfig, model_dir: Path, input_address: str, output_address: str,
                          log_level: int = logging.INFO) -> None:
     """The engine core process's entry point (multiprocessing spawn target)."""
     import zmq
 
-    _die_with_parent()
+    # No engine outlives its server: the loop checks that its parent is still the same (prctl's PDEATHSIG would
+    # fire when the parent *thread* that started this process ends, and servers start it from a worker thread).
     parent = os.getppid()
     # The server decides when the engine stops (after draining): a terminal's Ctrl+C or a SIGTERM sent to the
     # whole process group must not kill the engine under requests still in flight.
@@ -165,6 +174,8 @@ def _busy_loop(service: EngineCoreService, inputs, outputs, encoder: MsgpackEnco
     poller.register(inputs, zmq.POLLIN)
     last_counts = (-1, -1)
     while True:
+        if os.getppid() != parent:
+            return
         if not service.has_unfinished_requests():
             # Idle: sleep on the input socket; wake up now and then to notice an orphaned engine.
             while not poller.poll(1000):
@@ -190,13 +201,11 @@ def _busy_loop(service: EngineCoreService, inputs, outputs, encoder: MsgpackEnco
                 outputs.send(encoder.encode(EngineCoreOutputType.UTILITY_RESULT, result))
             elif message_type == EngineCoreRequestType.SHUTDOWN:
                 return
-        step_outputs = service.step() if service.has_unfinished_requests() else None
-        if step_outputs is None:
-            stats = service.scheduler_stats()
-            step_outputs = EngineCoreOutputs(scheduler_stats=stats)
+        step_outputs = service.step() if service.has_unfinished_requests() else service.idle_outputs()
         stats = step_outputs.scheduler_stats
         counts = (stats.num_running, stats.num_waiting) if stats is not None else last_counts
-        # Every step with outputs goes out; an empty one only when the queues changed (the stats stay current).
-        if step_outputs.outputs or counts != last_counts:
+        # Every step with outputs goes out; an empty one only when the queues changed (the stats stay current) or
+        # aborted requests' final metrics are due.
+        if step_outputs.outputs or step_outputs.aborted or counts != last_counts:
             outputs.send(encoder.encode_outputs(step_outputs), copy=False)
             last_counts = counts

@@ -165,6 +165,10 @@ class LLMEngine:
         self.pooling_type = config.model.pooling_type
         # request_id -> why it failed inside the engine (a grammar that did not compile); read by take_errors.
         self.errors: dict[str, BaseException] = {}
+        # engine request id -> (parent, child or None for pooling) of an aborted request whose final metrics have
+        # not arrived yet; the parents whose all have arrived, for take_aborted().
+        self._aborting: dict[str, tuple[_Parent | _PoolingParent, _Child | None]] = {}
+        self._aborted_done: list[_Parent | _PoolingParent] = []
         self._counter = itertools.count()
 
     @property
@@ -255,19 +259,49 @@ class LLMEngine:
         return parent
 
     def abort_request(self, request_ids: str | list[str]) -> None:
+        """Abort requests (unknown or finished ids are ignored). Their final metrics come with a later step's
+        outputs: take_aborted() hands those requests' last outputs over then."""
         if isinstance(request_ids, str):
             request_ids = [request_ids]
-        pooling = [r for r in request_ids if self.pooling.pop(r, None) is not None]
-        if pooling:
-            self.engine_core.abort_requests(pooling)
+        engine_ids = []
         for request_id in request_ids:
+            pooling = self.pooling.pop(request_id, None)
+            if pooling is not None:
+                engine_ids.append(request_id)
+                self._aborting[request_id] = (pooling, None)
+                continue
             parent = self.parents.pop(request_id, None)
             if parent is None:
                 continue
-            child_ids = [c.request_id for c in parent.children]
-            self.engine_core.abort_requests(child_ids)
-            for child_id in child_ids:
-                self.children.pop(child_id, None)
+            for child in parent.children:
+                self.children.pop(child.request_id, None)
+                if child.finish_reason is None:
+                    engine_ids.append(child.request_id)
+                    self._aborting[child.request_id] = (parent, child)
+        if engine_ids:
+            self.engine_core.abort_requests(engine_ids)
+
+    def take_aborted(self) -> list[RequestOutput | EmbeddingRequestOutput]:
+        """The last outputs of aborted requests whose final metrics have arrived since the last call."""
+        done, self._aborted_done = self._aborted_done, []
+        return [parent.output(False) for parent in done]
+
+    def is_aborting(self, request_id: str) -> bool:
+        """Whether an aborted request still waits for its final metrics."""
+        return any(parent.request_id == request_id for parent, _ in self._aborting.values())
+
+    def _settle_aborted(self, aborted: dict[str, RequestMetrics]) -> None:
+        for engine_id, metrics in aborted.items():
+            entry = self._aborting.pop(engine_id, None)
+            if entry is None:
+                continue
+            parent, child = entry
+            if child is not None:
+                child.metrics = metrics
+            else:
+                parent.metrics = metrics
+            if not any(p is parent for p, _ in self._aborting.values()):
+                self._aborted_done.append(parent)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents or self.pooling)
@@ -287,6 +321,8 @@ class LLMEngine:
         if core_outputs.scheduler_stats is not None:
             self.scheduler_stats = core_outputs.scheduler_stats
         self.last_step_time = core_outputs.timestamp
+        if core_outputs.aborted:
+            self._settle_aborted(core_outputs.aborted)
         changed: dict[str, _Parent] = {}
         pooled: list[EmbeddingRequestOutput] = []
         metrics = core_outputs.metrics

@@ -59,6 +59,9 @@ class EngineCoreOutputs:
     # request_id -> the sum of its sampled tokens' logprobs so far (requests asking for logprobs).
     cumulative_logprobs: dict[str, float] = field(default_factory=dict)
     scheduler_stats: SchedulerStats | None = None
+    # request_id -> final metrics of the requests aborted since the previous message (the steps that were under
+    # way when the abort came are charged to them too).
+    aborted: dict[str, RequestMetrics] = field(default_factory=dict)
     # time.time() when the step's outputs were ready (every output's token time).
     timestamp: float = field(default_factory=time.time)
 
@@ -181,10 +184,11 @@ class MsgpackEncoder:
                 None if out.error is None else encode_error(out.error),
             ])
         metrics = [[request_id, *_encode_metrics(m)] for request_id, m in outputs.metrics.items()]
+        aborted = [[request_id, *_encode_metrics(m)] for request_id, m in outputs.aborted.items()]
         stats = outputs.scheduler_stats
         return self._packer.pack([
             EngineCoreOutputType.OUTPUTS, rows, metrics, outputs.cumulative_logprobs,
-            None if stats is None else [getattr(stats, name) for name in _STATS_FIELDS], outputs.timestamp,
+            None if stats is None else [getattr(stats, name) for name in _STATS_FIELDS], aborted, outputs.timestamp,
         ])
 
 
@@ -196,7 +200,7 @@ class MsgpackDecoder:
         message_type = message[0]
         if message_type == EngineCoreRequestType.ADD and len(message) == 7:
             return message_type, self._request(message)
-        if message_type == EngineCoreOutputType.OUTPUTS and len(message) == 6:
+        if message_type == EngineCoreOutputType.OUTPUTS and len(message) == 7:
             return message_type, self._outputs(message)
         return message_type, message[1]
 
@@ -210,7 +214,7 @@ class MsgpackDecoder:
 
     @staticmethod
     def _outputs(message: list) -> EngineCoreOutputs:
-        _, rows, metrics, cumulative, stats, timestamp = message
+        _, rows, metrics, cumulative, stats, aborted, timestamp = message
         outputs = []
         for request_id, token_ids, logprobs, prompt_logprobs, finish_reason, stop_reason, pooled, error in rows:
             tensor = None
@@ -227,5 +231,6 @@ class MsgpackDecoder:
             metrics={row[0]: RequestMetrics(*row[1:]) for row in metrics},
             cumulative_logprobs=cumulative,
             scheduler_stats=None if stats is None else SchedulerStats(**dict(zip(_STATS_FIELDS, stats, strict=True))),
+            aborted={row[0]: RequestMetrics(*row[1:]) for row in aborted},
             timestamp=timestamp,
         )

@@ -65,6 +65,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--header-read-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close a connection that has not sent a request's headers this long after connecting "
                         "(or after its previous response)")
+    g.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine core in a child process: the HTTP server and the engine do not share one "
+                        "interpreter, and if the engine dies /health turns 503, requests in flight end with an "
+                        "error and the server exits 1 (--no-engine-process: a thread of the server's process)")
     g.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
                    help="log throughput, running/waiting requests, KV cache usage and prefix hit rate this often "
                         "while busy (0: never)")
@@ -155,6 +159,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         uvicorn_log_level=args.uvicorn_log_level,
         disable_uvicorn_access_log=args.disable_uvicorn_access_log,
         otlp_traces_endpoint=args.otlp_traces_endpoint,
+        engine_process=args.engine_process,
     )
     config.validate()
     return config
