@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tokenmill.engine.core_client import EngineDeadError
 from tokenmill.engine.llm_engine import LLMEngine, _Parent, _PoolingParent

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.core_client import EngineCoreClient
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.messages import EngineCoreOutputs, EngineCoreRequest
 from tokenmill.metrics.stats import SchedulerStats
 from tokenmill.model.default_model import prepare_model
