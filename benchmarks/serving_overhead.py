@@ -70,10 +70,10 @@ class OfflineRunner:
 
         def generate():
             llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
-            busy_before = llm.llm_engine.core.busy_seconds
+            busy_before = llm.llm_engine.scheduler_stats.busy_seconds
             start = time.perf_counter()
             outputs = llm.generate(prompts, params, use_tqdm=False)
-            return outputs, time.perf_counter() - start, llm.llm_engine.core.busy_seconds - busy_before
+            return outputs, time.perf_counter() - start, llm.llm_engine.scheduler_stats.busy_seconds - busy_before
 
         if args.offline_main_thread:
             outputs, seconds, busy = generate()

@@ -114,8 +114,8 @@ class EngineCoreService:
         """The utility calls a client may make (benchmarks switch async scheduling between runs)."""
         if name == "set_async_scheduling":
             return self.core.set_async_scheduling(*args)
-        if name == "scheduler_stats":
-            return None  # the stats go out with the answer's message
+        if name == "reset_prefix_cache":
+            return self.core.kv_cache_manager.reset_prefix_cache()
         raise ValueError(f"unknown engine utility call {name!r}")
 
 

@@ -184,6 +184,15 @@ class LLMEngine:
         """Switch async scheduling between runs (no request in flight); benchmarks compare both on one engine."""
         self.engine_core.call_utility("set_async_scheduling", bool(enabled))
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (benchmarks between runs); False when blocks are still in use."""
+        return bool(self.engine_core.call_utility("reset_prefix_cache"))
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the model runs in ("float32", "bfloat16", ...)."""
+        return self.engine_core.info["dtype"]
+
     def shutdown(self) -> None:
         """Stop the engine core (its process, under multiprocess)."""
         self.engine_core.shutdown()
