@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from tokenmill.entrypoints.generate_cli import add_engine_args, engine_kwargs
+from tokenmill.entrypoints.generate_cli import add_engine_args
 from tokenmill.entrypoints.openai.server_config import (
     REQUEST_BODY_BYTES_PER_TOKEN,
     ApiKey,
@@ -167,12 +167,14 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 def engine_config(args: argparse.Namespace):
     """(EngineConfig, chat template text) from the engine flags, built as LLM(...) builds it."""
-    from tokenmill.config import EngineConfig
+    import dataclasses
 
-    kw = engine_kwargs(args)
+    from tokenmill.engine.arg_utils import EngineArgs, resolve_chat_template
+
+    engine_args = EngineArgs.from_cli_args(args)
     # The server applies the chat template itself (passed to apply_chat_template), so the engine gets none.
-    chat_template = kw.pop("chat_template")
-    config = EngineConfig.from_kwargs(args.model, **kw)
+    chat_template = resolve_chat_template(engine_args.chat_template)
+    config = dataclasses.replace(engine_args, chat_template=None).create_engine_config()
     return config, chat_template
 
 
