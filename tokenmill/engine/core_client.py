@@ -1,7 +1,8 @@
 """EngineCoreClient: how the front end (LLMEngine under LLM and the API server) talks to the engine core.
 
 - InprocClient: the EngineCore runs in this process; get_output() runs one step.
-- MPClient: the EngineCore runs in a child process (multiprocessing spawn) and the two talk over ZeroMQ PUSH/PULL
+- MPClient: the EngineCore runs in a child process (`python -m tokenmill.engine.core_proc`, a fresh interpreter
+  that imports nothing of the caller's main module) and the two talk over ZeroMQ PUSH/PULL
   ipc:// sockets in a private temporary directory, with msgpack messages (messages.py). The core steps on its
   own; get_output() waits for the next step's outputs. A monitor thread watches the process: if it dies
   (killed, out of memory, a device error), the client turns dead within milliseconds, get_output() raises
@@ -13,6 +14,7 @@ Contract (both): add_request / abort_requests / get_output / call_utility are ca
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
@@ -138,11 +140,7 @@ class MPClient(EngineCoreClient):
     """The engine core in a child process (see the module docstring)."""
 
     def __init__(self, config: EngineConfig, model_dir: Path, startup_timeout: float | None = None) -> None:
-        import multiprocessing
-
         import zmq
-
-        from tokenmill.engine.core_proc import run_engine_core_proc
 
         self._encoder, self._decoder = MsgpackEncoder(), MsgpackDecoder()
         self._dir = tempfile.mkdtemp(prefix="tokenmill-engine-")
@@ -163,13 +161,10 @@ class MPClient(EngineCoreClient):
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
-        spawn = multiprocessing.get_context("spawn")
-        self.proc = spawn.Process(
-            target=run_engine_core_proc, name="tokenmill-engine-core", daemon=True,
-            args=(config, Path(model_dir), input_address, output_address, logging.getLogger().getEffectiveLevel()),
-        )
+        self.proc = EngineProcess(config, Path(model_dir), input_address, output_address)
         try:
-            self.proc.start()
+            # The engine ignores SIGTERM (see core_proc.py): at exit it is told to stop, or killed.
+            atexit.register(self.shutdown)
             self.info = self._wait_ready(startup_timeout)
         except BaseException:
             self.shutdown()
@@ -209,9 +204,7 @@ class MPClient(EngineCoreClient):
 
     def _watch(self) -> None:
         """The monitor thread: wait for the process to end; unless the client shut it down, the engine is dead."""
-        from multiprocessing.connection import wait
-
-        wait([self.proc.sentinel])
+        self.proc.wait_sentinel()
         if self._closed:
             return
         self.proc.join(1)
@@ -331,6 +324,7 @@ class MPClient(EngineCoreClient):
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.shutdown)
         proc = self.proc
         if proc.is_alive() and self._dead_error is None:
             try:
@@ -342,10 +336,13 @@ class MPClient(EngineCoreClient):
             proc.kill()
             proc.join(5)
         self.wake()
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            monitor.join(2)  # it saw the exit: the sentinel can be closed
         self._input.close(linger=0)
         self._output.close(linger=0)
         self._context.term()
-        for fd in (self._wake_read, self._wake_write):
+        for fd in (self._wake_read, self._wake_write, self.proc.sentinel):
             try:
                 os.close(fd)
             except OSError:
@@ -356,3 +353,66 @@ class MPClient(EngineCoreClient):
         """Kill the engine process at once (the server's immediate exit)."""
         if self.proc.is_alive():
             self.proc.kill()
+
+
+class EngineProcess:
+    """The engine core's child process: `python -m tokenmill.engine.core_proc` with the config pickled on its
+    standard input. sentinel is a pipe end that turns readable (end of file) when the process has exited: the
+    child holds the other end and nothing else does."""
+
+    def __init__(self, config: EngineConfig, model_dir: Path, input_address: str, output_address: str) -> None:
+        import pickle
+        import subprocess
+        import sys
+
+        import tokenmill
+
+        self.sentinel, life = os.pipe()
+        env = dict(os.environ)
+        # The child imports this very tokenmill, wherever it was imported from.
+        package_root = str(Path(tokenmill.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        cmd = [sys.executable, "-m", "tokenmill.engine.core_proc", input_address, output_address, str(life),
+               str(logging.getLogger().getEffectiveLevel())]
+        try:
+            self._popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=(life,), env=env)
+        finally:
+            os.close(life)
+        assert self._popen.stdin is not None
+        try:
+            self._popen.stdin.write(pickle.dumps((config, Path(model_dir))))
+            self._popen.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once; _wait_ready reports its exit status
+        self.pid = self._popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        import subprocess
+
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self._popen.kill()
+
+    def wait_sentinel(self) -> None:
+        """Block until the process has exited."""
+        import select
+
+        while True:
+            try:
+                readable, _, _ = select.select([self.sentinel], [], [])
+            except (OSError, ValueError):
+                return  # closed by shutdown()
+            if readable:
+                return

@@ -121,7 +121,7 @@ class EngineCoreService:
 
 def run_engine_core_proc(config: EngineConfig, model_dir: Path, input_address: str, output_address: str,
                          log_level: int = logging.INFO) -> None:
-    """The engine core process's entry point (multiprocessing spawn target)."""
+    """The engine core process's body (see main())."""
     import zmq
 
     # No engine outlives its server: the loop checks that its parent is still the same (prctl's PDEATHSIG would
@@ -209,3 +209,18 @@ def _busy_loop(service: EngineCoreService, inputs, outputs, encoder: MsgpackEnco
         if step_outputs.outputs or step_outputs.aborted or counts != last_counts:
             outputs.send(encoder.encode_outputs(step_outputs), copy=False)
             last_counts = counts
+
+
+def main() -> None:
+    """`python -m tokenmill.engine.core_proc INPUT_ADDRESS OUTPUT_ADDRESS LIFE_FD LOG_LEVEL`, the pickled
+    (EngineConfig, model_dir) on standard input. LIFE_FD is the write end of the parent's sentinel pipe: it stays
+    open, untouched, for as long as this process lives."""
+    import pickle
+
+    input_address, output_address, _life_fd, log_level = sys.argv[1:5]
+    config, model_dir = pickle.loads(sys.stdin.buffer.read())
+    run_engine_core_proc(config, model_dir, input_address, output_address, int(log_level))
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # starts and kills tokenmill serve processes
 
 def engine_process(server: ServerProcess) -> psutil.Process:
     children = psutil.Process(server.proc.pid).children()
-    engines = [c for c in children if "spawn" in " ".join(c.cmdline())]
+    engines = [c for c in children if "tokenmill.engine.core_proc" in c.cmdline()]
     assert len(engines) == 1, [c.cmdline() for c in children]
     return engines[0]
 
