@@ -80,7 +80,7 @@ class EngineCoreService:
         return bool(self._aborted)
 
     def _take_aborted(self) -> dict:
-        aborted = {request.request_id: request.metrics.snapshot() for request in self._aborted}
+        aborted = {request.request_id: request.metrics for request in self._aborted}
         self._aborted.clear()
         return aborted
 
@@ -99,7 +99,9 @@ class EngineCoreService:
             request = self._requests.get(out.request_id)
             if request is None:
                 continue
-            metrics[out.request_id] = request.metrics.snapshot()
+            # The live object: in-process the front end snapshots it when it builds an output; across processes
+            # it is serialized as it is now.
+            metrics[out.request_id] = request.metrics
             if request.cumulative_logprob is not None:
                 cumulative[out.request_id] = request.cumulative_logprob
             if out.finish_reason is not None:
