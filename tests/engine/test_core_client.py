@@ -120,3 +120,23 @@ def test_multiprocess_engine_death_is_reported(llama_dir):
         time.sleep(0.01)
     assert len(deaths) == 1 and "exit status -9" in str(deaths[0])
     llm.llm_engine.shutdown()
+
+
+def test_nothing_outside_the_engine_reaches_into_the_core():
+    """The server, the offline benchmark and the benchmarks' engine counters read the stats surface
+    (LLMEngine.scheduler_stats) and utility calls, never EngineCore's attributes: the core may be in another
+    process."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    pattern = re.compile(r"\bengine\.core\b|llm_engine\.core\b|(?<!tokenmill\.)\bcore\.(scheduler|kv_cache_manager|"
+                         r"runner|busy_seconds|num_steps|kv_sizing|dtype|set_async_scheduling)\b")
+    outside = ("entrypoints", "benchmarks", "metrics", "router")
+    files = [p for part in outside for p in (root / "tokenmill" / part).rglob("*.py")]
+    files += [root / "benchmarks" / name for name in ("serving_overhead.py", "host_overhead.py",
+                                                     "offline_throughput.py", "batch_invariance.py")]
+    offenders = [f"{path.relative_to(root)}:{i}: {line.strip()}"
+                 for path in files for i, line in enumerate(path.read_text().splitlines(), 1)
+                 if pattern.search(line)]
+    assert not offenders, "\n".join(offenders)
