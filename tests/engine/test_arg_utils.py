@@ -92,6 +92,7 @@ def test_a_new_field_is_one_line():
     Extended.add_cli_args(parser)
     action = next(a for a in parser._actions if a.dest == "quantization")
     assert action.option_strings == ["--quantization"] and action.help == "quantization method of the weights"
+    assert next(a for a in parser._actions if a.dest == "max_num_seqs").help == "most requests in one batch"
     args = parser.parse_args(["--quantization", "float32"])
     assert Extended.from_cli_args(args).quantization == "float32"
     config = Extended.from_kwargs(None, quantization="float32", device="cpu").create_engine_config()

@@ -247,9 +247,22 @@ def _flag_type(cls: type, name: str) -> tuple[type, bool]:
     return kinds[0], optional
 
 
-@functools.cache
+_FIELD_DOCS: dict[type, dict[str, str]] = {}
+
+
 def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the string literal right under the field in the class body, whitespace folded."""
+    """Field name -> the string literal right under the field in the class body (or a base class's), whitespace
+    folded."""
+    if cls not in _FIELD_DOCS:
+        docs: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            if dataclasses.is_dataclass(klass):
+                docs.update(_read_field_docs(klass))
+        _FIELD_DOCS[cls] = docs
+    return _FIELD_DOCS[cls]
+
+
+def _read_field_docs(cls: type) -> dict[str, str]:
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):

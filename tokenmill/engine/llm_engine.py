@@ -307,7 +307,7 @@ class LLMEngine:
             parent, child = entry
             if child is not None:
                 child.metrics = metrics
-            else:
+            elif isinstance(parent, _PoolingParent):
                 parent.metrics = metrics
             if not any(p is parent for p, _ in self._aborting.values()):
                 self._aborted_done.append(parent)
