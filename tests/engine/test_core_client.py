@@ -33,15 +33,14 @@ def test_engine_core_request_round_trip():
                             max_tokens=33, min_tokens=2, logprobs=3, prompt_logprobs=1, ignore_eos=True,
                             structured_outputs=StructuredOutputsParams(json={"type": "object"}, backend="guidance"))
     request = EngineCoreRequest("r-1", [1, 2, 3], params, frozenset({2, 9}), 1234.5)
-    message_type, decoded = MsgpackDecoder().decode(MsgpackEncoder().encode_request(request))
-    assert message_type == EngineCoreRequestType.ADD
-    assert decoded == request
-    assert decoded.sampling_params.stop_strings == ["x", "yz"]
-    assert decoded.sampling_params.structured_outputs.json == {"type": "object"}
-
     pooling = EngineCoreRequest("p", [4, 5], None, frozenset(), 1.0, PoolingParams(pooling_type="MEAN",
                                                                                     normalize=False))
-    assert MsgpackDecoder().decode(MsgpackEncoder().encode_request(pooling))[1] == pooling
+    message_type, (decoded, decoded_pooling) = MsgpackDecoder().decode(
+        MsgpackEncoder().encode_requests([request, pooling]))
+    assert message_type == EngineCoreRequestType.ADD
+    assert decoded == request and decoded_pooling == pooling
+    assert decoded.sampling_params.stop_strings == ["x", "yz"]
+    assert decoded.sampling_params.structured_outputs.json == {"type": "object"}
 
 
 def test_engine_core_outputs_round_trip():

@@ -122,6 +122,8 @@ class AsyncLLMEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        # A wake-up of the engine thread is scheduled on the event loop (_wake_engine).
+        self._wake_pending = False
         # What the engine died of (None while it lives).
         self.dead_error: BaseException | None = None
         self._on_dead: list = []
@@ -224,7 +226,7 @@ class AsyncLLMEngine:
         stream = RequestStream()
         self._streams[request_id] = stream
         self._inbox.put(_Add(request_id, prompt, params, arrival_time or time.time(), feature))
-        self.engine.engine_core.wake()
+        self._wake_engine()
         finished = False
         try:
             while not finished:
@@ -242,9 +244,22 @@ class AsyncLLMEngine:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             self._inbox.put(_Abort(request_id))
-            self.engine.engine_core.wake()
+            self._wake_engine()
             if error is not None:
                 stream.fail(error)
+
+    def _wake_engine(self) -> None:
+        """Wake the engine thread (waiting for the engine core's outputs) once the event loop's current round is
+        over: the requests one HTTP request submits together (several prompts, n > 1 streams) then reach the
+        engine core in one message and start in the same step, whatever the timing."""
+        if not self._wake_pending:
+            self._wake_pending = True
+            assert self._loop is not None
+            self._loop.call_soon(self._wake_now)
+
+    def _wake_now(self) -> None:
+        self._wake_pending = False
+        self.engine.engine_core.wake()
 
     def abort_all(self, error: BaseException) -> int:
         """Abort every request in flight, failing each reader with error; returns how many there were."""

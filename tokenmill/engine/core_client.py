@@ -151,6 +151,8 @@ class MPClient(EngineCoreClient):
         self._dead_callbacks: list[Callable[[BaseException], None]] = []
         self._lock = threading.Lock()
         self._closed = False
+        # Requests added since the last flush (sent together, see add_request).
+        self._adds: list[EngineCoreRequest] = []
         # Step outputs received while waiting for a utility call's answer.
         self._pending: deque[EngineCoreOutputs] = deque()
         self._call_ids = itertools.count()
@@ -244,13 +246,21 @@ class MPClient(EngineCoreClient):
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def add_request(self, request: EngineCoreRequest) -> None:
+        """Queued here and sent with the other requests added before the next wait for outputs, in one message:
+        requests submitted together start in the same engine step, whatever the timing (as in-process)."""
         self._check_alive()
-        self._input.send(self._encoder.encode_request(request), copy=False)
+        self._adds.append(request)
+
+    def _flush(self) -> None:
+        if self._adds:
+            adds, self._adds = self._adds, []
+            self._input.send(self._encoder.encode_requests(adds), copy=False)
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED
                        ) -> None:
         if self._dead_error is not None or self._closed or not request_ids:
             return  # a dead engine holds nothing to free
+        self._flush()
         self._input.send(self._encoder.encode(EngineCoreRequestType.ABORT, [list(request_ids), status.value]))
 
     def wake(self) -> None:
@@ -291,6 +301,7 @@ class MPClient(EngineCoreClient):
             return message_type, payload
 
     def get_output(self) -> EngineCoreOutputs | None:
+        self._flush()
         if self._pending:
             return self._pending.popleft()
         message = self._receive(block=True)
@@ -304,6 +315,7 @@ class MPClient(EngineCoreClient):
 
     def call_utility(self, name: str, *args: Any) -> Any:
         self._check_alive()
+        self._flush()
         call_id = next(self._call_ids)
         self._input.send(self._encoder.encode(EngineCoreRequestType.UTILITY, [call_id, name, list(args)]))
         while True:

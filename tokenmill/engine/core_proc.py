@@ -190,7 +190,8 @@ def _busy_loop(service: EngineCoreService, inputs, outputs, encoder: MsgpackEnco
                 break
             message_type, payload = decoder.decode(frame.buffer)
             if message_type == EngineCoreRequestType.ADD:
-                service.add_request(payload)
+                for request in payload:
+                    service.add_request(request)
             elif message_type == EngineCoreRequestType.ABORT:
                 request_ids, status = payload
                 service.abort_requests(request_ids, RequestStatus(status))

@@ -75,14 +75,16 @@ class EngineCoreRequestType(enum.IntEnum):
 
 
 class EngineCoreOutputType(enum.IntEnum):
+    """Numbered apart from EngineCoreRequestType: one decoder reads both directions."""
+
     # The engine is up: a dict of what the front end needs (max_model_len, vocab size, KV cache sizing).
-    READY = 0
+    READY = 10
     # Start-up failed: (exception type name, message).
-    STARTUP_FAILED = 1
-    OUTPUTS = 2
-    UTILITY_RESULT = 3
+    STARTUP_FAILED = 11
+    OUTPUTS = 12
+    UTILITY_RESULT = 13
     # The engine loop failed after start-up: (exception type name, message); the process exits.
-    DEAD = 4
+    DEAD = 14
 
 
 # ---- errors as (type, message) ------------------------------------------------------------------------------
@@ -160,14 +162,18 @@ class MsgpackEncoder:
     def __init__(self) -> None:
         self._packer = msgpack.Packer(use_bin_type=True)
 
-    def encode_request(self, request: EngineCoreRequest) -> bytes:
-        pooling = request.pooling_params
-        return self._packer.pack([
-            EngineCoreRequestType.ADD, request.request_id, request.prompt_token_ids,
-            None if request.sampling_params is None else encode_sampling_params(request.sampling_params),
-            sorted(request.eos_token_ids), request.arrival_time,
-            None if pooling is None else [pooling.pooling_type, pooling.normalize],
-        ])
+    def encode_requests(self, requests: list[EngineCoreRequest]) -> bytes:
+        """New requests, added together (in one engine step's input: the batch does not depend on timing)."""
+        rows = []
+        for request in requests:
+            pooling = request.pooling_params
+            rows.append([
+                request.request_id, request.prompt_token_ids,
+                None if request.sampling_params is None else encode_sampling_params(request.sampling_params),
+                sorted(request.eos_token_ids), request.arrival_time,
+                None if pooling is None else [pooling.pooling_type, pooling.normalize],
+            ])
+        return self._packer.pack([EngineCoreRequestType.ADD, rows])
 
     def encode(self, message_type: int, payload: Any) -> bytes:
         return self._packer.pack([int(message_type), payload])
@@ -198,15 +204,15 @@ class MsgpackDecoder:
     def decode(self, data: bytes | memoryview) -> tuple[int, Any]:
         message = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
         message_type = message[0]
-        if message_type == EngineCoreRequestType.ADD and len(message) == 7:
-            return message_type, self._request(message)
-        if message_type == EngineCoreOutputType.OUTPUTS and len(message) == 7:
+        if message_type == EngineCoreRequestType.ADD:
+            return message_type, [self._request(row) for row in message[1]]
+        if message_type == EngineCoreOutputType.OUTPUTS:
             return message_type, self._outputs(message)
         return message_type, message[1]
 
     @staticmethod
-    def _request(message: list) -> EngineCoreRequest:
-        _, request_id, token_ids, sampling, eos, arrival_time, pooling = message
+    def _request(row: list) -> EngineCoreRequest:
+        request_id, token_ids, sampling, eos, arrival_time, pooling = row
         return EngineCoreRequest(
             request_id, token_ids, None if sampling is None else decode_sampling_params(sampling), frozenset(eos),
             arrival_time, None if pooling is None else PoolingParams(pooling_type=pooling[0], normalize=pooling[1]),
