@@ -112,6 +112,12 @@ class EngineCoreService:
     def scheduler_stats(self):
         return self.core.scheduler_stats()
 
+    def shutdown(self) -> None:
+        """Release what the core holds outside this process's memory (a worker process of its own, if any)."""
+        shutdown = getattr(self.core, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
     def call_utility(self, name: str, args: list) -> Any:
         """The utility calls a client may make (benchmarks switch async scheduling between runs)."""
         if name == "set_async_scheduling":
@@ -159,6 +165,11 @@ def run_engine_core_proc(config: EngineConfig, model_dir: Path, input_address: s
             with contextlib.suppress(Exception):
                 outputs.send(encoder.encode(EngineCoreOutputType.DEAD, encode_error(e)))
             exit_code = 1
+        finally:
+            try:
+                service.shutdown()
+            except Exception:
+                logger.exception("the engine core did not shut down cleanly")
     outputs.close()
     inputs.close(linger=0)
     context.term()
