@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                show_progress=False, batch_invariant=True),
     }
     vocab = engines["default"].get_tokenizer().vocab_size
-    dtype = engines["default"].llm_engine.core.dtype
+    dtype = engines["default"].llm_engine.dtype
     results: dict[str, list[dict]] = {name: [] for name in engines}
     for r in range(args.rounds):
         for name, llm in engines.items():

@@ -57,8 +57,8 @@ def start_batch(llm, batch: int, context: int) -> list:
     parents = [engine.add_request(engine.next_request_id(),
                                   {"prompt_token_ids": [rng.randrange(engine.vocab_size) for _ in range(context)]},
                                   params) for _ in range(batch)]
-    requests = [c.request for p in parents for c in p.children]
-    while not all(r.num_computed_tokens >= r.num_prompt_tokens for r in requests):
+    children = [c for p in parents for c in p.children]
+    while not all(c.output_token_ids for c in children):  # every prompt computed: each has sampled a token
         engine.step()
     for _ in range(2):
         engine.step()
@@ -70,18 +70,18 @@ def measure(llm, args: argparse.Namespace, mode: str) -> dict:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
     if mode == "async":
-        engine.core.set_async_scheduling(True)
+        engine.set_async_scheduling(True)
     parents = start_batch(llm, args.batch, args.context)
     timers = StepTimers(engine, cuda=False, final_only=mode != "stream")
     with timers:
         for _ in range(args.steps):
             timers.step()
-    running = engine.core.scheduler.num_running
+    running = engine.scheduler_stats.num_running
     if running != args.batch:
         raise RuntimeError(f"{running} requests were decoding at the end instead of {args.batch}")
     engine.abort_request([p.request_id for p in parents])
     if mode == "async":
-        engine.core.set_async_scheduling(False)
+        engine.set_async_scheduling(False)
     summary = timers.summary()
     device_ms = summary.get("forward_gpu_ms", 0.0) + summary.get("logits_gpu_ms", 0.0)
     summary["model_ms"] = device_ms

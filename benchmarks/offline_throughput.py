@@ -179,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
         max_num_seqs=args.max_num_seqs,
         seed=args.seed,
     )
-    core = llm.llm_engine.core
     requests = random_requests(
         llm.get_tokenizer(),
         args.num_prompts,
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_range(args.output_len),
         seed=args.seed,
     )
-    dtype_name = str(core.dtype).removeprefix("torch.")
+    dtype_name = llm.llm_engine.dtype
     print(
         f"model {llm.llm_engine.model_dir}, dtype {dtype_name}, {torch.get_num_threads()} threads, "
         f"{len(requests)} requests, {sum(r.prompt_len for r in requests)} prompt tokens, "
@@ -215,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.skip_transformers:
         batch_size = args.hf_batch_size or len(requests)
-        hf = run_transformers(llm.llm_engine.model_dir, core.dtype, requests, batch_size, use_tqdm)
+        hf = run_transformers(llm.llm_engine.model_dir, getattr(torch, dtype_name), requests, batch_size, use_tqdm)
         # Greedy first tokens should mostly agree (same prompts; low precision can flip near-ties).
         first_ok = sum(1 for i, r in enumerate(requests) if hf["first_tokens"][i] == _tokenmill_first(llm, r))
         del hf["first_tokens"]

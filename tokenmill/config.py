@@ -206,54 +206,12 @@ class EngineConfig:
     distributed_executor_backend: str = "uni"
 
     @classmethod
-    def from_kwargs(
-        cls,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        block_size: int = 16,
-        enable_prefix_caching: bool = True,
-        kv_cache_memory: int | str | None = None,
-        gpu_memory_utilization: float = 0.9,
-        seed: int = 0,
-        device: str = "auto",
-        tensor_parallel_size: int = 1,
-        chat_template: str | None = None,
-        enforce_eager: bool = False,
-        async_scheduling: bool = False,
-        pooling_type: str = "LAST",
-        revision: str | None = None,
-        download_dir: str | None = None,
-        batch_invariant: bool | None = None,
-        structured_outputs_backend: str = "auto",
-        structured_outputs_compile_timeout: float = 10.0,
-        distributed_executor_backend: str = "uni",
-    ) -> EngineConfig:
-        """The config from vLLM-named keyword arguments (those of LLM(...) and the serve flags), validated.
-        batch_invariant=None reads TOKENMILL_BATCH_INVARIANT."""
-        if batch_invariant is None:
-            batch_invariant = batch_invariant_from_env()
-        config = cls(
-            model=ModelConfig(model=None if model is None else str(model), dtype=dtype, max_model_len=max_model_len,
-                              seed=seed, device=device, chat_template=chat_template, enforce_eager=enforce_eager,
-                              pooling_type=str(pooling_type).upper(), revision=revision,
-                              download_dir=None if download_dir is None else str(download_dir),
-                              batch_invariant=batch_invariant),
-            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
-                              gpu_memory_utilization=gpu_memory_utilization,
-                              enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                      async_scheduling=async_scheduling),
-            structured_outputs=StructuredOutputsConfig(backend=structured_outputs_backend,
-                                                       compile_timeout_s=structured_outputs_compile_timeout),
-            tensor_parallel_size=tensor_parallel_size,
-            distributed_executor_backend=distributed_executor_backend,
-        )
-        config.validate()
-        return config
+    def from_kwargs(cls, model: str | None = None, **kwargs) -> EngineConfig:
+        """The config from vLLM-named keyword arguments (those of LLM(...) and the serve flags: EngineArgs'
+        fields), validated. batch_invariant=None reads TOKENMILL_BATCH_INVARIANT."""
+        from tokenmill.engine.arg_utils import EngineArgs
+
+        return EngineArgs.from_kwargs(model, **kwargs).create_engine_config()
 
     def validate(self) -> None:
         self.model.validate()

@@ -255,10 +255,12 @@ class Bench:
         from benchmarks.gpu.engine_hooks import kv_bytes_per_token, weight_bytes_read_per_step
 
         core = llm.llm_engine.core
-        requests, parents = self._start_requests(llm, batch, self.args.context)
+        children, parents = self._start_requests(llm, batch, self.args.context)
+        # Tokens each sequence attends over: its prompt and outputs so far, one more per step.
+        start_tokens = sum(self.args.context + len(c.output_token_ids) for c in children)
         seq_tokens, times = [], []
-        for _ in range(self.args.decode_steps):
-            seq_tokens.append(sum(r.num_computed_tokens + 1 for r in requests))
+        for i in range(self.args.decode_steps):
+            seq_tokens.append(start_tokens + i * len(children))
             t0 = time.perf_counter()
             core.step()  # synchronizes the GPU before it returns
             times.append(time.perf_counter() - t0)
@@ -286,12 +288,12 @@ class Bench:
         parents = [engine.add_request(engine.next_request_id(),
                                       {"prompt_token_ids": [rng.randrange(vocab) for _ in range(context)]}, params)
                    for _ in range(batch)]
-        requests = [c.request for p in parents for c in p.children]
-        while not all(r.num_computed_tokens >= r.num_prompt_tokens for r in requests):
+        children = [c for p in parents for c in p.children]
+        while not all(c.output_token_ids for c in children):  # every prompt computed: each sampled a token
             engine.step()
         for _ in range(3):  # warm-up decode steps
             engine.step()
-        return requests, parents
+        return children, parents
 
     # ---- 4(d). CPU side as a share of the step ------------------------------------------------------------
     def overhead(self, llm, batch: int, async_scheduling: bool = False) -> dict:
@@ -299,16 +301,16 @@ class Bench:
         from benchmarks.gpu.engine_hooks import StepTimers
 
         engine = llm.llm_engine
-        engine.core.set_async_scheduling(async_scheduling)
+        engine.set_async_scheduling(async_scheduling)
         try:
-            requests, parents = self._start_requests(llm, batch, self.args.context)
+            _, parents = self._start_requests(llm, batch, self.args.context)
             timers = StepTimers(engine, cuda=self.cuda, final_only=True)
             with timers:
                 for _ in range(self.args.decode_steps):
                     timers.step()
             engine.abort_request([p.request_id for p in parents])
         finally:
-            engine.core.set_async_scheduling(False)
+            engine.set_async_scheduling(False)
         return {"batch": batch, "context": self.args.context, "async_scheduling": async_scheduling,
                 **timers.summary()}
 
@@ -326,20 +328,20 @@ class Bench:
         return prompts, max_tokens
 
     def workload(self, llm, async_scheduling: bool = False) -> dict:
-        core = llm.llm_engine.core
-        core.set_async_scheduling(async_scheduling)
+        engine = llm.llm_engine
+        engine.set_async_scheduling(async_scheduling)
         try:
             return self._workload(llm) | {"async_scheduling": async_scheduling}
         finally:
-            core.set_async_scheduling(False)
+            engine.set_async_scheduling(False)
 
     def _workload(self, llm) -> dict:
         from tokenmill import SamplingParams
 
         prompts, max_tokens = self.workload_requests(llm.llm_engine.vocab_size)
-        core = llm.llm_engine.core
+        engine = llm.llm_engine
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-        steps0, busy0 = core.num_steps, core.busy_seconds
+        before = engine.scheduler_stats
         params = [SamplingParams(max_tokens=m, ignore_eos=True, temperature=0) for m in max_tokens]
         self.sync()
         t0 = time.perf_counter()
@@ -350,7 +352,8 @@ class Bench:
             raise RuntimeError(f"generated {generated} tokens, asked for {sum(max_tokens)}")
         return {"num_seqs": len(prompts), "input_tokens": sum(map(len, prompts)), "output_tokens": generated,
                 "seconds": seconds, "output_tok_per_s": generated / seconds,
-                "num_steps": core.num_steps - steps0, "busy_seconds": core.busy_seconds - busy0}
+                "num_steps": engine.scheduler_stats.num_steps - before.num_steps,
+                "busy_seconds": engine.scheduler_stats.busy_seconds - before.busy_seconds}
 
     def hf_generate(self, path: Path) -> dict:
         """transformers' generate on the same requests: batches of --hf-batch, left-padded, greedy, each batch

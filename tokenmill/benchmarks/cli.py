@@ -210,11 +210,10 @@ def _run_throughput(args: argparse.Namespace) -> int:
     percentiles = _percentiles(args.percentiles)
     llm = LLM(args.model, **engine_kwargs(args))
     requests = build_requests(args, llm.get_tokenizer())
-    core = llm.llm_engine.core
     header = run_header("throughput")
     header.update(
         model=str(llm.llm_engine.model_dir),
-        dtype=str(core.dtype).removeprefix("torch."),
+        dtype=llm.llm_engine.dtype,
         engine={k: v for k, v in engine_kwargs(args).items() if k != "chat_template"},
         dataset=_dataset_record(args, requests),
     )

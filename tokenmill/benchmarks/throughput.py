@@ -2,7 +2,8 @@
 
 Requests are added to the engine when their arrival time has come and fewer than max_concurrency are in flight
 (no limit and an infinite rate = everything queued at once, as LLM.generate does). Each engine step's outputs
-are timestamped when the step returns, which gives TTFT, ITL, TPOT and latency per request without a server.
+carry the step's timestamp; RequestTimings (the engine's own stats, tokenmill.metrics.stats) turns them into
+TTFT, ITL, TPOT and latency per request without a server.
 Optionally a few engine steps at full batch are profiled (torch operators and tokenmill's Python stages), to
 show where a step's time goes.
 """
@@ -22,16 +23,17 @@ from tqdm.auto import tqdm
 from tokenmill.benchmarks.datasets import SampleRequest
 from tokenmill.benchmarks.load import arrival_offsets
 from tokenmill.benchmarks.metrics import RequestResult
+from tokenmill.metrics.stats import RequestTimings
 
 
 @dataclass
 class _InFlight:
     index: int
-    sent: float
-    num_tokens: int = 0
-    first_token: float | None = None
-    last_token: float | None = None
-    itl: list[float] = field(default_factory=list)
+    timings: RequestTimings
+
+    @property
+    def started(self) -> bool:
+        return self.timings.first_token_time[0] is not None
 
 
 @dataclass
@@ -57,8 +59,7 @@ class OfflineRun:
 
 def reset_prefix_cache(llm) -> bool:
     """Forget cached prefixes between runs, so a run does not reuse an earlier run's KV blocks."""
-    manager = getattr(llm.llm_engine.core, "kv_cache_manager", None)
-    return bool(manager is not None and manager.reset_prefix_cache())
+    return llm.llm_engine.reset_prefix_cache()
 
 
 def warm_up(llm, num_warmups: int = 1, prompt_len: int = 16, output_len: int = 4) -> None:
@@ -93,7 +94,6 @@ def run_offline(
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
     engine = llm.llm_engine
-    core = engine.core
     offsets = arrival_offsets(len(requests), request_rate, burstiness, seed)
     pending = deque(range(len(requests)))
     in_flight: dict[str, _InFlight] = {}  # request_id -> its timings so far
@@ -101,9 +101,10 @@ def run_offline(
     token_ids: list[list[int]] = [[] for _ in requests]
     full_batch = min(max_concurrency or len(requests), len(requests))
     profiler = StepProfiler(profile_steps) if profile_steps > 0 else None
-    steps_before, busy_before = core.num_steps, core.busy_seconds
+    stats_before = engine.scheduler_stats
     bar = tqdm(total=len(requests), desc="Benchmark", unit="req", disable=not use_tqdm)
     start = time.perf_counter()
+    start_wall = time.time()
     try:
         while pending or in_flight:
             now = time.perf_counter()
@@ -118,13 +119,14 @@ def run_offline(
                 params = SamplingParams(
                     max_tokens=request.expected_output_len, ignore_eos=True, temperature=0.0
                 )
+                arrival = time.time()
                 engine.add_request(
                     request_id,
                     {"prompt": request.prompt, "prompt_token_ids": request.prompt_token_ids},
                     params,
-                    arrival_time=time.time(),
+                    arrival_time=arrival,
                 )
-                in_flight[request_id] = _InFlight(index, time.perf_counter())
+                in_flight[request_id] = _InFlight(index, RequestTimings(arrival, 1))
             if not in_flight:
                 time.sleep(max(0.0, start + offsets[pending[0]] - time.perf_counter()))
                 continue
@@ -136,22 +138,15 @@ def run_offline(
                 outputs = profiler.step(engine)
             else:
                 outputs = engine.step()
-            now = time.perf_counter()
+            now = engine.last_step_time
             for output in outputs:
                 entry = in_flight.get(output.request_id)
                 if entry is None:
                     continue
-                num_tokens = len(output.outputs[0].token_ids)
-                if num_tokens > entry.num_tokens:
-                    if entry.first_token is None:
-                        entry.first_token = now
-                    else:
-                        entry.itl.append(now - entry.last_token)
-                    entry.last_token = now
-                    entry.num_tokens = num_tokens
+                entry.timings.observe(output, now)
                 if output.finished:
                     del in_flight[output.request_id]
-                    results[entry.index] = _result(requests[entry.index], entry, now, start)
+                    results[entry.index] = _result(requests[entry.index], entry.timings, now, start_wall)
                     token_ids[entry.index] = list(output.outputs[0].token_ids)
                     bar.update(1)
     except BaseException:
@@ -165,8 +160,8 @@ def run_offline(
     return OfflineRun(
         results=[r for r in results if r is not None],
         duration_s=duration,
-        num_steps=core.num_steps - steps_before,
-        busy_seconds=core.busy_seconds - busy_before,
+        num_steps=engine.scheduler_stats.num_steps - stats_before.num_steps,
+        busy_seconds=engine.scheduler_stats.busy_seconds - stats_before.busy_seconds,
         profile=profiler.report if profiler is not None else None,
         token_ids=token_ids,
     )
@@ -174,20 +169,18 @@ def run_offline(
 
 def _at_full_decode(in_flight: dict[str, _InFlight], full_batch: int, pending: deque) -> bool:
     """Every admitted request is decoding and the batch is as large as the load allows (steady state)."""
-    return (len(in_flight) >= full_batch or not pending) and all(
-        e.first_token is not None for e in in_flight.values()
-    )
+    return (len(in_flight) >= full_batch or not pending) and all(e.started for e in in_flight.values())
 
 
-def _result(request: SampleRequest, entry: _InFlight, finished: float, start: float) -> RequestResult:
-    first = entry.first_token if entry.first_token is not None else finished
+def _result(request: SampleRequest, timings: RequestTimings, finished: float, start: float) -> RequestResult:
+    ttft = timings.ttft
     return RequestResult(
         prompt_len=request.prompt_len,
-        output_len=entry.num_tokens,
-        ttft=first - entry.sent,
-        latency=finished - entry.sent,
-        itl=entry.itl,
-        start_time=entry.sent - start,
+        output_len=timings.num_seen[0],
+        ttft=ttft if ttft is not None else timings.e2e_latency(finished),
+        latency=timings.e2e_latency(finished),
+        itl=list(timings.inter_token_latencies),
+        start_time=timings.arrival_time - start,
     )
 
 
@@ -201,7 +194,7 @@ class StepProfiler:
         self.row_limit = row_limit
         self.count = 0
         self.report: str | None = None
-        self._core = None
+        self._engine = None
         self._torch_profile = None
         self._python_profile = cProfile.Profile()
         self._header = ""
@@ -218,10 +211,11 @@ class StepProfiler:
         """One engine step under the profiler of its turn; returns the step's outputs."""
         import torch.profiler
 
-        core = self._core = engine.core
+        self._engine = engine
         if self.count == 0:
-            self._batch = len(core.scheduler.running)
-            self._busy, self._steps, self._wall = core.busy_seconds, core.num_steps, time.perf_counter()
+            stats = engine.scheduler_stats
+            self._batch = stats.num_running
+            self._busy, self._steps, self._wall = stats.busy_seconds, stats.num_steps, time.perf_counter()
             self._torch_profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self._torch_profile.__enter__()
         elif self.count == self.num_steps:
@@ -262,11 +256,11 @@ class StepProfiler:
 
     def _stop_torch_profile(self) -> None:
         self._torch_profile.__exit__(None, None, None)
-        core = self._core
-        steps = max(core.num_steps - self._steps, 1)
+        stats = self._engine.scheduler_stats
+        steps = max(stats.num_steps - self._steps, 1)
         self._header = (
             f"Profile of {steps} engine steps at {self._batch} running requests: "
             f"{1000 * (time.perf_counter() - self._wall) / steps:.2f} ms/step wall, "
-            f"{1000 * (core.busy_seconds - self._busy) / steps:.2f} ms/step from launch to collection "
+            f"{1000 * (stats.busy_seconds - self._busy) / steps:.2f} ms/step from launch to collection "
             "(both under the profiler)"
         )

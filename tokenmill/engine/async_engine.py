@@ -6,7 +6,11 @@ Threading contract
   one (client gone) frees its KV blocks at the next step.
 - After a step, one loop.call_soon_threadsafe hands all outputs of that step to the event loop, which puts
   each one into its request's RequestStream.
-- An idle engine blocks on the inbox: no spinning.
+- An idle engine blocks on the inbox: no spinning. With the engine core in another process the engine thread
+  is the output thread: it waits for the core's next step outputs, and the event loop wakes it when it puts a
+  command into the inbox.
+- If the engine core process dies, every request in flight fails with EngineDeadError at once and the
+  on_dead callbacks run on the event loop (the server turns /health to 503 and exits non-zero).
 
 Outputs are cumulative (RequestOutput.outputs[i].text holds all text so far), so a reader that falls behind
 skips intermediate outputs without losing anything: the stream keeps only the latest one.
@@ -20,19 +24,16 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from tokenmill.engine.core_client import EngineDeadError
 from tokenmill.engine.llm_engine import LLMEngine, _Parent, _PoolingParent
-from tokenmill.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats, StatLogger
+from tokenmill.metrics.stats import IterationStats, RequestTimings, SchedulerStats, StatLogger
 from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger("tokenmill.async_engine")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop is not running (stopped, or never started)."""
 
 
 class EngineStepError(RuntimeError):
@@ -88,6 +89,10 @@ class _Abort:
 
 
 _STOP = object()
+# Put into the inbox when the engine core process died: the engine thread stops.
+_DEAD = object()
+
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineStepError", "RequestStream"]
 
 
 @dataclass
@@ -96,11 +101,8 @@ class _Tracked:
 
     parent: _Parent | _PoolingParent  # its output() works after an abort too
     feature: str | None
-    arrival_time: float
+    timings: RequestTimings
     num_prompt_tokens: int
-    # One entry per sample: output tokens seen so far, and when the last one arrived.
-    num_seen: list[int] = field(default_factory=list)
-    last_token_time: list[float] = field(default_factory=list)
     prompt_counted: bool = False
 
 
@@ -115,16 +117,41 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}
         # request_id -> tracking state; owned by the engine thread.
         self._tracked: dict[str, _Tracked] = {}
+        # request_id -> tracking state of an aborted request until its final metrics arrive; engine thread.
+        self._aborting: dict[str, _Tracked] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
-        # Replaced (never mutated) by the engine thread after every iteration; safe to read from any thread.
-        self.scheduler_stats = self._snapshot()
+        # A wake-up of the engine thread is scheduled on the event loop (_wake_engine).
+        self._wake_pending = False
+        # What the engine died of (None while it lives).
+        self.dead_error: BaseException | None = None
+        self._on_dead: list = []
+        # The client's death callback: runs on its monitor thread.
+        engine.engine_core.add_dead_callback(self._engine_died)
+
+    @property
+    def scheduler_stats(self) -> SchedulerStats:
+        """The scheduler's stats that came with the last step's outputs; safe to read from any thread."""
+        return self.engine.scheduler_stats
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopped.is_set()
+        return (self._thread is not None and self._thread.is_alive() and not self._stopped.is_set()
+                and self.dead_error is None)
+
+    def on_dead(self, callback) -> None:
+        """callback(error) runs on the event loop if the engine (its process) dies."""
+        self._on_dead.append(callback)
+
+    def _engine_died(self, error: BaseException) -> None:
+        """On the client's monitor thread: stop the engine thread, fail every request, tell the listeners."""
+        self.dead_error = error
+        self._inbox.put(_DEAD)
+        self._call_soon(self._fail_all_streams, EngineDeadError(f"the engine died: {error}"))
+        for callback in self._on_dead:
+            self._call_soon(callback, error)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -138,7 +165,9 @@ class AsyncLLMEngine:
         if self._thread is None:
             return
         self._inbox.put(_STOP)
+        self.engine.engine_core.wake()
         self._thread.join(timeout)
+        self.engine.shutdown()
         for stat_logger in self.stat_loggers:
             try:
                 stat_logger.close()
@@ -197,6 +226,7 @@ class AsyncLLMEngine:
         stream = RequestStream()
         self._streams[request_id] = stream
         self._inbox.put(_Add(request_id, prompt, params, arrival_time or time.time(), feature))
+        self._wake_engine()
         finished = False
         try:
             while not finished:
@@ -214,8 +244,22 @@ class AsyncLLMEngine:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             self._inbox.put(_Abort(request_id))
+            self._wake_engine()
             if error is not None:
                 stream.fail(error)
+
+    def _wake_engine(self) -> None:
+        """Wake the engine thread (waiting for the engine core's outputs) once the event loop's current round is
+        over: the requests one HTTP request submits together (several prompts, n > 1 streams) then reach the
+        engine core in one message and start in the same step, whatever the timing."""
+        if not self._wake_pending:
+            self._wake_pending = True
+            assert self._loop is not None
+            self._loop.call_soon(self._wake_now)
+
+    def _wake_now(self) -> None:
+        self._wake_pending = False
+        self.engine.engine_core.wake()
 
     def abort_all(self, error: BaseException) -> int:
         """Abort every request in flight, failing each reader with error; returns how many there were."""
@@ -249,10 +293,12 @@ class AsyncLLMEngine:
         try:
             while True:
                 # Block only when there is nothing to step: an idle engine sleeps on the inbox.
-                commands = self._drain(block=not self.engine.has_unfinished_requests())
+                commands = self._drain(block=not self._engine_busy())
                 if commands is None:
                     break
                 self._iterate(commands)
+        except EngineDeadError as e:  # the engine core process died
+            self._call_soon(self._fail_all_streams, EngineDeadError(f"the engine died: {e}"))
         except BaseException as e:  # a bug in the loop itself: fail every waiting request, do not hang them
             logger.exception("the engine loop crashed")
             self._call_soon(self._fail_all_streams, EngineDeadError(f"the engine loop crashed: {e!r}"))
@@ -261,7 +307,18 @@ class AsyncLLMEngine:
             ids = list(self._tracked)
             if ids:
                 self.engine.abort_request(ids)
+            if self._aborting:
+                stats = IterationStats(timestamp=time.time())
+                self._finish_aborted(stats)
+                self._log_stats(stats)
             self._call_soon(self._fail_all_streams, EngineDeadError("the engine was shut down"))
+
+    def _engine_busy(self) -> bool:
+        """Requests in flight, or a core whose last stats still show requests (aborted ones it has not let go
+        of yet): its next outputs are due."""
+        stats = self.engine.scheduler_stats
+        return (self.engine.has_unfinished_requests() or bool(self._aborting)
+                or bool(stats.num_running or stats.num_waiting))
 
     def _drain(self, block: bool) -> list | None:
         """The commands waiting in the inbox (waiting for one if block); None when asked to stop."""
@@ -271,6 +328,8 @@ class AsyncLLMEngine:
             while True:
                 if item is _STOP:
                     return None
+                if item is _DEAD:
+                    raise EngineDeadError(str(self.dead_error))
                 commands.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
@@ -294,10 +353,11 @@ class AsyncLLMEngine:
             else:
                 self._abort(command.request_id, stats)
         outputs: list[RequestOutput | EmbeddingRequestOutput] = []
-        steps_before = self.engine.core.num_steps
-        if self.engine.has_unfinished_requests():
+        if self._engine_busy():
             try:
                 outputs = self.engine.step()
+            except EngineDeadError:
+                raise
             except Exception as e:
                 logger.exception("engine step failed; aborting the %d requests in flight", len(self._tracked))
                 error = EngineStepError(f"the engine failed while running this request: {e!r}")
@@ -307,17 +367,16 @@ class AsyncLLMEngine:
         for request_id, failure in self.engine.take_errors().items():
             self._abort(request_id, stats)
             errors.append((request_id, failure))
-        now = time.time()
+        if self._aborting:
+            self._finish_aborted(stats, self.engine.take_aborted())
+        # Token times are those of the engine step that produced the tokens.
+        now = self.engine.last_step_time or time.time()
         stats.timestamp = now
         for output in outputs:
             self._account(output, now, stats)
         if outputs or errors:
             self._call_soon(self._dispatch, outputs, errors)
-        self.scheduler_stats = self._snapshot()
         self._log_stats(stats)
-        if self.engine.has_unfinished_requests() and self.engine.core.num_steps == steps_before and not commands:
-            # Nothing could be scheduled (should not happen): wait briefly instead of spinning.
-            time.sleep(0.005)
 
     def _add(self, command: _Add, errors: list) -> None:
         parent: _Parent | _PoolingParent
@@ -328,13 +387,14 @@ class AsyncLLMEngine:
             else:
                 parent = self.engine.add_request(command.request_id, command.prompt, command.params,
                                                  command.arrival_time)
+        except EngineDeadError:
+            raise
         except Exception as e:  # ValueError for a bad prompt; it fails this request alone
             errors.append((command.request_id, e))
             return
-        n = parent.num_samples
         self._tracked[command.request_id] = _Tracked(
-            parent, command.feature, command.arrival_time, len(parent.prompt_token_ids),
-            num_seen=[0] * n, last_token_time=[0.0] * n,
+            parent, command.feature, RequestTimings(command.arrival_time, parent.num_samples),
+            len(parent.prompt_token_ids),
         )
 
     def _abort(self, request_id: str, stats: IterationStats) -> None:
@@ -342,63 +402,35 @@ class AsyncLLMEngine:
         if tracked is None:
             return  # finished in the meantime (its final output is on its way) or never added
         self.engine.abort_request(request_id)
-        stats.finished_requests.append(self._finished_stats(tracked, tracked.parent.output(), "abort", time.time()))
+        if self.engine.is_aborting(request_id):
+            # Its stats once the engine reports what the steps under way cost it (the next outputs).
+            self._aborting[request_id] = tracked
+        else:
+            output = tracked.parent.output()
+            stats.finished_requests.append(tracked.timings.finished(output, "abort", time.time(), tracked.feature))
+
+    def _finish_aborted(self, stats: IterationStats, outputs: list | None = None) -> None:
+        """Stats of aborted requests whose final metrics arrived (outputs None: all of them, as they stand)."""
+        if outputs is None:
+            outputs = [t.parent.output() for t in self._aborting.values()]
+        for output in outputs:
+            tracked = self._aborting.pop(output.request_id, None)
+            if tracked is not None:
+                stats.finished_requests.append(tracked.timings.finished(output, "abort", time.time(),
+                                                                        tracked.feature))
 
     def _account(self, output: RequestOutput | EmbeddingRequestOutput, now: float, stats: IterationStats) -> None:
         tracked = self._tracked.get(output.request_id)
         if tracked is None:
             return
-        if isinstance(output, EmbeddingRequestOutput):  # one output, finished: its prompt is all it computed
-            del self._tracked[output.request_id]
+        num_new = tracked.timings.observe(output, now, stats)
+        if num_new and not tracked.prompt_counted:
+            tracked.prompt_counted = True
             stats.num_prompt_tokens += tracked.num_prompt_tokens
-            stats.finished_requests.append(self._finished_stats(tracked, output, "stop", now))
-            return
-        for completion in output.outputs:
-            i = completion.index
-            num_tokens = len(completion.token_ids)
-            num_new = num_tokens - tracked.num_seen[i]
-            if num_new <= 0:
-                continue
-            if tracked.num_seen[i] == 0:
-                stats.time_to_first_tokens.append(now - tracked.arrival_time)
-                if not tracked.prompt_counted:
-                    tracked.prompt_counted = True
-                    stats.num_prompt_tokens += tracked.num_prompt_tokens
-            else:
-                stats.inter_token_latencies.append(now - tracked.last_token_time[i])
-            stats.num_generation_tokens += num_new
-            tracked.num_seen[i] = num_tokens
-            tracked.last_token_time[i] = now
         if output.finished:
             del self._tracked[output.request_id]
-            reason = output.outputs[0].finish_reason or "stop"
-            stats.finished_requests.append(self._finished_stats(tracked, output, reason, now))
-
-    @staticmethod
-    def _finished_stats(tracked: _Tracked, output: RequestOutput | EmbeddingRequestOutput, reason: str, now: float
-                        ) -> FinishedRequestStats:
-        m = output.metrics
-        arrival = tracked.arrival_time
-        num_tokens = [len(c.token_ids) for c in output.outputs] if isinstance(output, RequestOutput) else [0]
-        tpot = None
-        if m is not None and m.first_token_time is not None and m.last_token_time is not None and max(num_tokens) > 1:
-            tpot = (m.last_token_time - m.first_token_time) / (max(num_tokens) - 1)
-        return FinishedRequestStats(
-            request_id=output.request_id,
-            feature=tracked.feature,
-            finish_reason=reason,
-            num_prompt_tokens=tracked.num_prompt_tokens,
-            num_cached_tokens=output.num_cached_tokens,
-            num_generation_tokens=sum(num_tokens),
-            e2e_latency=max(0.0, ((m.finished_time if m and m.finished_time else None) or now) - arrival),
-            queue_time=(m.first_scheduled_time - arrival) if m and m.first_scheduled_time else None,
-            ttft=(m.first_token_time - arrival) if m and m.first_token_time else None,
-            mean_time_per_output_token=tpot,
-            gpu_seconds=m.compute_seconds if m else 0.0,
-        )
-
-    def _snapshot(self) -> SchedulerStats:
-        return self.engine.core.scheduler_stats()
+            reason = output.outputs[0].finish_reason or "stop" if isinstance(output, RequestOutput) else "stop"
+            stats.finished_requests.append(tracked.timings.finished(output, reason, now, tracked.feature))
 
     def _log_stats(self, stats: IterationStats) -> None:
         iteration = None if stats.is_empty else stats

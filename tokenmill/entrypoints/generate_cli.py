@@ -11,76 +11,17 @@ if TYPE_CHECKING:
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Engine flags shared by every command that builds an engine (names as `vllm serve`)."""
-    parser.add_argument("model", nargs="?", default=None,
-                        help="Hugging Face model directory, .gguf file or hub id such as Qwen/Qwen2.5-0.5B-Instruct "
-                             "(default: bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--revision", default=None,
-                        help="hub ids: the branch, tag or commit to load (default: main)")
-    parser.add_argument("--download-dir", default=None,
-                        help="hub ids: the Hugging Face cache directory to download into and load from (default: "
-                             "$HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub); HF_HUB_OFFLINE=1 only reads it")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                        help="weights and activations dtype; auto = bf16 where the hardware runs it fast")
-    parser.add_argument("--max-model-len", type=int, default=None,
-                        help="longest prompt + output in tokens (default: the model's limit, capped by the KV cache)")
-    parser.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
-                        help="most tokens computed per engine step (default 2048 on CPU, 8192 on CUDA)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    parser.add_argument("--kv-cache-memory", default=None,
-                        help="KV cache size in bytes or with a unit, e.g. 2GiB (CPU default: 4 GiB or 1/4 of RAM)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                        help="fraction of GPU memory the engine may use (CUDA)")
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                        help="reuse KV blocks of shared prompt prefixes")
-    parser.add_argument("--seed", type=int, default=0, help="seed for requests without their own")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                        help="number of GPUs to shard the model over (only 1 is supported yet)")
-    parser.add_argument("--enforce-eager", action="store_true",
-                        help="CUDA: always run eagerly, never replay captured CUDA graphs for decode steps")
-    parser.add_argument("--async-scheduling", action="store_true",
-                        help="launch each step before the previous one's tokens reach the host, hiding the "
-                             "scheduling and output work behind the GPU's (one wasted token per stop)")
-    parser.add_argument("--pooling-type", default="LAST", type=str.upper, choices=["LAST", "MEAN"],
-                        help="how /v1/embeddings pools the prompt's final hidden states: the last token's, or "
-                             "their mean (vectors are L2-normalized)")
-    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
-                        help="kernels whose results do not depend on the batch: greedy and seeded outputs are "
-                             "identical whatever else runs, at a cost in throughput (CPU only; default: the "
-                             "TOKENMILL_BATCH_INVARIANT environment variable, else off)")
-    parser.add_argument("--structured-outputs-backend", default="auto", choices=["auto", "xgrammar", "guidance"],
-                        help="grammar library for structured outputs (JSON schema, regex, choice, grammar): auto "
-                             "uses xgrammar, and llguidance where xgrammar cannot enforce the specification")
-    parser.add_argument("--structured-outputs-compile-timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="seconds a request's grammar may take to compile; past it that request fails alone")
-    parser.add_argument("--chat-template", default=None,
-                        help="Jinja chat template (a file path or the template text) overriding the model's")
+    """Engine flags shared by every command that builds an engine (names as `vllm serve`): EngineArgs' fields."""
+    from tokenmill.engine.arg_utils import EngineArgs
+
+    EngineArgs.add_cli_args(parser)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    """LLM(...) keyword arguments from the parsed engine flags."""
-    chat_template = args.chat_template
-    if chat_template is not None:
-        from pathlib import Path
+    """LLM(...) keyword arguments from the parsed engine flags (the model left out)."""
+    from tokenmill.engine.arg_utils import EngineArgs
 
-        path = Path(chat_template)
-        if path.is_file():
-            chat_template = path.read_text()
-    return dict(
-        dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, device=args.device,
-        tensor_parallel_size=args.tensor_parallel_size, chat_template=chat_template,
-        enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
-        pooling_type=args.pooling_type,
-        revision=args.revision, download_dir=args.download_dir,
-        batch_invariant=args.batch_invariant,
-        structured_outputs_backend=args.structured_outputs_backend,
-        structured_outputs_compile_timeout=args.structured_outputs_compile_timeout,
-    )
+    return EngineArgs.from_cli_args(args).kwargs()
 
 
 # Defaults of `generate` and `chat`: sampled text, a little nudged away from repeats. Greedy decoding of small

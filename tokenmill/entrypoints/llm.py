@@ -8,7 +8,8 @@ from typing import Any, cast
 
 from tqdm.auto import tqdm
 
-from tokenmill.config import EngineConfig
+from tokenmill.engine.arg_utils import EngineArgs
+from tokenmill.engine.core_client import multiprocess_from_env
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
@@ -30,40 +31,17 @@ class LLM:
         self,
         model: str | None = None,
         *,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        block_size: int = 16,
-        enable_prefix_caching: bool = True,
-        kv_cache_memory: int | str | None = None,
-        gpu_memory_utilization: float = 0.9,
-        seed: int = 0,
-        device: str = "auto",
-        tensor_parallel_size: int = 1,
-        chat_template: str | None = None,
-        enforce_eager: bool = False,
-        async_scheduling: bool = False,
-        pooling_type: str = "LAST",
-        revision: str | None = None,
-        download_dir: str | None = None,
-        batch_invariant: bool | None = None,
-        structured_outputs_backend: str = "auto",
-        structured_outputs_compile_timeout: float = 10.0,
         show_progress: bool = True,
+        multiprocess: bool | None = None,
+        **kwargs: Any,
     ) -> None:
-        config = EngineConfig.from_kwargs(
-            model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching, kv_cache_memory=kv_cache_memory,
-            gpu_memory_utilization=gpu_memory_utilization, seed=seed, device=device,
-            tensor_parallel_size=tensor_parallel_size, chat_template=chat_template, enforce_eager=enforce_eager,
-            async_scheduling=async_scheduling, pooling_type=pooling_type, revision=revision,
-            download_dir=download_dir, batch_invariant=batch_invariant,
-            structured_outputs_backend=structured_outputs_backend,
-            structured_outputs_compile_timeout=structured_outputs_compile_timeout,
-        )
-        self.llm_engine = LLMEngine(config, show_progress=show_progress)
+        """kwargs: the engine arguments (tokenmill.engine.arg_utils.EngineArgs: dtype, max_model_len,
+        max_num_seqs, kv_cache_memory, ... the same names as the `serve` flags). multiprocess: run the engine core
+        in a child process (default: the TOKENMILL_ENGINE_MULTIPROCESS environment variable, else in this one)."""
+        config = EngineArgs.from_kwargs(model, **kwargs).create_engine_config()
+        if multiprocess is None:
+            multiprocess = multiprocess_from_env()
+        self.llm_engine = LLMEngine(config, show_progress=show_progress, multiprocess=multiprocess)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

@@ -1,13 +1,19 @@
 """Stats handed from the engine loop to the stat loggers (Prometheus, periodic log line, usage log).
 
-The engine thread builds one SchedulerStats and one IterationStats per loop iteration and passes them to every
-StatLogger.record(). Loggers run on the engine thread: they must be quick and must not touch the engine.
+The engine core sends its SchedulerStats with every step's outputs. The front end's engine thread builds one
+IterationStats per loop iteration (token timings through RequestTimings, the one place TTFT, inter-token and
+end-to-end latencies are computed) and passes both to every StatLogger.record(). Loggers run on the engine
+thread: they must be quick and must not touch the engine.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
 
 
 @dataclass(frozen=True)
@@ -86,3 +92,93 @@ class StatLogger(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and release resources at shutdown."""
+
+
+class RequestTimings:
+    """The token timings of one request (all n of its samples), from the timestamps of the engine steps whose
+    outputs carried its tokens. The one place TTFT, inter-token latency, time per output token and end-to-end
+    latency are computed: the server's metrics and the offline benchmark both read them from here."""
+
+    def __init__(self, arrival_time: float, num_samples: int) -> None:
+        # time.time() when the request arrived at the front end.
+        self.arrival_time = arrival_time
+        n = max(num_samples, 1)
+        # Per sample: output tokens seen so far, and the times of its first and latest tokens.
+        self.num_seen = [0] * n
+        self.first_token_time: list[float | None] = [None] * n
+        self.last_token_time: list[float | None] = [None] * n
+        # Seconds between consecutive outputs of a sample, every sample's in order of arrival.
+        self.inter_token_latencies: list[float] = []
+
+    def observe(self, output: RequestOutput | EmbeddingRequestOutput, timestamp: float,
+                stats: IterationStats | None = None) -> int:
+        """Fold in one (cumulative) output that an engine step finished at timestamp; returns the new tokens (a
+        finished pooling request counts as one). The TTFTs and ITLs found are added to stats when given."""
+        from tokenmill.outputs import EmbeddingRequestOutput
+
+        if isinstance(output, EmbeddingRequestOutput):
+            if not output.finished or self.first_token_time[0] is not None:
+                return 0
+            self.first_token_time[0] = self.last_token_time[0] = timestamp
+            return 1
+        total_new = 0
+        for completion in output.outputs:
+            i = completion.index
+            num_tokens = len(completion.token_ids)
+            num_new = num_tokens - self.num_seen[i]
+            if num_new <= 0:
+                continue
+            last = self.last_token_time[i]
+            if last is None:
+                self.first_token_time[i] = timestamp
+                if stats is not None:
+                    stats.time_to_first_tokens.append(timestamp - self.arrival_time)
+            else:
+                self.inter_token_latencies.append(timestamp - last)
+                if stats is not None:
+                    stats.inter_token_latencies.append(timestamp - last)
+            if stats is not None:
+                stats.num_generation_tokens += num_new
+            self.num_seen[i] = num_tokens
+            self.last_token_time[i] = timestamp
+            total_new += num_new
+        return total_new
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from arrival to the first token of any sample (None before it)."""
+        firsts = [t for t in self.first_token_time if t is not None]
+        return min(firsts) - self.arrival_time if firsts else None
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Mean seconds per output token after the first, of the longest sample (None with fewer than 2)."""
+        i = max(range(len(self.num_seen)), key=self.num_seen.__getitem__)
+        first, last = self.first_token_time[i], self.last_token_time[i]
+        if first is None or last is None or self.num_seen[i] < 2:
+            return None
+        return (last - first) / (self.num_seen[i] - 1)
+
+    def e2e_latency(self, end_time: float) -> float:
+        return max(0.0, end_time - self.arrival_time)
+
+    def finished(self, output: RequestOutput | EmbeddingRequestOutput, reason: str, now: float,
+                 feature: str | None) -> FinishedRequestStats:
+        """The request's stats at the end of its life (finished at now, or aborted)."""
+        from tokenmill.outputs import RequestOutput
+
+        m = output.metrics
+        num_generation = sum(len(c.token_ids) for c in output.outputs) if isinstance(output, RequestOutput) else 0
+        return FinishedRequestStats(
+            request_id=output.request_id,
+            feature=feature,
+            finish_reason=reason,
+            num_prompt_tokens=len(output.prompt_token_ids),
+            num_cached_tokens=output.num_cached_tokens,
+            num_generation_tokens=num_generation,
+            e2e_latency=self.e2e_latency(now),
+            queue_time=(m.first_scheduled_time - self.arrival_time) if m and m.first_scheduled_time else None,
+            ttft=self.ttft,
+            mean_time_per_output_token=self.time_per_output_token,
+            gpu_seconds=m.compute_seconds if m else 0.0,
+        )

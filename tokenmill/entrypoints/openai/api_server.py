@@ -84,6 +84,10 @@ from tokenmill.metrics.usage import UsageLogger
 
 logger = logging.getLogger("tokenmill.server")
 
+# Seconds between the engine's death and the server's exit: /health answers 503 meanwhile (load balancers and
+# probes see the failure), and the streams that were running get their error events out.
+ENGINE_DEAD_EXIT_DELAY_S = 1.0
+
 # Paths that need an API key (when keys are configured) and a loaded, non-draining server.
 GUARDED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
@@ -156,10 +160,11 @@ class ServerState:
 
             tracer = RequestTracer(self.config.otlp_traces_endpoint, gpu_hourly_cost=self.config.gpu_hourly_cost)
             stat_loggers.append(tracer)
-        llm_engine = await asyncio.to_thread(LLMEngine, self.engine_config, False)
+        llm_engine = await asyncio.to_thread(LLMEngine, self.engine_config, False, self.config.engine_process)
         self.max_request_body_bytes = (self.config.max_request_body_bytes
                                        or default_max_request_body_bytes(llm_engine.max_model_len))
         self.engine = AsyncLLMEngine(llm_engine, stat_loggers)
+        self.engine.on_dead(self.engine_died)
         self.engine.start()
         args = (self.engine, self.config, self.model_names, self.limiter, self.metrics, self.chat_template,
                 self.request_queue)
@@ -175,13 +180,15 @@ class ServerState:
             serving.tracer = tracer
         if self.status == ServerStatus.LOADING:
             self.status = ServerStatus.OK
-            sizing = llm_engine.core.kv_sizing
+            stats = llm_engine.scheduler_stats
+            num_tokens = stats.num_kv_blocks * stats.block_size
             max_len = llm_engine.max_model_len
             host = self.config.host if self.config.host not in ("0.0.0.0", "::") else "localhost"
             logger.info(
                 "Ready: model %r at http://%s:%d/v1 (KV cache %d blocks x %d = %d tokens; max_model_len %d; "
-                "max concurrency at max_model_len %.2fx)", self.model_names[0], host, self.port,
-                sizing.num_blocks, sizing.block_size, sizing.num_tokens, max_len, sizing.num_tokens / max_len,
+                "max concurrency at max_model_len %.2fx; engine %s)", self.model_names[0], host, self.port,
+                stats.num_kv_blocks, stats.block_size, num_tokens, max_len, num_tokens / max_len,
+                f"process pid {llm_engine.engine_core.proc.pid}" if llm_engine.multiprocess else "in-process",
             )
 
     @property
@@ -193,6 +200,17 @@ class ServerState:
         return self.config.port
 
     # ---- stopping -----------------------------------------------------------------------------------------------
+    def engine_died(self, error: BaseException) -> None:
+        """The engine (its process) died: requests in flight have failed already; /health turns 503 now and the
+        server exits with status 1 shortly after (a supervisor restarts it)."""
+        logger.error("The engine died (%s): failing the requests in flight, then exiting", error)
+        self.status = ServerStatus.FAILED
+        asyncio.get_running_loop().call_later(ENGINE_DEAD_EXIT_DELAY_S, self._exit_after_engine_death)
+
+    def _exit_after_engine_death(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+
     async def drain(self) -> None:
         """Refuse new requests, let the ones in flight finish (bounded), then stop the server."""
         if self.status != ServerStatus.FAILED:
@@ -427,7 +445,8 @@ def _status_error(status: ServerStatus) -> OpenAIError:
     if status == ServerStatus.DRAINING:
         return unavailable("The server is shutting down and takes no new requests: retry on another replica.",
                            "server_draining", retry_after=5)
-    return unavailable("The engine failed to load: see the server log.", "engine_failed", retry_after=60)
+    return unavailable("The engine failed (it did not load, or its process died): see the server log.",
+                       "engine_failed", retry_after=60)
 
 
 # ---- error handlers ------------------------------------------------------------------------------------------------
@@ -784,6 +803,8 @@ def run_server(config: ServerConfig, engine_config: EngineConfig, model_names: l
     state.server = server
     server.run()
     if state.exit_code is not None:
+        if state.engine is not None:
+            state.engine.engine.engine_core.kill()
         # Stopped by a second signal: leave now. The interpreter's native teardown after this point (thread
         # pools of the tensor and tokenizer libraries) takes seconds; logs and the usage log are flushed already.
         logging.shutdown()

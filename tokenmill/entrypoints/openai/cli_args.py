@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from tokenmill.entrypoints.generate_cli import add_engine_args, engine_kwargs
+from tokenmill.entrypoints.generate_cli import add_engine_args
 from tokenmill.entrypoints.openai.server_config import (
     REQUEST_BODY_BYTES_PER_TOKEN,
     ApiKey,
@@ -65,6 +65,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--header-read-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close a connection that has not sent a request's headers this long after connecting "
                         "(or after its previous response)")
+    g.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine core in a child process: the HTTP server and the engine do not share one "
+                        "interpreter, and if the engine dies /health turns 503, requests in flight end with an "
+                        "error and the server exits 1 (--no-engine-process: a thread of the server's process)")
     g.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
                    help="log throughput, running/waiting requests, KV cache usage and prefix hit rate this often "
                         "while busy (0: never)")
@@ -165,6 +169,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         otlp_traces_endpoint=args.otlp_traces_endpoint,
         tool_call_parser=args.tool_call_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
+        engine_process=args.engine_process,
     )
     config.validate()
     return config
@@ -172,12 +177,14 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 def engine_config(args: argparse.Namespace):
     """(EngineConfig, chat template text) from the engine flags, built as LLM(...) builds it."""
-    from tokenmill.config import EngineConfig
+    import dataclasses
 
-    kw = engine_kwargs(args)
+    from tokenmill.engine.arg_utils import EngineArgs, resolve_chat_template
+
+    engine_args = EngineArgs.from_cli_args(args)
     # The server applies the chat template itself (passed to apply_chat_template), so the engine gets none.
-    chat_template = kw.pop("chat_template")
-    config = EngineConfig.from_kwargs(args.model, **kw)
+    chat_template = resolve_chat_template(engine_args.chat_template)
+    config = dataclasses.replace(engine_args, chat_template=None).create_engine_config()
     return config, chat_template
 
 

@@ -112,6 +112,9 @@ class ServerConfig:
     allow_credentials: bool = False
     uvicorn_log_level: str = "info"
     disable_uvicorn_access_log: bool = False
+    # Run the engine core in its own process (the server's event loop and the engine then do not share one
+    # interpreter, and an engine crash cannot take the server down with it); False: in a thread of this process.
+    engine_process: bool = True
     # OTLP/HTTP collector receiving one span per request (None: no tracing). See tokenmill/metrics/tracing.py.
     otlp_traces_endpoint: str | None = None
     # Tool calling (vLLM's flags): the parser of the model's tool-call format (tool_parsers/, e.g. "hermes"),
