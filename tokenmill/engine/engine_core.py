@@ -221,23 +221,6 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
-    def scheduler_stats(self) -> SchedulerStats:
-        """The scheduler's state after the last step (counters cumulative since start); sent with each step's
-        outputs. Reads the scheduler and KV cache manager until the scheduler builds its own stats."""
-        kv = self.kv_cache_manager
-        return SchedulerStats(
-            num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
-            kv_cache_usage=kv.usage,
-            prefix_cache_queries=kv.num_queried_tokens,
-            prefix_cache_hits=kv.num_hit_tokens,
-            num_preemptions=self.scheduler.num_preemptions,
-            busy_seconds=self.busy_seconds,
-            num_steps=self.num_steps,
-            num_kv_blocks=self.kv_sizing.num_blocks,
-            block_size=self.kv_sizing.block_size,
-        )
-
     def set_async_scheduling(self, enabled: bool) -> None:
         """Switch async scheduling on or off between requests (benchmarks compare both on one engine)."""
         if self.has_unfinished_requests() or self._in_flight is not None:

@@ -235,7 +235,7 @@ def logits_processor_classes(params: SamplingParams) -> list[type[LogitsProcesso
     if params.min_tokens > 0:
         classes.append(MinTokensProcessor)
     if params.structured_outputs is not None:
-        classes.append(GrammarMatcher)
+        classes.append(GrammarMatcher)  # type: ignore[type-abstract]  # concrete per backend
     return classes
 
 

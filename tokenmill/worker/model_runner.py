@@ -312,6 +312,6 @@ class ModelRunner:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         targets = torch.tensor(state.prompt_token_ids[first + 1 : end + 1], device=logits.device)
         out.prompt_logprobs[state.request_id] = top_logprobs(
-            logprobs, targets, state.sampling_params.prompt_logprobs
+            logprobs, targets, state.sampling_params.prompt_logprobs or 0
         )
         state.num_prompt_logprobs_done = end

@@ -69,7 +69,7 @@ class MsgpackEncoder:
         return self._packer.pack(value)
 
     def _default(self, obj: Any) -> Any:
-        cls = type(obj)
+        cls: type = type(obj)
         names = _field_names(cls)
         if names is not None:
             return [_DATACLASS_TAG, _class_name(cls), *[getattr(obj, name) for name in names]]
@@ -91,7 +91,7 @@ class MsgpackEncoder:
             return obj.item()
         for base in (int, float, str, bytes, list, dict):  # a subclass of a plain type, as its base
             if isinstance(obj, base):
-                return base(obj)
+                return base(obj)  # type: ignore[arg-type]
         raise TypeError(f"cannot encode {cls.__qualname__} for a process boundary: send plain data")
 
 
@@ -147,7 +147,7 @@ class MsgpackDecoder:
         code = items[0].code
         if code == _DATACLASS:
             cls = self._resolve(items[1])
-            obj = object.__new__(cls)
+            obj: Any = object.__new__(cls)
             names = _field_names(cls)
             assert names is not None  # _resolve admits dataclasses and enums only
             if len(names) != len(items) - 2:
