@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenmill.model.quantization import rtn, unquantized  # noqa: F401  (register their methods)
+from tokenmill.model.quantization import gguf, rtn, unquantized  # noqa: F401  (register their methods)
 from tokenmill.model.quantization.base import (
     LinearMethod,
     QuantizationConfig,
