@@ -74,6 +74,7 @@ def test_quantized_at_load_matches_dequantized_transformers(arch, method, tiny_m
     assert model.weight_bytes() < full.weight_bytes()
 
 
+@pytest.mark.slow  # two engines
 def test_bfloat16_int4_and_int8_run_close_to_full_precision(llama_dir):
     prompts = [[5, 6, 7, 8, 9, 10]]
     for method in ("int8", "int4"):

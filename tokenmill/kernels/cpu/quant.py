@@ -34,8 +34,8 @@ from tokenmill.kernels.cpu import ops
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Rows up to which the packed kernels beat dequantize + dense GEMM on this CPU (AVX512-BF16, no AMX), measured
 # by benchmarks/quant_kernels.py on the bundled model's shapes (BENCHMARKS.md, "Quantized linear kernels").
-INT4_MAX_PACKED_ROWS = 4
-INT8_MAX_PACKED_ROWS = 4
+INT4_MAX_PACKED_ROWS = 8
+INT8_MAX_PACKED_ROWS = 8
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 

@@ -10,9 +10,15 @@
 
 #include "simd.h"
 
-// x [M, K] (row stride x_stride elements; dtype 0 float32, 1 bfloat16) -> float32 [M, K] contiguous.
+// Rows from which the kernels process x in blocks of 8 (each weight chunk widened once per block of rows).
+#define ROW_BLOCK 8
+#define MIN_BLOCKED_ROWS 4
+
+// x [M, K] (row stride x_stride elements; dtype 0 float32, 1 bfloat16) -> float32 [M, K] contiguous, followed
+// by zero rows up to a multiple of ROW_BLOCK.
 static float *to_f32(const void *x, int x_dtype, int64_t x_stride, int64_t M, int64_t K) {
-    float *xf = (float *)malloc(sizeof(float) * (size_t)(M * K));
+    const int64_t padded = (M + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK;
+    float *xf = (float *)calloc((size_t)(padded * K), sizeof(float));
     if (xf == NULL) return NULL;
     for (int64_t m = 0; m < M; m++) {
         if (x_dtype == 0) {
@@ -36,6 +42,33 @@ int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, con
     for (int64_t n = 0; n < N; n++) {
         const int8_t *qr = q + n * K;
         const float *sr = scales + n * num_groups;
+#ifdef TOKENMILL_AVX512_BF16
+        if (M >= MIN_BLOCKED_ROWS) {
+            for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
+                __m512 acc[ROW_BLOCK], part[ROW_BLOCK];
+                for (int i = 0; i < ROW_BLOCK; i++) acc[i] = _mm512_setzero_ps();
+                for (int64_t g = 0; g < num_groups; g++) {
+                    for (int i = 0; i < ROW_BLOCK; i++) part[i] = _mm512_setzero_ps();
+                    for (int64_t c = g * group; c < (g + 1) * group; c += 16) {
+                        const __m512 w =
+                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + c))));
+                        for (int i = 0; i < ROW_BLOCK; i++)
+                            part[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xf + (m0 + i) * K + c), part[i]);
+                    }
+                    const __m512 s = _mm512_set1_ps(sr[g]);
+                    for (int i = 0; i < ROW_BLOCK; i++) acc[i] = _mm512_fmadd_ps(part[i], s, acc[i]);
+                }
+                for (int i = 0; i < ROW_BLOCK && m0 + i < M; i++) {
+                    const float total = _mm512_reduce_add_ps(acc[i]);
+                    if (x_dtype == 0)
+                        ((float *)out)[(m0 + i) * out_stride + n] = total;
+                    else
+                        ((uint16_t *)out)[(m0 + i) * out_stride + n] = f32_to_bf16(total);
+                }
+            }
+            continue;
+        }
+#endif
         for (int64_t m = 0; m < M; m++) {
             const float *xr = xf + m * K;
 #ifdef TOKENMILL_AVX512_BF16
@@ -132,7 +165,8 @@ int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, co
     float *xf = to_f32(x, x_dtype, x_stride, M, K);
     if (xf == NULL) return -1;
     const int64_t num_groups = K / group;
-    float *xsum = (float *)malloc(sizeof(float) * (size_t)(M * num_groups));
+    const int64_t padded = (M + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK;
+    float *xsum = (float *)calloc((size_t)(padded * num_groups), sizeof(float));
     if (xsum == NULL) {
         free(xf);
         return -1;
@@ -147,6 +181,46 @@ int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, co
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *qr = q + n * (K / 2);
         const uint16_t *sr = scales + n * num_groups, *br = offsets + n * num_groups;
+#ifdef TOKENMILL_AVX512_BF16
+        if (M >= MIN_BLOCKED_ROWS) {
+            const __m512i low = _mm512_set1_epi32(15);
+            for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
+                __m512 acc[ROW_BLOCK], part[ROW_BLOCK];
+                float bias_total[ROW_BLOCK];
+                for (int i = 0; i < ROW_BLOCK; i++) {
+                    acc[i] = _mm512_setzero_ps();
+                    bias_total[i] = 0.f;
+                }
+                for (int64_t g = 0; g < num_groups; g++) {
+                    const float b = _cvtsh_ss(br[g]);
+                    for (int i = 0; i < ROW_BLOCK; i++) {
+                        bias_total[i] += b * xsum[(m0 + i) * num_groups + g];
+                        part[i] = _mm512_setzero_ps();
+                    }
+                    for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
+                        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qr + c / 2)));
+                        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low));
+                        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+                        for (int i = 0; i < ROW_BLOCK; i++) {
+                            const float *xr = xf + (m0 + i) * K + c;
+                            part[i] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), part[i]);
+                            part[i] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), part[i]);
+                        }
+                    }
+                    const __m512 s = _mm512_set1_ps(_cvtsh_ss(sr[g]));
+                    for (int i = 0; i < ROW_BLOCK; i++) acc[i] = _mm512_fmadd_ps(part[i], s, acc[i]);
+                }
+                for (int i = 0; i < ROW_BLOCK && m0 + i < M; i++) {
+                    const float total = bias_total[i] + _mm512_reduce_add_ps(acc[i]);
+                    if (x_dtype == 0)
+                        ((float *)out)[(m0 + i) * out_stride + n] = total;
+                    else
+                        ((uint16_t *)out)[(m0 + i) * out_stride + n] = f32_to_bf16(total);
+                }
+            }
+            continue;
+        }
+#endif
         for (int64_t m = 0; m < M; m++) {
             const float *xr = xf + m * K;
             float bias_total = 0.f;
