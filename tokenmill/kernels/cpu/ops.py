@@ -174,6 +174,15 @@ def layer_ops_supported() -> bool:
     return lib is not None and bool(lib.tokenmill_layer_ops_vectorized())
 
 
+# Elements below which an elementwise layer op runs on one thread (a decode step of a small model): waking the
+# other threads costs more than the work, and much more on a CPU shared with other busy processes.
+_MIN_PARALLEL_ELEMENTS = 1 << 16
+
+
+def _threads(num_elements: int) -> int:
+    return 1 if num_elements < _MIN_PARALLEL_ELEMENTS else torch.get_num_threads()
+
+
 def _rows(x: torch.Tensor, name: str) -> tuple[int, int]:
     """(rows, row stride) of a 2-D bfloat16 CPU view whose rows are contiguous inside."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1:
@@ -193,7 +202,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     out = torch.empty(x.shape, dtype=x.dtype)
     _library().rms_norm_bf16(x.data_ptr(), x_stride, residual.data_ptr() if residual is not None else None,
                                  r_stride, weight.data_ptr(), out.data_ptr(), out.stride(0), n, x.shape[1],
-                                 float(eps), torch.get_num_threads())
+                                 float(eps), _threads(x.numel()))
     return out
 
 
@@ -210,7 +219,7 @@ def rotary_embedding_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     _library().rotary_bf16(q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1],
                                q.shape[0], head_dim, positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                               torch.get_num_threads())
+                               _threads(q.numel() + k.numel()))
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -219,7 +228,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     inter = gate_up.shape[1] // 2
     out = torch.empty((n, inter), dtype=gate_up.dtype)
     _library().silu_and_mul_bf16(gate_up.data_ptr(), stride, out.data_ptr(), out.stride(0), n, inter,
-                                     torch.get_num_threads())
+                                     _threads(gate_up.numel()))
     return out
 
 
@@ -236,7 +245,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     item = kv_cache.element_size()
     _library().write_kv(key.data_ptr(), key.stride(0) * item, value.data_ptr(), value.stride(0) * item,
                             kv_cache.data_ptr(), kv_cache[0].numel() * item, slots.data_ptr(),
-                            key.shape[0], row * item, torch.get_num_threads())
+                            key.shape[0], row * item, _threads(2 * key.numel()))
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

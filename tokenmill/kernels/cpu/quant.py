@@ -37,6 +37,13 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_MAX_PACKED_ROWS = 8
 INT8_MAX_PACKED_ROWS = 8
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# Multiply-adds below which a packed matmul runs on one thread: waking a second one costs more than it saves
+# (measured on the bundled model's layers, 2 cores; a busy machine makes the wake-up slower still).
+_MIN_PARALLEL_WORK = 1 << 22
+
+
+def _threads(m: int, n: int, k: int) -> int:
+    return 1 if m * n * k < _MIN_PARALLEL_WORK else torch.get_num_threads()
 
 
 @functools.cache
@@ -93,7 +100,7 @@ class Int8Weight:
             status = ops._library().int8_gemm(
                 x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.stride(0), self.q.data_ptr(), self.scales.data_ptr(),
                 self.group, out.data_ptr(), out.stride(0), m, self.out_features, self.in_features,
-                torch.get_num_threads())
+                _threads(m, self.out_features, self.in_features))
             if status != 0:
                 raise MemoryError(f"int8_gemm could not allocate {m * self.in_features * 4} bytes")
         else:
@@ -150,7 +157,7 @@ class Int4Weight:
             status = ops._library().int4_gemm(
                 x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(),
                 self.offsets.data_ptr(), self.group, out.data_ptr(), out.stride(0), m, self.out_features,
-                self.in_features, torch.get_num_threads())
+                self.in_features, _threads(m, self.out_features, self.in_features))
             if status != 0:
                 raise MemoryError(f"int4_gemm could not allocate {m * self.in_features * 4} bytes")
         else:
