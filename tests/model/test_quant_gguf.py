@@ -88,3 +88,30 @@ def test_bundled_model_kept_quantized_answers_paris_in_110_mb(tmp_path, monkeypa
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
     assert "Paris" in out[0].outputs[0].text, out[0].outputs[0].text
+
+
+def test_bad_gguf_cache_errors_name_the_tensor(tmp_path, tiny_tokenizer_dir):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir = gguf_cache_dir(tmp_path / "bad", tiny_tokenizer_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    good = tensors[name]
+    tensors[name] = good[:, :-2].contiguous()  # truncated rows
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"'{name}' is torch.uint8 \(256, 142\), expected the raw Q4_K blocks"):
+        LLM(str(model_dir), show_progress=False)
+    del tensors[name]
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    with pytest.raises(ValueError, match="1 weight tensors are missing from the checkpoint "
+                                         r"\(layers.1.self_attn.q_proj.weight\)"):
+        LLM(str(model_dir), show_progress=False)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"]["tensor_types"][name] = "Q5_K"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"GGUF tensor types \['Q5_K'\] cannot be kept quantized"):
+        LLM(str(model_dir), show_progress=False)
+    with pytest.raises(ValueError, match="contradicts the checkpoint, which is gguf-quantized"):
+        LLM(str(model_dir), quantization="int8", show_progress=False)
