@@ -63,7 +63,6 @@ def _time_ms(fn, repeat: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from tokenmill.kernels.cpu import quant
     from tokenmill.kernels.cpu.quant import pack_int4, pack_int8
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in rows_list:
             x = torch.randn(m, k).bfloat16()
             repeat = max(3, args.repeat // (4 if n * m > 2**20 else 1))
-            quant.INT4_MAX_PACKED_ROWS = quant.INT8_MAX_PACKED_ROWS = 1 << 30  # packed at every M here
+            int4.max_packed_rows = int8.max_packed_rows = 1 << 30  # packed at every M here
             kernels = {
                 "int4_packed": int4.matmul,
                 "int4_dequant": functools.partial(_dequant_linear, int4),

@@ -11,7 +11,7 @@ Conventions (every quantization method maps its checkpoint to one of these):
 
 Which kernel runs depends on the number of activation rows M, chosen per call from thresholds measured on this
 CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
-- M <= max_packed_rows (decode): the packed kernels of csrc/quant.c (int4_gemm, int8_gemm) stream the quantized
+- M <= max_packed_rows (decode; set per weight shape at construction): the packed kernels of csrc/quant.c (int4_gemm, int8_gemm) stream the quantized
   bytes once and keep the activations in float32;
 - larger M (prefill, big decode batches): the weight is dequantized to the activation dtype, then one dense matmul
   (oneDNN's AVX512-BF16 GEMM), since there the arithmetic, not the bytes, bounds the time.
@@ -33,9 +33,13 @@ from tokenmill.kernels.cpu import ops
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Rows up to which the packed kernels beat dequantize + dense GEMM on this CPU (AVX512-BF16, no AMX), measured
-# by benchmarks/quant_kernels.py on the bundled model's shapes (BENCHMARKS.md, "Quantized linear kernels").
+# by benchmarks/quant_kernels.py on the bundled model's shapes (BENCHMARKS.md, "Quantized linear kernels"): 8 for
+# the decoder's projections; 32 for weights of LARGE_WEIGHT elements or more (the output layer), whose
+# dequantization costs more than the packed kernel saves until the batch is large. Chosen once per weight.
 INT4_MAX_PACKED_ROWS = 8
 INT8_MAX_PACKED_ROWS = 8
+LARGE_WEIGHT = 1 << 23
+LARGE_WEIGHT_MAX_PACKED_ROWS = 32
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Multiply-adds below which a packed matmul runs on one thread: waking a second one costs more than it saves
 # (measured on the bundled model's layers, 2 cores; a busy machine makes the wake-up slower still).
@@ -66,6 +70,7 @@ class Int8Weight:
         self.scales = scales.to(torch.float32).contiguous()
         self.group = group
         self.out_features, self.in_features = n, k
+        self.max_packed_rows = LARGE_WEIGHT_MAX_PACKED_ROWS if n * k >= LARGE_WEIGHT else INT8_MAX_PACKED_ROWS
 
     @property
     def nbytes(self) -> int:
@@ -93,7 +98,7 @@ class Int8Weight:
         """x [..., K] @ w.T -> [..., N] in x's dtype."""
         x2 = x.reshape(-1, self.in_features)
         m = x2.shape[0]
-        if m <= INT8_MAX_PACKED_ROWS and x2.dtype in _DTYPE_CODES and x2.device.type == "cpu" and _native():
+        if m <= self.max_packed_rows and x2.dtype in _DTYPE_CODES and x2.device.type == "cpu" and _native():
             if x2.stride(-1) != 1:
                 x2 = x2.contiguous()
             out = torch.empty((m, self.out_features), dtype=x2.dtype)
@@ -116,6 +121,8 @@ class Int4Weight:
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int) -> None:
         self.packed, self.scales, self.offsets, self.group = packed, scales, offsets, group
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
+        n, k = self.out_features, self.in_features
+        self.max_packed_rows = LARGE_WEIGHT_MAX_PACKED_ROWS if n * k >= LARGE_WEIGHT else INT4_MAX_PACKED_ROWS
 
     @property
     def nbytes(self) -> int:
@@ -150,7 +157,7 @@ class Int4Weight:
         """x [..., K] @ w.T -> [..., N] in x's dtype."""
         x2 = x.reshape(-1, self.in_features)
         m = x2.shape[0]
-        if m <= INT4_MAX_PACKED_ROWS and x2.dtype in _DTYPE_CODES and x2.device.type == "cpu" and _native():
+        if m <= self.max_packed_rows and x2.dtype in _DTYPE_CODES and x2.device.type == "cpu" and _native():
             if x2.stride(-1) != 1:
                 x2 = x2.contiguous()
             out = torch.empty((m, self.out_features), dtype=x2.dtype)
