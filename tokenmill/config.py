@@ -93,6 +93,10 @@ class ModelConfig:
     # Kernels whose reduction order does not depend on the batch (vLLM's VLLM_BATCH_INVARIANT): greedy and
     # seeded outputs are then identical whatever the batch mates, at a cost in throughput. CPU only.
     batch_invariant: bool = False
+    # How weights are stored and run (vLLM's --quantization): None takes the checkpoint's own format (GGUF files run
+    # kept quantized); "int8" / "int4" quantize a full-precision checkpoint at load; awq, gptq, fp8, gguf ... must
+    # match the checkpoint.
+    quantization: str | None = None
 
     def validate(self) -> None:
         if str(self.dtype).lower() not in DTYPE_ALIASES:
@@ -112,6 +116,10 @@ class ModelConfig:
         check_pooling_type(self.pooling_type)
         if not isinstance(self.batch_invariant, bool):
             raise ValueError(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
+        if self.quantization is not None:
+            from tokenmill.model.quantization import get_quantization_config_class
+
+            get_quantization_config_class(str(self.quantization).lower())
 
 
 @dataclass(frozen=True)

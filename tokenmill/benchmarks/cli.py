@@ -369,3 +369,48 @@ def register(subparsers) -> None:
     _add_load_args(serve)
     _add_output_args(serve)
     serve.set_defaults(func=_run_serve)
+
+    quality = bench_sub.add_parser(
+        "quality",
+        help="quantized vs full precision on your prompts: KL divergence, top-1 and greedy agreement",
+        description="Run a model at full precision and quantized (as stored for a GGUF, and with each "
+        "--quantization) on the same prompts: mean per-token KL divergence, top-1 agreement and greedy "
+        "agreement over the full-precision model's own continuations.",
+    )
+    quality.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: the "
+                         "bundled SmolLM2-135M-Instruct)")
+    quality.add_argument("--quantization", default="int8,int4",
+                         help="comma-separated methods to quantize the full-precision weights with at load "
+                              "(default int8,int4; '' for none)")
+    quality.add_argument("--prompts-file", default=None,
+                         help="text file with one prompt per line (default: 64 built-in prompts)")
+    quality.add_argument("--num-prompts", type=int, default=64, help="use at most this many prompts")
+    quality.add_argument("--max-tokens", type=int, default=128, help="tokens of each reference continuation")
+    quality.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    quality.add_argument("--json", dest="json_path", default=None, help="write the results to this JSON file")
+    quality.set_defaults(func=_run_quality)
+
+
+def _run_quality(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tokenmill.benchmarks.quality import DEFAULT_PROMPTS, format_results, results_json, run
+
+    if args.prompts_file:
+        prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise SystemExit(f"{args.prompts_file} holds no prompts (one per line)")
+    else:
+        prompts = DEFAULT_PROMPTS
+    if args.num_prompts < 1 or args.max_tokens < 1:
+        raise SystemExit("--num-prompts and --max-tokens must be positive")
+    methods = [m.strip() for m in args.quantization.split(",") if m.strip()]
+    results = run(args.model, methods, prompts[: args.num_prompts], args.max_tokens, args.dtype)
+    print(format_results(results))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({"benchmark": "quality", "model": args.model,
+                                                    "num_prompts": min(len(prompts), args.num_prompts),
+                                                    "max_tokens": args.max_tokens,
+                                                    "results": results_json(results)}, indent=2))
+    return 0

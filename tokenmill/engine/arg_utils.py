@@ -104,6 +104,10 @@ class EngineArgs:
     runs, at a cost in throughput (CPU only; default: the TOKENMILL_BATCH_INVARIANT environment variable, else
     off)"""
 
+    quantization: str | None = field(default=None, metadata={"type": str.lower, "aliases": ["-q"]})
+    """weight format: default the checkpoint's own (GGUF files run kept quantized); int8 / int4 quantize a
+    full-precision checkpoint at load (weight-only, round to nearest)"""
+
     structured_outputs_backend: str = field(default="auto", metadata={
         "choices": ["auto", "xgrammar", "guidance"], "config": ("structured_outputs", "backend")})
     """grammar library for structured outputs (JSON schema, regex, choice, grammar): auto uses xgrammar, and

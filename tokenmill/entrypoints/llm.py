@@ -25,6 +25,8 @@ class LLM:
     downloaded into the HF cache unless HF_HUB_OFFLINE=1), or None for the bundled SmolLM2-135M-Instruct.
     batch_invariant: kernels whose results do not depend on the batch, so greedy and seeded outputs are the same
     whatever else runs (CPU; slower). None reads the TOKENMILL_BATCH_INVARIANT environment variable.
+    quantization: vLLM's --quantization. None runs the checkpoint's own format (a GGUF stays quantized); "int8" or
+    "int4" quantize a full-precision checkpoint at load; a name that contradicts the checkpoint is an error.
     """
 
     def __init__(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from tokenmill.attention import cpu_kernels
+from tokenmill.kernels.cpu import ops as cpu_kernels
 from tokenmill.outputs import Logprob, PositionLogprobs, SampledToken
 from tokenmill.sample.logits_processor import BatchMasks, LogitsProcessor
 

@@ -60,7 +60,7 @@ def make_attention_backend(spec: DecoderSpec, device: torch.device, dtype: torch
                            batch_invariant: bool = False) -> AttentionBackend:
     args = (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim**-0.5, spec.sliding_window)
     if batch_invariant:
-        from tokenmill.attention import cpu_kernels
+        from tokenmill.kernels.cpu import ops as cpu_kernels
 
         if device.type != "cpu":
             raise ValueError("batch_invariant=True is implemented for the CPU only: use device='cpu' or drop "
@@ -79,7 +79,7 @@ def make_attention_backend(spec: DecoderSpec, device: torch.device, dtype: torch
         else:
             return TritonAttentionBackend(*args)
         return TorchAttentionBackend(*args)
-    from tokenmill.attention import cpu_kernels
+    from tokenmill.kernels.cpu import ops as cpu_kernels
 
     if cpu_kernels.supports(dtype):
         from tokenmill.attention.cpu_backend import CPUAttentionBackend
@@ -193,7 +193,8 @@ class Worker:
         self.max_num_batched_tokens = default_max_num_batched_tokens(config, self.device)
         self.backend = make_attention_backend(self.spec, self.device, self.dtype, config.model.batch_invariant)
         max_positions = config.model.max_model_len or self.spec.max_position_embeddings
-        self.model = load_model(model_dir, self.backend, self.dtype, self.device, max_positions, show_progress)
+        self.model = load_model(model_dir, self.backend, self.dtype, self.device, max_positions, show_progress,
+                                config.model.quantization)
         if config.model.batch_invariant:
             from tokenmill.worker.batch_invariant import tile_linear_rows
 

@@ -4,7 +4,7 @@
 // PyTorch these are about 30 small ops a layer, each a pass over memory with float32 temporaries; here each is
 // one pass. The arithmetic and its roundings follow tokenmill/model/llama.py's PyTorch code (float32 inside,
 // rounded to bfloat16 where PyTorch stores a bfloat16 tensor), so results agree up to float32 summation order.
-// Built with paged_decode.c by tokenmill/attention/cpu_kernels.py.
+// Built with paged_decode.c by tokenmill/kernels/cpu/ops.py.
 #include <math.h>
 #include <stdint.h>
 #include <string.h>

@@ -3,7 +3,9 @@
 - paged_decode_attention: decode attention reading the paged KV cache in place (csrc/paged_decode.c);
 - rms_norm, rotary_embedding_, silu_and_mul, write_kv: the fused elementwise work of a layer for bfloat16
   activations (csrc/layer_ops.c), used by the model when layer_ops_supported() says so;
-- argmax: greedy sampling of a batch of logits (float32 or bfloat16) in one pass.
+- argmax: greedy sampling of a batch of logits (float32 or bfloat16) in one pass;
+- int8_gemm, int8_dequant_bf16, int4_gemm, int4_dequant: weight-only quantized matmuls (csrc/quant.c), called through
+  tokenmill.kernels.cpu.quant.
 
 The sources live beside this file (csrc/). The shared library is cached under the tokenmill cache directory,
 keyed by the sources, the compiler and the CPU's feature flags, so it builds once per machine (a few
@@ -29,7 +31,7 @@ import torch
 logger = logging.getLogger("tokenmill")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "paged_decode.c", _CSRC / "layer_ops.c"]  # compiled into one library
+_SOURCES = [_CSRC / "paged_decode.c", _CSRC / "layer_ops.c", _CSRC / "quant.c"]  # compiled into one library
 _HEADERS = [_CSRC / "simd.h"]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -103,10 +105,14 @@ def load_library() -> ctypes.CDLL | None:
         "write_kv": [ptr, i64, ptr, i64, ptr, i64, ptr, i32, i64, i32],
         "argmax_rows": [ptr, i32, i64, i32, i32, ptr, i32],
         "tokenmill_layer_ops_vectorized": [],
+        "int8_gemm": [ptr, i32, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
+        "int8_dequant_bf16": [ptr, ptr, i64, ptr, i64, i64, i32],
+        "int4_gemm": [ptr, i32, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
+        "int4_dequant": [ptr, ptr, ptr, i64, ptr, i32, i64, i64, i32],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = ctypes.c_int if name.startswith("tokenmill_") else None
+        getattr(lib, name).restype = ctypes.c_int if name.startswith("tokenmill_") or name.endswith("_gemm") else None
     return lib
 
 
@@ -168,6 +174,15 @@ def layer_ops_supported() -> bool:
     return lib is not None and bool(lib.tokenmill_layer_ops_vectorized())
 
 
+# Elements below which an elementwise layer op runs on one thread (a decode step of a small model): waking the
+# other threads costs more than the work, and much more on a CPU shared with other busy processes.
+_MIN_PARALLEL_ELEMENTS = 1 << 16
+
+
+def _threads(num_elements: int) -> int:
+    return 1 if num_elements < _MIN_PARALLEL_ELEMENTS else torch.get_num_threads()
+
+
 def _rows(x: torch.Tensor, name: str) -> tuple[int, int]:
     """(rows, row stride) of a 2-D bfloat16 CPU view whose rows are contiguous inside."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1:
@@ -187,7 +202,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     out = torch.empty(x.shape, dtype=x.dtype)
     _library().rms_norm_bf16(x.data_ptr(), x_stride, residual.data_ptr() if residual is not None else None,
                                  r_stride, weight.data_ptr(), out.data_ptr(), out.stride(0), n, x.shape[1],
-                                 float(eps), torch.get_num_threads())
+                                 float(eps), _threads(x.numel()))
     return out
 
 
@@ -204,7 +219,7 @@ def rotary_embedding_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     _library().rotary_bf16(q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1],
                                q.shape[0], head_dim, positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                               torch.get_num_threads())
+                               _threads(q.numel() + k.numel()))
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -213,7 +228,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     inter = gate_up.shape[1] // 2
     out = torch.empty((n, inter), dtype=gate_up.dtype)
     _library().silu_and_mul_bf16(gate_up.data_ptr(), stride, out.data_ptr(), out.stride(0), n, inter,
-                                     torch.get_num_threads())
+                                     _threads(gate_up.numel()))
     return out
 
 
@@ -230,7 +245,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     item = kv_cache.element_size()
     _library().write_kv(key.data_ptr(), key.stride(0) * item, value.data_ptr(), value.stride(0) * item,
                             kv_cache.data_ptr(), kv_cache[0].numel() * item, slots.data_ptr(),
-                            key.shape[0], row * item, torch.get_num_threads())
+                            key.shape[0], row * item, _threads(2 * key.numel()))
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

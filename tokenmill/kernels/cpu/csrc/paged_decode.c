@@ -1,5 +1,5 @@
 // Paged decode attention for the CPU: one query token per sequence, keys and values read in place from the
-// block-paged KV cache (no gather into a contiguous copy). Built at first use by tokenmill/attention/cpu_kernels.py.
+// block-paged KV cache (no gather into a contiguous copy). Built at first use by tokenmill/kernels/cpu/ops.py.
 //
 // KV cache of one layer: [2][num_blocks][block_size][num_kv_heads][head_dim], keys then values.
 // q and out: [num_seqs][num_heads][head_dim]. block_tables: [num_seqs][max_blocks] int32. seq_lens: int32.

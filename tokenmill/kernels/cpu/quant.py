@@ -1,0 +1,220 @@
+"""Weight-only quantized linear kernels for the CPU: int8 (W8A16) and int4 (W4A16) weights, bf16/f32 activations.
+
+Conventions (every quantization method maps its checkpoint to one of these):
+- int8: ``w[n, k] = scales[n, k // group] * q[n, k]`` with q int8 [N, K] and float32 scales [N, K / group]
+  (per-channel: group = K). Symmetric only: an int8 format with zero points is rejected by its method.
+- int4: ``w[n, k] = (q[n, k] - zeros[n, k // group]) * scales[n, k // group]`` with q in 0..15 (uint8 [N, K]),
+  scales [N, K / group] and zeros [N, K / group] (float or integer; None means 8, the symmetric case); or, for
+  formats that store a minimum instead of a zero point (GGUF Q4_1, Q4_K), ``w = q * scales + bias`` with
+  bias [N, K / group]. Groups of 32, 64, 128 or 256 along K. Stored as q * scale + offset with float16 scales
+  and offsets (offset = -zeros * scales, or bias).
+
+Which kernel runs depends on the number of activation rows M, chosen per call from thresholds measured on this
+CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
+- M <= max_packed_rows (decode; set per weight shape at construction): the packed kernels of csrc/quant.c (int4_gemm, int8_gemm) stream the quantized
+  bytes once and keep the activations in float32;
+- larger M (prefill, big decode batches): the weight is dequantized to the activation dtype, then one dense matmul
+  (oneDNN's AVX512-BF16 GEMM), since there the arithmetic, not the bytes, bounds the time.
+
+Precision kept: int8 scales are float32, so GGUF Q8_0 / Q6_K weights are exact. int4 scales and offsets are
+float16: GGUF Q4_0 / Q4_1 (float16 in the file) are exact; Q4_K's products d * sc and dmin * m are rounded to
+float16 (11 significant bits). (torch's _weight_int4pack_mm_for_cpu was measured too: it needs its scales in
+the activation dtype, and bfloat16 scales, 8 bits, changed the bundled model's answers.)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.kernels.cpu import ops
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+# Rows up to which the packed kernels beat dequantize + dense GEMM on this CPU (AVX512-BF16, no AMX), measured
+# by benchmarks/quant_kernels.py on the bundled model's shapes (BENCHMARKS.md, "Quantized linear kernels"): 8 for
+# the decoder's projections; 32 for weights of LARGE_WEIGHT elements or more (the output layer), whose
+# dequantization costs more than the packed kernel saves until the batch is large. Chosen once per weight.
+INT4_MAX_PACKED_ROWS = 8
+INT8_MAX_PACKED_ROWS = 8
+LARGE_WEIGHT = 1 << 23
+LARGE_WEIGHT_MAX_PACKED_ROWS = 32
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# Multiply-adds below which a packed matmul runs on one thread: waking a second one costs more than it saves
+# (measured on the bundled model's layers, 2 cores; a busy machine makes the wake-up slower still).
+_MIN_PARALLEL_WORK = 1 << 22
+
+
+def _threads(m: int, n: int, k: int) -> int:
+    return 1 if m * n * k < _MIN_PARALLEL_WORK else torch.get_num_threads()
+
+
+@functools.cache
+def _native() -> bool:
+    return ops.load_library() is not None
+
+
+class Int8Weight:
+    """An int8 weight with group scales, ready for matmul: see the module docstring for the convention."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, group: int) -> None:
+        if q.dtype != torch.int8 or q.dim() != 2:
+            raise ValueError(f"int8 weight must be a 2-D int8 tensor, got {q.dtype} {tuple(q.shape)}")
+        n, k = q.shape
+        if group <= 0 or k % group or group % 16:
+            raise ValueError(f"int8 group size {group} must be a multiple of 16 dividing in_features={k}")
+        if tuple(scales.shape) != (n, k // group):
+            raise ValueError(f"int8 scales have shape {tuple(scales.shape)}, expected {(n, k // group)}")
+        self.q = q.contiguous()
+        self.scales = scales.to(torch.float32).contiguous()
+        self.group = group
+        self.out_features, self.in_features = n, k
+        self.max_packed_rows = LARGE_WEIGHT_MAX_PACKED_ROWS if n * k >= LARGE_WEIGHT else INT8_MAX_PACKED_ROWS
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scales.nbytes
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.q, self.scales]
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The weight [N, K] in dtype."""
+        if dtype == torch.bfloat16 and _native():
+            w = torch.empty(self.q.shape, dtype=torch.bfloat16)
+            ops._library().int8_dequant_bf16(self.q.data_ptr(), self.scales.data_ptr(), self.group, w.data_ptr(),
+                                             self.out_features, self.in_features, torch.get_num_threads())
+            return w
+        scales = self.scales.repeat_interleave(self.group, dim=1)
+        return (self.q.to(torch.float32) * scales).to(dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized rows ids of the weight [len(ids), K] (an embedding lookup)."""
+        q = self.q[ids].to(torch.float32)
+        return (q * self.scales[ids].repeat_interleave(self.group, dim=-1)).to(dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] @ w.T -> [..., N] in x's dtype."""
+        x2 = x.reshape(-1, self.in_features)
+        m = x2.shape[0]
+        if m <= self.max_packed_rows and x2.dtype in _DTYPE_CODES and x2.device.type == "cpu" and _native():
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            out = torch.empty((m, self.out_features), dtype=x2.dtype)
+            status = ops._library().int8_gemm(
+                x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.stride(0), self.q.data_ptr(), self.scales.data_ptr(),
+                self.group, out.data_ptr(), out.stride(0), m, self.out_features, self.in_features,
+                _threads(m, self.out_features, self.in_features))
+            if status != 0:
+                raise MemoryError(f"int8_gemm could not allocate {m * self.in_features * 4} bytes")
+        else:
+            out = F.linear(x2, self.dequantize(x2.dtype))
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class Int4Weight:
+    """An int4 group-quantized weight (see the module docstring): q packed two to a byte, uint8 [N, K / 2] (in
+    each chunk of 32 inputs, byte i holds input i in its low nibble and input i + 16 in its high nibble), and
+    float16 scales and offsets [N, K / group] with w = q * scale + offset."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int) -> None:
+        self.packed, self.scales, self.offsets, self.group = packed, scales, offsets, group
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
+        n, k = self.out_features, self.in_features
+        self.max_packed_rows = LARGE_WEIGHT_MAX_PACKED_ROWS if n * k >= LARGE_WEIGHT else INT4_MAX_PACKED_ROWS
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.scales, self.offsets]
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The weight [N, K] in dtype."""
+        if dtype in _DTYPE_CODES and _native():
+            w = torch.empty((self.out_features, self.in_features), dtype=dtype)
+            ops._library().int4_dequant(self.packed.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
+                                        self.group, w.data_ptr(), _DTYPE_CODES[dtype], self.out_features,
+                                        self.in_features, torch.get_num_threads())
+            return w
+        return self._dequantize_rows(self.packed, self.scales, self.offsets).to(dtype)
+
+    def _dequantize_rows(self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        n = packed.shape[0]
+        chunks = packed.reshape(n, -1, 16)
+        q = torch.cat((chunks & 15, chunks >> 4), dim=-1).reshape(n, self.in_features).to(torch.float32)
+        return (q * scales.float().repeat_interleave(self.group, dim=1)
+                + offsets.float().repeat_interleave(self.group, dim=1))
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized rows ids of the weight [len(ids), K] (an embedding lookup)."""
+        ids = ids.reshape(-1)
+        return self._dequantize_rows(self.packed[ids], self.scales[ids], self.offsets[ids]).to(dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] @ w.T -> [..., N] in x's dtype."""
+        x2 = x.reshape(-1, self.in_features)
+        m = x2.shape[0]
+        if m <= self.max_packed_rows and x2.dtype in _DTYPE_CODES and x2.device.type == "cpu" and _native():
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            out = torch.empty((m, self.out_features), dtype=x2.dtype)
+            status = ops._library().int4_gemm(
+                x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(),
+                self.offsets.data_ptr(), self.group, out.data_ptr(), out.stride(0), m, self.out_features,
+                self.in_features, _threads(m, self.out_features, self.in_features))
+            if status != 0:
+                raise MemoryError(f"int4_gemm could not allocate {m * self.in_features * 4} bytes")
+        else:
+            out = F.linear(x2, self.dequantize(x2.dtype))
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def pack_int8(q: torch.Tensor, scales: torch.Tensor, group: int | None = None) -> Int8Weight:
+    """An int8 weight: q int8 [N, K], scales [N] (per channel) or [N, K / group]; w = scales * q."""
+    if scales.dim() == 1:
+        scales = scales.reshape(-1, 1)
+        group = q.shape[1]
+    if group is None:
+        group = q.shape[1] // scales.shape[1]
+    return Int8Weight(q, scales, group)
+
+
+def pack_int4(
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group: int,
+    bias: torch.Tensor | None = None,
+) -> Int4Weight:
+    """An int4 weight.
+
+    q: uint8 [N, K] with values 0..15; scales [N, K / group]; zeros [N, K / group] (None: 8, symmetric):
+    w = (q - zeros) * scales. Or, instead of zeros, bias [N, K / group]: w = q * scales + bias (GGUF's minimums).
+    Scales and offsets are stored in float16: exact for float16 checkpoint scales (GGUF Q4_0 / Q4_1, AWQ,
+    GPTQ), else rounded to 11 significant bits.
+    """
+    if q.dim() != 2:
+        raise ValueError(f"int4 weight must be 2-D [out_features, in_features], got {tuple(q.shape)}")
+    n, k = q.shape
+    if group not in INT4_GROUP_SIZES or k % group:
+        raise ValueError(f"int4 group size {group} is not supported for in_features={k}: use one of "
+                         f"{INT4_GROUP_SIZES} dividing in_features")
+    num_groups = k // group
+    for name, t in (("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (n, num_groups):
+            raise ValueError(f"int4 {name} have shape {tuple(t.shape)}, expected {(n, num_groups)}")
+    if zeros is not None and bias is not None:
+        raise ValueError("pass zeros or bias for an int4 weight, not both")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise ValueError("int4 values must lie in 0..15")
+    scales = scales.to(torch.float32)
+    if bias is not None:
+        offsets = bias.to(torch.float32)
+    else:
+        offsets = -(zeros.to(torch.float32) if zeros is not None else torch.full_like(scales, 8.0)) * scales
+    chunks = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    packed = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    return Int4Weight(packed, scales.to(torch.float16).contiguous(), offsets.to(torch.float16).contiguous(), group)
