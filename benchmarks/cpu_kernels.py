@@ -3,7 +3,7 @@
     python benchmarks/cpu_kernels.py                 # SmolLM2-135M shapes, 2 torch threads by default
     python benchmarks/cpu_kernels.py --json kernels.json
 
-For each kernel, the same inputs go through the native version (tokenmill/attention/csrc) and through the
+For each kernel, the same inputs go through the native version (tokenmill/kernels/cpu/csrc) and through the
 PyTorch code the model runs without it (tokenmill/model/llama.py, TorchAttentionBackend), alternating, and the
 best of --repeat timings of each is compared:
 
@@ -45,10 +45,10 @@ def compare(name: str, native, reference, repeat: int, rows: list) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokenmill.attention import cpu_kernels
     from tokenmill.attention.backend import AttentionMetadata
     from tokenmill.attention.torch_backend import TorchAttentionBackend
     from tokenmill.engine.engine_core import allocate_zeroed
+    from tokenmill.kernels.cpu import ops as cpu_kernels
     from tokenmill.model.llama import RMSNorm, _rotate
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from benchmarks.cpu_kernels import main
-from tokenmill.attention import cpu_kernels
+from tokenmill.kernels.cpu import ops as cpu_kernels
 
 
 @pytest.mark.skipif(not cpu_kernels.layer_ops_supported(), reason="native kernels need a C compiler and AVX512-BF16")

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.attention import cpu_kernels
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention.cpu_backend import CPUAttentionBackend
 from tokenmill.config import EngineConfig
+from tokenmill.kernels.cpu import ops as cpu_kernels
 from tokenmill.worker.batch_invariant import ROW_TILE, RowTiledLinear, tile_linear_rows
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.supports(torch.bfloat16),

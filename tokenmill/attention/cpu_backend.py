@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.attention import cpu_kernels
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.kernels.cpu import ops as cpu_kernels
 
 
 class CPUAttentionBackend(TorchAttentionBackend):

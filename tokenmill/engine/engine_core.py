@@ -57,7 +57,7 @@ def make_attention_backend(spec: DecoderSpec, device: torch.device, dtype: torch
                            batch_invariant: bool = False) -> AttentionBackend:
     args = (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim**-0.5, spec.sliding_window)
     if batch_invariant:
-        from tokenmill.attention import cpu_kernels
+        from tokenmill.kernels.cpu import ops as cpu_kernels
 
         if device.type != "cpu":
             raise ValueError("batch_invariant=True is implemented for the CPU only: use device='cpu' or drop "
@@ -76,7 +76,7 @@ def make_attention_backend(spec: DecoderSpec, device: torch.device, dtype: torch
         else:
             return TritonAttentionBackend(*args)
         return TorchAttentionBackend(*args)
-    from tokenmill.attention import cpu_kernels
+    from tokenmill.kernels.cpu import ops as cpu_kernels
 
     if cpu_kernels.supports(dtype):
         from tokenmill.attention.cpu_backend import CPUAttentionBackend

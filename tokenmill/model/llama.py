@@ -33,7 +33,7 @@ def _cuda_layer_ops() -> ModuleType | None:
 @functools.cache
 def _cpu_layer_ops() -> ModuleType | None:
     """The native CPU versions of the same kernels (bfloat16), when they are built and vectorized here."""
-    from tokenmill.attention import cpu_kernels
+    from tokenmill.kernels.cpu import ops as cpu_kernels
 
     return cpu_kernels if cpu_kernels.layer_ops_supported() else None
 

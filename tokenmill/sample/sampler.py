@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tokenmill.attention import cpu_kernels
+from tokenmill.kernels.cpu import ops as cpu_kernels
 from tokenmill.outputs import Logprob, PositionLogprobs, SampledToken
 from tokenmill.request import Request
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmill.attention import cpu_kernels
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.kernels.cpu import ops as cpu_kernels
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load_library() is None, reason="no C compiler for the CPU kernel")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenmill.attention import cpu_kernels
 from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.kernels.cpu import ops as cpu_kernels
 from tokenmill.model.llama import RMSNorm, _rotate
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.layer_ops_supported(),

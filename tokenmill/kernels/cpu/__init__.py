@@ -1,0 +1,1 @@
+"""Native CPU kernels (csrc/), compiled at first use: ops.py builds and calls the library."""
