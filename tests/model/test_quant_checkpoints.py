@@ -54,7 +54,10 @@ def build_qkv(model_dir: Path, dtype: torch.dtype, backend: str | None = None,
     for name, tensor in tensors.items():
         for shard_id, part in enumerate(shards):
             if name.startswith(part + "."):
-                layer.load_weight(name.removeprefix(part + "."), tensor, shard_id)
+                try:
+                    layer.load_weight(name.removeprefix(part + "."), tensor, shard_id)
+                except ValueError as e:  # named as the model's loader names them
+                    raise ValueError(f"checkpoint tensor {name!r} {e}") from None
     layer.process_weights_after_loading()
     return layer
 

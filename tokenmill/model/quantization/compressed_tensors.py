@@ -75,10 +75,8 @@ class CompressedTensorsWNA16Method(WeightOnlyIntMethod):
 
             self.param(layer, "weight_shape", (len(sizes), 2), torch.int64, output_sizes, output_dim=None,
                        load=check_shape)
-        self.param(layer, "weight_g_idx", (in_features,), torch.int32, output_sizes, output_dim=None, shared=True)
-
-    def check_loaded(self, optional: Sequence[str] = ()) -> None:
-        super().check_loaded(optional=("weight_g_idx",))
+        self.param(layer, "weight_g_idx", (in_features,), torch.int32, output_sizes, output_dim=None, shared=True,
+                   optional=True)  # written with actorder only
 
     def _unsigned_q(self, layer: nn.Module) -> torch.Tensor:
         """q [N, K] uint8 with the zero point 2^(bits-1) of symmetric values added back."""

@@ -133,15 +133,12 @@ class Fp8LinearMethod(WeightOnlyIntMethod):
             param.data[shard_id or 0] = tensor.reshape(()).float()
 
         self.param(layer, "input_scale", (len(sizes),), torch.float32, sizes, output_dim=None,
-                   load=input_scale_loader)
+                   load=input_scale_loader, optional=True)  # static activation scales only
 
     def validate(self, name: str, tensor: torch.Tensor) -> None:
         if name in ("weight_scale", "input_scale") and (not bool(torch.isfinite(tensor.float()).all())
                                                         or bool((tensor.float() <= 0).any())):
             raise ValueError("holds scales that are not positive and finite: the checkpoint is corrupt")
-
-    def check_loaded(self, optional: Sequence[str] = ()) -> None:
-        super().check_loaded(optional=("input_scale",))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         self.check_loaded()

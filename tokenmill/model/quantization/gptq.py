@@ -96,7 +96,9 @@ class GPTQLinearMethod(WeightOnlyIntMethod):
         self.param(layer, "qzeros", (num_groups, n // pack), torch.int32, output_sizes, output_dim=1,
                    pack_factor=pack)
         self.param(layer, "scales", (num_groups, n), torch.float16, output_sizes, output_dim=1)
-        self.param(layer, "g_idx", (in_features,), torch.int32, output_sizes, output_dim=None, shared=True)
+        # Checkpoints without act-order may leave g_idx out (it is then k // group_size).
+        self.param(layer, "g_idx", (in_features,), torch.int32, output_sizes, output_dim=None, shared=True,
+                   optional=not self.desc_act)
 
     def validate(self, name: str, tensor: torch.Tensor) -> None:
         super().validate(name, tensor)
@@ -105,10 +107,6 @@ class GPTQLinearMethod(WeightOnlyIntMethod):
             if bool((unpack_int32(tensor, self.bits, 1) == 2**self.bits - 1).any()):
                 raise ValueError(f"holds zero points of {2**self.bits} after the v1 offset (stored {2**self.bits - 1}): "
                                  "the checkpoint is corrupt, or in the v2 format (set checkpoint_format 'gptq_v2')")
-
-    def check_loaded(self, optional: Sequence[str] = ()) -> None:
-        # Checkpoints without act-order may leave g_idx out (it is then k // group_size).
-        super().check_loaded(optional=() if self.desc_act else ("g_idx",))
 
     def _g_idx(self, layer: nn.Module) -> torch.Tensor | None:
         return layer.g_idx.data if any(name == "g_idx" for name, _ in self._loaded) else None

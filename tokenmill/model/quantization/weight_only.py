@@ -126,6 +126,7 @@ class WeightOnlyIntMethod(LinearMethod):
         self._expected: list[str] = []
         self._loaded: set[tuple[str, int | None]] = set()
         self.num_groups = 1
+        self._registered: list[str] = []  # every checkpoint tensor registered, optional ones included
 
     # ---- subclass interface ---------------------------------------------------------------------------------
     def to_canonical(self, layer: nn.Module) -> CanonicalWeight:
@@ -141,34 +142,32 @@ class WeightOnlyIntMethod(LinearMethod):
 
     def param(self, layer: nn.Module, name: str, shape: Sequence[int], dtype: torch.dtype,
               output_sizes: Sequence[int], output_dim: int | None, pack_factor: int = 1,
-              shared: bool = False, load: Any = None) -> nn.Parameter:
+              shared: bool = False, load: Any = None, optional: bool = False) -> nn.Parameter:
         """Register checkpoint tensor `name`; shared: one copy for all shards (each shard must hold the same);
-        load(param, tensor, shard_id): a loader of its own (ValueError messages get the tensor's name)."""
+        load(param, tensor, shard_id): a loader of its own; optional: checkpoints may leave it out (the
+        parameter's `optional` attribute tells the model's completeness check)."""
         method = self
 
         def loader(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
-            where = method.shard_name(name, shard_id)
-            try:
-                method.validate(name, tensor)
-                if load is not None:
-                    load(param, tensor, shard_id)
-                elif shared and any(n == name for n, _ in method._loaded):
-                    if tuple(tensor.shape) != tuple(param.shape) or not torch.equal(tensor.to(param.dtype),
-                                                                                      param.data):
-                        raise ValueError(f"differs from the {name} of {method.prefix}'s other parts, which share "
-                                         "one input: the checkpoint is corrupt, or this fused layer cannot load it")
-                else:
-                    default_weight_loader(param, tensor, None if shared else shard_id)
-            except ValueError as e:
-                message = str(e)
-                if message.startswith("checkpoint tensor"):
-                    raise
-                raise ValueError(f"checkpoint tensor {where!r} {message}") from None
+            # ValueError messages say what is wrong; the model's loader prefixes the checkpoint tensor's name.
+            method.validate(name, tensor)
+            if load is not None:
+                load(param, tensor, shard_id)
+            elif shared and any(n == name for n, _ in method._loaded):
+                if tuple(tensor.shape) != tuple(param.shape) or not torch.equal(tensor.to(param.dtype), param.data):
+                    raise ValueError(f"differs from the {name} of the other parts of {method.prefix}, which share "
+                                     "one input: the checkpoint is corrupt, or this fused layer cannot load it")
+            else:
+                default_weight_loader(param, tensor, None if shared else shard_id)
             method._loaded.add((name, shard_id))
 
-        self._expected.append(name)
-        return make_param(layer, name, shape, dtype, output_sizes, output_dim=output_dim, pack_factor=pack_factor,
-                          weight_loader=loader)
+        if not optional:
+            self._expected.append(name)
+        param = make_param(layer, name, shape, dtype, output_sizes, output_dim=output_dim, pack_factor=pack_factor,
+                           weight_loader=loader)
+        param.optional = optional
+        self._registered.append(name)
+        return param
 
     def validate(self, name: str, tensor: torch.Tensor) -> None:
         """ValueError (completed with the tensor's name by the loader) when a checkpoint tensor's values are bad."""
@@ -179,12 +178,12 @@ class WeightOnlyIntMethod(LinearMethod):
                 (int(tensor.min()) < 0 or int(tensor.max()) >= self.num_groups):
             raise ValueError(f"holds group indices outside 0..{self.num_groups - 1}: the checkpoint is corrupt")
 
-    def check_loaded(self, optional: Sequence[str] = ()) -> None:
+    def check_loaded(self) -> None:
         num_shards = len(self.shard_prefixes)
         for name in self._expected:
             for shard in range(num_shards):
                 shard_id = shard if num_shards > 1 else None
-                if (name, shard_id) not in self._loaded and name not in optional:
+                if (name, shard_id) not in self._loaded:
                     raise ValueError(f"checkpoint tensor {self.shard_name(name, shard_id)!r} is missing: the "
                                      "download is incomplete or the files do not match config.json")
 
@@ -226,7 +225,7 @@ class WeightOnlyIntMethod(LinearMethod):
             message = str(e)
             named = message.startswith((self.prefix, "checkpoint tensor"))
             raise ValueError(message if named else f"{self.prefix}: {message}") from None
-        for name in list(dict.fromkeys(self._expected)):
+        for name in self._registered:
             delattr(layer, name)
         layer.qweight = packed
         layer.input_perm = c.perm.to(torch.int32) if c.perm is not None else None
