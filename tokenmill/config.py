@@ -93,6 +93,10 @@ class ModelConfig:
     # Kernels whose reduction order does not depend on the batch (vLLM's VLLM_BATCH_INVARIANT): greedy and
     # seeded outputs are then identical whatever the batch mates, at a cost in throughput. CPU only.
     batch_invariant: bool = False
+    # How weights are stored and run (vLLM's --quantization): None takes the checkpoint's own format (GGUF files run
+    # kept quantized); "int8" / "int4" quantize a full-precision checkpoint at load; awq, gptq, fp8, gguf ... must
+    # match the checkpoint.
+    quantization: str | None = None
 
     def validate(self) -> None:
         if str(self.dtype).lower() not in DTYPE_ALIASES:
@@ -112,6 +116,10 @@ class ModelConfig:
         check_pooling_type(self.pooling_type)
         if not isinstance(self.batch_invariant, bool):
             raise ValueError(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
+        if self.quantization is not None:
+            from tokenmill.model.quantization import get_quantization_config_class
+
+            get_quantization_config_class(str(self.quantization).lower())
 
 
 @dataclass(frozen=True)
@@ -225,6 +233,7 @@ class EngineConfig:
         revision: str | None = None,
         download_dir: str | None = None,
         batch_invariant: bool | None = None,
+        quantization: str | None = None,
         structured_outputs_backend: str = "auto",
         structured_outputs_compile_timeout: float = 10.0,
     ) -> EngineConfig:
@@ -237,7 +246,7 @@ class EngineConfig:
                               seed=seed, device=device, chat_template=chat_template, enforce_eager=enforce_eager,
                               pooling_type=str(pooling_type).upper(), revision=revision,
                               download_dir=None if download_dir is None else str(download_dir),
-                              batch_invariant=batch_invariant),
+                              batch_invariant=batch_invariant, quantization=quantization),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching),

@@ -192,7 +192,8 @@ class EngineCore:
 
         backend = make_attention_backend(self.spec, self.device, self.dtype, config.model.batch_invariant)
         max_positions = config.model.max_model_len or self.spec.max_position_embeddings
-        self.model = load_model(model_dir, backend, self.dtype, self.device, max_positions, show_progress)
+        self.model = load_model(model_dir, backend, self.dtype, self.device, max_positions, show_progress,
+                                config.model.quantization)
         if config.model.batch_invariant:
             from tokenmill.worker.batch_invariant import tile_linear_rows
 

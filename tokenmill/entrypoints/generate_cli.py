@@ -50,6 +50,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="kernels whose results do not depend on the batch: greedy and seeded outputs are "
                              "identical whatever else runs, at a cost in throughput (CPU only; default: the "
                              "TOKENMILL_BATCH_INVARIANT environment variable, else off)")
+    parser.add_argument("--quantization", "-q", default=None, type=str.lower,
+                        help="weight format: default the checkpoint's own (GGUF files run kept quantized); int8 / "
+                             "int4 quantize a full-precision checkpoint at load (weight-only, round to nearest)")
     parser.add_argument("--structured-outputs-backend", default="auto", choices=["auto", "xgrammar", "guidance"],
                         help="grammar library for structured outputs (JSON schema, regex, choice, grammar): auto "
                              "uses xgrammar, and llguidance where xgrammar cannot enforce the specification")
@@ -77,7 +80,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
         pooling_type=args.pooling_type,
         revision=args.revision, download_dir=args.download_dir,
-        batch_invariant=args.batch_invariant,
+        batch_invariant=args.batch_invariant, quantization=args.quantization,
         structured_outputs_backend=args.structured_outputs_backend,
         structured_outputs_compile_timeout=args.structured_outputs_compile_timeout,
     )

@@ -24,6 +24,8 @@ class LLM:
     downloaded into the HF cache unless HF_HUB_OFFLINE=1), or None for the bundled SmolLM2-135M-Instruct.
     batch_invariant: kernels whose results do not depend on the batch, so greedy and seeded outputs are the same
     whatever else runs (CPU; slower). None reads the TOKENMILL_BATCH_INVARIANT environment variable.
+    quantization: vLLM's --quantization. None runs the checkpoint's own format (a GGUF stays quantized); "int8" or
+    "int4" quantize a full-precision checkpoint at load; a name that contradicts the checkpoint is an error.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class LLM:
         revision: str | None = None,
         download_dir: str | None = None,
         batch_invariant: bool | None = None,
+        quantization: str | None = None,
         structured_outputs_backend: str = "auto",
         structured_outputs_compile_timeout: float = 10.0,
         show_progress: bool = True,
@@ -59,7 +62,7 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization, seed=seed, device=device,
             tensor_parallel_size=tensor_parallel_size, chat_template=chat_template, enforce_eager=enforce_eager,
             async_scheduling=async_scheduling, pooling_type=pooling_type, revision=revision,
-            download_dir=download_dir, batch_invariant=batch_invariant,
+            download_dir=download_dir, batch_invariant=batch_invariant, quantization=quantization,
             structured_outputs_backend=structured_outputs_backend,
             structured_outputs_compile_timeout=structured_outputs_compile_timeout,
         )

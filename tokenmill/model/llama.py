@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
+from tokenmill.model.layers.linear import Linear, TiedLMHead, VocabEmbedding
+from tokenmill.model.quantization.base import QuantizationConfig
+from tokenmill.model.quantization.unquantized import UnquantizedConfig
 from tokenmill.model.registry import DecoderSpec
 
 
@@ -48,42 +51,10 @@ def _layer_ops(x: torch.Tensor) -> ModuleType | None:
     return None
 
 
-class PackedLinear(nn.Module):
-    """A bf16 linear layer whose weight is pre-packed into oneDNN's blocked layout (CPU only).
-
-    The packed weight is reused by every call; at decode batch sizes this is 1.4x (batch 64) to 2x (batch 1)
-    faster than F.linear on the plain weight, with identical results.
-    """
-
-    def __init__(self, linear: nn.Linear, batch_size_hint: int = 64) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.num_weight_elements = linear.weight.numel()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_size_hint)
-        self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias,
-                                                 "none", [], "")
-        return out.view(*x.shape[:-1], self.out_features)
-
-
-def pack_linear_weights(model: nn.Module) -> int:
-    """Replace every bf16 CPU nn.Linear of the model by a PackedLinear; returns how many were packed."""
-    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") or not torch.backends.mkldnn.is_available():
-        return 0
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16
-               and child.weight.device.type == "cpu"]
-    for parent, name, child in targets:
-        setattr(parent, name, PackedLinear(child))
-    return len(targets)
-
-
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
         self.eps = eps
 
     def forward(
@@ -174,7 +145,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: DecoderSpec, backend: AttentionBackend) -> None:
+    def __init__(self, spec: DecoderSpec, backend: AttentionBackend, quant_config: QuantizationConfig,
+                 dtype: torch.dtype | None, prefix: str) -> None:
         super().__init__()
         self.num_heads = spec.num_heads
         self.num_kv_heads = spec.num_kv_heads
@@ -182,11 +154,16 @@ class Attention(nn.Module):
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
         # q, k and v projections fused into one matmul.
-        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=spec.o_bias)
+        shards = [f"{prefix}.{p}_proj" for p in "qkv"]
+        self.qkv_proj = Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, spec.qkv_bias,
+                               quant_config.get_linear_method(f"{prefix}.qkv_proj", shards),
+                               [self.q_size, self.kv_size, self.kv_size], dtype, f"{prefix}.qkv_proj")
+        self.o_proj = Linear(self.q_size, spec.hidden_size, spec.o_bias,
+                             quant_config.get_linear_method(f"{prefix}.o_proj", [f"{prefix}.o_proj"]),
+                             dtype=dtype, prefix=f"{prefix}.o_proj")
         if spec.qk_norm:
-            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
-            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
         self.backend = backend
@@ -212,11 +189,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: DecoderSpec) -> None:
+    def __init__(self, spec: DecoderSpec, quant_config: QuantizationConfig, dtype: torch.dtype | None,
+                 prefix: str) -> None:
         super().__init__()
+        inter = spec.intermediate_size
         # gate and up projections fused into one matmul.
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        shards = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * inter, False,
+                                   quant_config.get_linear_method(f"{prefix}.gate_up_proj", shards),
+                                   [inter, inter], dtype, f"{prefix}.gate_up_proj")
+        self.down_proj = Linear(inter, spec.hidden_size, False,
+                                quant_config.get_linear_method(f"{prefix}.down_proj", [f"{prefix}.down_proj"]),
+                                dtype=dtype, prefix=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -227,12 +211,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: DecoderSpec, backend: AttentionBackend) -> None:
+    def __init__(self, spec: DecoderSpec, backend: AttentionBackend, quant_config: QuantizationConfig,
+                 dtype: torch.dtype | None, prefix: str) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, backend)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.self_attn = Attention(spec, backend, quant_config, dtype, f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.mlp = MLP(spec, quant_config, dtype, f"{prefix}.mlp")
 
     def forward(
         self,
@@ -269,18 +254,30 @@ def _backends_by_window(spec: DecoderSpec, backend: AttentionBackend) -> dict[in
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, spec: DecoderSpec, backend: AttentionBackend, max_positions: int) -> None:
+    """quant_config decides how every linear layer (and the embedding table) stores its weight; dtype is the
+    activation dtype the weights are created for (default: torch's default dtype)."""
+
+    def __init__(self, spec: DecoderSpec, backend: AttentionBackend, max_positions: int,
+                 quant_config: QuantizationConfig | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.spec = spec
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.quant_config = quant_config or UnquantizedConfig()
+        q = self.quant_config
+        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size,
+                                           q.get_linear_method("model.embed_tokens", ["model.embed_tokens"]),
+                                           dtype, "model.embed_tokens")
         backends = _backends_by_window(spec, backend)
         self.layers = nn.ModuleList(
-            DecoderLayer(spec, backends[spec.layer_sliding_window(i)]) for i in range(spec.num_layers)
+            DecoderLayer(spec, backends[spec.layer_sliding_window(i)], q, dtype, f"model.layers.{i}")
+            for i in range(spec.num_layers)
         )
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.lm_head: nn.Module
         if spec.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+            self.lm_head = TiedLMHead(self.embed_tokens)
+        else:
+            self.lm_head = Linear(spec.hidden_size, spec.vocab_size, False,
+                                  q.get_linear_method("lm_head", ["lm_head"]), dtype=dtype, prefix="lm_head")
         self.rotary = RotaryEmbedding(spec, max_positions)
 
     def forward(
@@ -297,77 +294,98 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def num_weight_elements(self) -> int:
-        """Elements of the model's weights (tied embeddings once), packed layers included."""
-        packed = sum(m.num_weight_elements for m in self.modules() if isinstance(m, PackedLinear))
-        if self.spec.tie_word_embeddings and isinstance(self.lm_head, PackedLinear):
-            packed -= self.lm_head.num_weight_elements  # a packed copy of the embedding, not a weight of its own
-        return sum(p.numel() for p in self.parameters()) + packed
+        """Elements of the model's weights as the checkpoint defines them (tied embeddings once), whatever
+        layout their quantization method keeps them in."""
+        total = 0
+        for module in self.modules():
+            if isinstance(module, Linear):
+                total += module.in_features * module.out_features + (module.out_features if module.bias is not None
+                                                                      else 0)
+            elif isinstance(module, RMSNorm):
+                total += module.weight.numel()
+        return total
+
+    def weight_bytes(self) -> int:
+        """Bytes the model's weights occupy in memory, as allocated: parameters, buffers and the kernels'
+        packed tensors (each storage once), rotary tables excluded (they belong to max_model_len, not weights)."""
+        from tokenmill.model.layers.linear import resident_tensors, tensor_bytes
+
+        seen: dict[int, int] = {}
+        for module in self.modules():
+            if module is self.rotary:
+                continue
+            for t in resident_tensors(module):
+                if t.device.type != "meta":
+                    key, nbytes = tensor_bytes(t)
+                    seen[key] = nbytes
+        return sum(seen.values())
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [rows, vocab] in the model's dtype (the sampler converts to float32 where it needs to)."""
         return self.lm_head(hidden)
 
     # ---- weights ------------------------------------------------------------------------------------------
+    # Hugging Face projection -> (our fused layer, shard index)
+    _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy Hugging Face-named tensors into the fused parameters; returns the names (without "model.") filled."""
+        """Stream Hugging Face-named tensors into the model: each into its layer's parameter (one shard of a
+        fused layer) through the parameter's weight_loader; returns the checkpoint names filled (without
+        "model."). Then every layer repacks its weights for its kernel (process_weights_after_loading)."""
         spec = self.spec
+        modules = dict(self.named_modules())
         params = dict(self.named_parameters(remove_duplicate=False))
-        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        inter = spec.intermediate_size
-        # HF suffix -> (our parameter suffix, row offset, row count)
-        fused = {
-            "self_attn.q_proj": ("self_attn.qkv_proj", 0, q),
-            "self_attn.k_proj": ("self_attn.qkv_proj", q, kv),
-            "self_attn.v_proj": ("self_attn.qkv_proj", q + kv, kv),
-            "mlp.gate_proj": ("mlp.gate_up_proj", 0, inter),
-            "mlp.up_proj": ("mlp.gate_up_proj", inter, inter),
-        }
         loaded: set[str] = set()
         for hf_name, tensor in weights:
             name = hf_name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
-            if name == "lm_head.weight" and spec.tie_word_embeddings:
+            if name.startswith("lm_head.") and spec.tie_word_embeddings:
                 continue
-            target, rows = name, None
-            for hf_part, (ours, offset, count) in fused.items():
-                if f".{hf_part}." in name:
-                    target = name.replace(hf_part, ours)
-                    rows = (offset, count)
-                    break
-            param = params.get(target)
-            if param is None:
-                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in a {spec.model_type} model")
-            dest = param.data if rows is None else param.data[rows[0] : rows[0] + rows[1]]
-            if tuple(dest.shape) != tuple(tensor.shape):
-                raise ValueError(
-                    f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
-                )
-            dest.copy_(tensor)
+            module_name, _, param_name = name.rpartition(".")
+            parent, _, leaf = module_name.rpartition(".")
+            shard_id = None
+            if leaf in self._FUSED:
+                leaf, shard_id = self._FUSED[leaf]
+                module_name = f"{parent}.{leaf}"
+            module = modules.get(module_name)
+            try:
+                if isinstance(module, Linear):
+                    module.load_weight(param_name, tensor, shard_id)
+                else:
+                    param = params.get(name)
+                    if param is None:
+                        raise ValueError(f"has no place in a {spec.model_type} model")
+                    if tuple(param.shape) != tuple(tensor.shape):
+                        raise ValueError(f"has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+                    param.data.copy_(tensor)
+            except ValueError as e:
+                raise ValueError(f"checkpoint tensor {hf_name!r} {e}") from None
             loaded.add(name)
         return loaded
 
+    def process_weights_after_loading(self) -> None:
+        """Repack every layer's loaded weights into its kernel's layout (once, after loading)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.process_weights_after_loading()
+
     def expected_weight_names(self) -> set[str]:
-        """Hugging Face tensor names (without the "model." prefix) a complete checkpoint provides."""
-        spec = self.spec
-        names = {"embed_tokens.weight", "norm.weight"}
-        if not spec.tie_word_embeddings:
-            names.add("lm_head.weight")
-        per_layer = [
-            "input_layernorm.weight",
-            "post_attention_layernorm.weight",
-            "mlp.gate_proj.weight",
-            "mlp.up_proj.weight",
-            "mlp.down_proj.weight",
-            "self_attn.o_proj.weight",
-        ]
-        per_layer += [f"self_attn.{p}_proj.weight" for p in "qkv"]
-        if spec.qkv_bias:
-            per_layer += [f"self_attn.{p}_proj.bias" for p in "qkv"]
-        if spec.o_bias:
-            per_layer.append("self_attn.o_proj.bias")
-        if spec.qk_norm:
-            per_layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
-        for i in range(spec.num_layers):
-            names |= {f"layers.{i}.{n}" for n in per_layer}
+        """Checkpoint tensor names (without the "model." prefix) a complete checkpoint provides: the norms, and
+        every parameter of every layer's quantization method, for each of a fused layer's parts."""
+        names = set()
+        reverse = {}  # (fused layer, shard) -> Hugging Face projection
+        for hf_leaf, (leaf, shard) in self._FUSED.items():
+            reverse[(leaf, shard)] = hf_leaf
+        for module_name, module in self.named_modules():
+            if isinstance(module, TiedLMHead):
+                continue
+            for param_name, _ in module.named_parameters(recurse=False):
+                if isinstance(module, Linear) and len(module.output_sizes) > 1:
+                    parent, _, leaf = module_name.rpartition(".")
+                    for shard in range(len(module.output_sizes)):
+                        names.add(f"{parent}.{reverse[(leaf, shard)]}.{param_name}")
+                else:
+                    names.add(f"{module_name}.{param_name}")
         return names

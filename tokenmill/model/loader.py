@@ -12,7 +12,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from tokenmill.attention.backend import AttentionBackend
-from tokenmill.model.llama import LlamaForCausalLM, RotaryEmbedding, pack_linear_weights
+from tokenmill.model.llama import LlamaForCausalLM, RotaryEmbedding
+from tokenmill.model.quantization import resolve_quantization
 from tokenmill.model.registry import DecoderSpec
 
 
@@ -86,16 +87,22 @@ def load_model(
     device: torch.device,
     max_positions: int,
     show_progress: bool = True,
+    quantization: str | None = None,
 ) -> LlamaForCausalLM:
+    """The model of model_dir, its layers built with the quantization method of the checkpoint (config.json's
+    quantization_config) or of `quantization` (vLLM's --quantization; int8/int4 quantize a full-precision
+    checkpoint at load), weights streamed in and repacked for their kernels."""
     config = read_hf_config(model_dir)
-    spec = DecoderSpec.from_hf_config(config, source=str(Path(model_dir) / "config.json"))
+    source = str(Path(model_dir) / "config.json")
+    spec = DecoderSpec.from_hf_config(config, source=source)
+    quant_config = resolve_quantization(config, quantization, source)
+    if quant_config is not None:
+        quant_config.check_dtype(dtype)
     files = safetensors_files(model_dir)
     with torch.device("meta"):
-        model = LlamaForCausalLM(spec, backend, max_positions)
+        model = LlamaForCausalLM(spec, backend, max_positions, quant_config, dtype)
     # Allocate real storage without random initialization: every parameter is overwritten by the checkpoint.
-    model = model.to_empty(device=device).to(dtype)
-    if spec.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    model = model.to_empty(device=device)
     model.rotary = RotaryEmbedding(spec, max_positions).to(device)
     with torch.no_grad():
         loaded = model.load_weights(iter_safetensors(files, show_progress))
@@ -106,6 +113,6 @@ def load_model(
             f"{model_dir}: {len(missing)} weight tensors are missing from the checkpoint ({shown}"
             f"{', ...' if len(missing) > 5 else ''}); the download is incomplete or the files do not match config.json"
         )
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        pack_linear_weights(model)
+    with torch.no_grad():
+        model.process_weights_after_loading()
     return model.eval()

@@ -57,6 +57,7 @@ def tile_linear_rows(model: nn.Module) -> int:
     """Wrap every linear layer of the model (plain or pre-packed) in a RowTiledLinear; returns how many."""
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if hasattr(child, "in_features") and hasattr(child, "out_features")
+               and not getattr(child, "is_embedding", False)
                and not isinstance(child, RowTiledLinear) and not isinstance(parent, RowTiledLinear)]
     for parent, name, child in targets:
         in_features, out_features = cast(tuple[int, int], (child.in_features, child.out_features))

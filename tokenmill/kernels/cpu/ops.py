@@ -3,7 +3,9 @@
 - paged_decode_attention: decode attention reading the paged KV cache in place (csrc/paged_decode.c);
 - rms_norm, rotary_embedding_, silu_and_mul, write_kv: the fused elementwise work of a layer for bfloat16
   activations (csrc/layer_ops.c), used by the model when layer_ops_supported() says so;
-- argmax: greedy sampling of a batch of logits (float32 or bfloat16) in one pass.
+- argmax: greedy sampling of a batch of logits (float32 or bfloat16) in one pass;
+- int8_gemm, int8_dequant_bf16, int4pack_dequant: weight-only quantized matmuls (csrc/quant.c), called through
+  tokenmill.kernels.cpu.quant.
 
 The sources live beside this file (csrc/). The shared library is cached under the tokenmill cache directory,
 keyed by the sources, the compiler and the CPU's feature flags, so it builds once per machine (a few
@@ -29,7 +31,7 @@ import torch
 logger = logging.getLogger("tokenmill")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "paged_decode.c", _CSRC / "layer_ops.c"]  # compiled into one library
+_SOURCES = [_CSRC / "paged_decode.c", _CSRC / "layer_ops.c", _CSRC / "quant.c"]  # compiled into one library
 _HEADERS = [_CSRC / "simd.h"]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -103,10 +105,13 @@ def load_library() -> ctypes.CDLL | None:
         "write_kv": [ptr, i64, ptr, i64, ptr, i64, ptr, i32, i64, i32],
         "argmax_rows": [ptr, i32, i64, i32, i32, ptr, i32],
         "tokenmill_layer_ops_vectorized": [],
+        "int8_gemm": [ptr, i32, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
+        "int8_dequant_bf16": [ptr, ptr, i64, ptr, i64, i64, i32],
+        "int4pack_dequant": [ptr, ptr, i32, i64, ptr, i64, i64, i32],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = ctypes.c_int if name.startswith("tokenmill_") else None
+        getattr(lib, name).restype = ctypes.c_int if name.startswith("tokenmill_") or name == "int8_gemm" else None
     return lib
 
 

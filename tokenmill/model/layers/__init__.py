@@ -1,0 +1,1 @@
+"""Model building blocks whose weights are stored and run by a quantization method."""

@@ -1,0 +1,110 @@
+"""A linear layer (and an embedding table) whose weight storage and kernel come from a LinearMethod chosen at
+construction: full precision, int8, int4, GGUF blocks, ... (tokenmill/model/quantization)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from tokenmill.model.quantization.base import LinearMethod, make_param, set_weight_attrs
+from tokenmill.model.quantization.unquantized import UnquantizedLinearMethod
+
+
+def resident_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors a module holds itself (not its children's): parameters, buffers, and what its quantization
+    method keeps as plain attributes (packed weights, objects with a tensors() method)."""
+    found = [p for p in module.parameters(recurse=False)] + [b for b in module.buffers(recurse=False)]
+    for value in module.__dict__.values():
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            found.append(value)
+        elif hasattr(value, "tensors") and callable(value.tensors):
+            found.extend(value.tensors())
+    return found
+
+
+def tensor_bytes(t: torch.Tensor) -> tuple[int, int]:
+    """(identity, bytes) of the memory behind t: its storage, or t itself for opaque (oneDNN) tensors."""
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return id(t), t.numel() * t.element_size()
+
+
+class Linear(nn.Module):
+    """y = x @ W.T (+ bias) with W [out_features, in_features] held by `quant_method`.
+
+    A fused projection (q/k/v, gate/up) lists its parts' rows in output_sizes; the loader then fills shard i with
+    load_weight(name, tensor, shard_id=i).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 quant_method: LinearMethod | None = None, output_sizes: Sequence[int] | None = None,
+                 dtype: torch.dtype | None = None, prefix: str = "") -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.output_sizes = list(output_sizes) if output_sizes is not None else [out_features]
+        if sum(self.output_sizes) != out_features:
+            raise ValueError(f"{prefix}: output_sizes {self.output_sizes} do not add up to {out_features}")
+        self.prefix = prefix
+        self.quant_method = quant_method or UnquantizedLinearMethod()
+        dtype = dtype or torch.get_default_dtype()
+        self.quant_method.create_weights(self, in_features, self.output_sizes, dtype)
+        if bias:
+            param = make_param(self, "bias", (out_features,), dtype, self.output_sizes)
+            if param.device.type != "meta":
+                nn.init.zeros_(param)
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, self.bias)
+
+    def load_weight(self, name: str, tensor: torch.Tensor, shard_id: int | None = None) -> None:
+        """Copy checkpoint tensor `name` (weight, bias, qweight, scales, ...) into its parameter; ValueError
+        saying what is wrong (the caller adds the tensor's name)."""
+        param = self._parameters.get(name)
+        if param is None:
+            raise ValueError(f"has no place in {self.prefix or 'this layer'} (quantized as "
+                             f"{type(self.quant_method).__name__})")
+        set_weight_attrs(param, **self.__dict__.get("param_attrs", {}).get(name, {}))
+        param.weight_loader(param, tensor, shard_id)
+
+    def process_weights_after_loading(self) -> None:
+        self.quant_method.process_weights_after_loading(self)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"method={type(self.quant_method).__name__}")
+
+
+class VocabEmbedding(Linear):
+    """An embedding table [num_embeddings, embedding_dim] stored by a LinearMethod: forward(ids) looks rows up,
+    and a tied lm_head multiplies by the same storage (TiedLMHead)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, quant_method: LinearMethod | None = None,
+                 dtype: torch.dtype | None = None, prefix: str = "") -> None:
+        self.is_embedding = True
+        super().__init__(embedding_dim, num_embeddings, False, quant_method, dtype=dtype, prefix=prefix)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.quant_method.embedding(self, ids)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., embedding_dim] @ table.T -> [..., num_embeddings]."""
+        return self.quant_method.apply(self, x, None)
+
+
+class TiedLMHead(nn.Module):
+    """The output projection of a model whose lm_head is its embedding table (no weight of its own)."""
+
+    def __init__(self, embedding: VocabEmbedding) -> None:
+        super().__init__()
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+        self._embedding = [embedding]  # not a submodule: its parameters are counted once, under embed_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._embedding[0].linear(x)
