@@ -18,9 +18,9 @@ Layouts (K = in_features, N = out_features, G = number of groups):
 from __future__ import annotations
 
 import torch
-
 import triton
 import triton.language as tl
+
 from tokenmill.attention.triton.paged_attention import interpreting
 
 LAYOUTS = ("awq", "gptq")
