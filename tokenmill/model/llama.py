@@ -381,9 +381,9 @@ class LlamaForCausalLM(nn.Module):
         for module_name, module in self.named_modules():
             if isinstance(module, TiedLMHead):
                 continue
-            for param_name, param in module.named_parameters(recurse=False):
-                if getattr(param, "optional", False):  # e.g. GPTQ's g_idx without act-order
-                    continue
+            for param_name, _ in module.named_parameters(recurse=False):
+                if module.__dict__.get("param_attrs", {}).get(param_name, {}).get("optional"):
+                    continue  # a tensor checkpoints may leave out, e.g. GPTQ's g_idx without act-order
                 if isinstance(module, Linear) and len(module.output_sizes) > 1:
                     parent, _, leaf = module_name.rpartition(".")
                     for shard in range(len(module.output_sizes)):

@@ -166,6 +166,7 @@ class WeightOnlyIntMethod(LinearMethod):
         param = make_param(layer, name, shape, dtype, output_sizes, output_dim=output_dim, pack_factor=pack_factor,
                            weight_loader=loader)
         param.optional = optional
+        layer.__dict__["param_attrs"][name]["optional"] = optional  # survives the move off the meta device
         self._registered.append(name)
         return param
 
