@@ -56,7 +56,9 @@ class CompressedTensorsWNA16Method(WeightOnlyIntMethod):
             self.param(layer, "weight_packed", (n, in_features // pack), torch.int32, output_sizes, output_dim=0)
         else:
             self.param(layer, "weight", (n, in_features), torch.int8, output_sizes, output_dim=0)
-        self.param(layer, "weight_scale", (n, num_groups), torch.float16, output_sizes, output_dim=0)
+        # Scales as the planner sizes these layouts: fp16 per group for int4, fp32 per channel for int8.
+        scale_dtype = torch.float16 if self.bits == 4 else torch.float32
+        self.param(layer, "weight_scale", (n, num_groups), scale_dtype, output_sizes, output_dim=0)
         if not self.symmetric:
             for shard, rows in zip(self.shard_prefixes, output_sizes, strict=False):
                 if rows % pack:
@@ -124,7 +126,10 @@ class CompressedTensorsWNA16Method(WeightOnlyIntMethod):
         args = {"qweight": qweight, "scales": layer.weight_scale.data.T.contiguous(), "qzeros": qzeros,
                 "layout": "gptq", "bits": self.bits, "group_size": group, "g_idx": self._g_idx(layer, group),
                 "zero_offset": 0}
-        for name in ("weight_packed", "weight", "weight_scale", "weight_zero_point", "weight_shape"):
+        unused = ["weight_packed", "weight", "weight_scale", "weight_zero_point", "weight_shape"]
+        if self.bits == 8 and args["g_idx"] is None:
+            unused.append("weight_g_idx")  # int8 layouts carry no group index (4-bit ones keep GPTQ's)
+        for name in unused:
             if hasattr(layer, name) and isinstance(getattr(layer, name), nn.Parameter):
                 delattr(layer, name)
         for name, tensor in args.items():
