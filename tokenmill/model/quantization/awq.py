@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from tokenmill.model.quantization.base import LinearMethod, QuantizationConfig, register_quantization_config
 from tokenmill.model.quantization.unquantized import UnquantizedLinearMethod
@@ -56,7 +55,7 @@ def awq_to_canonical(prefix: str, qweight: torch.Tensor, qzeros: torch.Tensor, s
 
 
 class AWQLinearMethod(WeightOnlyIntMethod):
-    def register(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
+    def register(self, layer: Any, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
         if in_features % self.group_size:
             raise ValueError(f"{self.prefix}: AWQ group_size {self.group_size} does not divide its {in_features} "
                              "input features: the checkpoint does not match config.json")
@@ -68,11 +67,11 @@ class AWQLinearMethod(WeightOnlyIntMethod):
         self.param(layer, "qzeros", (num_groups, n // 8), torch.int32, output_sizes, output_dim=1, pack_factor=8)
         self.param(layer, "scales", (num_groups, n), torch.float16, output_sizes, output_dim=1)
 
-    def to_canonical(self, layer: nn.Module) -> CanonicalWeight:
+    def to_canonical(self, layer: Any) -> CanonicalWeight:
         return awq_to_canonical(self.prefix, layer.qweight.data, layer.qzeros.data, layer.scales.data,
                                 self.group_size)
 
-    def triton_args(self, layer: nn.Module) -> dict[str, Any]:
+    def triton_args(self, layer: Any) -> dict[str, Any]:
         return {"qweight": layer.qweight.data, "scales": layer.scales.data, "qzeros": layer.qzeros.data,
                 "layout": "awq", "bits": 4, "group_size": self.group_size}
 

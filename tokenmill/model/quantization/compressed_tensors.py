@@ -45,7 +45,7 @@ class CompressedTensorsWNA16Method(WeightOnlyIntMethod):
         super().__init__(prefix, shard_prefixes, bits, group_size, backend)
         self.symmetric, self.packed = symmetric, packed
 
-    def register(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
+    def register(self, layer: Any, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
         pack = 32 // self.bits
         group = in_features if self.group_size == -1 else self.group_size
         if in_features % group or in_features % pack:
@@ -80,25 +80,25 @@ class CompressedTensorsWNA16Method(WeightOnlyIntMethod):
         self.param(layer, "weight_g_idx", (in_features,), torch.int32, output_sizes, output_dim=None, shared=True,
                    optional=True)  # written with actorder only
 
-    def _unsigned_q(self, layer: nn.Module) -> torch.Tensor:
+    def _unsigned_q(self, layer: Any) -> torch.Tensor:
         """q [N, K] uint8 with the zero point 2^(bits-1) of symmetric values added back."""
         if self.packed:
             return unpack_int32(layer.weight_packed.data, self.bits, 1)
         return (layer.weight.data.to(torch.int16) + 128).to(torch.uint8)
 
-    def _zeros(self, layer: nn.Module, n: int, num_groups: int) -> torch.Tensor:
+    def _zeros(self, layer: Any, n: int, num_groups: int) -> torch.Tensor:
         if self.symmetric:
             return torch.full((n, num_groups), 2 ** (self.bits - 1), dtype=torch.uint8)
         return unpack_int32(layer.weight_zero_point.data, self.bits, 0)[:n]
 
-    def _g_idx(self, layer: nn.Module, group: int) -> torch.Tensor | None:
+    def _g_idx(self, layer: Any, group: int) -> torch.Tensor | None:
         if not any(name == "weight_g_idx" for name, _ in self._loaded):
             return None
         g_idx = layer.weight_g_idx.data
         return g_idx if act_order_permutation(self.shard_name("weight_g_idx", 0), g_idx.cpu(),
                                               layer.in_features // group, group) is not None else None
 
-    def to_canonical(self, layer: nn.Module) -> CanonicalWeight:
+    def to_canonical(self, layer: Any) -> CanonicalWeight:
         k, n = layer.in_features, layer.out_features
         group = k if self.group_size == -1 else self.group_size
         check_scales(self.shard_name("weight_scale", 0), layer.weight_scale.data)
@@ -111,7 +111,7 @@ class CompressedTensorsWNA16Method(WeightOnlyIntMethod):
         return CanonicalWeight(q.contiguous(), layer.weight_scale.data.contiguous(), zeros.contiguous(), group,
                                self.bits, perm)
 
-    def triton_args(self, layer: nn.Module) -> dict[str, Any]:
+    def triton_args(self, layer: Any) -> dict[str, Any]:
         # The GPTQ layout transposed: repacked once here, to [K * b / 32, N] packed along K, the kernel's "gptq".
         k, n = layer.in_features, layer.out_features
         group = k if self.group_size == -1 else self.group_size

@@ -8,7 +8,7 @@ quantized per token at run time on Hopper, and not at all elsewhere); w = weight
 Fused projections (q/k/v, gate/up) hold one per-tensor scale per part: they are kept as per-channel scales
 over the fused output, so no part is re-quantized.
 
-Where it runs: on GPUs with fp8 tensor cores (compute capability 8.9 / 9.0 and up) through torch._scaled_mm,
+Where it runs: on Hopper GPUs and newer (compute capability 9.0 and up) through torch._scaled_mm,
 activations quantized per token; elsewhere the weight is dequantized at load to the model's dtype, and the
 log says so.
 """
@@ -61,10 +61,11 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
-    """True where fp8 matmuls run natively: CUDA devices of compute capability 8.9 (Ada) and up."""
+    """True where fp8 matmuls with row-wise scales run natively: CUDA devices of compute capability 9.0 (Hopper)
+    and up."""
     if device.type != "cuda" or not torch.cuda.is_available() or not hasattr(torch, "_scaled_mm"):
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +103,7 @@ class Fp8LinearMethod(WeightOnlyIntMethod):
         self.dense = UnquantizedLinearMethod()
         self.notices = notices if notices is not None else set()  # shared by a model's layers: log once
 
-    def register(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
+    def register(self, layer: Any, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
         sizes = list(output_sizes)
 
         def weight_loader(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
@@ -140,7 +141,7 @@ class Fp8LinearMethod(WeightOnlyIntMethod):
                                                         or bool((tensor.float() <= 0).any())):
             raise ValueError("holds scales that are not positive and finite: the checkpoint is corrupt")
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
+    def process_weights_after_loading(self, layer: Any) -> None:
         self.check_loaded()
         scale = fp8_scales_per_channel(self.prefix, layer.weight.data, layer.weight_scale.data)
         weight = layer.weight.data
@@ -156,14 +157,14 @@ class Fp8LinearMethod(WeightOnlyIntMethod):
         if "dequant" not in self.notices:
             self.notices.add("dequant")
             logger.info("fp8 weights are dequantized to %s at load: %s has no fp8 matmul (torch._scaled_mm needs "
-                        "a CUDA GPU of compute capability 8.9 or newer)", str(self.dtype).removeprefix("torch."),
+                        "a CUDA GPU of compute capability 9.0 or newer)", str(self.dtype).removeprefix("torch."),
                         weight.device)
         dense = dequantize_fp8(weight, scale, self.dtype)
         del layer.weight, layer.weight_scale
         layer.weight = nn.Parameter(dense, requires_grad=False)
         self.dense.process_weights_after_loading(layer)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if layer.quant_backend == "scaled_mm":
             x2 = x.reshape(-1, layer.in_features)
             return fp8_scaled_mm(x2, layer.weight, layer.weight_scale, bias).view(*x.shape[:-1], layer.out_features)

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from tokenmill.model.quantization.base import LinearMethod, QuantizationConfig, register_quantization_config
 from tokenmill.model.quantization.unquantized import UnquantizedLinearMethod
@@ -82,7 +81,7 @@ class GPTQLinearMethod(WeightOnlyIntMethod):
         super().__init__(prefix, shard_prefixes, bits, group_size, backend)
         self.desc_act, self.zero_offset = desc_act, zero_offset
 
-    def register(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
+    def register(self, layer: Any, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
         pack = 32 // self.bits
         group = in_features if self.group_size == -1 else self.group_size
         if in_features % group or in_features % pack:
@@ -108,14 +107,14 @@ class GPTQLinearMethod(WeightOnlyIntMethod):
                 raise ValueError(f"holds zero points of {2**self.bits} after the v1 offset (stored {2**self.bits - 1}): "
                                  "the checkpoint is corrupt, or in the v2 format (set checkpoint_format 'gptq_v2')")
 
-    def _g_idx(self, layer: nn.Module) -> torch.Tensor | None:
+    def _g_idx(self, layer: Any) -> torch.Tensor | None:
         return layer.g_idx.data if any(name == "g_idx" for name, _ in self._loaded) else None
 
-    def to_canonical(self, layer: nn.Module) -> CanonicalWeight:
+    def to_canonical(self, layer: Any) -> CanonicalWeight:
         return gptq_to_canonical(self.prefix, layer.qweight.data, layer.qzeros.data, layer.scales.data,
                                  self._g_idx(layer), self.bits, self.group_size, self.zero_offset)
 
-    def triton_args(self, layer: nn.Module) -> dict[str, Any]:
+    def triton_args(self, layer: Any) -> dict[str, Any]:
         k = layer.in_features
         group = k if self.group_size == -1 else self.group_size
         g_idx = self._g_idx(layer)

@@ -129,10 +129,10 @@ class WeightOnlyIntMethod(LinearMethod):
         self._registered: list[str] = []  # every checkpoint tensor registered, optional ones included
 
     # ---- subclass interface ---------------------------------------------------------------------------------
-    def to_canonical(self, layer: nn.Module) -> CanonicalWeight:
+    def to_canonical(self, layer: Any) -> CanonicalWeight:
         raise NotImplementedError
 
-    def triton_args(self, layer: nn.Module) -> dict[str, Any]:
+    def triton_args(self, layer: Any) -> dict[str, Any]:
         raise NotImplementedError
 
     # ---- shared machinery -------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class WeightOnlyIntMethod(LinearMethod):
         """The checkpoint name of one shard of a tensor, e.g. model.layers.0.self_attn.k_proj.qzeros."""
         return f"{self.shard_prefixes[shard_id or 0]}.{tensor}"
 
-    def param(self, layer: nn.Module, name: str, shape: Sequence[int], dtype: torch.dtype,
+    def param(self, layer: Any, name: str, shape: Sequence[int], dtype: torch.dtype,
               output_sizes: Sequence[int], output_dim: int | None, pack_factor: int = 1,
               shared: bool = False, load: Any = None, optional: bool = False) -> nn.Parameter:
         """Register checkpoint tensor `name`; shared: one copy for all shards (each shard must hold the same);
@@ -165,7 +165,7 @@ class WeightOnlyIntMethod(LinearMethod):
             self._expected.append(name)
         param = make_param(layer, name, shape, dtype, output_sizes, output_dim=output_dim, pack_factor=pack_factor,
                            weight_loader=loader)
-        param.optional = optional
+        setattr(param, "optional", optional)  # noqa: B010  (a Parameter attribute, like weight_loader)
         layer.__dict__["param_attrs"][name]["optional"] = optional  # survives the move off the meta device
         self._registered.append(name)
         return param
@@ -188,16 +188,16 @@ class WeightOnlyIntMethod(LinearMethod):
                     raise ValueError(f"checkpoint tensor {self.shard_name(name, shard_id)!r} is missing: the "
                                      "download is incomplete or the files do not match config.json")
 
-    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int],
+    def create_weights(self, layer: Any, in_features: int, output_sizes: Sequence[int],
                        dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.num_groups = 1 if self.group_size <= 0 else max(1, in_features // self.group_size)
         self.register(layer, in_features, output_sizes, dtype)
 
-    def register(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
+    def register(self, layer: Any, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
         raise NotImplementedError
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
+    def process_weights_after_loading(self, layer: Any) -> None:
         self.check_loaded()
         device = next(p.device for p in layer.parameters())
         backend = self.backend or ("triton" if device.type == "cuda" else "cpu")
@@ -233,7 +233,7 @@ class WeightOnlyIntMethod(LinearMethod):
         if c.perm is not None:
             logger.debug("%s: act-order: input channels gathered in group order at every call", self.prefix)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if layer.quant_backend == "triton":
             from tokenmill.kernels.triton.quant_gemm import quant_gemm
 
