@@ -44,10 +44,13 @@ def test_awq_layout(m, dtype):
     _check(out, x, w_ref, bias)
 
 
-@pytest.mark.parametrize("bits,sym,act_order", [(4, True, False), (4, False, True), (8, True, True),
-                                                (8, False, False)])
-def test_gptq_layout(bits, sym, act_order):
-    n, k, group, m = 40, 128, 32, 5
+# Groups of 32 fill a K tile (one row of scales per tile); groups of 16 are looked up per input channel, as
+# act-order's g_idx is.
+@pytest.mark.parametrize("bits,sym,act_order,group", [(4, True, False, 32), (4, False, True, 32),
+                                                      (8, True, True, 32), (8, False, False, 32),
+                                                      (4, False, False, 16)])
+def test_gptq_layout(bits, sym, act_order, group):
+    n, k, m = 40, 128, 5
     gen = torch.Generator().manual_seed(2)
     g_idx = (torch.arange(k) // group).to(torch.int32)
     if act_order:

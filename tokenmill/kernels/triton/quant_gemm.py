@@ -32,7 +32,7 @@ def _quant_gemm_kernel(
     M, N, K, group_size,
     stride_xm, stride_om, stride_qw, stride_s, stride_qz,
     BITS: tl.constexpr, AWQ: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-    HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -62,21 +62,27 @@ def _quant_gemm_kernel(
             words = tl.load(qweight_ptr + (rk // PACK)[:, None].to(tl.int64) * stride_qw + rn[None, :],
                             mask=tile_mask, other=0)
             q = (words >> ((rk % PACK) * BITS)[:, None]) & MASK
-        if HAS_G_IDX:
-            g = tl.load(g_idx_ptr + rk, mask=mask_k, other=0)
-        else:
-            g = rk // group_size
-        s = tl.load(scales_ptr + g[:, None].to(tl.int64) * stride_s + rn[None, :], mask=tile_mask, other=0.0)
-        if HAS_ZEROS:
-            if AWQ:
-                zw = tl.load(qzeros_ptr + g[:, None].to(tl.int64) * stride_qz + (rn // 8)[None, :],
-                             mask=tile_mask, other=0)
+        if GROUP_ALIGNED:
+            # The whole K tile lies in one group (BLOCK_K divides group_size): one row of scales and zeros.
+            g_row = (k0 // group_size).to(tl.int64)
+            s = tl.load(scales_ptr + g_row * stride_s + rn, mask=mask_n, other=0.0)[None, :]
+            if HAS_ZEROS:
+                zw = tl.load(qzeros_ptr + g_row * stride_qz + rn // (8 if AWQ else PACK), mask=mask_n, other=0)
+                z = (((zw >> col_shift) & MASK) + ZERO_OFFSET)[None, :]
             else:
-                zw = tl.load(qzeros_ptr + g[:, None].to(tl.int64) * stride_qz + (rn // PACK)[None, :],
-                             mask=tile_mask, other=0)
-            z = ((zw >> col_shift[None, :]) & MASK) + ZERO_OFFSET
+                z = 1 << (BITS - 1)
         else:
-            z = 1 << (BITS - 1)
+            if HAS_G_IDX:
+                g = tl.load(g_idx_ptr + rk, mask=mask_k, other=0)
+            else:
+                g = rk // group_size
+            s = tl.load(scales_ptr + g[:, None].to(tl.int64) * stride_s + rn[None, :], mask=tile_mask, other=0.0)
+            if HAS_ZEROS:
+                zw = tl.load(qzeros_ptr + g[:, None].to(tl.int64) * stride_qz + (rn // (8 if AWQ else PACK))[None, :],
+                             mask=tile_mask, other=0)
+                z = ((zw >> col_shift[None, :]) & MASK) + ZERO_OFFSET
+            else:
+                z = 1 << (BITS - 1)
         w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)  # [BLOCK_K, BLOCK_N]
         if DOT_F32:
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
@@ -131,8 +137,10 @@ def quant_gemm(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    block_m, block_n = _block_m(m), 64 if n >= 64 else max(16, triton.next_power_of_2(n))
-    block_k = 32 if k % 32 == 0 else 16
+    block_m = _block_m(m)
+    # Narrower column tiles for few rows (decode): more programs to spread the weight read over the SMs.
+    block_n = min(64 if m > 16 else 32, max(16, triton.next_power_of_2(n)))
+    block_k = 64 if k % 64 == 0 and not interpreting() else 32 if k % 32 == 0 else 16
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _quant_gemm_kernel[grid](
         x, qweight, scales, qzeros if qzeros is not None else qweight, g_idx if g_idx is not None else qweight,
@@ -142,6 +150,7 @@ def quant_gemm(
         qzeros.stride(0) if qzeros is not None else 0,
         BITS=bits, AWQ=layout == "awq", HAS_ZEROS=qzeros is not None, ZERO_OFFSET=zero_offset,
         HAS_G_IDX=g_idx is not None, HAS_BIAS=bias is not None, DOT_F32=_dot_in_float32(x.dtype),
+        GROUP_ALIGNED=g_idx is None and group_size % block_k == 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )
     return out
