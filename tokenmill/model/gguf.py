@@ -6,13 +6,13 @@ tokenizer and transformers (the reference in tests) all read the same files.
 
 What the conversion does:
 - config.json: a LlamaConfig built from the `llama.*` metadata keys.
-- model.safetensors: every tensor dequantized with the `gguf` library, renamed to transformers' names, and the
-  q_proj / k_proj rows put back in Hugging Face order (llama.cpp interleaves them for its RoPE kernel).
-  Storage dtype: tensors stored as F16, BF16 or F32 in the GGUF keep that dtype (bit-exact copy); every
-  quantized type is dequantized to float32 (`gguf.quants.dequantize`, llama.cpp's values exactly) and written
-  as bfloat16, rounded to nearest even as torch's .to(torch.bfloat16) does: the weights the engine ran when
-  this cache held float32 and loaded it in bfloat16, at half the disk size (a 98 MB Q4_1 file becomes
-  ~270 MB, not 538 MB). The file is written one tensor at a time: peak memory is one dequantized tensor.
+- model.safetensors: every tensor renamed to transformers' names, and the q_proj / k_proj rows put back in
+  Hugging Face order (llama.cpp interleaves them for its RoPE kernel). Tensors stored as F16, BF16 or F32 in
+  the GGUF keep that dtype (bit-exact copy). Quantized matrices (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) stay quantized:
+  their raw GGUF blocks are copied as uint8 [rows, row_bytes] (a row permutation moves whole blocks), and
+  config.json's quantization_config ({"quant_method": "gguf", "tensor_types": {name: type}}) tells the
+  loader to repack them into its kernels (tokenmill/model/quantization/gguf.py). The cache is about the size of
+  the GGUF file. The file is written one tensor at a time.
 - tokenizer.json / tokenizer_config.json / generation_config.json: rebuilt from the `tokenizer.*` metadata with
   the `tokenizers` library (byte-level BPE for tokenizer.ggml.model "gpt2", SentencePiece-style BPE with byte
   fallback for "llama").
@@ -102,7 +102,9 @@ _LLAMA3_ROPE_DEFAULTS = {
     "original_max_position_embeddings": 8192,
 }
 
-_SAFETENSORS_DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2}
+_SAFETENSORS_DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}
+# Quantized types kept as raw blocks in the converted cache (and run by the quantized kernels).
+_KEPT_QUANTIZED = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
 
 
 def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, show_progress: bool = True) -> Path:
@@ -269,12 +271,19 @@ class _TensorPlan:
     gguf_name: str
     hf_name: str
     shape: tuple[int, ...]  # Hugging Face layout: [out_features, in_features] for matrices
-    dtype: str  # safetensors dtype: F32 / F16 / BF16
+    dtype: str  # safetensors dtype: F32 / F16 / BF16, or U8 for raw quantized blocks
     rope_num_heads: int | None  # q_proj / k_proj: heads whose rows llama.cpp interleaved; None otherwise
+    gguf_type: str | None = None  # the block type of a matrix kept quantized
+    row_bytes: int = 0  # bytes per row of a matrix kept quantized
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape written: [rows, row_bytes] of raw blocks for a quantized matrix, else shape."""
+        return (self.shape[0], self.row_bytes) if self.gguf_type else self.shape
 
     @property
     def num_bytes(self) -> int:
-        return math.prod(self.shape) * _SAFETENSORS_DTYPE_SIZES[self.dtype]
+        return math.prod(self.stored_shape) * _SAFETENSORS_DTYPE_SIZES[self.dtype]
 
 
 def _plan_tensors(path: Path, hparams: _LlamaHParams, tensors: dict[str, ReaderTensor]) -> list[_TensorPlan]:
@@ -314,7 +323,11 @@ def _plan_tensors(path: Path, hparams: _LlamaHParams, tensors: dict[str, ReaderT
                 f"{path}: tensor {name!r} has shape {list(shape)} but the metadata implies {list(expected_shape)}; "
                 "the file is inconsistent."
             )
-        plans.append(_TensorPlan(name, hf_name, shape, dtype, rope_num_heads))
+        gguf_type, row_bytes = None, 0
+        if tensor.tensor_type.name in _KEPT_QUANTIZED and len(shape) == 2:
+            gguf_type, dtype = tensor.tensor_type.name, "U8"
+            row_bytes = int(tensor.data.shape[-1])
+        plans.append(_TensorPlan(name, hf_name, shape, dtype, rope_num_heads, gguf_type, row_bytes))
 
     expected = set(_GLOBAL_TENSOR_NAMES) - {"output.weight"}
     expected |= {
@@ -365,9 +378,11 @@ def _load_tensor(tensor: ReaderTensor, plan: _TensorPlan) -> np.ndarray:
         data = tensor.data.view(np.uint16)  # raw bfloat16 bits (numpy has no bfloat16), copied bit-exact
     elif tensor.tensor_type == GGMLQuantizationType.F32:
         data = tensor.data
+    elif plan.gguf_type is not None:
+        data = tensor.data  # raw blocks, uint8 [rows, row_bytes]
     else:
         data = _to_bfloat16_bits(dequantize(tensor.data, tensor.tensor_type))  # float32 -> bfloat16
-    data = data.reshape(plan.shape)
+    data = data.reshape(plan.stored_shape)
     if plan.rope_num_heads is not None:
         data = _unpermute_rope_rows(data, plan.rope_num_heads)
     return np.ascontiguousarray(data)
@@ -414,7 +429,7 @@ def _write_safetensors(
     for plan in ordered:
         header[plan.hf_name] = {
             "dtype": plan.dtype,
-            "shape": list(plan.shape),
+            "shape": list(plan.stored_shape),
             "data_offsets": [offset, offset + plan.num_bytes],
         }
         offset += plan.num_bytes
@@ -559,6 +574,9 @@ def _llama_config(
     }
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
+    tensor_types = {plan.hf_name: plan.gguf_type for plan in plans if plan.gguf_type is not None}
+    if tensor_types:
+        config["quantization_config"] = {"quant_method": "gguf", "tensor_types": tensor_types}
     return config
 
 

@@ -6,18 +6,20 @@ Conventions (every quantization method maps its checkpoint to one of these):
 - int4: ``w[n, k] = (q[n, k] - zeros[n, k // group]) * scales[n, k // group]`` with q in 0..15 (uint8 [N, K]),
   scales [N, K / group] and zeros [N, K / group] (float or integer; None means 8, the symmetric case); or, for
   formats that store a minimum instead of a zero point (GGUF Q4_1, Q4_K), ``w = q * scales + bias`` with
-  bias [N, K / group]. Groups of 32, 64, 128 or 256 along K.
+  bias [N, K / group]. Groups of 32, 64, 128 or 256 along K. Stored as q * scale + offset with float16 scales
+  and offsets (offset = -zeros * scales, or bias).
 
 Which kernel runs depends on the number of activation rows M, chosen per call from thresholds measured on this
 CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
-- M <= max_packed_rows (decode): the packed kernel streams the quantized bytes: torch's
-  _weight_int4pack_mm_for_cpu for int4, tokenmill's int8_gemm (csrc/quant.c) for int8;
+- M <= max_packed_rows (decode): the packed kernels of csrc/quant.c (int4_gemm, int8_gemm) stream the quantized
+  bytes once and keep the activations in float32;
 - larger M (prefill, big decode batches): the weight is dequantized to the activation dtype, then one dense matmul
   (oneDNN's AVX512-BF16 GEMM), since there the arithmetic, not the bytes, bounds the time.
 
-Precision kept: int8 scales are float32, so GGUF Q8_0 / Q6_K weights are exact. The int4 kernel takes its scales
-and zero offsets in the activation dtype: in bfloat16 they keep 8 significant bits (relative error <= 2^-9 per
-group scale; GGUF stores float16 with 11), in float32 they are exact.
+Precision kept: int8 scales are float32, so GGUF Q8_0 / Q6_K weights are exact. int4 scales and offsets are
+float16: GGUF Q4_0 / Q4_1 (float16 in the file) are exact; Q4_K's products d * sc and dmin * m are rounded to
+float16 (11 significant bits). (torch's _weight_int4pack_mm_for_cpu was measured too: it needs its scales in
+the activation dtype, and bfloat16 scales, 8 bits, changed the bundled model's answers.)
 """
 
 from __future__ import annotations
@@ -100,54 +102,60 @@ class Int8Weight:
 
 
 class Int4Weight:
-    """An int4 group-quantized weight in torch's CPU int4pack layout: see the module docstring."""
+    """An int4 group-quantized weight (see the module docstring): q packed two to a byte, uint8 [N, K / 2] (in
+    each chunk of 32 inputs, byte i holds input i in its low nibble and input i + 16 in its high nibble), and
+    float16 scales and offsets [N, K / group] with w = q * scale + offset."""
 
-    def __init__(self, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int, out_features: int,
-                 in_features: int) -> None:
-        self.packed = packed  # uint8, rows padded to a multiple of 64
-        self.scale_zeros = scale_zeros  # [K / group, N_padded, 2]: scale, then the value of q = 8
-        self.group = group
-        self.out_features, self.in_features = out_features, in_features
-        self.padded_out_features = scale_zeros.shape[1]
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int) -> None:
+        self.packed, self.scales, self.offsets, self.group = packed, scales, offsets, group
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scale_zeros.nbytes
+        return sum(t.nbytes for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.packed, self.scale_zeros]
+        return [self.packed, self.scales, self.offsets]
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight [N, K] in dtype."""
-        sz = self.scale_zeros
-        n, k = self.padded_out_features, self.in_features
-        if sz.dtype in _DTYPE_CODES and _native():
-            w = torch.empty((n, k), dtype=sz.dtype)
-            ops._library().int4pack_dequant(self.packed.data_ptr(), sz.data_ptr(), _DTYPE_CODES[sz.dtype],
-                                            self.group, w.data_ptr(), n, k, torch.get_num_threads())
-        else:
-            w = self._dequantize_torch()
-        return w[: self.out_features].to(dtype)
+        if dtype in _DTYPE_CODES and _native():
+            w = torch.empty((self.out_features, self.in_features), dtype=dtype)
+            ops._library().int4_dequant(self.packed.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
+                                        self.group, w.data_ptr(), _DTYPE_CODES[dtype], self.out_features,
+                                        self.in_features, torch.get_num_threads())
+            return w
+        return self._dequantize_rows(self.packed, self.scales, self.offsets).to(dtype)
 
-    def _dequantize_torch(self) -> torch.Tensor:
-        n, k = self.padded_out_features, self.in_features
-        blocks = self.packed.reshape(n // 64, k, 32)
-        q = torch.cat((blocks & 15, blocks >> 4), dim=2)  # [N / 64, K, 64]
-        q = q.permute(0, 2, 1).reshape(n, k).to(torch.float32)
-        scales = self.scale_zeros[..., 0].float().T.repeat_interleave(self.group, dim=1)
-        offsets = self.scale_zeros[..., 1].float().T.repeat_interleave(self.group, dim=1)
-        return (q - 8) * scales + offsets
+    def _dequantize_rows(self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        n = packed.shape[0]
+        chunks = packed.reshape(n, -1, 16)
+        q = torch.cat((chunks & 15, chunks >> 4), dim=-1).reshape(n, self.in_features).to(torch.float32)
+        return (q * scales.float().repeat_interleave(self.group, dim=1)
+                + offsets.float().repeat_interleave(self.group, dim=1))
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized rows ids of the weight [len(ids), K] (an embedding lookup)."""
+        ids = ids.reshape(-1)
+        return self._dequantize_rows(self.packed[ids], self.scales[ids], self.offsets[ids]).to(dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] @ w.T -> [..., N] in x's dtype."""
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= INT4_MAX_PACKED_ROWS and x2.dtype == self.scale_zeros.dtype:
-            out = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group, self.scale_zeros)
-            if self.padded_out_features != self.out_features:
-                out = out[:, : self.out_features]
+        m = x2.shape[0]
+        if m <= INT4_MAX_PACKED_ROWS and x2.dtype in _DTYPE_CODES and x2.device.type == "cpu" and _native():
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            out = torch.empty((m, self.out_features), dtype=x2.dtype)
+            status = ops._library().int4_gemm(
+                x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(),
+                self.offsets.data_ptr(), self.group, out.data_ptr(), out.stride(0), m, self.out_features,
+                self.in_features, torch.get_num_threads())
+            if status != 0:
+                raise MemoryError(f"int4_gemm could not allocate {m * self.in_features * 4} bytes")
         else:
             out = F.linear(x2, self.dequantize(x2.dtype))
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 def pack_int8(q: torch.Tensor, scales: torch.Tensor, group: int | None = None) -> Int8Weight:
@@ -166,12 +174,13 @@ def pack_int4(
     zeros: torch.Tensor | None,
     group: int,
     bias: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.bfloat16,
 ) -> Int4Weight:
-    """An int4 weight for activations of `dtype` (bfloat16 or float32).
+    """An int4 weight.
 
     q: uint8 [N, K] with values 0..15; scales [N, K / group]; zeros [N, K / group] (None: 8, symmetric):
-    w = (q - zeros) * scales. Or, instead of zeros, bias [N, K / group]: w = q * scales + bias.
+    w = (q - zeros) * scales. Or, instead of zeros, bias [N, K / group]: w = q * scales + bias (GGUF's minimums).
+    Scales and offsets are stored in float16: exact for float16 checkpoint scales (GGUF Q4_0 / Q4_1, AWQ,
+    GPTQ), else rounded to 11 significant bits.
     """
     if q.dim() != 2:
         raise ValueError(f"int4 weight must be 2-D [out_features, in_features], got {tuple(q.shape)}")
@@ -179,8 +188,6 @@ def pack_int4(
     if group not in INT4_GROUP_SIZES or k % group:
         raise ValueError(f"int4 group size {group} is not supported for in_features={k}: use one of "
                          f"{INT4_GROUP_SIZES} dividing in_features")
-    if dtype not in _DTYPE_CODES:
-        raise ValueError(f"int4 weights run with bfloat16 or float32 activations, not {dtype}")
     num_groups = k // group
     for name, t in (("scales", scales), ("zeros", zeros), ("bias", bias)):
         if t is not None and tuple(t.shape) != (n, num_groups):
@@ -191,17 +198,9 @@ def pack_int4(
         raise ValueError("int4 values must lie in 0..15")
     scales = scales.to(torch.float32)
     if bias is not None:
-        offsets = bias.to(torch.float32) + 8 * scales  # the value of q = 8
-    elif zeros is not None:
-        offsets = (8 - zeros.to(torch.float32)) * scales
+        offsets = bias.to(torch.float32)
     else:
-        offsets = torch.zeros_like(scales)
-    padded = -n % 64  # the layout packs rows in blocks of 64
-    q32 = q.to(torch.int32)
-    if padded:
-        q32 = F.pad(q32, (0, 0, 0, padded), value=8)
-        scales = F.pad(scales, (0, 0, 0, padded))
-        offsets = F.pad(offsets, (0, 0, 0, padded))
-    packed = torch._convert_weight_to_int4pack_for_cpu(q32.contiguous(), 1)
-    scale_zeros = torch.stack((scales.T, offsets.T), dim=-1).to(dtype).contiguous()  # [K / group, N, 2]
-    return Int4Weight(packed, scale_zeros, group, n, k)
+        offsets = -(zeros.to(torch.float32) if zeros is not None else torch.full_like(scales, 8.0)) * scales
+    chunks = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    packed = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    return Int4Weight(packed, scales.to(torch.float16).contiguous(), offsets.to(torch.float16).contiguous(), group)

@@ -17,10 +17,11 @@ def resident_tensors(module: nn.Module) -> list[torch.Tensor]:
     method keeps as plain attributes (packed weights, objects with a tensors() method)."""
     found = [p for p in module.parameters(recurse=False)] + [b for b in module.buffers(recurse=False)]
     for value in module.__dict__.values():
-        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-            found.append(value)
-        elif hasattr(value, "tensors") and callable(value.tensors):
-            found.extend(value.tensors())
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, torch.Tensor) and not isinstance(item, nn.Parameter):
+                found.append(item)
+            elif hasattr(item, "tensors") and callable(item.tensors):
+                found.extend(item.tensors())
     return found
 
 

@@ -9,6 +9,7 @@ from tokenmill.model.quantization import (  # noqa: F401  (register their method
     awq,
     compressed_tensors,
     fp8,
+    gguf,
     gptq,
     rtn,
     unquantized,

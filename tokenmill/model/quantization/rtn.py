@@ -76,8 +76,7 @@ class Int4RTNMethod(_QuantizeAtLoadMethod):
     def quantize(self, weight: torch.Tensor) -> Int4Weight:
         group = int4_group_size(weight.shape[1], self.group_size)
         q, scales, zeros = quantize_int4(weight, group)
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        return pack_int4(q, scales, zeros, group, dtype=dtype)
+        return pack_int4(q, scales, zeros, group)
 
 
 _DECODER_LINEARS = ("self_attn.", "mlp.")

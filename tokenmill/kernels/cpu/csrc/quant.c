@@ -3,9 +3,7 @@
 // int8 weights with group scales (W8A16):  w[n, k] = scales[n, k / group] * q[n, k],  q int8.
 //   Per-channel scales are group = K. GGUF's Q8_0 (group 32) and Q6_K (group 16) land here exactly: their scales
 //   are float16 (times an int8 sub-scale for Q6_K), exact in float32.
-// int4 weights in torch's CPU int4pack layout (what _weight_int4pack_mm_for_cpu reads): rows in blocks of 64;
-//   byte [nb, k, j] holds row nb*64 + j in its low nibble and row nb*64 + 32 + j in its high nibble, and
-//   w[n, k] = (q - 8) * sz[k / group, n, 0] + sz[k / group, n, 1]  (sz in the activation dtype).
+// int4 weights (W4A16) with float16 group scales and offsets: see int4_gemm below.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,33 +74,102 @@ void int8_dequant_bf16(const int8_t *q, const float *scales, int64_t group, uint
     }
 }
 
-// w [N, K] (dtype 0 float32, 1 bfloat16) from the int4pack layout above; sz [K / group, N, 2] in w's dtype.
-void int4pack_dequant(const uint8_t *packed, const void *sz, int sz_dtype, int64_t group, void *w, int64_t N,
-                      int64_t K, int num_threads) {
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
+    if (exp == 0x1fu) {
+        bits = sign | 0x7f800000u | (mant << 13);  // inf / NaN
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (mant << 13);
+    } else if (mant == 0) {
+        bits = sign;
+    } else {  // subnormal: normalize
+        exp = 113u;
+        while (!(mant & 0x400u)) {
+            mant <<= 1;
+            exp--;
+        }
+        bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+// int4 weights, tokenmill's layout: q uint8 [N, K / 2] where, in each chunk of 32 inputs, byte i holds input i in
+// its low nibble and input i + 16 in its high nibble (llama.cpp's order within a block); scales and offsets
+// float16 [N, K / group]: w[n, k] = q[n, k] * scales[n, k / group] + offsets[n, k / group].
+//
+// out[m, n] = sum_g (s_g * sum_{k in g} x[m, k] q[n, k] + b_g * sum_{k in g} x[m, k]); out dtype as x's.
+// group is a multiple of 32 dividing K. Returns 0, or -1 when memory runs out.
+int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
+              const uint16_t *offsets, int64_t group, void *out, int64_t out_stride, int64_t M, int64_t N, int64_t K,
+              int num_threads) {
+    float *xf = to_f32(x, x_dtype, x_stride, M, K);
+    if (xf == NULL) return -1;
+    const int64_t num_groups = K / group;
+    float *xsum = (float *)malloc(sizeof(float) * (size_t)(M * num_groups));
+    if (xsum == NULL) {
+        free(xf);
+        return -1;
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < num_groups; g++) {
+            float t = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) t += xf[m * K + k];
+            xsum[m * num_groups + g] = t;
+        }
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t nb = 0; nb < N / 64; nb++) {
-        const uint8_t *block = packed + nb * 32 * K;
-        for (int64_t half = 0; half < 2; half++) {
-            for (int64_t j = 0; j < 32; j++) {
-                const int64_t n = nb * 64 + half * 32 + j;
-                for (int64_t k = 0; k < K; k++) {
-                    const int q = half ? (block[k * 32 + j] >> 4) : (block[k * 32 + j] & 15);
-                    const int64_t at = ((k / group) * N + n) * 2;
-                    float s, z;
-                    if (sz_dtype == 0) {
-                        s = ((const float *)sz)[at];
-                        z = ((const float *)sz)[at + 1];
-                    } else {
-                        s = bf16_to_f32(((const uint16_t *)sz)[at]);
-                        z = bf16_to_f32(((const uint16_t *)sz)[at + 1]);
-                    }
-                    const float v = (float)(q - 8) * s + z;
-                    if (sz_dtype == 0)
-                        ((float *)w)[n * K + k] = v;
-                    else
-                        ((uint16_t *)w)[n * K + k] = f32_to_bf16(v);
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *qr = q + n * (K / 2);
+        const uint16_t *sr = scales + n * num_groups, *br = offsets + n * num_groups;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xr = xf + m * K;
+            float acc[16] = {0};
+            float bias_total = 0.f;
+            for (int64_t g = 0; g < num_groups; g++) {
+                const float s = f16_to_f32(sr[g]);
+                bias_total += f16_to_f32(br[g]) * xsum[m * num_groups + g];
+                float part[16] = {0};
+                for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
+                    const uint8_t *qc = qr + c / 2;
+                    for (int l = 0; l < 16; l++)
+                        part[l] += xr[c + l] * (float)(qc[l] & 15) + xr[c + 16 + l] * (float)(qc[l] >> 4);
                 }
+                for (int l = 0; l < 16; l++) acc[l] += part[l] * s;
             }
+            float total = bias_total;
+            for (int l = 0; l < 16; l++) total += acc[l];
+            if (x_dtype == 0)
+                ((float *)out)[m * out_stride + n] = total;
+            else
+                ((uint16_t *)out)[m * out_stride + n] = f32_to_bf16(total);
+        }
+    }
+    free(xsum);
+    free(xf);
+    return 0;
+}
+
+// w [N, K] (dtype 0 float32, 1 bfloat16) from the int4 layout above.
+void int4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *offsets, int64_t group, void *w,
+                  int w_dtype, int64_t N, int64_t K, int num_threads) {
+    const int64_t num_groups = K / group;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *qr = q + n * (K / 2);
+        float row[32];
+        for (int64_t c = 0; c < K; c += 32) {
+            const int64_t g = c / group;
+            const float s = f16_to_f32(scales[n * num_groups + g]), b = f16_to_f32(offsets[n * num_groups + g]);
+            for (int l = 0; l < 16; l++) {
+                row[l] = (float)(qr[c / 2 + l] & 15) * s + b;
+                row[l + 16] = (float)(qr[c / 2 + l] >> 4) * s + b;
+            }
+            if (w_dtype == 0)
+                memcpy((float *)w + n * K + c, row, sizeof row);
+            else
+                for (int l = 0; l < 32; l++) ((uint16_t *)w)[n * K + c + l] = f32_to_bf16(row[l]);
         }
     }
 }
