@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests import quant_checkpoints as qc
+from tokenmill.kernels.cpu.quant import Int4Weight, Int8Weight
 from tokenmill.model.layers.linear import Linear
 from tokenmill.model.quantization import resolve_quantization
 
@@ -78,6 +79,12 @@ def test_cpu_layer_multiplies_by_the_encoded_weight(fmt, dtype, checkpoints):
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol * ref.abs().max().item())
     if not fmt.startswith("fp8"):
         assert not any(p.dtype == torch.int32 for p in layer.parameters()), "the checkpoint layout is freed"
+        # int4 runs on the int4 kernel, except in float32 with zero points, whose float16 offsets would round
+        # the weight: then q - zero is held in int8 (exact).
+        int4 = not fmt.startswith("gptq-8bit") and fmt != "ct-w8a16"
+        exact_in_int4 = fmt in ("gptq", "ct-w4a16")  # symmetric: offset -8 * scale is exact in float16
+        expected = Int4Weight if int4 and (dtype == torch.bfloat16 or exact_in_int4) else Int8Weight
+        assert isinstance(layer.qweight, expected)
 
 
 @pytest.mark.parametrize("fmt", ["awq", "gptq-act-order-asym", "ct-w4a16-asym-channel", "ct-w8a16"])

@@ -106,6 +106,14 @@ def expand_groups(c: CanonicalWeight, allowed: Sequence[int]) -> CanonicalWeight
                      f"{', '.join(map(str, allowed))}")
 
 
+def int4_kernel_exact(c: CanonicalWeight) -> bool:
+    """Whether the int4 CPU kernel's storage (float16 scales and float16 offsets -zero * scale) holds c's weight
+    exactly: true for float16 scales with the symmetric zero 8, not in general for asymmetric zero points."""
+    scales = c.scales.float()
+    offsets = -c.zeros.float() * scales
+    return bool(torch.equal(scales.half().float(), scales) and torch.equal(offsets.half().float(), offsets))
+
+
 class WeightOnlyIntMethod(LinearMethod):
     """A group-quantized integer weight (W4A16 / W8A16) loaded from a checkpoint layout.
 
@@ -212,9 +220,16 @@ class WeightOnlyIntMethod(LinearMethod):
 
         try:
             c = self.to_canonical(layer)
-            if c.bits == 4:
+            packed: Any
+            if c.bits == 4 and (self.dtype != torch.float32 or int4_kernel_exact(c)):
                 c = expand_groups(c, INT4_GROUP_SIZES)
-                packed: Any = pack_int4(c.q, c.scales, c.zeros, c.group_size, dtype=self.dtype)
+                packed = pack_int4(c.q, c.scales, c.zeros, c.group_size)
+            elif c.bits == 4:
+                # float32 activations, and the int4 kernel's float16 offsets (-zero * scale) would round the
+                # weight: q - zero (-15..15) is held in int8 with float32 group scales instead, exactly.
+                packed = pack_int8((c.q.to(torch.int16) - c.zeros.to(torch.int16).repeat_interleave(
+                    c.group_size, dim=1)).to(torch.int8), c.scales.float(), c.group_size)
+                logger.debug("%s: float32 activations with zero points: int4 values held as int8", self.prefix)
             else:
                 mid = 2 ** (c.bits - 1)
                 if not bool((c.zeros == mid).all()):
