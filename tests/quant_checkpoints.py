@@ -213,12 +213,14 @@ def read_gptq(qweight, qzeros, scales, g_idx, bits: int) -> torch.Tensor:
 
 
 def write_compressed_tensors(src: Path, dst: Path, bits: int = 4, group_size: int | None = 32,
-                             sym: bool = True) -> dict[str, torch.Tensor]:
-    """An llm-compressor pack-quantized W4A16 / W8A16 checkpoint; group_size None: per output channel."""
+                             sym: bool = True, fmt: str = "pack-quantized") -> dict[str, torch.Tensor]:
+    """An llm-compressor pack-quantized W4A16 / W8A16 checkpoint; group_size None: per output channel.
+    fmt="int-quantized": int8 weights unpacked (weight int8 [N, K], weight_scale [N, 1]), symmetric 8-bit only."""
+    assert fmt == "pack-quantized" or (bits == 8 and sym and group_size is None)
     weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
                "strategy": "group" if group_size else "channel", "group_size": group_size, "actorder": None}
     state = _copy_model(src, dst, {
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                       "output_activations": None}},
         "ignore": ["lm_head"], "kv_cache_scheme": None,
@@ -233,6 +235,11 @@ def write_compressed_tensors(src: Path, dst: Path, bits: int = 4, group_size: in
         gs = group_size or k
         q, scales, zeros = quantize_groups(w.float(), bits, torch.arange(k) // gs, k // gs, sym=sym)
         base = name.removesuffix(".weight")
+        if fmt == "int-quantized":
+            out[name] = (q - offset).to(torch.int8)
+            out[f"{base}.weight_scale"] = scales
+            ref[name] = out[name].float() * scales.float()
+            continue
         # compressed-tensors holds signed values q - 2^(b-1) and stores them + 2^(b-1): the unsigned q here.
         out[f"{base}.weight_packed"] = pack_rows(q, bits)
         out[f"{base}.weight_scale"] = scales

@@ -29,6 +29,8 @@ FORMATS = {
     "ct-w4a16-asym-channel": lambda src, dst: qc.write_compressed_tensors(src, dst, bits=4, group_size=None,
                                                                           sym=False),
     "ct-w8a16": lambda src, dst: qc.write_compressed_tensors(src, dst, bits=8, group_size=None),
+    "ct-int8-unpacked": lambda src, dst: qc.write_compressed_tensors(src, dst, bits=8, group_size=None,
+                                                                     fmt="int-quantized"),
     "fp8": lambda src, dst: qc.write_fp8(src, dst),
     "fp8-channel": lambda src, dst: qc.write_fp8(src, dst, per_channel=True),
 }
@@ -81,13 +83,14 @@ def test_cpu_layer_multiplies_by_the_encoded_weight(fmt, dtype, checkpoints):
         assert not any(p.dtype == torch.int32 for p in layer.parameters()), "the checkpoint layout is freed"
         # int4 runs on the int4 kernel, except in float32 with zero points, whose float16 offsets would round
         # the weight: then q - zero is held in int8 (exact).
-        int4 = not fmt.startswith("gptq-8bit") and fmt != "ct-w8a16"
+        int4 = not fmt.startswith("gptq-8bit") and fmt not in ("ct-w8a16", "ct-int8-unpacked")
         exact_in_int4 = fmt in ("gptq", "ct-w4a16")  # symmetric: offset -8 * scale is exact in float16
         expected = Int4Weight if int4 and (dtype == torch.bfloat16 or exact_in_int4) else Int8Weight
         assert isinstance(layer.qweight, expected)
 
 
-@pytest.mark.parametrize("fmt", ["awq", "gptq-act-order-asym", "ct-w4a16-asym-channel", "ct-w8a16"])
+@pytest.mark.parametrize("fmt", ["awq", "gptq-act-order-asym", "ct-w4a16-asym-channel", "ct-w8a16",
+                                 "ct-int8-unpacked"])
 def test_triton_layer_reads_the_checkpoint_layout(fmt, checkpoints):
     pytest.importorskip("triton")
     model_dir, weights = checkpoints[fmt]
