@@ -45,8 +45,10 @@ def _quant_gemm_kernel(
     MASK: tl.constexpr = (1 << BITS) - 1
     if AWQ:
         col_shift = ((rn % 2) * 4 + (rn % 8) // 2) * 4  # [BLOCK_N]: nibble of column n in its word
+        zero_col = rn // 8  # qzeros word of column n
     else:
         col_shift = (rn % PACK) * BITS  # of the zero point of column n in its qzeros word
+        zero_col = rn // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -67,7 +69,7 @@ def _quant_gemm_kernel(
             g_row = (k0 // group_size).to(tl.int64)
             s = tl.load(scales_ptr + g_row * stride_s + rn, mask=mask_n, other=0.0)[None, :]
             if HAS_ZEROS:
-                zw = tl.load(qzeros_ptr + g_row * stride_qz + rn // (8 if AWQ else PACK), mask=mask_n, other=0)
+                zw = tl.load(qzeros_ptr + g_row * stride_qz + zero_col, mask=mask_n, other=0)
                 z = (((zw >> col_shift) & MASK) + ZERO_OFFSET)[None, :]
             else:
                 z = 1 << (BITS - 1)
@@ -78,7 +80,7 @@ def _quant_gemm_kernel(
                 g = rk // group_size
             s = tl.load(scales_ptr + g[:, None].to(tl.int64) * stride_s + rn[None, :], mask=tile_mask, other=0.0)
             if HAS_ZEROS:
-                zw = tl.load(qzeros_ptr + g[:, None].to(tl.int64) * stride_qz + (rn // (8 if AWQ else PACK))[None, :],
+                zw = tl.load(qzeros_ptr + g[:, None].to(tl.int64) * stride_qz + zero_col[None, :],
                              mask=tile_mask, other=0)
                 z = ((zw >> col_shift[None, :]) & MASK) + ZERO_OFFSET
             else:
