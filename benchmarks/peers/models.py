@@ -1,7 +1,9 @@
 """Where the peer benchmarks find SmolLM2-135M-Instruct in each engine's format (for setup.sh and run.py).
 
-- tokenmill and transformers: the HF-style directory that tokenmill converts the bundled Q4_1 GGUF into
-  (weights dequantized to float32), from `prepare_model(None)`.
+- tokenmill at q4_1: the directory tokenmill converts the bundled Q4_1 GGUF into, `prepare_model(None)`
+  (weights kept as their Q4_1 / Q8_0 blocks).
+- tokenmill at bfloat16 / float32 and transformers: the same GGUF converted with its weights dequantized to
+  bfloat16 (hf_model_dir).
 - llama-cpp-python: the bundled GGUF itself (Q4_1 weights).
 - CTranslate2: that HF-style directory converted with its TransformersConverter (float32 weights on disk;
   run.py picks the compute type when it loads the model).
@@ -12,10 +14,23 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def hf_model_dir() -> Path:
+def quantized_model_dir() -> Path:
     from tokenmill.model.default_model import prepare_model
 
     return prepare_model(None)
+
+
+def hf_model_dir() -> Path:
+    """The bundled GGUF as a plain Hugging Face directory (bfloat16 weights), converted once."""
+    from tokenmill.model.default_model import cache_dir
+    from tokenmill.model.gguf import convert_gguf_to_hf
+
+    out = cache_dir() / "peers" / f"{quantized_model_dir().name}-bf16"
+    if not (out / "config.json").is_file():
+        staging = out.with_name(out.name + ".tmp")
+        convert_gguf_to_hf(gguf_path(), staging, show_progress=False, keep_quantized=False)
+        staging.rename(out)
+    return out
 
 
 def gguf_path() -> Path:

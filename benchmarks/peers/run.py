@@ -6,8 +6,9 @@
 Every engine runs SmolLM2-135M-Instruct on the same seeded prompts (token ids), generates exactly each
 request's output length (greedy, end-of-sequence ignored) with the same thread count, at concurrency 1
 (requests one after another) and at concurrency 64 (64 requests in flight):
-- tokenmill: the HF-style directory of the bundled GGUF, in the --engines precision; continuous batching (the
-  `bench throughput` loop, at most C requests in flight).
+- tokenmill: the HF-style directory of the bundled GGUF, in the --engines precision (q4_1: the directory that
+  keeps the GGUF's blocks, run by the quantized kernels with bf16 activations; bfloat16: the weights dequantized);
+  continuous batching (the `bench throughput` loop, at most C requests in flight).
 - transformers: the same directory, AutoModelForCausalLM in the same dtype; concurrency C = batches of C
   requests left-padded to the longest prompt, generated for the batch's longest output; a request counts as
   done when its own last token is out (the extra tokens shorter rows generate are not counted).
@@ -50,7 +51,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 DEFAULT_ENGINES = (
-    "tokenmill:bfloat16,transformers:bfloat16,ctranslate2:int8,ctranslate2:float32,llama.cpp:q4_1"
+    "tokenmill:bfloat16,tokenmill:q4_1,transformers:bfloat16,ctranslate2:int8,ctranslate2:float32,llama.cpp:q4_1"
 )
 # Output tokens per request kept to compare engines' greedy outputs.
 HEAD_TOKENS = 8
@@ -211,6 +212,9 @@ def engine_memory_model(engine: str, precision: str, shape: dict, gguf: Path) ->
     """(weight bytes read per step, KV bytes per value, precision label) for one engine."""
     if engine == "llama.cpp":
         return float(gguf.stat().st_size), 2.0, f"{precision.upper()} weights (GGUF), f16 KV"
+    if engine == "tokenmill" and precision == "q4_1":
+        # The GGUF's blocks kept packed (int4 / int8 kernels, about the file's bytes), bf16 activations and KV.
+        return float(gguf.stat().st_size), 2.0, "Q4_1 weights kept packed (GGUF), bf16 KV"
     per_weight = WEIGHT_BYTES[precision]
     weights = (shape["p_body"] + shape["p_head"]) * per_weight
     if engine == "ctranslate2":
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker_main(args.worker, Path(args.worker_input))
 
-    from benchmarks.peers.models import ct2_model_dir, gguf_path, hf_model_dir
+    from benchmarks.peers.models import ct2_model_dir, gguf_path, hf_model_dir, quantized_model_dir
     from tokenmill.benchmarks.report import run_header, write_json
 
     model_dir = Path(args.model_dir) if args.model_dir else hf_model_dir()
@@ -323,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             "engine": engine,
             "precision": precision,
             "threads": args.threads,
-            "model_dir": str(model_dir),
+            "model_dir": str(quantized_model_dir() if (engine, precision) == ("tokenmill", "q4_1") else model_dir),
             "gguf": str(gguf),
             "ct2_dir": str(ct2_dir),
             "requests": requests,
@@ -550,7 +554,9 @@ class TokenmillRunner:
         from tokenmill import LLM
 
         torch.set_num_threads(spec["threads"])
-        self.llm = LLM(spec["model_dir"], dtype=spec["precision"], show_progress=False)
+        # q4_1: the bundled GGUF's converted directory, weights kept quantized, bf16 activations.
+        dtype = "bfloat16" if spec["precision"] == "q4_1" else spec["precision"]
+        self.llm = LLM(spec["model_dir"], dtype=dtype, show_progress=False)
         self.version = tokenmill.__version__
 
     def generate(self, requests: list[dict], concurrency: int, warmup: bool = False) -> list[dict]:

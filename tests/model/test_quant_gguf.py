@@ -3,27 +3,15 @@ dequantization times the input."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from tests.model.quant_checkpoints import GGUF_MIX, gguf_cache_dir, random_blocks
+from tokenmill import LLM, SamplingParams
+from tokenmill.model.layers.linear import Linear
 from tokenmill.model.quantization.gguf import GGUF_BLOCKS, gguf_kernel
-
-# type -> byte offsets of its float16 scale fields inside a block (kept finite and small in random blocks)
-_F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
-
-
-def random_blocks(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Random raw blocks [rows, row_bytes] whose float16 fields hold small finite values."""
-    block, nbytes = GGUF_BLOCKS[type_name]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
-    for at in _F16_FIELDS[type_name]:
-        raw[..., at:at + 2] = rng.uniform(-0.05, 0.05, size=raw.shape[:2]).astype(np.float16).view(np.uint8) \
-            .reshape(*raw.shape[:2], 2)
-    return raw.reshape(rows, -1)
 
 
 @pytest.mark.parametrize("num_rows", [1, 3, 17])
@@ -50,3 +38,53 @@ def test_gguf_type_through_kernels_equals_gguf_dequantize(type_name, dtype, num_
     ids = torch.tensor([0, 5, 95, 33])
     rows = kernel.rows(ids, torch.float32)
     assert torch.allclose(rows, reference[ids], rtol=0, atol=atol)
+
+
+@pytest.mark.slow  # transformers' reference
+def test_mixed_gguf_cache_matches_dequantized_transformers(tmp_path, tiny_tokenizer_dir):
+    """A converted cache with every type, mixed inside fused layers (q/k Q4_K with v Q6_K, as Q4_K_M files
+    store them): float32 greedy tokens equal transformers holding gguf's dequantized weights."""
+    import json
+
+    import transformers
+    from safetensors.torch import load_file
+
+    model_dir = gguf_cache_dir(tmp_path / "mix", tiny_tokenizer_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    types = config.pop("quantization_config")["tensor_types"]
+    assert set(types.values()) == set(GGUF_BLOCKS) == set(GGUF_MIX.values())
+    state = {}
+    for name, t in load_file(model_dir / "model.safetensors").items():
+        if name in types:
+            rows = t.shape[0]
+            t = torch.from_numpy(dequantize(t.numpy(), GGMLQuantizationType[types[name]]).reshape(rows, -1).copy())
+        state[name] = t.float()
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+    reference.load_state_dict(state, strict=False)
+    reference.tie_weights()
+    prompts = [[5, 9, 30, 31, 7], list(range(3, 60))]
+    with torch.no_grad():
+        expected = [reference.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p):].tolist()
+                    for p in prompts]
+    llm = LLM(str(model_dir), dtype="float32", show_progress=False)
+    qkv = llm.llm_engine.core.model.layers[0].self_attn.qkv_proj
+    assert len(qkv.qweights) == 2  # Q4_K q/k in one int4 matmul, Q6_K v in an int8 one
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=8),
+                        use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == expected
+
+
+@pytest.mark.slow  # the bundled 135M model
+def test_bundled_model_kept_quantized_answers_paris_in_110_mb(tmp_path, monkeypatch):
+    """No flag: the bundled Q4_1 GGUF runs with its blocks packed (bf16 activations, the default on this CPU),
+    says Paris, and its weights take at most 110 MB of the engine's allocations (bf16 took ~270 MB)."""
+    monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path))
+    llm = LLM(show_progress=False)
+    model = llm.llm_engine.core.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert {type(m.quant_method).__name__ for m in linears} == {"GGUFLinearMethod"}
+    assert all(m.weight is None for m in linears)  # the raw blocks are gone; no dequantized copy either
+    assert model.weight_bytes() <= 110e6, f"{model.weight_bytes() / 1e6:.1f} MB"
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text, out[0].outputs[0].text

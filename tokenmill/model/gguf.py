@@ -107,8 +107,12 @@ _SAFETENSORS_DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}
 _KEPT_QUANTIZED = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
 
 
-def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, show_progress: bool = True) -> Path:
+def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, show_progress: bool = True,
+                       keep_quantized: bool = True) -> Path:
     """Write a Hugging Face-style Llama directory for `gguf_path` into `out_dir` and return `out_dir`.
+
+    keep_quantized=False dequantizes every quantized matrix to bfloat16 instead (a directory transformers and
+    other engines can load; the engine's own cache keeps the blocks).
 
     Raises FileNotFoundError when the file is missing, ValueError when it is not a readable GGUF, has an
     architecture other than SUPPORTED_ARCHITECTURES, or holds a tensor type or tokenizer this converter
@@ -128,7 +132,7 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, show_progress
 
     tensors_by_name = {tensor.name: tensor for tensor in reader.tensors}
     hparams = _LlamaHParams.from_metadata(metadata, reader)
-    plans = _plan_tensors(gguf_path, hparams, tensors_by_name)
+    plans = _plan_tensors(gguf_path, hparams, tensors_by_name, keep_quantized)
     rope_scaling = _rope_scaling(metadata, hparams, tensors_by_name.get(_ROPE_FREQS_TENSOR))
     tokenizer, tokenizer_config, special_ids = _build_tokenizer(metadata, hparams)
 
@@ -286,7 +290,8 @@ class _TensorPlan:
         return math.prod(self.stored_shape) * _SAFETENSORS_DTYPE_SIZES[self.dtype]
 
 
-def _plan_tensors(path: Path, hparams: _LlamaHParams, tensors: dict[str, ReaderTensor]) -> list[_TensorPlan]:
+def _plan_tensors(path: Path, hparams: _LlamaHParams, tensors: dict[str, ReaderTensor],
+                  keep_quantized: bool = True) -> list[_TensorPlan]:
     """Map every GGUF tensor to its output tensor, failing on unknown names, types and missing tensors."""
     plans = []
     for name, tensor in tensors.items():
@@ -324,7 +329,7 @@ def _plan_tensors(path: Path, hparams: _LlamaHParams, tensors: dict[str, ReaderT
                 "the file is inconsistent."
             )
         gguf_type, row_bytes = None, 0
-        if tensor.tensor_type.name in _KEPT_QUANTIZED and len(shape) == 2:
+        if keep_quantized and tensor.tensor_type.name in _KEPT_QUANTIZED and len(shape) == 2:
             gguf_type, dtype = tensor.tensor_type.name, "U8"
             row_bytes = int(tensor.data.shape[-1])
         plans.append(_TensorPlan(name, hf_name, shape, dtype, rope_num_heads, gguf_type, row_bytes))

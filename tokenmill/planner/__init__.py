@@ -37,6 +37,7 @@ from tokenmill.planner.memory import (
     WeightBytes,
     activation_peak_bytes,
     check_tensor_parallel_size,
+    engine_weight_bytes,
     kv_cache_bytes_per_block,
     kv_cache_bytes_per_sequence,
     kv_cache_bytes_per_token,
@@ -120,5 +121,6 @@ __all__ = [
     "serving_estimate",
     "tensor_groups",
     "valid_tensor_parallel_sizes",
+    "engine_weight_bytes",
     "weight_bytes",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenmill.planner.arch import ModelArch
 from tokenmill.planner.dtypes import (
@@ -389,3 +390,52 @@ __all__ = [
     "valid_tensor_parallel_sizes",
     "weight_bytes",
 ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine's own layouts
+# ----------------------------------------------------------------------------------------------------------
+
+
+def engine_weight_bytes(arch: ModelArch, dtype: object, quant_config: Any | None = None) -> int:
+    """Bytes of the weights tokenmill's engine allocates for a Llama-family model run in `dtype`, with the
+    linear layers (and embedding table) stored by `quant_config`'s methods (a
+    tokenmill.model.quantization.QuantizationConfig; None: full precision): each method's weight_bytes for
+    each layer, plus biases and norms in `dtype`. Tests check it against the real allocations for every
+    registered format.
+
+    A tied embedding serves as the output layer: counted once, except where the full-precision bfloat16 CPU
+    path keeps a oneDNN-packed copy for the output matmul (counted then, as it is allocated).
+    """
+    import torch
+
+    from tokenmill.model.quantization.unquantized import UnquantizedConfig, UnquantizedLinearMethod
+
+    torch_dtype = getattr(torch, normalize_dtype(dtype))
+    q = quant_config or UnquantizedConfig()
+    h, d, inter = arch.hidden_size, arch.head_dim, arch.intermediate_size
+    q_size, kv_size = arch.num_attention_heads * d, arch.num_kv_heads * d
+    item = torch_dtype.itemsize
+
+    def linear(name: str, in_features: int, shards: dict[str, int]) -> int:
+        """Bytes of the engine's layer `name` fusing the checkpoint's `shards` (name -> rows)."""
+        method = q.get_linear_method(name, list(shards))
+        return method.weight_bytes(in_features, list(shards.values()), torch_dtype)
+
+    embed_method = q.get_linear_method("model.embed_tokens", ["model.embed_tokens"])
+    total = embed_method.weight_bytes(h, [arch.vocab_size], torch_dtype)
+    if arch.tie_word_embeddings:
+        if isinstance(embed_method, UnquantizedLinearMethod) and torch_dtype == torch.bfloat16:
+            total += arch.vocab_size * h * item  # the packed copy the output matmul runs on
+    else:
+        total += linear("lm_head", h, {"lm_head": arch.vocab_size})
+    for i in range(arch.num_layers):
+        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        total += linear(f"{a}.qkv_proj", h, {f"{a}.q_proj": q_size, f"{a}.k_proj": kv_size, f"{a}.v_proj": kv_size})
+        total += linear(f"{a}.o_proj", q_size, {f"{a}.o_proj": h})
+        total += linear(f"{m}.gate_up_proj", h, {f"{m}.gate_proj": inter, f"{m}.up_proj": inter})
+        total += linear(f"{m}.down_proj", inter, {f"{m}.down_proj": h})
+        vectors = 2 * h + (q_size + 2 * kv_size if arch.qkv_bias else 0) + (h if arch.o_bias else 0)
+        vectors += 2 * d if arch.qk_norm else 0
+        total += vectors * item
+    return total + h * item  # the final norm

@@ -106,6 +106,7 @@ class TiedLMHead(nn.Module):
         super().__init__()
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
         self._embedding = [embedding]  # not a submodule: its parameters are counted once, under embed_tokens
+        embedding.is_tied_output = True  # its method may prepare the table for the output matmul too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._embedding[0].linear(x)

@@ -43,6 +43,11 @@ class LinearMethod(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., in_features] @ weight.T (+ bias) -> [..., out_features] in x's dtype."""
 
+    def weight_bytes(self, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> int:
+        """Bytes the layer's weight occupies once processed (its kernel layout, bias excluded), computed
+        without tensors: the planner's figure, which tests check against the real allocations."""
+        raise NotImplementedError(f"{type(self).__name__} does not model its memory")
+
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight [num_ids, in_features] in the model's dtype (for embedding tables)."""
         raise NotImplementedError(f"{type(self).__name__} cannot store an embedding table")

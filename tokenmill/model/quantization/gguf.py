@@ -173,6 +173,15 @@ class GGUFLinearMethod(LinearMethod):
         del layer.weight
         layer.weight = None
 
+    def weight_bytes(self, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> int:
+        total = 0
+        for rows, type_name in zip(output_sizes, self.types, strict=True):
+            if type_name in ("Q8_0", "Q6_K"):  # int8 values, a float32 scale per group of 32 / 16
+                total += rows * in_features + rows * (in_features // (32 if type_name == "Q8_0" else 16)) * 4
+            else:  # nibbles, a float16 scale and offset per group of 32
+                total += rows * in_features // 2 + 2 * rows * (in_features // 32) * 2
+        return total
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         kernels = layer.qweights
         out = kernels[0].matmul(x) if len(kernels) == 1 else torch.cat([w.matmul(x) for w in kernels], dim=-1)

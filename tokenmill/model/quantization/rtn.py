@@ -68,6 +68,10 @@ class Int8RTNMethod(_QuantizeAtLoadMethod):
     def quantize(self, weight: torch.Tensor) -> Int8Weight:
         return pack_int8(*quantize_int8(weight))
 
+    def weight_bytes(self, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> int:
+        rows = sum(output_sizes)
+        return rows * in_features + rows * 4  # int8 values, one float32 scale per output channel
+
 
 class Int4RTNMethod(_QuantizeAtLoadMethod):
     def __init__(self, group_size: int) -> None:
@@ -77,6 +81,10 @@ class Int4RTNMethod(_QuantizeAtLoadMethod):
         group = int4_group_size(weight.shape[1], self.group_size)
         q, scales, zeros = quantize_int4(weight, group)
         return pack_int4(q, scales, zeros, group)
+
+    def weight_bytes(self, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> int:
+        rows, group = sum(output_sizes), int4_group_size(in_features, self.group_size)
+        return rows * in_features // 2 + 2 * rows * (in_features // group) * 2  # nibbles, fp16 scale + offset
 
 
 _DECODER_LINEARS = ("self_attn.", "mlp.")

@@ -41,11 +41,16 @@ class UnquantizedLinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight = layer.weight
         layer.onednn_weight = None
+        if getattr(layer, "is_embedding", False) and not getattr(layer, "is_tied_output", False):
+            return  # lookups only: F.embedding on the plain weight
         if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _onednn_packing_available():
             layer.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
             if not getattr(layer, "is_embedding", False):
                 del layer.weight  # the packed copy is the weight now
                 layer.weight = None
+
+    def weight_bytes(self, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> int:
+        return sum(output_sizes) * in_features * dtype.itemsize
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         packed = getattr(layer, "onednn_weight", None)

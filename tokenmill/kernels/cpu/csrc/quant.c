@@ -38,6 +38,20 @@ int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, con
         const float *sr = scales + n * num_groups;
         for (int64_t m = 0; m < M; m++) {
             const float *xr = xf + m * K;
+#ifdef TOKENMILL_AVX512_BF16
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t g = 0; g < num_groups; g++) {
+                const int8_t *qg = qr + g * group;
+                const float *xg = xr + g * group;
+                __m512 part = _mm512_setzero_ps();
+                for (int64_t c = 0; c < group; c += 16) {
+                    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + c))));
+                    part = _mm512_fmadd_ps(w, _mm512_loadu_ps(xg + c), part);
+                }
+                acc = _mm512_fmadd_ps(part, _mm512_set1_ps(sr[g]), acc);
+            }
+            const float total = _mm512_reduce_add_ps(acc);
+#else
             float acc[16] = {0};
             for (int64_t g = 0; g < num_groups; g++) {
                 const float s = sr[g];
@@ -51,6 +65,7 @@ int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, con
             }
             float total = 0.f;
             for (int l = 0; l < 16; l++) total += acc[l];
+#endif
             if (x_dtype == 0)
                 ((float *)out)[m * out_stride + n] = total;
             else
@@ -69,7 +84,16 @@ void int8_dequant_bf16(const int8_t *q, const float *scales, int64_t group, uint
     for (int64_t n = 0; n < N; n++) {
         for (int64_t g = 0; g < num_groups; g++) {
             const float s = scales[n * num_groups + g];
+#ifdef TOKENMILL_AVX512_BF16
+            for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+                const __m512 v = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + n * K + k)))),
+                    _mm512_set1_ps(s));
+                _mm256_storeu_si256((__m256i *)(w + n * K + k), (__m256i)_mm512_cvtneps_pbh(v));
+            }
+#else
             for (int64_t k = g * group; k < (g + 1) * group; k++) w[n * K + k] = f32_to_bf16(s * (float)q[n * K + k]);
+#endif
         }
     }
 }
@@ -125,8 +149,25 @@ int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, co
         const uint16_t *sr = scales + n * num_groups, *br = offsets + n * num_groups;
         for (int64_t m = 0; m < M; m++) {
             const float *xr = xf + m * K;
-            float acc[16] = {0};
             float bias_total = 0.f;
+#ifdef TOKENMILL_AVX512_BF16
+            const __m512i low = _mm512_set1_epi32(15);
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t g = 0; g < num_groups; g++) {
+                bias_total += _cvtsh_ss(br[g]) * xsum[m * num_groups + g];
+                __m512 part = _mm512_setzero_ps();
+                for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
+                    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qr + c / 2)));
+                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, low));
+                    const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+                    part = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr + c), part);
+                    part = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + c + 16), part);
+                }
+                acc = _mm512_fmadd_ps(part, _mm512_set1_ps(_cvtsh_ss(sr[g])), acc);
+            }
+            const float total = bias_total + _mm512_reduce_add_ps(acc);
+#else
+            float acc[16] = {0};
             for (int64_t g = 0; g < num_groups; g++) {
                 const float s = f16_to_f32(sr[g]);
                 bias_total += f16_to_f32(br[g]) * xsum[m * num_groups + g];
@@ -140,6 +181,7 @@ int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, co
             }
             float total = bias_total;
             for (int l = 0; l < 16; l++) total += acc[l];
+#endif
             if (x_dtype == 0)
                 ((float *)out)[m * out_stride + n] = total;
             else
@@ -162,6 +204,17 @@ void int4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *offs
         for (int64_t c = 0; c < K; c += 32) {
             const int64_t g = c / group;
             const float s = f16_to_f32(scales[n * num_groups + g]), b = f16_to_f32(offsets[n * num_groups + g]);
+#ifdef TOKENMILL_AVX512_BF16
+            if (w_dtype == 1) {
+                const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qr + c / 2)));
+                const __m512 vs = _mm512_set1_ps(s), vb = _mm512_set1_ps(b);
+                const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15))),
+                                                  vs, vb);
+                const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), vs, vb);
+                _mm512_storeu_si512((void *)((uint16_t *)w + n * K + c), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                continue;
+            }
+#endif
             for (int l = 0; l < 16; l++) {
                 row[l] = (float)(qr[c / 2 + l] & 15) * s + b;
                 row[l + 16] = (float)(qr[c / 2 + l] >> 4) * s + b;

@@ -1,0 +1,130 @@
+"""Quantized linear kernels per shape: packed int4 / int8 GEMV-GEMM vs dequantize + dense bf16 GEMM vs bf16.
+
+    python benchmarks/quant_kernels.py                    # SmolLM2-135M's layer shapes, 2 torch threads
+    python benchmarks/quant_kernels.py --rows 1,4,16 --json quant_kernels.json
+
+For each weight shape [N, K] and activation row count M, the same bf16 activations go through
+- int4 packed: tokenmill's int4_gemm (csrc/quant.c) on q4 + float16 scales/offsets (group 32);
+- int4 dequant: the weight dequantized to bf16 (int4_dequant), then oneDNN's matmul (what large M runs);
+- int8 packed / int8 dequant: the same for int8 with float32 group scales (Q8_0's layout);
+- bf16 packed: the unquantized method's oneDNN pre-packed bf16 weight (the full-precision reference);
+- torch int4: torch's _weight_int4pack_mm_for_cpu (bf16 scales), the candidate that was not kept.
+Milliseconds per call (median of --repeat), and per kernel family the largest M at which the packed kernel is
+still faster than dequantize + GEMM: the crossover tokenmill/kernels/cpu/quant.py uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# SmolLM2-135M: fused qkv, o, fused gate_up, down, lm_head (tied embedding).
+DEFAULT_SHAPES = "960x576,576x576,3072x576,576x1536,49152x576"
+
+
+def _dequant_linear(weight, x):
+    import torch
+    import torch.nn.functional as F
+
+    return F.linear(x, weight.dequantize(torch.bfloat16))
+
+
+def _onednn_linear(packed, x):
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _torch_int4(packed, scale_zeros, x):
+    import torch
+
+    return torch._weight_int4pack_mm_for_cpu(x, packed, 32, scale_zeros)
+
+
+def _time_ms(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from tokenmill.kernels.cpu import quant
+    from tokenmill.kernels.cpu.quant import pack_int4, pack_int8
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated NxK weight shapes")
+    parser.add_argument("--rows", default="1,2,4,8,16,64,256", help="comma-separated activation row counts M")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--json", dest="json_path", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows_list = [int(m) for m in args.rows.split(",")]
+    results = []
+    print(f"{'shape':>12} {'M':>4} | {'int4 pk':>8} {'int4 dq':>8} | {'int8 pk':>8} {'int8 dq':>8} | "
+          f"{'bf16':>8} {'torch i4':>8}  (ms)")
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        w = torch.randn(n, k) * 0.05
+        q4 = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        int4 = pack_int4(q4, torch.rand(n, k // 32) * 0.01, None, 32)
+        int8 = pack_int8(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, k // 32) * 0.01, 32)
+        onednn = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 64)
+        tq = torch._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32), 1)
+        tsz = torch.rand(k // 32, n, 2, dtype=torch.bfloat16)
+        for m in rows_list:
+            x = torch.randn(m, k).bfloat16()
+            repeat = max(3, args.repeat // (4 if n * m > 2**20 else 1))
+            quant.INT4_MAX_PACKED_ROWS = quant.INT8_MAX_PACKED_ROWS = 1 << 30  # packed at every M here
+            kernels = {
+                "int4_packed": int4.matmul,
+                "int4_dequant": functools.partial(_dequant_linear, int4),
+                "int8_packed": int8.matmul,
+                "int8_dequant": functools.partial(_dequant_linear, int8),
+                "bf16_packed": functools.partial(_onednn_linear, onednn),
+                "torch_int4": functools.partial(_torch_int4, tq, tsz),
+            }
+            row = {"n": n, "k": k, "m": m}
+            row.update({name: _time_ms(functools.partial(fn, x), repeat) for name, fn in kernels.items()})
+            results.append(row)
+            print(f"{shape:>12} {m:>4} | {row['int4_packed']:8.3f} {row['int4_dequant']:8.3f} | "
+                  f"{row['int8_packed']:8.3f} {row['int8_dequant']:8.3f} | {row['bf16_packed']:8.3f} "
+                  f"{row['torch_int4']:8.3f}", flush=True)
+    crossover = {}
+    for family in ("int4", "int8"):
+        # The largest M at which packed beats dequant + GEMM summed over the shapes (one decoder step's mix).
+        best = 0
+        for m in rows_list:
+            packed = sum(r[f"{family}_packed"] for r in results if r["m"] == m)
+            dequant = sum(r[f"{family}_dequant"] for r in results if r["m"] == m)
+            if packed <= dequant:
+                best = m
+        crossover[family] = best
+    print(f"packed kernels win up to M = {crossover['int4']} (int4), {crossover['int8']} (int8), summed over "
+          "the shapes")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"benchmark": "quant_kernels", "threads": args.threads, "args": vars(args),
+                       "results": results, "crossover": crossover}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
