@@ -55,6 +55,16 @@ def awq_to_canonical(prefix: str, qweight: torch.Tensor, qzeros: torch.Tensor, s
 
 
 class AWQLinearMethod(WeightOnlyIntMethod):
+    def __init__(self, prefix: str, shard_prefixes: Sequence[str], group_size: int,
+                 backend: str | None = None) -> None:
+        super().__init__(prefix, shard_prefixes, 4, group_size, backend)
+        self.symmetric = False  # AWQ stores a zero point per group
+
+    def checkpoint_bytes(self, in_features: int, out_features: int, group: int) -> int:
+        num_groups = in_features // group
+        return (in_features * out_features // 2 + num_groups * out_features * 2
+                + num_groups * out_features // 2)  # qweight, fp16 scales, qzeros
+
     def register(self, layer: Any, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
         if in_features % self.group_size:
             raise ValueError(f"{self.prefix}: AWQ group_size {self.group_size} does not divide its {in_features} "
@@ -110,4 +120,4 @@ class AWQConfig(QuantizationConfig):
                              "other parts of the fused layer; tokenmill needs them quantized alike")
         if skipped or not is_decoder_linear(prefix):
             return UnquantizedLinearMethod()
-        return AWQLinearMethod(prefix, shard_prefixes, 4, self.group_size)
+        return AWQLinearMethod(prefix, shard_prefixes, self.group_size)

@@ -41,9 +41,18 @@ class CompressedTensorsWNA16Method(WeightOnlyIntMethod):
     """Weight-only int4 / int8 in the pack-quantized or int-quantized layout."""
 
     def __init__(self, prefix: str, shard_prefixes: Sequence[str], bits: int, group_size: int, symmetric: bool,
-                 packed: bool, backend: str | None = None) -> None:
+                 packed: bool, act_order: bool = False, backend: str | None = None) -> None:
         super().__init__(prefix, shard_prefixes, bits, group_size, backend)
-        self.symmetric, self.packed = symmetric, packed
+        self.symmetric, self.packed, self.act_order = symmetric, packed, act_order
+
+    def checkpoint_bytes(self, in_features: int, out_features: int, group: int) -> int:
+        num_groups, per_word = in_features // group, 32 // self.bits
+        total = in_features * out_features * self.bits // 8 + num_groups * out_features * (2 if self.bits == 4 else 4)
+        if not self.symmetric:
+            total += (out_features // per_word) * num_groups * 4
+        if self.bits == 4 or self.act_order:
+            total += in_features * 4  # weight_g_idx, kept as GPTQ keeps g_idx
+        return total
 
     def register(self, layer: Any, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
         pack = 32 // self.bits
@@ -230,4 +239,4 @@ class CompressedTensorsConfig(QuantizationConfig):
         group = int(weights["group_size"]) if weights.get("strategy", "group") == "group" and \
             weights.get("group_size") else -1
         return CompressedTensorsWNA16Method(prefix, shard_prefixes, bits, group, bool(weights.get("symmetric", True)),
-                                            packed=fmt in _PACKED_FORMATS)
+                                            packed=fmt in _PACKED_FORMATS, act_order=bool(weights.get("actorder")))

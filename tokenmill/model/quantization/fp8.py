@@ -103,6 +103,13 @@ class Fp8LinearMethod(WeightOnlyIntMethod):
         self.dense = UnquantizedLinearMethod()
         self.notices = notices if notices is not None else set()  # shared by a model's layers: log once
 
+    def weight_bytes(self, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> int:
+        """fp8 bytes and a float32 scale per output channel on the scaled_mm path; dequantized, the dtype's."""
+        n = sum(output_sizes)
+        if self.fp8_backend == "scaled_mm":
+            return n * in_features + n * 4
+        return n * in_features * dtype.itemsize
+
     def register(self, layer: Any, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
         sizes = list(output_sizes)
 

@@ -77,9 +77,15 @@ def gptq_to_canonical(
 
 class GPTQLinearMethod(WeightOnlyIntMethod):
     def __init__(self, prefix: str, shard_prefixes: Sequence[str], bits: int, group_size: int, desc_act: bool,
-                 zero_offset: int, backend: str | None = None) -> None:
+                 zero_offset: int, symmetric: bool = True, backend: str | None = None) -> None:
         super().__init__(prefix, shard_prefixes, bits, group_size, backend)
         self.desc_act, self.zero_offset = desc_act, zero_offset
+        self.symmetric, self.act_order = symmetric, desc_act
+
+    def checkpoint_bytes(self, in_features: int, out_features: int, group: int) -> int:
+        num_groups, per_word = in_features // group, 32 // self.bits
+        return (in_features * out_features * self.bits // 8 + num_groups * (out_features // per_word) * 4
+                + num_groups * out_features * 2 + in_features * 4)  # qweight, qzeros, fp16 scales, g_idx
 
     def register(self, layer: Any, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
         pack = 32 // self.bits
@@ -155,4 +161,5 @@ class GPTQConfig(QuantizationConfig):
     def get_linear_method(self, prefix: str, shard_prefixes: Sequence[str] = ()) -> LinearMethod:
         if not is_decoder_linear(prefix):
             return UnquantizedLinearMethod()
-        return GPTQLinearMethod(prefix, shard_prefixes, self.bits, self.group_size, self.desc_act, self.zero_offset)
+        return GPTQLinearMethod(prefix, shard_prefixes, self.bits, self.group_size, self.desc_act, self.zero_offset,
+                                self.sym)

@@ -106,14 +106,6 @@ def expand_groups(c: CanonicalWeight, allowed: Sequence[int]) -> CanonicalWeight
                      f"{', '.join(map(str, allowed))}")
 
 
-def int4_kernel_exact(c: CanonicalWeight) -> bool:
-    """Whether the int4 CPU kernel's storage (float16 scales and float16 offsets -zero * scale) holds c's weight
-    exactly: true for float16 scales with the symmetric zero 8, not in general for asymmetric zero points."""
-    scales = c.scales.float()
-    offsets = -c.zeros.float() * scales
-    return bool(torch.equal(scales.half().float(), scales) and torch.equal(offsets.half().float(), offsets))
-
-
 class WeightOnlyIntMethod(LinearMethod):
     """A group-quantized integer weight (W4A16 / W8A16) loaded from a checkpoint layout.
 
@@ -130,6 +122,8 @@ class WeightOnlyIntMethod(LinearMethod):
         if backend not in (None, "cpu", "triton"):
             raise ValueError(f"backend {backend!r} is not 'cpu' or 'triton'")
         self.backend = backend  # None: chosen from the device the weights are loaded on
+        self.symmetric = True  # no zero points (2^(bits-1)): set by formats that store them
+        self.act_order = False  # input channels grouped in a permuted order (g_idx)
         self.dtype = torch.bfloat16
         self._expected: list[str] = []
         self._loaded: set[tuple[str, int | None]] = set()
@@ -137,6 +131,28 @@ class WeightOnlyIntMethod(LinearMethod):
         self._registered: list[str] = []  # every checkpoint tensor registered, optional ones included
 
     # ---- subclass interface ---------------------------------------------------------------------------------
+    def checkpoint_bytes(self, in_features: int, out_features: int, group: int) -> int:
+        """Bytes of the layer's checkpoint layout as the GPU path keeps it (the Triton GEMM reads it in place)."""
+        raise NotImplementedError
+
+    def weight_bytes(self, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> int:
+        """The processed layout's bytes: the checkpoint layout where the Triton GEMM runs (backend "triton"),
+        else the CPU kernels' (int4: nibbles plus a float16 scale and offset per group; int8: bytes plus a
+        float32 scale per group; act-order: the int32 input permutation). Act-order checkpoints whose g_idx is
+        already in order keep no permutation, 4 * in_features bytes fewer."""
+        n, k = sum(output_sizes), in_features
+        group = k if self.group_size <= 0 else self.group_size
+        if self.backend == "triton":
+            return self.checkpoint_bytes(k, n, group)
+        from tokenmill.kernels.cpu.quant import INT4_GROUP_SIZES
+
+        perm = 4 * k if self.act_order else 0
+        if self.bits == 4 and (dtype != torch.float32 or self.symmetric):
+            kernel_group = group if group in INT4_GROUP_SIZES else max(
+                g for g in INT4_GROUP_SIZES if group % g == 0 and k % g == 0)
+            return n * k // 2 + 2 * n * (k // kernel_group) * 2 + perm
+        return n * k + n * (k // group) * 4 + perm
+
     def to_canonical(self, layer: Any) -> CanonicalWeight:
         raise NotImplementedError
 
@@ -221,12 +237,13 @@ class WeightOnlyIntMethod(LinearMethod):
         try:
             c = self.to_canonical(layer)
             packed: Any
-            if c.bits == 4 and (self.dtype != torch.float32 or int4_kernel_exact(c)):
+            if c.bits == 4 and (self.dtype != torch.float32 or self.symmetric):
                 c = expand_groups(c, INT4_GROUP_SIZES)
                 packed = pack_int4(c.q, c.scales, c.zeros, c.group_size)
             elif c.bits == 4:
-                # float32 activations, and the int4 kernel's float16 offsets (-zero * scale) would round the
-                # weight: q - zero (-15..15) is held in int8 with float32 group scales instead, exactly.
+                # float32 activations with zero points: the int4 kernel's float16 offsets (-zero * scale) would
+                # round the weight, so q - zero (-15..15) is held in int8 with float32 group scales, exactly.
+                # (Symmetric offsets, -8 * a float16 scale, are exact in float16.)
                 packed = pack_int8((c.q.to(torch.int16) - c.zeros.to(torch.int16).repeat_interleave(
                     c.group_size, dim=1)).to(torch.int8), c.scales.float(), c.group_size)
                 logger.debug("%s: float32 activations with zero points: int4 values held as int8", self.prefix)
