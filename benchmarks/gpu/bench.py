@@ -9,7 +9,8 @@ section, so a run cut short still leaves what it measured; a short table is prin
     benchmarks/gpu/run.sh --skip hf,workload   # sections to leave out
     benchmarks/gpu/run.sh --tiny               # CPU smoke run with tiny models (no GPU needed)
 
-Sections: env, bandwidth, checks, then per model (qwen2.5-0.5b first, llama-3.1-8b last): memory (KV sizing
+Sections: env, bandwidth, checks (attention, layer ops, quantized GEMMs: AWQ / GPTQ / act-order / 8-bit
+Triton GEMMs and fp8 _scaled_mm against bf16 cuBLAS), then per model (qwen2.5-0.5b first, llama-3.1-8b last): memory (KV sizing
 by profiling vs the planner), decode (batch 1 and 64), overhead (batch 256), and for the workload model:
 workload (tokenmill) and hf (transformers). The model runs as the engine runs it on CUDA: Triton attention,
 the fused layer ops (RMSNorm with the residual add, rotary, SiLU-and-multiply) and CUDA graphs.
@@ -159,13 +160,16 @@ class Bench:
             check_layer_ops,
             kernel_timings,
         )
+        from benchmarks.gpu.quant import check_quant_gemms, quant_timings
 
-        out = {"cases": check_kernels(self.device) + (check_layer_ops(self.device) if self.cuda else [])}
+        out = {"cases": check_kernels(self.device) + (check_layer_ops(self.device) if self.cuda else [])
+               + check_quant_gemms(self.device)}
         out["passed"] = sum(c["ok"] for c in out["cases"])
         out["total"] = len(out["cases"])
         if self.cuda:
             out["cuda_graph"] = check_cuda_graph_replay(self.device)
             out["timings"] = kernel_timings(self.device, self.copy_bw)
+            out["quant_timings"] = quant_timings(self.device, self.copy_bw)
         return out
 
     # ---- 4(a). copy bandwidth ------------------------------------------------------------------------------
@@ -473,6 +477,12 @@ def summarize(results: dict, workload_model: str) -> list[dict]:
         graph = checks.get("cuda_graph", {})
         if "ok" in graph:
             add("cuda graph replay == eager", f"rel err {graph['rel_error']:.1e}", "< 1e-2", graph["ok"])
+    for key, entry in checks.get("quant_timings", {}).items():
+        if key.endswith("M=1") or key.endswith("M=256"):
+            ms = entry.get("quant_ms", entry.get("fp8_ms"))
+            frac = entry.get("fraction_of_copy_bandwidth")
+            add(key, f"{ms:.3f} ms, {entry['speedup_vs_bf16']:.2f}x bf16"
+                + (f", {frac:.0%} of copy bandwidth" if frac else ""))
     for name, model in results.get("models", {}).items():
         big = "8b" in name
         v, label = model.get("engine_runs", {}), name

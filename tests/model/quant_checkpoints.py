@@ -79,4 +79,24 @@ CHECKPOINTS: dict[str, Builder] = {
     "int8": lambda tmp, models, tok: (models["llama"], "int8"),
     "int4": lambda tmp, models, tok: (models["qwen3"], "int4"),
     "gguf": lambda tmp, models, tok: (gguf_cache_dir(tmp / "gguf", tok), None),
+    # Published layouts written by the test quantizer (tests/quant_checkpoints.py).
+    "awq": lambda tmp, models, tok: (_written("awq", tmp, models["llama"]), None),
+    "gptq": lambda tmp, models, tok: (_written("gptq", tmp, models["qwen2"]), None),
+    "compressed-tensors": lambda tmp, models, tok: (_written("compressed-tensors", tmp, models["qwen3"]), None),
+    "fp8": lambda tmp, models, tok: (_written("fp8", tmp, models["llama"]), None),
 }
+
+
+def _written(method: str, tmp: Path, src: Path) -> Path:
+    from tests import quant_checkpoints as qc
+
+    dst = tmp / method
+    if method == "awq":
+        qc.write_awq(src, dst, group_size=32)
+    elif method == "gptq":  # act-order with zero points, on a model with q/k/v biases and tied embeddings
+        qc.write_gptq(src, dst, group_size=32, sym=False, desc_act=True)
+    elif method == "compressed-tensors":
+        qc.write_compressed_tensors(src, dst, bits=4, group_size=32, sym=False)
+    else:
+        qc.write_fp8(src, dst)
+    return dst

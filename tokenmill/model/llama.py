@@ -382,6 +382,8 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, TiedLMHead):
                 continue
             for param_name, _ in module.named_parameters(recurse=False):
+                if module.__dict__.get("param_attrs", {}).get(param_name, {}).get("optional"):
+                    continue  # a tensor checkpoints may leave out, e.g. GPTQ's g_idx without act-order
                 if isinstance(module, Linear) and len(module.output_sizes) > 1:
                     parent, _, leaf = module_name.rpartition(".")
                     for shard in range(len(module.output_sizes)):

@@ -243,6 +243,12 @@ def _quantization(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
     if method in ("fp8", "fbgemm_fp8"):
         return "fp8", None
     if method == "compressed-tensors":
+        # llm-compressor keeps the group size in each config group's weight arguments.
+        for scheme in (qcfg.get("config_groups") or {}).values():
+            weights = scheme.get("weights") if isinstance(scheme, dict) else None
+            if isinstance(weights, dict) and weights.get("group_size"):
+                group = weights["group_size"]
+                break
         text = json.dumps(qcfg).lower()
         if '"float"' in text and '"num_bits": 8' in text:
             return "fp8", None

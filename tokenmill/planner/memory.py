@@ -101,6 +101,10 @@ def resolve_precision(
     return parse_precision(precision, group_size or 128)
 
 
+# Projections that read the same input as the one before them (fused with it in the engine).
+_SHARED_INPUT_PARTS = ("k_proj", "v_proj", "up_proj")
+
+
 def _group_bytes(g: TensorGroup, p: Precision) -> float:
     """Bytes of one TensorGroup stored at precision ``p`` (all ``count`` copies)."""
     if p.kind == "dense":
@@ -119,8 +123,9 @@ def _group_bytes(g: TensorGroup, p: Precision) -> float:
         per_matrix = (
             cols * packed_rows + groups * rows * 2 + groups * packed_rows
         )  # weights, fp16 scales, zeros
-        if p.kind == "gptq":
-            per_matrix += cols * 4  # g_idx: int32 group index per input channel
+        if p.kind == "gptq" and not g.name.endswith(_SHARED_INPUT_PARTS):
+            # g_idx: int32 group index per input channel, one per input: q/k/v (and gate/up) share theirs.
+            per_matrix += cols * 4
     return per_matrix * g.count
 
 

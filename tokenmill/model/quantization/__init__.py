@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenmill.model.quantization import gguf, rtn, unquantized  # noqa: F401  (register their methods)
+from tokenmill.model.quantization import (  # noqa: F401  (register their methods)
+    awq,
+    compressed_tensors,
+    fp8,
+    gguf,
+    gptq,
+    rtn,
+    unquantized,
+)
 from tokenmill.model.quantization.base import (
     LinearMethod,
     QuantizationConfig,
