@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -124,6 +125,14 @@ def reference_model_dir(model: str | None) -> Path:
     return out
 
 
+class _LLMOptions(TypedDict):
+    """The LLM arguments every compared model is built with."""
+
+    dtype: str
+    show_progress: bool
+    enable_prefix_caching: bool
+
+
 def run(model: str | None, quantizations: list[str], prompts: list[str], max_tokens: int, dtype: str = "auto",
         ) -> list[QualityResult]:
     """The model at full precision against itself as stored (a GGUF kept quantized: "gguf") and quantized at
@@ -131,7 +140,7 @@ def run(model: str | None, quantizations: list[str], prompts: list[str], max_tok
     from tokenmill import LLM
 
     reference_dir = reference_model_dir(model)
-    common = dict(dtype=dtype, show_progress=False, enable_prefix_caching=False)
+    common = _LLMOptions(dtype=dtype, show_progress=False, enable_prefix_caching=False)
     reference = LLM(str(reference_dir), **common)
     variants = {}
     is_gguf = model is None or str(model).lower().endswith(".gguf")

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tokenmill.model.quantization.base import LinearMethod, make_param, set_weight_attrs
+from tokenmill.kernels.cpu.quant import Int4Weight, Int8Weight
+from tokenmill.model.quantization.base import LinearMethod, make_param, set_weight_attrs, weight_loader_of
 from tokenmill.model.quantization.unquantized import UnquantizedLinearMethod
 
 
@@ -41,6 +42,16 @@ class Linear(nn.Module):
     load_weight(name, tensor, shard_id=i).
     """
 
+    # What the quantization methods keep on the layer (each is set only by the methods that use it):
+    weight: torch.Tensor | None  # the checkpoint-layout weight; None once repacked into a kernel's layout
+    bias: torch.Tensor | None
+    onednn_weight: torch.Tensor | None  # unquantized: the bfloat16 weight pre-packed for oneDNN, if it was
+    qweight: torch.Tensor | Int8Weight | Int4Weight  # a checkpoint's packed tensor, then its kernel object
+    qweights: list[Int4Weight | Int8Weight]  # gguf: one kernel per run of same-kind shards
+    gguf_dtype: torch.dtype  # gguf: the model's dtype, for embedding rows
+    is_embedding: bool  # set on embedding tables (VocabEmbedding)
+    is_tied_output: bool  # set on an embedding table that is also the lm_head (TiedLMHead)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  quant_method: LinearMethod | None = None, output_sizes: Sequence[int] | None = None,
                  dtype: torch.dtype | None = None, prefix: str = "") -> None:
@@ -71,7 +82,14 @@ class Linear(nn.Module):
             raise ValueError(f"has no place in {self.prefix or 'this layer'} (quantized as "
                              f"{type(self.quant_method).__name__})")
         set_weight_attrs(param, **self.__dict__.get("param_attrs", {}).get(name, {}))
-        param.weight_loader(param, tensor, shard_id)
+        weight_loader_of(param)(param, tensor, shard_id)
+
+    def loaded_weight(self) -> torch.Tensor:
+        """The weight in its checkpoint layout (RuntimeError once the method has repacked it)."""
+        if self.weight is None:
+            raise RuntimeError(f"{self.prefix or 'this layer'}: the weight was repacked by "
+                               f"{type(self.quant_method).__name__}; its checkpoint layout is gone")
+        return self.weight
 
     def process_weights_after_loading(self) -> None:
         self.quant_method.process_weights_after_loading(self)

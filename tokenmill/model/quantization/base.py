@@ -18,29 +18,35 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from tokenmill.model.layers.linear import Linear
+
+# weight_loader(param, checkpoint tensor, shard_id): copies one checkpoint tensor (one shard's) into param.
+WeightLoader = Callable[[nn.Parameter, torch.Tensor, int | None], None]
 
 
 class LinearMethod(ABC):
     """The storage and kernels of one linear layer's weight. Stateless: per-layer state lives on the layer."""
 
     @abstractmethod
-    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int],
+    def create_weights(self, layer: Linear, in_features: int, output_sizes: Sequence[int],
                        dtype: torch.dtype) -> None:
         """Register the layer's parameters for a weight [sum(output_sizes), in_features]. output_sizes lists the
         rows of each shard of a fused layer (q, k, v or gate, up), in checkpoint order; dtype is the model's
         activation dtype. Each parameter gets a `weight_loader(param, tensor, shard_id)` attribute (see
         default_weight_loader)."""
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
+    def process_weights_after_loading(self, layer: Linear) -> None:
         """Repack the loaded parameters into the kernel's layout (once, after every shard is loaded)."""
         return None
 
     @abstractmethod
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., in_features] @ weight.T (+ bias) -> [..., out_features] in x's dtype."""
 
     def weight_bytes(self, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> int:
@@ -48,7 +54,7 @@ class LinearMethod(ABC):
         without tensors: the planner's figure, which tests check against the real allocations."""
         raise NotImplementedError(f"{type(self).__name__} does not model its memory")
 
-    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    def embedding(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight [num_ids, in_features] in the model's dtype (for embedding tables)."""
         raise NotImplementedError(f"{type(self).__name__} cannot store an embedding table")
 
@@ -85,6 +91,17 @@ def set_weight_attrs(param: nn.Parameter, **attrs: Any) -> nn.Parameter:
     return param
 
 
+def param_attr(param: nn.Parameter, name: str) -> Any:
+    """An attribute set_weight_attrs put on param (AttributeError if it has none)."""
+    return getattr(param, name)
+
+
+def weight_loader_of(param: nn.Parameter) -> WeightLoader:
+    """The weight_loader of param (see make_param)."""
+    loader: WeightLoader = param_attr(param, "weight_loader")
+    return loader
+
+
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None) -> None:
     """Copy a checkpoint tensor into param, or into one shard's slice of it.
 
@@ -97,7 +114,9 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: i
     dest = param.data
     if shard_id is not None and output_dim is not None:
         pack = getattr(param, "pack_factor", 1)
-        offset, size = param.shard_offsets[shard_id], param.shard_sizes[shard_id]
+        offsets: list[int] = param_attr(param, "shard_offsets")
+        sizes: list[int] = param_attr(param, "shard_sizes")
+        offset, size = offsets[shard_id], sizes[shard_id]
         dest = dest.narrow(output_dim, offset // pack, size // pack)
     if tuple(dest.shape) != tuple(loaded.shape):
         raise ValueError(f"has shape {tuple(loaded.shape)}, expected {tuple(dest.shape)}")
@@ -108,7 +127,7 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: i
 
 def make_param(layer: nn.Module, name: str, shape: Sequence[int], dtype: torch.dtype, output_sizes: Sequence[int],
                output_dim: int | None = 0, pack_factor: int = 1,
-               weight_loader: Callable[..., None] = default_weight_loader) -> nn.Parameter:
+               weight_loader: WeightLoader = default_weight_loader) -> nn.Parameter:
     """Register an uninitialized parameter `name` on layer, with shard bookkeeping for default_weight_loader."""
     param = nn.Parameter(torch.empty(tuple(shape), dtype=dtype), requires_grad=False)
     offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]

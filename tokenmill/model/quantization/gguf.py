@@ -19,7 +19,7 @@ F32/F16/BF16 tensors stay full precision.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from torch import nn
 from tokenmill.kernels.cpu.quant import Int4Weight, Int8Weight, pack_int4, pack_int8
 from tokenmill.model.quantization.base import LinearMethod, QuantizationConfig, register_quantization_config
 from tokenmill.model.quantization.unquantized import UnquantizedLinearMethod
+
+if TYPE_CHECKING:
+    from tokenmill.model.layers.linear import Linear
 
 # type -> (elements per block, bytes per block)
 GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q6_K": (256, 210)}
@@ -117,7 +120,7 @@ class GGUFLinearMethod(LinearMethod):
     def __init__(self, types: Sequence[str]) -> None:
         self.types = list(types)
 
-    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int],
+    def create_weights(self, layer: Linear, in_features: int, output_sizes: Sequence[int],
                        dtype: torch.dtype) -> None:
         if len(output_sizes) != len(self.types):
             raise ValueError(f"{len(self.types)} GGUF types for {len(output_sizes)} shards")
@@ -139,8 +142,8 @@ class GGUFLinearMethod(LinearMethod):
         layer.__dict__.setdefault("param_attrs", {})["weight"] = {"weight_loader": load}
         layer.gguf_dtype = dtype
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        raw, k = layer.weight.data, layer.in_features
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        raw, k = layer.loaded_weight().data, layer.in_features
         kernels: list[tuple[str, list[Any]]] = []  # kind -> parts of consecutive shards
         at = 0
         for rows, type_name in zip(layer.output_sizes, self.types, strict=True):
@@ -182,14 +185,14 @@ class GGUFLinearMethod(LinearMethod):
                 total += rows * in_features // 2 + 2 * rows * (in_features // 32) * 2
         return total
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         kernels = layer.qweights
         out = kernels[0].matmul(x) if len(kernels) == 1 else torch.cat([w.matmul(x) for w in kernels], dim=-1)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out + bias if bias is not None else out
 
-    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    def embedding(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         (kernel,) = layer.qweights
         return kernel.rows(ids, layer.gguf_dtype)
 

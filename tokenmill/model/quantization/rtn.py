@@ -11,14 +11,16 @@ int8/int4 weight-only methods leave them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
 
 from tokenmill.kernels.cpu.quant import Int4Weight, Int8Weight, pack_int4, pack_int8
 from tokenmill.model.quantization.base import LinearMethod, QuantizationConfig, register_quantization_config
 from tokenmill.model.quantization.unquantized import UnquantizedLinearMethod
+
+if TYPE_CHECKING:
+    from tokenmill.model.layers.linear import Linear
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,8 +52,8 @@ def int4_group_size(in_features: int, preferred: int = 128) -> int:
 class _QuantizeAtLoadMethod(UnquantizedLinearMethod):
     """Loads the full-precision weight as the unquantized method does, then quantizes and packs it."""
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        weight = layer.weight.detach()
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        weight = layer.loaded_weight().detach()
         layer.qweight = self.quantize(weight)
         del layer.weight
         layer.weight = None
@@ -59,8 +61,8 @@ class _QuantizeAtLoadMethod(UnquantizedLinearMethod):
     def quantize(self, weight: torch.Tensor) -> Int8Weight | Int4Weight:
         raise NotImplementedError
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        out = layer.qweight.matmul(x)
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = cast("Int8Weight | Int4Weight", layer.qweight).matmul(x)  # packed by process_weights_after_loading
         return out + bias if bias is not None else out
 
 

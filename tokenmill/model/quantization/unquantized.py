@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,9 @@ from tokenmill.model.quantization.base import (
     make_param,
     register_quantization_config,
 )
+
+if TYPE_CHECKING:
+    from tokenmill.model.layers.linear import Linear
 
 
 def _onednn_packing_available() -> bool:
@@ -28,7 +32,7 @@ class UnquantizedLinearMethod(LinearMethod):
     plain weight is then dropped unless an embedding lookup still needs it. Elsewhere F.linear.
     """
 
-    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int],
+    def create_weights(self, layer: Linear, in_features: int, output_sizes: Sequence[int],
                        dtype: torch.dtype) -> None:
         weight = make_param(layer, "weight", (sum(output_sizes), in_features), dtype, output_sizes)
         if weight.device.type != "meta":  # a model built for its own sake (tests), not for a checkpoint
@@ -38,8 +42,8 @@ class UnquantizedLinearMethod(LinearMethod):
                 bound = in_features**-0.5
                 nn.init.uniform_(weight, -bound, bound)
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        weight = layer.weight
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        weight = layer.loaded_weight()
         layer.onednn_weight = None
         if getattr(layer, "is_embedding", False) and not getattr(layer, "is_tied_output", False):
             return  # lookups only: F.embedding on the plain weight
@@ -52,15 +56,15 @@ class UnquantizedLinearMethod(LinearMethod):
     def weight_bytes(self, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> int:
         return sum(output_sizes) * in_features * dtype.itemsize
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         packed = getattr(layer, "onednn_weight", None)
         if packed is not None and x.dtype == torch.bfloat16:
             out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, layer.in_features), packed, bias, "none", [], "")
             return out.view(*x.shape[:-1], layer.out_features)
-        return F.linear(x, layer.weight, bias)
+        return F.linear(x, layer.loaded_weight(), bias)
 
-    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, layer.weight)
+    def embedding(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, layer.loaded_weight())
 
 
 @register_quantization_config("unquantized")
