@@ -6,16 +6,15 @@ import json
 
 import pytest
 
-from tokenmill import LLM
-from tokenmill.benchmarks.quality import compare, sequence_logprobs
+from tokenmill.benchmarks.quality import ScoredModel, compare, sequence_logprobs
 from tokenmill.entrypoints.cli import main
 
 
 @pytest.mark.slow  # three engines
 def test_compare_scores_itself_perfectly_and_a_quantized_copy_less(llama_dir):
-    reference = LLM(str(llama_dir), dtype="float32", show_progress=False)
-    same = LLM(str(llama_dir), dtype="float32", show_progress=False)
-    int4 = LLM(str(llama_dir), dtype="float32", quantization="int4", show_progress=False)
+    reference = ScoredModel(str(llama_dir), dtype="float32")
+    same = ScoredModel(str(llama_dir), dtype="float32")
+    int4 = ScoredModel(str(llama_dir), dtype="float32", quantization="int4")
     results = {r.name: r for r in compare(reference, {"same": same, "int4": int4}, ["hello there", "1 2 3"], 8)}
     assert results["same"].mean_kl < 1e-6
     assert results["same"].top1_agreement == results["same"].greedy_agreement == 1.0
@@ -25,13 +24,14 @@ def test_compare_scores_itself_perfectly_and_a_quantized_copy_less(llama_dir):
 
 
 def test_sequence_logprobs_match_the_engines_sampling(llama_dir):
-    llm = LLM(str(llama_dir), dtype="float32", show_progress=False)
+    scored = ScoredModel(str(llama_dir), dtype="float32")
+    llm = scored.llm
     from tokenmill import SamplingParams
 
     prompt = [5, 6, 7, 8, 9]
     out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=4),
                        use_tqdm=False)[0].outputs[0].token_ids
-    logprobs = sequence_logprobs(llm, prompt + list(out))
+    logprobs = sequence_logprobs(scored, prompt + list(out))
     # Teacher-forced argmax at each position equals the token greedy decoding chose there.
     assert logprobs[len(prompt) - 1:-1].argmax(-1).tolist() == list(out)
 

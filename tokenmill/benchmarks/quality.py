@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import torch
 
@@ -39,17 +39,34 @@ class QualityResult:
     num_tokens: int
 
 
+class ScoredModel:
+    """One model to compare: an engine (LLM) for greedy generation and tokenization, and the same model loaded
+    on its own (a Worker) for what the serving API does not return: the full next-token distribution at every
+    position of a text. kwargs: LLM's engine arguments (dtype, quantization, ...)."""
+
+    def __init__(self, model: str | None, **kwargs: Any) -> None:
+        from tokenmill import LLM
+        from tokenmill.engine.arg_utils import EngineArgs
+        from tokenmill.model.default_model import prepare_model
+        from tokenmill.worker.worker import Worker
+
+        self.llm = LLM(model, show_progress=False, **kwargs)
+        config = EngineArgs.from_kwargs(model, **kwargs).create_engine_config()
+        model_dir = prepare_model(config.model.model, config.model.revision, config.model.download_dir)
+        self.worker = Worker(config, model_dir, show_progress=False)
+
+
 @torch.inference_mode()
-def sequence_logprobs(llm, token_ids: list[int]) -> torch.Tensor:
+def sequence_logprobs(scored: ScoredModel, token_ids: list[int]) -> torch.Tensor:
     """log_softmax of the model's next-token logits at every position of token_ids: [len, vocab] float32."""
     from tokenmill.attention.backend import AttentionMetadata
 
-    core = llm.llm_engine.core
-    model, spec = core.model, core.spec
+    worker = scored.worker
+    model, spec = worker.model, worker.spec
     block_size = 16
     n = len(token_ids)
     num_blocks = -(-n // block_size)
-    caches = [torch.zeros((2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim), dtype=core.dtype)
+    caches = [torch.zeros((2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim), dtype=worker.dtype)
               for _ in range(spec.num_layers)]
     meta = AttentionMetadata.build([0, n], [n], torch.arange(num_blocks, dtype=torch.int32)[None],
                                    torch.arange(n, dtype=torch.int64))
@@ -78,21 +95,22 @@ def encode_prompts(llm, prompts: list[str]) -> list[list[int]]:
     return ids
 
 
-def compare(reference, variants: dict, prompts: list[str], max_tokens: int = 128) -> list[QualityResult]:
-    """reference: an LLM at full precision; variants: name -> LLM of the same model quantized."""
-    prompt_ids = encode_prompts(reference, prompts)
-    continuations = _greedy(reference, prompt_ids, max_tokens)
+def compare(reference: ScoredModel, variants: dict[str, ScoredModel], prompts: list[str], max_tokens: int = 128
+            ) -> list[QualityResult]:
+    """reference: the model at full precision; variants: name -> the same model quantized."""
+    prompt_ids = encode_prompts(reference.llm, prompts)
+    continuations = _greedy(reference.llm, prompt_ids, max_tokens)
     ref_logprobs = [sequence_logprobs(reference, p + c)[len(p) - 1: len(p) + len(c) - 1]
                     for p, c in zip(prompt_ids, continuations, strict=True)]
     results = []
-    for name, llm in variants.items():
+    for name, scored in variants.items():
         kl_sum, top1, count = 0.0, 0, 0
         for p, c, ref in zip(prompt_ids, continuations, ref_logprobs, strict=True):
-            lp = sequence_logprobs(llm, p + c)[len(p) - 1: len(p) + len(c) - 1]
+            lp = sequence_logprobs(scored, p + c)[len(p) - 1: len(p) + len(c) - 1]
             kl_sum += float((ref.exp() * (ref - lp)).sum())
             top1 += int((ref.argmax(-1) == lp.argmax(-1)).sum())
             count += ref.shape[0]
-        own = _greedy(llm, prompt_ids, max_tokens)
+        own = _greedy(scored.llm, prompt_ids, max_tokens)
         same = sum(sum(1 for a, b in zip(r, o) if a == b) for r, o in zip(continuations, own, strict=True))
         prefixes = []
         for r, o in zip(continuations, own, strict=True):
@@ -126,10 +144,9 @@ def reference_model_dir(model: str | None) -> Path:
 
 
 class _LLMOptions(TypedDict):
-    """The LLM arguments every compared model is built with."""
+    """The engine arguments every compared model is built with."""
 
     dtype: str
-    show_progress: bool
     enable_prefix_caching: bool
 
 
@@ -137,17 +154,15 @@ def run(model: str | None, quantizations: list[str], prompts: list[str], max_tok
         ) -> list[QualityResult]:
     """The model at full precision against itself as stored (a GGUF kept quantized: "gguf") and quantized at
     load with each of `quantizations` (int8, int4)."""
-    from tokenmill import LLM
-
     reference_dir = reference_model_dir(model)
-    common = _LLMOptions(dtype=dtype, show_progress=False, enable_prefix_caching=False)
-    reference = LLM(str(reference_dir), **common)
+    common = _LLMOptions(dtype=dtype, enable_prefix_caching=False)
+    reference = ScoredModel(str(reference_dir), **common)
     variants = {}
     is_gguf = model is None or str(model).lower().endswith(".gguf")
     if is_gguf:
-        variants["gguf (as stored)"] = LLM(model, **common)
+        variants["gguf (as stored)"] = ScoredModel(model, **common)
     for q in quantizations:
-        variants[q] = LLM(str(reference_dir), quantization=q, **common)
+        variants[q] = ScoredModel(str(reference_dir), quantization=q, **common)
     return compare(reference, variants, prompts, max_tokens)
 
 
