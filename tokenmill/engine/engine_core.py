@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import EngineConfig, resolve_defaults
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.metrics.stats import SchedulerStats
@@ -51,7 +51,8 @@ class InFlightStep:
 class EngineCore:
     def __init__(self, config: EngineConfig, model_dir: Path, show_progress: bool = True,
                  tokenizer: Tokenizer | None = None) -> None:
-        config.validate()
+        # Every default settled once, here (a no-op for a config from EngineArgs.create_engine_config()).
+        config = resolve_defaults(config)
         self.config = config
         self.model_dir = Path(model_dir)
         # For grammars (structured outputs); loaded from model_dir on first need when not given.
