@@ -157,6 +157,17 @@ def size_kv_cache(config: EngineConfig, hf_config: dict, dtype: torch.dtype, dev
     return KVCacheSizing(bytes_per_block, num_blocks, block_size)
 
 
+def weight_bytes_read_per_step(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step reads: every parameter once (a tied embedding counted once), except an
+    untied embedding table, of which only the batch's rows are read."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() yields a tied one once
+    spec = getattr(model, "spec", None)
+    embed = getattr(model, "embed_tokens", None)
+    if spec is not None and embed is not None and not spec.tie_word_embeddings:
+        total -= embed.weight.numel() * embed.weight.element_size()
+    return total
+
+
 class Worker:
     """One device's model, KV cache and runner (one worker per device; tensor parallelism will run several).
 
@@ -259,6 +270,25 @@ class Worker:
         if self._runner is None:
             raise RuntimeError("the worker's KV cache is not initialized: call initialize_cache() first")
         return self._runner
+
+    def engine_facts(self) -> dict:
+        """What the device side settled, as plain data (EngineCore.engine_info): device, dtype, attention
+        backend, weight bytes, CUDA graph sizes and capture seconds, the GPU memory profile."""
+        params = list(self.model.parameters())
+        return {
+            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "attention_backend": self.backend.name,
+            "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+            "weight_bytes_read_per_step": weight_bytes_read_per_step(self.model),
+            "cuda_graph_sizes": list(self.graph_runner.sizes) if self.graph_runner is not None else None,
+            "graph_capture_seconds": self.graph_capture_seconds,
+            "memory_profile": self.memory_profile.as_dict() if self.memory_profile is not None else None,
+        }
+
+    def set_step_timing(self, enabled: bool) -> None:
+        """Time each step's runner stages into ModelRunnerOutput.stage_seconds (off by default: on CUDA it
+        records two pairs of events per step)."""
+        self.runner.step_timing = bool(enabled)
 
     # ---- steps ----------------------------------------------------------------------------------------------
     def launch(self, sched: SchedulerOutput) -> None:
