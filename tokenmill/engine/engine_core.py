@@ -187,9 +187,9 @@ class EngineCore:
         }
 
     def set_step_timing(self, enabled: bool) -> None:
-        """Record every step's stages (StepTiming) until switched off; switching drops the records not taken."""
-        if self._in_flight is not None:
-            raise RuntimeError("step timing can only be switched while no step is in flight")
+        """Record every step's stages (StepTiming) until switched off; switching drops the records not taken.
+        It may be switched at any time: with async scheduling, the first record after switching it on may lack
+        the runner's stages of the step already in flight."""
         self._step_timing = bool(enabled)
         self.executor.set_step_timing(self._step_timing)
         self._step_timings.clear()
