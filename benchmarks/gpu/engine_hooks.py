@@ -1,6 +1,6 @@
 """What the benchmark reads from a running engine, all through LLMEngine's public surface: the engine's facts
 (engine_info: weight and KV bytes for the roofline, backend, CUDA graphs) and the stages of its steps
-(set_step_timing / take_step_timings: schedule, build batch, forward, sample, update)."""
+(set_step_timing / take_step_timings: schedule, build batch, forward, logits, sample, update)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ class StepTimers:
     """Context manager that switches the engine's step timing on for a measurement, and steps the engine as
     LLM.generate does (final_only: outputs built for finished requests only).
 
-    CPU share of a step = (wall time of LLMEngine.step - device time of forward and sample) / wall time: the
+    CPU share of a step = (wall time of LLMEngine.step - device time of forward and logits) / wall time: the
     engine runs one step at a time and waits for the GPU, so the rest is time the GPU waits for the host
-    (scheduling, batch building, sampling bookkeeping, detokenizing). On CPU the "device" stages are host time.
+    (scheduling, batch building, sampling and its bookkeeping, detokenizing). On CPU the "device" stages are
+    host time too.
     """
 
     def __init__(self, engine, final_only: bool = False) -> None:
@@ -51,7 +52,8 @@ class StepTimers:
         core_step = out.pop("step_ms")  # EngineCore.step
         out["core_step_ms"] = core_step
         step = median_ms(self.engine_steps)  # LLMEngine.step: the core's step and output processing
-        device = out["forward_ms"] + out["sample_ms"]
+        device = out["forward_ms"] + out["logits_ms"]
+        out["model_ms"] = device
         out["step_ms"] = out["engine_step_ms"] = step
         out["output_processing_ms"] = step - core_step
         out["cpu_ms"] = step - device

@@ -43,7 +43,7 @@ def test_decode_and_overhead_sections_on_cpu(bench, llama_dir):
         for async_scheduling in (False, True):
             out = bench.overhead(llm, 4, async_scheduling)
             assert out["num_steps"] == out["num_timed_steps"] == bench.args.decode_steps
-            for stage in ("schedule", "launch", "update", "build_batch", "forward", "sample"):
+            for stage in ("schedule", "launch", "update", "build_batch", "forward", "logits", "sample"):
                 assert out[f"{stage}_ms"] > 0, (stage, out)
             assert {f"{s}_ms" for s in STAGES if s != "step"} <= out.keys()
             assert out["core_step_ms"] <= out["engine_step_ms"] == out["step_ms"]

@@ -9,7 +9,7 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.engine.engine_core import StepTiming
 
 KV = "64MiB"
-RUNNER_STAGES = ("build_batch", "forward", "sample")
+RUNNER_STAGES = ("build_batch", "forward", "logits", "sample")
 
 
 def check_timings(timings: list[StepTiming], num_steps: int, tokens: int) -> None:
@@ -21,7 +21,7 @@ def check_timings(timings: list[StepTiming], num_steps: int, tokens: int) -> Non
         assert all(getattr(t, stage) > 0 for stage in RUNNER_STAGES), t
         # The host stages lie inside the call; on CPU the runner's stages inside its launch (or its pipe).
         assert t.schedule + t.launch + t.collect + t.update <= t.step
-        assert t.build_batch + t.forward + t.sample <= t.launch + t.collect
+        assert t.build_batch + t.forward + t.logits + t.sample <= t.launch + t.collect
 
 
 def run(llm: LLM, prompts: list[list[int]], max_tokens: int) -> None:

@@ -54,8 +54,8 @@ class StepTiming:
     """One EngineCore.step() call split into its stages, in seconds (EngineCore.set_step_timing).
 
     With async scheduling a call launches one step and collects the one before it: the runner's stages are those
-    of the step it collected. On CUDA forward and sample are device time (CUDA events); on CPU everything is host
-    time, and the runner's stages lie inside launch.
+    of the step it collected. On CUDA forward, logits and sample are device time (CUDA events); on CPU everything
+    is host time, and the runner's stages lie inside launch.
     """
 
     step: float = 0.0  # the whole call, wall time
@@ -65,7 +65,8 @@ class StepTiming:
     update: float = 0.0  # Scheduler.update_from_output
     build_batch: float = 0.0  # runner: state updates and the flat batch (host)
     forward: float = 0.0  # runner: the model's forward
-    sample: float = 0.0  # runner: logits and sampling
+    logits: float = 0.0  # runner: the sampled rows' logits (the LM head)
+    sample: float = 0.0  # runner: the sampler (logits processors, top-k/p, the draws)
     num_scheduled_tokens: int = 0  # tokens of the step this call launched
     num_collected: int = 0  # steps this call collected (0 or 1)
 

@@ -198,7 +198,8 @@ class LLMEngine:
         return self.engine_core.call_utility("engine_info")
 
     def set_step_timing(self, enabled: bool) -> None:
-        """Record the stages of every engine step (schedule, build batch, forward, sample, update) until switched
+        """Record the stages of every engine step (schedule, build batch, forward, logits, sample,
+        update) until switched
         off; read them with take_step_timings(). For benchmarks: on CUDA it adds CUDA events to each step."""
         self.engine_core.call_utility("set_step_timing", bool(enabled))
 

@@ -306,11 +306,15 @@ class ModelRunner:
         step = LaunchedStep(out, [s.request_id for s in sample_states], start=start, timer=timer)
         if sample_rows:
             if timer is not None:
-                timer.start("sample")
+                timer.start("logits")
             if len(sample_rows) < hidden.shape[0]:
                 hidden = hidden.index_select(0, self.to_device(sample_rows, torch.long))
             # else every row samples: the rows are 0..n-1 in order.
-            step.sampled = self.sampler.sample(self.model.compute_logits(hidden), sample_states)
+            logits = self.model.compute_logits(hidden)
+            if timer is not None:
+                timer.stop("logits")
+                timer.start("sample")
+            step.sampled = self.sampler.sample(logits, sample_states)
             if timer is not None:
                 timer.stop("sample")
             step.host_sampled = step.sampled
