@@ -52,12 +52,19 @@ class StepTimers:
         core_step = out.pop("step_ms")  # EngineCore.step
         out["core_step_ms"] = core_step
         step = median_ms(self.engine_steps)  # LLMEngine.step: the core's step and output processing
-        device = out["forward_ms"] + out["logits_ms"]
-        out["model_ms"] = device
+        out["model_ms"] = out["forward_ms"] + out["logits_ms"]
         out["step_ms"] = out["engine_step_ms"] = step
-        out["output_processing_ms"] = step - core_step
-        out["cpu_ms"] = step - device
-        out["cpu_share"] = (step - device) / step if step else 0.0
+        steps = self.engine_steps
+        if len(timings) == len(steps):
+            # In-process each LLMEngine.step ran one core step: the host's part of every step, then its median
+            # (a difference of medians of separate series can even come out negative on a noisy machine).
+            cpu = median_ms([s - t.forward - t.logits for s, t in zip(steps, timings, strict=True)])
+            out["output_processing_ms"] = median_ms([s - t.step for s, t in zip(steps, timings, strict=True)])
+        else:  # the core steps on its own (another process): only the medians compare
+            cpu = step - out["model_ms"]
+            out["output_processing_ms"] = step - core_step
+        out["cpu_ms"] = cpu
+        out["cpu_share"] = cpu / step if step else 0.0
         out["num_steps"] = len(self.engine_steps)
         out["num_timed_steps"] = len(timings)
         return out
