@@ -75,13 +75,14 @@ class ModelConfig:
     # and read from (default: $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub).
     revision: str | None = None
     download_dir: str | None = None
-    # "auto" (bf16 where the hardware runs it fast, else float32), "bfloat16", "float16" or "float32".
+    # "auto" (bf16 where the hardware runs it fast, else float16 on CUDA and float32 on CPU), "bfloat16",
+    # "float16" or "float32"; resolve_defaults() turns "auto" and the aliases into one of the last three.
     dtype: str = "auto"
     # Longest prompt + output in tokens; None takes the model's limit capped by what the KV cache holds.
     max_model_len: int | None = None
     # Seed of the engine's random generator for requests without a seed of their own.
     seed: int = 0
-    # "auto" (cuda when available, else cpu), "cpu" or "cuda".
+    # "auto" (cuda when available, else cpu), "cpu" or "cuda"; resolve_defaults() settles "auto".
     device: str = "auto"
     # Jinja chat template overriding the model's own.
     chat_template: str | None = None
@@ -235,3 +236,57 @@ class EngineConfig:
                 f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: tokenmill runs on one "
                 "device; use tensor_parallel_size=1"
             )
+
+
+def resolve_defaults(config: EngineConfig) -> EngineConfig:
+    """The config with every default that needs no measurement settled: device "auto" (cuda when available,
+    else cpu), dtype "auto" and its aliases (bf16 where the hardware runs it fast: a CUDA GPU that supports it,
+    else float16; a CPU with AVX512-BF16 or AMX, else float32), max_num_batched_tokens (8192 on CUDA, 2048 on
+    CPU) and the CPU KV cache budget (default_cpu_kv_cache_bytes). The one place these defaults live:
+    EngineArgs.create_engine_config() calls it, and EngineCore calls it on the config it is given (tests build
+    EngineConfig directly). Idempotent: a resolved config comes back equal. The GPU KV cache size is not a
+    default but a measurement (a profiled forward): the worker makes it when kv_cache_memory is None on CUDA.
+    """
+    import dataclasses
+
+    config.validate()
+    model, cache, scheduler = config.model, config.cache, config.scheduler
+    device = model.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPE_ALIASES[str(model.dtype).lower()]
+    if dtype == "auto":
+        if device == "cuda":
+            import torch
+
+            dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "bfloat16" if cpu_supports_bf16() else "float32"
+    max_num_batched_tokens = scheduler.max_num_batched_tokens
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = 8192 if device == "cuda" else 2048
+    kv_cache_memory = cache.kv_cache_memory
+    if kv_cache_memory is None and device == "cpu":
+        kv_cache_memory = default_cpu_kv_cache_bytes()
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(model, device=device, dtype=dtype),
+        cache=dataclasses.replace(cache, kv_cache_memory=kv_cache_memory),
+        scheduler=dataclasses.replace(scheduler, max_num_batched_tokens=max_num_batched_tokens),
+    )
+
+
+def unresolved_defaults(config: EngineConfig) -> list[str]:
+    """The fields resolve_defaults() would still change: empty for a resolved config."""
+    unresolved = []
+    if config.model.device not in ("cpu", "cuda"):
+        unresolved.append(f"device={config.model.device!r}")
+    if config.model.dtype not in ("bfloat16", "float16", "float32"):
+        unresolved.append(f"dtype={config.model.dtype!r}")
+    if config.scheduler.max_num_batched_tokens is None:
+        unresolved.append("max_num_batched_tokens=None")
+    if config.cache.kv_cache_memory is None and config.model.device == "cpu":
+        unresolved.append("kv_cache_memory=None on cpu")
+    return unresolved

@@ -166,6 +166,10 @@ class ModelRunnerOutput:
     # request_id -> how a logits processor ended the sequence with its sampled token: None when it finished
     # (a grammar reached its end: finish "stop"), or an error message when it refused the token.
     processor_finished: dict[str, str | None] = field(default_factory=dict)
+    # stage -> seconds of this step in the runner ("build_batch", "forward", "logits", "sample"), only while step
+    # timing is on (EngineCore.set_step_timing): all but build_batch are device time on CUDA (CUDA events), host
+    # time on CPU.
+    stage_seconds: dict[str, float] | None = None
 
 
 @dataclass

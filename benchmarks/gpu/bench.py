@@ -216,12 +216,12 @@ class Bench:
                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                   max_model_len=max_model_len, device=self.device.type, show_progress=False,
                   enforce_eager=self.args.enforce_eager)
-        core = llm.llm_engine.core
-        capture_s = core.graph_capture_seconds
+        facts = llm.llm_engine.engine_info()
+        capture_s = facts["graph_capture_seconds"]
         info = {"load_s": round(time.perf_counter() - t0, 1),
-                "attention_backend": core.model.layers[0].self_attn.backend.name,
-                "num_kv_blocks": core.kv_sizing.num_blocks,
-                "cuda_graph_sizes": core.graph_runner.sizes if core.graph_runner is not None else None,
+                "attention_backend": facts["attention_backend"],
+                "num_kv_blocks": facts["num_kv_blocks"],
+                "cuda_graph_sizes": facts["cuda_graph_sizes"],
                 "graph_capture_s": None if capture_s is None else round(capture_s, 1)}
         return llm, info
 
@@ -256,22 +256,24 @@ class Bench:
 
     # ---- 4(b). decode step time against the roofline ----------------------------------------------------
     def decode(self, llm, batch: int) -> dict:
-        from benchmarks.gpu.engine_hooks import kv_bytes_per_token, weight_bytes_read_per_step
-
-        core = llm.llm_engine.core
+        engine = llm.llm_engine
+        facts = engine.engine_info()
         children, parents = self._start_requests(llm, batch, self.args.context)
         # Tokens each sequence attends over: its prompt and outputs so far, one more per step.
         start_tokens = sum(self.args.context + len(c.output_token_ids) for c in children)
-        seq_tokens, times = [], []
-        for i in range(self.args.decode_steps):
-            seq_tokens.append(start_tokens + i * len(children))
-            t0 = time.perf_counter()
-            core.step()  # synchronizes the GPU before it returns
-            times.append(time.perf_counter() - t0)
-        llm.llm_engine.abort_request([p.request_id for p in parents])
+        seq_tokens = [start_tokens + i * len(children) for i in range(self.args.decode_steps)]
+        engine.set_step_timing(True)
+        try:
+            for _ in seq_tokens:
+                engine.step(final_only=True)
+            # The engine core's step (schedule, run, update; it waits for the GPU), without output processing.
+            times = [t.step for t in engine.take_step_timings()]
+        finally:
+            engine.set_step_timing(False)
+        engine.abort_request([p.request_id for p in parents])
         step_s = statistics.median(times)
-        weights = weight_bytes_read_per_step(core.model)
-        kv = kv_bytes_per_token(core) * statistics.mean(seq_tokens)
+        weights = facts["weight_bytes_read_per_step"]
+        kv = facts["kv_bytes_per_token"] * statistics.mean(seq_tokens)
         result = {"batch": batch, "context": self.args.context, "median_step_ms": step_s * 1e3,
                   "min_step_ms": min(times) * 1e3, "weight_bytes": weights, "kv_bytes": kv,
                   "tokens_per_s": batch / step_s}
@@ -308,7 +310,7 @@ class Bench:
         engine.set_async_scheduling(async_scheduling)
         try:
             _, parents = self._start_requests(llm, batch, self.args.context)
-            timers = StepTimers(engine, cuda=self.cuda, final_only=True)
+            timers = StepTimers(engine, final_only=True)
             with timers:
                 for _ in range(self.args.decode_steps):
                     timers.step()

@@ -1,121 +1,70 @@
-"""What the benchmark attaches to a running engine: byte counts for the roofline, and timers that split a step into
-its CPU and GPU parts."""
+"""What the benchmark reads from a running engine, all through LLMEngine's public surface: the engine's facts
+(engine_info: weight and KV bytes for the roofline, backend, CUDA graphs) and the stages of its steps
+(set_step_timing / take_step_timings: schedule, build batch, forward, logits, sample, update)."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections import defaultdict
+from dataclasses import fields
 
-import torch
+from tokenmill.engine.engine_core import StepTiming
 
-
-def weight_bytes_read_per_step(model: torch.nn.Module) -> int:
-    """Bytes of weights a decode step reads: every parameter once, except an untied embedding table, of which
-    only the batch's rows are read."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not model.spec.tie_word_embeddings:
-        emb = model.embed_tokens.weight
-        total -= emb.numel() * emb.element_size()
-    return total
+STAGES = tuple(f.name for f in fields(StepTiming) if f.type in ("float", float))
 
 
-def kv_bytes_per_token(core) -> int:
-    """K and V of one token over all layers: 2 * num_layers * num_kv_heads * head_dim * dtype bytes."""
-    spec = core.spec
-    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * core.kv_caches[0].element_size()
-
-
-class _TimedForward:
-    """Stands in for the runner's model: device time of the forward and of the logits, by CUDA events."""
-
-    def __init__(self, inner, timers: StepTimers, key: str = "forward_gpu") -> None:
-        self.inner = inner
-        self.timers = timers
-        self.key = key
-
-    def _timed(self, key: str, fn, *args):
-        if not self.timers.cuda:
-            t0 = time.perf_counter()
-            out = fn(*args)
-            self.timers.host[key].append(time.perf_counter() - t0)
-            return out
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn(*args)
-        end.record()
-        self.timers.events[key].append((start, end))
-        return out
-
-    def __call__(self, *args):
-        return self._timed(self.key, self.inner, *args)
-
-    def compute_logits(self, hidden):
-        return self._timed("logits_gpu", self.inner.compute_logits, hidden)
+def median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1e3 if values else 0.0
 
 
 class StepTimers:
-    """Context manager that wraps the engine's stages with timers for the duration of a measurement.
+    """Context manager that switches the engine's step timing on for a measurement, and steps the engine as
+    LLM.generate does (final_only: outputs built for finished requests only).
 
     CPU share of a step = (wall time of LLMEngine.step - device time of forward and logits) / wall time: the
     engine runs one step at a time and waits for the GPU, so the rest is time the GPU waits for the host
-    (scheduling, batch building, sampling bookkeeping, detokenizing).
+    (scheduling, batch building, sampling and its bookkeeping, detokenizing). On CPU the "device" stages are
+    host time too.
     """
 
-    def __init__(self, engine, cuda: bool, final_only: bool = False) -> None:
+    def __init__(self, engine, final_only: bool = False) -> None:
         self.engine = engine
-        self.final_only = final_only  # consume steps as LLM.generate does (only finished outputs are built)
-        self.core = engine.core
-        self.cuda = cuda
-        self.host: dict[str, list[float]] = defaultdict(list)  # stage -> seconds per call
-        self.events: dict[str, list] = defaultdict(list)  # stage -> (start, end) CUDA events per call
+        self.final_only = final_only
+        self.engine_steps: list[float] = []  # seconds of each LLMEngine.step (the core's step and output processing)
+        self.timings: list[StepTiming] = []
 
     def __enter__(self) -> StepTimers:
-        core = self.core
-        # (object, method, label): the method is wrapped on the instance for the measurement.
-        self._methods = [(core.scheduler, "schedule", "schedule"), (core.scheduler, "update_from_output", "update"),
-                         (core.runner, "_build_batch", "build_batch"), (core, "step", "core_step")]
-        for obj, name, label in self._methods:
-            setattr(obj, name, self._wrap(getattr(obj, name), label))
-        # The runner calls `forward` (the CUDA-graph runner, or the model itself) for the hidden states and
-        # `model.compute_logits`; both are timed, and nothing else of the model is.
-        runner = core.runner
-        self._model, self._forward = runner.model, runner.forward
-        runner.forward = _TimedForward(self._forward, self)
-        runner.model = _TimedForward(self._model, self, key="unexpected_model_call")
+        self.engine.set_step_timing(True)
         return self
 
     def __exit__(self, *exc) -> None:
-        for obj, name, _ in self._methods:
-            delattr(obj, name)  # back to the class's method
-        self.core.runner.model, self.core.runner.forward = self._model, self._forward
-
-    def _wrap(self, fn, name: str):
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.host[name].append(time.perf_counter() - t0)
-        return timed
+        self.timings += self.engine.take_step_timings()
+        self.engine.set_step_timing(False)
 
     def step(self) -> None:
         t0 = time.perf_counter()
         self.engine.step(final_only=self.final_only)
-        self.host["engine_step"].append(time.perf_counter() - t0)
+        self.engine_steps.append(time.perf_counter() - t0)
 
     def summary(self) -> dict:
-        def ms(values: list[float]) -> float:
-            return statistics.median(values) * 1e3 if values else 0.0
-
-        gpu = {k: [s.elapsed_time(e) / 1e3 for s, e in v] for k, v in self.events.items()}
-        stages = {**self.host, **gpu}
-        step = ms(stages["engine_step"])
-        device = ms(stages.get("forward_gpu", [])) + ms(stages.get("logits_gpu", []))
-        out = {f"{k}_ms": ms(v) for k, v in stages.items()}
-        out["output_processing_ms"] = step - ms(stages["core_step"])
-        out["step_ms"] = step
-        out["cpu_ms"] = step - device
-        out["cpu_share"] = (step - device) / step if step else 0.0
-        out["num_steps"] = len(stages["engine_step"])
+        timings = self.timings
+        out = {f"{stage}_ms": median_ms([getattr(t, stage) for t in timings]) for stage in STAGES}
+        core_step = out.pop("step_ms")  # EngineCore.step
+        out["core_step_ms"] = core_step
+        step = median_ms(self.engine_steps)  # LLMEngine.step: the core's step and output processing
+        out["model_ms"] = out["forward_ms"] + out["logits_ms"]
+        out["step_ms"] = out["engine_step_ms"] = step
+        steps = self.engine_steps
+        if len(timings) == len(steps):
+            # In-process each LLMEngine.step ran one core step: the host's part of every step, then its median
+            # (a difference of medians of separate series can even come out negative on a noisy machine).
+            cpu = median_ms([s - t.forward - t.logits for s, t in zip(steps, timings, strict=True)])
+            out["output_processing_ms"] = median_ms([s - t.step for s, t in zip(steps, timings, strict=True)])
+        else:  # the core steps on its own (another process): only the medians compare
+            cpu = step - out["model_ms"]
+            out["output_processing_ms"] = step - core_step
+        out["cpu_ms"] = cpu
+        out["cpu_share"] = cpu / step if step else 0.0
+        out["num_steps"] = len(self.engine_steps)
+        out["num_timed_steps"] = len(timings)
         return out

@@ -4,13 +4,13 @@ Each field is documented by the string under it; that text is the flag's --help.
 - the engine flags of `tokenmill serve`, `generate`, `chat` and `bench throughput` (add_cli_args: --max-model-len
   for max_model_len; a bool that defaults to False is a switch, one that defaults to True or None gets --no-X too);
 - the keyword arguments of LLM(...) (the same names);
-- EngineConfig (create_engine_config: every default resolved here, in one place). An EngineArgs field goes to
+- EngineConfig (create_engine_config: every default resolved by config.resolve_defaults(), the one place). An EngineArgs field goes to
   the sub-config (ModelConfig, CacheConfig, SchedulerConfig, ...) that has a field of the same name, so a new
   engine option is one field here and one in its config.
 
 What a flag needs beyond its type (choices, a short alias, a value converter) is in the field's metadata.
-Defaults that depend on what the device can do (dtype "auto", the KV cache size on a GPU) are resolved by the
-engine that owns the device.
+The KV cache size on a GPU is not a default but a measurement (a profiled forward): the worker that owns the
+device makes it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from tokenmill.config import (
     SchedulerConfig,
     StructuredOutputsConfig,
     batch_invariant_from_env,
-    default_cpu_kv_cache_bytes,
+    resolve_defaults,
 )
 
 
@@ -175,11 +175,12 @@ class EngineArgs:
                 section, name = target
                 sections[section][name] = values[f.name]
         config = EngineConfig(**{name: _SECTIONS[name](**kw) for name, kw in sections.items()}, **top)
-        config.validate()
-        return config
+        return resolve_defaults(config)
 
     def resolved(self) -> dict[str, Any]:
-        """The field values with their defaults resolved (None for 'decide later' becomes a value)."""
+        """The field values as EngineConfig takes them: paths as strings, batch_invariant None read from
+        TOKENMILL_BATCH_INVARIANT, a chat template file read. The engine's defaults (device, dtype,
+        max_num_batched_tokens, the CPU KV cache budget) are resolved by config.resolve_defaults()."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if values["model"] is not None:
             values["model"] = str(values["model"])
@@ -188,14 +189,6 @@ class EngineArgs:
         if values["batch_invariant"] is None:
             values["batch_invariant"] = batch_invariant_from_env()
         values["pooling_type"] = str(values["pooling_type"]).upper()
-        if values["device"] == "auto":
-            import torch
-
-            values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-        if values["max_num_batched_tokens"] is None:
-            values["max_num_batched_tokens"] = 8192 if values["device"] == "cuda" else 2048
-        if values["kv_cache_memory"] is None and values["device"] == "cpu":
-            values["kv_cache_memory"] = default_cpu_kv_cache_bytes()
         values["chat_template"] = resolve_chat_template(values["chat_template"])
         return values
 

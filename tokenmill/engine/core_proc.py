@@ -9,6 +9,7 @@ send the step's EngineCoreOutputs. It exits on a SHUTDOWN message, when its pare
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -119,11 +120,18 @@ class EngineCoreService:
             shutdown()
 
     def call_utility(self, name: str, args: list) -> Any:
-        """The utility calls a client may make (benchmarks switch async scheduling between runs)."""
+        """The utility calls a client may make (benchmarks switch async scheduling between runs, read the
+        engine's facts and time the stages of its steps)."""
         if name == "set_async_scheduling":
             return self.core.set_async_scheduling(*args)
         if name == "reset_prefix_cache":
             return self.core.kv_cache_manager.reset_prefix_cache()
+        if name == "engine_info":
+            return self.core.engine_info()
+        if name == "set_step_timing":
+            return self.core.set_step_timing(*args)
+        if name == "take_step_timings":  # plain dicts on the wire (LLMEngine rebuilds the StepTiming records)
+            return [dataclasses.asdict(t) for t in self.core.take_step_timings()]
         raise ValueError(f"unknown engine utility call {name!r}")
 
 

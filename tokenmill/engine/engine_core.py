@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import EngineConfig, resolve_defaults
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.metrics.stats import SchedulerStats
@@ -48,10 +49,36 @@ class InFlightStep:
     needs_sync: bool
 
 
+@dataclass
+class StepTiming:
+    """One EngineCore.step() call split into its stages, in seconds (EngineCore.set_step_timing).
+
+    With async scheduling a call launches one step and collects the one before it: the runner's stages are those
+    of the step it collected. On CUDA forward, logits and sample are device time (CUDA events); on CPU everything
+    is host time, and the runner's stages lie inside launch.
+    """
+
+    step: float = 0.0  # the whole call, wall time
+    schedule: float = 0.0  # Scheduler.schedule
+    launch: float = 0.0  # handing the step to the executor (in-process on CPU: the runner's whole step)
+    collect: float = 0.0  # waiting for a step's output: device work the host did not hide, or the pipe
+    update: float = 0.0  # Scheduler.update_from_output
+    build_batch: float = 0.0  # runner: state updates and the flat batch (host)
+    forward: float = 0.0  # runner: the model's forward
+    logits: float = 0.0  # runner: the sampled rows' logits (the LM head)
+    sample: float = 0.0  # runner: the sampler (logits processors, top-k/p, the draws)
+    num_scheduled_tokens: int = 0  # tokens of the step this call launched
+    num_collected: int = 0  # steps this call collected (0 or 1)
+
+    def add(self, stage: str, seconds: float) -> None:
+        setattr(self, stage, getattr(self, stage) + seconds)
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, model_dir: Path, show_progress: bool = True,
                  tokenizer: Tokenizer | None = None) -> None:
-        config.validate()
+        # Every default settled once, here (a no-op for a config from EngineArgs.create_engine_config()).
+        config = resolve_defaults(config)
         self.config = config
         self.model_dir = Path(model_dir)
         # For grammars (structured outputs); loaded from model_dir on first need when not given.
@@ -84,6 +111,11 @@ class EngineCore:
         self.busy_seconds = 0.0
         self.num_generated_tokens = 0
         self.num_steps = 0
+        # Per-step stage timing, off unless asked for (set_step_timing): the record of the step() in progress,
+        # and the finished ones not taken yet (oldest dropped past 100000).
+        self._timing: StepTiming | None = None
+        self._step_timing = False
+        self._step_timings: deque[StepTiming] = deque(maxlen=100_000)
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d; "
             "max concurrency at max_model_len %.1f",
@@ -139,6 +171,35 @@ class EngineCore:
             num_preemptions=stats.num_preemptions, busy_seconds=self.busy_seconds, num_steps=self.num_steps,
             num_kv_blocks=self.kv_sizing.num_blocks, block_size=self.kv_sizing.block_size,
         )
+
+    def engine_info(self) -> dict[str, Any]:
+        """What the engine settled at start-up, as plain data: the resolved config's sizes, the KV cache and
+        the worker's device facts (device, dtype, attention backend, weight bytes, CUDA graph sizes and capture
+        seconds, the GPU memory profile)."""
+        sizing = self.kv_sizing
+        return {
+            **self.executor.engine_facts(),
+            "max_model_len": self.max_model_len, "max_num_seqs": self.config.scheduler.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens, "num_kv_blocks": sizing.num_blocks,
+            "block_size": sizing.block_size, "kv_bytes_per_block": sizing.bytes_per_block,
+            "kv_bytes_per_token": sizing.bytes_per_block // sizing.block_size,
+            "async_scheduling": self.async_scheduling,
+            "distributed_executor_backend": self.config.distributed_executor_backend,
+        }
+
+    def set_step_timing(self, enabled: bool) -> None:
+        """Record every step's stages (StepTiming) until switched off; switching drops the records not taken.
+        It may be switched at any time: with async scheduling, the first record after switching it on may lack
+        the runner's stages of the step already in flight."""
+        self._step_timing = bool(enabled)
+        self.executor.set_step_timing(self._step_timing)
+        self._step_timings.clear()
+
+    def take_step_timings(self) -> list[StepTiming]:
+        """The steps' stage timings recorded since the last call, oldest first."""
+        timings = list(self._step_timings)
+        self._step_timings.clear()
+        return timings
 
     def _resolve_max_model_len(self) -> int:
         model_limit = self.spec.max_position_embeddings
@@ -231,11 +292,33 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """One engine step: the outputs of the tokens sampled by it, or with async scheduling by the step
         before it (this one is launched and left running)."""
+        if not self._step_timing:
+            return self._step()
+        start = time.perf_counter()
+        self._timing = StepTiming()
+        try:
+            outputs = self._step()
+            self._timing.step = time.perf_counter() - start
+            self._step_timings.append(self._timing)
+        finally:
+            self._timing = None
+        return outputs
+
+    def _schedule(self) -> SchedulerOutput:
+        if self._timing is None:
+            return self.scheduler.schedule()
+        start = time.perf_counter()
+        sched = self.scheduler.schedule()
+        self._timing.schedule += time.perf_counter() - start
+        self._timing.num_scheduled_tokens = sched.total_num_scheduled_tokens
+        return sched
+
+    def _step(self) -> list[EngineCoreOutput]:
         failed = self._poll_grammars() if self._compiling else []
         if self.async_scheduling:
             outputs = failed + self._step_async()
         else:
-            sched = self.scheduler.schedule()
+            sched = self._schedule()
             outputs = failed + ([] if sched.is_empty else self._collect(self._launch(sched)))
         if not outputs and self._compiling and self._in_flight is None:
             time.sleep(0.001)  # every request left waits for its grammar: do not spin
@@ -244,6 +327,8 @@ class EngineCore:
     def _launch(self, sched: SchedulerOutput) -> InFlightStep:
         start = time.perf_counter()
         self.executor.launch(sched)
+        if self._timing is not None:
+            self._timing.launch += time.perf_counter() - start
         needs_sync = self.scheduler.on_launched(sched)
         self.num_steps += 1
         return InFlightStep(sched, start, needs_sync)
@@ -260,7 +345,7 @@ class EngineCore:
         if in_flight is not None and in_flight.needs_sync:
             outputs = self._collect(in_flight)
             in_flight = None
-        sched = self.scheduler.schedule()
+        sched = self._schedule()
         if not sched.is_empty:
             self._in_flight = self._launch(sched)
         if in_flight is not None:
@@ -269,6 +354,8 @@ class EngineCore:
         return outputs
 
     def _collect(self, step: InFlightStep) -> list[EngineCoreOutput]:
+        timing = self._timing
+        waited = time.perf_counter()
         runner_out = self.executor.collect()
         end = time.perf_counter()
         # Async steps overlap: each is charged from its launch, or the previous collection if later, to its
@@ -277,4 +364,12 @@ class EngineCore:
         self._last_collect_end = end
         self.busy_seconds += elapsed
         self.num_generated_tokens += len(runner_out.sampled)
-        return self.scheduler.update_from_output(step.sched, runner_out, elapsed)
+        if timing is None:
+            return self.scheduler.update_from_output(step.sched, runner_out, elapsed)
+        timing.collect += end - waited
+        timing.num_collected += 1
+        for stage, seconds in (runner_out.stage_seconds or {}).items():
+            timing.add(stage, seconds)
+        outputs = self.scheduler.update_from_output(step.sched, runner_out, elapsed)
+        timing.update += time.perf_counter() - end
+        return outputs

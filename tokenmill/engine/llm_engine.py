@@ -11,6 +11,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core_client import EngineCoreClient
@@ -31,6 +32,9 @@ from tokenmill.outputs import (
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.request import RequestStatus
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.engine.engine_core import StepTiming
 
 
 @dataclass
@@ -187,6 +191,23 @@ class LLMEngine:
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (benchmarks between runs); False when blocks are still in use."""
         return bool(self.engine_core.call_utility("reset_prefix_cache"))
+
+    def engine_info(self) -> dict[str, Any]:
+        """What the engine settled at start-up (EngineCore.engine_info): device, dtype, attention backend, KV cache
+        blocks and bytes, weight bytes, CUDA graph sizes and capture seconds, the GPU memory profile."""
+        return self.engine_core.call_utility("engine_info")
+
+    def set_step_timing(self, enabled: bool) -> None:
+        """Record the stages of every engine step (schedule, build batch, forward, logits, sample,
+        update) until switched
+        off; read them with take_step_timings(). For benchmarks: on CUDA it adds CUDA events to each step."""
+        self.engine_core.call_utility("set_step_timing", bool(enabled))
+
+    def take_step_timings(self) -> list[StepTiming]:
+        """The stage timings of the steps since the last call (StepTiming records, oldest first)."""
+        from tokenmill.engine.engine_core import StepTiming
+
+        return [StepTiming(**timing) for timing in self.engine_core.call_utility("take_step_timings")]
 
     @property
     def dtype(self) -> str:

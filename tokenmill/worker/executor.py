@@ -76,6 +76,14 @@ class Executor(ABC):
     def collect(self) -> ModelRunnerOutput:
         """The output of the oldest launched step, waiting for it."""
 
+    @abstractmethod
+    def engine_facts(self) -> dict:
+        """The worker's Worker.engine_facts() (after initialize_cache)."""
+
+    @abstractmethod
+    def set_step_timing(self, enabled: bool) -> None:
+        """Switch the runner's per-stage step timing (ModelRunnerOutput.stage_seconds)."""
+
     def shutdown(self) -> None:  # noqa: B027 - nothing to release in-process
         """Release the worker(s)."""
 
@@ -110,6 +118,12 @@ class UniProcExecutor(Executor):
     def collect(self) -> ModelRunnerOutput:
         return self.worker.collect()
 
+    def engine_facts(self) -> dict:
+        return self.worker.engine_facts()
+
+    def set_step_timing(self, enabled: bool) -> None:
+        self.worker.set_step_timing(enabled)
+
 
 class WorkerProcessError(RuntimeError):
     """The worker process failed (its traceback is in the message) or died."""
@@ -118,9 +132,9 @@ class WorkerProcessError(RuntimeError):
 class MultiprocExecutor(Executor):
     """One Worker in a spawned process, driven over a pipe with msgpack-encoded messages.
 
-    Requests to the process are [method, argument]; it answers determine_kv_cache_sizing, initialize_cache
-    and collect with ["ok", value] or ["error", traceback]. launch is not answered: a failed launch is reported
-    by the next collect.
+    Requests to the process are [method, argument]; it answers determine_kv_cache_sizing, initialize_cache,
+    collect, engine_facts and set_step_timing with ["ok", value] or ["error", traceback]. launch is not
+    answered: a failed launch is reported by the next collect.
     """
 
     def __init__(self, config: EngineConfig, model_dir: Path) -> None:
@@ -166,6 +180,14 @@ class MultiprocExecutor(Executor):
     def collect(self) -> ModelRunnerOutput:
         self._send("collect")
         return self._reply()
+
+    def engine_facts(self) -> dict:
+        self._send("engine_facts")
+        return self._reply()
+
+    def set_step_timing(self, enabled: bool) -> None:
+        self._send("set_step_timing", bool(enabled))
+        self._reply()
 
     def shutdown(self) -> None:
         if self._process.is_alive():
@@ -217,6 +239,11 @@ def run_worker_process(conn: Connection, config: EngineConfig, model_dir: str) -
                 answer("error", launch_error)
             elif method == "collect":
                 answer("ok", worker.collect())
+            elif method == "engine_facts":
+                answer("ok", worker.engine_facts())
+            elif method == "set_step_timing":
+                worker.set_step_timing(argument)
+                answer("ok")
             elif method == "determine_kv_cache_sizing":
                 answer("ok", worker.determine_kv_cache_sizing())
             elif method == "initialize_cache":

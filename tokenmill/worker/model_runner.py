@@ -78,6 +78,40 @@ class CachedRequestState:
         return ended, None
 
 
+class StageTimer:
+    """Times a step's stages in the runner: device time by CUDA events on CUDA (read once the step is done),
+    host time by perf_counter on CPU, where the work runs when it is called."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.seconds: dict[str, float] = {}  # stage -> seconds
+        self._started: dict[str, float] = {}  # stage -> perf_counter() at its start (CPU)
+        self._events: dict[str, tuple[torch.cuda.Event, torch.cuda.Event]] = {}  # stage -> (start, end) (CUDA)
+
+    def start(self, stage: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._events[stage] = (event, event)
+        else:
+            self._started[stage] = time.perf_counter()
+
+    def stop(self, stage: str) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events[stage] = (self._events[stage][0], end)
+        else:
+            self.seconds[stage] = time.perf_counter() - self._started.pop(stage)
+
+    def result(self) -> dict[str, float]:
+        """The stages' seconds; on CUDA call it after the step's work has finished."""
+        for stage, (start, end) in self._events.items():
+            self.seconds[stage] = start.elapsed_time(end) / 1e3
+        self._events.clear()
+        return self.seconds
+
+
 @dataclass
 class LaunchedStep:
     """A step queued on the device whose samples the host has not read yet."""
@@ -88,6 +122,7 @@ class LaunchedStep:
     host_sampled: SamplerOutput | None = None  # the same, on its way to the host
     done: torch.cuda.Event | None = None  # CUDA: recorded after the step's last work (the samples' copy)
     start: float = 0.0  # perf_counter() when the launch began
+    timer: StageTimer | None = None  # while step timing is on
 
 
 def new_request_state(new: NewRequestData, grammar: GrammarMatcher | None = None,
@@ -137,6 +172,8 @@ class ModelRunner:
         # request_id -> the generator of a seeded request while it is preempted: its draws continue where they
         # stopped, so that a recomputed request samples what it would have without the preemption.
         self._preempted_generators: dict[str, torch.Generator] = {}
+        # Time each step's stages (build batch, forward, sample) into its output's stage_seconds.
+        self.step_timing = False
 
     # ---- state ----------------------------------------------------------------------------------------------
     def update_states(self, sched: SchedulerOutput) -> None:
@@ -227,6 +264,7 @@ class ModelRunner:
         samples to the host; on CUDA nothing here waits for the device (except prompt logprobs, which are
         rare). Input tokens sampled by `prev`, the step in flight, are read from its device tensor."""
         start = time.perf_counter()
+        timer = StageTimer(self.device.type == "cuda") if self.step_timing else None
         self.update_states(sched)
         requests = self.requests
         states = [requests[request_id] for request_id in sched.num_scheduled_tokens]
@@ -239,7 +277,12 @@ class ModelRunner:
             rows = self.to_device([row for row, _ in pending], torch.long)
             src = self.to_device([index[request_id] for _, request_id in pending], torch.long)
             input_ids.index_copy_(0, rows, prev.sampled.token_ids.index_select(0, src))
+        if timer is not None:
+            timer.seconds["build_batch"] = time.perf_counter() - start  # host work: state updates and the batch
+            timer.start("forward")
         hidden = self.forward(input_ids, positions, self.kv_caches, meta)
+        if timer is not None:
+            timer.stop("forward")
 
         sample_rows: list[int] = []
         sample_states: list[CachedRequestState] = []
@@ -260,12 +303,20 @@ class ModelRunner:
                 if state.wants_prompt_logprobs:
                     self._prompt_logprobs(hidden, query_start_loc[i], n, state, out)
             state.num_computed_tokens = computed + n
-        step = LaunchedStep(out, [s.request_id for s in sample_states], start=start)
+        step = LaunchedStep(out, [s.request_id for s in sample_states], start=start, timer=timer)
         if sample_rows:
+            if timer is not None:
+                timer.start("logits")
             if len(sample_rows) < hidden.shape[0]:
                 hidden = hidden.index_select(0, self.to_device(sample_rows, torch.long))
             # else every row samples: the rows are 0..n-1 in order.
-            step.sampled = self.sampler.sample(self.model.compute_logits(hidden), sample_states)
+            logits = self.model.compute_logits(hidden)
+            if timer is not None:
+                timer.stop("logits")
+                timer.start("sample")
+            step.sampled = self.sampler.sample(logits, sample_states)
+            if timer is not None:
+                timer.stop("sample")
             step.host_sampled = step.sampled
             if self.device.type == "cuda":
                 step.host_sampled = step.sampled.map_tensors(lambda t: t.to("cpu", non_blocking=True))
@@ -281,6 +332,8 @@ class ModelRunner:
         requests' state, let their logits processors accept them, and return the runner's output."""
         if step.done is not None:
             step.done.synchronize()
+        if step.timer is not None:
+            step.output.stage_seconds = step.timer.result()
         if step.host_sampled is None:
             return step.output
         sampled = step.host_sampled.to_host()

@@ -24,7 +24,7 @@ import torch
 
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.torch_backend import TorchAttentionBackend
-from tokenmill.config import DTYPE_ALIASES, EngineConfig, cpu_supports_bf16, default_cpu_kv_cache_bytes
+from tokenmill.config import EngineConfig, unresolved_defaults
 from tokenmill.model.loader import load_model, read_hf_config
 from tokenmill.model.registry import DecoderSpec
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
@@ -39,21 +39,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("tokenmill")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def open_device(name: str) -> torch.device:
+    """The resolved device ("cpu" or "cuda"), checked to be there."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but no CUDA GPU is available: use device='cpu'")
     return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    name = DTYPE_ALIASES[str(name).lower()]
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 def make_attention_backend(spec: DecoderSpec, device: torch.device, dtype: torch.dtype,
@@ -156,7 +146,8 @@ def size_kv_cache(config: EngineConfig, hf_config: dict, dtype: torch.dtype, dev
     bytes_per_block = kv_cache_bytes_per_block(arch, block_size, dtype)
     budget = config.cache.kv_cache_bytes
     if budget is None:
-        budget = default_cpu_kv_cache_bytes()
+        raise ValueError("kv_cache_memory is None: a CPU budget is a default (config.resolve_defaults), a GPU's "
+                         "is measured (Worker.determine_kv_cache_sizing)")
     num_blocks = budget // bytes_per_block
     if num_blocks < 1:
         raise ValueError(
@@ -166,23 +157,37 @@ def size_kv_cache(config: EngineConfig, hf_config: dict, dtype: torch.dtype, dev
     return KVCacheSizing(bytes_per_block, num_blocks, block_size)
 
 
-def default_max_num_batched_tokens(config: EngineConfig, device: torch.device) -> int:
-    """The step's token budget: the configured one, else 2048 on CPU and 8192 on CUDA."""
-    return config.scheduler.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+def weight_bytes_read_per_step(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step reads: every parameter once (a tied embedding counted once), except an
+    untied embedding table, of which only the batch's rows are read."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() yields a tied one once
+    spec = getattr(model, "spec", None)
+    embed = getattr(model, "embed_tokens", None)
+    if spec is not None and embed is not None and not spec.tie_word_embeddings:
+        total -= embed.weight.numel() * embed.weight.element_size()
+    return total
 
 
 class Worker:
-    """One device's model, KV cache and runner (one worker per device; tensor parallelism will run several)."""
+    """One device's model, KV cache and runner (one worker per device; tensor parallelism will run several).
+
+    It takes a config whose defaults are resolved (config.resolve_defaults: the engine core resolves the config
+    it is given): no "auto" and no None is left for it to decide, except the KV cache size on a GPU, which it
+    measures."""
 
     def __init__(self, config: EngineConfig, model_dir: Path, show_progress: bool = True,
                  grammar_factory: GrammarFactory | None = None) -> None:
+        unresolved = unresolved_defaults(config)
+        if unresolved:
+            raise ValueError(f"the worker got a config with unresolved defaults ({', '.join(unresolved)}): pass "
+                             "it through tokenmill.config.resolve_defaults() first")
         self.config = config
         self.model_dir = Path(model_dir)
         self.grammar_factory = grammar_factory
-        self.device = resolve_device(config.model.device)
+        self.device = open_device(config.model.device)
         if self.device.type == "cpu":
             check_cpu_threads()
-        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.dtype: torch.dtype = getattr(torch, config.model.dtype)
         self.hf_config = read_hf_config(model_dir)
         self.spec = DecoderSpec.from_hf_config(self.hf_config, source=str(Path(model_dir) / "config.json"))
         if config.model.max_model_len is not None and config.model.max_model_len > self.spec.max_position_embeddings:
@@ -190,7 +195,9 @@ class Worker:
                 f"max_model_len={config.model.max_model_len} exceeds the model's limit of "
                 f"{self.spec.max_position_embeddings} tokens (max_position_embeddings): lower max_model_len"
             )
-        self.max_num_batched_tokens = default_max_num_batched_tokens(config, self.device)
+        max_num_batched_tokens = config.scheduler.max_num_batched_tokens
+        assert max_num_batched_tokens is not None  # unresolved_defaults() checked it
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.backend = make_attention_backend(self.spec, self.device, self.dtype, config.model.batch_invariant)
         max_positions = config.model.max_model_len or self.spec.max_position_embeddings
         self.model = load_model(model_dir, self.backend, self.dtype, self.device, max_positions, show_progress,
@@ -211,7 +218,7 @@ class Worker:
     # ---- start-up -------------------------------------------------------------------------------------------
     def determine_kv_cache_sizing(self) -> KVCacheSizing:
         """How many KV blocks fit: from kv_cache_memory, else on a GPU from a profiled forward at
-        max_num_batched_tokens and gpu_memory_utilization, else the CPU default budget."""
+        max_num_batched_tokens and gpu_memory_utilization (a measurement, the one size not resolved beforehand)."""
         if self.device.type == "cuda" and self.config.cache.kv_cache_bytes is None:
             return self._profile_gpu_kv_cache()
         return size_kv_cache(self.config, self.hf_config, self.dtype, self.device)
@@ -264,6 +271,25 @@ class Worker:
         if self._runner is None:
             raise RuntimeError("the worker's KV cache is not initialized: call initialize_cache() first")
         return self._runner
+
+    def engine_facts(self) -> dict:
+        """What the device side settled, as plain data (EngineCore.engine_info): device, dtype, attention
+        backend, weight bytes, CUDA graph sizes and capture seconds, the GPU memory profile."""
+        params = list(self.model.parameters())
+        return {
+            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "attention_backend": self.backend.name,
+            "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+            "weight_bytes_read_per_step": weight_bytes_read_per_step(self.model),
+            "cuda_graph_sizes": list(self.graph_runner.sizes) if self.graph_runner is not None else None,
+            "graph_capture_seconds": self.graph_capture_seconds,
+            "memory_profile": self.memory_profile.as_dict() if self.memory_profile is not None else None,
+        }
+
+    def set_step_timing(self, enabled: bool) -> None:
+        """Time each step's runner stages into ModelRunnerOutput.stage_seconds (off by default: on CUDA it
+        records two pairs of events per step)."""
+        self.runner.step_timing = bool(enabled)
 
     # ---- steps ----------------------------------------------------------------------------------------------
     def launch(self, sched: SchedulerOutput) -> None:
