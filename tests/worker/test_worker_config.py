@@ -64,8 +64,9 @@ def test_the_worker_receives_no_open_default(llama_dir):
         fields = {**dataclasses.asdict(given.model), **dataclasses.asdict(given.cache),
                   **dataclasses.asdict(given.scheduler)}
         open_fields = {k for k, v in fields.items() if v == "auto" or v is None}
-        # Left open on purpose: what the user did not ask for (no chat template override, no hub revision...).
-        assert open_fields <= {"chat_template", "revision", "download_dir", "max_model_len"}, open_fields
+        # Left open on purpose: what the user did not ask for (no chat template override, no hub revision, the
+        # checkpoint's own weight format...).
+        assert open_fields <= {"chat_template", "revision", "download_dir", "max_model_len", "quantization"}, open_fields
         assert core.max_num_batched_tokens == 2048
         assert core.kv_sizing.num_blocks * core.kv_sizing.bytes_per_block <= default_cpu_kv_cache_bytes()
     finally:
