@@ -77,6 +77,7 @@ class OfflineRunner:
             outputs = llm.generate(prompts, params, use_tqdm=False)
             return outputs, time.perf_counter() - start, llm.llm_engine.scheduler_stats.busy_seconds - busy_before
 
+        cpu_before = time.process_time()
         if args.offline_main_thread:
             outputs, seconds, busy = generate()
         else:
@@ -84,8 +85,9 @@ class OfflineRunner:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 outputs, seconds, busy = pool.submit(generate).result()
         num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        # CPU time of the whole process (all torch threads), warm-up included.
         return {"seconds": seconds, "output_tokens": num_tokens, "tokens_per_s": num_tokens / seconds,
-                "engine_busy_s": busy}
+                "engine_busy_s": busy, "cpu_s": time.process_time() - cpu_before}
 
 
 def _free_port() -> int:
@@ -238,15 +240,33 @@ class ServerRunner:
     def run(self, prompts: list[str]) -> dict:
         args = self.args
         busy_before = _busy_seconds(self.base_url)
+        cpu_before = self._cpu_seconds()
         client_cpu = time.process_time()
         seconds, results = asyncio.run(_drive(self.base_url, prompts, args.num_clients, args.max_tokens, args.client))
         client_cpu = time.process_time() - client_cpu
+        server_cpu, engine_cpu = (after - before for after, before in zip(self._cpu_seconds(), cpu_before))
         busy = _busy_seconds(self.base_url) - busy_before
         num_tokens = sum(r["output_tokens"] for r in results)
         ttfts = sorted(r["ttft_s"] for r in results)
         return {"seconds": seconds, "output_tokens": num_tokens, "tokens_per_s": num_tokens / seconds,
                 "engine_busy_s": busy, "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_max_s": ttfts[-1],
-                "client_cpu_s": client_cpu}
+                "client_cpu_s": client_cpu, "server_cpu_s": server_cpu, "engine_process_cpu_s": engine_cpu}
+
+    def _cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds (user + system, all threads) of the server's process and of its children (the engine
+        process), so that a run shows where the two cores went."""
+        import psutil
+
+        server = psutil.Process(self.proc.pid)
+        times = server.cpu_times()
+        children = 0.0
+        for child in server.children(recursive=True):
+            try:
+                child_times = child.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            children += child_times.user + child_times.system
+        return times.user + times.system, children
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -333,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server:  {server['output_tokens']} tokens in {server['seconds']:.2f} s = "
               f"{server['tokens_per_s']:.1f} output tok/s (engine busy {server['engine_busy_s']:.2f} s, "
               f"TTFT p50 {server['ttft_p50_s']:.3f} s; {args.client} clients used {server['client_cpu_s']:.2f} CPU-s)")
+        print(f"CPU-s: offline process {offline['cpu_s']:.2f}; server process {server['server_cpu_s']:.2f}, "
+              f"engine process {server['engine_process_cpu_s']:.2f}, clients {server['client_cpu_s']:.2f}")
         print(f"ratio server/offline: {ratio:.3f} (target >= {args.min_ratio}); HTTP time outside engine steps: "
               f"{server['seconds'] - server['engine_busy_s']:.2f} s of {server['seconds']:.2f} s")
     return 1 if args.check and not result["passed"] else 0
