@@ -214,8 +214,13 @@ class ServerRunner:
                                      "--log-stats-interval", "0"]
         cmd += ["--engine-process" if args.engine_process else "--no-engine-process"]
         self.base_url = f"http://127.0.0.1:{port}"
+        env = None
+        if args.server_torch_threads:
+            # torch sizes its intra-op thread team from OMP_NUM_THREADS at import; the server's engine process
+            # inherits it. The offline run keeps torch's default, so this measures the cap, not a fair baseline.
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.server_torch_threads)}
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         try:
             self._wait_ready()
         except BaseException:
@@ -310,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-ratio", type=float, default=0.98, help="target server/offline throughput")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                         help="the server's engine core in a child process (serve's default), or in a thread")
+    parser.add_argument("--server-torch-threads", type=int, default=None,
+                        help="torch threads of the server's engine (OMP_NUM_THREADS in the server's environment), to "
+                             "measure a cap when clients and server share the cores; default: torch's default, as "
+                             "offline")
     parser.add_argument("--check", action="store_true", help="exit 1 when the ratio is below --min-ratio")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--offline-main-thread", action="store_true",
@@ -338,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_clients": args.num_clients, "num_requests": len(prompts), "max_tokens": args.max_tokens,
         "cpu_count": os.cpu_count(), "client": args.client, "engine_process": args.engine_process,
         "offline_main_thread": args.offline_main_thread, "repeat": args.repeat,
+        "server_torch_threads": args.server_torch_threads,
         "offline": offline, "server": server, "ratio": ratio, "min_ratio": args.min_ratio,
         "passed": ratio >= args.min_ratio, "offline_runs": offline_runs, "server_runs": server_runs,
     }
