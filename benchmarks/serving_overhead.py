@@ -77,6 +77,7 @@ class OfflineRunner:
             outputs = llm.generate(prompts, params, use_tqdm=False)
             return outputs, time.perf_counter() - start, llm.llm_engine.scheduler_stats.busy_seconds - busy_before
 
+        cpu_before = time.process_time()
         if args.offline_main_thread:
             outputs, seconds, busy = generate()
         else:
@@ -84,8 +85,9 @@ class OfflineRunner:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 outputs, seconds, busy = pool.submit(generate).result()
         num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        # CPU time of the whole process (all torch threads), warm-up included.
         return {"seconds": seconds, "output_tokens": num_tokens, "tokens_per_s": num_tokens / seconds,
-                "engine_busy_s": busy}
+                "engine_busy_s": busy, "cpu_s": time.process_time() - cpu_before}
 
 
 def _free_port() -> int:
@@ -212,8 +214,13 @@ class ServerRunner:
                                      "--log-stats-interval", "0"]
         cmd += ["--engine-process" if args.engine_process else "--no-engine-process"]
         self.base_url = f"http://127.0.0.1:{port}"
+        env = None
+        if args.server_torch_threads:
+            # torch sizes its intra-op thread team from OMP_NUM_THREADS at import; the server's engine process
+            # inherits it. The offline run keeps torch's default, so this measures the cap, not a fair baseline.
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.server_torch_threads)}
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         try:
             self._wait_ready()
         except BaseException:
@@ -238,15 +245,33 @@ class ServerRunner:
     def run(self, prompts: list[str]) -> dict:
         args = self.args
         busy_before = _busy_seconds(self.base_url)
+        cpu_before = self._cpu_seconds()
         client_cpu = time.process_time()
         seconds, results = asyncio.run(_drive(self.base_url, prompts, args.num_clients, args.max_tokens, args.client))
         client_cpu = time.process_time() - client_cpu
+        server_cpu, engine_cpu = (after - before for after, before in zip(self._cpu_seconds(), cpu_before))
         busy = _busy_seconds(self.base_url) - busy_before
         num_tokens = sum(r["output_tokens"] for r in results)
         ttfts = sorted(r["ttft_s"] for r in results)
         return {"seconds": seconds, "output_tokens": num_tokens, "tokens_per_s": num_tokens / seconds,
                 "engine_busy_s": busy, "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_max_s": ttfts[-1],
-                "client_cpu_s": client_cpu}
+                "client_cpu_s": client_cpu, "server_cpu_s": server_cpu, "engine_process_cpu_s": engine_cpu}
+
+    def _cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds (user + system, all threads) of the server's process and of its children (the engine
+        process), so that a run shows where the two cores went."""
+        import psutil
+
+        server = psutil.Process(self.proc.pid)
+        times = server.cpu_times()
+        children = 0.0
+        for child in server.children(recursive=True):
+            try:
+                child_times = child.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            children += child_times.user + child_times.system
+        return times.user + times.system, children
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -290,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-ratio", type=float, default=0.98, help="target server/offline throughput")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                         help="the server's engine core in a child process (serve's default), or in a thread")
+    parser.add_argument("--server-torch-threads", type=int, default=None,
+                        help="torch threads of the server's engine (OMP_NUM_THREADS in the server's environment), to "
+                             "measure a cap when clients and server share the cores; default: torch's default, as "
+                             "offline")
     parser.add_argument("--check", action="store_true", help="exit 1 when the ratio is below --min-ratio")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--offline-main-thread", action="store_true",
@@ -318,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_clients": args.num_clients, "num_requests": len(prompts), "max_tokens": args.max_tokens,
         "cpu_count": os.cpu_count(), "client": args.client, "engine_process": args.engine_process,
         "offline_main_thread": args.offline_main_thread, "repeat": args.repeat,
+        "server_torch_threads": args.server_torch_threads,
         "offline": offline, "server": server, "ratio": ratio, "min_ratio": args.min_ratio,
         "passed": ratio >= args.min_ratio, "offline_runs": offline_runs, "server_runs": server_runs,
     }
@@ -333,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server:  {server['output_tokens']} tokens in {server['seconds']:.2f} s = "
               f"{server['tokens_per_s']:.1f} output tok/s (engine busy {server['engine_busy_s']:.2f} s, "
               f"TTFT p50 {server['ttft_p50_s']:.3f} s; {args.client} clients used {server['client_cpu_s']:.2f} CPU-s)")
+        print(f"CPU-s: offline process {offline['cpu_s']:.2f}; server process {server['server_cpu_s']:.2f}, "
+              f"engine process {server['engine_process_cpu_s']:.2f}, clients {server['client_cpu_s']:.2f}")
         print(f"ratio server/offline: {ratio:.3f} (target >= {args.min_ratio}); HTTP time outside engine steps: "
               f"{server['seconds'] - server['engine_busy_s']:.2f} s of {server['seconds']:.2f} s")
     return 1 if args.check and not result["passed"] else 0
