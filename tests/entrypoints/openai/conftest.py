@@ -180,10 +180,12 @@ def limits_server(server_model_dir, tmp_path_factory):
         proc.stop()
 
 
-def burst(url: str, body: dict, num_requests: int) -> list[tuple[int, dict | None]]:
+def burst(url: str, body: dict, num_requests: int, times: dict[str, float] | None = None
+          ) -> list[tuple[int, dict | None]]:
     """num_requests simultaneous POSTs of body: (200, None) for each admitted one, else (status, error body with
     its retry-after header). An admitted stream is read to its first event, then closed (aborting the request);
-    an admitted non-streamed request is read whole."""
+    an admitted non-streamed request is read whole. times, if given, receives "start" (time.monotonic() when the
+    requests were let go) and "last_refusal" (when the last refused one was answered)."""
 
     async def run() -> list[tuple[int, dict | None]]:
         limits = httpx.Limits(max_connections=2 * num_requests)
@@ -195,6 +197,8 @@ def burst(url: str, body: dict, num_requests: int) -> list[tuple[int, dict | Non
                 async with client.stream("POST", url, json=body) as r:
                     if r.status_code != 200:
                         await r.aread()
+                        if times is not None:
+                            times["last_refusal"] = time.monotonic()
                         return r.status_code, {**r.json(), "retry-after": r.headers.get("retry-after")}
                     if not body.get("stream"):
                         await r.aread()
@@ -206,15 +210,18 @@ def burst(url: str, body: dict, num_requests: int) -> list[tuple[int, dict | Non
 
             tasks = [asyncio.create_task(one()) for _ in range(num_requests)]
             await asyncio.sleep(0.1)
+            if times is not None:
+                times["start"] = time.monotonic()
             start.set()
             return [await task for task in tasks]
 
     return asyncio.run(run())
 
 
-def queue_burst(server: ServerProcess, url: str, body: dict, num_requests: int) -> tuple[int, float]:
+def queue_burst(server: ServerProcess, url: str, body: dict, num_requests: int,
+                times: dict[str, float] | None = None) -> tuple[int, float]:
     """burst() against server, watching its waiting count: (requests admitted, most requests seen waiting).
-    Every refused request must be a 503 queue_full with a Retry-After."""
+    Every refused request must be a 503 queue_full with a Retry-After. times: as burst's."""
     waiting_seen: list[float] = []
     stop = threading.Event()
 
@@ -226,7 +233,7 @@ def queue_burst(server: ServerProcess, url: str, body: dict, num_requests: int) 
     watcher = threading.Thread(target=watch_waiting, daemon=True)
     watcher.start()
     try:
-        results = burst(url, body, num_requests)
+        results = burst(url, body, num_requests, times)
     finally:
         stop.set()
         watcher.join(10)
