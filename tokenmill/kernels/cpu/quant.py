@@ -55,8 +55,41 @@ def _native() -> bool:
     return ops.load_library() is not None
 
 
-class Int8Weight:
+class _QuantizedWeight:
+    """What Int8Weight and Int4Weight share: the choice per call between the packed kernel (up to
+    max_packed_rows activation rows) and dequantize + dense GEMM."""
+
+    in_features: int
+    out_features: int
+    max_packed_rows: int
+    kernel_name: str
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _packed_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
+        """Run the native packed kernel on x2 [m, K] (contiguous rows) into out [m, N]; its status (0: done)."""
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] @ w.T -> [..., N] in x's dtype."""
+        x2 = x.reshape(-1, self.in_features)
+        m = x2.shape[0]
+        if m <= self.max_packed_rows and x2.dtype in _DTYPE_CODES and x2.device.type == "cpu" and _native():
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            out = torch.empty((m, self.out_features), dtype=x2.dtype)
+            if self._packed_gemm(x2, out, m, _threads(m, self.out_features, self.in_features)) != 0:
+                raise MemoryError(f"{self.kernel_name} could not allocate {m * self.in_features * 4} bytes")
+        else:
+            out = F.linear(x2, self.dequantize(x2.dtype))
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class Int8Weight(_QuantizedWeight):
     """An int8 weight with group scales, ready for matmul: see the module docstring for the convention."""
+
+    kernel_name = "int8_gemm"
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, group: int) -> None:
         if q.dtype != torch.int8 or q.dim() != 2:
@@ -94,29 +127,18 @@ class Int8Weight:
         q = self.q[ids].to(torch.float32)
         return (q * self.scales[ids].repeat_interleave(self.group, dim=-1)).to(dtype)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] @ w.T -> [..., N] in x's dtype."""
-        x2 = x.reshape(-1, self.in_features)
-        m = x2.shape[0]
-        if m <= self.max_packed_rows and x2.dtype in _DTYPE_CODES and x2.device.type == "cpu" and _native():
-            if x2.stride(-1) != 1:
-                x2 = x2.contiguous()
-            out = torch.empty((m, self.out_features), dtype=x2.dtype)
-            status = ops._library().int8_gemm(
-                x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.stride(0), self.q.data_ptr(), self.scales.data_ptr(),
-                self.group, out.data_ptr(), out.stride(0), m, self.out_features, self.in_features,
-                _threads(m, self.out_features, self.in_features))
-            if status != 0:
-                raise MemoryError(f"int8_gemm could not allocate {m * self.in_features * 4} bytes")
-        else:
-            out = F.linear(x2, self.dequantize(x2.dtype))
-        return out.view(*x.shape[:-1], self.out_features)
+    def _packed_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
+        return ops._library().int8_gemm(
+            x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.stride(0), self.q.data_ptr(), self.scales.data_ptr(),
+            self.group, out.data_ptr(), out.stride(0), m, self.out_features, self.in_features, threads)
 
 
-class Int4Weight:
+class Int4Weight(_QuantizedWeight):
     """An int4 group-quantized weight (see the module docstring): q packed two to a byte, uint8 [N, K / 2] (in
     each chunk of 32 inputs, byte i holds input i in its low nibble and input i + 16 in its high nibble), and
     float16 scales and offsets [N, K / group] with w = q * scale + offset."""
+
+    kernel_name = "int4_gemm"
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int) -> None:
         self.packed, self.scales, self.offsets, self.group = packed, scales, offsets, group
@@ -153,23 +175,11 @@ class Int4Weight:
         ids = ids.reshape(-1)
         return self._dequantize_rows(self.packed[ids], self.scales[ids], self.offsets[ids]).to(dtype)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] @ w.T -> [..., N] in x's dtype."""
-        x2 = x.reshape(-1, self.in_features)
-        m = x2.shape[0]
-        if m <= self.max_packed_rows and x2.dtype in _DTYPE_CODES and x2.device.type == "cpu" and _native():
-            if x2.stride(-1) != 1:
-                x2 = x2.contiguous()
-            out = torch.empty((m, self.out_features), dtype=x2.dtype)
-            status = ops._library().int4_gemm(
-                x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(),
-                self.offsets.data_ptr(), self.group, out.data_ptr(), out.stride(0), m, self.out_features,
-                self.in_features, _threads(m, self.out_features, self.in_features))
-            if status != 0:
-                raise MemoryError(f"int4_gemm could not allocate {m * self.in_features * 4} bytes")
-        else:
-            out = F.linear(x2, self.dequantize(x2.dtype))
-        return out.view(*x.shape[:-1], self.out_features)
+    def _packed_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
+        return ops._library().int4_gemm(
+            x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(),
+            self.offsets.data_ptr(), self.group, out.data_ptr(), out.stride(0), m, self.out_features,
+            self.in_features, threads)
 
 
 def pack_int8(q: torch.Tensor, scales: torch.Tensor, group: int | None = None) -> Int8Weight:
@@ -193,8 +203,9 @@ def pack_int4(
 
     q: uint8 [N, K] with values 0..15; scales [N, K / group]; zeros [N, K / group] (None: 8, symmetric):
     w = (q - zeros) * scales. Or, instead of zeros, bias [N, K / group]: w = q * scales + bias (GGUF's minimums).
-    Scales and offsets are stored in float16: exact for float16 checkpoint scales (GGUF Q4_0 / Q4_1, AWQ,
-    GPTQ), else rounded to 11 significant bits.
+    Scales and offsets are stored in float16. Exact for GGUF Q4_0 / Q4_1 and for symmetric checkpoints with
+    float16 scales; the offset -zeros * scales of an asymmetric checkpoint (AWQ, GPTQ with sym=false) is rounded
+    to 11 significant bits (their methods keep q - zero in int8 with float32 scales when computing in float32).
     """
     if q.dim() != 2:
         raise ValueError(f"int4 weight must be 2-D [out_features, in_features], got {tuple(q.shape)}")
