@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from tqdm.auto import tqdm
@@ -59,15 +59,7 @@ class LLM:
         StructuredOutputError (a ValueError) and the call's other requests are aborted."""
         prompts = self._prompt_list(prompts)
         params_list = self._params_list(sampling_params, len(prompts))
-        engine = self.llm_engine
-        tokenized = self._tokenize_all(prompts)
-        request_ids = []
-        now = time.time()
-        for tokenized_prompt, params in zip(tokenized, params_list, strict=True):
-            request_id = engine.next_request_id()
-            engine.add_request(request_id, tokenized_prompt, params, arrival_time=now)
-            request_ids.append(request_id)
-        return self._run(request_ids, use_tqdm)
+        return self._run(self._add_all(prompts, params_list, self.llm_engine.add_request), use_tqdm)
 
     def embed(
         self,
@@ -85,15 +77,19 @@ class LLM:
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} pooling_params for {len(prompts)} prompts: pass one, "
                                  "or one per prompt")
-        engine = self.llm_engine
+        return self._run(self._add_all(prompts, params_list, self.llm_engine.add_pooling_request), use_tqdm)
+
+    def _add_all(self, prompts: list[PromptType], params_list: list, add: Callable[..., object]) -> list[str]:
+        """Tokenize the prompts and add one engine request per prompt (all with the same arrival time) through
+        `add` (add_request or add_pooling_request); their request ids, in order."""
         tokenized = self._tokenize_all(prompts)
-        ids = []
+        request_ids = []
         now = time.time()
         for prompt, params in zip(tokenized, params_list, strict=True):
-            request_id = engine.next_request_id()
-            engine.add_pooling_request(request_id, prompt, params, arrival_time=now)
-            ids.append(request_id)
-        return self._run(ids, use_tqdm)
+            request_id = self.llm_engine.next_request_id()
+            add(request_id, prompt, params, arrival_time=now)
+            request_ids.append(request_id)
+        return request_ids
 
     def _prompt_list(self, prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
         if isinstance(prompts, str | dict) or (
