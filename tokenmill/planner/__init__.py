@@ -45,6 +45,7 @@ from tokenmill.planner.memory import (
     kv_dtype_for,
     num_kv_heads_per_rank,
     overhead_bytes,
+    pipeline_stage_layers,
     resolve_precision,
     valid_tensor_parallel_sizes,
     weight_bytes,
@@ -122,5 +123,6 @@ __all__ = [
     "tensor_groups",
     "valid_tensor_parallel_sizes",
     "engine_weight_bytes",
+    "pipeline_stage_layers",
     "weight_bytes",
 ]

@@ -72,6 +72,29 @@ def num_kv_heads_per_rank(arch: ModelArch, tensor_parallel_size: int = 1) -> int
     return max(1, arch.num_kv_heads // tensor_parallel_size)
 
 
+def pipeline_stage_layers(num_layers: int, pipeline_parallel_size: int) -> list[tuple[int, int]]:
+    """The [start, end) decoder layers of each pipeline stage: an even split, the first stages taking one layer
+    more when num_layers does not divide (the last stage also holds the final norm and the lm_head, the first
+    the embedding). The engine splits its layers with this function, so the plan and the running engine agree.
+
+    >>> pipeline_stage_layers(30, 4)
+    [(0, 8), (8, 16), (16, 23), (23, 30)]
+    """
+    pp = pipeline_parallel_size
+    if not isinstance(pp, int) or pp < 1:
+        raise ValueError(f"pipeline_parallel_size must be a positive integer, got {pp!r}")
+    if pp > num_layers:
+        raise ValueError(f"pipeline_parallel_size={pp} exceeds the model's {num_layers} layers: every stage needs "
+                         f"at least one layer, use at most {num_layers}")
+    base, extra = divmod(num_layers, pp)
+    stages, start = [], 0
+    for stage in range(pp):
+        end = start + base + (1 if stage < extra else 0)
+        stages.append((start, end))
+        start = end
+    return stages
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Weights
 # ----------------------------------------------------------------------------------------------------------
