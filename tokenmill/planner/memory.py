@@ -7,7 +7,7 @@ The engine sizes its KV cache with these functions, so the planner's numbers are
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tokenmill.planner.arch import ModelArch
@@ -95,6 +95,23 @@ def pipeline_stage_layers(num_layers: int, pipeline_parallel_size: int) -> list[
     return stages
 
 
+def stage_layer_range(arch: ModelArch, pipeline_parallel_size: int = 1, pipeline_stage: int = 0) -> tuple[int, int]:
+    """The [start, end) decoder layers pipeline stage ``pipeline_stage`` of ``pipeline_parallel_size`` runs."""
+    stages = pipeline_stage_layers(arch.num_layers, pipeline_parallel_size)
+    if not isinstance(pipeline_stage, int) or not 0 <= pipeline_stage < len(stages):
+        raise ValueError(
+            f"pipeline_stage must be in 0..{len(stages) - 1} for pipeline_parallel_size={pipeline_parallel_size}, "
+            f"got {pipeline_stage!r}"
+        )
+    return stages[pipeline_stage]
+
+
+def _layer_counts(arch: ModelArch, start: int, end: int) -> dict[str, int]:
+    """Decoder layers in [start, end): all of them, the dense-MLP ones and the MoE ones (TensorGroup.per_layer)."""
+    moe = sum(1 for i in arch.moe_layers if start <= i < end) if arch.num_experts else 0
+    return {"all": end - start, "dense": end - start - moe, "moe": moe}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Weights
 # ----------------------------------------------------------------------------------------------------------
@@ -178,36 +195,52 @@ def weight_bytes(
     precision: str | Precision = "auto",
     tensor_parallel_size: int = 1,
     group_size: int | None = None,
+    pipeline_parallel_size: int = 1,
+    pipeline_stage: int = 0,
 ) -> WeightBytes:
-    """Bytes of the weights held by one of ``tensor_parallel_size`` ranks.
+    """Bytes of the weights held by one of ``tensor_parallel_size`` ranks of pipeline stage ``pipeline_stage``.
 
     Sharded tensors (attention/MLP projections, experts, vocab-parallel embeddings) are split evenly; norms,
     routers, MLA's latent down-projections and the vision tower are replicated on every rank. With
     precision="auto" on a GGUF file the total is the file's exact tensor bytes.
+
+    Pipeline stages (pipeline_stage_layers) hold their own decoder layers; the first stage also holds the
+    embedding (and a vision tower), the last the final norm and the lm_head: with tied embeddings and more than
+    one stage, the last stage keeps its own copy of the embedding table as the output layer.
     """
     check_tensor_parallel_size(arch, tensor_parallel_size)
+    pp, stage = pipeline_parallel_size, pipeline_stage
+    start, end = stage_layer_range(arch, pp, stage)
+    first, last = stage == 0, stage == pp - 1
     p = resolve_precision(arch, precision, group_size)
     groups = tensor_groups(arch)
     if p.kind == "gguf" and arch.tie_word_embeddings:
         # The tied embedding is the output layer too: llama.cpp quantizes it like the output layer.
-        groups = [
-            TensorGroup(g.name, g.component, LM_HEAD, g.rows, g.cols, g.count, g.tp_sharded)
-            if g.kind == EMBEDDING
-            else g
-            for g in groups
-        ]
+        groups = [replace(g, kind=LM_HEAD) if g.kind == EMBEDDING else g for g in groups]
+    totals = _layer_counts(arch, 0, arch.num_layers)
+    in_stage = _layer_counts(arch, start, end)
     by_component: dict[str, float] = {}
     full_total = 0.0
     for g in groups:
         nbytes = _group_bytes(g, p)
         full_total += nbytes
-        per_rank = nbytes / tensor_parallel_size if g.tp_sharded else nbytes
-        by_component[g.component] = by_component.get(g.component, 0.0) + per_rank
+        if g.per_layer:
+            share = in_stage[g.per_layer] / totals[g.per_layer] if totals[g.per_layer] else 0.0
+        elif g.component in ("embedding", "vision"):
+            share = 1.0 if first else 0.0
+        else:  # final norm, lm_head
+            share = 1.0 if last else 0.0
+        per_rank = nbytes * share / (tensor_parallel_size if g.tp_sharded else 1)
+        if per_rank:
+            by_component[g.component] = by_component.get(g.component, 0.0) + per_rank
+        if g.component == "embedding" and arch.tie_word_embeddings and last and not first:
+            # The last stage's own copy of the tied table, serving as its output layer.
+            by_component["lm_head"] = by_component.get("lm_head", 0.0) + nbytes / tensor_parallel_size
     exact = False
     if str(precision).lower() == "auto" and arch.file_weight_bytes:
         scale = arch.file_weight_bytes / full_total  # exact stored bytes, split like the estimate
         by_component = {k: v * scale for k, v in by_component.items()}
-        exact = tensor_parallel_size == 1
+        exact = tensor_parallel_size == 1 and pp == 1
     rounded = {k: int(math.ceil(v)) for k, v in by_component.items()}
     total = arch.file_weight_bytes if exact else sum(rounded.values())
     return WeightBytes(total=int(total), precision=p.name, by_component=rounded, exact=exact)
@@ -236,16 +269,26 @@ def kv_cache_bytes_per_token_per_layer(
 
 
 def kv_cache_bytes_per_token(
-    arch: ModelArch, kv_dtype: object = "bfloat16", tensor_parallel_size: int = 1
+    arch: ModelArch,
+    kv_dtype: object = "bfloat16",
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    pipeline_stage: int = 0,
 ) -> int:
-    """KV bytes per token on one rank, counting every layer as full attention."""
-    return arch.num_layers * kv_cache_bytes_per_token_per_layer(arch, kv_dtype, tensor_parallel_size)
+    """KV bytes per token on one rank, counting every layer (of the pipeline stage) as full attention."""
+    start, end = stage_layer_range(arch, pipeline_parallel_size, pipeline_stage)
+    return (end - start) * kv_cache_bytes_per_token_per_layer(arch, kv_dtype, tensor_parallel_size)
 
 
 def kv_cache_bytes_per_block(
-    arch: ModelArch, block_size: int, kv_dtype: object = "bfloat16", tensor_parallel_size: int = 1
+    arch: ModelArch,
+    block_size: int,
+    kv_dtype: object = "bfloat16",
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    pipeline_stage: int = 0,
 ) -> int:
-    """Bytes a paged engine allocates per KV block on one rank, over all layers.
+    """Bytes a paged engine allocates per KV block on one rank, over all layers (of its pipeline stage).
 
     Each layer holds a tensor [2, num_blocks, block_size, num_kv_heads, head_dim] (MLA:
     [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]), so one block costs
@@ -256,7 +299,9 @@ def kv_cache_bytes_per_block(
         raise ValueError(
             f"block_size must be a positive integer, got {block_size!r}: use 16 (vLLM's default)"
         )
-    return block_size * kv_cache_bytes_per_token(arch, kv_dtype, tensor_parallel_size)
+    return block_size * kv_cache_bytes_per_token(
+        arch, kv_dtype, tensor_parallel_size, pipeline_parallel_size, pipeline_stage
+    )
 
 
 def tokens_cached_per_layer(
@@ -283,14 +328,17 @@ def kv_cache_bytes_per_sequence(
     kv_dtype: object = "bfloat16",
     tensor_parallel_size: int = 1,
     block_size: int | None = None,
+    pipeline_parallel_size: int = 1,
+    pipeline_stage: int = 0,
 ) -> int:
-    """KV bytes one sequence of ``context_len`` tokens holds on one rank, with sliding-window layers capped at
-    their window (as a sliding-window-aware paged cache frees blocks that fall out of the window)."""
+    """KV bytes one sequence of ``context_len`` tokens holds on one rank (of one pipeline stage), with
+    sliding-window layers capped at their window (as a sliding-window-aware paged cache frees blocks that fall
+    out of the window)."""
     per_layer = kv_cache_bytes_per_token_per_layer(arch, kv_dtype, tensor_parallel_size)
     full_tokens, sliding_tokens = tokens_cached_per_layer(arch, context_len, block_size)
-    return per_layer * (
-        arch.num_full_attention_layers * full_tokens + arch.num_sliding_layers * sliding_tokens
-    )
+    start, end = stage_layer_range(arch, pipeline_parallel_size, pipeline_stage)
+    num_sliding = sum(1 for i in arch.sliding_window_layers if start <= i < end)
+    return per_layer * ((end - start - num_sliding) * full_tokens + num_sliding * sliding_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,6 +355,7 @@ def activation_peak_bytes(
     dtype: object = "bfloat16",
     tensor_parallel_size: int = 1,
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+    include_logits: bool = True,
 ) -> int:
     """Peak memory of the temporary tensors of one forward pass over ``max_num_batched_tokens`` tokens, on one
     rank. This is what an engine reserves by profiling a worst-case batch before it sizes the KV cache.
@@ -318,7 +367,8 @@ def activation_peak_bytes(
       MoE        each token's top-k expert inputs/outputs T * top_k * (3 * moe_intermediate / tp + hidden)
                  plus router logits in fp32               T * num_experts * 4 bytes
     Then the logits of the sequences that sample this step, min(T, max_num_seqs) rows over the full vocab:
-    the model-dtype logits, an fp32 copy and the fp32 probabilities.
+    the model-dtype logits, an fp32 copy and the fp32 probabilities (include_logits=False: a pipeline stage
+    other than the last, which never computes logits).
     """
     if not isinstance(max_num_batched_tokens, int) or max_num_batched_tokens < 1:
         raise ValueError(
@@ -348,7 +398,7 @@ def activation_peak_bytes(
         moe += t * arch.num_experts * 4 / b  # fp32 router logits, in units of the activation dtype
     residual = 2 * t * arch.hidden_size
     layer_peak = (residual + max(attn, dense_mlp, moe)) * b
-    logit_rows = min(t, max_num_seqs)
+    logit_rows = min(t, max_num_seqs) if include_logits else 0
     logits = logit_rows * arch.vocab_size * (b + 4 + 4)
     return int(layer_peak + logits)
 
@@ -368,12 +418,15 @@ class Overhead:
 
 
 def overhead_bytes(
-    device_kind: str = "gpu", tensor_parallel_size: int = 1, enforce_eager: bool = False
+    device_kind: str = "gpu",
+    tensor_parallel_size: int = 1,
+    enforce_eager: bool = False,
+    pipeline_parallel_size: int = 1,
 ) -> Overhead:
     """Fixed runtime overhead per device.
 
-    GPU: 0.5 GiB CUDA context, 0.25 GiB workspaces, 0.5 GiB NCCL buffers when tp > 1, 0.5 GiB for CUDA graphs
-    unless enforce_eager. Apple Silicon / CPU: 0.5 GiB for the runtime, nothing else.
+    GPU: 0.5 GiB CUDA context, 0.25 GiB workspaces, 0.5 GiB NCCL buffers when tp > 1 or pp > 1, 0.5 GiB for
+    CUDA graphs unless enforce_eager. Apple Silicon / CPU: 0.5 GiB for the runtime, nothing else.
     """
     if device_kind not in ("gpu", "apple", "cpu"):
         raise ValueError(f"device_kind must be 'gpu', 'apple' or 'cpu', got {device_kind!r}")
@@ -382,7 +435,7 @@ def overhead_bytes(
     return Overhead(
         runtime=512 * MiB,
         workspace=256 * MiB,
-        communication=512 * MiB if tensor_parallel_size > 1 else 0,
+        communication=512 * MiB if tensor_parallel_size > 1 or pipeline_parallel_size > 1 else 0,
         cuda_graphs=0 if enforce_eager else 512 * MiB,
     )
 
@@ -408,7 +461,9 @@ __all__ = [
     "kv_dtype_for",
     "num_kv_heads_per_rank",
     "overhead_bytes",
+    "pipeline_stage_layers",
     "resolve_precision",
+    "stage_layer_range",
     "tokens_cached_per_layer",
     "valid_tensor_parallel_sizes",
     "weight_bytes",
@@ -420,7 +475,14 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------
 
 
-def engine_weight_bytes(arch: ModelArch, dtype: object, quant_config: Any | None = None) -> int:
+def engine_weight_bytes(
+    arch: ModelArch,
+    dtype: object,
+    quant_config: Any | None = None,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    pipeline_stage: int = 0,
+) -> int:
     """Bytes of the weights tokenmill's engine allocates for a Llama-family model run in `dtype`, with the
     linear layers (and embedding table) stored by `quant_config`'s methods (a
     tokenmill.model.quantization.QuantizationConfig; None: full precision): each method's weight_bytes for
@@ -429,15 +491,27 @@ def engine_weight_bytes(arch: ModelArch, dtype: object, quant_config: Any | None
 
     A tied embedding serves as the output layer: counted once, except where the full-precision bfloat16 CPU
     path keeps a oneDNN-packed copy for the output matmul (counted then, as it is allocated).
+
+    For one rank of a tensor-parallel group: q/k/v and gate/up split by output rows (KV heads replicated when
+    tp exceeds them: num_kv_heads_per_rank), o/down by input columns, the embedding and lm_head by vocab rows
+    (ceil(vocab / tp) each); norms and the o_proj bias replicated. For one pipeline stage: its decoder layers
+    (pipeline_stage_layers), the embedding on the first stage, the final norm and the lm_head on the last (a
+    tied table copied there when the stages differ).
     """
     import torch
 
     from tokenmill.model.quantization.unquantized import UnquantizedConfig, UnquantizedLinearMethod
 
+    tp = tensor_parallel_size
+    check_tensor_parallel_size(arch, tp)
+    start, end = stage_layer_range(arch, pipeline_parallel_size, pipeline_stage)
+    first, last = pipeline_stage == 0, pipeline_stage == pipeline_parallel_size - 1
     torch_dtype = getattr(torch, normalize_dtype(dtype))
     q = quant_config or UnquantizedConfig()
-    h, d, inter = arch.hidden_size, arch.head_dim, arch.intermediate_size
-    q_size, kv_size = arch.num_attention_heads * d, arch.num_kv_heads * d
+    h, d = arch.hidden_size, arch.head_dim
+    inter = arch.intermediate_size // tp
+    q_size, kv_size = arch.num_attention_heads * d // tp, num_kv_heads_per_rank(arch, tp) * d
+    vocab = -(-arch.vocab_size // tp)
     item = torch_dtype.itemsize
 
     def linear(name: str, in_features: int, shards: dict[str, int]) -> int:
@@ -446,13 +520,18 @@ def engine_weight_bytes(arch: ModelArch, dtype: object, quant_config: Any | None
         return method.weight_bytes(in_features, list(shards.values()), torch_dtype)
 
     embed_method = q.get_linear_method("model.embed_tokens", ["model.embed_tokens"])
-    total = embed_method.weight_bytes(h, [arch.vocab_size], torch_dtype)
-    if arch.tie_word_embeddings:
-        if isinstance(embed_method, UnquantizedLinearMethod) and torch_dtype == torch.bfloat16:
-            total += arch.vocab_size * h * item  # the packed copy the output matmul runs on
-    else:
-        total += linear("lm_head", h, {"lm_head": arch.vocab_size})
-    for i in range(arch.num_layers):
+    embed_bytes = embed_method.weight_bytes(h, [vocab], torch_dtype)
+    total = embed_bytes if first else 0
+    if last:
+        if arch.tie_word_embeddings:
+            if not first:
+                total += embed_bytes  # the last stage's own copy of the table
+            if isinstance(embed_method, UnquantizedLinearMethod) and torch_dtype == torch.bfloat16:
+                total += vocab * h * item  # the packed copy the output matmul runs on
+        else:
+            total += linear("lm_head", h, {"lm_head": vocab})
+        total += h * item  # the final norm
+    for i in range(start, end):
         a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
         total += linear(f"{a}.qkv_proj", h, {f"{a}.q_proj": q_size, f"{a}.k_proj": kv_size, f"{a}.v_proj": kv_size})
         total += linear(f"{a}.o_proj", q_size, {f"{a}.o_proj": h})
@@ -461,4 +540,4 @@ def engine_weight_bytes(arch: ModelArch, dtype: object, quant_config: Any | None
         vectors = 2 * h + (q_size + 2 * kv_size if arch.qkv_bias else 0) + (h if arch.o_bias else 0)
         vectors += 2 * d if arch.qk_norm else 0
         total += vectors * item
-    return total + h * item  # the final norm
+    return total

@@ -34,6 +34,10 @@ class TensorGroup:
     cols: int
     count: int
     tp_sharded: bool = True  # split across tensor-parallel ranks (False: every rank holds a copy)
+    # Which decoder layers hold the copies, for the pipeline-parallel split: "all" (one set per layer), "dense"
+    # (per dense-MLP layer), "moe" (per MoE layer); "" for a tensor held once per model (embedding, final
+    # norm, lm_head, vision tower).
+    per_layer: str = ""
 
     @property
     def numel(self) -> int:
@@ -56,10 +60,10 @@ def _attention_groups(arch: ModelArch, n: int) -> list[TensorGroup]:
     groups: list[TensorGroup] = []
 
     def lin(name: str, rows: int, cols: int, sharded: bool = True) -> None:
-        groups.append(TensorGroup(f"attn.{name}", "attention", LINEAR, rows, cols, n, sharded))
+        groups.append(TensorGroup(f"attn.{name}", "attention", LINEAR, rows, cols, n, sharded, "all"))
 
     def vec(name: str, size: int, sharded: bool = False) -> None:
-        groups.append(TensorGroup(f"attn.{name}", "attention", VECTOR, 1, size, n, sharded))
+        groups.append(TensorGroup(f"attn.{name}", "attention", VECTOR, 1, size, n, sharded, "all"))
 
     if arch.is_mla:
         qk_dim = arch.qk_nope_head_dim + arch.qk_rope_head_dim
@@ -94,17 +98,19 @@ def _attention_groups(arch: ModelArch, n: int) -> list[TensorGroup]:
     return groups
 
 
-def _mlp_groups(prefix: str, component: str, kind: str, hidden: int, inter: int, count: int, arch: ModelArch):
+def _mlp_groups(prefix: str, component: str, kind: str, hidden: int, inter: int, count: int, arch: ModelArch,
+                per_layer: str):
     groups = []
     if arch.gated_mlp:
-        groups.append(TensorGroup(f"{prefix}.gate_proj", component, kind, inter, hidden, count))
-    groups.append(TensorGroup(f"{prefix}.up_proj", component, kind, inter, hidden, count))
-    groups.append(TensorGroup(f"{prefix}.down_proj", component, kind, hidden, inter, count))
+        groups.append(TensorGroup(f"{prefix}.gate_proj", component, kind, inter, hidden, count, True, per_layer))
+    groups.append(TensorGroup(f"{prefix}.up_proj", component, kind, inter, hidden, count, True, per_layer))
+    groups.append(TensorGroup(f"{prefix}.down_proj", component, kind, hidden, inter, count, True, per_layer))
     if arch.mlp_bias and kind == LINEAR:
         groups.append(
-            TensorGroup(f"{prefix}.bias", component, VECTOR, 1, (2 if arch.gated_mlp else 1) * inter, count)
+            TensorGroup(f"{prefix}.bias", component, VECTOR, 1, (2 if arch.gated_mlp else 1) * inter, count, True,
+                        per_layer)
         )
-        groups.append(TensorGroup(f"{prefix}.down_bias", component, VECTOR, 1, hidden, count, False))
+        groups.append(TensorGroup(f"{prefix}.down_bias", component, VECTOR, 1, hidden, count, False, per_layer))
     return groups
 
 
@@ -116,24 +122,29 @@ def tensor_groups(arch: ModelArch) -> list[TensorGroup]:
     groups = [TensorGroup("embed_tokens", "embedding", EMBEDDING, arch.vocab_size, h, 1)]
     groups += _attention_groups(arch, arch.num_layers)
     if num_dense:
-        groups += _mlp_groups("mlp", "mlp", LINEAR, h, arch.intermediate_size, num_dense, arch)
+        groups += _mlp_groups("mlp", "mlp", LINEAR, h, arch.intermediate_size, num_dense, arch, "dense")
     if num_moe:
         e = arch.num_experts
-        groups += _mlp_groups("experts", "experts", EXPERT, h, arch.moe_intermediate_size, num_moe * e, arch)
-        groups.append(TensorGroup("router", "router", ROUTER, e, h, num_moe, tp_sharded=False))
+        groups += _mlp_groups("experts", "experts", EXPERT, h, arch.moe_intermediate_size, num_moe * e, arch,
+                              "moe")
+        groups.append(TensorGroup("router", "router", ROUTER, e, h, num_moe, tp_sharded=False, per_layer="moe"))
         if arch.router_bias:
-            groups.append(TensorGroup("router.bias", "router", VECTOR, 1, e, num_moe, tp_sharded=False))
+            groups.append(
+                TensorGroup("router.bias", "router", VECTOR, 1, e, num_moe, tp_sharded=False, per_layer="moe")
+            )
         if arch.shared_expert_intermediate_size:
             groups += _mlp_groups(
-                "shared_expert", "mlp", LINEAR, h, arch.shared_expert_intermediate_size, num_moe, arch
+                "shared_expert", "mlp", LINEAR, h, arch.shared_expert_intermediate_size, num_moe, arch, "moe"
             )
         if arch.shared_expert_gate:
             groups.append(
-                TensorGroup("shared_expert_gate", "router", ROUTER, 1, h, num_moe, tp_sharded=False)
+                TensorGroup("shared_expert_gate", "router", ROUTER, 1, h, num_moe, tp_sharded=False,
+                            per_layer="moe")
             )
     groups.append(
         TensorGroup(
-            "layer_norms", "norms", VECTOR, 1, h, arch.num_layers * arch.norms_per_layer, tp_sharded=False
+            "layer_norms", "norms", VECTOR, 1, h, arch.num_layers * arch.norms_per_layer, tp_sharded=False,
+            per_layer="all",
         )
     )
     groups.append(TensorGroup("final_norm", "norms", VECTOR, 1, h, 1, tp_sharded=False))
