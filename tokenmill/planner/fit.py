@@ -13,6 +13,7 @@ from tokenmill.planner.memory import (
     kv_cache_bytes_per_sequence,
     kv_dtype_for,
     overhead_bytes,
+    pipeline_stage_layers,
     resolve_precision,
     valid_tensor_parallel_sizes,
     weight_bytes,
@@ -61,7 +62,10 @@ class ServingConfig:
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
-    """Bytes on one device (one tensor-parallel rank) for ``num_sequences`` sequences of ``context_len``."""
+    """Bytes on one device (one tensor-parallel rank) for ``num_sequences`` sequences of ``context_len``.
+
+    With pipeline parallelism, those of one stage (``pipeline_stage``, decoder layers ``stage_layers``).
+    """
 
     gpu: str
     tensor_parallel_size: int
@@ -74,6 +78,9 @@ class MemoryBreakdown:
     overhead_parts: dict[str, int] = field(default_factory=dict)
     capacity: int = 0  # device memory
     budget: int = 0  # what the engine may use: capacity * min(gpu_memory_utilization, device cap)
+    pipeline_parallel_size: int = 1
+    pipeline_stage: int = 0
+    stage_layers: tuple[int, int] | None = None  # [start, end) decoder layers of the stage
 
     @property
     def total(self) -> int:
@@ -112,6 +119,55 @@ def memory_budget(gpu: GPUSpec, serving: ServingConfig) -> int:
     return int(gpu.memory_bytes * min(serving.gpu_memory_utilization, gpu.max_usable_fraction))
 
 
+def stage_memory_breakdowns(
+    arch: ModelArch,
+    gpu: GPUSpec,
+    context_len: int,
+    num_sequences: int,
+    serving: ServingConfig | None = None,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+) -> list[MemoryBreakdown]:
+    """Memory of one device of each pipeline stage serving ``num_sequences`` concurrent sequences of
+    ``context_len`` tokens (one entry without pipeline parallelism). Each stage holds its layers' weights and
+    KV cache; the first adds the embedding, the last the final norm, the lm_head and the logits."""
+    serving = serving or ServingConfig()
+    check_tensor_parallel_size(arch, tensor_parallel_size)
+    if num_sequences < 0:
+        raise ValueError(f"num_sequences must be >= 0, got {num_sequences}")
+    pp = pipeline_parallel_size
+    stages = pipeline_stage_layers(arch.num_layers, pp)
+    precision = resolve_precision(arch, serving.precision, serving.group_size)
+    kv_dtype = kv_dtype_for(precision, serving.kv_dtype)
+    tp = tensor_parallel_size
+    overhead = overhead_bytes(gpu.kind, tp, serving.enforce_eager, pp)
+    result = []
+    for stage, layers in enumerate(stages):
+        weights = weight_bytes(arch, serving.precision, tp, serving.group_size, pp, stage).total
+        per_seq = kv_cache_bytes_per_sequence(arch, context_len, kv_dtype, tp, serving.block_size, pp, stage)
+        activations = activation_peak_bytes(
+            arch, serving.batched_tokens_for(gpu), precision.compute_dtype, tp, serving.max_num_seqs,
+            include_logits=stage == pp - 1,
+        )
+        result.append(MemoryBreakdown(
+            gpu=gpu.name,
+            tensor_parallel_size=tp,
+            context_len=context_len,
+            num_sequences=num_sequences,
+            weights=weights,
+            kv_cache=per_seq * num_sequences,
+            activations=activations,
+            overhead=overhead.total,
+            overhead_parts=asdict(overhead),
+            capacity=gpu.memory_bytes,
+            budget=memory_budget(gpu, serving),
+            pipeline_parallel_size=pp,
+            pipeline_stage=stage,
+            stage_layers=layers,
+        ))
+    return result
+
+
 def memory_breakdown(
     arch: ModelArch,
     gpu: GPUSpec,
@@ -119,34 +175,14 @@ def memory_breakdown(
     num_sequences: int,
     serving: ServingConfig | None = None,
     tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
 ) -> MemoryBreakdown:
-    """Memory of one device serving ``num_sequences`` concurrent sequences of ``context_len`` tokens."""
-    serving = serving or ServingConfig()
-    check_tensor_parallel_size(arch, tensor_parallel_size)
-    if num_sequences < 0:
-        raise ValueError(f"num_sequences must be >= 0, got {num_sequences}")
-    precision = resolve_precision(arch, serving.precision, serving.group_size)
-    kv_dtype = kv_dtype_for(precision, serving.kv_dtype)
-    tp = tensor_parallel_size
-    weights = weight_bytes(arch, serving.precision, tp, serving.group_size).total
-    per_seq = kv_cache_bytes_per_sequence(arch, context_len, kv_dtype, tp, serving.block_size)
-    activations = activation_peak_bytes(
-        arch, serving.batched_tokens_for(gpu), precision.compute_dtype, tp, serving.max_num_seqs
+    """Memory of one device serving ``num_sequences`` concurrent sequences of ``context_len`` tokens; with
+    pipeline parallelism, the device of the stage that needs the most (it decides whether the workload fits)."""
+    stages = stage_memory_breakdowns(
+        arch, gpu, context_len, num_sequences, serving, tensor_parallel_size, pipeline_parallel_size
     )
-    overhead = overhead_bytes(gpu.kind, tp, serving.enforce_eager)
-    return MemoryBreakdown(
-        gpu=gpu.name,
-        tensor_parallel_size=tp,
-        context_len=context_len,
-        num_sequences=num_sequences,
-        weights=weights,
-        kv_cache=per_seq * num_sequences,
-        activations=activations,
-        overhead=overhead.total,
-        overhead_parts=asdict(overhead),
-        capacity=gpu.memory_bytes,
-        budget=memory_budget(gpu, serving),
-    )
+    return max(stages, key=lambda m: m.total)  # the first of equals
 
 
 def max_concurrency(
@@ -155,17 +191,17 @@ def max_concurrency(
     context_len: int,
     serving: ServingConfig | None = None,
     tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
 ) -> int:
-    """How many sequences of ``context_len`` tokens fit in the KV cache at once (0: not even one)."""
+    """How many sequences of ``context_len`` tokens fit in the KV cache at once (0: not even one); with
+    pipeline parallelism, in every stage's KV cache."""
     serving = serving or ServingConfig()
-    mem = memory_breakdown(arch, gpu, context_len, 0, serving, tensor_parallel_size)
-    precision = resolve_precision(arch, serving.precision, serving.group_size)
-    per_seq = kv_cache_bytes_per_sequence(
-        arch, context_len, kv_dtype_for(precision, serving.kv_dtype), tensor_parallel_size, serving.block_size
+    stages = stage_memory_breakdowns(
+        arch, gpu, context_len, 1, serving, tensor_parallel_size, pipeline_parallel_size
     )
-    if mem.kv_cache_budget <= 0:
+    if any(mem.kv_cache_budget <= 0 for mem in stages):
         return 0
-    return mem.kv_cache_budget // max(per_seq, 1)
+    return min(mem.kv_cache_budget // max(mem.kv_cache, 1) for mem in stages)  # kv_cache: one sequence
 
 
 def max_model_len(
@@ -174,25 +210,28 @@ def max_model_len(
     num_sequences: int,
     serving: ServingConfig | None = None,
     tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
 ) -> int:
     """The longest context (capped at the model's max_position_embeddings) at which ``num_sequences``
-    sequences fit at once; 0 when not even one block per sequence fits."""
+    sequences fit at once (in every pipeline stage); 0 when not even one block per sequence fits."""
     serving = serving or ServingConfig()
     if num_sequences < 1:
         raise ValueError(f"num_sequences must be >= 1, got {num_sequences}")
-    mem = memory_breakdown(arch, gpu, 0, 0, serving, tensor_parallel_size)
-    budget = mem.kv_cache_budget
+    pp = pipeline_parallel_size
+    stages = stage_memory_breakdowns(arch, gpu, 0, 0, serving, tensor_parallel_size, pp)
     precision = resolve_precision(arch, serving.precision, serving.group_size)
     kv_dtype = kv_dtype_for(precision, serving.kv_dtype)
 
     def fits(length: int) -> bool:
-        per_seq = kv_cache_bytes_per_sequence(
-            arch, length, kv_dtype, tensor_parallel_size, serving.block_size
+        return all(
+            kv_cache_bytes_per_sequence(
+                arch, length, kv_dtype, tensor_parallel_size, serving.block_size, pp, mem.pipeline_stage
+            ) * num_sequences <= mem.kv_cache_budget
+            for mem in stages
         )
-        return per_seq * num_sequences <= budget
 
     lo, hi = 0, arch.max_position_embeddings
-    if budget <= 0 or not fits(1):
+    if any(mem.kv_cache_budget <= 0 for mem in stages) or not fits(1):
         return 0
     if fits(hi):
         return hi
@@ -228,15 +267,16 @@ def min_tensor_parallel_size(
     num_sequences: int,
     serving: ServingConfig | None = None,
     max_size: int | None = None,
+    pipeline_parallel_size: int = 1,
 ) -> FitResult:
     """The smallest tensor-parallel size (one that divides the head counts) at which ``num_sequences``
-    sequences of ``context_len`` tokens fit on ``gpu``."""
+    sequences of ``context_len`` tokens fit on ``gpu`` (with ``pipeline_parallel_size`` stages)."""
     serving = serving or ServingConfig()
     limit = max_size or gpu.max_tensor_parallel_size
     sizes = valid_tensor_parallel_sizes(arch, limit)
     best = (0, None)
     for tp in sizes:
-        n = max_concurrency(arch, gpu, context_len, serving, tp)
+        n = max_concurrency(arch, gpu, context_len, serving, tp, pipeline_parallel_size)
         if n >= num_sequences:
             return FitResult(gpu.name, "fits", tp, n, sizes)
         if n > best[0]:

@@ -24,6 +24,12 @@ PRICE_DATE = "2025-06-01"
 #   prefill: large matmuls reach ~50% of peak dense bf16 TFLOP/s (MFU) on GPUs, 35% on Apple, 30% on CPU.
 DEFAULT_EFFICIENCY = {"gpu": (0.75, 0.50), "apple": (0.65, 0.35), "cpu": (0.50, 0.30)}
 
+# Stated assumption: the fixed time of one small collective (an all-reduce of a decode step's few KB), the
+# order of magnitude NCCL's all_reduce_perf reports for small messages inside one node: a few microseconds over
+# NVLink/NVSwitch or Infinity Fabric, tens over PCIe (through the host bridge). Override per device with
+# collective_latency_us in a --gpu-catalog file.
+DEFAULT_COLLECTIVE_LATENCY_US = {"NVLink": 8.0, "Infinity Fabric": 10.0, "PCIe": 25.0}
+
 
 @dataclass(frozen=True)
 class GPUSpec:
@@ -43,6 +49,12 @@ class GPUSpec:
     compute_efficiency: float | None = None
     max_tensor_parallel_size: int = 8  # devices in one node
     aliases: tuple[str, ...] = ()
+    # The link between the devices of one node that tensor parallelism's collectives use ("NVLink 4",
+    # "PCIe 4.0 x16", ...) and its peak bandwidth per device and direction in GB/s (a ring collective sends and
+    # receives at once, so the per-direction figure is what it gets). None: a single-device machine.
+    interconnect: str | None = None
+    interconnect_gbps: float | None = None
+    collective_latency_us: float | None = None  # None: DEFAULT_COLLECTIVE_LATENCY_US for the link kind
 
     def __post_init__(self) -> None:
         if self.kind not in DEFAULT_EFFICIENCY:
@@ -57,6 +69,12 @@ class GPUSpec:
                 raise ValueError(
                     f"GPU {self.name!r}: {name}={value} must be in (0, 1]: an estimate above the roofline is impossible"
                 )
+        if self.interconnect_gbps is not None and self.interconnect_gbps <= 0:
+            raise ValueError(f"GPU {self.name!r}: interconnect_gbps must be > 0, got {self.interconnect_gbps}")
+        if self.collective_latency_us is not None and self.collective_latency_us < 0:
+            raise ValueError(
+                f"GPU {self.name!r}: collective_latency_us must be >= 0, got {self.collective_latency_us}"
+            )
         for name in ("on_demand_per_hour", "spot_per_hour"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -82,6 +100,22 @@ class GPUSpec:
     def prefill_efficiency(self) -> float:
         return self.compute_efficiency or DEFAULT_EFFICIENCY[self.kind][1]
 
+    @property
+    def interconnect_bytes_per_s(self) -> float | None:
+        return None if self.interconnect_gbps is None else self.interconnect_gbps * 1e9
+
+    @property
+    def collective_latency_s(self) -> float | None:
+        """Fixed time of one small collective on the interconnect (None without one)."""
+        if self.collective_latency_us is not None:
+            return self.collective_latency_us * 1e-6
+        if self.interconnect is None:
+            return None
+        for kind, us in DEFAULT_COLLECTIVE_LATENCY_US.items():
+            if self.interconnect.startswith(kind):
+                return us * 1e-6
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["aliases"] = list(self.aliases)
@@ -100,6 +134,8 @@ GPU_CATALOG: dict[str, GPUSpec] = {
             on_demand_per_hour=3.79,
             spot_per_hour=2.29,
             aliases=("H200-SXM", "H200-141GB"),
+            interconnect="NVLink 4",
+            interconnect_gbps=450,  # NVIDIA H200 datasheet: NVLink 900 GB/s, both directions together
         ),
         _G(
             "H100-SXM",
@@ -109,8 +145,13 @@ GPU_CATALOG: dict[str, GPUSpec] = {
             on_demand_per_hour=2.99,
             spot_per_hour=1.75,
             aliases=("H100", "H100-80GB"),
+            interconnect="NVLink 4",
+            interconnect_gbps=450,  # NVIDIA H100 datasheet (SXM5): NVLink 900 GB/s, both directions together
         ),
-        _G("H100-PCIe", 79.2, 2000, 756, on_demand_per_hour=2.49, spot_per_hour=1.45),
+        # NVIDIA H100 datasheet (PCIe): PCIe Gen5 128 GB/s, both directions together (NVLink bridges of two
+        # cards not assumed).
+        _G("H100-PCIe", 79.2, 2000, 756, on_demand_per_hour=2.49, spot_per_hour=1.45, interconnect="PCIe 5.0 x16",
+           interconnect_gbps=64),
         _G(
             "A100-80GB",
             79.15,
@@ -119,13 +160,25 @@ GPU_CATALOG: dict[str, GPUSpec] = {
             on_demand_per_hour=1.79,
             spot_per_hour=0.99,
             aliases=("A100", "A100-SXM-80GB"),
+            interconnect="NVLink 3",
+            interconnect_gbps=300,  # NVIDIA A100 datasheet (SXM4): NVLink 600 GB/s, both directions together
         ),
-        _G("A100-40GB", 39.39, 1555, 312, on_demand_per_hour=1.29, spot_per_hour=0.69),
-        _G("L40S", 44.5, 864, 362, on_demand_per_hour=1.86, spot_per_hour=0.75),
-        _G("A10G", 22.0, 600, 70, on_demand_per_hour=1.01, spot_per_hour=0.42, max_tensor_parallel_size=8),
-        _G("L4", 22.0, 300, 121, on_demand_per_hour=0.80, spot_per_hour=0.33),
-        _G("RTX-4090", 23.6, 1008, 165, on_demand_per_hour=0.69, spot_per_hour=0.35, aliases=("4090",)),
-        _G("MI300X", 191.5, 5300, 1307, vendor="AMD", on_demand_per_hour=2.69, spot_per_hour=1.79),
+        # The cloud A100-40GB (8-GPU SXM4 nodes): NVLink 600 GB/s both directions, as the 80 GB part.
+        _G("A100-40GB", 39.39, 1555, 312, on_demand_per_hour=1.29, spot_per_hour=0.69, interconnect="NVLink 3",
+           interconnect_gbps=300),
+        # L40S, A10G, L4 and RTX 4090 have no NVLink: PCIe Gen4 x16, 64 GB/s both directions together (NVIDIA
+        # datasheets); the 4090 has no peer-to-peer either, so its collectives are slower still.
+        _G("L40S", 44.5, 864, 362, on_demand_per_hour=1.86, spot_per_hour=0.75, interconnect="PCIe 4.0 x16",
+           interconnect_gbps=32),
+        _G("A10G", 22.0, 600, 70, on_demand_per_hour=1.01, spot_per_hour=0.42, max_tensor_parallel_size=8,
+           interconnect="PCIe 4.0 x16", interconnect_gbps=32),
+        _G("L4", 22.0, 300, 121, on_demand_per_hour=0.80, spot_per_hour=0.33, interconnect="PCIe 4.0 x16",
+           interconnect_gbps=32),
+        _G("RTX-4090", 23.6, 1008, 165, on_demand_per_hour=0.69, spot_per_hour=0.35, aliases=("4090",),
+           interconnect="PCIe 4.0 x16", interconnect_gbps=32),
+        # AMD MI300X datasheet: 7 Infinity Fabric links of 128 GB/s (both directions), 896 GB/s peer to peer.
+        _G("MI300X", 191.5, 5300, 1307, vendor="AMD", on_demand_per_hour=2.69, spot_per_hour=1.79,
+           interconnect="Infinity Fabric", interconnect_gbps=448),
         _G(
             "M2-Ultra-192GB",
             192,

@@ -11,6 +11,11 @@ and do 2 FLOPs per active parameter per token plus the attention over the contex
 With eff_bw, eff_c <= 1 the estimate can never exceed the roofline. For MoE, a batch of B tokens touches
 on average E * (1 - (1 - k/E)^B) of the E experts of a layer (uniform routing), so small batches read only
 a fraction of the expert weights.
+
+With M pipeline stages the batch runs as M microbatches of ceil(B / M) sequences, one per stage at a time: a
+stage's tick reads its own weights and its layers' KV of one microbatch, the slowest stage sets the tick, and
+every sequence gets a token each M ticks. Weights are then read M times per round, so pipeline parallelism
+buys memory (and KV room) more than decode speed.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from tokenmill.planner.memory import (
     check_tensor_parallel_size,
     kv_cache_bytes_per_sequence,
     kv_dtype_for,
+    pipeline_stage_layers,
     resolve_precision,
     weight_bytes,
 )
@@ -72,8 +78,9 @@ def matmul_params_per_token(arch: ModelArch) -> int:
 class DecodeEstimate:
     """One decode step of ``batch_size`` sequences at ``context_len`` tokens of context.
 
-    tokens_per_s counts all ``tensor_parallel_size`` devices together; tokens_per_s_per_gpu divides by them.
-    Bytes and FLOPs are per device.
+    tokens_per_s counts all ``tensor_parallel_size`` x ``pipeline_parallel_size`` devices together;
+    tokens_per_s_per_gpu divides by them. Bytes and FLOPs are per device; with pipeline stages, those of the
+    slowest stage's tick (one microbatch), and step_time_s is the time between two tokens of a sequence.
     """
 
     gpu: str
@@ -89,6 +96,11 @@ class DecodeEstimate:
     tokens_per_s: float
     bandwidth_roofline_tokens_per_s: float
     compute_roofline_tokens_per_s: float
+    pipeline_parallel_size: int = 1
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def roofline_tokens_per_s(self) -> float:
@@ -96,7 +108,7 @@ class DecodeEstimate:
 
     @property
     def tokens_per_s_per_gpu(self) -> float:
-        return self.tokens_per_s / self.tensor_parallel_size
+        return self.tokens_per_s / self.num_gpus
 
     @property
     def tokens_per_s_per_sequence(self) -> float:
@@ -121,14 +133,22 @@ class DecodeEstimate:
 
 
 def decode_weight_bytes_read(
-    arch: ModelArch, batch_size: int, precision: object = "auto", tensor_parallel_size: int = 1
+    arch: ModelArch,
+    batch_size: int,
+    precision: object = "auto",
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    pipeline_stage: int = 0,
 ) -> float:
-    """Weight bytes one device reads in one decode step of ``batch_size`` tokens."""
-    wb = weight_bytes(arch, precision, tensor_parallel_size)  # type: ignore[arg-type]
+    """Weight bytes one device (of one pipeline stage) reads in one decode step of ``batch_size`` tokens."""
+    wb = weight_bytes(
+        arch, precision, tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,  # type: ignore[arg-type]
+        pipeline_stage=pipeline_stage,
+    )
     parts = dict(wb.by_component)
     parts.pop("vision", None)  # not run for text tokens
-    if not arch.tie_word_embeddings:
-        parts.pop("embedding", None)  # B rows gathered, not the table
+    if not (arch.tie_word_embeddings and pipeline_stage == pipeline_parallel_size - 1):
+        parts.pop("embedding", None)  # B rows gathered, not the table (unless it is this stage's output layer)
     if arch.is_moe and "experts" in parts:
         k, e = arch.num_experts_per_tok, arch.num_experts
         touched = 1.0 - (1.0 - k / e) ** batch_size  # expected fraction of a layer's experts some token picks
@@ -145,6 +165,7 @@ def decode_estimate(
     kv_dtype: object = "auto",
     tensor_parallel_size: int = 1,
     group_size: int | None = None,
+    pipeline_parallel_size: int = 1,
 ) -> DecodeEstimate:
     """Decode throughput of ``batch_size`` concurrent sequences, each attending to ``context_len`` tokens."""
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -152,19 +173,35 @@ def decode_estimate(
     if context_len < 0:
         raise ValueError(f"context_len must be >= 0, got {context_len}")
     check_tensor_parallel_size(arch, tensor_parallel_size)
-    tp = tensor_parallel_size
+    tp, pp = tensor_parallel_size, pipeline_parallel_size
+    stages = pipeline_stage_layers(arch.num_layers, pp)
     p = resolve_precision(arch, precision, group_size)  # type: ignore[arg-type]
     kv_dt = kv_dtype_for(p, kv_dtype)
     # "auto" keeps a GGUF file's exact bytes; an explicit precision is planned as given.
     w_prec = "auto" if isinstance(precision, str) and precision.lower() == "auto" else p
-    w_bytes = decode_weight_bytes_read(arch, batch_size, w_prec, tp)
-    kv_bytes = batch_size * kv_cache_bytes_per_sequence(arch, context_len, kv_dt, tp)
-    flops = batch_size * (2 * matmul_params_per_token(arch) + attention_flops_decode(arch, context_len)) / tp
+    micro = -(-batch_size // pp)  # sequences per microbatch
+    pc = param_count(arch)
+    lm_head = pc.by_component.get("lm_head", 0) or (
+        pc.by_component.get("embedding", 0) if arch.tie_word_embeddings else 0
+    )
+    body = matmul_params_per_token(arch) - lm_head
     bw, peak = gpu.bandwidth_bytes_per_s, gpu.flops_per_s
     eff_bw, eff_c = gpu.decode_efficiency, gpu.prefill_efficiency
-    mem_time = (w_bytes + kv_bytes) / bw
-    compute_time = flops / peak
-    step = max(mem_time / eff_bw, compute_time / eff_c)
+    # (tick, memory time, compute time, weight bytes, KV bytes, FLOPs) of the slowest stage
+    slowest: tuple[float, float, float, float, float, float] | None = None
+    for stage, (start, end) in enumerate(stages):
+        w_bytes = decode_weight_bytes_read(arch, micro, w_prec, tp, pp, stage)
+        kv_bytes = micro * kv_cache_bytes_per_sequence(arch, context_len, kv_dt, tp, None, pp, stage)
+        share = (end - start) / arch.num_layers
+        params = body * share + (lm_head if stage == pp - 1 else 0)
+        flops = micro * (2 * params + attention_flops_decode(arch, context_len) * share) / tp
+        mem_t, comp_t = (w_bytes + kv_bytes) / bw, flops / peak
+        tick = max(mem_t / eff_bw, comp_t / eff_c)
+        if slowest is None or tick > slowest[0]:
+            slowest = (tick, mem_t, comp_t, w_bytes, kv_bytes, flops)
+    assert slowest is not None
+    tick, mem_time, compute_time, w_bytes, kv_bytes, stage_flops = slowest
+    step = pp * tick  # a sequence's next token comes back after a tick on every stage
     return DecodeEstimate(
         gpu=gpu.name,
         batch_size=batch_size,
@@ -172,13 +209,14 @@ def decode_estimate(
         tensor_parallel_size=tp,
         weight_bytes_read=w_bytes,
         kv_bytes_read=float(kv_bytes),
-        flops=flops,
+        flops=stage_flops,
         bandwidth_efficiency=eff_bw,
         compute_efficiency=eff_c,
         step_time_s=step,
         tokens_per_s=batch_size / step,
-        bandwidth_roofline_tokens_per_s=batch_size / mem_time,
-        compute_roofline_tokens_per_s=batch_size / compute_time,
+        bandwidth_roofline_tokens_per_s=batch_size / (pp * mem_time),
+        compute_roofline_tokens_per_s=batch_size / (pp * compute_time),
+        pipeline_parallel_size=pp,
     )
 
 
@@ -260,7 +298,7 @@ class ServingEstimate:
 
     @property
     def output_tokens_per_s_per_gpu(self) -> float:
-        return self.output_tokens_per_s / self.decode.tensor_parallel_size
+        return self.output_tokens_per_s / self.decode.num_gpus
 
     def to_dict(self) -> dict:
         return {
@@ -287,15 +325,19 @@ def serving_estimate(
     kv_dtype: object = "auto",
     tensor_parallel_size: int = 1,
     max_num_batched_tokens: int = 8192,
+    pipeline_parallel_size: int = 1,
 ) -> ServingEstimate:
-    """Requests/s and output tokens/s when ``concurrency`` requests are always in flight."""
+    """Requests/s and output tokens/s when ``concurrency`` requests are always in flight. With pipeline stages
+    a prompt still crosses every stage in turn (the time to first token is unchanged), but the stages work on
+    different prompts at once, so the busy time a prompt costs the deployment is divided by them."""
     if output_len < 1 or input_len < 1:
         raise ValueError(f"input_len and output_len must be >= 1, got {input_len} and {output_len}")
     decode = decode_estimate(
-        arch, gpu, concurrency, input_len + output_len // 2, precision, kv_dtype, tensor_parallel_size
+        arch, gpu, concurrency, input_len + output_len // 2, precision, kv_dtype, tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
     )
     pre = prefill_estimate(arch, gpu, input_len, precision, tensor_parallel_size, max_num_batched_tokens)
-    cycle = concurrency * pre.compute_bound_time_s + output_len * decode.step_time_s
+    cycle = concurrency * pre.compute_bound_time_s / pipeline_parallel_size + output_len * decode.step_time_s
     return ServingEstimate(
         concurrency=concurrency,
         input_len=input_len,
