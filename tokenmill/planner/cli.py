@@ -67,6 +67,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tensor-parallel size (default: the smallest that fits)",
     )
     p.add_argument(
+        "--pp",
+        "--pipeline-parallel-size",
+        dest="pp",
+        type=int,
+        default=1,
+        help="pipeline stages (layers split evenly, the first stages taking one more; default: 1)",
+    )
+    p.add_argument(
         "--gpu-memory-utilization",
         type=float,
         default=0.9,
@@ -213,7 +221,7 @@ def run_plan(args: argparse.Namespace) -> int:
             enforce_eager=args.enforce_eager,
         )
         gpus = _gpu_names(args.gpu)
-        result = plan(arch, gpus, workload, serving, args.tp, catalog)
+        result = plan(arch, gpus, workload, serving, args.tp, catalog, args.pp)
         if args.emit == "helm-values":
             return _emit_helm_values(result, args.output)
         if args.output:

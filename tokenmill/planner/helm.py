@@ -68,6 +68,11 @@ def choose_gpu(result: Plan) -> GPUPlan:
 
 def helm_values(result: Plan, command: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """(values, header comment lines) for the chosen device plan."""
+    if result.pipeline_parallel_size > 1:
+        raise ValueError(
+            f"--emit helm-values sizes one pod of tensor-parallel GPUs; the chart has no pipeline stages "
+            f"(pipeline_parallel_size={result.pipeline_parallel_size}): drop --pipeline-parallel-size"
+        )
     g = choose_gpu(result)
     w, serving = result.workload, result.serving_config
     tp = g.tensor_parallel_size or 1

@@ -20,10 +20,12 @@ from tokenmill.planner.memory import (
     kv_cache_bytes_per_sequence,
     kv_cache_bytes_per_token,
     kv_dtype_for,
+    pipeline_stage_layers,
     resolve_precision,
     valid_tensor_parallel_sizes,
     weight_bytes,
 )
+from tokenmill.planner.parallel import PipelinePlan, TPCommunication, pipeline_plan, tp_communication
 from tokenmill.planner.params import ParamCount, param_count
 from tokenmill.planner.perf import PrefillEstimate, ServingEstimate, prefill_estimate, serving_estimate
 
@@ -105,16 +107,20 @@ class GPUPlan:
     prefill: PrefillEstimate | None = None
     cost: CostEstimate | None = None
     notes: list[str] = field(default_factory=list)
+    pipeline_parallel_size: int = 1
+    tp_communication: TPCommunication | None = None  # when tensor_parallel_size > 1
+    pipeline: PipelinePlan | None = None  # when pipeline_parallel_size > 1
 
     @property
     def num_gpus(self) -> int:
-        return self.tensor_parallel_size or 0
+        return (self.tensor_parallel_size or 0) * self.pipeline_parallel_size
 
     def to_dict(self) -> dict:
         return {
             "gpu": self.gpu.to_dict(),
             "status": self.status,
             "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
             "num_gpus": self.num_gpus,
             "max_concurrency": self.max_concurrency,
             "max_model_len": self.max_model_len,
@@ -122,6 +128,8 @@ class GPUPlan:
             "serving": self.serving.to_dict() if self.serving else None,
             "prefill": self.prefill.to_dict() if self.prefill else None,
             "cost": self.cost.to_dict() if self.cost else None,
+            "tp_communication": self.tp_communication.to_dict() if self.tp_communication else None,
+            "pipeline": self.pipeline.to_dict() if self.pipeline else None,
             "notes": self.notes,
         }
 
@@ -138,6 +146,7 @@ class Plan:
     workload: Workload
     serving_config: ServingConfig
     gpus: list[GPUPlan]
+    pipeline_parallel_size: int = 1
 
     @property
     def fitting(self) -> list[GPUPlan]:
@@ -192,6 +201,7 @@ class Plan:
             "kv_bytes_per_sequence": self.kv_bytes_per_sequence,
             "workload": self.workload.to_dict(),
             "serving_config": self.serving_config.to_dict(),
+            "pipeline_parallel_size": self.pipeline_parallel_size,
             "best_gpu": best.gpu.name if best else None,
             "gpus": [g.to_dict() for g in self.gpus],
         }
@@ -203,43 +213,50 @@ def plan_gpu(
     workload: Workload,
     serving: ServingConfig,
     tensor_parallel_size: int | None = None,
+    pipeline_parallel_size: int = 1,
 ) -> GPUPlan:
-    """Fit, speed and cost of ``arch`` on one device type."""
+    """Fit, speed and cost of ``arch`` on one device type (``pipeline_parallel_size`` stages of
+    ``tensor_parallel_size`` devices each; tensor_parallel_size None: the smallest that fits)."""
     ctx, conc = workload.context_len, workload.concurrency
+    pp = pipeline_parallel_size
     notes: list[str] = []
     if tensor_parallel_size is not None:
-        n = max_concurrency(arch, gpu, ctx, serving, tensor_parallel_size)
+        n = max_concurrency(arch, gpu, ctx, serving, tensor_parallel_size, pp)
         status = "fits" if n >= conc else ("partial" if n >= 1 else "no")
         tp: int | None = tensor_parallel_size
     else:
-        fit = min_tensor_parallel_size(arch, gpu, ctx, conc, serving)
+        fit = min_tensor_parallel_size(arch, gpu, ctx, conc, serving, pipeline_parallel_size=pp)
         status, tp, n = fit.status, fit.tensor_parallel_size, fit.max_concurrency
     if status == "no" or tp is None:
         # Show the closest miss: the largest split allowed.
         shown_tp = tp or max(valid_tensor_parallel_sizes(arch, gpu.max_tensor_parallel_size))
-        mem = memory_breakdown(arch, gpu, ctx, 0, serving, shown_tp)
+        mem = memory_breakdown(arch, gpu, ctx, 0, serving, shown_tp, pp)
         fixed = (mem.total - mem.kv_cache) / 2**30
+        where = f"tensor_parallel_size={shown_tp}" + (
+            f", pipeline stage {mem.pipeline_stage} of {pp}" if pp > 1 else ""
+        )
         if mem.kv_cache_budget <= 0:
             notes.append(
-                f"weights + activations + overhead need {fixed:.1f} GiB per device at tensor_parallel_size="
-                f"{shown_tp}, above the usable {mem.budget / 2**30:.1f} GiB: "
+                f"weights + activations + overhead need {fixed:.1f} GiB per device at {where}, above the usable "
+                f"{mem.budget / 2**30:.1f} GiB: "
                 + (
                     "use a larger device"
                     if resolve_precision(arch, serving.precision, serving.group_size).weight_bytes < 1
                     else "quantize (--precision int4-awq or fp8) or use a larger device"
                 )
+                + (" or more pipeline stages (--pipeline-parallel-size)" if gpu.kind == "gpu" else "")
             )
         else:
             notes.append(
-                f"the {mem.kv_cache_budget / 2**30:.1f} GiB left for the KV cache at tensor_parallel_size={shown_tp} "
+                f"the {mem.kv_cache_budget / 2**30:.1f} GiB left for the KV cache at {where} "
                 f"cannot hold one sequence of {ctx} tokens: lower --context or use --kv-dtype fp8"
             )
-        return GPUPlan(gpu, "no", tp, 0, 0, mem, notes=notes)
+        return GPUPlan(gpu, "no", tp, 0, 0, mem, notes=notes, pipeline_parallel_size=pp)
     batch = min(conc, n)
     if status == "partial":
         notes.append(f"only {n} of {conc} sequences of {ctx} tokens fit: the rest would queue")
-    mem = memory_breakdown(arch, gpu, ctx, batch, serving, tp)
-    mml = max_model_len(arch, gpu, batch, serving, tp)
+    mem = memory_breakdown(arch, gpu, ctx, batch, serving, tp, pp)
+    mml = max_model_len(arch, gpu, batch, serving, tp, pp)
     max_tokens = serving.batched_tokens_for(gpu)
     # "auto" keeps a GGUF file's exact bytes; anything else is planned as given, with its group size.
     weights_precision: str | Precision = (
@@ -257,11 +274,12 @@ def plan_gpu(
         serving.kv_dtype,
         tp,
         max_tokens,
+        pp,
     )
     pre = prefill_estimate(arch, gpu, workload.resolved_input_len, weights_precision, tp, max_tokens)
     cost = cost_estimate(
         gpu,
-        tp,
+        tp * pp,
         srv.output_tokens_per_s,
         srv.requests_per_s,
         workload.resolved_input_len,
@@ -271,9 +289,19 @@ def plan_gpu(
         workload.api_price_input,
         workload.api_price_output,
     )
+    comm = None
+    if tp > 1:
+        comm = tp_communication(
+            arch, tp, batch, gpu, srv.decode.context_len, weights_precision, serving.kv_dtype
+        )
+    pipe = None
+    if pp > 1:
+        pipe = pipeline_plan(
+            arch, pp, tp, weights_precision, serving.kv_dtype, serving.group_size, batch, max_tokens
+        )
     if gpu.kind != "gpu":
         notes.append(f"{gpu.kind} estimate: memory capped at {gpu.max_usable_fraction:.0%} of RAM")
-    return GPUPlan(gpu, status, tp, n, mml, mem, srv, pre, cost, notes)
+    return GPUPlan(gpu, status, tp, n, mml, mem, srv, pre, cost, notes, pp, comm, pipe)
 
 
 def plan(
@@ -283,12 +311,15 @@ def plan(
     serving: ServingConfig | None = None,
     tensor_parallel_size: int | None = None,
     catalog: dict[str, GPUSpec] | None = None,
+    pipeline_parallel_size: int = 1,
 ) -> Plan:
-    """Plan ``model`` on the given devices (default: every GPU in the catalog).
+    """Plan ``model`` on the given devices (default: every GPU in the catalog), in ``pipeline_parallel_size``
+    pipeline stages (their layers split by pipeline_stage_layers, as the engine splits them).
 
     When no GPU fits the weights, CPU and Apple-Silicon estimates are added.
     """
     arch = load_arch(model) if not isinstance(model, ModelArch) else model
+    pipeline_stage_layers(arch.num_layers, pipeline_parallel_size)  # a clear error for an invalid size
     workload = workload or Workload(context_len=min(4096, arch.max_position_embeddings))
     serving = serving or ServingConfig()
     if workload.context_len > arch.max_position_embeddings:
@@ -299,12 +330,13 @@ def plan(
     devices = (
         [get_gpu(g, catalog) for g in gpus] if gpus else [g for g in list_gpus(catalog) if g.kind == "gpu"]
     )
-    results = [plan_gpu(arch, g, workload, serving, tensor_parallel_size) for g in devices]
+    pp = pipeline_parallel_size
+    results = [plan_gpu(arch, g, workload, serving, tensor_parallel_size, pp) for g in devices]
     if not any(r.status != "no" for r in results):
         seen = {r.gpu.name for r in results}
         for g in list_gpus(catalog):
             if g.kind != "gpu" and g.name not in seen:
-                results.append(plan_gpu(arch, g, workload, serving, None))
+                results.append(plan_gpu(arch, g, workload, serving, None, pp))
     precision = resolve_precision(arch, serving.precision, serving.group_size)
     kv_dtype = kv_dtype_for(precision, serving.kv_dtype)
     return Plan(
@@ -318,4 +350,5 @@ def plan(
         workload=workload,
         serving_config=serving,
         gpus=results,
+        pipeline_parallel_size=pp,
     )

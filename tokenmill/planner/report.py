@@ -33,6 +33,15 @@ def fmt_seconds(t: float) -> str:
     return f"{t / 60:,.0f} min"
 
 
+def fmt_duration(t: float) -> str:
+    """A short time with three significant digits, in µs below a millisecond."""
+    if t < 1e-3:
+        return f"{t * 1e6:.3g} µs"
+    if t < 1:
+        return f"{t * 1e3:.3g} ms"
+    return f"{t:.3g} s"
+
+
 def fmt_rate(x: float) -> str:
     """A rate with about three significant digits."""
     if x >= 100:
@@ -122,11 +131,15 @@ def format_details(p: Plan, g: GPUPlan) -> list[str]:
     m = g.memory
     if m is None:
         return [f"{g.gpu.name} ({g.status})"]
-    out = [f"{g.gpu.name} x{m.tensor_parallel_size} ({g.status})"]
+    pp = g.pipeline_parallel_size
+    stages = f" x {pp} pipeline stages" if pp > 1 else ""
+    out = [f"{g.gpu.name} x{m.tensor_parallel_size}{stages} ({g.status})"]
     parts = m.overhead_parts
     ovh = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in parts.items() if v)
+    where = f" (largest: stage {m.pipeline_stage}, layers {m.stage_layers[0]}-{m.stage_layers[1] - 1})" \
+        if pp > 1 and m.stage_layers else ""
     out.append(
-        f"  memory per device: weights {_gib(m.weights)} + KV {_gib(m.kv_cache)} ({m.num_sequences} x "
+        f"  memory per device{where}: weights {_gib(m.weights)} + KV {_gib(m.kv_cache)} ({m.num_sequences} x "
         f"{m.context_len} tokens) + activations {_gib(m.activations)} + overhead {_gib(m.overhead)} ({ovh}) = "
         f"{_gib(m.total)} GiB of {_gib(m.budget)} usable ({g.gpu.memory_gib:g} GiB device)"
     )
@@ -149,6 +162,7 @@ def format_details(p: Plan, g: GPUPlan) -> list[str]:
             f"served: {fmt_rate(s.requests_per_s)} req/s, {fmt_rate(s.output_tokens_per_s)} output tok/s "
             f"({fmt_rate(s.output_tokens_per_s_per_gpu)} per device)"
         )
+    out.extend(_parallel_lines(g))
     c = g.cost
     if c and (c.on_demand_per_hour is not None or c.spot_per_hour is not None):
         out.append(
@@ -177,11 +191,56 @@ def format_details(p: Plan, g: GPUPlan) -> list[str]:
     return out
 
 
+def _parallel_lines(g: GPUPlan) -> list[str]:
+    """The tensor-parallel collectives and the pipeline stages of a device plan."""
+    out = []
+    c = g.tp_communication
+    if c is not None:
+        out.append(
+            f"  tensor parallel x{c.tensor_parallel_size}, decode step of {c.num_tokens} tokens: "
+            f"{c.num_all_reduces} all-reduces of {fmt_bytes(c.all_reduce_bytes)} + logits all-gather of "
+            f"{fmt_bytes(c.all_gather_bytes)} = {fmt_bytes(c.payload_bytes)} payload; each GPU sends "
+            f"{fmt_bytes(c.bytes_sent_per_gpu)} on a ring"
+        )
+        if c.time_s is not None and c.memory_time_s is not None:
+            ratio = c.ratio_to_memory_time or 0.0
+            if c.dominates_batches is None:
+                when = "it stays below the memory time at every batch"
+            elif c.dominates_batches[1] is None:
+                when = f"it exceeds the memory time from batch {c.dominates_batches[0]:,}"
+            else:
+                when = f"it exceeds the memory time up to batch {c.dominates_batches[1]:,}"
+            out.append(
+                f"    on {c.interconnect} ({c.interconnect_gbps:g} GB/s per direction): "
+                f"{fmt_duration(c.time_s)} per step ({fmt_duration(c.bandwidth_time_s or 0.0)} transfer + "
+                f"{fmt_duration(c.latency_time_s or 0.0)} latency) vs {fmt_duration(c.memory_time_s)} memory time: "
+                f"{ratio:.0%}{', communication dominates' if c.dominates else ''}; {when}"
+            )
+    pipe = g.pipeline
+    if pipe is not None:
+        split = ", ".join(
+            f"{s.layers[0]}-{s.layers[1] - 1}" + (" +embed" if s.has_embedding else "")
+            + (" +head" if s.has_lm_head else "") + f" {fmt_bytes(s.weight_bytes)}"
+            for s in pipe.stages
+        )
+        out.append(f"  pipeline x{pipe.pipeline_parallel_size}: layers per stage {split} (weights per device)")
+        out.append(
+            f"    between stages per rank: {fmt_bytes(pipe.decode_bytes_per_boundary)} per decode step of "
+            f"{pipe.decode_tokens} tokens, {fmt_bytes(pipe.prefill_bytes_per_boundary)} per prefill step of "
+            f"{pipe.prefill_tokens} tokens (hidden states + residual)"
+        )
+    return out
+
+
 def format_plan(p: Plan, details_for: list[str] | None = None) -> str:
     """The plan as text. Details are printed for ``details_for`` device names, else for the best device."""
     lines = _header(p)
     lines.append("")
-    lines.append(format_table([_row(g) for g in p.gpus], _COLUMNS))
+    rows, columns = [_row(g) for g in p.gpus], _COLUMNS
+    if p.pipeline_parallel_size > 1:
+        columns = _COLUMNS[:2] + [("PP", ">")] + _COLUMNS[2:]
+        rows = [r[:2] + [str(p.pipeline_parallel_size)] + r[2:] for r in rows]
+    lines.append(format_table(rows, columns))
     lines.append(
         "memory in GiB per device; max seqs at the context length; max len for the requested concurrency; "
         f"tok/s/GPU = served output tokens; $/1M out on-demand at {p.workload.utilization:.0%} busy"
