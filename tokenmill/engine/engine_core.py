@@ -22,6 +22,7 @@ from tokenmill.core.scheduler import Scheduler
 from tokenmill.metrics.stats import SchedulerStats
 from tokenmill.model.registry import DecoderSpec
 from tokenmill.outputs import EngineCoreOutput, SchedulerOutput
+from tokenmill.planner.engine_memory import log_rank_memory
 from tokenmill.request import Request, RequestStatus
 from tokenmill.structured_output.params import StructuredOutputError
 from tokenmill.structured_output.request_state import StructuredOutputRequest
@@ -123,6 +124,7 @@ class EngineCore:
             self.kv_sizing.num_blocks * self.kv_sizing.bytes_per_block / 2**20, self.dtype,
             self.max_model_len, self.kv_sizing.num_tokens / self.max_model_len,
         )
+        log_rank_memory(config, self.model_dir, self.executor.engine_facts(), self.kv_sizing.num_blocks)
         freeze_gc_heap()
 
     # ---- the in-process worker (device-side attributes, for tests and benchmarks) ----------------------------
