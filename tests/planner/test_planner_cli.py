@@ -77,3 +77,48 @@ def test_config_json_model(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(get_model_config("Qwen3-8B")))
     code, out, _ = run([str(tmp_path), "--gpu", "L4", "--context", "2048"], capsys)
     assert code == 0 and "qwen3" in out
+
+
+def test_json_reports_tp_communication_and_pipeline_stages(capsys):
+    code, out, _ = run(["Llama-3.1-8B", "--json", "--gpu", "H100", "--tp", "2", "--pipeline-parallel-size", "2",
+                        "--precision", "bf16", "--concurrency", "4"], capsys)  # fmt: skip
+    assert code == 0
+    data = json.loads(out)
+    assert data["pipeline_parallel_size"] == 2
+    g = data["gpus"][0]
+    assert (g["tensor_parallel_size"], g["pipeline_parallel_size"], g["num_gpus"]) == (2, 2, 4)
+    comm = g["tp_communication"]
+    assert comm["num_tokens"] == 4 and comm["num_all_reduces"] == 65
+    assert comm["bytes_sent_per_gpu"] == 4 * (65 * 8192 + 256512 / 2)
+    for key in ("bandwidth_time_s", "latency_time_s", "time_s", "memory_time_s", "ratio_to_memory_time",
+                "dominates", "dominates_batches", "interconnect", "interconnect_gbps"):  # fmt: skip
+        assert key in comm
+    pipe = g["pipeline"]
+    assert [s["layers"] for s in pipe["stages"]] == [[0, 16], [16, 32]]
+    assert pipe["decode_bytes_per_boundary"] == 4 * 2 * 4096 * 2
+    assert g["memory"]["pipeline_stage"] == 1 and g["memory"]["stage_layers"] == [16, 32]
+
+
+def test_text_reports_tp_communication_and_pipeline_stages(capsys):
+    code, out, _ = run(["Llama-3.1-8B", "--gpu", "L40S", "--tp", "4", "--pp", "2"], capsys)
+    assert code == 0
+    assert "tensor parallel x4, decode step of 16 tokens: 65 all-reduces" in out
+    assert "on PCIe 4.0 x16 (32 GB/s per direction)" in out and "memory time" in out
+    assert "pipeline x2: layers per stage 0-15 +embed" in out and "16-31 +head" in out
+    assert "between stages per rank" in out
+    # One device: no collectives to report.
+    code, out, _ = run(["Llama-3.1-8B", "--gpu", "H100", "--tp", "1"], capsys)
+    assert code == 0 and "all-reduces" not in out and "pipeline x" not in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--pp", "33"], "pipeline_parallel_size=33 exceeds the model's 32 layers"),
+        (["--pp", "0"], "pipeline_parallel_size must be a positive integer"),
+        (["--pp", "2", "--emit", "helm-values"], "drop --pipeline-parallel-size"),
+    ],
+)
+def test_pipeline_errors(argv, message, capsys):
+    code, _, err = run(["Llama-3.1-8B", "--gpu", "H100", *argv], capsys)
+    assert code == 2 and message in err
