@@ -122,3 +122,23 @@ def test_text_reports_tp_communication_and_pipeline_stages(capsys):
 def test_pipeline_errors(argv, message, capsys):
     code, _, err = run(["Llama-3.1-8B", "--gpu", "H100", *argv], capsys)
     assert code == 2 and message in err
+
+
+def test_markdown(capsys):
+    code, out, _ = run(["Llama-3.1-8B", "--markdown", "--gpu", "H100", "--tp", "2", "--pp", "2"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "### `tokenmill plan`: Llama-3.1-8B"
+    header = next(i for i, line in enumerate(lines) if line.startswith("| GPU |"))
+    assert lines[header].split(" | ")[1:3] == ["TP", "PP"]
+    assert set(lines[header + 1]) <= set("|:-")
+    assert lines[header + 2].startswith("| H100-SXM | 2 | 2 | yes |")
+    assert "#### H100-SXM x2, 2 pipeline stages (fits)" in lines  # asked for by --gpu: no "best fit" suffix
+    assert any(line.startswith("- tensor parallel x2, decode step of 16 tokens") for line in lines)
+    assert any(line.startswith("  - on NVLink 4 (450 GB/s per direction)") for line in lines)
+    assert any(line.startswith("- pipeline x2: layers per stage 0-15 +embed") for line in lines)
+
+
+def test_json_and_markdown_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        run(["Llama-3.1-8B", "--json", "--markdown"], capsys)

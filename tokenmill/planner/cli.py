@@ -12,7 +12,7 @@ from tokenmill.planner.fit import ServingConfig
 from tokenmill.planner.gpus import PRICE_DATE, list_gpus, load_gpu_catalog
 from tokenmill.planner.models import list_models
 from tokenmill.planner.plan import Plan, Workload, plan
-from tokenmill.planner.report import format_plan, format_table
+from tokenmill.planner.report import format_plan, format_plan_markdown, format_table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,7 +113,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="JSON/TOML file overriding or adding devices (prices, memory, bandwidth)",
     )
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the plan as JSON")
+    output.add_argument(
+        "--markdown", action="store_true", help="print the plan as Markdown (a table and lists, for a PR or issue)"
+    )
     p.add_argument(
         "--emit",
         choices=["helm-values"],
@@ -226,10 +230,12 @@ def run_plan(args: argparse.Namespace) -> int:
             return _emit_helm_values(result, args.output)
         if args.output:
             raise ValueError("--output goes with --emit helm-values")
+        names = [g.gpu.name for g in result.gpus[: len(gpus)]] if gpus else None
         if args.json:
             print(json.dumps(result.to_dict(), indent=2, default=str))
+        elif args.markdown:
+            sys.stdout.write(format_plan_markdown(result, details_for=names))
         else:
-            names = [g.gpu.name for g in result.gpus[: len(gpus)]] if gpus else None
             print(format_plan(result, details_for=names))
         if args.plot:
             from tokenmill.planner.plot import plot_memory

@@ -132,7 +132,7 @@ def format_details(p: Plan, g: GPUPlan) -> list[str]:
     if m is None:
         return [f"{g.gpu.name} ({g.status})"]
     pp = g.pipeline_parallel_size
-    stages = f" x {pp} pipeline stages" if pp > 1 else ""
+    stages = f", {pp} pipeline stages" if pp > 1 else ""
     out = [f"{g.gpu.name} x{m.tensor_parallel_size}{stages} ({g.status})"]
     parts = m.overhead_parts
     ovh = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in parts.items() if v)
@@ -204,12 +204,13 @@ def _parallel_lines(g: GPUPlan) -> list[str]:
         )
         if c.time_s is not None and c.memory_time_s is not None:
             ratio = c.ratio_to_memory_time or 0.0
+            at = f"at context {c.context_len}"
             if c.dominates_batches is None:
-                when = "it stays below the memory time at every batch"
+                when = f"it stays below the memory time at every batch {at}"
             elif c.dominates_batches[1] is None:
-                when = f"it exceeds the memory time from batch {c.dominates_batches[0]:,}"
+                when = f"it exceeds the memory time from batch {c.dominates_batches[0]:,} on {at}"
             else:
-                when = f"it exceeds the memory time up to batch {c.dominates_batches[1]:,}"
+                when = f"it exceeds the memory time up to batch {c.dominates_batches[1]:,} {at}"
             out.append(
                 f"    on {c.interconnect} ({c.interconnect_gbps:g} GB/s per direction): "
                 f"{fmt_duration(c.time_s)} per step ({fmt_duration(c.bandwidth_time_s or 0.0)} transfer + "
@@ -232,30 +233,78 @@ def _parallel_lines(g: GPUPlan) -> list[str]:
     return out
 
 
-def format_plan(p: Plan, details_for: list[str] | None = None) -> str:
-    """The plan as text. Details are printed for ``details_for`` device names, else for the best device."""
-    lines = _header(p)
-    lines.append("")
+def _table(p: Plan) -> tuple[list[list[str]], list[tuple[str, str]]]:
+    """The device table's rows and columns (a PP column with pipeline stages)."""
     rows, columns = [_row(g) for g in p.gpus], _COLUMNS
     if p.pipeline_parallel_size > 1:
         columns = _COLUMNS[:2] + [("PP", ">")] + _COLUMNS[2:]
         rows = [r[:2] + [str(p.pipeline_parallel_size)] + r[2:] for r in rows]
-    lines.append(format_table(rows, columns))
-    lines.append(
+    return rows, columns
+
+
+def _legend(p: Plan) -> list[str]:
+    lines = [
         "memory in GiB per device; max seqs at the context length; max len for the requested concurrency; "
         f"tok/s/GPU = served output tokens; $/1M out on-demand at {p.workload.utilization:.0%} busy"
-    )
+    ]
     if not any(g.status != "no" for g in p.gpus if g.gpu.kind == "gpu"):
         four_bit = p.precision in ("int4-awq", "int4-gptq") or p.precision.startswith("q")
         hint = "" if four_bit else " (or try --precision int4-awq)"
         lines.append(f"no GPU fits this workload: CPU and Apple-Silicon estimates are listed{hint}")
+    return lines
+
+
+def _chosen(p: Plan, details_for: list[str] | None) -> tuple[list[GPUPlan], GPUPlan | None]:
+    """(the device plans to detail, the best one when it was not asked for)."""
     chosen = [g for g in p.gpus if details_for and g.gpu.name in details_for]
     best = p.best
     if best is not None and best not in chosen:
+        return [*chosen, best], best
+    return chosen, None
+
+
+def format_plan(p: Plan, details_for: list[str] | None = None) -> str:
+    """The plan as text. Details are printed for ``details_for`` device names, else for the best device."""
+    lines = _header(p)
+    lines.append("")
+    lines.append(format_table(*_table(p)))
+    lines.extend(_legend(p))
+    chosen, best = _chosen(p, details_for)
+    if best is not None:
         lines.append("")
         lines.append(f"best fit (lowest cost per output token): {best.gpu.name}")
-        chosen.append(best)
     for g in chosen:
         lines.append("")
         lines.extend(format_details(p, g))
     return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    """Text for a Markdown table cell or list item: pipes escaped."""
+    return text.replace("|", "\\|")
+
+
+def format_plan_markdown(p: Plan, details_for: list[str] | None = None) -> str:
+    """The plan as GitHub-flavoured Markdown (for an issue, a pull request or a design note): the header, the
+    device table as a pipe table, and the details as nested lists, for the same devices as format_plan."""
+    a = p.arch
+    header = _header(p)
+    lines = [f"### `tokenmill plan`: {_md(a.name)}", ""]
+    lines.extend(f"- {_md(h)}" for h in header)
+    lines.append("")
+    rows, columns = _table(p)
+    lines.append("| " + " | ".join(c[0] for c in columns) + " |")
+    lines.append("|" + "|".join("---:" if c[1] == ">" else ":---" for c in columns) + "|")
+    lines.extend("| " + " | ".join(_md(v) for v in r) + " |" for r in rows)
+    lines.append("")
+    lines.extend(f"_{_md(line)}_" for line in _legend(p))
+    chosen, best = _chosen(p, details_for)
+    for g in chosen:
+        details = format_details(p, g)
+        title = details[0] + (" - best fit (lowest cost per output token)" if g is best else "")
+        lines.extend(["", f"#### {_md(title)}", ""])
+        for line in details[1:]:
+            stripped = line.lstrip(" ")
+            depth = (len(line) - len(stripped)) // 2 - 1  # two spaces: a top item; four: nested under it
+            lines.append("  " * max(depth, 0) + f"- {_md(stripped)}")
+    return "\n".join(lines) + "\n"
