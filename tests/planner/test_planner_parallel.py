@@ -146,3 +146,37 @@ def test_pipeline_errors():
         plan(LLAMA_8B, ["H100"], pipeline_parallel_size=0)
     with pytest.raises(ValueError, match="pipeline_stage must be in 0..1"):
         weight_bytes(LLAMA_8B, "bf16", 1, None, 2, 2)
+
+
+def test_decode_with_pipeline_stages_reads_each_stage_per_microbatch():
+    from tokenmill.planner import decode_estimate
+
+    h100 = get_gpu("H100")
+    one = decode_estimate(LLAMA_8B, h100, 2, 0, "bf16")
+    two = decode_estimate(LLAMA_8B, h100, 2, 0, "bf16", pipeline_parallel_size=2)
+    # Microbatches of one sequence; the last stage (16 layers, final norm, lm_head) is the slower one, and a
+    # sequence's next token comes back after one tick on each stage.
+    assert two.weight_bytes_read == 8_030_265_344
+    assert two.step_time_s == pytest.approx(2 * 8_030_265_344 / (3350e9 * 0.75))
+    assert two.tokens_per_s == pytest.approx(2 / two.step_time_s)
+    # Memory-bound with no KV: at best the throughput of one GPU, spread over two; here less, because the slower
+    # stage sets the pace (one GPU reads every weight but the gathered embedding table once per step).
+    one_read = 16_060_522_496 - V * H * 2
+    assert one.weight_bytes_read == one_read
+    assert two.tokens_per_s / one.tokens_per_s == pytest.approx(one_read / (2 * 8_030_265_344))
+    assert two.num_gpus == 2 and two.tokens_per_s_per_gpu == pytest.approx(two.tokens_per_s / 2)
+
+
+def test_catalog_file_sets_the_interconnect(tmp_path):
+    from tokenmill.planner import load_gpu_catalog
+
+    path = tmp_path / "gpus.json"
+    path.write_text('{"B200": {"memory_gib": 179, "bandwidth_gbps": 8000, "bf16_tflops": 2250, '
+                    '"interconnect": "NVLink 5", "interconnect_gbps": 900, "collective_latency_us": 4}}')
+    b200 = get_gpu("B200", load_gpu_catalog(path))
+    c = tp_communication(LLAMA_8B, 2, 1, b200)
+    assert c.bandwidth_time_s == pytest.approx(660736 / 900e9)
+    assert c.latency_time_s == pytest.approx(66 * 4e-6)
+    path.write_text('{"H100": {"interconnect_gbps": 0}}')
+    with pytest.raises(ValueError, match="interconnect_gbps must be > 0"):
+        load_gpu_catalog(path)

@@ -30,6 +30,7 @@ from tokenmill.planner.fit import (
     memory_breakdown,
     memory_budget,
     min_tensor_parallel_size,
+    stage_memory_breakdowns,
 )
 from tokenmill.planner.gpus import GPU_CATALOG, PRICE_DATE, GPUSpec, get_gpu, list_gpus, load_gpu_catalog
 from tokenmill.planner.memory import (
@@ -47,10 +48,18 @@ from tokenmill.planner.memory import (
     overhead_bytes,
     pipeline_stage_layers,
     resolve_precision,
+    stage_layer_range,
     valid_tensor_parallel_sizes,
     weight_bytes,
 )
 from tokenmill.planner.models import MODEL_CONFIGS, get_model_config, list_models, resolve_model_name
+from tokenmill.planner.parallel import (
+    PipelinePlan,
+    PipelineStage,
+    TPCommunication,
+    pipeline_plan,
+    tp_communication,
+)
 from tokenmill.planner.params import ParamCount, TensorGroup, param_count, tensor_groups
 from tokenmill.planner.perf import (
     DecodeEstimate,
@@ -125,4 +134,11 @@ __all__ = [
     "engine_weight_bytes",
     "pipeline_stage_layers",
     "weight_bytes",
+    "PipelinePlan",
+    "PipelineStage",
+    "TPCommunication",
+    "pipeline_plan",
+    "stage_layer_range",
+    "stage_memory_breakdowns",
+    "tp_communication",
 ]

@@ -171,6 +171,8 @@ def _list_gpus(catalog: dict) -> str:
                 "-" if g.on_demand_per_hour is None else f"${g.on_demand_per_hour:.2f}",
                 "-" if g.spot_per_hour is None else f"${g.spot_per_hour:.2f}",
                 g.price_date or "-",
+                g.interconnect or "-",
+                "-" if g.interconnect_gbps is None else f"{g.interconnect_gbps:g}",
             ]
         )
     cols = [
@@ -182,6 +184,8 @@ def _list_gpus(catalog: dict) -> str:
         ("on-demand/h", ">"),
         ("spot/h", ">"),
         ("prices of", "<"),
+        ("GPU link", "<"),
+        ("link GB/s/dir", ">"),
     ]
     return format_table(rows, cols) + f"\nprices: representative US per-device-hour list prices, {PRICE_DATE}"
 
