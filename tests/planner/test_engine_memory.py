@@ -110,3 +110,10 @@ def test_engine_weight_bytes_per_tensor_parallel_rank(tp, server_model_dir):
     head = 0 if arch.tie_word_embeddings else vocab_rows * h
     expected = 4 * (vocab_rows * h + head + arch.num_layers * layer + h)
     assert engine_weight_bytes(arch, "float32", None, tp) == expected
+
+
+def test_a_rank_the_planner_cannot_place_is_a_warning_not_a_crash(caplog, server_model_dir):
+    with caplog.at_level(logging.INFO, logger="tokenmill"):
+        records = log_rank_memory(fake_config(1, 1), server_model_dir, {"rank": 5, "weight_bytes": 1}, 10)
+    assert records == []
+    assert "the planner cannot predict this engine's memory (pipeline_stage must be in 0..0" in caplog.text

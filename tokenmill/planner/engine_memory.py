@@ -86,18 +86,26 @@ def log_rank_memory(
     from tokenmill.model.loader import read_hf_config
     from tokenmill.model.quantization import resolve_quantization
 
-    hf_config = read_hf_config(model_dir)
-    arch = ModelArch.from_hf_config(hf_config)
-    quant_config = resolve_quantization(hf_config, config.model.quantization, str(Path(model_dir) / "config.json"))
     tp = int(getattr(config, "tensor_parallel_size", 1))
     pp = int(getattr(config, "pipeline_parallel_size", 1))
-    records = []
-    for index, rank_facts in enumerate(facts if isinstance(facts, list) else [facts]):
-        rank = int(rank_facts.get("rank", index))
+    per_rank = facts if isinstance(facts, list) else [facts]
+    ranks = [int(rank_facts.get("rank", index)) for index, rank_facts in enumerate(per_rank)]
+    records: list[RankMemory] = []
+    try:
+        hf_config = read_hf_config(model_dir)
+        arch = ModelArch.from_hf_config(hf_config)
+        quant_config = resolve_quantization(hf_config, config.model.quantization,
+                                            str(Path(model_dir) / "config.json"))
+        predictions = [
+            planned_rank_memory(arch, config.model.dtype, quant_config, config.cache.block_size, num_blocks, tp, pp,
+                                rank // tp)
+            for rank in ranks
+        ]
+    except (ValueError, KeyError, NotImplementedError) as e:  # a start-up log never stops the engine
+        logger.warning("per-rank memory: the planner cannot predict this engine's memory (%s)", e)
+        return records
+    for rank, rank_facts, (weights, kv) in zip(ranks, per_rank, predictions, strict=True):
         stage, tp_rank = divmod(rank, tp)
-        weights, kv = planned_rank_memory(
-            arch, config.model.dtype, quant_config, config.cache.block_size, num_blocks, tp, pp, stage
-        )
         record = RankMemory(
             rank=rank,
             tensor_parallel_rank=tp_rank,
