@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from types import SimpleNamespace
@@ -35,8 +36,9 @@ def mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
 
-def test_tiny_model_measured_equals_planned(caplog, server_model_dir):
-    match, llm = start_and_read_the_line(caplog, str(server_model_dir), dtype="float32", kv_cache_memory="1MiB")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_model_measured_equals_planned(caplog, server_model_dir, dtype):
+    match, llm = start_and_read_the_line(caplog, str(server_model_dir), dtype=dtype, kv_cache_memory="1MiB")
     rank, tp_rank, tp, stage, pp, weights, planned_weights, kv, planned_kv, blocks = match.groups()
     assert (rank, tp_rank, tp, stage, pp) == ("0", "0", "1", "0", "1")
     core = llm.llm_engine.core
@@ -46,8 +48,8 @@ def test_tiny_model_measured_equals_planned(caplog, server_model_dir):
     assert int(blocks) == core.kv_sizing.num_blocks
     # ... and the planned ones the planner's functions, which agree with them.
     arch = ModelArch.from_hf_config(read_hf_config(server_model_dir))
-    assert planned_weights == mib(engine_weight_bytes(arch, "float32")) == weights
-    assert planned_kv == mib(int(blocks) * kv_cache_bytes_per_block(arch, 16, "float32")) == kv
+    assert planned_weights == mib(engine_weight_bytes(arch, dtype)) == weights
+    assert planned_kv == mib(int(blocks) * kv_cache_bytes_per_block(arch, 16, dtype)) == kv
 
 
 @pytest.mark.slow  # loads the 135M-parameter bundled model
@@ -117,3 +119,16 @@ def test_a_rank_the_planner_cannot_place_is_a_warning_not_a_crash(caplog, server
         records = log_rank_memory(fake_config(1, 1), server_model_dir, {"rank": 5, "weight_bytes": 1}, 10)
     assert records == []
     assert "the planner cannot predict this engine's memory (pipeline_stage must be in 0..0" in caplog.text
+
+
+def test_the_packed_output_copy_is_a_cpu_bfloat16_allocation(server_model_dir):
+    from tokenmill.model.quantization.unquantized import _onednn_packing_available
+
+    arch = ModelArch.from_hf_config(read_hf_config(server_model_dir))
+    tied = dataclasses.replace(arch, tie_word_embeddings=True)
+    table = tied.vocab_size * tied.hidden_size * 2
+    extra = table if _onednn_packing_available() else 0
+    assert engine_weight_bytes(tied, "bfloat16", device_type="cpu") == engine_weight_bytes(
+        tied, "bfloat16", device_type="cuda") + extra
+    assert engine_weight_bytes(tied, "float32", device_type="cpu") == engine_weight_bytes(
+        tied, "float32", device_type="cuda")

@@ -65,11 +65,12 @@ def planned_rank_memory(
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
     pipeline_stage: int = 0,
+    device_type: str = "cpu",
 ) -> tuple[int, int]:
     """(weight bytes, KV cache bytes) the planner predicts for one rank of the engine holding ``num_blocks`` KV
-    blocks of ``block_size`` tokens in ``dtype``."""
+    blocks of ``block_size`` tokens in ``dtype`` on a ``device_type`` ("cpu" or "cuda") device."""
     weights = engine_weight_bytes(
-        arch, dtype, quant_config, tensor_parallel_size, pipeline_parallel_size, pipeline_stage
+        arch, dtype, quant_config, tensor_parallel_size, pipeline_parallel_size, pipeline_stage, device_type
     )
     per_block = kv_cache_bytes_per_block(
         arch, block_size, dtype, tensor_parallel_size, pipeline_parallel_size, pipeline_stage
@@ -98,8 +99,8 @@ def log_rank_memory(
                                             str(Path(model_dir) / "config.json"))
         predictions = [
             planned_rank_memory(arch, config.model.dtype, quant_config, config.cache.block_size, num_blocks, tp, pp,
-                                rank // tp)
-            for rank in ranks
+                                rank // tp, str(rank_facts.get("device", "cpu")).split(":")[0])
+            for rank, rank_facts in zip(ranks, per_rank, strict=True)
         ]
     except (ValueError, KeyError, NotImplementedError) as e:  # a start-up log never stops the engine
         logger.warning("per-rank memory: the planner cannot predict this engine's memory (%s)", e)

@@ -482,6 +482,7 @@ def engine_weight_bytes(
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
     pipeline_stage: int = 0,
+    device_type: str = "cpu",
 ) -> int:
     """Bytes of the weights tokenmill's engine allocates for a Llama-family model run in `dtype`, with the
     linear layers (and embedding table) stored by `quant_config`'s methods (a
@@ -490,7 +491,8 @@ def engine_weight_bytes(
     registered format.
 
     A tied embedding serves as the output layer: counted once, except where the full-precision bfloat16 CPU
-    path keeps a oneDNN-packed copy for the output matmul (counted then, as it is allocated).
+    path keeps a oneDNN-packed copy for the output matmul (counted then, as it is allocated; device_type is the
+    torch device type the engine runs on, "cpu" or "cuda").
 
     For one rank of a tensor-parallel group: q/k/v and gate/up split by output rows (KV heads replicated when
     tp exceeds them: num_kv_heads_per_rank), o/down by input columns, the embedding and lm_head by vocab rows
@@ -500,7 +502,11 @@ def engine_weight_bytes(
     """
     import torch
 
-    from tokenmill.model.quantization.unquantized import UnquantizedConfig, UnquantizedLinearMethod
+    from tokenmill.model.quantization.unquantized import (
+        UnquantizedConfig,
+        UnquantizedLinearMethod,
+        _onednn_packing_available,
+    )
 
     tp = tensor_parallel_size
     check_tensor_parallel_size(arch, tp)
@@ -526,7 +532,8 @@ def engine_weight_bytes(
         if arch.tie_word_embeddings:
             if not first:
                 total += embed_bytes  # the last stage's own copy of the table
-            if isinstance(embed_method, UnquantizedLinearMethod) and torch_dtype == torch.bfloat16:
+            packed = device_type == "cpu" and torch_dtype == torch.bfloat16 and _onednn_packing_available()
+            if isinstance(embed_method, UnquantizedLinearMethod) and packed:
                 total += vocab * h * item  # the packed copy the output matmul runs on
         else:
             total += linear("lm_head", h, {"lm_head": vocab})
