@@ -33,9 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
-import tokenmill  # noqa: E402, F401  (before torch: it sets the OpenMP wait policy a shared CPU needs)
+# tokenmill before torch (functions below import torch): it sets the OpenMP wait policy a shared CPU needs.
+import tokenmill  # noqa: E402, F401
 from benchmarks.gpu.engine_hooks import StepTimers  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. Describe the sea."
@@ -78,6 +77,8 @@ def run_requests(llm, prompt_ids: list[int], batch: int, tokens: int) -> dict:
 
 def kernels_alone(model, batch: int, context: int, repeat: int = 20) -> dict:
     """ms of the decoder's packed GEMVs and of decode attention (every layer) called alone on the model's weights."""
+    import torch
+
     from tokenmill.kernels.cpu import ops
     from tokenmill.kernels.cpu.decode import packed_kernel
 
@@ -131,6 +132,8 @@ def kernels_alone(model, batch: int, context: int, repeat: int = 20) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    import torch
+
     from tokenmill import LLM
 
     llm = LLM(args.model, show_progress=False, max_model_len=2048)

@@ -55,11 +55,18 @@ static int elementwise_threads(const TmModel *m, int64_t elements, int num_threa
 // out [rows, w->n] = x [rows, w->k] @ w.T (+ bias), contiguous rows; 0, or -1 when memory ran out.
 static int linear(const TmModel *m, const TmWeight *w, const uint16_t *x, uint16_t *out, int rows, int num_threads) {
     const int threads = (int64_t)rows * w->n * w->k < m->min_parallel_work ? 1 : num_threads;
-    const int status = w->kind == WEIGHT_INT4
-        ? int4_gemm(x, 1, w->k, (const uint8_t *)w->q, (const uint16_t *)w->scales, (const uint16_t *)w->offsets,
-                    w->group, out, w->n, rows, w->n, w->k, threads)
-        : int8_gemm(x, 1, w->k, (const int8_t *)w->q, (const float *)w->scales, w->group, out, w->n, rows, w->n,
-                    w->k, threads);
+    int status;
+    if (w->kind == WEIGHT_INT4) {
+        // The op-by-op path's kernel for these rows too (quant.py), so both paths compute the same sums.
+        status = int4_gemv_bf16(x, w->k, (const uint8_t *)w->q, (const uint16_t *)w->scales,
+                                (const uint16_t *)w->offsets, w->group, out, w->n, rows, w->n, w->k, threads);
+        if (status == -2)  // no AVX512-BF16
+            status = int4_gemm(x, 1, w->k, (const uint8_t *)w->q, (const uint16_t *)w->scales,
+                               (const uint16_t *)w->offsets, w->group, out, w->n, rows, w->n, w->k, threads);
+    } else {
+        status = int8_gemm(x, 1, w->k, (const int8_t *)w->q, (const float *)w->scales, w->group, out, w->n, rows,
+                           w->n, w->k, threads);
+    }
     if (status != 0 || w->bias == NULL) return status;
     for (int i = 0; i < rows; i++)  // as PyTorch's bfloat16 add: the float32 sum rounded once
         for (int64_t j = 0; j < w->n; j++) {

@@ -1,4 +1,4 @@
-// The entry points of tokenmill's native CPU kernels (paged_decode.c, layer_ops.c, quant.c), declared once for
+// The entry points of tokenmill's native CPU kernels (paged_decode.c, layer_ops.c, quant.c, gemv_bf16.c), declared once for
 // the kernels that compose them (decode_layer.c). tokenmill/kernels/cpu/ops.py sets the same signatures for ctypes.
 #ifndef TOKENMILL_KERNELS_H
 #define TOKENMILL_KERNELS_H
@@ -25,5 +25,9 @@ int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, con
 int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
               const uint16_t *offsets, int64_t group, void *out, int64_t out_stride, int64_t M, int64_t N, int64_t K,
               int num_threads);
+
+int int4_gemv_bf16(const uint16_t *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
+                   const uint16_t *offsets, int64_t group, uint16_t *out, int64_t out_stride, int64_t rows,
+                   int64_t n_out, int64_t k, int num_threads);
 
 #endif
