@@ -14,7 +14,8 @@ own step timing (EngineCore.set_step_timing) splits a decode step into:
   host      the rest of LLMEngine.step: scheduling, batch building, state updates, detokenizing, outputs
 
 Then the forward is split further, with the kernels called alone on the model's own weights:
-  matmuls    the decoder's packed GEMVs back to back (the weight bytes streamed; their effective GB/s is shown)
+  matmuls    the decoder's packed GEMVs back to back (the weight bytes streamed; their effective GB/s is shown),
+             and the same with quant.c's float32 int4_gemm in place of int4_gemv_bf16 (what ran before it)
   attention  the decode attention kernel over a cache of the same length, every layer
   the rest   of the fused forward: norms, rotary, KV write, activation, and the call itself; of the op-by-op
              forward: the same plus Python dispatch (~10 calls a layer with their argument checks).
@@ -82,6 +83,7 @@ def kernels_alone(model, batch: int, context: int, repeat: int = 20) -> dict:
     from tokenmill.kernels.cpu import ops
     from tokenmill.kernels.cpu.decode import packed_kernel
 
+    lib = ops._library()
     kernels = [packed_kernel(linear) for layer in model.layers
                for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                               layer.mlp.down_proj)]
@@ -89,11 +91,22 @@ def kernels_alone(model, batch: int, context: int, repeat: int = 20) -> dict:
         return {}
     xs = {k.in_features: torch.randn(batch, k.in_features).to(torch.bfloat16) for k in kernels}
     outs = [torch.empty(batch, k.out_features, dtype=torch.bfloat16) for k in kernels]
-    from tokenmill.kernels.cpu.quant import _threads
+    from tokenmill.kernels.cpu.quant import Int4Weight, _threads
 
-    def gemvs() -> None:
+    def gemvs() -> None:  # what both paths run (Int4Weight / Int8Weight._packed_gemm)
         for k, out in zip(kernels, outs, strict=True):
             k._packed_gemm(xs[k.in_features], out, batch, _threads(batch, k.out_features, k.in_features))
+
+    def float32_int4_gemm() -> None:  # the int4 kernel that ran before int4_gemv_bf16 (float32 FMA)
+        for k, out in zip(kernels, outs, strict=True):
+            x = xs[k.in_features]
+            threads = _threads(batch, k.out_features, k.in_features)
+            if isinstance(k, Int4Weight):
+                lib.int4_gemm(x.data_ptr(), 1, x.stride(0), k.packed.data_ptr(), k.scales.data_ptr(),
+                              k.offsets.data_ptr(), k.group, out.data_ptr(), out.stride(0), batch, k.out_features,
+                              k.in_features, threads)
+            else:
+                k._packed_gemm(x, out, batch, threads)
 
     spec = model.spec
     block_size = 16
@@ -103,7 +116,6 @@ def kernels_alone(model, batch: int, context: int, repeat: int = 20) -> dict:
     seq_lens = torch.full((batch,), context, dtype=torch.int32)
     q = torch.randn(batch, spec.num_heads, spec.head_dim).to(torch.bfloat16)
     out = torch.empty_like(q)
-    lib = ops._library()
     from tokenmill.kernels.cpu.decode import MIN_PARALLEL_ATTENTION
 
     threads = 1 if batch * context * spec.num_heads * spec.head_dim < MIN_PARALLEL_ATTENTION else torch.get_num_threads()
@@ -124,10 +136,11 @@ def kernels_alone(model, batch: int, context: int, repeat: int = 20) -> dict:
         return statistics.median(times) * 1e3
 
     matmul_ms = best_of(gemvs)
+    before_ms = best_of(float32_int4_gemm)
     weight_bytes = sum(k.nbytes for k in kernels)
     return {"matmuls_ms": matmul_ms, "decoder_weight_mb": weight_bytes / 1e6,
-            "matmul_gb_s": weight_bytes / matmul_ms / 1e6, "attention_ms": best_of(attention),
-            "attention_threads": threads}
+            "matmul_gb_s": weight_bytes / matmul_ms / 1e6, "float32_int4_gemm_ms": before_ms,
+            "attention_ms": best_of(attention), "attention_threads": threads}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         k = entry["kernels_alone"]
         if k:
             print(f"batch {batch}, kernels alone: decoder GEMVs {k['matmuls_ms']:.2f} ms "
-                  f"({k['decoder_weight_mb']:.1f} MB, {k['matmul_gb_s']:.1f} GB/s), decode attention over every "
+                  f"({k['decoder_weight_mb']:.1f} MB, {k['matmul_gb_s']:.1f} GB/s; with int4_gemm's float32 FMA "
+                  f"instead of int4_gemv_bf16: {k['float32_int4_gemm_ms']:.2f} ms), decode attention over every "
                   f"layer {k['attention_ms']:.2f} ms ({k['attention_threads']} thread(s))")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(results, indent=2))
