@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", default="1", help="comma-separated numbers of concurrent requests")
     p.add_argument("--tokens", type=int, default=128, help="output tokens of each request")
     p.add_argument("--rounds", type=int, default=3, help="fused / op-by-op pairs per batch size")
+    p.add_argument("--context", type=int, default=0,
+                   help="positions attended in the kernels-alone attention timing (default: the runs' mean)")
     p.add_argument("--json", dest="json_path", default=None)
     return p.parse_args(argv)
 
@@ -90,23 +92,25 @@ def kernels_alone(model, batch: int, context: int, repeat: int = 20) -> dict:
     if any(k is None for k in kernels):
         return {}
     xs = {k.in_features: torch.randn(batch, k.in_features).to(torch.bfloat16) for k in kernels}
-    outs = [torch.empty(batch, k.out_features, dtype=torch.bfloat16) for k in kernels]
     from tokenmill.kernels.cpu.quant import Int4Weight, _threads
 
-    def gemvs() -> None:  # what both paths run (Int4Weight / Int8Weight._packed_gemm)
-        for k, out in zip(kernels, outs, strict=True):
-            k._packed_gemm(xs[k.in_features], out, batch, _threads(batch, k.out_features, k.in_features))
-
-    def float32_int4_gemm() -> None:  # the int4 kernel that ran before int4_gemv_bf16 (float32 FMA)
-        for k, out in zip(kernels, outs, strict=True):
-            x = xs[k.in_features]
+    def gemvs(chosen: list, float32_int4: bool = False) -> None:
+        """Int4Weight / Int8Weight._packed_gemm (what both paths run), or with float32_int4 quant.c's int4_gemm,
+        the float32-FMA kernel that ran int4 weights before int4_gemv_bf16."""
+        for k in chosen:
+            x, out = xs[k.in_features], outs[id(k)]
             threads = _threads(batch, k.out_features, k.in_features)
-            if isinstance(k, Int4Weight):
+            if float32_int4 and isinstance(k, Int4Weight):
                 lib.int4_gemm(x.data_ptr(), 1, x.stride(0), k.packed.data_ptr(), k.scales.data_ptr(),
                               k.offsets.data_ptr(), k.group, out.data_ptr(), out.stride(0), batch, k.out_features,
                               k.in_features, threads)
             else:
                 k._packed_gemm(x, out, batch, threads)
+
+    outs = {id(k): torch.empty(batch, k.out_features, dtype=torch.bfloat16) for k in kernels}
+    shapes: dict[tuple[int, int], list] = {}  # (N, K) -> that projection's kernel in every layer
+    for k in kernels:
+        shapes.setdefault((k.out_features, k.in_features), []).append(k)
 
     spec = model.spec
     block_size = 16
@@ -126,21 +130,27 @@ def kernels_alone(model, batch: int, context: int, repeat: int = 20) -> dict:
                                        seq_lens.data_ptr(), batch, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                                        block_size, tables.shape[1], num_blocks, ctypes.c_float(0.125), 0, 1, threads, 1)
 
-    def best_of(fn) -> float:
-        fn()
+    def median_ms(fn, *args) -> float:
+        fn(*args)
         times = []
         for _ in range(repeat):
             t0 = time.perf_counter()
-            fn()
+            fn(*args)
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e3
 
-    matmul_ms = best_of(gemvs)
-    before_ms = best_of(float32_int4_gemm)
+    per_shape = {}
+    for (n, k), chosen in shapes.items():
+        nbytes = sum(w.nbytes for w in chosen)
+        now, before = median_ms(gemvs, chosen), median_ms(gemvs, chosen, True)
+        per_shape[f"{n}x{k}"] = {"kernel": type(chosen[0]).__name__, "layers": len(chosen), "mb": nbytes / 1e6,
+                                 "ms": now, "gb_s": nbytes / now / 1e6, "float32_int4_gemm_ms": before}
+    matmul_ms = median_ms(gemvs, kernels)
     weight_bytes = sum(k.nbytes for k in kernels)
     return {"matmuls_ms": matmul_ms, "decoder_weight_mb": weight_bytes / 1e6,
-            "matmul_gb_s": weight_bytes / matmul_ms / 1e6, "float32_int4_gemm_ms": before_ms,
-            "attention_ms": best_of(attention), "attention_threads": threads}
+            "matmul_gb_s": weight_bytes / matmul_ms / 1e6, "float32_int4_gemm_ms": median_ms(gemvs, kernels, True),
+            "per_shape": per_shape, "attention_ms": median_ms(attention), "attention_threads": threads,
+            "context": context}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             rounds.append({"fused": a, "op_by_op": b, "ratio": a["tok_s"] / b["tok_s"]})
             print(f"batch {batch}: fused {a['tok_s']:.1f} tok/s, op by op {b['tok_s']:.1f} tok/s, "
                   f"ratio {rounds[-1]['ratio']:.2f}x", flush=True)
-        context = len(prompt_ids) + args.tokens // 2
+        context = args.context or len(prompt_ids) + args.tokens // 2
         results["batches"][batch] = {"rounds": rounds, "kernels_alone": kernels_alone(model, batch, context)}
 
     print(f"\n{results['date']}, {results['machine']}, {results['threads']} threads, prompt {len(prompt_ids)} "
@@ -195,7 +205,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"batch {batch}, kernels alone: decoder GEMVs {k['matmuls_ms']:.2f} ms "
                   f"({k['decoder_weight_mb']:.1f} MB, {k['matmul_gb_s']:.1f} GB/s; with int4_gemm's float32 FMA "
                   f"instead of int4_gemv_bf16: {k['float32_int4_gemm_ms']:.2f} ms), decode attention over every "
-                  f"layer {k['attention_ms']:.2f} ms ({k['attention_threads']} thread(s))")
+                  f"layer at {k['context']} positions {k['attention_ms']:.2f} ms ({k['attention_threads']} thread(s))")
+            print("\n| weight [N, K] (every layer) | kernel | MB | int4_gemm (float32 FMA) ms | now ms | GB/s now | speed-up |")
+            print("|---|---|---:|---:|---:|---:|---:|")
+            for shape, v in k["per_shape"].items():
+                print(f"| {shape} x{v['layers']} | {v['kernel']} | {v['mb']:.1f} | {v['float32_int4_gemm_ms']:.2f} | "
+                      f"{v['ms']:.2f} | {v['gb_s']:.1f} | {v['float32_int4_gemm_ms'] / v['ms']:.2f}x |")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(results, indent=2))
 
