@@ -191,8 +191,10 @@ class FusedDecoder:
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             backend = attn.backend
-            if not isinstance(backend, CPUAttentionBackend) or backend.batch_invariant:
-                return f"layer {i}: attention backend {backend.name}{' (batch-invariant)' * backend.batch_invariant}"
+            if not isinstance(backend, CPUAttentionBackend):
+                return f"layer {i}: attention backend {backend.name}, not the CPU backend's paged decode kernel"
+            if backend.batch_invariant:
+                return "batch-invariant mode (its attention never splits a sequence across threads)"
             scales.add(backend.scale)
             windows.append(int(backend.sliding_window or 0))
             found = [packed_kernel(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
