@@ -44,6 +44,9 @@ PROMPT = "Write a long story about a lighthouse keeper who finds a message in a 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory or .gguf (default: the bundled model)")
+    p.add_argument("--quantization", default=None,
+                   help="vLLM's --quantization (int8 / int4 quantize a full-precision checkpoint at load)")
+    p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--batch", default="1", help="comma-separated numbers of concurrent requests")
     p.add_argument("--tokens", type=int, default=128, help="output tokens of each request")
     p.add_argument("--rounds", type=int, default=3, help="fused / op-by-op pairs per batch size")
@@ -159,11 +162,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from tokenmill import LLM
 
-    llm = LLM(args.model, show_progress=False, max_model_len=2048)
+    llm = LLM(args.model, show_progress=False, max_model_len=args.max_model_len, quantization=args.quantization)
     model = llm.llm_engine.core.executor.worker.model
     fused = model.fused_decoder
     if fused is None:
-        sys.exit("the fused decode step does not apply to this model (set TOKENMILL_LOG_LEVEL=debug to see why)")
+        sys.exit("the fused decode step does not apply to this model (the log says why at debug level); "
+                 "TOKENMILL_FUSED_DECODE=0 turns it off")
     prompt_ids = llm.get_tokenizer().encode(PROMPT)
     results: dict = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "prompt_tokens": len(prompt_ids),
