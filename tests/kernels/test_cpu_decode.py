@@ -41,6 +41,12 @@ def test_int4_gemv_equals_the_exact_product(n, k, group, rows):
 PROMPTS = ["The quick brown fox", "Paged attention stores keys and values", "1234567890 + 987654321 = ?"]
 
 
+def tiny_llm(path, **kwargs) -> LLM:
+    """A tiny model's engine with a small KV cache (fast to set up)."""
+    kwargs = {"dtype": "bfloat16", "show_progress": False, "max_model_len": 256, "kv_cache_memory": "8MiB"} | kwargs
+    return LLM(str(path), **kwargs)
+
+
 def _generate(llm: LLM, prompts: list[str], max_tokens: int) -> list[tuple[list[int], list[float]]]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=0)
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -84,8 +90,7 @@ def test_fused_decode_matches_op_by_op_on_tiny_models(tiny_models, arch, quantiz
     """Greedy tokens and their logprobs equal, one and three sequences at a time; mistral's layers attend
     within a 48-token window (the request runs past it), qwen2's q/k/v projections have biases; int4 weights with
     zero points (--quantization int4) and int8 per-channel ones."""
-    llm = LLM(str(tiny_models[arch]), dtype="bfloat16", quantization=quantization, show_progress=False,
-              max_model_len=256)
+    llm = tiny_llm(tiny_models[arch], quantization=quantization)
     _fused_vs_op_by_op(llm, PROMPTS[:1], 56)
     _fused_vs_op_by_op(llm, PROMPTS, 12)
 
@@ -98,8 +103,7 @@ def test_fused_decode_matches_op_by_op_on_the_bundled_model():
 
 
 def test_more_rows_than_the_packed_kernels_take_run_op_by_op(tiny_models):
-    llm = LLM(str(tiny_models["llama"]), dtype="bfloat16", quantization="int4", show_progress=False,
-              max_model_len=256)
+    llm = tiny_llm(tiny_models["llama"], quantization="int4")
     fused = llm.llm_engine.core.model.fused_decoder
     assert fused is not None and fused.max_rows == 8
     ran = []
@@ -111,21 +115,21 @@ def test_more_rows_than_the_packed_kernels_take_run_op_by_op(tiny_models):
 
 
 def test_where_the_fused_step_does_not_apply(tiny_models, monkeypatch):
+    def fused(arch: str = "llama", **kwargs):
+        return tiny_llm(tiny_models[arch], **kwargs).llm_engine.core.model.fused_decoder
+
     # Full-precision weights (oneDNN's packed bf16 GEMM) and Qwen3's per-head q/k norms run op by op.
-    assert LLM(str(tiny_models["llama"]), dtype="bfloat16", show_progress=False).llm_engine.core.model.fused_decoder is None
-    qwen3 = LLM(str(tiny_models["qwen3"]), dtype="bfloat16", quantization="int8", show_progress=False)
-    assert qwen3.llm_engine.core.model.fused_decoder is None
-    # float32 activations, batch-invariant kernels, and the switch.
-    assert LLM(str(tiny_models["llama"]), dtype="float32", quantization="int8",
-               show_progress=False).llm_engine.core.model.fused_decoder is None
-    assert LLM(str(tiny_models["llama"]), dtype="bfloat16", quantization="int8", batch_invariant=True,
-               show_progress=False).llm_engine.core.model.fused_decoder is None
-    llm = LLM(str(tiny_models["llama"]), dtype="bfloat16", quantization="int8", show_progress=False)
+    assert fused() is None
+    assert fused("qwen3", quantization="int8") is None
+    # float32 activations and batch-invariant kernels.
+    assert fused(dtype="float32", quantization="int8") is None
+    assert fused(quantization="int8", batch_invariant=True) is None
+    llm = tiny_llm(tiny_models["llama"], quantization="int8")
     model = llm.llm_engine.core.model
     assert model.fused_decoder is not None
     # Layers sharded over devices: the fused step has no all-reduce.
     assert FusedDecoder.build(model, tensor_parallel_size=2) is None
+    # The switch.
     monkeypatch.setenv(ENV_FLAG, "0")
     assert FusedDecoder.build(model) is None
-    assert LLM(str(tiny_models["llama"]), dtype="bfloat16", quantization="int8",
-               show_progress=False).llm_engine.core.model.fused_decoder is None
+    assert fused(quantization="int8") is None
