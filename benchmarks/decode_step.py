@@ -127,11 +127,12 @@ def kernels_alone(model, batch: int, context: int, repeat: int = 20) -> dict:
 
     threads = 1 if batch * context * spec.num_heads * spec.head_dim < MIN_PARALLEL_ATTENTION else torch.get_num_threads()
 
-    def attention() -> None:
+    def attention(num_threads: int = threads) -> None:
         for _ in range(spec.num_layers):
             lib.paged_decode_attention(q.data_ptr(), cache.data_ptr(), out.data_ptr(), tables.data_ptr(),
                                        seq_lens.data_ptr(), batch, spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                                       block_size, tables.shape[1], num_blocks, ctypes.c_float(0.125), 0, 1, threads, 1)
+                                       block_size, tables.shape[1], num_blocks, ctypes.c_float(0.125), 0, 1,
+                                       num_threads, 1)
 
     def median_ms(fn, *args) -> float:
         fn(*args)
@@ -153,6 +154,7 @@ def kernels_alone(model, batch: int, context: int, repeat: int = 20) -> dict:
     return {"matmuls_ms": matmul_ms, "decoder_weight_mb": weight_bytes / 1e6,
             "matmul_gb_s": weight_bytes / matmul_ms / 1e6, "float32_int4_gemm_ms": median_ms(gemvs, kernels, True),
             "per_shape": per_shape, "attention_ms": median_ms(attention), "attention_threads": threads,
+            "attention_ms_by_threads": {n: median_ms(attention, n) for n in sorted({1, torch.get_num_threads()})},
             "context": context}
 
 
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"batch {batch}, kernels alone: decoder GEMVs {k['matmuls_ms']:.2f} ms "
                   f"({k['decoder_weight_mb']:.1f} MB, {k['matmul_gb_s']:.1f} GB/s; with int4_gemm's float32 FMA "
                   f"instead of int4_gemv_bf16: {k['float32_int4_gemm_ms']:.2f} ms), decode attention over every "
-                  f"layer at {k['context']} positions {k['attention_ms']:.2f} ms ({k['attention_threads']} thread(s))")
+                  f"layer at {k['context']} positions {k['attention_ms']:.2f} ms ({k['attention_threads']} thread(s); "
+                  + ", ".join(f"{ms:.2f} ms on {n}" for n, ms in k["attention_ms_by_threads"].items()) + ")")
             print("\n| weight [N, K] (every layer) | kernel | MB | int4_gemm (float32 FMA) ms | now ms | GB/s now | speed-up |")
             print("|---|---|---:|---:|---:|---:|---:|")
             for shape, v in k["per_shape"].items():

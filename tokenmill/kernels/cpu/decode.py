@@ -39,8 +39,9 @@ logger = logging.getLogger("tokenmill")
 
 ENV_FLAG = "TOKENMILL_FUSED_DECODE"
 # Attention work (positions attended x query heads x head_dim) below which a decode step's attention runs on one
-# thread: waking a second thread costs more than it saves (measured on the bundled model, 2 cores; BENCHMARKS.md
-# issue 15).
+# thread: waking a second thread costs more than it saves. The bundled model's attention over its 30 layers at
+# 400 / 1000 / 2000 positions (2 M is ~3600) took 0.56 / 1.17 / 7.6 ms on one thread and 1.2 / 4.9 / 21 ms on two
+# on a shared 2-core VM (benchmarks/decode_step.py --context N; BENCHMARKS.md, issue 15).
 MIN_PARALLEL_ATTENTION = 1 << 21
 
 _WEIGHT_INT8, _WEIGHT_INT4 = 0, 1
