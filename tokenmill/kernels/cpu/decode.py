@@ -1,9 +1,9 @@
 """The fused decode step on the CPU: every decoder layer of a decode-only step in one native call.
 
 A batch-1 decode step of a small model is short (the bundled 135M model: ~30 ms op by op), and op by op it
-spends a third of it outside the kernels: ~10 Python calls a layer (norms, projections, rotary, cache write,
-attention, activation), each with its argument checks, tensor allocations and ctypes crossing, and attention
-waking a second thread for a few microseconds of work. tokenmill_decode_forward (csrc/decode_layer.c) runs the
+spent about two thirds of it outside the kernels' arithmetic (BENCHMARKS.md, issue 15): ~10 Python calls a layer
+(norms, projections, rotary, cache write, attention, activation), each with its argument checks, tensor
+allocations and ctypes crossing, and attention waking a second thread for a few microseconds of work. tokenmill_decode_forward (csrc/decode_layer.c) runs the
 same kernels with the same arguments from C, over scratch rows allocated once, so the step's Python work is the
 embedding lookup, this call, the output layer and sampling.
 

@@ -3,9 +3,10 @@
 // ~10 a layer. Each layer runs, as tokenmill/model/llama.py does op by op:
 //   rms_norm (+ residual) -> qkv GEMV (+ bias) -> rotary -> write_kv -> paged decode attention -> o_proj GEMV
 //   -> rms_norm + residual -> gate_up GEMV -> silu_and_mul -> down GEMV
-// then the final norm. It calls the same kernels (kernels.h) with the same arguments and thread counts, so its
-// results are those of the op-by-op path: bit for bit where attention splits no sequence across threads (up to
-// 64 positions; beyond, the splits are merged in another order when the thread count for attention differs).
+// then the final norm. It calls the same kernels (kernels.h) with the same arguments and thread counts (except
+// attention, which stays on one thread for small work), so its results are those of the op-by-op path, bit for
+// bit while attention cuts each sequence into the same splits: up to 256 positions (at most 4 splits of 64 at
+// any thread count), or at the same thread count; beyond, the splits' partial sums merge in another order.
 // Built with the other kernels by tokenmill/kernels/cpu/ops.py; driven by tokenmill/kernels/cpu/decode.py.
 #include <stdint.h>
 #include <stdlib.h>
