@@ -129,6 +129,11 @@ def test_where_the_fused_step_does_not_apply(tiny_models, monkeypatch):
     assert model.fused_decoder is not None
     # Layers sharded over devices: the fused step has no all-reduce.
     assert FusedDecoder.build(model, tensor_parallel_size=2) is None
+
+    class Stage:  # a pipeline stage: the layers of other stages are placeholders
+        spec, norm, layers = model.spec, model.norm, [model.layers[0], torch.nn.Identity()]
+
+    assert FusedDecoder.build(Stage) is None
     # The switch.
     monkeypatch.setenv(ENV_FLAG, "0")
     assert FusedDecoder.build(model) is None

@@ -258,7 +258,7 @@ class LlamaForCausalLM(nn.Module):
     """quant_config decides how every linear layer (and the embedding table) stores its weight; dtype is the
     activation dtype the weights are created for (default: torch's default dtype)."""
 
-    tensor_parallel_size = 1  # devices the layers are sharded over; the fused decode step runs only unsharded
+    tp_size = 1  # devices the layers are sharded over (tensor parallel); the fused decode step runs only unsharded
 
     def __init__(self, spec: DecoderSpec, backend: AttentionBackend, max_positions: int,
                  quant_config: QuantizationConfig | None = None, dtype: torch.dtype | None = None) -> None:
@@ -380,7 +380,7 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.process_weights_after_loading()
-        self.fused_decoder = FusedDecoder.build(self, self.tensor_parallel_size)
+        self.fused_decoder = FusedDecoder.build(self, self.tp_size)
 
     def expected_weight_names(self) -> set[str]:
         """Checkpoint tensor names (without the "model." prefix) a complete checkpoint provides: the norms, and

@@ -11,8 +11,8 @@ When it runs (FusedDecoder.build says why not in the log, at debug level):
 - CPU, bfloat16 activations and KV cache, the native layer ops built and vectorized (AVX512-BF16);
 - every projection held by a packed int4 or int8 kernel (quant.py's Int4Weight / Int8Weight: GGUF Q4_0, Q4_1,
   Q4_K, Q8_0, Q6_K, AWQ, GPTQ without act-order, --quantization int8 / int4), biases allowed; no per-head q/k
-  norm (Qwen3); one device (tensor_parallel_size 1: the sharded layers' all-reduces are not in the C code); not in
-  batch-invariant mode;
+  norm (Qwen3); one device holding every layer (tensor_parallel_size 1: the sharded layers' all-reduces are not in
+  the C code; no pipeline stages); not in batch-invariant mode;
 - per step: every scheduled sequence decodes one token, and there are at most as many rows as the packed kernels
   take (8 for the decoder's projections); any other step runs op by op.
 
@@ -190,7 +190,9 @@ class FusedDecoder:
         kernels: list[list[Any]] = []
         scales, windows = set(), []
         for i, layer in enumerate(model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
+            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+            if attn is None or mlp is None:
+                return f"layer {i} is not held here (a pipeline stage holds only its own layers)"
             backend = attn.backend
             if not isinstance(backend, CPUAttentionBackend):
                 return f"layer {i}: attention backend {backend.name}, not the CPU backend's paged decode kernel"
