@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
+from tokenmill.kernels.cpu.decode import FusedDecoder
 from tokenmill.model.layers.linear import Linear, TiedLMHead, VocabEmbedding
 from tokenmill.model.quantization.base import QuantizationConfig
 from tokenmill.model.quantization.unquantized import UnquantizedConfig
@@ -257,6 +258,8 @@ class LlamaForCausalLM(nn.Module):
     """quant_config decides how every linear layer (and the embedding table) stores its weight; dtype is the
     activation dtype the weights are created for (default: torch's default dtype)."""
 
+    tp_size = 1  # devices the layers are sharded over (tensor parallel); the fused decode step runs only unsharded
+
     def __init__(self, spec: DecoderSpec, backend: AttentionBackend, max_positions: int,
                  quant_config: QuantizationConfig | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -279,6 +282,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = Linear(spec.hidden_size, spec.vocab_size, False,
                                   q.get_linear_method("lm_head", ["lm_head"]), dtype=dtype, prefix="lm_head")
         self.rotary = RotaryEmbedding(spec, max_positions)
+        # Decode-only steps of a few rows as one native call (kernels/cpu/decode.py), prepared once the weights
+        # are packed; never with sharded layers, whose all-reduces the fused step does not do.
+        self.fused_decoder: FusedDecoder | None = None
 
     def forward(
         self,
@@ -288,6 +294,10 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Final hidden states [num_tokens, hidden_size] for the flat batch input_ids [num_tokens]."""
+        if self.fused_decoder is not None:
+            fused = self.fused_decoder.forward(input_ids, positions, kv_caches, meta)
+            if fused is not None:
+                return fused
         x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, positions, self.rotary, kv_cache, meta)
@@ -370,6 +380,7 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.process_weights_after_loading()
+        self.fused_decoder = FusedDecoder.build(self, self.tp_size)
 
     def expected_weight_names(self) -> set[str]:
         """Checkpoint tensor names (without the "model." prefix) a complete checkpoint provides: the norms, and

@@ -5,7 +5,10 @@
   activations (csrc/layer_ops.c), used by the model when layer_ops_supported() says so;
 - argmax: greedy sampling of a batch of logits (float32 or bfloat16) in one pass;
 - int8_gemm, int8_dequant_bf16, int4_gemm, int4_dequant: weight-only quantized matmuls (csrc/quant.c), called through
-  tokenmill.kernels.cpu.quant.
+  tokenmill.kernels.cpu.quant, with int4_gemv_bf16 (csrc/gemv_bf16.c: AVX512-BF16 dot products) for a few rows of
+  bfloat16;
+- tokenmill_decode_forward: every decoder layer of a decode step in one call, composed of the kernels above
+  (csrc/decode_layer.c), driven by tokenmill.kernels.cpu.decode.
 
 The sources live beside this file (csrc/). The shared library is cached under the tokenmill cache directory,
 keyed by the sources, the compiler and the CPU's feature flags, so it builds once per machine (a few
@@ -31,8 +34,10 @@ import torch
 logger = logging.getLogger("tokenmill")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "paged_decode.c", _CSRC / "layer_ops.c", _CSRC / "quant.c"]  # compiled into one library
-_HEADERS = [_CSRC / "simd.h"]
+# Compiled into one library; decode_layer.c composes the others (through kernels.h) into a whole decode step.
+_SOURCES = [_CSRC / "paged_decode.c", _CSRC / "layer_ops.c", _CSRC / "quant.c", _CSRC / "gemv_bf16.c",
+            _CSRC / "decode_layer.c"]
+_HEADERS = [_CSRC / "simd.h", _CSRC / "kernels.h"]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -109,10 +114,13 @@ def load_library() -> ctypes.CDLL | None:
         "int8_dequant_bf16": [ptr, ptr, i64, ptr, i64, i64, i32],
         "int4_gemm": [ptr, i32, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "int4_dequant": [ptr, ptr, ptr, i64, ptr, i32, i64, i64, i32],
+        "tokenmill_decode_forward": [ptr, ptr, ptr, i32, ptr, ptr, ptr, i64, i32, ptr, i32, ptr, i32],
+        "int4_gemv_bf16": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = ctypes.c_int if name.startswith("tokenmill_") or name.endswith("_gemm") else None
+        getattr(lib, name).restype = (ctypes.c_int if name.startswith("tokenmill_") or name.endswith(("_gemm", "_gemv_bf16"))
+                                      else None)
     return lib
 
 

@@ -12,7 +12,8 @@ Conventions (every quantization method maps its checkpoint to one of these):
 Which kernel runs depends on the number of activation rows M, chosen per call from thresholds measured on this
 CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
 - M <= max_packed_rows (decode; set per weight shape at construction): the packed kernels of csrc/quant.c (int4_gemm, int8_gemm) stream the quantized
-  bytes once and keep the activations in float32;
+  bytes once and keep the activations in float32; for int4 weights and up to INT4_MAX_PACKED_ROWS bfloat16 rows,
+  csrc/gemv_bf16.c's int4_gemv_bf16 does the same sums with AVX512-BF16 dot products (2x faster at one row);
 - larger M (prefill, big decode batches): the weight is dequantized to the activation dtype, then one dense matmul
   (oneDNN's AVX512-BF16 GEMM), since there the arithmetic, not the bytes, bounds the time.
 
@@ -176,6 +177,13 @@ class Int4Weight(_QuantizedWeight):
         return self._dequantize_rows(self.packed[ids], self.scales[ids], self.offsets[ids]).to(dtype)
 
     def _packed_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
+        if x2.dtype == torch.bfloat16 and m <= INT4_MAX_PACKED_ROWS:
+            # bfloat16 dot products (csrc/gemv_bf16.c), the kernel of the fused decode step too; -2: no AVX512-BF16.
+            status = ops._library().int4_gemv_bf16(
+                x2.data_ptr(), x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
+                self.group, out.data_ptr(), out.stride(0), m, self.out_features, self.in_features, threads)
+            if status != -2:
+                return status
         return ops._library().int4_gemm(
             x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(),
             self.offsets.data_ptr(), self.group, out.data_ptr(), out.stride(0), m, self.out_features,

@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"  // the prototypes, checked against the definitions here
 #include "simd.h"
 
 // Rows x width below which a call stays on one thread: waking the pool costs more than the work.

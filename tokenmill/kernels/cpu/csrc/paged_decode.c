@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"  // the prototypes, checked against the definitions here
 #include "simd.h"
 
 // Loads n elements at src (float32 or bfloat16) into dst as float32.

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"  // the prototypes, checked against the definitions here
 #include "simd.h"
 
 // Rows from which the kernels process x in blocks of 8 (each weight chunk widened once per block of rows).

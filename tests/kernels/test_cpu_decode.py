@@ -1,0 +1,140 @@
+"""The fused decode step (tokenmill/kernels/cpu/decode.py, csrc/decode_layer.c) gives the op-by-op path's tokens
+and logits, and runs exactly where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.kernels.cpu import ops
+from tokenmill.kernels.cpu.decode import ENV_FLAG, FusedDecoder
+from tokenmill.kernels.cpu.quant import pack_int4
+
+pytestmark = pytest.mark.skipif(not ops.layer_ops_supported(),
+                                reason="the fused decode step needs a C compiler and AVX512-BF16")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 8])
+@pytest.mark.parametrize(("n", "k", "group"), [(96, 576, 32), (40, 96, 32), (64, 256, 64), (48, 384, 128)])
+def test_int4_gemv_equals_the_exact_product(n, k, group, rows):
+    """The fused step's bf16 dot-product GEMV against float64 on the dequantized weight: equal up to the output's
+    bfloat16 rounding and float32 sums, for group sizes 32-128 and an odd number of 32-input chunks (k = 96)."""
+    g = torch.Generator().manual_seed(n + k + rows)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scales = torch.rand(n, k // group, generator=g) * 0.02
+    bias = -torch.rand(n, k // group, generator=g) * 0.1
+    weight = pack_int4(q, scales, None, group, bias=bias)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    status = ops._library().int4_gemv_bf16(
+        x.data_ptr(), k, weight.packed.data_ptr(), weight.scales.data_ptr(), weight.offsets.data_ptr(), group,
+        out.data_ptr(), n, rows, n, k, 1)
+    assert status == 0
+    exact = x.double() @ weight.dequantize(torch.float32).double().T
+    magnitude = (x.double().abs() @ weight.dequantize(torch.float32).double().abs().T).max()
+    assert (out.double() - exact).abs().max() <= 2 ** -8 * exact.abs().max() + 1e-5 * magnitude
+    # The op-by-op path runs it for bfloat16 rows (Int4Weight.matmul), so both paths compute the same sums.
+    assert torch.equal(weight.matmul(x), out)
+
+
+PROMPTS = ["The quick brown fox", "Paged attention stores keys and values", "1234567890 + 987654321 = ?"]
+
+
+def tiny_llm(path, **kwargs) -> LLM:
+    """A tiny model's engine with a small KV cache (fast to set up)."""
+    kwargs = {"dtype": "bfloat16", "show_progress": False, "max_model_len": 256, "kv_cache_memory": "8MiB"} | kwargs
+    return LLM(str(path), **kwargs)
+
+
+def _generate(llm: LLM, prompts: list[str], max_tokens: int) -> list[tuple[list[int], list[float]]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=0)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    result = []
+    for out in outs:
+        completion = out.outputs[0]
+        assert completion.logprobs is not None
+        logprobs = [position[token].logprob for token, position in zip(completion.token_ids, completion.logprobs,
+                                                                         strict=True)]
+        result.append((list(completion.token_ids), logprobs))
+    return result
+
+
+def _fused_vs_op_by_op(llm: LLM, prompts: list[str], max_tokens: int) -> None:
+    model = llm.llm_engine.core.model
+    fused = model.fused_decoder
+    assert fused is not None
+    calls = []
+    forward = fused.forward
+
+    def counting(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    fused.forward = counting
+    with_fused = _generate(llm, prompts, max_tokens)
+    assert sum(calls) >= max_tokens - 1, "the fused step did not run the decode steps"
+    model.fused_decoder = None
+    try:
+        op_by_op = _generate(llm, prompts, max_tokens)
+    finally:
+        model.fused_decoder = fused
+    # The same kernels with the same arguments: the same logits, bit for bit (no sequence is long enough for
+    # attention to split it differently across threads).
+    assert with_fused == op_by_op
+
+
+@pytest.mark.parametrize(("arch", "quantization"), [("llama", "int4"), ("mistral", "int4"), ("qwen2", "int8")])
+def test_fused_decode_matches_op_by_op_on_tiny_models(tiny_models, arch, quantization):
+    """Greedy tokens and their logprobs equal, one and three sequences at a time; mistral's layers attend
+    within a 48-token window (the request runs past it), qwen2's q/k/v projections have biases; int4 weights with
+    zero points (--quantization int4) and int8 per-channel ones."""
+    llm = tiny_llm(tiny_models[arch], quantization=quantization)
+    _fused_vs_op_by_op(llm, PROMPTS[:1], 56)
+    _fused_vs_op_by_op(llm, PROMPTS, 12)
+
+
+@pytest.mark.slow  # the bundled model: ~5 s on a quiet 2-core machine
+def test_fused_decode_matches_op_by_op_on_the_bundled_model():
+    """The bundled model, Q4_1 kept packed: the same greedy answer with and without the fused step."""
+    llm = LLM(show_progress=False, max_model_len=512)
+    _fused_vs_op_by_op(llm, ["What is the capital of France? Answer in one word."], 24)
+
+
+def test_more_rows_than_the_packed_kernels_take_run_op_by_op(tiny_models):
+    llm = tiny_llm(tiny_models["llama"], quantization="int4")
+    fused = llm.llm_engine.core.model.fused_decoder
+    assert fused is not None and fused.max_rows == 8
+    ran = []
+    forward = fused.forward
+    fused.forward = lambda *a, **kw: ran.append(forward(*a, **kw) is not None) or None  # count, then op by op
+    out = llm.generate([f"{p} {i}" for i in range(5) for p in PROMPTS[:2]], SamplingParams(max_tokens=4, temperature=0),
+                       use_tqdm=False)
+    assert len(out) == 10 and ran and not any(ran)  # 10 decodes a step: never fused
+
+
+def test_where_the_fused_step_does_not_apply(tiny_models, monkeypatch):
+    def fused(arch: str = "llama", **kwargs):
+        return tiny_llm(tiny_models[arch], **kwargs).llm_engine.core.model.fused_decoder
+
+    # Full-precision weights (oneDNN's packed bf16 GEMM) and Qwen3's per-head q/k norms run op by op.
+    assert fused() is None
+    assert fused("qwen3", quantization="int8") is None
+    # float32 activations and batch-invariant kernels.
+    assert fused(dtype="float32", quantization="int8") is None
+    assert fused(quantization="int8", batch_invariant=True) is None
+    llm = tiny_llm(tiny_models["llama"], quantization="int8")
+    model = llm.llm_engine.core.model
+    assert model.fused_decoder is not None
+    # Layers sharded over devices: the fused step has no all-reduce.
+    assert FusedDecoder.build(model, tensor_parallel_size=2) is None
+
+    class Stage:  # a pipeline stage: the layers of other stages are placeholders
+        spec, norm, layers = model.spec, model.norm, [model.layers[0], torch.nn.Identity()]
+
+    assert FusedDecoder.build(Stage) is None
+    # The switch.
+    monkeypatch.setenv(ENV_FLAG, "0")
+    assert FusedDecoder.build(model) is None
+    assert fused(quantization="int8") is None

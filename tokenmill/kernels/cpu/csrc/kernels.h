@@ -1,0 +1,33 @@
+// The entry points of tokenmill's native CPU kernels (paged_decode.c, layer_ops.c, quant.c, gemv_bf16.c), declared once for
+// the kernels that compose them (decode_layer.c). tokenmill/kernels/cpu/ops.py sets the same signatures for ctypes.
+#ifndef TOKENMILL_KERNELS_H
+#define TOKENMILL_KERNELS_H
+
+#include <stdint.h>
+
+void paged_decode_attention(const void *q, const void *kv_cache, void *out, const int32_t *block_tables,
+                            const int32_t *seq_lens, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+                            int block_size, int max_blocks, int64_t num_blocks, float scale, int sliding_window,
+                            int dtype, int num_threads, int allow_split);
+
+void rms_norm_bf16(const uint16_t *x, int64_t x_stride, uint16_t *residual, int64_t r_stride,
+                   const uint16_t *weight, uint16_t *out, int64_t o_stride, int n, int hidden, float eps,
+                   int num_threads);
+void rotary_bf16(uint16_t *q, int64_t q_stride, int q_heads, uint16_t *k, int64_t k_stride, int k_heads, int n,
+                 int head_dim, const int64_t *positions, const float *cos, const float *sin, int num_threads);
+void silu_and_mul_bf16(const uint16_t *x, int64_t x_stride, uint16_t *out, int64_t o_stride, int n, int inter,
+                       int num_threads);
+void write_kv(const char *k, int64_t k_stride, const char *v, int64_t v_stride, char *cache, int64_t value_offset,
+              const int64_t *slots, int n, int64_t row_bytes, int num_threads);
+
+int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, const float *scales, int64_t group,
+              void *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int num_threads);
+int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
+              const uint16_t *offsets, int64_t group, void *out, int64_t out_stride, int64_t M, int64_t N, int64_t K,
+              int num_threads);
+
+int int4_gemv_bf16(const uint16_t *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
+                   const uint16_t *offsets, int64_t group, uint16_t *out, int64_t out_stride, int64_t rows,
+                   int64_t n_out, int64_t k, int num_threads);
+
+#endif
