@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.distributed import get_tp_group
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.pooler import pool_chunk
 from tokenmill.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
@@ -174,6 +175,9 @@ class ModelRunner:
         self._preempted_generators: dict[str, torch.Generator] = {}
         # Time each step's stages (build batch, forward, sample) into its output's stage_seconds.
         self.step_timing = False
+        # Tensor parallelism: tp rank 0 gathers the logits and samples; it broadcasts the sampled token ids, so
+        # that every rank appends the same tokens to its copy of the requests.
+        self.tp_group = get_tp_group()
 
     # ---- state ----------------------------------------------------------------------------------------------
     def update_states(self, sched: SchedulerOutput) -> None:
@@ -310,11 +314,17 @@ class ModelRunner:
             if len(sample_rows) < hidden.shape[0]:
                 hidden = hidden.index_select(0, self.to_device(sample_rows, torch.long))
             # else every row samples: the rows are 0..n-1 in order.
-            logits = self.model.compute_logits(hidden)
+            logits = self.model.compute_logits(hidden)  # None on a tensor-parallel rank other than 0
             if timer is not None:
                 timer.stop("logits")
                 timer.start("sample")
-            step.sampled = self.sampler.sample(logits, sample_states)
+            if logits is not None:
+                step.sampled = self.sampler.sample(logits, sample_states)
+            else:
+                step.sampled = SamplerOutput(torch.empty(len(sample_rows), dtype=torch.long, device=self.device))
+            if self.tp_group.world_size > 1:
+                token_ids = step.sampled.token_ids.to(torch.long).contiguous()
+                step.sampled.token_ids = self.tp_group.broadcast(token_ids, src=0)
             if timer is not None:
                 timer.stop("sample")
             step.host_sampled = step.sampled
@@ -362,6 +372,9 @@ class ModelRunner:
         if end <= first:
             return
         logits = self.model.compute_logits(hidden[row + first - start : row + end - start])
+        state.num_prompt_logprobs_done = end
+        if logits is None:  # a tensor-parallel rank other than 0: the logits were gathered on rank 0
+            return
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         targets = torch.tensor(state.prompt_token_ids[first + 1 : end + 1], device=logits.device)
         out.prompt_logprobs[state.request_id] = top_logprobs(
