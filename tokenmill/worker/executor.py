@@ -270,7 +270,7 @@ class MultiprocExecutor(Executor):
         facts = self._gather()
         out = dict(facts[self.output_rank])
         if self.world_size > 1:
-            out["ranks"] = [{"rank": f["rank"], "weight_bytes": f["weight_bytes"],
+            out["ranks"] = [{"rank": f["rank"], "weight_bytes": f["resident_weight_bytes"],
                              "kv_cache_bytes": f["kv_cache_bytes"]} for f in facts]
         return out
 

@@ -346,7 +346,9 @@ class Worker:
             "cuda_graph_sizes": list(self.graph_runner.sizes) if self.graph_runner is not None else None,
             "graph_capture_seconds": self.graph_capture_seconds,
             "memory_profile": self.memory_profile.as_dict() if self.memory_profile is not None else None,
+            # This rank's memory: its share of the weights as allocated (packed kernels included) and its KV cache.
             "rank": self.rank, "tensor_parallel_size": self.tensor_parallel_size,
+            "resident_weight_bytes": self.model.weight_bytes(),
             "kv_cache_bytes": sum(t.numel() * t.element_size() for t in self.kv_caches),
         }
 
