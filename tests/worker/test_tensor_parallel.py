@@ -14,6 +14,7 @@ import torch
 from tests.tiny_models import TINY_ARCHS, build_tiny_model
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine_core import EngineCore
+from tokenmill.model.default_model import find_default_gguf
 from tokenmill.request import Request
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.executor import MultiprocExecutor, WorkerProcessError
@@ -133,32 +134,26 @@ def test_tp3_on_three_kv_heads_matches_tp1(nine_head_model):
 
 
 @pytest.mark.slow  # two worker processes
-def test_tp2_replicates_kv_heads_beyond_their_number(tmp_path, tiny_tokenizer_dir):
-    """4 query heads over 1 KV head (multi-query): each of 2 ranks holds a copy of the one KV head."""
+def test_replicated_kv_heads_then_a_killed_rank(tmp_path, tiny_tokenizer_dir):
+    """4 query heads over 1 KV head (multi-query) at TP=2: each rank holds a copy of the one KV head and the
+    tokens are TP=1's. Then rank 1 is killed mid-run: the engine raises WorkerProcessError naming the rank and
+    its exit code, every worker process is gone (the survivor was blocked in a collective with the dead rank),
+    and no process or thread is left behind."""
     model_dir = build_tiny_model("llama", tmp_path / "mqa", tiny_tokenizer_dir, num_key_value_heads=1)
-    reference = make_core(model_dir, 1)
-    sharded = make_core(model_dir, 2)
-    try:
-        prompts = make_prompts(384, (5, 40, 20))
-        compare(reference, sharded, prompts, [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)] * 3,
-                "mqa")
-        assert all(r["kv_cache_bytes"] == reference.engine_info()["kv_cache_bytes"]
-                   for r in sharded.engine_info()["ranks"])
-    finally:
-        sharded.shutdown()
-        reference.shutdown()
-
-
-@pytest.mark.slow  # two worker processes
-def test_a_killed_rank_stops_the_engine_and_leaves_nothing_behind(llama_dir):
     threads_before = {t.ident for t in threading.enumerate()}
-    core = make_core(llama_dir, 2)
+    reference = make_core(model_dir, 1)
+    core = make_core(model_dir, 2)
     executor = core.executor
     assert isinstance(executor, MultiprocExecutor)
     pids = [p.pid for p in executor.processes]
     try:
-        prompts = make_prompts(core.spec.vocab_size)
-        for i, prompt in enumerate(prompts):
+        prompts = make_prompts(384, (5, 40, 20))
+        compare(reference, core, prompts, [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)] * 3,
+                "mqa")
+        assert all(r["kv_cache_bytes"] == reference.engine_info()["kv_cache_bytes"]
+                   for r in core.engine_info()["ranks"])
+
+        for i, prompt in enumerate(make_prompts(384)):
             core.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=50, ignore_eos=True),
                                      frozenset({0})))
         for _ in range(3):
@@ -167,15 +162,33 @@ def test_a_killed_rank_stops_the_engine_and_leaves_nothing_behind(llama_dir):
         with pytest.raises(WorkerProcessError, match=r"worker process died \(rank 1, exit code -9\)"):
             for _ in range(100):
                 core.step()
-        # Every rank was killed, the survivor too (it was blocked in an all-reduce with the dead one).
         assert not any(p.is_alive() for p in executor.processes)
         with pytest.raises(WorkerProcessError, match="rank 1"):
             core.step()  # the engine stays failed
     finally:
         core.shutdown()
+        reference.shutdown()
     children = {c.pid for c in psutil.Process().children(recursive=True)}
     assert not children & set(pids)
     assert {t.ident for t in threading.enumerate()} <= threads_before
+
+
+@pytest.mark.slow  # the bundled 135M model in three worker processes (~40 s)
+def test_bundled_model_at_tp3_answers():
+    """SmolLM2-135M (GGUF Q4_1 kept quantized, 9 query / 3 KV heads, tied Q8_0 embeddings) split over 3 ranks."""
+    from tokenmill import LLM
+
+    try:
+        find_default_gguf()
+    except FileNotFoundError as e:
+        pytest.skip(f"bundled model not installed ({e})")
+    llm = LLM(dtype="float32", tensor_parallel_size=3, kv_cache_memory="64MiB", show_progress=False)
+    try:
+        out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                       SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+        assert "Paris" in out[0].outputs[0].text, out[0].outputs[0].text
+    finally:
+        llm.llm_engine.shutdown()
 
 
 def test_bad_sizes_list_the_valid_ones(llama_dir, nine_head_model):
@@ -191,3 +204,15 @@ def test_bad_sizes_list_the_valid_ones(llama_dir, nine_head_model):
         make_core(llama_dir, 2, distributed_executor_backend="uni")
     with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported yet"):
         make_core(llama_dir, 1, pipeline_parallel_size=2)
+
+
+def test_the_bundled_model_does_not_split_in_two():
+    """SmolLM2-135M's 9 query heads do not split over 2 ranks: the error says which sizes do."""
+    from tokenmill import LLM
+
+    try:
+        find_default_gguf()
+    except FileNotFoundError as e:
+        pytest.skip(f"bundled model not installed ({e})")
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 does not divide .*use one of 1, 3"):
+        LLM(tensor_parallel_size=2, show_progress=False)

@@ -113,11 +113,19 @@ def rope_inv_freq(spec: DecoderSpec) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(self, spec: DecoderSpec, max_positions: int) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(spec)
-        t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # [max_positions, head_dim / 2]
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        if torch.empty(0).device.type == "meta":
+            # Built on the meta device for a checkpoint (the loader makes the real tables on the real device):
+            # only the shapes. Computing them here would run torch's meta kernels, whose first use imports
+            # torch._dynamo - seconds of start-up in every worker process.
+            shape = (max_positions, spec.head_dim // 2)
+            self.register_buffer("cos", torch.empty(shape), persistent=False)
+            self.register_buffer("sin", torch.empty(shape), persistent=False)
+        else:
+            inv_freq = rope_inv_freq(spec)
+            t = torch.arange(max_positions, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)  # [max_positions, head_dim / 2]
+            self.register_buffer("cos", freqs.cos(), persistent=False)
+            self.register_buffer("sin", freqs.sin(), persistent=False)
         self._step_positions: torch.Tensor | None = None
         self._step_cos = self._step_sin = None
 

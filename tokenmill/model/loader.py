@@ -80,6 +80,20 @@ def iter_safetensors(files: list[Path], show_progress: bool) -> Iterator[tuple[s
                 bar.update(1)
 
 
+def materialize_empty(model: torch.nn.Module, device: torch.device) -> None:
+    """Give every meta-device parameter and buffer of model uninitialized storage on `device` (what
+    Module.to_empty does, without its empty_like on meta tensors, whose first call imports sympy through torch's
+    symbolic shapes: seconds of start-up in every worker process)."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.device.type == "meta":
+                module._parameters[name] = torch.nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=param.requires_grad)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device.type == "meta":
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
+
+
 def load_model(
     model_dir: Path,
     backend: AttentionBackend,
@@ -102,7 +116,7 @@ def load_model(
     with torch.device("meta"):
         model = LlamaForCausalLM(spec, backend, max_positions, quant_config, dtype)
     # Allocate real storage without random initialization: every parameter is overwritten by the checkpoint.
-    model = model.to_empty(device=device)
+    materialize_empty(model, device)
     model.rotary = RotaryEmbedding(spec, max_positions).to(device)
     with torch.no_grad():
         loaded = model.load_weights(iter_safetensors(files, show_progress))

@@ -14,6 +14,8 @@ A launch returns without waiting for the step (async scheduling launches step N+
 from __future__ import annotations
 
 import multiprocessing
+import os
+import sys
 import traceback
 import weakref
 from abc import ABC, abstractmethod
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tokenmill.config import EngineConfig
+from tokenmill.distributed import destroy_distributed
 from tokenmill.model.registry import DecoderSpec
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.worker.serial import MsgpackDecoder, MsgpackEncoder
@@ -373,7 +376,12 @@ def run_worker_process(conn: Connection, config: EngineConfig, model_dir: str, r
         except EOFError:
             return  # the engine is gone
         if method == "shutdown":
-            return
+            # Nothing is left to save: skip the interpreter's teardown (torch's and gloo's native destructors
+            # take seconds), which would hold up the engine's shutdown.
+            destroy_distributed()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         try:
             value = handler.execute(method, argument)
         except WorkerLaunchError as e:
