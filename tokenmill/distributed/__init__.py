@@ -1,6 +1,7 @@
 """Process groups, parallel state and the collectives of tensor and pipeline parallelism (parallel_state.py)."""
 
 from tokenmill.distributed.parallel_state import (
+    CollectiveTime,
     GroupCoordinator,
     ParallelConfig,
     destroy_distributed,
@@ -13,6 +14,8 @@ from tokenmill.distributed.parallel_state import (
     get_world_group,
     init_distributed,
     output_rank,
+    set_collective_timing,
+    take_collective_time,
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
     tensor_model_parallel_broadcast,
@@ -20,8 +23,9 @@ from tokenmill.distributed.parallel_state import (
 )
 
 __all__ = [
-    "GroupCoordinator", "ParallelConfig", "destroy_distributed", "get_open_port", "get_parallel_config",
+    "CollectiveTime", "GroupCoordinator", "ParallelConfig", "destroy_distributed", "get_open_port", "get_parallel_config",
     "get_pp_group", "get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size", "get_tp_group",
-    "get_world_group", "init_distributed", "output_rank", "tensor_model_parallel_all_gather",
+    "get_world_group", "init_distributed", "output_rank", "set_collective_timing", "take_collective_time",
+    "tensor_model_parallel_all_gather",
     "tensor_model_parallel_all_reduce", "tensor_model_parallel_broadcast", "tensor_model_parallel_gather",
 ]

@@ -16,10 +16,13 @@ instead of waiting forever (the executor kills such ranks anyway, see tokenmill/
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import socket
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -83,6 +86,60 @@ def get_open_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass
+class CollectiveTime:
+    """Time spent in collectives: host seconds of synchronous ones (gloo), and CUDA event pairs of those queued
+    on a GPU (NCCL), read once the device has passed them (seconds())."""
+
+    host_seconds: float = 0.0
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
+
+    def seconds(self) -> float:
+        return self.host_seconds + sum(start.elapsed_time(end) for start, end in self.events) / 1e3
+
+
+class _CollectiveTimer:
+    """Accumulates the time of this process's collectives while enabled (the runner's step timing)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.current = CollectiveTime()
+
+    @contextlib.contextmanager
+    def time(self, x: torch.Tensor) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        if x.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.current.events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.current.host_seconds += time.perf_counter() - t0
+
+    def take(self) -> CollectiveTime:
+        taken, self.current = self.current, CollectiveTime()
+        return taken
+
+
+_collective_timer = _CollectiveTimer()
+
+
+def set_collective_timing(enabled: bool) -> None:
+    """Time every collective of this process from now on (or stop); take_collective_time() reads and resets."""
+    _collective_timer.enabled = bool(enabled)
+    _collective_timer.current = CollectiveTime()
+
+
+def take_collective_time() -> CollectiveTime:
+    """The collectives' time since the last call (while set_collective_timing is on)."""
+    return _collective_timer.take()
+
+
 class GroupCoordinator:
     """One process group seen from one of its members: its global ranks, this process's place in it, and the
     collectives over it. A group of one does no communication at all."""
@@ -120,7 +177,8 @@ class GroupCoordinator:
         """The sum of x over the group (in place when there is more than one rank)."""
         if self.world_size == 1:
             return x
-        dist.all_reduce(x, group=self.group)
+        with _collective_timer.time(x):
+            dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -129,7 +187,8 @@ class GroupCoordinator:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x, group=self.group)
+        with _collective_timer.time(x):
+            dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim=dim)
 
     def gather(self, x: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
@@ -139,16 +198,19 @@ class GroupCoordinator:
         x = x.contiguous()
         if self.rank_in_group == dst:
             parts = [torch.empty_like(x) for _ in range(self.world_size)]
-            dist.gather(x, parts, dst=self.ranks[dst], group=self.group)
+            with _collective_timer.time(x):
+                dist.gather(x, parts, dst=self.ranks[dst], group=self.group)
             return torch.cat(parts, dim=dim)
-        dist.gather(x, None, dst=self.ranks[dst], group=self.group)
+        with _collective_timer.time(x):
+            dist.gather(x, None, dst=self.ranks[dst], group=self.group)
         return None
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """x of the group's rank `src` on every rank (in place: x must have the same shape and dtype everywhere)."""
         if self.world_size == 1:
             return x
-        dist.broadcast(x, src=self.ranks[src], group=self.group)
+        with _collective_timer.time(x):
+            dist.broadcast(x, src=self.ranks[src], group=self.group)
         return x
 
     def broadcast_object(self, obj: object = None, src: int = 0) -> object:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.distributed import get_tp_group
+from tokenmill.distributed import CollectiveTime, get_tp_group, take_collective_time
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.pooler import pool_chunk
 from tokenmill.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
@@ -124,6 +124,7 @@ class LaunchedStep:
     done: torch.cuda.Event | None = None  # CUDA: recorded after the step's last work (the samples' copy)
     start: float = 0.0  # perf_counter() when the launch began
     timer: StageTimer | None = None  # while step timing is on
+    collectives: CollectiveTime | None = None  # tensor parallelism, while step timing is on: its collectives
 
 
 def new_request_state(new: NewRequestData, grammar: GrammarMatcher | None = None,
@@ -332,6 +333,8 @@ class ModelRunner:
                 step.host_sampled = step.sampled.map_tensors(lambda t: t.to("cpu", non_blocking=True))
             for state in sample_states:
                 state.num_tokens += 1
+        if timer is not None and self.tp_group.world_size > 1:
+            step.collectives = take_collective_time()
         if self.device.type == "cuda":
             step.done = torch.cuda.Event()
             step.done.record()
@@ -344,6 +347,9 @@ class ModelRunner:
             step.done.synchronize()
         if step.timer is not None:
             step.output.stage_seconds = step.timer.result()
+            if step.collectives is not None:
+                # Part of forward, logits and sample: the all-reduces, the logits' gather, the tokens' broadcast.
+                step.output.stage_seconds["collectives"] = step.collectives.seconds()
         if step.host_sampled is None:
             return step.output
         sampled = step.host_sampled.to_host()

@@ -25,7 +25,7 @@ import torch
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.config import EngineConfig, unresolved_defaults
-from tokenmill.distributed import ParallelConfig, init_distributed
+from tokenmill.distributed import ParallelConfig, init_distributed, set_collective_timing
 from tokenmill.model.loader import load_model, read_hf_config
 from tokenmill.model.registry import DecoderSpec
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
@@ -356,6 +356,8 @@ class Worker:
         """Time each step's runner stages into ModelRunnerOutput.stage_seconds (off by default: on CUDA it
         records two pairs of events per step)."""
         self.runner.step_timing = bool(enabled)
+        if self.tensor_parallel_size > 1:
+            set_collective_timing(enabled)  # the collectives' share of the step: stage_seconds["collectives"]
 
     # ---- steps ----------------------------------------------------------------------------------------------
     def launch(self, sched: SchedulerOutput) -> None:
