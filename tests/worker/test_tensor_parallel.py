@@ -11,13 +11,16 @@ import psutil
 import pytest
 import torch
 
+from tests.model.quant_checkpoints import CHECKPOINTS, gguf_cache_dir
 from tests.tiny_models import TINY_ARCHS, build_tiny_model
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine_core import EngineCore
 from tokenmill.model.default_model import find_default_gguf
+from tokenmill.model.loader import read_hf_config
 from tokenmill.request import Request
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.executor import MultiprocExecutor, WorkerProcessError
+from tokenmill.worker.worker import check_tensor_parallel_size
 
 MAX_TOKENS = 10
 # With a budget of 24 tokens per step the long prompts are prefilled in chunks beside the decodes; 10 blocks of
@@ -216,3 +219,43 @@ def test_the_bundled_model_does_not_split_in_two():
         pytest.skip(f"bundled model not installed ({e})")
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 does not divide .*use one of 1, 3"):
         LLM(tensor_parallel_size=2, show_progress=False)
+
+
+@pytest.mark.parametrize("method", sorted(CHECKPOINTS))
+def test_every_weight_format_splits_or_says_why(method, tmp_path, tiny_models, tiny_tokenizer_dir):
+    """Full precision, int8/int4 quantized at load and GGUF blocks split over 2 ranks; the packed checkpoint
+    formats are refused before any worker process starts, naming the layer and what to do."""
+    model_dir, quantization = CHECKPOINTS[method](tmp_path, tiny_models, tiny_tokenizer_dir)
+    hf_config = read_hf_config(model_dir)
+    if method in ("unquantized", "int8", "int4", "gguf"):
+        check_tensor_parallel_size(hf_config, 2, quantization=quantization)
+    else:
+        with pytest.raises(ValueError, match=r"model\.embed_tokens|model\.layers\.0\.self_attn\.qkv_proj: .* "
+                                             r"cannot be split over tensor-parallel ranks yet: use "
+                                             r"tensor_parallel_size=1"):
+            make_core(model_dir, 2, quantization=quantization)
+
+
+def test_gguf_blocks_limit_the_sizes(tmp_path, tiny_tokenizer_dir):
+    """down_proj's 512 inputs in Q6_K blocks of 256 split in 2, not in 4 (128 inputs per rank)."""
+    model_dir = gguf_cache_dir(tmp_path / "gguf", tiny_tokenizer_dir)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj: its 512 inputs split over "
+                                         r"tensor_parallel_size=4 give 128 per rank, which cuts through the "
+                                         r"256-input blocks .* sizes that split this layer are 1, 2$"):
+        make_core(model_dir, 4)
+
+
+@pytest.mark.slow  # two worker processes
+def test_gguf_blocks_at_tp2_match_tp1(tmp_path, tiny_tokenizer_dir):
+    """A converted GGUF cache mixing Q4_K, Q6_K, Q4_0, Q4_1 and a tied Q8_0 embedding, kept quantized: each
+    rank holds whole blocks of its rows / columns, and the tokens are TP=1's."""
+    model_dir = gguf_cache_dir(tmp_path / "gguf", tiny_tokenizer_dir)
+    reference = make_core(model_dir, 1)
+    sharded = make_core(model_dir, 2)
+    try:
+        prompts = make_prompts(384, (5, 40, 20))
+        compare(reference, sharded, prompts, [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                             prompt_logprobs=1)] * 3, "gguf")
+    finally:
+        sharded.shutdown()
+        reference.shutdown()

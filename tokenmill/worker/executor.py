@@ -100,7 +100,7 @@ def make_executor(config: EngineConfig, model_dir: Path, show_progress: bool = T
         from tokenmill.worker.worker import check_tensor_parallel_size
 
         check_tensor_parallel_size(read_hf_config(model_dir), config.tensor_parallel_size,
-                                   str(Path(model_dir) / "config.json"))
+                                   str(Path(model_dir) / "config.json"), config.model.quantization)
     if backend == "uni":
         return UniProcExecutor(config, model_dir, show_progress, grammar_factory)
     if backend == "mp":

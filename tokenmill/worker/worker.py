@@ -87,23 +87,48 @@ def num_kv_heads_per_rank(spec: DecoderSpec, tensor_parallel_size: int) -> int:
     return max(1, spec.num_kv_heads // tensor_parallel_size)
 
 
-def check_tensor_parallel_size(hf_config: dict, tensor_parallel_size: int, source: str = "config.json") -> None:
+def check_tensor_parallel_size(hf_config: dict, tensor_parallel_size: int, source: str = "config.json",
+                               quantization: str | None = None) -> None:
     """ValueError unless the model splits over tensor_parallel_size ranks: the planner's rule on the heads
-    (divide the query heads; divide the KV heads or be a multiple of them), listing the valid sizes, and the MLP's
-    intermediate size."""
+    (divide the query heads; divide the KV heads or be a multiple of them), listing the valid sizes, the MLP's
+    intermediate size, and the weights' format (a quantization method that can be split, in whole blocks)."""
+    from tokenmill.model.layers.linear import TensorParallelShard, check_tensor_parallel_split
+    from tokenmill.model.quantization import resolve_quantization
     from tokenmill.planner import ModelArch
     from tokenmill.planner.memory import check_tensor_parallel_size as check_heads
     from tokenmill.planner.memory import valid_tensor_parallel_sizes
 
+    tp = tensor_parallel_size
     arch = ModelArch.from_hf_config(hf_config)
-    check_heads(arch, tensor_parallel_size)
+    check_heads(arch, tp)
     inter = int(hf_config.get("intermediate_size", 0))
-    if inter % tensor_parallel_size:
-        valid = [t for t in valid_tensor_parallel_sizes(arch, max(8, tensor_parallel_size)) if inter % t == 0]
+    if inter % tp:
+        valid = [t for t in valid_tensor_parallel_sizes(arch, max(8, tp)) if inter % t == 0]
         raise ValueError(
-            f"tensor_parallel_size={tensor_parallel_size} does not divide {source}'s intermediate_size={inter}: use "
+            f"tensor_parallel_size={tp} does not divide {source}'s intermediate_size={inter}: use "
             f"one of {', '.join(map(str, valid))}"
         )
+    quant_config = resolve_quantization(hf_config, quantization, source)
+    if quant_config is None or tp == 1:
+        return
+    spec = DecoderSpec.from_hf_config(hf_config, source=source)
+    q_size = spec.num_heads * spec.head_dim
+    layers: list[tuple[str, list[str], str, int]] = [  # (layer, checkpoint parts, kind, checkpoint inputs)
+        ("model.embed_tokens", ["model.embed_tokens"], "column", spec.hidden_size),
+        ("lm_head", ["lm_head"], "column", spec.hidden_size),
+    ]
+    for i in range(spec.num_layers):
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        layers += [
+            (f"{attn}.qkv_proj", [f"{attn}.{p}_proj" for p in "qkv"], "column", spec.hidden_size),
+            (f"{attn}.o_proj", [f"{attn}.o_proj"], "row", q_size),
+            (f"{mlp}.gate_up_proj", [f"{mlp}.gate_proj", f"{mlp}.up_proj"], "column", spec.hidden_size),
+            (f"{mlp}.down_proj", [f"{mlp}.down_proj"], "row", spec.intermediate_size),
+        ]
+    for prefix, parts, kind, full in layers:
+        local = full // tp if kind == "row" else full
+        shard = TensorParallelShard(kind, ((0, local),), tp, full)
+        check_tensor_parallel_split(quant_config.get_linear_method(prefix, parts), shard, local, prefix)
 
 
 def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -244,7 +269,8 @@ class Worker:
         self.hf_config = read_hf_config(model_dir)
         self.tensor_parallel_size = config.tensor_parallel_size
         if self.tensor_parallel_size > 1:
-            check_tensor_parallel_size(self.hf_config, self.tensor_parallel_size, str(Path(model_dir) / "config.json"))
+            check_tensor_parallel_size(self.hf_config, self.tensor_parallel_size, str(Path(model_dir) / "config.json"),
+                                       config.model.quantization)
         init_distributed(self.parallel_config, self.device)
         self.spec = DecoderSpec.from_hf_config(self.hf_config, source=str(Path(model_dir) / "config.json"))
         if config.model.max_model_len is not None and config.model.max_model_len > self.spec.max_position_embeddings:
