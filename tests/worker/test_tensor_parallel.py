@@ -95,8 +95,13 @@ def test_tp2_matches_tp1(tiny_models, arch):
         assert sharded.config.distributed_executor_backend == "mp"  # chosen for more than one rank
         prompts = make_prompts(reference.spec.vocab_size)
         lone = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, prompt_logprobs=1)
+        sharded.set_step_timing(True)
         compare(reference, sharded, [prompts[4]], [lone], "plain")
         assert sharded.scheduler.num_preemptions == 0
+        # The output rank times its collectives (all-reduces, the logits' gather, the tokens' broadcast).
+        timings = sharded.take_step_timings()
+        sharded.set_step_timing(False)
+        assert timings and all(0 < t.collectives < t.step for t in timings)
         compare(reference, sharded, prompts, batch_params(len(prompts)), "batch")
         assert sharded.scheduler.num_preemptions > 0 and reference.scheduler.num_preemptions > 0
         # Each rank holds half the KV heads (2 -> 1) and about half the weights.

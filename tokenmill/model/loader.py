@@ -67,7 +67,10 @@ def iter_safetensors(files: list[Path], show_progress: bool) -> Iterator[tuple[s
         keys = list(handle.keys())
         handles.append((path, handle, keys))
         total += len(keys)
-    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not show_progress) as bar:
+    # No bar at all without progress: even a disabled tqdm creates a multiprocessing lock, a semaphore that a
+    # worker process would leave behind for the resource tracker to warn about.
+    bar = tqdm(total=total, desc="Loading weights", unit="tensor") if show_progress else None
+    try:
         for path, handle, keys in handles:
             for key in keys:
                 try:
@@ -77,7 +80,11 @@ def iter_safetensors(files: list[Path], show_progress: bool) -> Iterator[tuple[s
                         f"{path}: tensor {key!r} cannot be read ({e}); the file is corrupt"
                     ) from e
                 yield key, tensor
-                bar.update(1)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def materialize_empty(model: torch.nn.Module, device: torch.device) -> None:
