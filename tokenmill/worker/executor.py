@@ -268,13 +268,14 @@ class MultiprocExecutor(Executor):
         return self._call("collect")
 
     def engine_facts(self) -> dict:
-        """The output rank's facts, with every rank's memory (weights and KV cache) under "ranks"."""
+        """The output rank's facts, with every rank's own (its device, weight and KV cache bytes: its share)
+        under "ranks", in rank order."""
         self._send("engine_facts")
         facts = self._gather()
         out = dict(facts[self.output_rank])
         if self.world_size > 1:
-            out["ranks"] = [{"rank": f["rank"], "weight_bytes": f["resident_weight_bytes"],
-                             "kv_cache_bytes": f["kv_cache_bytes"]} for f in facts]
+            out["ranks"] = [{key: f[key] for key in ("rank", "device", "weight_bytes", "kv_cache_bytes")}
+                            for f in facts]
         return out
 
     def set_step_timing(self, enabled: bool) -> None:

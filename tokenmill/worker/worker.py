@@ -362,20 +362,19 @@ class Worker:
 
     def engine_facts(self) -> dict:
         """What the device side settled, as plain data (EngineCore.engine_info): device, dtype, attention
-        backend, weight bytes, CUDA graph sizes and capture seconds, the GPU memory profile."""
-        params = list(self.model.parameters())
+        backend, weight bytes (as allocated: quantized layers' packed tensors included), KV cache tensor bytes,
+        CUDA graph sizes and capture seconds, the GPU memory profile."""
         return {
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "attention_backend": self.backend.name,
-            "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+            "weight_bytes": self.model.weight_bytes(),
+            "kv_cache_bytes": sum(t.numel() * t.element_size() for t in self.kv_caches),
             "weight_bytes_read_per_step": weight_bytes_read_per_step(self.model),
             "cuda_graph_sizes": list(self.graph_runner.sizes) if self.graph_runner is not None else None,
             "graph_capture_seconds": self.graph_capture_seconds,
             "memory_profile": self.memory_profile.as_dict() if self.memory_profile is not None else None,
-            # This rank's memory: its share of the weights as allocated (packed kernels included) and its KV cache.
+            # Where this worker sits: the weight and KV bytes above are this rank's share.
             "rank": self.rank, "tensor_parallel_size": self.tensor_parallel_size,
-            "resident_weight_bytes": self.model.weight_bytes(),
-            "kv_cache_bytes": sum(t.numel() * t.element_size() for t in self.kv_caches),
         }
 
     def set_step_timing(self, enabled: bool) -> None:
