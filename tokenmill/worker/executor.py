@@ -197,6 +197,12 @@ class MultiprocExecutor(Executor):
     def _send(self, method: str, argument: Any = None) -> None:
         if self._failed is not None:
             raise WorkerProcessError(self._failed)
+        for w in self._workers:
+            # A dead rank leaves the others blocked in a collective, where they no longer read their pipe: a
+            # large message to one of them would block here instead of reaching _gather, which watches deaths.
+            if not w.process.is_alive():
+                w.process.join(timeout=5)
+                raise self._fail(f"the worker process died (rank {w.rank}, exit code {w.process.exitcode})")
         message = self._encoder.encode([method, argument])
         for w in self._workers:
             try:

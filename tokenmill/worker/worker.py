@@ -342,7 +342,13 @@ class Worker:
         spec = self.spec
         shape = (2, num_blocks, block_size, self.num_kv_heads, spec.head_dim)
         self.kv_caches = [allocate_zeroed(shape, self.dtype, self.device) for _ in range(spec.num_layers)]
-        if self.device.type == "cuda" and not config.model.enforce_eager and self.backend.name == "triton":
+        graphs = self.device.type == "cuda" and not config.model.enforce_eager and self.backend.name == "triton"
+        if graphs and config.world_size > 1:
+            # torch.distributed's collectives are not captured into CUDA graphs here: run every step eagerly.
+            logger.info("rank %d: CUDA graphs are not captured with %d ranks; decode steps run eagerly",
+                        self.rank, config.world_size)
+            graphs = False
+        if graphs:
             from tokenmill.worker.cuda_graphs import CUDAGraphRunner
 
             self.graph_runner = CUDAGraphRunner(self.model, self.kv_caches, config.scheduler.max_num_seqs,
