@@ -29,9 +29,10 @@ PROMPT_LENGTHS = (5, 70, 33, 90, 8, 51)
 
 
 def make_core(model_dir, tp: int, **kwargs) -> EngineCore:
+    kwargs = {"num_gpu_blocks_override": 10, **kwargs}
     config = EngineConfig.from_kwargs(
         str(model_dir), dtype="float32", device="cpu", max_num_batched_tokens=24, max_model_len=128,
-        num_gpu_blocks_override=10, tensor_parallel_size=tp, **kwargs,
+        tensor_parallel_size=tp, **kwargs,
     )
     return EngineCore(config, model_dir, show_progress=False)
 
@@ -212,6 +213,12 @@ def test_bad_sizes_list_the_valid_ones(llama_dir, nine_head_model):
         make_core(llama_dir, 2, distributed_executor_backend="uni")
     with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported yet"):
         make_core(llama_dir, 1, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="num_gpu_blocks_override must be a positive integer, got 0"):
+        make_core(llama_dir, 1, num_gpu_blocks_override=0)
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(ValueError, match=rf"2 ranks need 2 GPUs, but {torch.cuda.device_count()} are visible"):
+            EngineCore(EngineConfig.from_kwargs(str(llama_dir), device="cuda", tensor_parallel_size=2), llama_dir,
+                       show_progress=False)
 
 
 def test_the_bundled_model_does_not_split_in_two():

@@ -94,6 +94,12 @@ class Executor(ABC):
 def make_executor(config: EngineConfig, model_dir: Path, show_progress: bool = True,
                   grammar_factory: GrammarFactory | None = None) -> Executor:
     backend = config.distributed_executor_backend
+    if config.model.device == "cuda" and config.world_size > 1 and config.world_size > torch.cuda.device_count():
+        raise ValueError(
+            f"tensor_parallel_size * pipeline_parallel_size = {config.world_size} ranks need {config.world_size} GPUs, "
+            f"but {torch.cuda.device_count()} are visible: lower tensor_parallel_size (or pipeline_parallel_size), or "
+            "make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+        )
     if config.tensor_parallel_size > 1:
         # Checked here too, so that a bad size is reported before any worker process starts.
         from tokenmill.model.loader import read_hf_config
