@@ -271,3 +271,22 @@ def test_gguf_blocks_at_tp2_match_tp1(tmp_path, tiny_tokenizer_dir):
     finally:
         sharded.shutdown()
         reference.shutdown()
+
+
+@pytest.mark.slow  # two worker processes
+def test_int8_quantized_at_load_at_tp2(tiny_models):
+    """int8 quantized at load by each rank from its slice of the full-precision weights. Column-parallel rows
+    keep TP=1's per-channel scales; a row-parallel layer's scales come from the rank's half of each row, so the
+    logprobs stay near TP=1's rather than equal (a wrongly cut slice would be off by whole nats)."""
+    model_dir = tiny_models["qwen3"]
+    reference = make_core(model_dir, 1, quantization="int8")
+    sharded = make_core(model_dir, 2, quantization="int8")
+    try:
+        prompts = make_prompts(384, (5, 40))
+        params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=0)] * 2
+        expected, got = run(reference, prompts, params, "q"), run(sharded, prompts, params, "q")
+        for request_id, e in expected.items():
+            assert_logprobs_close(e["prompt_logprobs"], got[request_id]["prompt_logprobs"], tol=0.1)
+    finally:
+        sharded.shutdown()
+        reference.shutdown()
