@@ -87,7 +87,7 @@ def build_sentencepiece_tokenizer(path: Path, vocab_size: int = 384) -> None:
     }))
 
 
-def _config(name: str, vocab_size: int, eos_id: int, pad_id: int):
+def _config(name: str, vocab_size: int, eos_id: int, pad_id: int, **overrides):
     import transformers
 
     common = dict(
@@ -96,6 +96,7 @@ def _config(name: str, vocab_size: int, eos_id: int, pad_id: int):
         eos_token_id=eos_id, bos_token_id=None, pad_token_id=pad_id, rms_norm_eps=1e-6,
         initializer_range=0.1,
     )
+    common.update(overrides)
     if name == "llama":
         # Llama 3.1 RoPE scaling with a short original context, so the scaled band is exercised.
         return transformers.LlamaConfig(
@@ -113,7 +114,9 @@ def _config(name: str, vocab_size: int, eos_id: int, pad_id: int):
     raise ValueError(name)
 
 
-def build_tiny_model(name: str, path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+def build_tiny_model(name: str, path: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random-weight model of architecture `name`; overrides replace config fields (num_attention_heads,
+    vocab_size, ...)."""
     import transformers
 
     tok = json.loads((tokenizer_dir / "tokenizer.json").read_text())
@@ -121,7 +124,8 @@ def build_tiny_model(name: str, path: Path, tokenizer_dir: Path, seed: int = 0) 
         1 for t in tok["added_tokens"] if t["content"] not in tok["model"]["vocab"]
     )
     vocab = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    config = _config(name, vocab_size, vocab["<|im_end|>"], vocab["<|endoftext|>"])
+    config = _config(name, overrides.pop("vocab_size", vocab_size), vocab["<|im_end|>"], vocab["<|endoftext|>"],
+                     **overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     model.generation_config.eos_token_id = vocab["<|im_end|>"]

@@ -133,6 +133,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     # Reuse KV blocks of identical prompt prefixes across requests.
     enable_prefix_caching: bool = True
+    # Exactly this many KV blocks per rank, whatever the memory budget (vLLM's num_gpu_blocks_override: tests
+    # and experiments that need a given cache size, e.g. to force preemption).
+    num_gpu_blocks_override: int | None = None
 
     def validate(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -143,6 +146,9 @@ class CacheConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
             )
+        override = self.num_gpu_blocks_override
+        if override is not None and (isinstance(override, bool) or not isinstance(override, int) or override < 1):
+            raise ValueError(f"num_gpu_blocks_override must be a positive integer, got {override!r}")
 
     @property
     def kv_cache_bytes(self) -> int | None:
@@ -208,11 +214,15 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
-    # Tensor-parallel degree; only 1 is supported.
+    # Tensor-parallel degree: the model's heads, MLP and vocabulary split over this many ranks (one process per
+    # device), with an all-reduce after each row-parallel projection (vLLM's --tensor-parallel-size).
     tensor_parallel_size: int = 1
-    # Where the worker (model, KV cache, runner) runs: "uni" in the engine's process, "mp" in a child process
-    # reached through the serialized step contract (vLLM's --distributed-executor-backend).
-    distributed_executor_backend: str = "uni"
+    # Pipeline-parallel degree: the decoder layers split into this many stages (vLLM's --pipeline-parallel-size).
+    pipeline_parallel_size: int = 1
+    # Where the workers (model, KV cache, runner) run: "uni" in the engine's process (one rank only), "mp" in
+    # child processes, one per rank, reached through the serialized step contract (vLLM's
+    # --distributed-executor-backend); None: "uni" for one rank, "mp" for more (resolve_defaults).
+    distributed_executor_backend: str | None = None
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs) -> EngineConfig:
@@ -227,15 +237,29 @@ class EngineConfig:
         self.cache.validate()
         self.scheduler.validate()
         self.structured_outputs.validate()
-        if self.distributed_executor_backend not in ("uni", "mp"):
+        backend = self.distributed_executor_backend
+        if backend not in (None, "uni", "mp"):
+            raise ValueError(f"distributed_executor_backend must be 'uni' or 'mp', got {backend!r}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.pipeline_parallel_size != 1:
             raise ValueError(
-                f"distributed_executor_backend must be 'uni' or 'mp', got {self.distributed_executor_backend!r}"
+                f"pipeline_parallel_size={self.pipeline_parallel_size} is not supported yet: use "
+                "pipeline_parallel_size=1 (tensor_parallel_size splits a model over several devices)"
             )
-        if self.tensor_parallel_size != 1:
+        if backend == "uni" and self.world_size > 1:
             raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: tokenmill runs on one "
-                "device; use tensor_parallel_size=1"
+                f"distributed_executor_backend='uni' runs one rank in the engine's process, but "
+                f"tensor_parallel_size * pipeline_parallel_size = {self.world_size}: use "
+                "distributed_executor_backend='mp' (the default for more than one rank)"
             )
+
+    @property
+    def world_size(self) -> int:
+        """Worker processes (ranks): tensor_parallel_size * pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 def resolve_defaults(config: EngineConfig) -> EngineConfig:
@@ -270,8 +294,11 @@ def resolve_defaults(config: EngineConfig) -> EngineConfig:
     kv_cache_memory = cache.kv_cache_memory
     if kv_cache_memory is None and device == "cpu":
         kv_cache_memory = default_cpu_kv_cache_bytes()
+    backend = config.distributed_executor_backend
+    if backend is None:
+        backend = "uni" if config.world_size == 1 else "mp"
     return dataclasses.replace(
-        config,
+        config, distributed_executor_backend=backend,
         model=dataclasses.replace(model, device=device, dtype=dtype),
         cache=dataclasses.replace(cache, kv_cache_memory=kv_cache_memory),
         scheduler=dataclasses.replace(scheduler, max_num_batched_tokens=max_num_batched_tokens),
@@ -289,4 +316,6 @@ def unresolved_defaults(config: EngineConfig) -> list[str]:
         unresolved.append("max_num_batched_tokens=None")
     if config.cache.kv_cache_memory is None and config.model.device == "cpu":
         unresolved.append("kv_cache_memory=None on cpu")
+    if config.distributed_executor_backend is None:
+        unresolved.append("distributed_executor_backend=None")
     return unresolved

@@ -77,9 +77,9 @@ def test_missing_model_path(tmp_path):
         LLM(str(tmp_path / "nowhere"), show_progress=False)
 
 
-def test_unsupported_tensor_parallel():
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported yet"):
-        LLM(tensor_parallel_size=2, show_progress=False)
+def test_unsupported_pipeline_parallel():
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported yet"):
+        LLM(pipeline_parallel_size=2, show_progress=False)
 
 
 def test_max_model_len_over_model_limit(llama_dir):

@@ -66,7 +66,9 @@ def test_the_worker_receives_no_open_default(llama_dir):
         open_fields = {k for k, v in fields.items() if v == "auto" or v is None}
         # Left open on purpose: what the user did not ask for (no chat template override, no hub revision, the
         # checkpoint's own weight format...).
-        assert open_fields <= {"chat_template", "revision", "download_dir", "max_model_len", "quantization"}, open_fields
+        assert open_fields <= {"chat_template", "revision", "download_dir", "max_model_len", "quantization",
+                               "num_gpu_blocks_override"}, open_fields
+        assert given.distributed_executor_backend == "uni"  # one rank: in the engine's process
         assert core.max_num_batched_tokens == 2048
         assert core.kv_sizing.num_blocks * core.kv_sizing.bytes_per_block <= default_cpu_kv_cache_bytes()
     finally:

@@ -75,6 +75,9 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     """reuse KV blocks of shared prompt prefixes"""
 
+    num_gpu_blocks_override: int | None = None
+    """exactly this many KV cache blocks per rank, whatever the memory budget (testing and experiments)"""
+
     seed: int = 0
     """seed for requests without their own"""
 
@@ -82,11 +85,16 @@ class EngineArgs:
     """where the model runs"""
 
     tensor_parallel_size: int = field(default=1, metadata={"aliases": ["-tp"]})
-    """number of GPUs to shard the model over (only 1 is supported yet)"""
+    """number of devices (worker processes) to shard every layer over: heads, MLP and vocabulary split, an
+    all-reduce after each row-parallel projection"""
 
-    distributed_executor_backend: str = field(default="uni", metadata={"choices": ["uni", "mp"]})
-    """where the worker (model, KV cache, model runner) runs: uni, in the engine core's process; mp, in a child
-    process driven through the serialized step contract"""
+    pipeline_parallel_size: int = field(default=1, metadata={"aliases": ["-pp"]})
+    """number of pipeline stages to split the decoder layers over (only 1 is supported yet)"""
+
+    distributed_executor_backend: str | None = field(default=None, metadata={"choices": ["uni", "mp"]})
+    """where the workers (model, KV cache, model runner) run: uni, in the engine core's process (one rank); mp,
+    in child processes, one per rank, driven through the serialized step contract (default: uni for one rank,
+    mp for more)"""
 
     enforce_eager: bool = False
     """CUDA: always run eagerly, never replay captured CUDA graphs for decode steps"""

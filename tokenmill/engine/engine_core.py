@@ -68,6 +68,7 @@ class StepTiming:
     forward: float = 0.0  # runner: the model's forward
     logits: float = 0.0  # runner: the sampled rows' logits (the LM head)
     sample: float = 0.0  # runner: the sampler (logits processors, top-k/p, the draws)
+    collectives: float = 0.0  # runner, tensor parallelism: the output rank's collectives (inside the above)
     num_scheduled_tokens: int = 0  # tokens of the step this call launched
     num_collected: int = 0  # steps this call collected (0 or 1)
 

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
+from tokenmill.distributed import get_tp_group, tensor_model_parallel_gather
 from tokenmill.kernels.cpu.decode import FusedDecoder
-from tokenmill.model.layers.linear import Linear, TiedLMHead, VocabEmbedding
+from tokenmill.model.layers.linear import Linear, TensorParallelShard, TiedLMHead, VocabEmbedding
 from tokenmill.model.quantization.base import QuantizationConfig
 from tokenmill.model.quantization.unquantized import UnquantizedConfig
 from tokenmill.model.registry import DecoderSpec
@@ -113,11 +114,19 @@ def rope_inv_freq(spec: DecoderSpec) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(self, spec: DecoderSpec, max_positions: int) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(spec)
-        t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # [max_positions, head_dim / 2]
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        if torch.empty(0).device.type == "meta":
+            # Built on the meta device for a checkpoint (the loader makes the real tables on the real device):
+            # only the shapes. Computing them here would run torch's meta kernels, whose first use imports
+            # torch._dynamo - seconds of start-up in every worker process.
+            shape = (max_positions, spec.head_dim // 2)
+            self.register_buffer("cos", torch.empty(shape), persistent=False)
+            self.register_buffer("sin", torch.empty(shape), persistent=False)
+        else:
+            inv_freq = rope_inv_freq(spec)
+            t = torch.arange(max_positions, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)  # [max_positions, head_dim / 2]
+            self.register_buffer("cos", freqs.cos(), persistent=False)
+            self.register_buffer("sin", freqs.sin(), persistent=False)
         self._step_positions: torch.Tensor | None = None
         self._step_cos = self._step_sin = None
 
@@ -145,23 +154,41 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out.to(x.dtype)
 
 
+def _column(ranges: list[tuple[int, int]], tp: int, in_features: int) -> TensorParallelShard | None:
+    return TensorParallelShard("column", tuple(ranges), tp, in_features) if tp > 1 else None
+
+
+def _row(start: int, size: int, tp: int, in_features: int) -> TensorParallelShard | None:
+    return TensorParallelShard("row", ((start, size),), tp, in_features) if tp > 1 else None
+
+
 class Attention(nn.Module):
+    """Self-attention over one tensor-parallel rank's heads: num_heads / tp query heads and num_kv_heads / tp
+    KV heads (column-parallel q/k/v), or, when tp exceeds the KV heads, the one KV head its query heads read
+    (rank r: head r * num_kv_heads // tp, replicated on tp / num_kv_heads ranks); o_proj row-parallel."""
+
     def __init__(self, spec: DecoderSpec, backend: AttentionBackend, quant_config: QuantizationConfig,
                  dtype: torch.dtype | None, prefix: str) -> None:
         super().__init__()
-        self.num_heads = spec.num_heads
-        self.num_kv_heads = spec.num_kv_heads
+        tp_group = get_tp_group()
+        tp, rank = tp_group.world_size, tp_group.rank_in_group
+        self.num_heads = spec.num_heads // tp
+        self.num_kv_heads = max(1, spec.num_kv_heads // tp)
         self.head_dim = spec.head_dim
-        self.q_size = spec.num_heads * spec.head_dim
-        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.q_size = self.num_heads * spec.head_dim
+        self.kv_size = self.num_kv_heads * spec.head_dim
+        kv_start = rank * spec.num_kv_heads // tp * spec.head_dim
         # q, k and v projections fused into one matmul.
         shards = [f"{prefix}.{p}_proj" for p in "qkv"]
         self.qkv_proj = Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, spec.qkv_bias,
                                quant_config.get_linear_method(f"{prefix}.qkv_proj", shards),
-                               [self.q_size, self.kv_size, self.kv_size], dtype, f"{prefix}.qkv_proj")
+                               [self.q_size, self.kv_size, self.kv_size], dtype, f"{prefix}.qkv_proj",
+                               _column([(rank * self.q_size, self.q_size), (kv_start, self.kv_size),
+                                        (kv_start, self.kv_size)], tp, spec.hidden_size))
         self.o_proj = Linear(self.q_size, spec.hidden_size, spec.o_bias,
                              quant_config.get_linear_method(f"{prefix}.o_proj", [f"{prefix}.o_proj"]),
-                             dtype=dtype, prefix=f"{prefix}.o_proj")
+                             dtype=dtype, prefix=f"{prefix}.o_proj",
+                             tp_shard=_row(rank * self.q_size, self.q_size, tp, spec.num_heads * spec.head_dim))
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
@@ -190,18 +217,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Gated MLP over one tensor-parallel rank's slice of the intermediate size (gate/up column-parallel,
+    down_proj row-parallel)."""
+
     def __init__(self, spec: DecoderSpec, quant_config: QuantizationConfig, dtype: torch.dtype | None,
                  prefix: str) -> None:
         super().__init__()
-        inter = spec.intermediate_size
+        tp_group = get_tp_group()
+        tp, rank = tp_group.world_size, tp_group.rank_in_group
+        inter = spec.intermediate_size // tp
         # gate and up projections fused into one matmul.
         shards = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
         self.gate_up_proj = Linear(spec.hidden_size, 2 * inter, False,
                                    quant_config.get_linear_method(f"{prefix}.gate_up_proj", shards),
-                                   [inter, inter], dtype, f"{prefix}.gate_up_proj")
+                                   [inter, inter], dtype, f"{prefix}.gate_up_proj",
+                                   _column([(rank * inter, inter)] * 2, tp, spec.hidden_size))
         self.down_proj = Linear(inter, spec.hidden_size, False,
                                 quant_config.get_linear_method(f"{prefix}.down_proj", [f"{prefix}.down_proj"]),
-                                dtype=dtype, prefix=f"{prefix}.down_proj")
+                                dtype=dtype, prefix=f"{prefix}.down_proj",
+                                tp_shard=_row(rank * inter, inter, tp, spec.intermediate_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -266,9 +300,16 @@ class LlamaForCausalLM(nn.Module):
         self.spec = spec
         self.quant_config = quant_config or UnquantizedConfig()
         q = self.quant_config
-        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size,
+        # Tensor parallelism: each rank holds a slice of the vocabulary (padded to a multiple of the ranks) for
+        # the embedding and the lm_head; compute_logits gathers the slices on tp rank 0, which samples.
+        tp_group = get_tp_group()
+        tp, rank = tp_group.world_size, tp_group.rank_in_group
+        self.tp_size = tp
+        vocab_per_rank = -(-spec.vocab_size // tp)
+        vocab_shard = _column([(rank * vocab_per_rank, vocab_per_rank)], tp, spec.hidden_size)
+        self.embed_tokens = VocabEmbedding(vocab_per_rank, spec.hidden_size,
                                            q.get_linear_method("model.embed_tokens", ["model.embed_tokens"]),
-                                           dtype, "model.embed_tokens")
+                                           dtype, "model.embed_tokens", vocab_shard)
         backends = _backends_by_window(spec, backend)
         self.layers = nn.ModuleList(
             DecoderLayer(spec, backends[spec.layer_sliding_window(i)], q, dtype, f"model.layers.{i}")
@@ -279,8 +320,9 @@ class LlamaForCausalLM(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head = TiedLMHead(self.embed_tokens)
         else:
-            self.lm_head = Linear(spec.hidden_size, spec.vocab_size, False,
-                                  q.get_linear_method("lm_head", ["lm_head"]), dtype=dtype, prefix="lm_head")
+            self.lm_head = Linear(spec.hidden_size, vocab_per_rank, False,
+                                  q.get_linear_method("lm_head", ["lm_head"]), dtype=dtype, prefix="lm_head",
+                                  tp_shard=vocab_shard)
         self.rotary = RotaryEmbedding(spec, max_positions)
         # Decode-only steps of a few rows as one native call (kernels/cpu/decode.py), prepared once the weights
         # are packed; never with sharded layers, whose all-reduces the fused step does not do.
@@ -330,9 +372,18 @@ class LlamaForCausalLM(nn.Module):
                     seen[key] = nbytes
         return sum(seen.values())
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [rows, vocab] in the model's dtype (the sampler converts to float32 where it needs to)."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits [rows, vocab] in the model's dtype (the sampler converts to float32 where it needs to). With
+        tensor parallelism every rank computes its vocabulary slice and tp rank 0 gets them all (the padding cut
+        off, never sampled); the other ranks get None."""
+        logits = self.lm_head(hidden)
+        if self.tp_size == 1:
+            return logits
+        gathered = tensor_model_parallel_gather(logits, dst=0, dim=-1)
+        if gathered is None:
+            return None
+        vocab = self.spec.vocab_size
+        return gathered if gathered.shape[-1] == vocab else gathered[..., :vocab]
 
     # ---- weights ------------------------------------------------------------------------------------------
     # Hugging Face projection -> (our fused layer, shard index)

@@ -67,7 +67,10 @@ def iter_safetensors(files: list[Path], show_progress: bool) -> Iterator[tuple[s
         keys = list(handle.keys())
         handles.append((path, handle, keys))
         total += len(keys)
-    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not show_progress) as bar:
+    # No bar at all without progress: even a disabled tqdm creates a multiprocessing lock, a semaphore that a
+    # worker process would leave behind for the resource tracker to warn about.
+    bar = tqdm(total=total, desc="Loading weights", unit="tensor") if show_progress else None
+    try:
         for path, handle, keys in handles:
             for key in keys:
                 try:
@@ -77,7 +80,25 @@ def iter_safetensors(files: list[Path], show_progress: bool) -> Iterator[tuple[s
                         f"{path}: tensor {key!r} cannot be read ({e}); the file is corrupt"
                     ) from e
                 yield key, tensor
-                bar.update(1)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def materialize_empty(model: torch.nn.Module, device: torch.device) -> None:
+    """Give every meta-device parameter and buffer of model uninitialized storage on `device` (what
+    Module.to_empty does, without its empty_like on meta tensors, whose first call imports sympy through torch's
+    symbolic shapes: seconds of start-up in every worker process)."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.device.type == "meta":
+                module._parameters[name] = torch.nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=param.requires_grad)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device.type == "meta":
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
 
 
 def load_model(
@@ -102,7 +123,7 @@ def load_model(
     with torch.device("meta"):
         model = LlamaForCausalLM(spec, backend, max_positions, quant_config, dtype)
     # Allocate real storage without random initialization: every parameter is overwritten by the checkpoint.
-    model = model.to_empty(device=device)
+    materialize_empty(model, device)
     model.rotary = RotaryEmbedding(spec, max_positions).to(device)
     with torch.no_grad():
         loaded = model.load_weights(iter_safetensors(files, show_progress))

@@ -1,10 +1,10 @@
 """Executors: how the engine core reaches its worker(s).
 
     UniProcExecutor    the Worker in the engine's own process (the default; distributed_executor_backend="uni")
-    MultiprocExecutor  the Worker in a spawned child process (distributed_executor_backend="mp"); every call
-                       crosses a pipe as msgpack bytes (serial.py): the SchedulerOutput in, the
-                       ModelRunnerOutput out. This is the shape tensor parallelism takes (one process per
-                       device); today it runs one worker.
+    MultiprocExecutor  one Worker per rank, each in a spawned child process (distributed_executor_backend="mp");
+                       every call crosses a pipe per rank as msgpack bytes (serial.py): the SchedulerOutput
+                       in, the ModelRunnerOutput out (from the output rank). Tensor parallelism runs
+                       tensor_parallel_size of them, joined in process groups (tokenmill/distributed).
 
 Both follow one contract (Executor): start-up in one direction (determine_kv_cache_sizing, then
 initialize_cache), then launch(SchedulerOutput) / collect() -> ModelRunnerOutput, collected in launch order.
@@ -14,6 +14,8 @@ A launch returns without waiting for the step (async scheduling launches step N+
 from __future__ import annotations
 
 import multiprocessing
+import os
+import sys
 import traceback
 import weakref
 from abc import ABC, abstractmethod
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tokenmill.config import EngineConfig
+from tokenmill.distributed import destroy_distributed
 from tokenmill.model.registry import DecoderSpec
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.worker.serial import MsgpackDecoder, MsgpackEncoder
@@ -91,6 +94,19 @@ class Executor(ABC):
 def make_executor(config: EngineConfig, model_dir: Path, show_progress: bool = True,
                   grammar_factory: GrammarFactory | None = None) -> Executor:
     backend = config.distributed_executor_backend
+    if config.model.device == "cuda" and config.world_size > 1 and config.world_size > torch.cuda.device_count():
+        raise ValueError(
+            f"tensor_parallel_size * pipeline_parallel_size = {config.world_size} ranks need {config.world_size} GPUs, "
+            f"but {torch.cuda.device_count()} are visible: lower tensor_parallel_size (or pipeline_parallel_size), or "
+            "make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+        )
+    if config.tensor_parallel_size > 1:
+        # Checked here too, so that a bad size is reported before any worker process starts.
+        from tokenmill.model.loader import read_hf_config
+        from tokenmill.worker.worker import check_tensor_parallel_size
+
+        check_tensor_parallel_size(read_hf_config(model_dir), config.tensor_parallel_size,
+                                   str(Path(model_dir) / "config.json"), config.model.quantization)
     if backend == "uni":
         return UniProcExecutor(config, model_dir, show_progress, grammar_factory)
     if backend == "mp":
@@ -126,90 +142,232 @@ class UniProcExecutor(Executor):
 
 
 class WorkerProcessError(RuntimeError):
-    """The worker process failed (its traceback is in the message) or died."""
+    """A worker process failed (its traceback is in the message) or died (its rank and exit code are)."""
+
+
+@dataclass
+class _WorkerHandle:
+    rank: int
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
 
 
 class MultiprocExecutor(Executor):
-    """One Worker in a spawned process, driven over a pipe with msgpack-encoded messages.
+    """One Worker process per rank (tensor_parallel_size * pipeline_parallel_size of them), each driven over its
+    own pipe with msgpack-encoded messages; the ranks join their process groups over a free loopback port.
 
-    Requests to the process are [method, argument]; it answers determine_kv_cache_sizing, initialize_cache,
-    collect, engine_facts and set_step_timing with ["ok", value] or ["error", traceback]. launch is not
-    answered: a failed launch is reported by the next collect.
+    Every request goes to every rank ([method, argument], encoded once); the answer that counts comes from the
+    output rank (tp rank 0 of the last pipeline stage), the others' are checked for errors. Processes answer
+    determine_kv_cache_sizing, initialize_cache, collect, engine_facts and set_step_timing with ["ok", value] or
+    ["error", traceback]; launch is not answered: a failed launch is reported by the next collect.
+
+    While it waits for answers the executor also watches every process's sentinel: a rank that dies (killed, or
+    crashed in native code) leaves its peers blocked in a collective, so the executor kills them all and raises
+    WorkerProcessError naming the dead rank and its exit code.
     """
 
     def __init__(self, config: EngineConfig, model_dir: Path) -> None:
+        from tokenmill.distributed import get_open_port, output_rank
+
         self._encoder = MsgpackEncoder()
         self._decoder = MsgpackDecoder()
+        self.world_size = config.world_size
+        self.output_rank = output_rank(config.tensor_parallel_size, config.pipeline_parallel_size)
+        init_method = f"tcp://127.0.0.1:{get_open_port()}" if self.world_size > 1 else None
         context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe(duplex=True)
-        self._process = context.Process(target=run_worker_process, args=(child_conn, config, str(model_dir)),
-                                        name="tokenmill-worker", daemon=True)
-        self._process.start()
-        child_conn.close()
-        # An executor dropped without shutdown() (an engine garbage-collected) does not leave its process behind.
-        weakref.finalize(self, _kill_process, self._process)
-        self.info = self._reply()
+        self._workers: list[_WorkerHandle] = []
+        for rank in range(self.world_size):
+            conn, child_conn = context.Pipe(duplex=True)
+            process = context.Process(
+                target=run_worker_process, args=(child_conn, config, str(model_dir), rank, rank, init_method),
+                name=f"tokenmill-worker-{rank}", daemon=True,
+            )
+            process.start()
+            child_conn.close()
+            self._workers.append(_WorkerHandle(rank, process, conn))
+        # An executor dropped without shutdown() (an engine garbage-collected) leaves no process behind.
+        weakref.finalize(self, _kill_processes, [w.process for w in self._workers])
+        self._failed: str | None = None
+        self.info = self._gather()[self.output_rank]
+
+    @property
+    def _process(self) -> multiprocessing.process.BaseProcess:
+        """The output rank's process."""
+        return self._workers[self.output_rank].process
+
+    @property
+    def processes(self) -> list[multiprocessing.process.BaseProcess]:
+        """Every rank's process, in rank order."""
+        return [w.process for w in self._workers]
 
     def _send(self, method: str, argument: Any = None) -> None:
-        try:
-            self._conn.send_bytes(self._encoder.encode([method, argument]))
-        except (BrokenPipeError, OSError) as e:
-            raise WorkerProcessError(f"the worker process is gone (exit code {self._process.exitcode})") from e
+        if self._failed is not None:
+            raise WorkerProcessError(self._failed)
+        for w in self._workers:
+            # A dead rank leaves the others blocked in a collective, where they no longer read their pipe: a
+            # large message to one of them would block here instead of reaching _gather, which watches deaths.
+            if not w.process.is_alive():
+                w.process.join(timeout=5)
+                raise self._fail(f"the worker process died (rank {w.rank}, exit code {w.process.exitcode})")
+        message = self._encoder.encode([method, argument])
+        for w in self._workers:
+            try:
+                w.conn.send_bytes(message)
+            except (BrokenPipeError, OSError) as e:
+                w.process.join(timeout=5)
+                raise self._fail(f"the worker process is gone (rank {w.rank}, exit code {w.process.exitcode})") \
+                    from e
 
-    def _reply(self) -> Any:
-        try:
-            status, value = self._decoder.decode(self._conn.recv_bytes())
-        except (EOFError, OSError) as e:
-            self._process.join(timeout=5)
-            raise WorkerProcessError(f"the worker process died (exit code {self._process.exitcode})") from e
-        if status != "ok":
-            raise WorkerProcessError(f"the worker process failed:\n{value}")
-        return value
+    def _gather(self) -> list[Any]:
+        """Every rank's answer to the request just sent, in rank order; WorkerProcessError if a rank failed or
+        died (then every worker process is killed)."""
+        from multiprocessing.connection import wait
+
+        pending = {w.conn: w for w in self._workers}
+        sentinels = {w.process.sentinel: w for w in self._workers}
+        answers: dict[int, Any] = {}
+        while pending:
+            ready = wait([*pending, *sentinels])
+            for item in ready:
+                w = pending.pop(item, None)  # type: ignore[call-overload]
+                if w is None:
+                    continue
+                try:
+                    status, value = self._decoder.decode(w.conn.recv_bytes())
+                except (EOFError, OSError):
+                    w.process.join(timeout=5)
+                    raise self._fail(f"the worker process died (rank {w.rank}, exit code "
+                                     f"{w.process.exitcode})") from None
+                if status != "ok":
+                    # The other ranks may wait for this one in a collective (or in the rendezvous): stop them all.
+                    raise self._fail(f"the worker process failed (rank {w.rank}):\n{value}")
+                answers[w.rank] = value
+            for item in ready:
+                dead = sentinels.get(item)  # type: ignore[call-overload]
+                if dead is None or (dead.conn in pending and dead.conn.poll()):
+                    continue  # not a process, or its last answer is still to be read
+                dead.process.join(timeout=5)
+                raise self._fail(f"the worker process died (rank {dead.rank}, exit code "
+                                 f"{dead.process.exitcode})")
+        return [answers[w.rank] for w in self._workers]
+
+    def _fail(self, message: str) -> WorkerProcessError:
+        """Kill every worker process (survivors may be blocked in a collective with the dead one) and return the
+        error to raise; later calls raise it again."""
+        self._failed = message
+        _kill_processes([w.process for w in self._workers])
+        return WorkerProcessError(message)
+
+    def _call(self, method: str, argument: Any = None) -> Any:
+        """Send a request to every rank; the output rank's answer."""
+        self._send(method, argument)
+        return self._gather()[self.output_rank]
 
     def determine_kv_cache_sizing(self) -> KVCacheSizing:
+        """The blocks every rank can hold: the smallest count over the ranks (they all must agree)."""
         self._send("determine_kv_cache_sizing")
-        return self._reply()
+        sizings: list[KVCacheSizing] = self._gather()
+        ours = sizings[self.output_rank]
+        return KVCacheSizing(ours.bytes_per_block, min(s.num_blocks for s in sizings), ours.block_size)
 
     def initialize_cache(self, num_blocks: int, max_model_len: int) -> None:
-        self._send("initialize_cache", [num_blocks, max_model_len])
-        self._reply()
+        self._call("initialize_cache", [num_blocks, max_model_len])
 
     def launch(self, sched: SchedulerOutput) -> None:
         self._send("launch", sched)
 
     def collect(self) -> ModelRunnerOutput:
-        self._send("collect")
-        return self._reply()
+        return self._call("collect")
 
     def engine_facts(self) -> dict:
+        """The output rank's facts, with every rank's own (its device, weight and KV cache bytes: its share)
+        under "ranks", in rank order."""
         self._send("engine_facts")
-        return self._reply()
+        facts = self._gather()
+        out = dict(facts[self.output_rank])
+        if self.world_size > 1:
+            out["ranks"] = [{key: f[key] for key in ("rank", "device", "weight_bytes", "kv_cache_bytes")}
+                            for f in facts]
+        return out
 
     def set_step_timing(self, enabled: bool) -> None:
-        self._send("set_step_timing", bool(enabled))
-        self._reply()
+        self._call("set_step_timing", bool(enabled))
 
     def shutdown(self) -> None:
-        if self._process.is_alive():
-            try:
-                self._send("shutdown")
-            except WorkerProcessError:
-                pass
-            self._process.join(timeout=10)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
-        self._conn.close()
+        if self._failed is None:
+            message = self._encoder.encode(["shutdown", None])
+            for w in self._workers:
+                if w.process.is_alive():
+                    try:
+                        w.conn.send_bytes(message)
+                    except (BrokenPipeError, OSError):
+                        pass
+            for w in self._workers:
+                w.process.join(timeout=10)
+        _kill_processes([w.process for w in self._workers])
+        for w in self._workers:
+            w.conn.close()
 
 
-def _kill_process(process: multiprocessing.process.BaseProcess) -> None:
-    if process.is_alive():
-        process.kill()
+def _kill_processes(processes: list[multiprocessing.process.BaseProcess]) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    for process in processes:
         process.join(timeout=5)
 
 
-def run_worker_process(conn: Connection, config: EngineConfig, model_dir: str) -> None:
-    """The worker process's loop: build the Worker, then serve the executor's messages until shutdown."""
+class WorkerRequestHandler:
+    """The worker side of the control plane, independent of the transport: executes one request of the executor
+    ([method, argument]) on a Worker. The multiprocessing executor's pipe loop drives it (run_worker_process); a
+    Ray actor can hold one and call execute() from its remote method.
+
+    Returns the value to answer with, or NO_ANSWER for launch. Only the output rank answers collect with the
+    step's output; the other ranks answer None (their outputs are the same tokens, never read)."""
+
+    NO_ANSWER = object()
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.is_output_rank = worker.parallel_config.is_output_rank
+        self.launch_error: str | None = None  # the traceback of a failed launch, reported by the next answer
+
+    def execute(self, method: str, argument: Any) -> Any:
+        worker = self.worker
+        if method == "launch":
+            if self.launch_error is None:
+                try:
+                    worker.launch(argument)
+                except Exception:
+                    self.launch_error = traceback.format_exc()
+            return self.NO_ANSWER
+        if self.launch_error is not None:
+            raise WorkerLaunchError(self.launch_error)
+        if method == "collect":
+            out = worker.collect()
+            return out if self.is_output_rank else None
+        if method == "engine_facts":
+            return worker.engine_facts()
+        if method == "set_step_timing":
+            worker.set_step_timing(argument)
+            return None
+        if method == "determine_kv_cache_sizing":
+            return worker.determine_kv_cache_sizing()
+        if method == "initialize_cache":
+            worker.initialize_cache(*argument)
+            freeze_gc_heap()  # as the engine's process does: start-up's objects out of the collector's way
+            return None
+        raise ValueError(f"unknown worker method {method!r}")
+
+
+class WorkerLaunchError(RuntimeError):
+    """A launched step failed; its traceback is the message."""
+
+
+def run_worker_process(conn: Connection, config: EngineConfig, model_dir: str, rank: int = 0, local_rank: int = 0,
+                       distributed_init_method: str | None = None) -> None:
+    """One rank's process: build its Worker (joining the process groups), then serve the executor's messages
+    until shutdown or until the executor is gone."""
     encoder, decoder = MsgpackEncoder(), MsgpackDecoder()
 
     def answer(status: str, value: Any = None) -> None:
@@ -217,46 +375,35 @@ def run_worker_process(conn: Connection, config: EngineConfig, model_dir: str) -
 
     try:
         manager = _GrammarCompiler(config, Path(model_dir))
-        worker = Worker(config, Path(model_dir), show_progress=False, grammar_factory=manager)
+        worker = Worker(config, Path(model_dir), show_progress=False, grammar_factory=manager, rank=rank,
+                        local_rank=local_rank, distributed_init_method=distributed_init_method)
         manager.vocab_size = worker.spec.vocab_size
     except Exception:
         answer("error", traceback.format_exc())
         return
     answer("ok", WorkerInfo.of(worker))
-    launch_error: str | None = None
+    handler = WorkerRequestHandler(worker)
     while True:
         try:
             method, argument = decoder.decode(conn.recv_bytes())
         except EOFError:
             return  # the engine is gone
         if method == "shutdown":
-            return
+            # Nothing is left to save: skip the interpreter's teardown (torch's and gloo's native destructors
+            # take seconds), which would hold up the engine's shutdown.
+            destroy_distributed()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         try:
-            if method == "launch":
-                if launch_error is None:
-                    worker.launch(argument)
-            elif launch_error is not None:
-                answer("error", launch_error)
-            elif method == "collect":
-                answer("ok", worker.collect())
-            elif method == "engine_facts":
-                answer("ok", worker.engine_facts())
-            elif method == "set_step_timing":
-                worker.set_step_timing(argument)
-                answer("ok")
-            elif method == "determine_kv_cache_sizing":
-                answer("ok", worker.determine_kv_cache_sizing())
-            elif method == "initialize_cache":
-                worker.initialize_cache(*argument)
-                freeze_gc_heap()  # as the engine's process does: start-up's objects out of the collector's way
-                answer("ok")
-            else:
-                answer("error", f"unknown worker method {method!r}")
+            value = handler.execute(method, argument)
+        except WorkerLaunchError as e:
+            answer("error", str(e))
         except Exception:
-            if method == "launch":
-                launch_error = traceback.format_exc()
-            else:
-                answer("error", traceback.format_exc())
+            answer("error", traceback.format_exc())
+        else:
+            if value is not WorkerRequestHandler.NO_ANSWER:
+                answer("ok", value)
 
 
 class _GrammarCompiler:

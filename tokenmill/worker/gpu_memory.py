@@ -127,8 +127,10 @@ def run_dummy_forward(model: LlamaForCausalLM, num_kv_heads: int, head_dim: int,
     cache = torch.zeros((2, 1, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
     hidden = model(input_ids, positions, [cache] * num_layers, meta)
     last_rows = [b - 1 for b in meta.query_start_loc_list[1:]]
-    logits = model.compute_logits(hidden[last_rows]).float()  # the sampler's float32 copy when it samples
-    return torch.softmax(logits, dim=-1)
+    logits = model.compute_logits(hidden[last_rows])
+    if logits is None:  # a tensor-parallel rank other than 0: rank 0 gathered the logits and samples
+        return hidden[last_rows]
+    return torch.softmax(logits.float(), dim=-1)  # the sampler's float32 copy when it samples
 
 
 def measure_memory(run_forward: Callable[[], None], device: torch.device) -> tuple[int, int, int, int]:

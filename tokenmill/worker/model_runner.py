@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.distributed import CollectiveTime, get_tp_group, take_collective_time
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.pooler import pool_chunk
 from tokenmill.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
@@ -123,6 +124,7 @@ class LaunchedStep:
     done: torch.cuda.Event | None = None  # CUDA: recorded after the step's last work (the samples' copy)
     start: float = 0.0  # perf_counter() when the launch began
     timer: StageTimer | None = None  # while step timing is on
+    collectives: CollectiveTime | None = None  # tensor parallelism, while step timing is on: its collectives
 
 
 def new_request_state(new: NewRequestData, grammar: GrammarMatcher | None = None,
@@ -174,6 +176,9 @@ class ModelRunner:
         self._preempted_generators: dict[str, torch.Generator] = {}
         # Time each step's stages (build batch, forward, sample) into its output's stage_seconds.
         self.step_timing = False
+        # Tensor parallelism: tp rank 0 gathers the logits and samples; it broadcasts the sampled token ids, so
+        # that every rank appends the same tokens to its copy of the requests.
+        self.tp_group = get_tp_group()
 
     # ---- state ----------------------------------------------------------------------------------------------
     def update_states(self, sched: SchedulerOutput) -> None:
@@ -310,11 +315,17 @@ class ModelRunner:
             if len(sample_rows) < hidden.shape[0]:
                 hidden = hidden.index_select(0, self.to_device(sample_rows, torch.long))
             # else every row samples: the rows are 0..n-1 in order.
-            logits = self.model.compute_logits(hidden)
+            logits = self.model.compute_logits(hidden)  # None on a tensor-parallel rank other than 0
             if timer is not None:
                 timer.stop("logits")
                 timer.start("sample")
-            step.sampled = self.sampler.sample(logits, sample_states)
+            if logits is not None:
+                step.sampled = self.sampler.sample(logits, sample_states)
+            else:
+                step.sampled = SamplerOutput(torch.empty(len(sample_rows), dtype=torch.long, device=self.device))
+            if self.tp_group.world_size > 1:
+                token_ids = step.sampled.token_ids.to(torch.long).contiguous()
+                step.sampled.token_ids = self.tp_group.broadcast(token_ids, src=0)
             if timer is not None:
                 timer.stop("sample")
             step.host_sampled = step.sampled
@@ -322,6 +333,8 @@ class ModelRunner:
                 step.host_sampled = step.sampled.map_tensors(lambda t: t.to("cpu", non_blocking=True))
             for state in sample_states:
                 state.num_tokens += 1
+        if timer is not None and self.tp_group.world_size > 1:
+            step.collectives = take_collective_time()
         if self.device.type == "cuda":
             step.done = torch.cuda.Event()
             step.done.record()
@@ -334,6 +347,9 @@ class ModelRunner:
             step.done.synchronize()
         if step.timer is not None:
             step.output.stage_seconds = step.timer.result()
+            if step.collectives is not None:
+                # Part of forward, logits and sample: the all-reduces, the logits' gather, the tokens' broadcast.
+                step.output.stage_seconds["collectives"] = step.collectives.seconds()
         if step.host_sampled is None:
             return step.output
         sampled = step.host_sampled.to_host()
@@ -362,6 +378,9 @@ class ModelRunner:
         if end <= first:
             return
         logits = self.model.compute_logits(hidden[row + first - start : row + end - start])
+        state.num_prompt_logprobs_done = end
+        if logits is None:  # a tensor-parallel rank other than 0: the logits were gathered on rank 0
+            return
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         targets = torch.tensor(state.prompt_token_ids[first + 1 : end + 1], device=logits.device)
         out.prompt_logprobs[state.request_id] = top_logprobs(

@@ -25,11 +25,12 @@ import torch
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.config import EngineConfig, unresolved_defaults
+from tokenmill.distributed import ParallelConfig, init_distributed, set_collective_timing
 from tokenmill.model.loader import load_model, read_hf_config
 from tokenmill.model.registry import DecoderSpec
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.sample.sampler import Sampler
-from tokenmill.worker.cpu_threads import check_cpu_threads
+from tokenmill.worker.cpu_threads import check_cpu_threads, usable_cpus
 from tokenmill.worker.model_runner import GrammarFactory, LaunchedStep, ModelRunner
 
 if TYPE_CHECKING:
@@ -47,8 +48,10 @@ def open_device(name: str) -> torch.device:
 
 
 def make_attention_backend(spec: DecoderSpec, device: torch.device, dtype: torch.dtype,
-                           batch_invariant: bool = False) -> AttentionBackend:
-    args = (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim**-0.5, spec.sliding_window)
+                           batch_invariant: bool = False, tensor_parallel_size: int = 1) -> AttentionBackend:
+    """The attention backend for one rank's heads (num_heads / tp query heads, its share of the KV heads)."""
+    args = (spec.num_heads // tensor_parallel_size, num_kv_heads_per_rank(spec, tensor_parallel_size),
+            spec.head_dim, spec.head_dim**-0.5, spec.sliding_window)
     if batch_invariant:
         from tokenmill.kernels.cpu import ops as cpu_kernels
 
@@ -76,6 +79,56 @@ def make_attention_backend(spec: DecoderSpec, device: torch.device, dtype: torch
 
         return CPUAttentionBackend(*args)
     return TorchAttentionBackend(*args)
+
+
+def num_kv_heads_per_rank(spec: DecoderSpec, tensor_parallel_size: int) -> int:
+    """KV heads one tensor-parallel rank holds: num_kv_heads / tp, or 1 (a replicated head) when tp exceeds them,
+    as the planner models it (tokenmill.planner.num_kv_heads_per_rank)."""
+    return max(1, spec.num_kv_heads // tensor_parallel_size)
+
+
+def check_tensor_parallel_size(hf_config: dict, tensor_parallel_size: int, source: str = "config.json",
+                               quantization: str | None = None) -> None:
+    """ValueError unless the model splits over tensor_parallel_size ranks: the planner's rule on the heads
+    (divide the query heads; divide the KV heads or be a multiple of them), listing the valid sizes, the MLP's
+    intermediate size, and the weights' format (a quantization method that can be split, in whole blocks)."""
+    from tokenmill.model.layers.linear import TensorParallelShard, check_tensor_parallel_split
+    from tokenmill.model.quantization import resolve_quantization
+    from tokenmill.planner import ModelArch
+    from tokenmill.planner.memory import check_tensor_parallel_size as check_heads
+    from tokenmill.planner.memory import valid_tensor_parallel_sizes
+
+    tp = tensor_parallel_size
+    arch = ModelArch.from_hf_config(hf_config)
+    check_heads(arch, tp)
+    inter = int(hf_config.get("intermediate_size", 0))
+    if inter % tp:
+        valid = [t for t in valid_tensor_parallel_sizes(arch, max(8, tp)) if inter % t == 0]
+        raise ValueError(
+            f"tensor_parallel_size={tp} does not divide {source}'s intermediate_size={inter}: use "
+            f"one of {', '.join(map(str, valid))}"
+        )
+    quant_config = resolve_quantization(hf_config, quantization, source)
+    if quant_config is None or tp == 1:
+        return
+    spec = DecoderSpec.from_hf_config(hf_config, source=source)
+    q_size = spec.num_heads * spec.head_dim
+    layers: list[tuple[str, list[str], str, int]] = [  # (layer, checkpoint parts, kind, checkpoint inputs)
+        ("model.embed_tokens", ["model.embed_tokens"], "column", spec.hidden_size),
+        ("lm_head", ["lm_head"], "column", spec.hidden_size),
+    ]
+    for i in range(spec.num_layers):
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        layers += [
+            (f"{attn}.qkv_proj", [f"{attn}.{p}_proj" for p in "qkv"], "column", spec.hidden_size),
+            (f"{attn}.o_proj", [f"{attn}.o_proj"], "row", q_size),
+            (f"{mlp}.gate_up_proj", [f"{mlp}.gate_proj", f"{mlp}.up_proj"], "column", spec.hidden_size),
+            (f"{mlp}.down_proj", [f"{mlp}.down_proj"], "row", spec.intermediate_size),
+        ]
+    for prefix, parts, kind, full in layers:
+        local = full // tp if kind == "row" else full
+        shard = TensorParallelShard(kind, ((0, local),), tp, full)
+        check_tensor_parallel_split(quant_config.get_linear_method(prefix, parts), shard, local, prefix)
 
 
 def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -139,11 +192,15 @@ class KVCacheSizing:
 
 
 def size_kv_cache(config: EngineConfig, hf_config: dict, dtype: torch.dtype, device: torch.device) -> KVCacheSizing:
+    """Blocks of one rank's KV cache: its kv_cache_memory budget over the planner's bytes per block of one rank
+    (its share of the KV heads), or num_gpu_blocks_override."""
     from tokenmill.planner import ModelArch, kv_cache_bytes_per_block
 
     arch = ModelArch.from_hf_config(hf_config)
     block_size = config.cache.block_size
-    bytes_per_block = kv_cache_bytes_per_block(arch, block_size, dtype)
+    bytes_per_block = kv_cache_bytes_per_block(arch, block_size, dtype, config.tensor_parallel_size)
+    if config.cache.num_gpu_blocks_override is not None:
+        return KVCacheSizing(bytes_per_block, config.cache.num_gpu_blocks_override, block_size)
     budget = config.cache.kv_cache_bytes
     if budget is None:
         raise ValueError("kv_cache_memory is None: a CPU budget is a default (config.resolve_defaults), a GPU's "
@@ -169,14 +226,18 @@ def weight_bytes_read_per_step(model: torch.nn.Module) -> int:
 
 
 class Worker:
-    """One device's model, KV cache and runner (one worker per device; tensor parallelism will run several).
+    """One device's model, KV cache and runner: one rank of the world (tensor_parallel_size *
+    pipeline_parallel_size ranks), or the only one.
 
     It takes a config whose defaults are resolved (config.resolve_defaults: the engine core resolves the config
     it is given): no "auto" and no None is left for it to decide, except the KV cache size on a GPU, which it
-    measures."""
+    measures. Its place in the world comes as arguments (rank, local_rank: the device index on its node, and the
+    rendezvous distributed_init_method "tcp://host:port"), whatever started it: the multiprocessing executor, or
+    a Ray actor. It joins the process groups before it builds its share of the model."""
 
     def __init__(self, config: EngineConfig, model_dir: Path, show_progress: bool = True,
-                 grammar_factory: GrammarFactory | None = None) -> None:
+                 grammar_factory: GrammarFactory | None = None, rank: int = 0, local_rank: int = 0,
+                 distributed_init_method: str | None = None) -> None:
         unresolved = unresolved_defaults(config)
         if unresolved:
             raise ValueError(f"the worker got a config with unresolved defaults ({', '.join(unresolved)}): pass "
@@ -184,11 +245,33 @@ class Worker:
         self.config = config
         self.model_dir = Path(model_dir)
         self.grammar_factory = grammar_factory
+        self.parallel_config = ParallelConfig(
+            world_size=config.world_size, rank=rank, local_rank=local_rank,
+            tensor_parallel_size=config.tensor_parallel_size, pipeline_parallel_size=config.pipeline_parallel_size,
+            distributed_init_method=distributed_init_method,
+        )
+        self.rank = rank
         self.device = open_device(config.model.device)
+        if self.device.type == "cuda" and config.world_size > 1:
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(f"rank {rank} needs GPU {local_rank} but {torch.cuda.device_count()} are visible: "
+                                 "lower tensor_parallel_size to the GPUs of the machine")
+            self.device = torch.device("cuda", local_rank)
         if self.device.type == "cpu":
             check_cpu_threads()
+            if config.world_size > 1:
+                # N ranks on one CPU: each takes its share of the cores, or their OpenMP pools oversubscribe it.
+                threads = max(1, usable_cpus() // config.world_size)
+                torch.set_num_threads(threads)
+                logger.info("rank %d: %d CPU threads (%d usable CPUs shared by %d ranks)", rank, threads,
+                            usable_cpus(), config.world_size)
         self.dtype: torch.dtype = getattr(torch, config.model.dtype)
         self.hf_config = read_hf_config(model_dir)
+        self.tensor_parallel_size = config.tensor_parallel_size
+        if self.tensor_parallel_size > 1:
+            check_tensor_parallel_size(self.hf_config, self.tensor_parallel_size, str(Path(model_dir) / "config.json"),
+                                       config.model.quantization)
+        init_distributed(self.parallel_config, self.device)
         self.spec = DecoderSpec.from_hf_config(self.hf_config, source=str(Path(model_dir) / "config.json"))
         if config.model.max_model_len is not None and config.model.max_model_len > self.spec.max_position_embeddings:
             raise ValueError(
@@ -198,7 +281,9 @@ class Worker:
         max_num_batched_tokens = config.scheduler.max_num_batched_tokens
         assert max_num_batched_tokens is not None  # unresolved_defaults() checked it
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.backend = make_attention_backend(self.spec, self.device, self.dtype, config.model.batch_invariant)
+        self.backend = make_attention_backend(self.spec, self.device, self.dtype, config.model.batch_invariant,
+                                              self.tensor_parallel_size)
+        self.num_kv_heads = num_kv_heads_per_rank(self.spec, self.tensor_parallel_size)  # this rank's
         max_positions = config.model.max_model_len or self.spec.max_position_embeddings
         self.model = load_model(model_dir, self.backend, self.dtype, self.device, max_positions, show_progress,
                                 config.model.quantization)
@@ -230,10 +315,11 @@ class Worker:
 
         config = self.config
         block_size = config.cache.block_size
-        bytes_per_block = kv_cache_bytes_per_block(ModelArch.from_hf_config(self.hf_config), block_size, self.dtype)
+        bytes_per_block = kv_cache_bytes_per_block(ModelArch.from_hf_config(self.hf_config), block_size, self.dtype,
+                                                   self.tensor_parallel_size)
         spec = self.spec
         profile = self.memory_profile = profile_kv_cache(
-            self.model, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, num_layers=spec.num_layers,
+            self.model, num_kv_heads=self.num_kv_heads, head_dim=spec.head_dim, num_layers=spec.num_layers,
             dtype=self.dtype, device=self.device, block_size=block_size, bytes_per_block=bytes_per_block,
             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=config.scheduler.max_num_seqs,
             gpu_memory_utilization=config.cache.gpu_memory_utilization, hf_config=self.hf_config,
@@ -244,6 +330,8 @@ class Worker:
                 "no GPU memory is left for the KV cache after weights and activations: raise "
                 "--gpu-memory-utilization, lower --max-num-batched-tokens, or use a smaller model"
             )
+        if config.cache.num_gpu_blocks_override is not None:
+            return KVCacheSizing(bytes_per_block, config.cache.num_gpu_blocks_override, block_size)
         return KVCacheSizing(bytes_per_block, profile.num_blocks, block_size)
 
     def initialize_cache(self, num_blocks: int, max_model_len: int) -> None:
@@ -252,9 +340,15 @@ class Worker:
         config = self.config
         block_size = config.cache.block_size
         spec = self.spec
-        shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        shape = (2, num_blocks, block_size, self.num_kv_heads, spec.head_dim)
         self.kv_caches = [allocate_zeroed(shape, self.dtype, self.device) for _ in range(spec.num_layers)]
-        if self.device.type == "cuda" and not config.model.enforce_eager and self.backend.name == "triton":
+        graphs = self.device.type == "cuda" and not config.model.enforce_eager and self.backend.name == "triton"
+        if graphs and config.world_size > 1:
+            # torch.distributed's collectives are not captured into CUDA graphs here: run every step eagerly.
+            logger.info("rank %d: CUDA graphs are not captured with %d ranks; decode steps run eagerly",
+                        self.rank, config.world_size)
+            graphs = False
+        if graphs:
             from tokenmill.worker.cuda_graphs import CUDAGraphRunner
 
             self.graph_runner = CUDAGraphRunner(self.model, self.kv_caches, config.scheduler.max_num_seqs,
@@ -285,12 +379,16 @@ class Worker:
             "cuda_graph_sizes": list(self.graph_runner.sizes) if self.graph_runner is not None else None,
             "graph_capture_seconds": self.graph_capture_seconds,
             "memory_profile": self.memory_profile.as_dict() if self.memory_profile is not None else None,
+            # Where this worker sits: the weight and KV bytes above are this rank's share.
+            "rank": self.rank, "tensor_parallel_size": self.tensor_parallel_size,
         }
 
     def set_step_timing(self, enabled: bool) -> None:
         """Time each step's runner stages into ModelRunnerOutput.stage_seconds (off by default: on CUDA it
         records two pairs of events per step)."""
         self.runner.step_timing = bool(enabled)
+        if self.tensor_parallel_size > 1:
+            set_collective_timing(enabled)  # the collectives' share of the step: stage_seconds["collectives"]
 
     # ---- steps ----------------------------------------------------------------------------------------------
     def launch(self, sched: SchedulerOutput) -> None:

@@ -92,3 +92,36 @@ def test_engine_start_up_failure_gives_the_engine_message(problem, server_model_
     assert "start-up failed" in log and expected in log, log[-3000:]
     failure = [line for line in log.splitlines() if "start-up failed" in line]
     assert any(expected in line for line in failure), failure
+
+
+def test_a_killed_tensor_parallel_worker_fails_streams_and_exits(server_model_dir, tmp_path):
+    """`serve -tp 2`: SIGKILL of worker rank 1 mid-generation. The engine core kills the other rank (blocked in
+    a collective with the dead one) and fails; every stream ends with an error naming the rank, the server
+    exits non-zero and no process of its tree is left."""
+    server = ServerProcess([str(server_model_dir), "--dtype", "float32", "--kv-cache-memory", "16MiB",
+                            "--max-num-seqs", "4", "--tensor-parallel-size", "2"], tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        engine = engine_process(server)
+        workers = [c for c in engine.children() if "spawn_main" in " ".join(c.cmdline())]
+        assert len(workers) == 2, [c.cmdline() for c in engine.children()]
+        tree = psutil.Process(server.proc.pid).children(recursive=True)
+        streams = [Stream(server, LONG) for _ in range(4)]
+        for stream in streams:
+            stream.start()
+        for stream in streams:
+            assert stream.first_data.wait(60) and stream.status == 200
+        rank1 = max(workers, key=lambda w: w.create_time())  # started second
+        rank1.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        for stream in streams:
+            stream.join(max(0.0, killed + 10 - time.monotonic()))
+            assert not stream.is_alive(), "a stream hangs after a worker died"
+            assert stream.error is None, stream.error
+            assert stream.events[-1] == "[DONE]", stream.events[-3:]
+            error = json.loads(stream.events[-2])["error"]
+            assert "rank 1" in error["message"] and "exit code -9" in error["message"], error
+        assert server.proc.wait(15) == 1
+        assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        server.stop()

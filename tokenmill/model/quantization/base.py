@@ -33,6 +33,21 @@ WeightLoader = Callable[[nn.Parameter, torch.Tensor, int | None], None]
 class LinearMethod(ABC):
     """The storage and kernels of one linear layer's weight. Stateless: per-layer state lives on the layer."""
 
+    # Whether narrow_checkpoint_tensor can cut one tensor-parallel rank's part out of the checkpoint's tensors.
+    supports_tensor_parallel: ClassVar[bool] = False
+
+    def narrow_checkpoint_tensor(self, layer: Linear, name: str, tensor: torch.Tensor, dim: str, start: int,
+                                 size: int) -> torch.Tensor:
+        """One tensor-parallel rank's part of checkpoint tensor `name` of the layer: dim "output", the weight's
+        rows [start, start + size) (past the checkpoint's rows: zeros, a padded vocabulary); dim "input", its
+        input columns [start, start + size). A tensor that does not depend on that dimension comes back whole."""
+        raise ValueError(f"{type(self).__name__} weights cannot be split over tensor-parallel ranks")
+
+    def input_split_unit(self, in_features: int) -> int:
+        """The input columns that must stay together on one rank (a quantization block or group): a
+        row-parallel split must give each rank a multiple of it."""
+        return 1
+
     @abstractmethod
     def create_weights(self, layer: Linear, in_features: int, output_sizes: Sequence[int],
                        dtype: torch.dtype) -> None:
@@ -83,6 +98,18 @@ class QuantizationConfig(ABC):
     def check_dtype(self, dtype: torch.dtype) -> None:
         """Raise ValueError if the method cannot run with activations of `dtype`."""
         return None
+
+
+def narrow_padded(tensor: torch.Tensor, dim: int, start: int, size: int) -> torch.Tensor:
+    """tensor's [start, start + size) along dim; the part past its end (a vocabulary padded to a multiple of the
+    tensor-parallel ranks) filled with zeros."""
+    available = max(0, min(size, tensor.shape[dim] - start))
+    part = tensor.narrow(dim, start, available) if available else tensor.narrow(dim, 0, 0)
+    if available == size:
+        return part
+    shape = list(tensor.shape)
+    shape[dim] = size - available
+    return torch.cat((part, torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)), dim=dim)
 
 
 def set_weight_attrs(param: nn.Parameter, **attrs: Any) -> nn.Parameter:

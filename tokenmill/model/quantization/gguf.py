@@ -25,7 +25,12 @@ import torch
 from torch import nn
 
 from tokenmill.kernels.cpu.quant import Int4Weight, Int8Weight, pack_int4, pack_int8
-from tokenmill.model.quantization.base import LinearMethod, QuantizationConfig, register_quantization_config
+from tokenmill.model.quantization.base import (
+    LinearMethod,
+    QuantizationConfig,
+    narrow_padded,
+    register_quantization_config,
+)
 from tokenmill.model.quantization.unquantized import UnquantizedLinearMethod
 
 if TYPE_CHECKING:
@@ -117,8 +122,24 @@ class GGUFLinearMethod(LinearMethod):
     """Raw GGUF blocks loaded per shard, then one kernel per run of shards of the same kind (int4 or int8): a
     fused q/k/v of one type is one matmul; a mix (Q4_K_M files store attn_v as Q6_K) runs one per kind."""
 
+    supports_tensor_parallel = True
+
     def __init__(self, types: Sequence[str]) -> None:
         self.types = list(types)
+
+    def input_split_unit(self, in_features: int) -> int:
+        return max(GGUF_BLOCKS[t][0] for t in self.types)  # a rank's inputs hold whole blocks of every part
+
+    def narrow_checkpoint_tensor(self, layer: Linear, name: str, tensor: torch.Tensor, dim: str, start: int,
+                                 size: int) -> torch.Tensor:
+        # Raw blocks uint8 [rows, row_bytes]: rows are outputs; along a row, blocks of `block` inputs.
+        if dim == "output":
+            return narrow_padded(tensor, 0, start, size)
+        # The checkpoint row's type is the same for every shard of a row-parallel layer (one shard).
+        block, nbytes = GGUF_BLOCKS[self.types[0]]
+        if start % block or size % block:
+            raise ValueError(f"input columns [{start}, {start + size}) cut through {self.types[0]} blocks of {block}")
+        return tensor.narrow(1, start // block * nbytes, size // block * nbytes)
 
     def create_weights(self, layer: Linear, in_features: int, output_sizes: Sequence[int],
                        dtype: torch.dtype) -> None:

@@ -79,6 +79,9 @@ class Int4RTNMethod(_QuantizeAtLoadMethod):
     def __init__(self, group_size: int) -> None:
         self.group_size = group_size
 
+    def input_split_unit(self, in_features: int) -> int:
+        return 32  # the smallest group int4_group_size takes: every rank's inputs must hold whole groups
+
     def quantize(self, weight: torch.Tensor) -> Int4Weight:
         group = int4_group_size(weight.shape[1], self.group_size)
         q, scales, zeros = quantize_int4(weight, group)

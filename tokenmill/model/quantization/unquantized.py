@@ -13,6 +13,7 @@ from tokenmill.model.quantization.base import (
     LinearMethod,
     QuantizationConfig,
     make_param,
+    narrow_padded,
     register_quantization_config,
 )
 
@@ -31,6 +32,15 @@ class UnquantizedLinearMethod(LinearMethod):
     every call (1.4x at batch 64 to 2x at batch 1 faster than F.linear on the plain weight, same results); the
     plain weight is then dropped unless an embedding lookup still needs it. Elsewhere F.linear.
     """
+
+    supports_tensor_parallel = True
+
+    def narrow_checkpoint_tensor(self, layer: Linear, name: str, tensor: torch.Tensor, dim: str, start: int,
+                                 size: int) -> torch.Tensor:
+        # weight [out_features, in_features]; bias [out_features]
+        if dim == "output":
+            return narrow_padded(tensor, 0, start, size)
+        return tensor.narrow(1, start, size) if name == "weight" else tensor
 
     def create_weights(self, layer: Linear, in_features: int, output_sizes: Sequence[int],
                        dtype: torch.dtype) -> None:
