@@ -125,7 +125,8 @@ class EngineCore:
             self.kv_sizing.num_blocks * self.kv_sizing.bytes_per_block / 2**20, self.dtype,
             self.max_model_len, self.kv_sizing.num_tokens / self.max_model_len,
         )
-        log_rank_memory(config, self.model_dir, self.executor.engine_facts(), self.kv_sizing.num_blocks)
+        facts = self.executor.engine_facts()
+        log_rank_memory(config, self.model_dir, facts.get("ranks", facts), self.kv_sizing.num_blocks)
         freeze_gc_heap()
 
     # ---- the in-process worker (device-side attributes, for tests and benchmarks) ----------------------------

@@ -215,13 +215,17 @@ def size_kv_cache(config: EngineConfig, hf_config: dict, dtype: torch.dtype, dev
 
 
 def weight_bytes_read_per_step(model: torch.nn.Module) -> int:
-    """Bytes of weights a decode step reads: every parameter once (a tied embedding counted once), except an
-    untied embedding table, of which only the batch's rows are read."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() yields a tied one once
+    """Bytes of weights a decode step reads: every weight as allocated (quantized layers' packed tensors
+    included, a tied embedding once), except an untied embedding table, of which only the batch's rows are read."""
+    from tokenmill.model.layers.linear import resident_tensors, tensor_bytes
+
+    if not hasattr(model, "weight_bytes"):
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+    total = int(model.weight_bytes())
     spec = getattr(model, "spec", None)
     embed = getattr(model, "embed_tokens", None)
     if spec is not None and embed is not None and not spec.tie_word_embeddings:
-        total -= embed.weight.numel() * embed.weight.element_size()
+        total -= sum(dict(tensor_bytes(t) for t in resident_tensors(embed) if t.device.type != "meta").values())
     return total
 
 
