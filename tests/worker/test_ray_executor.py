@@ -107,13 +107,16 @@ def ray_cluster():
     port = _free_port()
     log_path = Path(temp_dir) / "ray_start.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed below
+    # A loopback cluster without token authentication, whether or not ~/.ray/auth_token exists (Ray turns it on
+    # for a new cluster when that file does); this process and the engine's join it the same way.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address",
+        [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())", "start", "--head", "--block", "--node-ip-address",
          "127.0.0.1", "--port", str(port), "--num-cpus", str(CLUSTER_CPUS), "--include-dashboard=false",
          "--disable-usage-stats", "--object-store-memory", str(80 * 2**20), "--temp-dir", temp_dir],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    saved = os.environ.get("RAY_ADDRESS")
+    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     try:
         deadline = time.monotonic() + 90
         while "Ray runtime started" not in log_path.read_text(errors="replace"):
@@ -123,10 +126,11 @@ def ray_cluster():
         os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
         yield os.environ["RAY_ADDRESS"]
     finally:
-        if saved is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         if ray.is_initialized():
             ray.shutdown()
         proc.send_signal(signal.SIGTERM)
