@@ -27,8 +27,10 @@ from tokenmill.worker.executor import WorkerProcessError
 from tokenmill.worker.ray_executor import (
     PER_WORKER_CPUS_ENV,
     PLACEMENT_TIMEOUT_ENV,
+    RankPlacement,
     check_cluster_fits,
     default_cpus_per_worker,
+    place_ranks,
 )
 
 CLUSTER_CPUS = 4
@@ -74,6 +76,21 @@ def test_default_cpus_per_worker_places_every_rank():
         check_cluster_fits({"a": {"CPU": 4.0}}, {"CPU": 3.0}, 2, "tp=2")
     with pytest.raises(ValueError, match=r"room for 0 \(a: GPU 0\)"):
         check_cluster_fits({"a": {"CPU": 4.0}}, {"GPU": 1.0}, 1, "tp=1")
+
+
+def test_ranks_follow_nodes_and_local_ranks_their_gpus():
+    """Bundles placed on nodes a, b, a, b: a's actors get ranks 0-1 and b's 2-3 (tensor-parallel pairs share a
+    node); each sees its node's GPUs and takes its own GPU's index there as local rank."""
+    def at(node: str, gpu: str | None) -> dict:
+        return {"node_id": node, "gpu_ids": [gpu] if gpu else []}
+
+    infos = [at("a", "3"), at("b", "0"), at("a", "1"), at("b", "1")]
+    assert place_ranks(infos) == [
+        RankPlacement(0, 1, {"CUDA_VISIBLE_DEVICES": "1,3"}), RankPlacement(2, 0, {"CUDA_VISIBLE_DEVICES": "1,3"}),
+        RankPlacement(1, 0, {"CUDA_VISIBLE_DEVICES": "0,1"}), RankPlacement(3, 1, {"CUDA_VISIBLE_DEVICES": "0,1"}),
+    ]
+    cpu = place_ranks([at("b", None), at("a", None), at("b", None)])
+    assert [(p.actor_index, p.local_rank, p.env) for p in cpu] == [(0, 0, {}), (2, 1, {}), (1, 0, {})]
 
 
 # ---- a local cluster ----------------------------------------------------------------------------------------
@@ -181,8 +198,9 @@ def _prompts(vocab_size: int, lengths=(5, 40, 17, 9)) -> list[list[int]]:
 
 @pytest.mark.slow
 def test_ray_tp2_gives_tp1_tokens(ray_cluster, tiny_models):
-    """TP=2 in two Ray actors (the engine connects through RAY_ADDRESS) gives TP=1's greedy tokens, with chunked
-    prefill; each actor's torch threads are its bundle's CPUs; shutdown leaves no actor process."""
+    """TP=2 in two Ray actors (the engine connects through RAY_ADDRESS), async-scheduled, gives TP=1's greedy
+    tokens, with chunked prefill; each actor's torch threads are its bundle's CPUs; shutdown leaves no actor
+    process and disconnects from the cluster, which runs on."""
     import ray
 
     from tokenmill import LLM
@@ -197,7 +215,8 @@ def test_ray_tp2_gives_tp1_tokens(ray_cluster, tiny_models):
     expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params, use_tqdm=False)]
     reference.llm_engine.shutdown()
 
-    llm = LLM(model_dir, tensor_parallel_size=2, distributed_executor_backend="ray", **kwargs)
+    llm = LLM(model_dir, tensor_parallel_size=2, distributed_executor_backend="ray", async_scheduling=True,
+              **kwargs)
     try:
         info = llm.llm_engine.engine_info()
         assert info["distributed_executor_backend"] == "ray"
@@ -302,3 +321,17 @@ def test_cluster_without_room_is_refused_fast(ray_client, tiny_models, monkeypat
         assert {table[pg]["state"] for pg in set(table) - before - {held.id.hex()}} == {"REMOVED"}
     finally:
         ray.util.remove_placement_group(held)
+
+
+@pytest.mark.slow
+def test_worker_start_up_error_reaches_the_engine(ray_client, tmp_path, monkeypatch):
+    """A rank whose Worker cannot be built (a config.json without a model) answers with its traceback: the
+    engine raises WorkerProcessError with it, and the actor and placement group are gone."""
+    ray = ray_client
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setenv(PER_WORKER_CPUS_ENV, "1")
+    before = set(ray.util.placement_group_table())
+    with pytest.raises(WorkerProcessError, match=r"worker process failed \(rank 0\):\n.*Traceback"):
+        _ray_core(tmp_path)
+    table = ray.util.placement_group_table()
+    assert {table[pg]["state"] for pg in set(table) - before} == {"REMOVED"}

@@ -43,6 +43,7 @@ import time
 import traceback
 import weakref
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,44 @@ def check_cluster_fits(nodes: dict[str, dict[str, float]], bundle: dict[str, flo
 
 def _format(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{name}: {amount:g}" for name, amount in sorted(resources.items())) + "}"
+
+
+@dataclass(frozen=True)
+class RankPlacement:
+    """One rank's actor (its index in the placement group's bundles), its local rank on its node, and the
+    environment it needs there."""
+
+    actor_index: int
+    local_rank: int
+    env: dict[str, str]
+
+
+def place_ranks(infos: list[dict[str, Any]]) -> list[RankPlacement]:
+    """Ranks for actors located by RayWorkerActor.node_info (in bundle order), rank order first: ranks follow the
+    nodes (in the order of their first bundle), so a node's actors get consecutive ranks (whole tensor-parallel
+    groups where they fit). Local rank: the actor's index among its node's actors; with GPUs, its GPU's index
+    among the node's GPUs, which every actor of the node then sees (CUDA_VISIBLE_DEVICES), as process groups
+    over NCCL need the peers' devices visible."""
+    node_order: dict[str, int] = {}
+    for info in infos:
+        node_order.setdefault(info["node_id"], len(node_order))
+    order = sorted(range(len(infos)), key=lambda i: (node_order[infos[i]["node_id"]], i))
+    node_gpus: dict[str, list[str]] = {}
+    for info in infos:
+        node_gpus.setdefault(info["node_id"], []).extend(info["gpu_ids"])
+    placements = []
+    seen: dict[str, int] = {}  # node id -> its actors placed so far
+    for i in order:
+        node, gpu_ids = infos[i]["node_id"], infos[i]["gpu_ids"]
+        env: dict[str, str] = {}
+        local_rank = seen.get(node, 0)
+        if gpu_ids:
+            gpus = sorted(node_gpus[node], key=_gpu_sort_key)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+            local_rank = gpus.index(gpu_ids[0])
+        seen[node] = seen.get(node, 0) + 1
+        placements.append(RankPlacement(i, local_rank, env))
+    return placements
 
 
 class RayWorkerActor:
@@ -302,41 +341,22 @@ class RayDistributedExecutor(Executor):
         self._resources["actors"] = actors
         infos = self._gather([a.node_info.remote() for a in actors], wrapped=False)
 
-        # Ranks follow the nodes (in the order their first bundle came), so a node's actors are consecutive.
-        node_order: dict[str, int] = {}
-        for info in infos:
-            node_order.setdefault(info["node_id"], len(node_order))
-        order = sorted(range(self.world_size), key=lambda i: (node_order[infos[i]["node_id"]], i))
-        self._actors = [actors[i] for i in order]
-        self._nodes = [infos[i] for i in order]
+        placements = place_ranks(infos)
+        self._actors = [actors[p.actor_index] for p in placements]
+        self._nodes = [infos[p.actor_index] for p in placements]
         self._resources["actors"] = self._actors
         driver_node = ray.get_runtime_context().get_node_id()
         self._resources["local_pids"] = [n["pid"] for n in self._nodes if n["node_id"] == driver_node]
-
-        node_gpus: dict[str, list[str]] = {}
-        for info in self._nodes:
-            node_gpus.setdefault(info["node_id"], []).extend(info["gpu_ids"])
-        node_ranks: dict[str, int] = {}
         init_method = None
         if self.world_size > 1:
             port = self._gather([self._actors[0].free_port.remote()], wrapped=False)[0]
             init_method = f"tcp://{self._nodes[0]['node_ip']}:{port}"
         threads = int(num_cpus) if config.model.device != "cuda" or per_worker_cpus is not None else None
-        refs = []
-        for rank, (actor, info) in enumerate(zip(self._actors, self._nodes, strict=True)):
-            node = info["node_id"]
-            env: dict[str, str] = {}
-            if info["gpu_ids"]:
-                gpus = sorted(node_gpus[node], key=_gpu_sort_key)
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-                local_rank = gpus.index(info["gpu_ids"][0])
-            else:
-                local_rank = node_ranks.get(node, 0)
-            node_ranks[node] = node_ranks.get(node, 0) + 1
-            refs.append(actor.init_worker.remote(config, str(model_dir), rank, local_rank, init_method, env, threads))
+        refs = [actor.init_worker.remote(config, str(model_dir), rank, p.local_rank, init_method, p.env, threads)
+                for rank, (actor, p) in enumerate(zip(self._actors, placements, strict=True))]
         self.info: WorkerInfo = self._gather(refs)[self.output_rank]
         logger.info("Ray: %d workers (%s), %s each, on %d node(s): %s", self.world_size, self._parallel,
-                    _format(bundle), len(node_order),
+                    _format(bundle), len({n["node_id"] for n in self._nodes}),
                     ", ".join(f"rank {r} on {n['node_ip']} (pid {n['pid']})" for r, n in enumerate(self._nodes)))
 
     def _wait_for_placement(self, placement_group: Any, bundle: dict[str, float], timeout: float) -> None:
