@@ -16,9 +16,13 @@ Start-up:
      actor's node IP and a port free there. Every actor then builds its Worker (joining the process groups).
 
 Steps: each request of the executor ([method, argument], msgpack, serial.py) goes to every actor as the argument
-of one actor method call; Ray runs one caller's calls on an actor in the order they were made, so launch only
-submits (returning object refs, kept) and collect waits for the refs of the oldest launch and of its own call.
-The answer that counts comes from the output rank, the others are checked. An actor that dies (its process
+of one actor method call, and Ray runs one caller's calls on an actor in the order they were made. A step is one
+call per rank: the actor launches it and collects it (its runner appends the sampled tokens to its own state);
+launch only submits the calls and keeps their object refs, collect waits for the oldest step's refs. So async
+scheduling keeps the engine scheduling step N+1 while the actors run step N, and a step costs one actor call
+per rank rather than two (a Ray call costs ~1 ms of host time on a busy 2-core machine, a pipe message ~0.1 ms:
+BENCHMARKS.md). What it gives up, on CUDA: an actor builds step N+1's batch after step N has finished on the
+device, not while it runs. The answer that counts comes from the output rank, the others are checked. An actor that dies (its process
 killed, its node lost) fails its pending calls with RayActorError: the executor then kills every actor (the
 survivors may be blocked in a collective with the dead one), removes the placement group and raises
 WorkerProcessError. Shutdown kills the actors and removes the placement group; it disconnects from a cluster it
@@ -234,6 +238,9 @@ class RayWorkerActor:
             method, argument = self._decoder.decode(message)
             if self._handler is None:
                 raise RuntimeError("the worker is not built: init_worker failed or was not called")
+            if method == "step":  # launch, then collect that step: one call per step (see the module docstring)
+                self._handler.execute("launch", argument)
+                method, argument = "collect", None
             value = self._handler.execute(method, argument)
             if value is WorkerRequestHandler.NO_ANSWER:
                 return None
@@ -435,14 +442,14 @@ class RayDistributedExecutor(Executor):
         self._call("initialize_cache", [num_blocks, max_model_len])
 
     def launch(self, sched: SchedulerOutput) -> None:
-        self._launched.append(self._submit("launch", sched))
+        """Submit the step to every actor (launch and collect there, in one call); returns at once."""
+        self._launched.append(self._submit("step", sched))
 
     def collect(self) -> ModelRunnerOutput:
+        """The output rank's answer to the oldest launched step, waiting for it."""
         if not self._launched:
             raise RuntimeError("collect() without a launched step")
-        launched = self._launched.popleft()
-        answers = self._gather([*launched, *self._submit("collect")])
-        return answers[self.world_size + self.output_rank]
+        return self._gather(self._launched.popleft())[self.output_rank]
 
     def engine_facts(self) -> dict:
         """The output rank's facts, with every rank's place (node IP, pid, CPU threads) and memory under
