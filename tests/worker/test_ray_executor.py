@@ -64,6 +64,19 @@ def test_bad_environment_is_refused_before_connecting(monkeypatch, tmp_path, nam
         EngineCore(config, tmp_path, show_progress=False)
 
 
+def test_unreachable_ray_address_is_refused_at_once(monkeypatch, tmp_path):
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_free_port()}")  # nothing listens there
+    config = EngineConfig.from_kwargs(str(tmp_path), device="cpu", distributed_executor_backend="ray")
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=r"cannot connect to the Ray cluster at RAY_ADDRESS='127\.0\.0\.1:\d+' "
+                                              r"\(.*refused.*\): start it"):
+        EngineCore(config, tmp_path, show_progress=False)
+    assert time.monotonic() - start < 5
+    assert not ray.is_initialized()
+
+
 def test_default_cpus_per_worker_places_every_rank():
     assert default_cpus_per_worker([4.0], 2) == 2
     assert default_cpus_per_worker([4.0], 3) == 1

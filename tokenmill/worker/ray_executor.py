@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 import traceback
@@ -147,6 +148,24 @@ def check_cluster_fits(nodes: dict[str, dict[str, float]], bundle: dict[str, flo
         f"the Ray cluster cannot hold {world_size} workers ({parallel}) of {_format(bundle)} each: its "
         f"{len(nodes)} node(s) have room for {room} ({have or 'no alive node'}): {fixes}"
     )
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """ConnectionError, at once, when RAY_ADDRESS is a "host:port" that accepts no TCP connection (ray.init would
+    retry it for minutes)."""
+    match = re.fullmatch(r"\[?([^\[\]/]+?)\]?:(\d+)", address)
+    if match is None:  # "auto", "ray://...": Ray's own forms
+        return
+    try:
+        with socket.create_connection((match.group(1), int(match.group(2))), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ConnectionError(_unreachable(address, e)) from e
+
+
+def _unreachable(address: str, error: BaseException) -> str:
+    return (f"cannot connect to the Ray cluster at RAY_ADDRESS={address!r} ({error}): start it (`ray start --head` "
+            "on its head node) or unset RAY_ADDRESS to start a local one")
 
 
 def _format(resources: dict[str, float]) -> str:
@@ -295,13 +314,13 @@ class RayDistributedExecutor(Executor):
                         ray.get_runtime_context().gcs_address)
             return
         address = os.environ.get("RAY_ADDRESS", "").strip()
+        if address:
+            check_reachable(address)
         try:
             ray.init(address=address or "auto", logging_level=logging.WARNING)
         except ConnectionError as e:
             if address:
-                raise ConnectionError(f"cannot connect to the Ray cluster at RAY_ADDRESS={address!r} ({e}): start "
-                                      "it (`ray start --head` on its head node) or unset RAY_ADDRESS to start a "
-                                      "local one") from e
+                raise ConnectionError(_unreachable(address, e)) from e
             logger.info("Ray: no running cluster found (RAY_ADDRESS unset, none started on this machine): "
                         "starting a local one for this engine; it stops with the engine")
             ray.init(include_dashboard=False, logging_level=logging.WARNING)
