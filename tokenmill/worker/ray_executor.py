@@ -22,11 +22,12 @@ launch only submits the calls and keeps their object refs, collect waits for the
 scheduling keeps the engine scheduling step N+1 while the actors run step N, and a step costs one actor call
 per rank rather than two (a Ray call costs ~1 ms of host time on a busy 2-core machine, a pipe message ~0.1 ms:
 BENCHMARKS.md). What it gives up, on CUDA: an actor builds step N+1's batch after step N has finished on the
-device, not while it runs. The answer that counts comes from the output rank, the others are checked. An actor that dies (its process
-killed, its node lost) fails its pending calls with RayActorError: the executor then kills every actor (the
-survivors may be blocked in a collective with the dead one), removes the placement group and raises
-WorkerProcessError. Shutdown kills the actors and removes the placement group; it disconnects from a cluster it
-connected to and stops one it started, never one it did not start.
+device, not while it runs. The answer that counts comes from the output rank, the others are checked.
+
+Failures: an actor that dies (its process killed, its node lost) fails its pending calls with RayActorError;
+the executor then kills every actor (the survivors may be blocked in a collective with the dead one), removes
+the placement group and raises WorkerProcessError. Shutdown kills the actors and removes the placement group; it
+disconnects from a cluster it connected to and stops one it started, never one it did not start.
 
 Environment:
   RAY_ADDRESS                          the cluster to join ("host:port" of its head node)
