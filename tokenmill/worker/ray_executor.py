@@ -73,6 +73,8 @@ PLACEMENT_TIMEOUT_ENV = "TOKENMILL_RAY_PLACEMENT_TIMEOUT_S"
 DEFAULT_PLACEMENT_TIMEOUT_S = 300.0
 # Seconds between log lines while the placement group waits for resources.
 _PLACEMENT_LOG_INTERVAL_S = 10.0
+# Seconds a rank's failure waits for Ray to report a peer's death, its likely cause.
+_DEATH_REPORT_GRACE_S = 5.0
 # Seconds shutdown waits for killed actors' processes on this node to exit.
 _ACTOR_EXIT_TIMEOUT_S = 10.0
 
@@ -429,17 +431,41 @@ class RayDistributedExecutor(Executor):
                 try:
                     value = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
-                    where = f", pid {self._nodes[rank]['pid']} on {self._nodes[rank]['node_ip']}" if self._nodes else ""
-                    raise self._fail(f"the worker process died (rank {rank}{where}): "
-                                     f"{_first_line(e)}") from None
+                    raise self._fail(self._died(rank, e)) from None
                 except ray.exceptions.RayError as e:
                     raise self._fail(f"the worker actor failed (rank {rank}): {e}") from None
                 if wrapped and value is not None:
                     status, value = value if isinstance(value, list) else self._decoder.decode(value)
                     if status != "ok":
-                        raise self._fail(f"the worker process failed (rank {rank}):\n{value}")
+                        # A peer that died makes the survivors' collectives fail at once (connection closed),
+                        # often before Ray reports the death: report the death, the cause, if it comes.
+                        death = self._death_among(pending, _DEATH_REPORT_GRACE_S)
+                        failed = f"the worker process failed (rank {rank}):\n{value}"
+                        raise self._fail(f"{death}; then {failed}" if death else failed)
                 values[index] = value
         return [values[i] for i in range(len(refs))]
+
+    def _died(self, index: int, error: BaseException) -> str:
+        rank = index % self.world_size
+        where = f", pid {self._nodes[rank]['pid']} on {self._nodes[rank]['node_ip']}" if self._nodes else ""
+        return f"the worker process died (rank {rank}{where}): {_first_line(error)}"
+
+    def _death_among(self, pending: dict[Any, int], timeout: float) -> str | None:
+        """The death of a rank among the pending refs (ref -> index) reported within timeout seconds, if any."""
+        ray = self._ray
+        refs = list(pending)
+        deadline = time.monotonic() + timeout
+        while refs:
+            done, refs = ray.wait(refs, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                return None
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayActorError as e:
+                return self._died(pending[done[0]], e)
+            except ray.exceptions.RayError:
+                pass
+        return None
 
     def _fail(self, message: str) -> WorkerProcessError:
         """Kill every actor (survivors may be blocked in a collective with the dead one) and remove the placement
