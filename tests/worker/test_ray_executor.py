@@ -218,7 +218,8 @@ def test_ray_tp2_gives_tp1_tokens(ray_cluster, tiny_models):
 
     from tokenmill import LLM
 
-    assert not ray.is_initialized()
+    if ray.is_initialized():  # another test's connection: the engine is to make its own
+        ray.shutdown()
     model_dir = str(tiny_models["llama"])
     kwargs = dict(dtype="float32", device="cpu", max_num_batched_tokens=16, max_model_len=128,
                   show_progress=False)
