@@ -271,7 +271,7 @@ def test_killed_actor_fails_the_engine_and_leaves_no_actor(ray_client, tiny_mode
         ranks = core.engine_info()["ranks"]
         assert [r["num_cpu_threads"] for r in ranks] == [1, 1]
         pids = [r["pid"] for r in ranks]
-        actor_ids = [a._actor_id.hex() for a in executor.actors]
+        actor_ids = [r["actor_id"] for r in ranks]
         placement_group = executor.placement_group
         for i, prompt in enumerate(_prompts(core.spec.vocab_size)):
             core.add_request(Request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=50,

@@ -223,12 +223,13 @@ class RayWorkerActor:
         self._handler: WorkerRequestHandler | None = None
 
     def node_info(self) -> dict[str, Any]:
-        """Where this actor runs: Ray node id and IP, its GPU ids, its process id."""
+        """Where this actor runs: Ray node id and IP, its GPU ids, its process id, its actor id."""
         import ray
 
         context = ray.get_runtime_context()
         return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-                "gpu_ids": [str(i) for i in ray.get_gpu_ids()], "pid": os.getpid()}
+                "gpu_ids": [str(i) for i in ray.get_gpu_ids()], "pid": os.getpid(),
+                "actor_id": context.get_actor_id()}
 
     def free_port(self) -> int:
         """A TCP port free on this node (the rank-0 actor's: the process groups' rendezvous)."""
@@ -498,12 +499,12 @@ class RayDistributedExecutor(Executor):
         return self._gather(self._launched.popleft())[self.output_rank]
 
     def engine_facts(self) -> dict:
-        """The output rank's facts, with every rank's place (node IP, pid, CPU threads) and memory under
-        "ranks"."""
+        """The output rank's facts, with every rank's place (node IP, pid, Ray actor id, CPU threads) and memory
+        under "ranks"."""
         facts = self._call("engine_facts")
         out = dict(facts[self.output_rank])
-        out["ranks"] = [{key: f[key] for key in ("rank", "node_ip", "pid", "num_cpu_threads", "weight_bytes",
-                                                "kv_cache_bytes")} for f in facts]
+        out["ranks"] = [{key: f[key] for key in ("rank", "node_ip", "pid", "actor_id", "num_cpu_threads",
+                                                "weight_bytes", "kv_cache_bytes")} for f in facts]
         return out
 
     def set_step_timing(self, enabled: bool) -> None:
@@ -513,11 +514,6 @@ class RayDistributedExecutor(Executor):
     def placement_group(self) -> Any:
         """The Ray placement group of the workers (None once removed)."""
         return self._resources["placement_group"]
-
-    @property
-    def actors(self) -> list[Any]:
-        """The workers' Ray actor handles, in rank order."""
-        return list(self._actors)
 
     def shutdown(self) -> None:
         _release(self._ray, self._resources)
