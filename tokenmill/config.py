@@ -220,8 +220,9 @@ class EngineConfig:
     # Pipeline-parallel degree: the decoder layers split into this many stages (vLLM's --pipeline-parallel-size).
     pipeline_parallel_size: int = 1
     # Where the workers (model, KV cache, runner) run: "uni" in the engine's process (one rank only), "mp" in
-    # child processes, one per rank, reached through the serialized step contract (vLLM's
-    # --distributed-executor-backend); None: "uni" for one rank, "mp" for more (resolve_defaults).
+    # child processes, one per rank, reached through the serialized step contract, "ray" in Ray actors placed on
+    # the nodes of a Ray cluster (vLLM's --distributed-executor-backend); None: "uni" for one rank, "mp" for more
+    # (resolve_defaults).
     distributed_executor_backend: str | None = None
 
     @classmethod
@@ -238,8 +239,8 @@ class EngineConfig:
         self.scheduler.validate()
         self.structured_outputs.validate()
         backend = self.distributed_executor_backend
-        if backend not in (None, "uni", "mp"):
-            raise ValueError(f"distributed_executor_backend must be 'uni' or 'mp', got {backend!r}")
+        if backend not in (None, "uni", "mp", "ray"):
+            raise ValueError(f"distributed_executor_backend must be 'uni', 'mp' or 'ray', got {backend!r}")
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

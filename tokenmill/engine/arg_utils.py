@@ -91,10 +91,11 @@ class EngineArgs:
     pipeline_parallel_size: int = field(default=1, metadata={"aliases": ["-pp"]})
     """number of pipeline stages to split the decoder layers over (only 1 is supported yet)"""
 
-    distributed_executor_backend: str | None = field(default=None, metadata={"choices": ["uni", "mp"]})
+    distributed_executor_backend: str | None = field(default=None, metadata={"choices": ["uni", "mp", "ray"]})
     """where the workers (model, KV cache, model runner) run: uni, in the engine core's process (one rank); mp,
-    in child processes, one per rank, driven through the serialized step contract (default: uni for one rank,
-    mp for more)"""
+    in child processes, one per rank, driven through the serialized step contract; ray, in Ray actors placed on
+    the nodes of a Ray cluster (RAY_ADDRESS, else a running local one, else one started for the engine)
+    (default: uni for one rank, mp for more)"""
 
     enforce_eager: bool = False
     """CUDA: always run eagerly, never replay captured CUDA graphs for decode steps"""

@@ -133,7 +133,8 @@ class InprocClient(EngineCoreClient):
         return self.service.call_utility(name, list(args))
 
     def shutdown(self) -> None:
-        pass
+        """Release the core's workers (processes or Ray actors of its executor, if any)."""
+        self.service.shutdown()
 
 
 class MPClient(EngineCoreClient):

@@ -5,6 +5,9 @@
                        every call crosses a pipe per rank as msgpack bytes (serial.py): the SchedulerOutput
                        in, the ModelRunnerOutput out (from the output rank). Tensor parallelism runs
                        tensor_parallel_size of them, joined in process groups (tokenmill/distributed).
+    RayDistributedExecutor  one Worker per rank, each in a Ray actor placed on a Ray cluster's nodes
+                       (distributed_executor_backend="ray", ray_executor.py); the same msgpack messages travel as
+                       actor method calls.
 
 Both follow one contract (Executor): start-up in one direction (determine_kv_cache_sizing, then
 initialize_cache), then launch(SchedulerOutput) / collect() -> ModelRunnerOutput, collected in launch order.
@@ -36,7 +39,7 @@ from tokenmill.worker.worker import KVCacheSizing, Worker, freeze_gc_heap
 if TYPE_CHECKING:
     from tokenmill.worker.model_runner import GrammarFactory
 
-EXECUTOR_BACKENDS = ("uni", "mp")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 
 
 @dataclass
@@ -111,6 +114,10 @@ def make_executor(config: EngineConfig, model_dir: Path, show_progress: bool = T
         return UniProcExecutor(config, model_dir, show_progress, grammar_factory)
     if backend == "mp":
         return MultiprocExecutor(config, model_dir)
+    if backend == "ray":
+        from tokenmill.worker.ray_executor import RayDistributedExecutor
+
+        return RayDistributedExecutor(config, model_dir)
     raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, got {backend!r}")
 
 
@@ -142,7 +149,8 @@ class UniProcExecutor(Executor):
 
 
 class WorkerProcessError(RuntimeError):
-    """A worker process failed (its traceback is in the message) or died (its rank and exit code are)."""
+    """A worker process (or Ray actor) failed (its traceback is in the message) or died (its rank and exit code
+    are)."""
 
 
 @dataclass

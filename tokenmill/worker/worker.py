@@ -237,11 +237,13 @@ class Worker:
     it is given): no "auto" and no None is left for it to decide, except the KV cache size on a GPU, which it
     measures. Its place in the world comes as arguments (rank, local_rank: the device index on its node, and the
     rendezvous distributed_init_method "tcp://host:port"), whatever started it: the multiprocessing executor, or
-    a Ray actor. It joins the process groups before it builds its share of the model."""
+    a Ray actor. It joins the process groups before it builds its share of the model. num_cpu_threads (CPU): the
+    torch threads its starter gives it (a Ray actor: its bundle's CPUs); None shares this machine's usable CPUs
+    evenly among the ranks."""
 
     def __init__(self, config: EngineConfig, model_dir: Path, show_progress: bool = True,
                  grammar_factory: GrammarFactory | None = None, rank: int = 0, local_rank: int = 0,
-                 distributed_init_method: str | None = None) -> None:
+                 distributed_init_method: str | None = None, num_cpu_threads: int | None = None) -> None:
         unresolved = unresolved_defaults(config)
         if unresolved:
             raise ValueError(f"the worker got a config with unresolved defaults ({', '.join(unresolved)}): pass "
@@ -263,7 +265,10 @@ class Worker:
             self.device = torch.device("cuda", local_rank)
         if self.device.type == "cpu":
             check_cpu_threads()
-            if config.world_size > 1:
+            if num_cpu_threads is not None:
+                torch.set_num_threads(num_cpu_threads)
+                logger.info("rank %d: %d CPU threads", rank, num_cpu_threads)
+            elif config.world_size > 1:
                 # N ranks on one CPU: each takes its share of the cores, or their OpenMP pools oversubscribe it.
                 threads = max(1, usable_cpus() // config.world_size)
                 torch.set_num_threads(threads)
