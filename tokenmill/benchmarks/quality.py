@@ -71,7 +71,9 @@ def sequence_logprobs(scored: ScoredModel, token_ids: list[int]) -> torch.Tensor
     meta = AttentionMetadata.build([0, n], [n], torch.arange(num_blocks, dtype=torch.int32)[None],
                                    torch.arange(n, dtype=torch.int64))
     hidden = model(torch.tensor(token_ids), torch.arange(n), caches, meta)
-    return torch.log_softmax(model.compute_logits(hidden).float(), dim=-1)
+    logits = model.compute_logits(hidden)
+    assert logits is not None, "the quality model runs in one process, which holds the whole vocabulary"
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def _greedy(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -251,7 +251,7 @@ class MultiprocExecutor(Executor):
                     raise self._fail(f"the worker process failed (rank {w.rank}):\n{value}")
                 answers[w.rank] = value
             for item in ready:
-                dead = sentinels.get(item)  # type: ignore[call-overload]
+                dead = sentinels.get(item)  # type: ignore[call-overload,arg-type]
                 if dead is None or (dead.conn in pending and dead.conn.poll()):
                     continue  # not a process, or its last answer is still to be read
                 dead.process.join(timeout=5)

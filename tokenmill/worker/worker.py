@@ -219,9 +219,10 @@ def weight_bytes_read_per_step(model: torch.nn.Module) -> int:
     included, a tied embedding once), except an untied embedding table, of which only the batch's rows are read."""
     from tokenmill.model.layers.linear import resident_tensors, tensor_bytes
 
-    if not hasattr(model, "weight_bytes"):
+    allocated = getattr(model, "weight_bytes", None)
+    if not callable(allocated):
         return sum(p.numel() * p.element_size() for p in model.parameters())
-    total = int(model.weight_bytes())
+    total = int(allocated())
     spec = getattr(model, "spec", None)
     embed = getattr(model, "embed_tokens", None)
     if spec is not None and embed is not None and not spec.tie_word_embeddings:
