@@ -4,8 +4,8 @@
 - rms_norm, rotary_embedding_, silu_and_mul, write_kv: the fused elementwise work of a layer for bfloat16
   activations (csrc/layer_ops.c), used by the model when layer_ops_supported() says so;
 - argmax: greedy sampling of a batch of logits (float32 or bfloat16) in one pass;
-- int8_gemm, int8_dequant_bf16, int4_gemm, int4_dequant: weight-only quantized matmuls (csrc/quant.c), called through
-  tokenmill.kernels.cpu.quant.
+- int8_gemm, int8_dequant_bf16, int4_gemm, int4_dequant, int8_tile_gemm, int4_tile_gemm: weight-only quantized
+  matmuls (csrc/quant.c), called through tokenmill.kernels.cpu.quant.
 
 The sources live beside this file (csrc/). The shared library is cached under the tokenmill cache directory,
 keyed by the sources, the compiler and the CPU's feature flags, so it builds once per machine (a few
@@ -109,6 +109,9 @@ def load_library() -> ctypes.CDLL | None:
         "int8_dequant_bf16": [ptr, ptr, i64, ptr, i64, i64, i32],
         "int4_gemm": [ptr, i32, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "int4_dequant": [ptr, ptr, ptr, i64, ptr, i32, i64, i64, i32],
+        "tokenmill_quant_tile_vectorized": [],
+        "int8_tile_gemm": [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
+        "int4_tile_gemm": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes

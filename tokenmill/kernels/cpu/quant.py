@@ -40,6 +40,7 @@ INT4_MAX_PACKED_ROWS = 8
 INT8_MAX_PACKED_ROWS = 8
 LARGE_WEIGHT = 1 << 23
 LARGE_WEIGHT_MAX_PACKED_ROWS = 32
+MAX_TILE_ROWS = 1 << 30
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Multiply-adds below which a packed matmul runs on one thread: waking a second one costs more than it saves
 # (measured on the bundled model's layers, 2 cores; a busy machine makes the wake-up slower still).
@@ -53,6 +54,13 @@ def _threads(m: int, n: int, k: int) -> int:
 @functools.cache
 def _native() -> bool:
     return ops.load_library() is not None
+
+
+@functools.cache
+def _tile_native() -> bool:
+    """Whether the tile kernels are built with AVX512-BF16 here (else dequantize + GEMM serves every M > packed)."""
+    lib = ops.load_library()
+    return lib is not None and bool(lib.tokenmill_quant_tile_vectorized())
 
 
 class _QuantizedWeight:
@@ -71,18 +79,26 @@ class _QuantizedWeight:
         """Run the native packed kernel on x2 [m, K] (contiguous rows) into out [m, N]; its status (0: done)."""
         raise NotImplementedError
 
+    def _tile_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
+        """Run the native tile kernel on bfloat16 x2 [m, K] (contiguous rows) into out [m, N]; its status."""
+        raise NotImplementedError
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] @ w.T -> [..., N] in x's dtype."""
         x2 = x.reshape(-1, self.in_features)
         m = x2.shape[0]
-        if m <= self.max_packed_rows and x2.dtype in _DTYPE_CODES and x2.device.type == "cpu" and _native():
-            if x2.stride(-1) != 1:
-                x2 = x2.contiguous()
-            out = torch.empty((m, self.out_features), dtype=x2.dtype)
-            if self._packed_gemm(x2, out, m, _threads(m, self.out_features, self.in_features)) != 0:
-                raise MemoryError(f"{self.kernel_name} could not allocate {m * self.in_features * 4} bytes")
+        native = x2.dtype in _DTYPE_CODES and x2.device.type == "cpu" and _native()
+        if native and m <= self.max_packed_rows:
+            kernel = self._packed_gemm
+        elif native and m <= self.max_tile_rows and x2.dtype == torch.bfloat16 and _tile_native():
+            kernel = self._tile_gemm
         else:
-            out = F.linear(x2, self.dequantize(x2.dtype))
+            return F.linear(x2, self.dequantize(x2.dtype)).view(*x.shape[:-1], self.out_features)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out = torch.empty((m, self.out_features), dtype=x2.dtype)
+        if kernel(x2, out, m, _threads(m, self.out_features, self.in_features)) != 0:
+            raise MemoryError(f"{self.kernel_name} could not allocate its buffers for {m} x {self.in_features}")
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -104,6 +120,7 @@ class Int8Weight(_QuantizedWeight):
         self.group = group
         self.out_features, self.in_features = n, k
         self.max_packed_rows = LARGE_WEIGHT_MAX_PACKED_ROWS if n * k >= LARGE_WEIGHT else INT8_MAX_PACKED_ROWS
+        self.max_tile_rows = MAX_TILE_ROWS
 
     @property
     def nbytes(self) -> int:
@@ -132,6 +149,11 @@ class Int8Weight(_QuantizedWeight):
             x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.stride(0), self.q.data_ptr(), self.scales.data_ptr(),
             self.group, out.data_ptr(), out.stride(0), m, self.out_features, self.in_features, threads)
 
+    def _tile_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
+        return ops._library().int8_tile_gemm(
+            x2.data_ptr(), x2.stride(0), self.q.data_ptr(), self.scales.data_ptr(), self.group, out.data_ptr(),
+            out.stride(0), m, self.out_features, self.in_features, threads)
+
 
 class Int4Weight(_QuantizedWeight):
     """An int4 group-quantized weight (see the module docstring): q packed two to a byte, uint8 [N, K / 2] (in
@@ -145,6 +167,7 @@ class Int4Weight(_QuantizedWeight):
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         n, k = self.out_features, self.in_features
         self.max_packed_rows = LARGE_WEIGHT_MAX_PACKED_ROWS if n * k >= LARGE_WEIGHT else INT4_MAX_PACKED_ROWS
+        self.max_tile_rows = MAX_TILE_ROWS
 
     @property
     def nbytes(self) -> int:
@@ -180,6 +203,11 @@ class Int4Weight(_QuantizedWeight):
             x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(),
             self.offsets.data_ptr(), self.group, out.data_ptr(), out.stride(0), m, self.out_features,
             self.in_features, threads)
+
+    def _tile_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
+        return ops._library().int4_tile_gemm(
+            x2.data_ptr(), x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
+            self.group, out.data_ptr(), out.stride(0), m, self.out_features, self.in_features, threads)
 
 
 def pack_int8(q: torch.Tensor, scales: torch.Tensor, group: int | None = None) -> Int8Weight:
