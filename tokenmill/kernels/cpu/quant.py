@@ -36,10 +36,10 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 # by benchmarks/quant_kernels.py on the bundled model's shapes (BENCHMARKS.md, "Quantized linear kernels"): 8 for
 # the decoder's projections; 32 for weights of LARGE_WEIGHT elements or more (the output layer), whose
 # dequantization costs more than the packed kernel saves until the batch is large. Chosen once per weight.
-INT4_MAX_PACKED_ROWS = 8
-INT8_MAX_PACKED_ROWS = 8
+INT4_MAX_PACKED_ROWS = 2
+INT8_MAX_PACKED_ROWS = 2
 LARGE_WEIGHT = 1 << 23
-LARGE_WEIGHT_MAX_PACKED_ROWS = 32
+LARGE_WEIGHT_MAX_PACKED_ROWS = 4
 MAX_TILE_ROWS = 1 << 30
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Multiply-adds below which a packed matmul runs on one thread: waking a second one costs more than it saves

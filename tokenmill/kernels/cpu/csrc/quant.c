@@ -429,6 +429,7 @@ static void int4_fill_tile(const uint8_t *q, const uint16_t *scales, const uint1
             __m512i src[2][2];
             load8x16(rows, c / 2, &src[0][0], &src[0][1]);
             load8x16(rows + 8, c / 2, &src[1][0], &src[1][1]);
+#pragma GCC unroll 16
             for (int p = 0; p < 16; p++) {
                 // Inputs 2p and 2p + 1 of the chunk: the low nibbles of bytes 2p, 2p + 1 (p < 8), else the high
                 // nibbles of bytes 2p - 16, 2p - 15. multishift moves each nibble to the bottom of its lane.
@@ -464,6 +465,7 @@ static void int8_fill_tile(const int8_t *q, const float *scales, int64_t group, 
             __m512i src[2][2];
             load8x16(rows, c, &src[0][0], &src[0][1]);
             load8x16(rows + 8, c, &src[1][0], &src[1][1]);
+#pragma GCC unroll 8
             for (int p = 0; p < 8; p++) {
                 // Inputs 2p and 2p + 1: multishift puts each byte at the top of its lane, the arithmetic shift
                 // sign-extends it.
