@@ -83,22 +83,30 @@ class _QuantizedWeight:
         """Run the native tile kernel on bfloat16 x2 [m, K] (contiguous rows) into out [m, N]; its status."""
         raise NotImplementedError
 
+    def kernel_for(self, m: int, dtype: torch.dtype) -> str:
+        """Which kernel multiplies m activation rows of dtype (on the CPU): "packed", "tile" or "dequant"."""
+        if dtype not in _DTYPE_CODES or not _native():
+            return "dequant"
+        if m <= self.max_packed_rows:
+            return "packed"
+        if m <= self.max_tile_rows and dtype == torch.bfloat16 and _tile_native():
+            return "tile"
+        return "dequant"
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] @ w.T -> [..., N] in x's dtype."""
         x2 = x.reshape(-1, self.in_features)
         m = x2.shape[0]
-        native = x2.dtype in _DTYPE_CODES and x2.device.type == "cpu" and _native()
-        if native and m <= self.max_packed_rows:
-            kernel = self._packed_gemm
-        elif native and m <= self.max_tile_rows and x2.dtype == torch.bfloat16 and _tile_native():
-            kernel = self._tile_gemm
-        else:
+        kernel = self.kernel_for(m, x2.dtype) if x2.device.type == "cpu" else "dequant"
+        if kernel == "dequant":
             return F.linear(x2, self.dequantize(x2.dtype)).view(*x.shape[:-1], self.out_features)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         out = torch.empty((m, self.out_features), dtype=x2.dtype)
-        if kernel(x2, out, m, _threads(m, self.out_features, self.in_features)) != 0:
-            raise MemoryError(f"{self.kernel_name} could not allocate its buffers for {m} x {self.in_features}")
+        run = self._packed_gemm if kernel == "packed" else self._tile_gemm
+        if run(x2, out, m, _threads(m, self.out_features, self.in_features)) != 0:
+            raise MemoryError(f"{self.kernel_name} ({kernel}) could not allocate its buffers for {m} x "
+                              f"{self.in_features} activations")
         return out.view(*x.shape[:-1], self.out_features)
 
 
