@@ -51,17 +51,18 @@ def int8_case(n: int, k: int, group: int, seed: int = 0):
 
 
 def tile_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """What the tile kernel computes: the weight rounded once to float32 and then to bfloat16 (as dequantize +
-    GEMM would hold it), products summed exactly (float64 here, float32 there)."""
-    return x.double() @ w.float().bfloat16().double().T
+    """What the tile kernel computes: the exact weight times the (bfloat16) activations, summed in float64 here
+    (float32 there)."""
+    return x.double() @ w.double().T
 
 
 def assert_bf16_result(got: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     """got (bfloat16) is expected rounded to bfloat16, up to float32 summation error: at most one bfloat16 step
-    of the result plus 2^-16 of sum |x| |w| (the size of the terms summed)."""
+    of the result plus 2^-15 of sum |x| |w| (the size of the terms summed; rounding the weights to bfloat16 would
+    cost about 2^-9 of each term)."""
     assert got.dtype == torch.bfloat16 and got.shape == expected.shape
     magnitude = x.double().abs() @ w.double().abs().T
-    bound = expected.abs() * 2.0**-8 + magnitude * 2.0**-16
+    bound = expected.abs() * 2.0**-8 + magnitude * 2.0**-15
     err = (got.double() - expected).abs()
     assert bool((err <= bound).all()), f"max error {(err - bound).max():.3g} over the bound"
 
@@ -129,6 +130,34 @@ def test_tile_kernel_output_layer_shape_uses_both_threads():
     assert_bf16_result(got, tile_reference(x, w), x, w)
 
 
+@tile_built
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_tile_kernel_keeps_the_exact_weight(kind):
+    """The tile kernel applies the group scales and offsets in float32, not by rounding the weight to bfloat16: with
+    a large offset (GGUF Q4_1's minimum) and a small scale, bfloat16 would keep only the offset (w = 1 + 0.001 q
+    rounds to 1 or 1 + 2^-7), and activations summing to zero in each group leave just the scale's part."""
+    n, k, group = 48, 256, 32
+    g = _generator(5)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    if kind == "int4":
+        scales, offsets = torch.full((n, k // group), 2.0**-10), torch.ones(n, k // group)
+        weight = pack_int4(q, scales, None, group, bias=offsets)
+        w = q.double() * 2.0**-10 + 1
+    else:  # w = s q with q = 100 + small: bfloat16 keeps 8 bits of the 7-bit q times a float32 scale
+        qi = q.to(torch.int8) + 100
+        scales = torch.full((n, k // group), 1.01)
+        weight = pack_int8(qi, scales, group)
+        w = qi.double() * scales[0, 0].double()
+    forced(weight, "tile")
+    half = torch.randn(20, k // 2, generator=g).bfloat16()
+    x = torch.cat([half.reshape(20, -1, group // 2), -half.reshape(20, -1, group // 2)], dim=-1).reshape(20, k)
+    expected = x.double() @ w.T
+    got = weight.matmul(x).double()
+    rounded = x.double() @ w.float().bfloat16().double().T  # what a bfloat16 copy of the weight gives
+    assert ((got - expected).abs() <= expected.abs() * 2.0**-8 + 1e-6).all()
+    assert ((rounded - expected).abs() > expected.abs() * 2.0**-7).any()  # the case tells them apart
+
+
 @pytest.mark.parametrize("m", [1, 2, 17])
 def test_packed_kernels_still_exact_in_float32(m):
     """The packed kernels (few rows) use the float16 scales exactly: float32 activations give the float64 product
@@ -169,7 +198,8 @@ def test_without_the_tile_kernel_many_rows_dequantize(monkeypatch):
     x = torch.randn(17, 512, generator=_generator(1)).bfloat16()
     monkeypatch.setattr(quant, "_tile_native", lambda: False)
     assert weight.kernel_for(17, torch.bfloat16) == "dequant"
-    assert_bf16_result(weight.matmul(x), tile_reference(x, w), x, w)
+    rounded = w.float().bfloat16().double()  # dequantize + GEMM holds the weight in bfloat16
+    assert_bf16_result(weight.matmul(x), x.double() @ rounded.T, x, rounded)
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="needs a C compiler")

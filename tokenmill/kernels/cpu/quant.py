@@ -9,12 +9,18 @@ Conventions (every quantization method maps its checkpoint to one of these):
   bias [N, K / group]. Groups of 32, 64, 128 or 256 along K. Stored as q * scale + offset with float16 scales
   and offsets (offset = -zeros * scales, or bias).
 
-Which kernel runs depends on the number of activation rows M, chosen per call from thresholds measured on this
-CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
-- M <= max_packed_rows (decode; set per weight shape at construction): the packed kernels of csrc/quant.c (int4_gemm, int8_gemm) stream the quantized
-  bytes once and keep the activations in float32;
-- larger M (prefill, big decode batches): the weight is dequantized to the activation dtype, then one dense matmul
-  (oneDNN's AVX512-BF16 GEMM), since there the arithmetic, not the bytes, bounds the time.
+Which kernel runs depends on the number of activation rows M, chosen per call (kernel_for) from thresholds measured
+on this CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
+- M <= max_packed_rows (batch-1 decode; set per weight shape at construction): the packed kernels of csrc/quant.c
+  (int4_gemm, int8_gemm) stream the quantized bytes once and keep the activations in float32;
+- larger M with bfloat16 activations (decode batches, prefill): the tile kernels (int4_tile_gemm, int8_tile_gemm)
+  unpack 32 output columns at a time into a bfloat16 tile of the quantized values (exact) that stays in the core's
+  cache, multiply it against every row with AVX512-BF16 dot products and apply the group scales and offsets to the
+  float32 sums: the weight's bytes are read once, and no bfloat16 copy of the whole weight is written;
+- float32 activations above max_packed_rows, or a CPU (library build) without AVX512-BF16: the weight is
+  dequantized to the activation dtype, then one dense matmul (oneDNN).
+The packed and tile kernels multiply by the exact weight; dequantize + GEMM rounds it to bfloat16 (for bfloat16
+activations), which moved the bundled Q4_1 model's first answer token on a near-tie ("The" -> "L'Étoile").
 
 Precision kept: int8 scales are float32, so GGUF Q8_0 / Q6_K weights are exact. int4 scales and offsets are
 float16: GGUF Q4_0 / Q4_1 (float16 in the file) are exact; Q4_K's products d * sc and dmin * m are rounded to
@@ -32,10 +38,12 @@ import torch.nn.functional as F
 from tokenmill.kernels.cpu import ops
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-# Rows up to which the packed kernels beat dequantize + dense GEMM on this CPU (AVX512-BF16, no AMX), measured
-# by benchmarks/quant_kernels.py on the bundled model's shapes (BENCHMARKS.md, "Quantized linear kernels"): 8 for
-# the decoder's projections; 32 for weights of LARGE_WEIGHT elements or more (the output layer), whose
-# dequantization costs more than the packed kernel saves until the batch is large. Chosen once per weight.
+# Rows up to which the packed kernels beat the tile kernel on this CPU (AVX512-BF16 and VNNI, no AMX), measured by
+# benchmarks/quant_kernels.py on the bundled model's shapes (BENCHMARKS.md, "Quantized linear kernels per shape"):
+# 2 for the decoder's projections; 4 for weights of LARGE_WEIGHT elements or more (the output layer), where the
+# tile kernel's dequantization of the whole weight outweighs its faster multiply for a few rows. Chosen once per
+# weight. Above: the tile kernel for bfloat16 activations at every M (it beat dequantize + oneDNN GEMM up to the
+# 1024 rows measured, within noise at 1024), up to max_tile_rows.
 INT4_MAX_PACKED_ROWS = 2
 INT8_MAX_PACKED_ROWS = 2
 LARGE_WEIGHT = 1 << 23
@@ -65,11 +73,12 @@ def _tile_native() -> bool:
 
 class _QuantizedWeight:
     """What Int8Weight and Int4Weight share: the choice per call between the packed kernel (up to
-    max_packed_rows activation rows) and dequantize + dense GEMM."""
+    max_packed_rows activation rows), the tile kernel (bfloat16, up to max_tile_rows) and dequantize + dense GEMM."""
 
     in_features: int
     out_features: int
     max_packed_rows: int
+    max_tile_rows: int
     kernel_name: str
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
