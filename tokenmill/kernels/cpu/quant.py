@@ -42,13 +42,14 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 # benchmarks/quant_kernels.py on the bundled model's shapes (BENCHMARKS.md, "Quantized linear kernels per shape"):
 # 2 for the decoder's projections; 4 for weights of LARGE_WEIGHT elements or more (the output layer), where the
 # tile kernel's dequantization of the whole weight outweighs its faster multiply for a few rows. Chosen once per
-# weight. Above: the tile kernel for bfloat16 activations at every M (it beat dequantize + oneDNN GEMM up to the
-# 1024 rows measured, within noise at 1024), up to max_tile_rows.
+# weight. Above: the tile kernel for bfloat16 activations up to MAX_TILE_ROWS (decode batches, short prompts):
+# faster than dequantize + oneDNN GEMM at 16-64 rows, even at 256, and 10-15% slower at 2048 (a prefill chunk),
+# where the dequantization is spread over enough rows and oneDNN's bigger register blocks win.
 INT4_MAX_PACKED_ROWS = 2
 INT8_MAX_PACKED_ROWS = 2
 LARGE_WEIGHT = 1 << 23
 LARGE_WEIGHT_MAX_PACKED_ROWS = 4
-MAX_TILE_ROWS = 1 << 30
+MAX_TILE_ROWS = 512
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Multiply-adds below which a packed matmul runs on one thread: waking a second one costs more than it saves
 # (measured on the bundled model's layers, 2 cores; a busy machine makes the wake-up slower still).
