@@ -171,9 +171,9 @@ def test_packed_kernels_still_exact_in_float32(m):
 
 
 def test_kernel_choice_per_row_count():
-    """Packed for a few rows, the tile kernel above for bfloat16 activations (dequantize + GEMM where the tile
-    kernel is not built), dequantize + float32 GEMM for float32 activations above the packed rows; the output
-    layer's size keeps the packed kernel for more rows."""
+    """Packed for a few rows, the tile kernel above for bfloat16 activations up to MAX_TILE_ROWS (dequantize + GEMM
+    where the tile kernel is not built, and above), dequantize + float32 GEMM for float32 activations above the
+    packed rows; the output layer's size keeps the packed kernel for more rows."""
     small, _ = int4_case(96, 256, 32, False)
     large = pack_int8(torch.zeros(quant.LARGE_WEIGHT // 256, 256, dtype=torch.int8), torch.ones(quant.LARGE_WEIGHT // 256, 8),
                       32)
@@ -186,7 +186,8 @@ def test_kernel_choice_per_row_count():
         assert weight.kernel_for(1, torch.bfloat16) == "packed"
         assert weight.kernel_for(weight.max_packed_rows, torch.float32) == "packed"
         assert weight.kernel_for(weight.max_packed_rows + 1, torch.bfloat16) == many
-        assert weight.kernel_for(4096, torch.bfloat16) == many
+        assert weight.kernel_for(quant.MAX_TILE_ROWS, torch.bfloat16) == many
+        assert weight.kernel_for(quant.MAX_TILE_ROWS + 1, torch.bfloat16) == "dequant"  # a long prefill chunk
         assert weight.kernel_for(weight.max_packed_rows + 1, torch.float32) == "dequant"
         assert weight.kernel_for(64, torch.float16) == "dequant"
 
