@@ -39,16 +39,17 @@ from tokenmill.kernels.cpu import ops
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Rows up to which the packed kernels beat the tile kernel on this CPU (AVX512-BF16 and VNNI, no AMX), measured by
-# benchmarks/quant_kernels.py on the bundled model's shapes (BENCHMARKS.md, "Quantized linear kernels per shape"):
-# 2 for the decoder's projections; 4 for weights of LARGE_WEIGHT elements or more (the output layer), where the
-# tile kernel's dequantization of the whole weight outweighs its faster multiply for a few rows. Chosen once per
-# weight. Above: the tile kernel for bfloat16 activations up to MAX_TILE_ROWS (decode batches, short prompts):
-# faster than dequantize + oneDNN GEMM at 16-64 rows, even at 256, and 10-15% slower at 2048 (a prefill chunk),
-# where the dequantization is spread over enough rows and oneDNN's bigger register blocks win.
-INT4_MAX_PACKED_ROWS = 2
-INT8_MAX_PACKED_ROWS = 2
+# benchmarks/quant_kernels.py on the bundled model's shapes (BENCHMARKS.md, "Tile kernels for many rows"): 1 for the
+# decoder's projections (from 2 rows the tile kernel is as fast or faster); 2 for weights of LARGE_WEIGHT elements
+# or more (the output layer), where unpacking the whole weight into tiles outweighs the faster multiply for a few
+# rows (it wins from 4). Chosen once per weight. Above: the tile kernel for bfloat16 activations up to
+# MAX_TILE_ROWS (decode batches, short prompts): faster than dequantize + oneDNN GEMM from 2 to 512 rows summed over
+# the decoder's shapes, slower from 1024 (long prefill chunks), where the dequantization is spread over enough rows
+# and oneDNN's larger register blocks win.
+INT4_MAX_PACKED_ROWS = 1
+INT8_MAX_PACKED_ROWS = 1
 LARGE_WEIGHT = 1 << 23
-LARGE_WEIGHT_MAX_PACKED_ROWS = 4
+LARGE_WEIGHT_MAX_PACKED_ROWS = 2
 MAX_TILE_ROWS = 512
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Multiply-adds below which a packed matmul runs on one thread: waking a second one costs more than it saves
