@@ -1,16 +1,18 @@
-"""Quantized linear kernels per shape: packed int4 / int8 GEMV-GEMM vs dequantize + dense bf16 GEMM vs bf16.
+"""Quantized linear kernels per shape: packed int4 / int8 GEMV-GEMM vs tile kernel vs dequantize + bf16 GEMM vs bf16.
 
     python benchmarks/quant_kernels.py                    # SmolLM2-135M's layer shapes, 2 torch threads
     python benchmarks/quant_kernels.py --rows 1,4,16 --json quant_kernels.json
 
 For each weight shape [N, K] and activation row count M, the same bf16 activations go through
 - int4 packed: tokenmill's int4_gemm (csrc/quant.c) on q4 + float16 scales/offsets (group 32);
-- int4 dequant: the weight dequantized to bf16 (int4_dequant), then oneDNN's matmul (what large M runs);
-- int8 packed / int8 dequant: the same for int8 with float32 group scales (Q8_0's layout);
+- int4 tile: int4_tile_gemm, a 32-column tile dequantized to bf16 in cache, AVX512-BF16 dot products against all rows;
+- int4 dequant: the whole weight dequantized to bf16 (int4_dequant), then oneDNN's matmul;
+- int8 packed / int8 tile / int8 dequant: the same for int8 with float32 group scales (Q8_0's layout);
 - bf16 packed: the unquantized method's oneDNN pre-packed bf16 weight (the full-precision reference);
 - torch int4: torch's _weight_int4pack_mm_for_cpu (bf16 scales), the candidate that was not kept.
-Milliseconds per call (median of --repeat), and per kernel family the largest M at which the packed kernel is
-still faster than dequantize + GEMM: the crossover tokenmill/kernels/cpu/quant.py uses.
+Milliseconds per call (median of --repeat), and per kernel family and weight size the largest M at which the
+packed kernel is still faster than the tile kernel, and whether dequantize + GEMM beats the tile kernel at any M:
+the crossovers tokenmill/kernels/cpu/quant.py uses.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ def _dequant_linear(weight, x):
     return F.linear(x, weight.dequantize(torch.bfloat16))
 
 
+def _forced(weight, kernel: str, x):
+    """weight.matmul(x) with the kernel for M forced: 'packed' or 'tile'."""
+    weight.max_packed_rows = 1 << 30 if kernel == "packed" else 0
+    weight.max_tile_rows = 1 << 30
+    return weight.matmul(x)
+
+
 def _onednn_linear(packed, x):
     import torch
 
@@ -63,12 +72,12 @@ def _time_ms(fn, repeat: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from tokenmill.kernels.cpu.quant import pack_int4, pack_int8
+    from tokenmill.kernels.cpu.quant import LARGE_WEIGHT, pack_int4, pack_int8
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated NxK weight shapes")
-    parser.add_argument("--rows", default="1,2,4,8,16,64,256", help="comma-separated activation row counts M")
+    parser.add_argument("--rows", default="1,2,3,4,8,16,64,256,1024", help="comma-separated activation row counts M")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--json", dest="json_path", default=None)
@@ -77,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     rows_list = [int(m) for m in args.rows.split(",")]
     results = []
-    print(f"{'shape':>12} {'M':>4} | {'int4 pk':>8} {'int4 dq':>8} | {'int8 pk':>8} {'int8 dq':>8} | "
-          f"{'bf16':>8} {'torch i4':>8}  (ms)")
+    families = ("int4", "int8")
+    kinds = ("packed", "tile", "dequant")
+    print(f"{'shape':>12} {'M':>4} | {'int4 pk':>8} {'int4 tl':>8} {'int4 dq':>8} | {'int8 pk':>8} {'int8 tl':>8} "
+          f"{'int8 dq':>8} | {'bf16':>8} {'torch i4':>8}  (ms)")
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         w = torch.randn(n, k) * 0.05
@@ -91,11 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         for m in rows_list:
             x = torch.randn(m, k).bfloat16()
             repeat = max(3, args.repeat // (4 if n * m > 2**20 else 1))
-            int4.max_packed_rows = int8.max_packed_rows = 1 << 30  # packed at every M here
             kernels = {
-                "int4_packed": int4.matmul,
+                "int4_packed": functools.partial(_forced, int4, "packed"),
+                "int4_tile": functools.partial(_forced, int4, "tile"),
                 "int4_dequant": functools.partial(_dequant_linear, int4),
-                "int8_packed": int8.matmul,
+                "int8_packed": functools.partial(_forced, int8, "packed"),
+                "int8_tile": functools.partial(_forced, int8, "tile"),
                 "int8_dequant": functools.partial(_dequant_linear, int8),
                 "bf16_packed": functools.partial(_onednn_linear, onednn),
                 "torch_int4": functools.partial(_torch_int4, tq, tsz),
@@ -103,21 +115,23 @@ def main(argv: list[str] | None = None) -> int:
             row = {"n": n, "k": k, "m": m}
             row.update({name: _time_ms(functools.partial(fn, x), repeat) for name, fn in kernels.items()})
             results.append(row)
-            print(f"{shape:>12} {m:>4} | {row['int4_packed']:8.3f} {row['int4_dequant']:8.3f} | "
-                  f"{row['int8_packed']:8.3f} {row['int8_dequant']:8.3f} | {row['bf16_packed']:8.3f} "
-                  f"{row['torch_int4']:8.3f}", flush=True)
+            cells = " | ".join(" ".join(f"{row[f'{f}_{kind}']:8.3f}" for kind in kinds) for f in families)
+            print(f"{shape:>12} {m:>4} | {cells} | {row['bf16_packed']:8.3f} {row['torch_int4']:8.3f}", flush=True)
     crossover = {}
-    for family in ("int4", "int8"):
-        # The largest M at which packed beats dequant + GEMM summed over the shapes (one decoder step's mix).
-        best = 0
-        for m in rows_list:
-            packed = sum(r[f"{family}_packed"] for r in results if r["m"] == m)
-            dequant = sum(r[f"{family}_dequant"] for r in results if r["m"] == m)
-            if packed <= dequant:
-                best = m
-        crossover[family] = best
-    print(f"packed kernels win up to M = {crossover['int4']} (int4), {crossover['int8']} (int8), summed over "
-          "the shapes")
+    for family in families:
+        for size, in_size in (("small", lambda r: r["n"] * r["k"] < LARGE_WEIGHT),
+                              ("large", lambda r: r["n"] * r["k"] >= LARGE_WEIGHT)):
+            # Summed over the shapes of a size class (one decoder step's mix, or the output layer).
+            rows = [r for r in results if in_size(r)]
+            if not rows:
+                continue
+            total = {(kind, m): sum(r[f"{family}_{kind}"] for r in rows if r["m"] == m) for kind in kinds
+                     for m in rows_list}
+            packed_up_to = max([m for m in rows_list if total["packed", m] <= total["tile", m]], default=0)
+            dequant_wins = [m for m in rows_list if total["dequant", m] < total["tile", m]]
+            crossover[f"{family}_{size}"] = {"max_packed_rows": packed_up_to, "dequant_faster_than_tile_at": dequant_wins}
+            print(f"{family} {size} weights: packed wins up to M = {packed_up_to}, tile above; dequantize + GEMM "
+                  f"beats the tile kernel at M = {dequant_wins or 'none'}")
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({"benchmark": "quant_kernels", "threads": args.threads, "args": vars(args),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.kernels.cpu import ops
+from tokenmill.kernels.cpu import ops, quant
 from tokenmill.kernels.cpu.decode import ENV_FLAG, FusedDecoder
 from tokenmill.kernels.cpu.quant import pack_int4
 
@@ -34,8 +34,10 @@ def test_int4_gemv_equals_the_exact_product(n, k, group, rows):
     exact = x.double() @ weight.dequantize(torch.float32).double().T
     magnitude = (x.double().abs() @ weight.dequantize(torch.float32).double().abs().T).max()
     assert (out.double() - exact).abs().max() <= 2 ** -8 * exact.abs().max() + 1e-5 * magnitude
-    # The op-by-op path runs it for bfloat16 rows (Int4Weight.matmul), so both paths compute the same sums.
-    assert torch.equal(weight.matmul(x), out)
+    # The op-by-op path runs it for the rows the fused step takes (Int4Weight.matmul up to max_packed_rows), so both
+    # paths compute the same sums; above, the tile kernel's sums differ only by rounding.
+    if rows <= weight.max_packed_rows:
+        assert torch.equal(weight.matmul(x), out)
 
 
 PROMPTS = ["The quick brown fox", "Paged attention stores keys and values", "1234567890 + 987654321 = ?"]
@@ -87,12 +89,14 @@ def _fused_vs_op_by_op(llm: LLM, prompts: list[str], max_tokens: int) -> None:
 
 @pytest.mark.parametrize(("arch", "quantization"), [("llama", "int4"), ("mistral", "int4"), ("qwen2", "int8")])
 def test_fused_decode_matches_op_by_op_on_tiny_models(tiny_models, arch, quantization):
-    """Greedy tokens and their logprobs equal, one and three sequences at a time; mistral's layers attend
+    """Greedy tokens and their logprobs equal, one and (int4) three sequences at a time; mistral's layers attend
     within a 48-token window (the request runs past it), qwen2's q/k/v projections have biases; int4 weights with
     zero points (--quantization int4) and int8 per-channel ones."""
     llm = tiny_llm(tiny_models[arch], quantization=quantization)
     _fused_vs_op_by_op(llm, PROMPTS[:1], 56)
-    _fused_vs_op_by_op(llm, PROMPTS, 12)
+    # As many sequences as the fused step takes (the rows its packed kernels take: int8 projections take one).
+    rows = llm.llm_engine.core.model.fused_decoder.max_rows
+    _fused_vs_op_by_op(llm, PROMPTS[:rows], 12)
 
 
 @pytest.mark.slow  # the bundled model: ~5 s on a quiet 2-core machine
@@ -105,7 +109,7 @@ def test_fused_decode_matches_op_by_op_on_the_bundled_model():
 def test_more_rows_than_the_packed_kernels_take_run_op_by_op(tiny_models):
     llm = tiny_llm(tiny_models["llama"], quantization="int4")
     fused = llm.llm_engine.core.model.fused_decoder
-    assert fused is not None and fused.max_rows == 8
+    assert fused is not None and fused.max_rows == quant.INT4_MAX_PACKED_ROWS < 10
     ran = []
     forward = fused.forward
     fused.forward = lambda *a, **kw: ran.append(forward(*a, **kw) is not None) or None  # count, then op by op

@@ -14,7 +14,7 @@ from tokenmill.model.layers.linear import Linear
 from tokenmill.model.quantization.gguf import GGUF_BLOCKS, gguf_kernel
 
 
-@pytest.mark.parametrize("num_rows", [1, 3, 8, 17])
+@pytest.mark.parametrize("num_rows", [1, 3, 8, 17, 100])  # 3 and up: the tile kernel in bfloat16
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("type_name", list(GGUF_BLOCKS))
 def test_gguf_type_through_kernels_equals_gguf_dequantize(type_name, dtype, num_rows):

@@ -9,13 +9,20 @@ Conventions (every quantization method maps its checkpoint to one of these):
   bias [N, K / group]. Groups of 32, 64, 128 or 256 along K. Stored as q * scale + offset with float16 scales
   and offsets (offset = -zeros * scales, or bias).
 
-Which kernel runs depends on the number of activation rows M, chosen per call from thresholds measured on this
-CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
-- M <= max_packed_rows (decode; set per weight shape at construction): the packed kernels of csrc/quant.c (int4_gemm, int8_gemm) stream the quantized
-  bytes once and keep the activations in float32; for int4 weights and up to INT4_MAX_PACKED_ROWS bfloat16 rows,
-  csrc/gemv_bf16.c's int4_gemv_bf16 does the same sums with AVX512-BF16 dot products (2x faster at one row);
-- larger M (prefill, big decode batches): the weight is dequantized to the activation dtype, then one dense matmul
-  (oneDNN's AVX512-BF16 GEMM), since there the arithmetic, not the bytes, bounds the time.
+Which kernel runs depends on the number of activation rows M, chosen per call (kernel_for) from thresholds measured
+on this CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
+- M <= max_packed_rows (batch-1 decode; set per weight shape at construction): the packed kernels of csrc/quant.c
+  (int4_gemm, int8_gemm) stream the quantized bytes once and keep the activations in float32; for int4 weights and
+  up to INT4_MAX_PACKED_ROWS bfloat16 rows, csrc/gemv_bf16.c's int4_gemv_bf16 does the same sums with AVX512-BF16
+  dot products (2x faster at one row);
+- larger M with bfloat16 activations (decode batches, prefill): the tile kernels (int4_tile_gemm, int8_tile_gemm)
+  unpack 32 output columns at a time into a bfloat16 tile of the quantized values (exact) that stays in the core's
+  cache, multiply it against every row with AVX512-BF16 dot products and apply the group scales and offsets to the
+  float32 sums: the weight's bytes are read once, and no bfloat16 copy of the whole weight is written;
+- float32 activations above max_packed_rows, or a CPU (library build) without AVX512-BF16: the weight is
+  dequantized to the activation dtype, then one dense matmul (oneDNN).
+The packed and tile kernels multiply by the exact weight; dequantize + GEMM rounds it to bfloat16 (for bfloat16
+activations), which moved the bundled Q4_1 model's first answer token on a near-tie ("The" -> "L'Étoile").
 
 Precision kept: int8 scales are float32, so GGUF Q8_0 / Q6_K weights are exact. int4 scales and offsets are
 float16: GGUF Q4_0 / Q4_1 (float16 in the file) are exact; Q4_K's products d * sc and dmin * m are rounded to
@@ -33,14 +40,22 @@ import torch.nn.functional as F
 from tokenmill.kernels.cpu import ops
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-# Rows up to which the packed kernels beat dequantize + dense GEMM on this CPU (AVX512-BF16, no AMX), measured
-# by benchmarks/quant_kernels.py on the bundled model's shapes (BENCHMARKS.md, "Quantized linear kernels"): 8 for
-# the decoder's projections; 32 for weights of LARGE_WEIGHT elements or more (the output layer), whose
-# dequantization costs more than the packed kernel saves until the batch is large. Chosen once per weight.
-INT4_MAX_PACKED_ROWS = 8
-INT8_MAX_PACKED_ROWS = 8
+# Rows up to which the packed kernels run rather than the tile kernel on this CPU (AVX512-BF16 and VNNI, no AMX),
+# measured by benchmarks/quant_kernels.py on the bundled model's shapes (BENCHMARKS.md, "Tile kernels for many
+# rows"): 4 for int4 projections (int4_gemv_bf16's dot products beat the tile kernel up to 4 rows summed over the
+# decoder's shapes, 0.333 vs 0.371 ms at 4; the tile kernel wins from 6); 1 for int8 projections (from 2 rows the
+# tile kernel is as fast or faster); 2 for weights of LARGE_WEIGHT elements or more (the output layer), where
+# unpacking the whole weight into tiles outweighs the faster multiply for a few rows (it wins from 4). Chosen once
+# per weight. The fused decode step takes as many rows as every one of its layers' packed kernels (the same sums
+# as the op-by-op path). Above: the tile kernel for bfloat16 activations up to
+# MAX_TILE_ROWS (decode batches, short prompts): faster than dequantize + oneDNN GEMM from 2 to 512 rows summed over
+# the decoder's shapes, slower from 1024 (long prefill chunks), where the dequantization is spread over enough rows
+# and oneDNN's larger register blocks win.
+INT4_MAX_PACKED_ROWS = 4
+INT8_MAX_PACKED_ROWS = 1
 LARGE_WEIGHT = 1 << 23
-LARGE_WEIGHT_MAX_PACKED_ROWS = 32
+LARGE_WEIGHT_MAX_PACKED_ROWS = 2
+MAX_TILE_ROWS = 512
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Multiply-adds below which a packed matmul runs on one thread: waking a second one costs more than it saves
 # (measured on the bundled model's layers, 2 cores; a busy machine makes the wake-up slower still).
@@ -56,13 +71,21 @@ def _native() -> bool:
     return ops.load_library() is not None
 
 
+@functools.cache
+def _tile_native() -> bool:
+    """Whether the tile kernels are built with AVX512-BF16 here (else dequantize + GEMM serves every M > packed)."""
+    lib = ops.load_library()
+    return lib is not None and bool(lib.tokenmill_quant_tile_vectorized())
+
+
 class _QuantizedWeight:
     """What Int8Weight and Int4Weight share: the choice per call between the packed kernel (up to
-    max_packed_rows activation rows) and dequantize + dense GEMM."""
+    max_packed_rows activation rows), the tile kernel (bfloat16, up to max_tile_rows) and dequantize + dense GEMM."""
 
     in_features: int
     out_features: int
     max_packed_rows: int
+    max_tile_rows: int
     kernel_name: str
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -72,18 +95,34 @@ class _QuantizedWeight:
         """Run the native packed kernel on x2 [m, K] (contiguous rows) into out [m, N]; its status (0: done)."""
         raise NotImplementedError
 
+    def _tile_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
+        """Run the native tile kernel on bfloat16 x2 [m, K] (contiguous rows) into out [m, N]; its status."""
+        raise NotImplementedError
+
+    def kernel_for(self, m: int, dtype: torch.dtype) -> str:
+        """Which kernel multiplies m activation rows of dtype (on the CPU): "packed", "tile" or "dequant"."""
+        if dtype not in _DTYPE_CODES or not _native():
+            return "dequant"
+        if m <= self.max_packed_rows:
+            return "packed"
+        if m <= self.max_tile_rows and dtype == torch.bfloat16 and _tile_native():
+            return "tile"
+        return "dequant"
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] @ w.T -> [..., N] in x's dtype."""
         x2 = x.reshape(-1, self.in_features)
         m = x2.shape[0]
-        if m <= self.max_packed_rows and x2.dtype in _DTYPE_CODES and x2.device.type == "cpu" and _native():
-            if x2.stride(-1) != 1:
-                x2 = x2.contiguous()
-            out = torch.empty((m, self.out_features), dtype=x2.dtype)
-            if self._packed_gemm(x2, out, m, _threads(m, self.out_features, self.in_features)) != 0:
-                raise MemoryError(f"{self.kernel_name} could not allocate {m * self.in_features * 4} bytes")
-        else:
-            out = F.linear(x2, self.dequantize(x2.dtype))
+        kernel = self.kernel_for(m, x2.dtype) if x2.device.type == "cpu" else "dequant"
+        if kernel == "dequant":
+            return F.linear(x2, self.dequantize(x2.dtype)).view(*x.shape[:-1], self.out_features)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out = torch.empty((m, self.out_features), dtype=x2.dtype)
+        run = self._packed_gemm if kernel == "packed" else self._tile_gemm
+        if run(x2, out, m, _threads(m, self.out_features, self.in_features)) != 0:
+            raise MemoryError(f"{self.kernel_name} ({kernel}) could not allocate its buffers for {m} x "
+                              f"{self.in_features} activations")
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -105,6 +144,7 @@ class Int8Weight(_QuantizedWeight):
         self.group = group
         self.out_features, self.in_features = n, k
         self.max_packed_rows = LARGE_WEIGHT_MAX_PACKED_ROWS if n * k >= LARGE_WEIGHT else INT8_MAX_PACKED_ROWS
+        self.max_tile_rows = MAX_TILE_ROWS
 
     @property
     def nbytes(self) -> int:
@@ -133,6 +173,11 @@ class Int8Weight(_QuantizedWeight):
             x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.stride(0), self.q.data_ptr(), self.scales.data_ptr(),
             self.group, out.data_ptr(), out.stride(0), m, self.out_features, self.in_features, threads)
 
+    def _tile_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
+        return ops._library().int8_tile_gemm(
+            x2.data_ptr(), x2.stride(0), self.q.data_ptr(), self.scales.data_ptr(), self.group, out.data_ptr(),
+            out.stride(0), m, self.out_features, self.in_features, threads)
+
 
 class Int4Weight(_QuantizedWeight):
     """An int4 group-quantized weight (see the module docstring): q packed two to a byte, uint8 [N, K / 2] (in
@@ -146,6 +191,7 @@ class Int4Weight(_QuantizedWeight):
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         n, k = self.out_features, self.in_features
         self.max_packed_rows = LARGE_WEIGHT_MAX_PACKED_ROWS if n * k >= LARGE_WEIGHT else INT4_MAX_PACKED_ROWS
+        self.max_tile_rows = MAX_TILE_ROWS
 
     @property
     def nbytes(self) -> int:
@@ -188,6 +234,11 @@ class Int4Weight(_QuantizedWeight):
             x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(),
             self.offsets.data_ptr(), self.group, out.data_ptr(), out.stride(0), m, self.out_features,
             self.in_features, threads)
+
+    def _tile_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
+        return ops._library().int4_tile_gemm(
+            x2.data_ptr(), x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
+            self.group, out.data_ptr(), out.stride(0), m, self.out_features, self.in_features, threads)
 
 
 def pack_int8(q: torch.Tensor, scales: torch.Tensor, group: int | None = None) -> Int8Weight:

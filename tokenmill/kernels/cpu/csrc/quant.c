@@ -301,3 +301,284 @@ void int4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *offs
         }
     }
 }
+
+// ---- Tile kernels: many activation rows, bfloat16 activations ----------------------------------------------------
+//
+// For each tile of TILE_COLS output columns, the quantized values q (int4: 0..15; int8: -127..127, both exact in
+// bfloat16) are unpacked into a buffer of TILE_COLS x K bfloat16 that stays in the core's L2, next to the tile's
+// group scales (and int4 offsets) in float32; then every activation row is multiplied against it with AVX512-BF16
+// dot products (vdpbf16ps), summed per group in float32 and scaled there:
+//   out[m, n] = sum_g (scales[n, g] * sum_{k in g} x[m, k] q[n, k] + offsets[n, g] * sum_{k in g} x[m, k]).
+// So the weight is never rounded (the result is the packed kernels' up to the activations' bfloat16), and no
+// bfloat16 copy of the whole weight is ever written: each thread reuses one tile buffer.
+//
+// Tile layout, the one vdpbf16ps wants for broadcast activations: [K / 2][TILE_VECS][16 lanes][2] bfloat16, where
+// lane i of vector v at pair p holds q[n0 + 16 v + i, 2p] and q[n0 + 16 v + i, 2p + 1]. The activation pair
+// x[m, 2p], x[m, 2p + 1] is broadcast as one 32-bit value, so each vdpbf16ps adds two products into 16 columns.
+// Register block: TILE_ROWS rows x TILE_VECS vectors of 16 columns, twice (the group's sums and the totals).
+#define TILE_VECS 2
+#define TILE_COLS (16 * TILE_VECS)
+#define TILE_ROWS 6
+
+int tokenmill_quant_tile_vectorized(void) {
+#ifdef TOKENMILL_AVX512_BF16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef TOKENMILL_AVX512_BF16
+#include <omp.h>
+
+// One tile: the quantized values and, per group, TILE_VECS vectors of scales and (int4) of offsets.
+typedef struct {
+    __m512i *q;        // [K / 2][TILE_VECS]
+    __m512 *scales;    // [num_groups][TILE_VECS]
+    __m512 *offsets;   // [num_groups][TILE_VECS], or NULL (int8)
+} Tile;
+
+// out[r, 0:TILE_COLS] (bfloat16, masked to the valid columns) for r < rows. rows and with_offsets are
+// compile-time constants in every call below, so the accumulators live in registers. xsum [rows][num_groups]:
+// the activations' sums per group (int4 only).
+static inline __attribute__((always_inline)) void tile_rows(const int rows, const int with_offsets, const uint16_t *x,
+                                                            int64_t x_stride, const Tile *tile, const float *xsum,
+                                                            int64_t num_groups, int64_t group_pairs, uint16_t *out,
+                                                            int64_t out_stride, __mmask16 mask0, __mmask16 mask1) {
+    __m512 acc[TILE_ROWS][TILE_VECS];
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < TILE_VECS; v++) acc[r][v] = _mm512_setzero_ps();
+    const __m512i *q = tile->q;
+    for (int64_t g = 0; g < num_groups; g++) {
+        __m512 part[TILE_ROWS][TILE_VECS];
+        for (int r = 0; r < rows; r++)
+            for (int v = 0; v < TILE_VECS; v++) part[r][v] = _mm512_setzero_ps();
+        for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; p++) {
+            const __m512bh w0 = (__m512bh)_mm512_load_si512(q + p * TILE_VECS);
+            const __m512bh w1 = (__m512bh)_mm512_load_si512(q + p * TILE_VECS + 1);
+            for (int r = 0; r < rows; r++) {
+                int32_t pair;
+                memcpy(&pair, x + r * x_stride + 2 * p, sizeof pair);
+                const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+                part[r][0] = _mm512_dpbf16_ps(part[r][0], w0, xb);
+                part[r][1] = _mm512_dpbf16_ps(part[r][1], w1, xb);
+            }
+        }
+        for (int v = 0; v < TILE_VECS; v++) {
+            const __m512 s = tile->scales[g * TILE_VECS + v];
+            for (int r = 0; r < rows; r++) acc[r][v] = _mm512_fmadd_ps(part[r][v], s, acc[r][v]);
+            if (with_offsets) {
+                const __m512 b = tile->offsets[g * TILE_VECS + v];
+                for (int r = 0; r < rows; r++)
+                    acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * num_groups + g]), b, acc[r][v]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        _mm256_mask_storeu_epi16(out + r * out_stride, mask0, (__m256i)_mm512_cvtneps_pbh(acc[r][0]));
+        _mm256_mask_storeu_epi16(out + r * out_stride + 16, mask1, (__m256i)_mm512_cvtneps_pbh(acc[r][1]));
+    }
+}
+
+// All M rows against one tile, TILE_ROWS at a time.
+static void tile_matmul(const uint16_t *x, int64_t x_stride, const Tile *tile, const float *xsum, int64_t K,
+                        int64_t group, uint16_t *out, int64_t out_stride, int64_t M, int64_t valid_cols) {
+    const __mmask16 mask0 = tail_mask((int)(valid_cols < 16 ? valid_cols : 16));
+    const __mmask16 mask1 = valid_cols > 16 ? tail_mask((int)(valid_cols - 16)) : (__mmask16)0;
+    const int64_t num_groups = K / group, group_pairs = group / 2;
+    for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
+        const uint16_t *xr = x + m0 * x_stride;
+        const float *sr = xsum != NULL ? xsum + m0 * num_groups : NULL;
+        uint16_t *outr = out + m0 * out_stride;
+        const int rows = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
+        switch (rows + (xsum != NULL ? TILE_ROWS : 0)) {
+#define TILE_CASE(R, OFFSETS)                                                                                   \
+    case R + (OFFSETS ? TILE_ROWS : 0):                                                                         \
+        tile_rows(R, OFFSETS, xr, x_stride, tile, sr, num_groups, group_pairs, outr, out_stride, mask0, mask1); \
+        break;
+            TILE_CASE(1, 0) TILE_CASE(2, 0) TILE_CASE(3, 0) TILE_CASE(4, 0) TILE_CASE(5, 0) TILE_CASE(6, 0)
+            TILE_CASE(1, 1) TILE_CASE(2, 1) TILE_CASE(3, 1) TILE_CASE(4, 1) TILE_CASE(5, 1) TILE_CASE(6, 1)
+#undef TILE_CASE
+        }
+    }
+}
+
+// The 16 rows of columns n0 .. n0 + 15 (clamped to N - 1: columns past the end repeat the last one and are never
+// stored), each row_bytes long.
+static inline void column_rows(const uint8_t *base, int64_t row_bytes, int64_t n0, int64_t N, const uint8_t *rows[16],
+                               int64_t index[16]) {
+    for (int i = 0; i < 16; i++) {
+        index[i] = n0 + i < N ? n0 + i : N - 1;
+        rows[i] = base + index[i] * row_bytes;
+    }
+}
+
+// Bytes [at, at + 16) of four rows as one vector (row r in bytes 16 r .. 16 r + 15).
+static inline __m512i load4x16(const uint8_t *const rows[4], int64_t at) {
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(rows[0] + at)));
+    v = _mm512_inserti64x2(v, _mm_loadu_si128((const __m128i *)(rows[1] + at)), 1);
+    v = _mm512_inserti64x2(v, _mm_loadu_si128((const __m128i *)(rows[2] + at)), 2);
+    return _mm512_inserti64x2(v, _mm_loadu_si128((const __m128i *)(rows[3] + at)), 3);
+}
+
+// Bytes [at, at + 16) of eight rows, split into their first halves (lo: qword i = row i's bytes at .. at + 7) and
+// their second halves (hi: bytes at + 8 .. at + 15).
+static inline void load8x16(const uint8_t *const rows[8], int64_t at, __m512i *lo, __m512i *hi) {
+    const __m512i a = load4x16(rows, at), b = load4x16(rows + 4, at);
+    *lo = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), b);
+    *hi = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), b);
+}
+
+// The tile of the int4 weight (layout of int4_gemm) for columns n0 .. n0 + TILE_COLS - 1.
+static void int4_fill_tile(const uint8_t *q, const uint16_t *scales, const uint16_t *offsets, int64_t group,
+                           int64_t N, int64_t K, int64_t n0, const Tile *tile) {
+    const int64_t num_groups = K / group;
+    const __m512i nibble = _mm512_set1_epi32(15);
+    for (int v = 0; v < TILE_VECS; v++) {
+        const uint8_t *rows[16];
+        int64_t index[16];
+        column_rows(q, K / 2, n0 + 16 * v, N, rows, index);
+        for (int64_t g = 0; g < num_groups; g++) {
+            float s[16], b[16];
+            for (int i = 0; i < 16; i++) {
+                s[i] = _cvtsh_ss(scales[index[i] * num_groups + g]);
+                b[i] = _cvtsh_ss(offsets[index[i] * num_groups + g]);
+            }
+            tile->scales[g * TILE_VECS + v] = _mm512_loadu_ps(s);
+            tile->offsets[g * TILE_VECS + v] = _mm512_loadu_ps(b);
+        }
+        for (int64_t c = 0; c < K; c += 32) {
+            // [columns 0-7 | 8-15][bytes 0-7 | 8-15 of the chunk]
+            __m512i src[2][2];
+            load8x16(rows, c / 2, &src[0][0], &src[0][1]);
+            load8x16(rows + 8, c / 2, &src[1][0], &src[1][1]);
+#pragma GCC unroll 16
+            for (int p = 0; p < 16; p++) {
+                // Inputs 2p and 2p + 1 of the chunk: the low nibbles of bytes 2p, 2p + 1 (p < 8), else the high
+                // nibbles of bytes 2p - 16, 2p - 15. multishift moves each nibble to the bottom of its lane:
+                // lanes 2i, 2i + 1 of lo (hi) take column i's (8 + i's) two inputs.
+                const int byte = (2 * p) & 15, half = byte >> 3, bit = 8 * (byte & 7) + (p >= 8 ? 4 : 0);
+                const __m512i ctrl = _mm512_set1_epi64((int64_t)bit | ((int64_t)(bit + 8) << 32));
+                const __m512 lo = _mm512_cvtepi32_ps(
+                    _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, src[0][half]), nibble));
+                const __m512 hi = _mm512_cvtepi32_ps(
+                    _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, src[1][half]), nibble));
+                _mm512_store_si512(tile->q + (c / 2 + p) * TILE_VECS + v, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            }
+        }
+    }
+}
+
+// The tile of the int8 weight (layout of int8_gemm) for columns n0 .. n0 + TILE_COLS - 1.
+static void int8_fill_tile(const int8_t *q, const float *scales, int64_t group, int64_t N, int64_t K, int64_t n0,
+                           const Tile *tile) {
+    const int64_t num_groups = K / group;
+    for (int v = 0; v < TILE_VECS; v++) {
+        const uint8_t *rows[16];
+        int64_t index[16];
+        column_rows((const uint8_t *)q, K, n0 + 16 * v, N, rows, index);
+        for (int64_t g = 0; g < num_groups; g++) {
+            float s[16];
+            for (int i = 0; i < 16; i++) s[i] = scales[index[i] * num_groups + g];
+            tile->scales[g * TILE_VECS + v] = _mm512_loadu_ps(s);
+        }
+        for (int64_t c = 0; c < K; c += 16) {
+            __m512i src[2][2];
+            load8x16(rows, c, &src[0][0], &src[0][1]);
+            load8x16(rows + 8, c, &src[1][0], &src[1][1]);
+#pragma GCC unroll 8
+            for (int p = 0; p < 8; p++) {
+                // Inputs 2p and 2p + 1: multishift puts each byte at the top of its lane, the arithmetic shift
+                // sign-extends it.
+                const int half = p >> 2, bit = 16 * (p & 3);
+                const __m512i ctrl = _mm512_set1_epi64((int64_t)bit << 24 | (int64_t)(bit + 8) << 56);
+                const __m512 lo =
+                    _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_multishift_epi64_epi8(ctrl, src[0][half]), 24));
+                const __m512 hi =
+                    _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_multishift_epi64_epi8(ctrl, src[1][half]), 24));
+                _mm512_store_si512(tile->q + (c / 2 + p) * TILE_VECS + v, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            }
+        }
+    }
+}
+
+// One tile buffer per thread (values, scales, offsets), or NULL.
+static void *tile_buffers(int64_t K, int64_t group, int num_threads, size_t *per_thread) {
+    *per_thread = (size_t)(K / 2) * TILE_VECS * 64 + (size_t)(K / group) * TILE_VECS * 64 * 2;
+    return aligned_alloc(64, *per_thread * (size_t)num_threads);
+}
+
+static Tile thread_tile(void *buffers, size_t per_thread, int64_t K, int64_t group, int with_offsets) {
+    char *base = (char *)buffers + per_thread * (size_t)omp_get_thread_num();
+    Tile tile;
+    tile.q = (__m512i *)base;
+    tile.scales = (__m512 *)(base + (size_t)(K / 2) * TILE_VECS * 64);
+    tile.offsets = with_offsets ? tile.scales + (K / group) * TILE_VECS : NULL;
+    return tile;
+}
+#endif
+
+// out [M, N] bfloat16 (row stride out_stride) = x [M, K] bfloat16 (row stride x_stride) @ w.T, w the int4 weight
+// of int4_gemm. Returns 0; -1 when memory runs out; -2 when built without AVX512-BF16 (use dequantize + GEMM).
+int int4_tile_gemm(const uint16_t *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
+                   const uint16_t *offsets, int64_t group, uint16_t *out, int64_t out_stride, int64_t M, int64_t N,
+                   int64_t K, int num_threads) {
+#ifdef TOKENMILL_AVX512_BF16
+    const int64_t num_groups = K / group;
+    size_t per_thread;
+    void *buffers = tile_buffers(K, group, num_threads, &per_thread);
+    float *xsum = (float *)malloc(sizeof(float) * (size_t)(M * num_groups));
+    if (buffers == NULL || xsum == NULL) {
+        free(buffers);
+        free(xsum);
+        return -1;
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < num_groups; g++) {
+            float t = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) t += bf16_to_f32(x[m * x_stride + k]);
+            xsum[m * num_groups + g] = t;
+        }
+    const int64_t num_tiles = (N + TILE_COLS - 1) / TILE_COLS;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < num_tiles; t++) {
+        const Tile tile = thread_tile(buffers, per_thread, K, group, 1);
+        const int64_t n0 = t * TILE_COLS;
+        int4_fill_tile(q, scales, offsets, group, N, K, n0, &tile);
+        tile_matmul(x, x_stride, &tile, xsum, K, group, out + n0, out_stride, M,
+                    N - n0 < TILE_COLS ? N - n0 : TILE_COLS);
+    }
+    free(xsum);
+    free(buffers);
+    return 0;
+#else
+    (void)x, (void)x_stride, (void)q, (void)scales, (void)offsets, (void)group, (void)out, (void)out_stride;
+    (void)M, (void)N, (void)K, (void)num_threads;
+    return -2;
+#endif
+}
+
+// The same for the int8 weight of int8_gemm (group a multiple of 16 dividing K).
+int int8_tile_gemm(const uint16_t *x, int64_t x_stride, const int8_t *q, const float *scales, int64_t group,
+                   uint16_t *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int num_threads) {
+#ifdef TOKENMILL_AVX512_BF16
+    size_t per_thread;
+    void *buffers = tile_buffers(K, group, num_threads, &per_thread);
+    if (buffers == NULL) return -1;
+    const int64_t num_tiles = (N + TILE_COLS - 1) / TILE_COLS;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < num_tiles; t++) {
+        const Tile tile = thread_tile(buffers, per_thread, K, group, 0);
+        const int64_t n0 = t * TILE_COLS;
+        int8_fill_tile(q, scales, group, N, K, n0, &tile);
+        tile_matmul(x, x_stride, &tile, NULL, K, group, out + n0, out_stride, M,
+                    N - n0 < TILE_COLS ? N - n0 : TILE_COLS);
+    }
+    free(buffers);
+    return 0;
+#else
+    (void)x, (void)x_stride, (void)q, (void)scales, (void)group, (void)out, (void)out_stride, (void)M, (void)N;
+    (void)K, (void)num_threads;
+    return -2;
+#endif
+}
