@@ -190,6 +190,36 @@ class GroupCoordinator:
             out[name] = t
         return out
 
+    def isend_tensors(self, tensors: list[torch.Tensor], dst: int | None = None) -> list[dist.Work]:
+        """Start sending tensors to the group's rank `dst` (default: the next rank) and return at once: the
+        works to wait on. The receiver must already know their shapes and dtypes (irecv_tensors), so nothing but
+        the data travels. Each tensor must stay alive and unchanged until its work completes."""
+        if self.world_size == 1:
+            raise RuntimeError(f"{self.name} group of one rank has no other rank to send to")
+        peer = self.next_rank if dst is None else self.ranks[dst]
+        works = []
+        for t in tensors:
+            work = dist.isend(t.contiguous(), dst=peer, group=self.group)
+            assert work is not None  # isend returns its work (None only for ranks outside the group)
+            works.append(work)
+        return works
+
+    def irecv_tensors(self, tensors: list[torch.Tensor], src: int | None = None) -> list[dist.Work]:
+        """Start receiving, into the given tensors, what isend_tensors sends from the group's rank `src` (default:
+        the previous rank); returns the works to wait on before reading them. Messages from one rank are matched
+        in the order they were sent."""
+        if self.world_size == 1:
+            raise RuntimeError(f"{self.name} group of one rank has no other rank to receive from")
+        peer = self.prev_rank if src is None else self.ranks[src]
+        works = []
+        for t in tensors:
+            if not t.is_contiguous():
+                raise ValueError("irecv_tensors receives into contiguous tensors only")
+            work = dist.irecv(t, src=peer, group=self.group)
+            assert work is not None
+            works.append(work)
+        return works
+
 
 @dataclass
 class _State:

@@ -98,6 +98,12 @@ def make_executor(config: EngineConfig, model_dir: Path, show_progress: bool = T
 
         check_tensor_parallel_size(read_hf_config(model_dir), config.tensor_parallel_size,
                                    str(Path(model_dir) / "config.json"))
+    if config.pipeline_parallel_size > 1:
+        from tokenmill.model.loader import read_hf_config
+        from tokenmill.worker.worker import check_pipeline_parallel_size
+
+        check_pipeline_parallel_size(read_hf_config(model_dir), config.pipeline_parallel_size,
+                                     str(Path(model_dir) / "config.json"))
     if backend == "uni":
         return UniProcExecutor(config, model_dir, show_progress, grammar_factory)
     if backend == "mp":
@@ -271,7 +277,8 @@ class MultiprocExecutor(Executor):
         out = dict(facts[self.output_rank])
         if self.world_size > 1:
             out["ranks"] = [{"rank": f["rank"], "weight_bytes": f["weight_bytes"],
-                             "kv_cache_bytes": f["kv_cache_bytes"]} for f in facts]
+                             "kv_cache_bytes": f["kv_cache_bytes"], "pp_rank": f["pp_rank"], "layers": f["layers"],
+                             "pipeline_busy_seconds": f["pipeline_busy_seconds"]} for f in facts]
         return out
 
     def set_step_timing(self, enabled: bool) -> None:

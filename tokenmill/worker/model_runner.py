@@ -14,6 +14,7 @@ scheduling launches step N+1 before it collects step N, and N+1 reads N's sample
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,8 +24,8 @@ import numpy as np
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.distributed import get_tp_group
-from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.distributed import get_pp_group, get_tp_group
+from tokenmill.model.llama import IntermediateTensors, LlamaForCausalLM
 from tokenmill.model.pooler import pool_chunk
 from tokenmill.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from tokenmill.sample.logits_processor import LogitsProcessor, build_logits_processors
@@ -124,6 +125,11 @@ class LaunchedStep:
     done: torch.cuda.Event | None = None  # CUDA: recorded after the step's last work (the samples' copy)
     start: float = 0.0  # perf_counter() when the launch began
     timer: StageTimer | None = None  # while step timing is on
+    # Pipeline parallelism: sends still in flight (activations to the next stage, sampled ids to the earlier
+    # ones; their tensors kept alive until done), and on an earlier stage the receive of the sampled ids.
+    pp_sends: list[torch.distributed.Work] = field(default_factory=list)
+    pp_recvs: list[torch.distributed.Work] = field(default_factory=list)
+    pp_buffers: list[torch.Tensor] = field(default_factory=list)
 
 
 def new_request_state(new: NewRequestData, grammar: GrammarMatcher | None = None,
@@ -146,6 +152,31 @@ def new_request_state(new: NewRequestData, grammar: GrammarMatcher | None = None
         new.request_id, list(new.prompt_token_ids), tokens, params, list(new.block_ids), new.num_computed_tokens,
         len(tokens), generator, processors, new.num_preemptions, new.pooling_type, new.num_prompt_logprobs_done,
     )
+
+
+def split_microbatches(num_scheduled_tokens: list[int], num_microbatches: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of a step's requests, contiguous and in order, at most num_microbatches of them (one
+    request each at least), their tokens as even as whole requests allow: boundary k goes where the running
+    token count comes closest to k / num_microbatches of the total. Every rank computes the same split from the
+    same SchedulerOutput.
+
+    >>> split_microbatches([1, 1, 1, 1, 1], 2)
+    [(0, 2), (2, 5)]
+    >>> split_microbatches([40, 1, 1, 1], 2)
+    [(0, 1), (1, 4)]
+    """
+    n = len(num_scheduled_tokens)
+    m = max(1, min(num_microbatches, n))
+    cumulative = [0, *itertools.accumulate(num_scheduled_tokens)]  # tokens of requests [0, j)
+    total = cumulative[-1]
+    bounds = [0]
+    for k in range(1, m):
+        target = total * k / m
+        # Leave at least one request for each microbatch still to come.
+        candidates = range(bounds[-1] + 1, n - (m - k) + 1)
+        bounds.append(min(candidates, key=lambda j: abs(cumulative[j] - target)))
+    bounds.append(n)
+    return list(itertools.pairwise(bounds))
 
 
 class ModelRunner:
@@ -178,6 +209,15 @@ class ModelRunner:
         # Tensor parallelism: tp rank 0 gathers the logits and samples; it broadcasts the sampled token ids, so
         # that every rank appends the same tokens to its copy of the requests.
         self.tp_group = get_tp_group()
+        # Pipeline parallelism: this rank's stage runs its layers over the step in microbatches (one per stage),
+        # receiving each from the previous stage and sending it on; the last stage samples and sends the
+        # sampled ids back to every earlier stage (see _forward_pipeline).
+        self.pp_group = get_pp_group()
+        self.num_microbatches = self.pp_group.world_size
+        # Seconds this stage spent on steps other than waiting for another stage (the pipeline's busy time), and
+        # seconds it waited for one.
+        self.pipeline_busy_seconds = 0.0
+        self._pp_waited = 0.0
 
     # ---- state ----------------------------------------------------------------------------------------------
     def update_states(self, sched: SchedulerOutput) -> None:
@@ -266,49 +306,58 @@ class ModelRunner:
     def launch(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
         """Apply the step's state updates, then queue its forward and sampling on the device, and the copy of its
         samples to the host; on CUDA nothing here waits for the device (except prompt logprobs, which are
-        rare). Input tokens sampled by `prev`, the step in flight, are read from its device tensor."""
+        rare). Input tokens sampled by `prev`, the step in flight, are read from its device tensor.
+
+        With pipeline parallelism this rank runs its stage of the step (_forward_pipeline); only the last stage
+        has final hidden states, and only it computes pooling, prompt logprobs and samples."""
         start = time.perf_counter()
+        waited = self._pp_waited
         timer = StageTimer(self.device.type == "cuda") if self.step_timing else None
         self.update_states(sched)
         requests = self.requests
         states = [requests[request_id] for request_id in sched.num_scheduled_tokens]
         num_new = list(sched.num_scheduled_tokens.values())
-        input_ids, positions, meta, pending = self._build_batch(states, num_new)
-        if pending:
-            if prev is None or prev.sampled is None:
-                raise RuntimeError("a scheduled token is still pending but no step is in flight")
-            index = {request_id: i for i, request_id in enumerate(prev.sample_ids)}
-            rows = self.to_device([row for row, _ in pending], torch.long)
-            src = self.to_device([index[request_id] for _, request_id in pending], torch.long)
-            input_ids.index_copy_(0, rows, prev.sampled.token_ids.index_select(0, src))
-        if timer is not None:
-            timer.seconds["build_batch"] = time.perf_counter() - start  # host work: state updates and the batch
-            timer.start("forward")
-        hidden = self.forward(input_ids, positions, self.kv_caches, meta)
-        if timer is not None:
-            timer.stop("forward")
+        step = LaunchedStep(ModelRunnerOutput(sampled={}), start=start, timer=timer)
+        hidden: torch.Tensor | None
+        if self.pp_group.world_size == 1:
+            input_ids, positions, meta, pending = self._build_batch(states, num_new)
+            if pending:
+                self._fill_pending(input_ids, pending, prev)
+            if timer is not None:
+                timer.seconds["build_batch"] = time.perf_counter() - start  # host work: state updates, batch
+                timer.start("forward")
+            hidden = self.forward(input_ids, positions, self.kv_caches, meta)
+            if timer is not None:
+                timer.stop("forward")
+        else:
+            hidden = self._forward_pipeline(states, num_new, prev, step)
 
         sample_rows: list[int] = []
         sample_states: list[CachedRequestState] = []
-        out = ModelRunnerOutput(sampled={})
-        query_start_loc = meta.query_start_loc_list
+        out = step.output
+        query_start_loc = [0, *itertools.accumulate(num_new)]
         for i, (state, n) in enumerate(zip(states, num_new, strict=True)):
             computed = state.num_computed_tokens
             if state.pooling_type is not None:  # prefill only: pooled, never sampled
-                first = query_start_loc[i]
-                out.pooled[state.request_id] = pool_chunk(
-                    hidden[first : first + n], state.pooling_type, state.num_preemptions, computed,
-                    state.num_prompt_tokens,
-                )
+                if hidden is not None:
+                    first = query_start_loc[i]
+                    out.pooled[state.request_id] = pool_chunk(
+                        hidden[first : first + n], state.pooling_type, state.num_preemptions, computed,
+                        state.num_prompt_tokens,
+                    )
             else:
                 if computed + n == state.num_tokens:
                     sample_rows.append(query_start_loc[i + 1] - 1)
                     sample_states.append(state)
-                if state.wants_prompt_logprobs:
+                if state.wants_prompt_logprobs and hidden is not None:
                     self._prompt_logprobs(hidden, query_start_loc[i], n, state, out)
             state.num_computed_tokens = computed + n
-        step = LaunchedStep(out, [s.request_id for s in sample_states], start=start, timer=timer)
-        if sample_rows:
+        step.sample_ids = [s.request_id for s in sample_states]
+        if sample_rows and hidden is None:
+            self._receive_sampled(step, len(sample_rows), prev)
+            for state in sample_states:
+                state.num_tokens += 1
+        elif sample_rows:
             if timer is not None:
                 timer.start("logits")
             if len(sample_rows) < hidden.shape[0]:
@@ -325,6 +374,8 @@ class ModelRunner:
             if self.tp_group.world_size > 1:
                 token_ids = step.sampled.token_ids.to(torch.long).contiguous()
                 step.sampled.token_ids = self.tp_group.broadcast(token_ids, src=0)
+            if self.pp_group.world_size > 1:
+                self._send_sampled(step)
             if timer is not None:
                 timer.stop("sample")
             step.host_sampled = step.sampled
@@ -335,11 +386,121 @@ class ModelRunner:
         if self.device.type == "cuda":
             step.done = torch.cuda.Event()
             step.done.record()
+        if self.pp_group.world_size > 1:
+            self.pipeline_busy_seconds += time.perf_counter() - start - (self._pp_waited - waited)
         return step
+
+    def _fill_pending(self, input_ids: torch.Tensor, pending: list[tuple[int, str]], prev: LaunchedStep | None
+                      ) -> None:
+        """Write the input tokens still on the device (sampled by `prev`, the step in flight) into input_ids."""
+        if prev is None or prev.sampled is None:
+            raise RuntimeError("a scheduled token is still pending but no step is in flight")
+        self._wait_received(prev)
+        index = {request_id: i for i, request_id in enumerate(prev.sample_ids)}
+        rows = self.to_device([row for row, _ in pending], torch.long)
+        src = self.to_device([index[request_id] for _, request_id in pending], torch.long)
+        input_ids.index_copy_(0, rows, prev.sampled.token_ids.index_select(0, src))
+
+    # ---- pipeline parallelism -------------------------------------------------------------------------------
+    # Design: each engine step is split into microbatches (split_microbatches: as many as there are stages,
+    # contiguous runs of the scheduled requests with about equal tokens), and every stage runs them in order,
+    # GPipe-style: it receives microbatch k from the previous stage (all receives are posted at the start, so a
+    # microbatch moves as soon as it is ready), runs its layers and starts sending it on without waiting, so
+    # that stage s works on microbatch k while stage s + 1 works on k - 1. Every microbatch's KV writes land
+    # before the next one reads them on the same stage, so the split changes nothing in the results. The last
+    # stage samples the whole step at once (the same logits, draws and order as with one stage) and sends the
+    # sampled ids to every earlier stage, whose copies of the requests advance by the same tokens.
+    #
+    # Why microbatches inside a step rather than vLLM's batch queue (up to pipeline_parallel_size steps of
+    # disjoint requests in flight): the scheduler, the async-scheduling contract (one step in flight, the next
+    # reading its tokens on the device) and the engine core stay exactly as they are, and results equal one
+    # stage's. The cost is the pipeline's fill and drain inside each step: with M stages and M microbatches a
+    # stage is busy M / (2M - 1) of a step at best (2/3 at PP=2), against close to all of it for a batch queue.
+
+    def _forward_pipeline(self, states: list[CachedRequestState], num_new: list[int], prev: LaunchedStep | None,
+                          step: LaunchedStep) -> torch.Tensor | None:
+        """This stage's share of the step, microbatch by microbatch: the final hidden states of every scheduled
+        token on the last stage (rows in the step's order), None on the others."""
+        model, pp, timer = self.model, self.pp_group, step.timer
+        ranges = split_microbatches(num_new, self.num_microbatches)
+        # Every microbatch's activations are awaited from the previous stage from the start.
+        received: list[IntermediateTensors] = []
+        recv_works: list[list[torch.distributed.Work]] = []
+        if not model.is_first_stage:
+            for lo, hi in ranges:
+                buffers = model.empty_intermediate_tensors(sum(num_new[lo:hi]), self.device)
+                received.append(buffers)
+                recv_works.append(pp.irecv_tensors(buffers.tensors()))
+        if timer is not None:
+            timer.seconds["build_batch"] = time.perf_counter() - step.start
+            timer.start("forward")
+        hiddens: list[torch.Tensor] = []
+        for k, (lo, hi) in enumerate(ranges):
+            input_ids, positions, meta, pending = self._build_batch(states[lo:hi], num_new[lo:hi])
+            intermediate = None
+            if model.is_first_stage:
+                if pending:
+                    self._fill_pending(input_ids, pending, prev)
+            else:
+                self._wait(recv_works[k])
+                intermediate = received[k]
+            out = model(input_ids, positions, self.kv_caches, meta, intermediate)
+            if isinstance(out, IntermediateTensors):
+                tensors = out.tensors()
+                step.pp_sends.extend(pp.isend_tensors(tensors))
+                step.pp_buffers.extend(tensors)
+            else:
+                hiddens.append(out)
+        if timer is not None:
+            timer.stop("forward")
+        if not hiddens:
+            return None
+        return hiddens[0] if len(hiddens) == 1 else torch.cat(hiddens)
+
+    def _send_sampled(self, step: LaunchedStep) -> None:
+        """Last stage: start sending the step's sampled ids to the same tensor-parallel rank of every earlier
+        stage."""
+        assert step.sampled is not None
+        token_ids = step.sampled.token_ids.to(torch.long).contiguous()
+        step.pp_buffers.append(token_ids)
+        for stage in range(self.pp_group.world_size - 1):
+            step.pp_sends.extend(self.pp_group.isend_tensors([token_ids], dst=stage))
+
+    def _receive_sampled(self, step: LaunchedStep, num_rows: int, prev: LaunchedStep | None) -> None:
+        """An earlier stage: start receiving the ids the last stage samples for the step's num_rows rows (read
+        once _wait_received(step) returns)."""
+        if prev is not None:
+            self._wait_received(prev)  # one receive of sampled ids outstanding at a time: they arrive in order
+        token_ids = torch.empty(num_rows, dtype=torch.long, device=self.device)
+        step.pp_recvs = self.pp_group.irecv_tensors([token_ids], src=self.pp_group.world_size - 1)
+        step.sampled = step.host_sampled = SamplerOutput(token_ids)
+
+    def _wait_received(self, step: LaunchedStep) -> None:
+        if step.pp_recvs:
+            self._wait(step.pp_recvs)
+            step.pp_recvs = []
+
+    def _wait(self, works: list[torch.distributed.Work]) -> None:
+        """Wait for sends or receives between stages, counting the time as waiting, not work."""
+        start = time.perf_counter()
+        for work in works:
+            work.wait()
+        self._pp_waited += time.perf_counter() - start
 
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
         """Wait for a launched step (its forward and its samples' copy), append the sampled tokens to the
         requests' state, let their logits processors accept them, and return the runner's output."""
+        if self.pp_group.world_size == 1:
+            return self._collect(step)
+        start, waited = time.perf_counter(), self._pp_waited
+        self._wait_received(step)
+        self._wait(step.pp_sends)
+        step.pp_sends, step.pp_buffers = [], []
+        out = self._collect(step)
+        self.pipeline_busy_seconds += time.perf_counter() - start - (self._pp_waited - waited)
+        return out
+
+    def _collect(self, step: LaunchedStep) -> ModelRunnerOutput:
         if step.done is not None:
             step.done.synchronize()
         if step.timer is not None:
