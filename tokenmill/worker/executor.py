@@ -182,6 +182,14 @@ class MultiprocExecutor(Executor):
             process.start()
             child_conn.close()
             self._workers.append(_WorkerHandle(rank, process, conn))
+        # Pipeline parallelism: the last stage's ranks, and the others; steps launched and not collected; a launch
+        # the last stage gets after the next collect (see launch).
+        tp = config.tensor_parallel_size
+        self._pipeline_parallel_size = config.pipeline_parallel_size
+        self._last_stage = self._workers[self.world_size - tp :]
+        self._earlier_stages = self._workers[: self.world_size - tp]
+        self._num_in_flight = 0
+        self._held_launch: bytes | None = None
         # An executor dropped without shutdown() (an engine garbage-collected) leaves no process behind.
         weakref.finalize(self, _kill_processes, [w.process for w in self._workers])
         self._failed: str | None = None
@@ -198,10 +206,15 @@ class MultiprocExecutor(Executor):
         return [w.process for w in self._workers]
 
     def _send(self, method: str, argument: Any = None) -> None:
+        if self._held_launch is not None:
+            self._send_bytes(self._held_launch, self._last_stage)  # nothing overtakes a held launch but a collect
+            self._held_launch = None
+        self._send_bytes(self._encoder.encode([method, argument]), self._workers)
+
+    def _send_bytes(self, message: bytes, workers: list[_WorkerHandle]) -> None:
         if self._failed is not None:
             raise WorkerProcessError(self._failed)
-        message = self._encoder.encode([method, argument])
-        for w in self._workers:
+        for w in workers:
             try:
                 w.conn.send_bytes(message)
             except (BrokenPipeError, OSError) as e:
@@ -265,10 +278,28 @@ class MultiprocExecutor(Executor):
         self._call("initialize_cache", [num_blocks, max_model_len])
 
     def launch(self, sched: SchedulerOutput) -> None:
-        self._send("launch", sched)
+        """Every rank gets the step at once, except, with pipeline parallelism and a step already in flight, the
+        last stage's ranks: they get it after the collect of that step (collect()). The last stage works on the
+        step in flight until it has sampled it, and would otherwise launch this step, waiting for the earlier
+        stages to compute it, before it answers the collect: the engine would get each step's tokens one step
+        late, and the pipeline would drain between steps."""
+        if self._pipeline_parallel_size > 1 and self._num_in_flight > 0:
+            if self._held_launch is not None:
+                self._send_bytes(self._held_launch, self._last_stage)
+            message = self._encoder.encode(["launch", sched])
+            self._send_bytes(message, self._earlier_stages)
+            self._held_launch = message
+        else:
+            self._send("launch", sched)
+        self._num_in_flight += 1
 
     def collect(self) -> ModelRunnerOutput:
-        return self._call("collect")
+        held, self._held_launch = self._held_launch, None
+        self._send_bytes(self._encoder.encode(["collect", None]), self._workers)
+        if held is not None:
+            self._send_bytes(held, self._last_stage)
+        self._num_in_flight -= 1
+        return self._gather()[self.output_rank]
 
     def engine_facts(self) -> dict:
         """The output rank's facts, with every rank's memory (weights and KV cache) under "ranks"."""
