@@ -215,7 +215,7 @@ class ModelRunner:
         self.tp_group = get_tp_group()
         # Pipeline parallelism: this rank's stage runs its layers over the step in microbatches (one per stage),
         # receiving each from the previous stage and sending it on; the last stage samples and sends the
-        # sampled ids back to every earlier stage (see _forward_pipeline).
+        # sampled ids back to every earlier stage (see _launch_pipeline).
         self.pp_group = get_pp_group()
         self.num_microbatches = self.pp_group.world_size
         # Seconds this stage spent on steps other than waiting for another stage (the pipeline's busy time), and
