@@ -99,7 +99,7 @@ def run_engine(model_dir: Path, args: argparse.Namespace, pipeline_parallel_size
             for b, a in zip(before, info["ranks"], strict=True):
                 busy = a["pipeline_busy_seconds"] - b["pipeline_busy_seconds"]
                 stages.append({"rank": a["rank"], "layers": a["layers"], "busy_s": busy, "busy_fraction": busy / wall,
-                               "weight_bytes": a["weight_bytes"], "kv_cache_bytes": a["kv_cache_bytes"]})
+                               "kv_cache_bytes": a["kv_cache_bytes"]})
             result["stages"] = stages
             result["overlap"] = sum(s["busy_s"] for s in stages) / wall
         return result
