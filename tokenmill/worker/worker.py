@@ -381,8 +381,8 @@ class Worker:
             "pipeline_parallel_size": self.config.pipeline_parallel_size,
             "pp_rank": self.parallel_config.pp_rank, "layers": list(self.stage_layers),
             # Seconds this stage computed (not waiting for another stage), since start-up; None with one stage.
-            "pipeline_busy_seconds": self.runner.pipeline_busy_seconds if self.runner.pp_group.world_size > 1
-            else None,
+            "pipeline_busy_seconds": self._runner.pipeline_busy_seconds
+            if self._runner is not None and self.config.pipeline_parallel_size > 1 else None,
             "kv_cache_bytes": sum(t.numel() * t.element_size() for t in self.kv_caches),
         }
 
