@@ -13,6 +13,7 @@ from tokenmill.engine.engine_core import EngineCore
 from tokenmill.model.loader import read_hf_config
 from tokenmill.request import Request
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured_output.params import StructuredOutputsParams
 from tokenmill.worker.executor import WorkerProcessError
 from tokenmill.worker.model_runner import split_microbatches
 
@@ -34,15 +35,21 @@ def make_requests(vocab_size: int) -> list[tuple[list[int], SamplingParams]]:
     params[1] = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, prompt_logprobs=2, logprobs=2)
     params[2] = SamplingParams(temperature=1.0, seed=3, max_tokens=MAX_TOKENS)
     params[4] = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, min_tokens=4, presence_penalty=1.0)
+    # A grammar: only the last stage compiles it and masks the logits.
+    params[5] = SamplingParams(temperature=1.0, seed=5, max_tokens=MAX_TOKENS,
+                               structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe"]))
     return list(zip(prompts, params, strict=True))
 
 
 def run(core: EngineCore, requests) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
     """(request id -> output tokens, request id -> the logprob of each prompt token, for those that ask)."""
+    from tokenmill.model.tokenizer import Tokenizer
+
+    eos = frozenset(Tokenizer.from_pretrained(core.model_dir).eos_token_ids)
     tokens: dict[str, list[int]] = {}
     prompt_logprobs: dict[str, list[float]] = {}
     for i, (prompt, params) in enumerate(requests):
-        core.add_request(Request(f"r{i}", prompt, params, frozenset({0})))
+        core.add_request(Request(f"r{i}", prompt, params, eos))
         tokens[f"r{i}"] = []
     while core.has_unfinished_requests():
         for out in core.step():

@@ -137,16 +137,17 @@ class LaunchedStep:
 
 
 def new_request_state(new: NewRequestData, grammar: GrammarMatcher | None = None,
-                      generator: torch.Generator | None = None) -> CachedRequestState:
+                      generator: torch.Generator | None = None, samples: bool = True) -> CachedRequestState:
     """The runner's state of a request from its NewRequestData: tokens, block table, a seeded request's
     generator (`generator`: the one it had before a preemption, else a new one from the seed) and fresh logits
-    processors (grammar: the sequence's matcher under structured outputs), which replay the output so far."""
+    processors (grammar: the sequence's matcher under structured outputs), which replay the output so far.
+    samples=False (a pipeline stage before the last, which never samples): no logits processors."""
     params = new.sampling_params
     tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
     if generator is None and params.seed is not None:
         generator = torch.Generator().manual_seed(params.seed)
     processors = (build_logits_processors(params, new.prompt_token_ids, new.eos_token_ids, grammar)
-                  if new.pooling_type is None else [])
+                  if new.pooling_type is None and samples else [])
     for token_id in new.output_token_ids:
         for processor in processors:
             if not processor.accept_token(token_id):
@@ -245,11 +246,13 @@ class ModelRunner:
     def _new_state(self, new: NewRequestData) -> CachedRequestState:
         params = new.sampling_params
         grammar = None
-        if params.structured_outputs is not None and new.pooling_type is None:
+        # A pipeline stage before the last never samples: no grammar to compile, no processor to feed.
+        samples = self.model.is_last_stage
+        if params.structured_outputs is not None and new.pooling_type is None and samples:
             if self.grammar_factory is None:
                 raise RuntimeError("a request with structured_outputs reached a runner without a grammar compiler")
             grammar = self.grammar_factory(params.structured_outputs)
-        return new_request_state(new, grammar, self._preempted_generators.pop(new.request_id, None))
+        return new_request_state(new, grammar, self._preempted_generators.pop(new.request_id, None), samples)
 
     # ---- the step -------------------------------------------------------------------------------------------
     def to_device(self, values: list[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
