@@ -7,6 +7,7 @@ from tokenmill.distributed.parallel_state import (
     get_open_port,
     get_parallel_config,
     get_pp_group,
+    get_pp_reverse_group,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
     get_tp_group,
@@ -21,7 +22,7 @@ from tokenmill.distributed.parallel_state import (
 
 __all__ = [
     "GroupCoordinator", "ParallelConfig", "destroy_distributed", "get_open_port", "get_parallel_config",
-    "get_pp_group", "get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size", "get_tp_group",
+    "get_pp_group", "get_pp_reverse_group", "get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size", "get_tp_group",
     "get_world_group", "init_distributed", "output_rank", "tensor_model_parallel_all_gather",
     "tensor_model_parallel_all_reduce", "tensor_model_parallel_broadcast", "tensor_model_parallel_gather",
 ]

@@ -227,12 +227,16 @@ class _State:
     tp: GroupCoordinator
     pp: GroupCoordinator
     world: GroupCoordinator
+    # The pipeline group's twin (same ranks) for what travels backwards, from a later stage to an earlier one
+    # (the sampled ids): NCCL runs a communicator's operations between two ranks in the order they were issued,
+    # so on one group a receive of ids posted early would hold back the activations sent after it.
+    pp_reverse: GroupCoordinator
 
 
 def _single_process_state() -> _State:
     config = ParallelConfig()
     return _State(config, GroupCoordinator([0], 0, None, "tp"), GroupCoordinator([0], 0, None, "pp"),
-                  GroupCoordinator([0], 0, None, "world"))
+                  GroupCoordinator([0], 0, None, "world"), GroupCoordinator([0], 0, None, "pp_reverse"))
 
 
 # This process's groups: set once by init_distributed (a worker process belongs to one world for its life).
@@ -258,7 +262,7 @@ def init_distributed(config: ParallelConfig, device: torch.device | None = None)
     tp_groups = [list(range(p * tp, (p + 1) * tp)) for p in range(pp)]
     pp_groups = [list(range(t, config.world_size, tp)) for t in range(tp)]
     # new_group is collective: every rank creates every group, in the same order, and keeps its own.
-    my_tp = my_pp = None
+    my_tp = my_pp = my_pp_reverse = None
     for ranks in tp_groups:
         group = dist.new_group(ranks, timeout=timeout, backend=backend) if len(ranks) > 1 else None
         if config.rank in ranks:
@@ -267,9 +271,14 @@ def init_distributed(config: ParallelConfig, device: torch.device | None = None)
         group = dist.new_group(ranks, timeout=timeout, backend=backend) if len(ranks) > 1 else None
         if config.rank in ranks:
             my_pp = GroupCoordinator(ranks, config.rank, group, "pp")
-    assert my_tp is not None and my_pp is not None  # every rank is in one group of each kind
+    for ranks in pp_groups:
+        group = dist.new_group(ranks, timeout=timeout, backend=backend) if len(ranks) > 1 else None
+        if config.rank in ranks:
+            my_pp_reverse = GroupCoordinator(ranks, config.rank, group, "pp_reverse")
+    # every rank is in one group of each kind
+    assert my_tp is not None and my_pp is not None and my_pp_reverse is not None
     world = GroupCoordinator(list(range(config.world_size)), config.rank, dist.group.WORLD, "world")
-    _state = _State(config, my_tp, my_pp, world)
+    _state = _State(config, my_tp, my_pp, world, my_pp_reverse)
     logger.info("rank %d of %d joined (tp rank %d of %d, pp rank %d of %d, %s)", config.rank, config.world_size,
                 config.tp_rank, tp, config.pp_rank, pp, backend)
 
@@ -292,6 +301,11 @@ def get_tp_group() -> GroupCoordinator:
 
 def get_pp_group() -> GroupCoordinator:
     return _state.pp
+
+
+def get_pp_reverse_group() -> GroupCoordinator:
+    """The pipeline group's ranks again, in a group of their own, for messages from later stages to earlier ones."""
+    return _state.pp_reverse
 
 
 def get_world_group() -> GroupCoordinator:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.distributed import get_pp_group, get_tp_group
+from tokenmill.distributed import get_pp_group, get_pp_reverse_group, get_tp_group
 from tokenmill.model.llama import IntermediateTensors, LlamaForCausalLM
 from tokenmill.model.pooler import pool_chunk
 from tokenmill.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
@@ -218,6 +218,9 @@ class ModelRunner:
         # receiving each from the previous stage and sending it on; the last stage samples and sends the
         # sampled ids back to every earlier stage (see _launch_pipeline).
         self.pp_group = get_pp_group()
+        # The sampled ids travel back on a group of their own: on NCCL a group's operations between two ranks run
+        # in the order they were issued, and the receives of ids, posted early, must not hold back activations.
+        self.pp_reverse_group = get_pp_reverse_group()
         self.num_microbatches = self.pp_group.world_size
         # Seconds this stage spent on steps other than waiting for another stage (the pipeline's busy time), and
         # seconds it waited for one.
@@ -461,7 +464,8 @@ class ModelRunner:
             # The ids the last stage samples, one receive per microbatch (in order after the previous step's).
             token_ids = torch.empty(bounds[-1], dtype=torch.long, device=self.device)
             step.sampled = step.host_sampled = SamplerOutput(token_ids)
-            step.pp_recvs = [pp.irecv_tensors([token_ids[a:b]], src=pp.world_size - 1) if b > a else []
+            reverse = self.pp_reverse_group
+            step.pp_recvs = [reverse.irecv_tensors([token_ids[a:b]], src=reverse.world_size - 1) if b > a else []
                              for a, b in step.pp_sample_bounds]
         if timer is not None:
             timer.seconds["build_batch"] = time.perf_counter() - step.start
@@ -491,7 +495,7 @@ class ModelRunner:
                 token_ids = sampled.token_ids.to(torch.long).contiguous()
                 step.pp_buffers.append(token_ids)
                 for stage in range(pp.world_size - 1):
-                    step.pp_sends.extend(pp.isend_tensors([token_ids], dst=stage))
+                    step.pp_sends.extend(self.pp_reverse_group.isend_tensors([token_ids], dst=stage))
                 if self.device.type == "cuda":
                     sampled = sampled.map_tensors(lambda t: t.to("cpu", non_blocking=True))
                 step.pp_sampled.append(sampled)
