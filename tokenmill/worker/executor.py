@@ -3,8 +3,9 @@
     UniProcExecutor    the Worker in the engine's own process (the default; distributed_executor_backend="uni")
     MultiprocExecutor  one Worker per rank, each in a spawned child process (distributed_executor_backend="mp");
                        every call crosses a pipe per rank as msgpack bytes (serial.py): the SchedulerOutput
-                       in, the ModelRunnerOutput out (from the output rank). Tensor parallelism runs
-                       tensor_parallel_size of them, joined in process groups (tokenmill/distributed).
+                       in, the ModelRunnerOutput out (from the output rank). Tensor and pipeline
+                       parallelism run tensor_parallel_size * pipeline_parallel_size of them, joined in process
+                       groups (tokenmill/distributed).
 
 Both follow one contract (Executor): start-up in one direction (determine_kv_cache_sizing, then
 initialize_cache), then launch(SchedulerOutput) / collect() -> ModelRunnerOutput, collected in launch order.
