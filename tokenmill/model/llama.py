@@ -328,13 +328,12 @@ class LlamaForCausalLM(nn.Module):
         self.tp_size = tp
         vocab_per_rank = -(-spec.vocab_size // tp)
         vocab_shard = _column([(rank * vocab_per_rank, vocab_per_rank)], tp, spec.hidden_size)
-        self.embed_tokens: nn.Module
+        embedding = None
         if self.is_first_stage or (self.is_last_stage and spec.tie_word_embeddings):
-            self.embed_tokens = VocabEmbedding(vocab_per_rank, spec.hidden_size,
-                                               q.get_linear_method("model.embed_tokens", ["model.embed_tokens"]),
-                                               dtype, "model.embed_tokens", vocab_shard)
-        else:
-            self.embed_tokens = PPMissingLayer()
+            embedding = VocabEmbedding(vocab_per_rank, spec.hidden_size,
+                                       q.get_linear_method("model.embed_tokens", ["model.embed_tokens"]), dtype,
+                                       "model.embed_tokens", vocab_shard)
+        self.embed_tokens: nn.Module = embedding if embedding is not None else PPMissingLayer()
         backends = _backends_by_window(spec, backend)
         self.layers = nn.ModuleList(
             DecoderLayer(spec, backends[spec.layer_sliding_window(i)], q, dtype, f"model.layers.{i}")
@@ -348,8 +347,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = PPMissingLayer()
         else:
             self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
-            if spec.tie_word_embeddings:
-                self.lm_head = TiedLMHead(self.embed_tokens)
+            if embedding is not None and spec.tie_word_embeddings:
+                self.lm_head = TiedLMHead(embedding)
             else:
                 self.lm_head = Linear(spec.hidden_size, vocab_per_rank, False,
                                       q.get_linear_method("lm_head", ["lm_head"]), dtype=dtype, prefix="lm_head",
