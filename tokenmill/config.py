@@ -217,7 +217,9 @@ class EngineConfig:
     # Tensor-parallel degree: the model's heads, MLP and vocabulary split over this many ranks (one process per
     # device), with an all-reduce after each row-parallel projection (vLLM's --tensor-parallel-size).
     tensor_parallel_size: int = 1
-    # Pipeline-parallel degree: the decoder layers split into this many stages (vLLM's --pipeline-parallel-size).
+    # Pipeline-parallel degree: the decoder layers split into this many stages, one rank (or tensor-parallel
+    # group) each, activations sent from stage to stage (vLLM's --pipeline-parallel-size); at most the model's
+    # number of layers.
     pipeline_parallel_size: int = 1
     # Where the workers (model, KV cache, runner) run: "uni" in the engine's process (one rank only), "mp" in
     # child processes, one per rank, reached through the serialized step contract, "ray" in Ray actors placed on
@@ -245,11 +247,6 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.pipeline_parallel_size != 1:
-            raise ValueError(
-                f"pipeline_parallel_size={self.pipeline_parallel_size} is not supported yet: use "
-                "pipeline_parallel_size=1 (tensor_parallel_size splits a model over several devices)"
-            )
         if backend == "uni" and self.world_size > 1:
             raise ValueError(
                 f"distributed_executor_backend='uni' runs one rank in the engine's process, but "

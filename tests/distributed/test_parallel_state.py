@@ -20,7 +20,7 @@ def test_a_world_of_one_communicates_nothing():
     assert ps.tensor_model_parallel_gather(x, 0) is x
     assert ps.tensor_model_parallel_broadcast(x) is x
     tp, pp = ps.get_tp_group(), ps.get_pp_group()
-    assert (tp.world_size, tp.rank_in_group, pp.world_size) == (1, 0, 1)
+    assert (tp.world_size, tp.rank_in_group, pp.world_size, ps.get_pp_reverse_group().world_size) == (1, 0, 1, 1)
     assert ps.get_parallel_config().is_output_rank
     assert not torch.distributed.is_initialized()
 
@@ -54,6 +54,23 @@ def _rank_main(rank: int, init_method: str, results) -> None:
         else:
             received = pp.recv_tensor_dict()
             out["received"] = {k: v.tolist() for k, v in received.items()}
+        # Non-blocking, into buffers of known shapes: two messages in a row on the pipeline group, and one back
+        # on its twin for the other direction, all posted before any is waited for.
+        reverse = ps.get_pp_reverse_group()
+        out["pp_reverse_ranks"] = reverse.ranks
+        if pp.is_first_rank:
+            back = torch.empty(2, dtype=torch.long)
+            works = pp.isend_tensors([torch.full((2,), float(rank)), torch.full((3,), rank + 0.5)])
+            works += reverse.irecv_tensors([back], src=1)
+            for work in works:
+                work.wait()
+            out["back"] = back.tolist()
+        else:
+            first, second = torch.empty(2), torch.empty(3)
+            works = pp.irecv_tensors([first, second]) + reverse.isend_tensors([torch.tensor([rank, 7])], dst=0)
+            for work in works:
+                work.wait()
+            out["isend"] = [first.tolist(), second.tolist()]
         ps.destroy_distributed()
         results.put((rank, out))
     except Exception:
@@ -84,5 +101,9 @@ def test_collectives_between_four_processes():
         assert out["all_gather"] == [[first, first, second, second]]
         assert out["gather"] == ([[first, first], [second, second]] if rank % 2 == 0 else None)
         assert out["broadcast"] == [second, second]
+        assert out["pp_reverse_ranks"] == out["pp_ranks"]
         if stage == 1:
             assert out["received"] == {"hidden": [[rank - 2.0] * 3] * 2, "ids": [0, 1, 2]}
+            assert out["isend"] == [[rank - 2.0] * 2, [rank - 1.5] * 3]
+        else:
+            assert out["back"] == [rank + 2, 7]

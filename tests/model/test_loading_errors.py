@@ -77,9 +77,9 @@ def test_missing_model_path(tmp_path):
         LLM(str(tmp_path / "nowhere"), show_progress=False)
 
 
-def test_unsupported_pipeline_parallel():
-    with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported yet"):
-        LLM(pipeline_parallel_size=2, show_progress=False)
+def test_pipeline_parallel_size_over_the_layers(llama_dir):
+    with pytest.raises(ValueError, match="pipeline_parallel_size=5 exceeds the 2 decoder layers.*use 1 to 2"):
+        LLM(str(llama_dir), pipeline_parallel_size=5, show_progress=False)
 
 
 def test_max_model_len_over_model_limit(llama_dir):

@@ -211,8 +211,8 @@ def test_bad_sizes_list_the_valid_ones(llama_dir, nine_head_model):
         make_core(llama_dir, 0)
     with pytest.raises(ValueError, match="distributed_executor_backend='uni' runs one rank"):
         make_core(llama_dir, 2, distributed_executor_backend="uni")
-    with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported yet"):
-        make_core(llama_dir, 1, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=9 exceeds the \d+ decoder layers .* use 1 to \d+"):
+        make_core(llama_dir, 1, pipeline_parallel_size=9)
     with pytest.raises(ValueError, match="num_gpu_blocks_override must be a positive integer, got 0"):
         make_core(llama_dir, 1, num_gpu_blocks_override=0)
     if torch.cuda.device_count() < 2:

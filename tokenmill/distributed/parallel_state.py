@@ -252,6 +252,36 @@ class GroupCoordinator:
             out[name] = t
         return out
 
+    def isend_tensors(self, tensors: list[torch.Tensor], dst: int | None = None) -> list[dist.Work]:
+        """Start sending tensors to the group's rank `dst` (default: the next rank) and return at once: the
+        works to wait on. The receiver must already know their shapes and dtypes (irecv_tensors), so nothing but
+        the data travels. Each tensor must stay alive and unchanged until its work completes."""
+        if self.world_size == 1:
+            raise RuntimeError(f"{self.name} group of one rank has no other rank to send to")
+        peer = self.next_rank if dst is None else self.ranks[dst]
+        works = []
+        for t in tensors:
+            work = dist.isend(t.contiguous(), dst=peer, group=self.group)
+            assert work is not None  # isend returns its work (None only for ranks outside the group)
+            works.append(work)
+        return works
+
+    def irecv_tensors(self, tensors: list[torch.Tensor], src: int | None = None) -> list[dist.Work]:
+        """Start receiving, into the given tensors, what isend_tensors sends from the group's rank `src` (default:
+        the previous rank); returns the works to wait on before reading them. Messages from one rank are matched
+        in the order they were sent."""
+        if self.world_size == 1:
+            raise RuntimeError(f"{self.name} group of one rank has no other rank to receive from")
+        peer = self.prev_rank if src is None else self.ranks[src]
+        works = []
+        for t in tensors:
+            if not t.is_contiguous():
+                raise ValueError("irecv_tensors receives into contiguous tensors only")
+            work = dist.irecv(t, src=peer, group=self.group)
+            assert work is not None
+            works.append(work)
+        return works
+
 
 @dataclass
 class _State:
@@ -259,12 +289,16 @@ class _State:
     tp: GroupCoordinator
     pp: GroupCoordinator
     world: GroupCoordinator
+    # The pipeline group's twin (same ranks) for what travels backwards, from a later stage to an earlier one
+    # (the sampled ids): NCCL runs a communicator's operations between two ranks in the order they were issued,
+    # so on one group a receive of ids posted early would hold back the activations sent after it.
+    pp_reverse: GroupCoordinator
 
 
 def _single_process_state() -> _State:
     config = ParallelConfig()
     return _State(config, GroupCoordinator([0], 0, None, "tp"), GroupCoordinator([0], 0, None, "pp"),
-                  GroupCoordinator([0], 0, None, "world"))
+                  GroupCoordinator([0], 0, None, "world"), GroupCoordinator([0], 0, None, "pp_reverse"))
 
 
 # This process's groups: set once by init_distributed (a worker process belongs to one world for its life).
@@ -290,7 +324,7 @@ def init_distributed(config: ParallelConfig, device: torch.device | None = None)
     tp_groups = [list(range(p * tp, (p + 1) * tp)) for p in range(pp)]
     pp_groups = [list(range(t, config.world_size, tp)) for t in range(tp)]
     # new_group is collective: every rank creates every group, in the same order, and keeps its own.
-    my_tp = my_pp = None
+    my_tp = my_pp = my_pp_reverse = None
     for ranks in tp_groups:
         group = dist.new_group(ranks, timeout=timeout, backend=backend) if len(ranks) > 1 else None
         if config.rank in ranks:
@@ -299,9 +333,14 @@ def init_distributed(config: ParallelConfig, device: torch.device | None = None)
         group = dist.new_group(ranks, timeout=timeout, backend=backend) if len(ranks) > 1 else None
         if config.rank in ranks:
             my_pp = GroupCoordinator(ranks, config.rank, group, "pp")
-    assert my_tp is not None and my_pp is not None  # every rank is in one group of each kind
+    for ranks in pp_groups:
+        group = dist.new_group(ranks, timeout=timeout, backend=backend) if len(ranks) > 1 else None
+        if config.rank in ranks:
+            my_pp_reverse = GroupCoordinator(ranks, config.rank, group, "pp_reverse")
+    # every rank is in one group of each kind
+    assert my_tp is not None and my_pp is not None and my_pp_reverse is not None
     world = GroupCoordinator(list(range(config.world_size)), config.rank, dist.group.WORLD, "world")
-    _state = _State(config, my_tp, my_pp, world)
+    _state = _State(config, my_tp, my_pp, world, my_pp_reverse)
     logger.info("rank %d of %d joined (tp rank %d of %d, pp rank %d of %d, %s)", config.rank, config.world_size,
                 config.tp_rank, tp, config.pp_rank, pp, backend)
 
@@ -324,6 +363,11 @@ def get_tp_group() -> GroupCoordinator:
 
 def get_pp_group() -> GroupCoordinator:
     return _state.pp
+
+
+def get_pp_reverse_group() -> GroupCoordinator:
+    """The pipeline group's ranks again, in a group of their own, for messages from later stages to earlier ones."""
+    return _state.pp_reverse
 
 
 def get_world_group() -> GroupCoordinator:

@@ -89,7 +89,8 @@ class EngineArgs:
     all-reduce after each row-parallel projection"""
 
     pipeline_parallel_size: int = field(default=1, metadata={"aliases": ["-pp"]})
-    """number of pipeline stages to split the decoder layers over (only 1 is supported yet)"""
+    """number of pipeline stages to split the decoder layers over (at most the model's layers): each stage holds
+    its layers' weights and KV cache, activations travel from stage to stage, each step in as many microbatches"""
 
     distributed_executor_backend: str | None = field(default=None, metadata={"choices": ["uni", "mp", "ray"]})
     """where the workers (model, KV cache, model runner) run: uni, in the engine core's process (one rank); mp,

@@ -10,6 +10,7 @@ import copy
 import functools
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -17,12 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
-from tokenmill.distributed import get_tp_group, tensor_model_parallel_gather
+from tokenmill.distributed import get_pp_group, get_tp_group, tensor_model_parallel_gather
 from tokenmill.kernels.cpu.decode import FusedDecoder
 from tokenmill.model.layers.linear import Linear, TensorParallelShard, TiedLMHead, VocabEmbedding
 from tokenmill.model.quantization.base import QuantizationConfig
 from tokenmill.model.quantization.unquantized import UnquantizedConfig
 from tokenmill.model.registry import DecoderSpec
+from tokenmill.planner.memory import pipeline_stage_layers
 
 
 @functools.cache
@@ -288,9 +290,34 @@ def _backends_by_window(spec: DecoderSpec, backend: AttentionBackend) -> dict[in
     return backends
 
 
+@dataclass
+class IntermediateTensors:
+    """What one pipeline stage hands the next: the hidden states after its last layer and the residual stream
+    beside them (each [num_tokens, hidden_size]; the next stage's first norm adds the two, as the layers do)."""
+
+    hidden_states: torch.Tensor
+    residual: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.hidden_states, self.residual]
+
+
+class PPMissingLayer(nn.Module):
+    """The place of a module another pipeline stage holds: no parameters, no memory, never called. It keeps the
+    layer indices global (model.layers[i] is decoder layer i on every stage)."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this module belongs to another pipeline stage")
+
+
 class LlamaForCausalLM(nn.Module):
     """quant_config decides how every linear layer (and the embedding table) stores its weight; dtype is the
-    activation dtype the weights are created for (default: torch's default dtype)."""
+    activation dtype the weights are created for (default: torch's default dtype).
+
+    Pipeline parallelism: a stage builds only what it runs (planner.pipeline_stage_layers decides the split):
+    its decoder layers [start_layer, end_layer), the embedding on the first stage, the final norm and the lm_head
+    on the last (with tied embeddings the last stage holds the embedding table, as its lm_head). Everything else
+    is a PPMissingLayer, and the loader skips its checkpoint tensors."""
 
     tp_size = 1  # devices the layers are sharded over (tensor parallel); the fused decode step runs only unsharded
 
@@ -298,8 +325,13 @@ class LlamaForCausalLM(nn.Module):
                  quant_config: QuantizationConfig | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.spec = spec
+        self.dtype = dtype if dtype is not None else torch.get_default_dtype()
         self.quant_config = quant_config or UnquantizedConfig()
         q = self.quant_config
+        pp_group = get_pp_group()
+        self.pp_size, self.pp_rank = pp_group.world_size, pp_group.rank_in_group
+        self.is_first_stage, self.is_last_stage = pp_group.is_first_rank, pp_group.is_last_rank
+        self.start_layer, self.end_layer = pipeline_stage_layers(spec.num_layers, self.pp_size)[self.pp_rank]
         # Tensor parallelism: each rank holds a slice of the vocabulary (padded to a multiple of the ranks) for
         # the embedding and the lm_head; compute_logits gathers the slices on tp rank 0, which samples.
         tp_group = get_tp_group()
@@ -307,26 +339,41 @@ class LlamaForCausalLM(nn.Module):
         self.tp_size = tp
         vocab_per_rank = -(-spec.vocab_size // tp)
         vocab_shard = _column([(rank * vocab_per_rank, vocab_per_rank)], tp, spec.hidden_size)
-        self.embed_tokens = VocabEmbedding(vocab_per_rank, spec.hidden_size,
-                                           q.get_linear_method("model.embed_tokens", ["model.embed_tokens"]),
-                                           dtype, "model.embed_tokens", vocab_shard)
+        embedding = None
+        if self.is_first_stage or (self.is_last_stage and spec.tie_word_embeddings):
+            embedding = VocabEmbedding(vocab_per_rank, spec.hidden_size,
+                                       q.get_linear_method("model.embed_tokens", ["model.embed_tokens"]), dtype,
+                                       "model.embed_tokens", vocab_shard)
+        self.embed_tokens: nn.Module = embedding if embedding is not None else PPMissingLayer()
         backends = _backends_by_window(spec, backend)
         self.layers = nn.ModuleList(
             DecoderLayer(spec, backends[spec.layer_sliding_window(i)], q, dtype, f"model.layers.{i}")
+            if self.start_layer <= i < self.end_layer else PPMissingLayer()
             for i in range(spec.num_layers)
         )
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.norm: nn.Module
         self.lm_head: nn.Module
-        if spec.tie_word_embeddings:
-            self.lm_head = TiedLMHead(self.embed_tokens)
+        if not self.is_last_stage:
+            self.norm = PPMissingLayer()
+            self.lm_head = PPMissingLayer()
         else:
-            self.lm_head = Linear(spec.hidden_size, vocab_per_rank, False,
-                                  q.get_linear_method("lm_head", ["lm_head"]), dtype=dtype, prefix="lm_head",
-                                  tp_shard=vocab_shard)
+            self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+            if embedding is not None and spec.tie_word_embeddings:
+                self.lm_head = TiedLMHead(embedding)
+            else:
+                self.lm_head = Linear(spec.hidden_size, vocab_per_rank, False,
+                                      q.get_linear_method("lm_head", ["lm_head"]), dtype=dtype, prefix="lm_head",
+                                      tp_shard=vocab_shard)
         self.rotary = RotaryEmbedding(spec, max_positions)
         # Decode-only steps of a few rows as one native call (kernels/cpu/decode.py), prepared once the weights
         # are packed; never with sharded layers, whose all-reduces the fused step does not do.
         self.fused_decoder: FusedDecoder | None = None
+
+    @property
+    def num_stage_layers(self) -> int:
+        """Decoder layers this pipeline stage runs (all of them without pipeline parallelism); one KV cache
+        tensor each."""
+        return self.end_layer - self.start_layer
 
     def forward(
         self,
@@ -334,16 +381,36 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """Final hidden states [num_tokens, hidden_size] for the flat batch input_ids [num_tokens]."""
-        if self.fused_decoder is not None:
+        intermediate_tensors: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        """Final hidden states [num_tokens, hidden_size] for the flat batch input_ids [num_tokens].
+
+        Pipeline stages: the first embeds input_ids, the others start from the previous stage's
+        intermediate_tensors (input_ids unused); every stage but the last returns IntermediateTensors for the
+        next. kv_caches holds the stage's layers only."""
+        if self.fused_decoder is not None and intermediate_tensors is None:  # only built for a whole model
             fused = self.fused_decoder.forward(input_ids, positions, kv_caches, meta)
             if fused is not None:
                 return fused
-        x, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, positions, self.rotary, kv_cache, meta)
+        if self.is_first_stage:
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            if intermediate_tensors is None:
+                raise ValueError(f"pipeline stage {self.pp_rank} needs the previous stage's intermediate_tensors")
+            x, residual = intermediate_tensors.hidden_states, intermediate_tensors.residual
+        layers = self.layers
+        for i, kv_cache in zip(range(self.start_layer, self.end_layer), kv_caches, strict=True):
+            x, residual = layers[i](x, residual, positions, self.rotary, kv_cache, meta)
+        if not self.is_last_stage:
+            assert residual is not None  # every stage runs at least one layer
+            return IntermediateTensors(x, residual)
         return self.norm(x, residual)[0]
+
+    def empty_intermediate_tensors(self, num_tokens: int, device: torch.device) -> IntermediateTensors:
+        """Uninitialised buffers for num_tokens tokens of what the previous stage sends (to receive into)."""
+        shape = (num_tokens, self.spec.hidden_size)
+        return IntermediateTensors(torch.empty(shape, dtype=self.dtype, device=device),
+                                   torch.empty(shape, dtype=self.dtype, device=device))
 
     def num_weight_elements(self) -> int:
         """Elements of the model's weights as the checkpoint defines them (tied embeddings once), whatever
@@ -375,7 +442,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits [rows, vocab] in the model's dtype (the sampler converts to float32 where it needs to). With
         tensor parallelism every rank computes its vocabulary slice and tp rank 0 gets them all (the padding cut
-        off, never sampled); the other ranks get None."""
+        off, never sampled); the other ranks get None. Only the last pipeline stage has an lm_head."""
+        if not self.is_last_stage:
+            raise RuntimeError(f"pipeline stage {self.pp_rank} has no lm_head: the last stage computes logits")
         logits = self.lm_head(hidden)
         if self.tp_size == 1:
             return logits
@@ -390,17 +459,35 @@ class LlamaForCausalLM(nn.Module):
     _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
+    def holds_weight(self, hf_name: str) -> bool:
+        """Whether this pipeline stage holds the checkpoint tensor hf_name ("model.layers.3.mlp.up_proj.weight"):
+        its own layers' tensors, the embedding on the first stage (and on the last with tied embeddings), the
+        final norm and lm_head on the last. Always true without pipeline parallelism."""
+        if self.pp_size == 1:
+            return True
+        name = hf_name.removeprefix("model.")
+        head, _, rest = name.partition(".")
+        if head == "layers":
+            index = rest.partition(".")[0]
+            return not index.isdigit() or self.start_layer <= int(index) < self.end_layer
+        if head == "embed_tokens":
+            return not isinstance(self.embed_tokens, PPMissingLayer)
+        if head in ("norm", "lm_head"):
+            return self.is_last_stage
+        return True
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Stream Hugging Face-named tensors into the model: each into its layer's parameter (one shard of a
         fused layer) through the parameter's weight_loader; returns the checkpoint names filled (without
-        "model."). Then every layer repacks its weights for its kernel (process_weights_after_loading)."""
+        "model."). Tensors of other pipeline stages are skipped (holds_weight). Then every layer repacks its
+        weights for its kernel (process_weights_after_loading)."""
         spec = self.spec
         modules = dict(self.named_modules())
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for hf_name, tensor in weights:
             name = hf_name.removeprefix("model.")
-            if "rotary_emb" in name:
+            if "rotary_emb" in name or not self.holds_weight(hf_name):
                 continue
             if name.startswith("lm_head.") and spec.tie_word_embeddings:
                 continue

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,10 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path], show_progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[Path], show_progress: bool,
+                     keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the files, by name; with `keep`, only the names it accepts are read at all (a pipeline
+    stage reads its own layers' tensors, never the other stages')."""
     handles = []
     total = 0
     for path in files:
@@ -64,7 +67,7 @@ def iter_safetensors(files: list[Path], show_progress: bool) -> Iterator[tuple[s
             raise ValueError(
                 f"{path}: cannot read safetensors weights ({e}); the file is corrupt or truncated"
             ) from e
-        keys = list(handle.keys())
+        keys = [key for key in handle.keys() if keep is None or keep(key)]
         handles.append((path, handle, keys))
         total += len(keys)
     # No bar at all without progress: even a disabled tqdm creates a multiprocessing lock, a semaphore that a
@@ -126,7 +129,7 @@ def load_model(
     materialize_empty(model, device)
     model.rotary = RotaryEmbedding(spec, max_positions).to(device)
     with torch.no_grad():
-        loaded = model.load_weights(iter_safetensors(files, show_progress))
+        loaded = model.load_weights(iter_safetensors(files, show_progress, keep=model.holds_weight))
     missing = model.expected_weight_names() - loaded
     if missing:
         shown = ", ".join(sorted(missing)[:5])

