@@ -250,6 +250,37 @@ def test_ray_tp2_gives_tp1_tokens(ray_cluster, tiny_models):
     ray.shutdown()
 
 
+@pytest.mark.slow
+def test_ray_pipeline_stages_give_one_stage_tokens(ray_cluster, tiny_models):
+    """PP=2 in two Ray actors (one stage each, async-scheduled, chunked prefill) gives one process's greedy
+    tokens: the pipeline's activations and sampled ids travel between actors as between worker processes."""
+    import ray
+
+    from tokenmill import LLM
+
+    if ray.is_initialized():
+        ray.shutdown()
+    model_dir = str(tiny_models["qwen2"])
+    kwargs = dict(dtype="float32", device="cpu", max_num_batched_tokens=16, max_model_len=128,
+                  show_progress=False)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = _prompts(read_hf_config(model_dir)["vocab_size"])
+    reference = LLM(model_dir, **kwargs)
+    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params, use_tqdm=False)]
+    reference.llm_engine.shutdown()
+
+    llm = LLM(model_dir, pipeline_parallel_size=2, distributed_executor_backend="ray", async_scheduling=True,
+              **kwargs)
+    try:
+        ranks = llm.llm_engine.engine_info()["ranks"]
+        assert [(r["rank"], r["pp_rank"]) for r in ranks] == [(0, 0), (1, 1)]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+    finally:
+        llm.llm_engine.shutdown()
+    assert _wait_gone([r["pid"] for r in ranks]) == []
+
+
 def _ray_core(model_dir: Path, **kwargs) -> EngineCore:
     config = EngineConfig.from_kwargs(
         str(model_dir), dtype="float32", device="cpu", max_num_batched_tokens=16, max_model_len=128,

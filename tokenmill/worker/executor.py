@@ -66,6 +66,10 @@ class WorkerInfo:
         return getattr(torch, self.dtype)
 
 
+# What engine_facts() lists of every rank under "ranks": where it sits and its share of the memory.
+RANK_FACT_KEYS = ("rank", "device", "weight_bytes", "kv_cache_bytes", "pp_rank", "layers", "pipeline_busy_seconds")
+
+
 class Executor(ABC):
     info: WorkerInfo
 
@@ -332,8 +336,7 @@ class MultiprocExecutor(Executor):
         facts = self._gather()
         out = dict(facts[self.output_rank])
         if self.world_size > 1:
-            out["ranks"] = [{key: f[key] for key in ("rank", "device", "weight_bytes", "kv_cache_bytes", "pp_rank",
-                                                     "layers", "pipeline_busy_seconds")} for f in facts]
+            out["ranks"] = [{key: f[key] for key in RANK_FACT_KEYS} for f in facts]
         return out
 
     def set_step_timing(self, enabled: bool) -> None:

@@ -56,6 +56,7 @@ from typing import Any
 from tokenmill.config import EngineConfig
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.worker.executor import (
+    RANK_FACT_KEYS,
     Executor,
     WorkerInfo,
     WorkerLaunchError,
@@ -503,8 +504,8 @@ class RayDistributedExecutor(Executor):
         under "ranks"."""
         facts = self._call("engine_facts")
         out = dict(facts[self.output_rank])
-        out["ranks"] = [{key: f[key] for key in ("rank", "node_ip", "pid", "actor_id", "num_cpu_threads",
-                                                "weight_bytes", "kv_cache_bytes")} for f in facts]
+        keys = (*RANK_FACT_KEYS, "node_ip", "pid", "actor_id", "num_cpu_threads")
+        out["ranks"] = [{key: f[key] for key in keys} for f in facts]
         return out
 
     def set_step_timing(self, enabled: bool) -> None:
