@@ -163,7 +163,7 @@ def check_tensor_parallel_split(method: LinearMethod, shard: TensorParallelShard
             full // t) == 0]
         raise ValueError(
             f"{prefix}: its {full} inputs split over tensor_parallel_size={tp} give {in_features} per rank, which "
-            f"cuts through the {unit}-input blocks of its {name} weights: sizes that split this layer are "
+            f"cuts through the {unit}-input blocks of its {name} weights{method.input_split_note()}: sizes that split this layer are "
             f"{', '.join(map(str, valid))}"
         )
 
