@@ -7,10 +7,15 @@ a quantization group or an output pack is refused with the layer, the group or p
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests import quant_checkpoints as qc
 from tests.worker.test_tensor_parallel import compare, make_core, make_prompts
+from tokenmill.model.layers.linear import Linear, TensorParallelShard, check_tensor_parallel_split
 from tokenmill.model.loader import read_hf_config
+from tokenmill.model.quantization.awq import AWQConfig
+from tokenmill.model.quantization.gptq import GPTQConfig
+from tokenmill.model.quantization.weight_only import regroup_by_index
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.worker import check_tensor_parallel_size
 
@@ -19,7 +24,8 @@ from tokenmill.worker.worker import check_tensor_parallel_size
 WRITERS = {
     "awq": ("llama", lambda src, dst: qc.write_awq(src, dst, group_size=32)),
     "gptq-sym": ("llama", lambda src, dst: qc.write_gptq(src, dst, group_size=32)),
-    "gptq-asym-8bit": ("llama", lambda src, dst: qc.write_gptq(src, dst, group_size=32, bits=8, sym=False)),
+    "gptq-sym-8bit": ("llama", lambda src, dst: qc.write_gptq(src, dst, group_size=32, bits=8)),
+    "gptq-asym": ("llama", lambda src, dst: qc.write_gptq(src, dst, group_size=32, sym=False)),
     "gptq-act-order-asym": ("qwen2", lambda src, dst: qc.write_gptq(src, dst, group_size=32, sym=False,
                                                                     desc_act=True)),
     "gptq-act-order-sym": ("llama", lambda src, dst: qc.write_gptq(src, dst, group_size=32, desc_act=True,
@@ -51,3 +57,62 @@ def test_quantized_checkpoint_at_tp2_matches_tp1(fmt, tiny_models, tmp_path):
     finally:
         sharded.shutdown()
         reference.shutdown()
+
+
+def test_a_split_that_cuts_a_group_is_refused_with_the_valid_sizes(tiny_models, tmp_path):
+    """AWQ groups of 64: o_proj's 64 inputs cannot go 32 to a rank. Refused before any worker process starts."""
+    model_dir = tmp_path / "awq64"
+    qc.write_awq(tiny_models["llama"], model_dir, group_size=64)
+    message = (r"model\.layers\.0\.self_attn\.o_proj: its 64 inputs split over tensor_parallel_size=2 give 32 per "
+               r"rank, which cuts through the 64-input blocks of its AWQLinearMethod weights \(group_size 64\): "
+               r"sizes that split this layer are 1$")
+    with pytest.raises(ValueError, match=message):
+        check_tensor_parallel_size(read_hf_config(model_dir), 2)
+    with pytest.raises(ValueError, match=message):
+        make_core(model_dir, 2)
+
+
+def test_act_order_splits_by_whole_packs_not_groups(tiny_models, tmp_path):
+    """GPTQ act-order keeps every group's scales on each rank, so its rows split by packs of 8 inputs (not by
+    groups of 32): 128 MLP inputs over 8 ranks (16 each) are fine for the down_proj, and 4 per rank are not."""
+    model_dir = tmp_path / "gptq-act-order"
+    qc.write_gptq(tiny_models["llama"], model_dir, group_size=32, desc_act=True)
+    method = GPTQConfig(4, 32, desc_act=True).get_linear_method("model.layers.0.mlp.down_proj")
+    check_tensor_parallel_split(method, TensorParallelShard("row", ((0, 16),), 8, 128), 16,
+                                "model.layers.0.mlp.down_proj")
+    with pytest.raises(ValueError, match=r"down_proj: its 128 inputs split over tensor_parallel_size=32 give 4 per "
+                                         r"rank, which cuts through the 8-input blocks .*\(packs of 8 inputs\)"):
+        check_tensor_parallel_split(method, TensorParallelShard("row", ((0, 4),), 32, 128), 4,
+                                    "model.layers.0.mlp.down_proj")
+    no_act_order = GPTQConfig(4, 32).get_linear_method("model.layers.0.mlp.down_proj")
+    with pytest.raises(ValueError, match=r"cuts through the 32-input blocks .*\(group_size 32\)"):
+        check_tensor_parallel_split(no_act_order, TensorParallelShard("row", ((0, 16),), 8, 128), 16,
+                                    "model.layers.0.mlp.down_proj")
+
+
+def test_a_split_that_cuts_an_output_pack_is_refused_with_the_valid_sizes():
+    """AWQ packs 8 outputs per int32: a rank holding 12 of a projection's 24 outputs would cut a word."""
+    method = AWQConfig(32).get_linear_method("model.layers.0.mlp.gate_up_proj", ["model.layers.0.mlp.up_proj"])
+    shard = TensorParallelShard("column", ((0, 12),), 2, 64)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj: its 24 outputs split over "
+                                         r"tensor_parallel_size=2 give 12 per rank, which cuts through the packs of "
+                                         r"8 outputs per int32 .* sizes that split this layer are 1, 3$"):
+        Linear(64, 12, quant_method=method, prefix="model.layers.0.mlp.gate_up_proj", tp_shard=shard)
+
+
+def test_act_order_rows_regrouped_for_the_kernels():
+    """A rank's act-order channels (a few from every group) become whole kernel groups: each group's run padded
+    with zero-weight columns; the weight they encode, gathered back by perm, is the slice's exactly."""
+    g = torch.Generator().manual_seed(0)
+    n, k, groups = 8, 40, 4
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scales = torch.rand(n, groups, generator=g) + 0.5
+    zeros = torch.randint(0, 16, (n, groups), generator=g, dtype=torch.uint8)
+    g_idx = torch.randint(0, groups, (k,), generator=g).to(torch.int32)
+    g_idx[:4] = torch.tensor([3, 0, 3, 1], dtype=torch.int32)  # group 2 absent: nothing of it is kept
+    expected = (q.float() - zeros[:, g_idx.long()].float()) * scales[:, g_idx.long()]
+    c = regroup_by_index(q, scales, zeros, g_idx, 4, unit=32)
+    assert c.group_size == 32 and c.q.shape[1] % 32 == 0 and c.q.shape[1] <= 32 * groups
+    dense = (c.q.float() - c.zeros.repeat_interleave(32, dim=1).float()) * c.scales.repeat_interleave(32, dim=1)
+    x = torch.randn(3, k, generator=g)
+    torch.testing.assert_close(x[:, c.perm] @ dense.T, x @ expected.T, rtol=1e-5, atol=1e-5)

@@ -109,6 +109,8 @@ class Fp8LinearMethod(WeightOnlyIntMethod):
         """weight [N, K]: a rank's rows or columns; weight_scale per channel ([N] / [N, 1]): a column-parallel
         rank's rows, whole otherwise (each input column meets every channel's scale); a per-tensor scale and
         the static input_scale: whole (replicated)."""
+        if name == "bias":
+            return narrow_padded(tensor, 0, start, size) if dim == "output" else tensor
         if name == "weight":
             return narrow_padded(tensor, 0, start, size) if dim == "output" else tensor.narrow(1, start, size)
         if name == "weight_scale" and dim == "output" and tensor.numel() > 1:

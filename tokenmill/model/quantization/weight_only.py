@@ -320,6 +320,8 @@ class WeightOnlyIntMethod(LinearMethod):
 
     def narrow_checkpoint_tensor(self, layer: Any, name: str, tensor: torch.Tensor, dim: str, start: int,
                                  size: int) -> torch.Tensor:
+        if name == "bias":  # [N], in full precision; a row-parallel layer adds it once, after the all-reduce
+            return narrow_padded(tensor, 0, start, size) if dim == "output" else tensor
         axis_unit = self.split_layout(name).get(dim)
         if axis_unit is None:
             return tensor
