@@ -72,11 +72,10 @@ def test_a_split_that_cuts_a_group_is_refused_with_the_valid_sizes(tiny_models, 
         make_core(model_dir, 2)
 
 
-def test_act_order_splits_by_whole_packs_not_groups(tiny_models, tmp_path):
+def test_act_order_splits_by_whole_packs_not_groups():
     """GPTQ act-order keeps every group's scales on each rank, so its rows split by packs of 8 inputs (not by
-    groups of 32): 128 MLP inputs over 8 ranks (16 each) are fine for the down_proj, and 4 per rank are not."""
-    model_dir = tmp_path / "gptq-act-order"
-    qc.write_gptq(tiny_models["llama"], model_dir, group_size=32, desc_act=True)
+    groups of 32): 128 MLP inputs over 8 ranks (16 each) are fine for the down_proj, and 4 per rank are not;
+    without act-order the same 16 per rank cut its groups."""
     method = GPTQConfig(4, 32, desc_act=True).get_linear_method("model.layers.0.mlp.down_proj")
     check_tensor_parallel_split(method, TensorParallelShard("row", ((0, 16),), 8, 128), 16,
                                 "model.layers.0.mlp.down_proj")
