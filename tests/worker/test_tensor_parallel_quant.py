@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests import quant_checkpoints as qc
 from tests.worker.test_tensor_parallel import compare, make_core, make_prompts
 from tokenmill.model.layers.linear import Linear, TensorParallelShard, check_tensor_parallel_split
 from tokenmill.model.loader import read_hf_config
+from tokenmill.model.quantization import resolve_quantization
 from tokenmill.model.quantization.awq import AWQConfig
 from tokenmill.model.quantization.gptq import GPTQConfig
 from tokenmill.model.quantization.weight_only import regroup_by_index
@@ -115,3 +117,77 @@ def test_act_order_rows_regrouped_for_the_kernels():
     dense = (c.q.float() - c.zeros.repeat_interleave(32, dim=1).float()) * c.scales.repeat_interleave(32, dim=1)
     x = torch.randn(3, k, generator=g)
     torch.testing.assert_close(x[:, c.perm] @ dense.T, x @ expected.T, rtol=1e-5, atol=1e-5)
+
+
+# Layer-level splits, in one process: each rank's part of layer 0's q/k/v (column) and down_proj (row) loaded
+# from the checkpoint, on the CPU kernels and on the Triton GEMM (TRITON_INTERPRET=1); the ranks' outputs,
+# concatenated or summed (the all-reduce), are the whole layer's.
+LAYER_FORMATS = {
+    "awq": lambda src, dst: qc.write_awq(src, dst, group_size=32),
+    "gptq-asym": lambda src, dst: qc.write_gptq(src, dst, group_size=32, sym=False),
+    "gptq-act-order-asym": lambda src, dst: qc.write_gptq(src, dst, group_size=32, sym=False, desc_act=True),
+    "gptq-8bit-act-order": lambda src, dst: qc.write_gptq(src, dst, group_size=64, bits=8, desc_act=True),
+    "ct-w4a16-asym": lambda src, dst: qc.write_compressed_tensors(src, dst, bits=4, group_size=32, sym=False),
+    "ct-w8a16": lambda src, dst: qc.write_compressed_tensors(src, dst, bits=8, group_size=None),
+    "fp8": lambda src, dst: qc.write_fp8(src, dst),
+    "fp8-channel": lambda src, dst: qc.write_fp8(src, dst, per_channel=True),
+}
+QKV_SIZES = (64, 32, 32)  # the tiny llama's q, k, v rows
+
+
+@pytest.fixture(scope="module")
+def layer_checkpoints(llama_dir, tmp_path_factory) -> dict[str, tuple[dict, dict, dict]]:
+    """format -> (quantization_config, checkpoint tensors, reference weights)."""
+    root = tmp_path_factory.mktemp("tp_quant_layers")
+    out = {}
+    for name, write in LAYER_FORMATS.items():
+        reference = write(llama_dir, root / name)
+        config = read_hf_config(root / name)
+        out[name] = (config, load_file(str(root / name / "model.safetensors")), reference)
+    return out
+
+
+def rank_layer(config: dict, tensors: dict, prefix: str, parts: list[str], in_features: int, sizes: list[int],
+               shard: TensorParallelShard, backend: str | None) -> Linear:
+    method = resolve_quantization(config, None).get_linear_method(prefix, parts)
+    if backend is not None:
+        method.backend = backend
+    layer = Linear(in_features, sum(sizes), quant_method=method, output_sizes=sizes, dtype=torch.float32,
+                   prefix=prefix, tp_shard=shard)
+    for name, tensor in tensors.items():
+        for shard_id, part in enumerate(parts):
+            if name.startswith(part + "."):
+                layer.load_weight(name.removeprefix(part + "."), tensor, shard_id if len(parts) > 1 else None)
+    layer.process_weights_after_loading()
+    return layer
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("fmt", list(LAYER_FORMATS))
+def test_rank_parts_of_a_layer_add_up_to_the_layer(fmt, backend, layer_checkpoints):
+    if backend == "triton":
+        if fmt.startswith("fp8"):
+            pytest.skip("fp8 runs on torch._scaled_mm on Hopper GPUs, dequantized elsewhere (the cpu case)")
+        pytest.importorskip("triton")
+    config, tensors, reference = layer_checkpoints[fmt]
+    tp, x = 2, torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
+    attn, mlp = "model.layers.0.self_attn", "model.layers.0.mlp"
+    parts = [f"{attn}.{p}_proj" for p in "qkv"]
+    qkv = []
+    for rank in range(tp):
+        ranges = tuple((rank * n // tp, n // tp) for n in QKV_SIZES)
+        layer = rank_layer(config, tensors, f"{attn}.qkv_proj", parts, 64, [n // tp for n in QKV_SIZES],
+                           TensorParallelShard("column", ranges, tp, 64), backend)
+        qkv.append(layer.quant_method.apply(layer, x[:, :64]).split([n // tp for n in QKV_SIZES], dim=-1))
+    got = torch.cat([qkv[r][i] for i in range(3) for r in range(tp)], dim=-1)
+    expected = x[:, :64] @ torch.cat([reference[f"{p}.weight"] for p in parts]).T
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+    down = f"{mlp}.down_proj"
+    partial = []
+    for rank in range(tp):
+        layer = rank_layer(config, tensors, down, [down], 64, [64],
+                           TensorParallelShard("row", ((rank * 64, 64),), tp, 128), backend)
+        partial.append(layer.quant_method.apply(layer, x[:, rank * 64:(rank + 1) * 64]))
+    expected = x @ reference[f"{down}.weight"].T
+    torch.testing.assert_close(sum(partial), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
