@@ -22,19 +22,19 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.worker import check_tensor_parallel_size
 
 # format -> (tiny architecture, writer): the llama has 64 hidden / 128 MLP inputs (32 and 64 per rank at TP=2);
-# the qwen2 adds q/k/v biases and tied embeddings.
+# the qwen2 adds q/k/v biases and tied embeddings. (8-bit GPTQ, per-tensor fp8 and the other compressed-tensors
+# variants are split at the layer level below, which needs no worker processes.)
 WRITERS = {
     "awq": ("llama", lambda src, dst: qc.write_awq(src, dst, group_size=32)),
     "gptq-sym": ("llama", lambda src, dst: qc.write_gptq(src, dst, group_size=32)),
-    "gptq-sym-8bit": ("llama", lambda src, dst: qc.write_gptq(src, dst, group_size=32, bits=8)),
     "gptq-asym": ("llama", lambda src, dst: qc.write_gptq(src, dst, group_size=32, sym=False)),
     "gptq-act-order-asym": ("qwen2", lambda src, dst: qc.write_gptq(src, dst, group_size=32, sym=False,
                                                                     desc_act=True)),
     "gptq-act-order-sym": ("llama", lambda src, dst: qc.write_gptq(src, dst, group_size=32, desc_act=True,
                                                                    seed=3)),
-    "ct-w4a16": ("llama", lambda src, dst: qc.write_compressed_tensors(src, dst, bits=4, group_size=32, sym=False)),
+    "ct-w4a16-actorder": ("llama", lambda src, dst: qc.write_compressed_tensors(src, dst, bits=4, group_size=32,
+                                                                                actorder=True)),
     "ct-int8": ("llama", lambda src, dst: qc.write_compressed_tensors(src, dst, bits=8, group_size=None)),
-    "fp8": ("llama", lambda src, dst: qc.write_fp8(src, dst)),
     "fp8-per-channel": ("llama", lambda src, dst: qc.write_fp8(src, dst, per_channel=True)),
 }
 
@@ -126,9 +126,12 @@ LAYER_FORMATS = {
     "awq": lambda src, dst: qc.write_awq(src, dst, group_size=32),
     "gptq-asym": lambda src, dst: qc.write_gptq(src, dst, group_size=32, sym=False),
     "gptq-act-order-asym": lambda src, dst: qc.write_gptq(src, dst, group_size=32, sym=False, desc_act=True),
+    "gptq-8bit": lambda src, dst: qc.write_gptq(src, dst, group_size=32, bits=8),
     "gptq-8bit-act-order": lambda src, dst: qc.write_gptq(src, dst, group_size=64, bits=8, desc_act=True),
     "ct-w4a16-asym": lambda src, dst: qc.write_compressed_tensors(src, dst, bits=4, group_size=32, sym=False),
     "ct-w8a16": lambda src, dst: qc.write_compressed_tensors(src, dst, bits=8, group_size=None),
+    "ct-w4a16-actorder-asym": lambda src, dst: qc.write_compressed_tensors(src, dst, bits=4, group_size=32,
+                                                                           sym=False, actorder=True),
     "fp8": lambda src, dst: qc.write_fp8(src, dst),
     "fp8-channel": lambda src, dst: qc.write_fp8(src, dst, per_channel=True),
 }
