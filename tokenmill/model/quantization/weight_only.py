@@ -170,6 +170,10 @@ class WeightOnlyIntMethod(LinearMethod):
         self.backend = backend  # None: chosen from the device the weights are loaded on
         self.symmetric = True  # no zero points (2^(bits-1)): set by formats that store them
         self.act_order = False  # input channels grouped in a permuted order (g_idx)
+        # Tensor parallelism, set by create_weights from the layer's TensorParallelShard:
+        self.tp_size = 1
+        self.row_parallel = False  # this rank holds a slice of the inputs (row-parallel, tp_size > 1)
+        self.full_in_features = 0  # the checkpoint's inputs, before the split
         self.dtype = torch.bfloat16
         self._expected: list[str] = []
         self._loaded: set[tuple[str, int | None]] = set()
@@ -262,12 +266,15 @@ class WeightOnlyIntMethod(LinearMethod):
                        dtype: torch.dtype) -> None:
         self.dtype = dtype
         shard = getattr(layer, "tp_shard", None)
-        self.tp_size = shard.tensor_parallel_size if shard is not None else 1
-        self.row_parallel = shard is not None and shard.kind == "row" and self.tp_size > 1
-        self.full_in_features = shard.full_in_features if self.row_parallel else in_features
+        self.full_in_features = in_features
+        if shard is not None and shard.tensor_parallel_size > 1:
+            self.tp_size = shard.tensor_parallel_size
+            self.row_parallel = shard.kind == "row"
+            if self.row_parallel:
+                self.full_in_features = shard.full_in_features
+            else:
+                self.check_output_split(output_sizes)
         self.num_groups = self.stored_groups(in_features)
-        if shard is not None and shard.kind == "column" and self.tp_size > 1:
-            self.check_output_split(output_sizes)
         self.register(layer, in_features, output_sizes, dtype)
 
     # ---- tensor parallelism -----------------------------------------------------------------------------------
@@ -283,7 +290,7 @@ class WeightOnlyIntMethod(LinearMethod):
     @property
     def replicates_groups(self) -> bool:
         """Whether this rank keeps every group's scales and zero points: an act-order layer split by rows."""
-        return self.act_order and self.group_size > 0 and getattr(self, "row_parallel", False)
+        return self.act_order and self.group_size > 0 and self.row_parallel
 
     def stored_groups(self, in_features: int) -> int:
         """Groups of scales the layer holds: its own inputs', or every group of the checkpoint's (replicated)."""
