@@ -213,12 +213,17 @@ def read_gptq(qweight, qzeros, scales, g_idx, bits: int) -> torch.Tensor:
 
 
 def write_compressed_tensors(src: Path, dst: Path, bits: int = 4, group_size: int | None = 32,
-                             sym: bool = True, fmt: str = "pack-quantized") -> dict[str, torch.Tensor]:
+                             sym: bool = True, fmt: str = "pack-quantized", actorder: bool = False,
+                             seed: int = 0) -> dict[str, torch.Tensor]:
     """An llm-compressor pack-quantized W4A16 / W8A16 checkpoint; group_size None: per output channel.
-    fmt="int-quantized": int8 weights unpacked (weight int8 [N, K], weight_scale [N, 1]), symmetric 8-bit only."""
+    fmt="int-quantized": int8 weights unpacked (weight int8 [N, K], weight_scale [N, 1]), symmetric 8-bit only.
+    actorder: groups of input channels in a random permutation per layer input (actorder "group"), stored as
+    weight_g_idx."""
     assert fmt == "pack-quantized" or (bits == 8 and sym and group_size is None)
+    assert not actorder or group_size
     weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
-               "strategy": "group" if group_size else "channel", "group_size": group_size, "actorder": None}
+               "strategy": "group" if group_size else "channel", "group_size": group_size,
+               "actorder": "group" if actorder else None}
     state = _copy_model(src, dst, {
         "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
@@ -227,14 +232,27 @@ def write_compressed_tensors(src: Path, dst: Path, bits: int = 4, group_size: in
     })
     out, ref = {}, {}
     offset = 2 ** (bits - 1)
+    gen = torch.Generator().manual_seed(seed)
+    perms: dict[tuple[str, int], torch.Tensor] = {}
     for name, w in state.items():
         if not is_quantized_linear(name):
             out[name] = w
             continue
         n, k = w.shape
         gs = group_size or k
-        q, scales, zeros = quantize_groups(w.float(), bits, torch.arange(k) // gs, k // gs, sym=sym)
         base = name.removesuffix(".weight")
+        g_idx = (torch.arange(k) // gs).to(torch.int32)
+        if actorder:  # one permutation per shared input (q/k/v, gate/up), as GPTQ orders them
+            layer = name.split(".mlp.")[0].split(".self_attn.")[0]
+            shared = "qkv" if any(p in name for p in ("q_proj", "k_proj", "v_proj")) else \
+                "gate_up" if any(p in name for p in ("gate_proj", "up_proj")) else name
+            key = (f"{layer}.{shared}", k)
+            if key not in perms:
+                perms[key] = torch.randperm(k, generator=gen)
+            g_idx = torch.empty(k, dtype=torch.int32)
+            g_idx[perms[key]] = (torch.arange(k) // gs).to(torch.int32)
+            out[f"{base}.weight_g_idx"] = g_idx
+        q, scales, zeros = quantize_groups(w.float(), bits, g_idx, k // gs, sym=sym)
         if fmt == "int-quantized":
             out[name] = (q - offset).to(torch.int8)
             out[f"{base}.weight_scale"] = scales
@@ -258,7 +276,7 @@ def read_compressed_tensors(tensors: dict, base: str, bits: int, group_size: int
         zp = unpack_rows(tensors[f"{base}.weight_zero_point"].T.contiguous(), bits).T[:n] - offset
     else:
         zp = torch.zeros(n, k // group_size, dtype=torch.int32)
-    g = torch.arange(k) // group_size
+    g = tensors[f"{base}.weight_g_idx"].long() if f"{base}.weight_g_idx" in tensors else torch.arange(k) // group_size
     return (q - zp[:, g]).float() * tensors[f"{base}.weight_scale"][:, g].float()
 
 

@@ -234,18 +234,11 @@ def test_the_bundled_model_does_not_split_in_two():
 
 
 @pytest.mark.parametrize("method", sorted(CHECKPOINTS))
-def test_every_weight_format_splits_or_says_why(method, tmp_path, tiny_models, tiny_tokenizer_dir):
-    """Full precision, int8/int4 quantized at load and GGUF blocks split over 2 ranks; the packed checkpoint
-    formats are refused before any worker process starts, naming the layer and what to do."""
+def test_every_weight_format_splits(method, tmp_path, tiny_models, tiny_tokenizer_dir):
+    """Full precision, int8/int4 quantized at load, GGUF blocks and the packed checkpoint formats (AWQ, GPTQ,
+    compressed-tensors, FP8) all split over 2 ranks; tests/worker/test_tensor_parallel_quant.py runs them."""
     model_dir, quantization = CHECKPOINTS[method](tmp_path, tiny_models, tiny_tokenizer_dir)
-    hf_config = read_hf_config(model_dir)
-    if method in ("unquantized", "int8", "int4", "gguf"):
-        check_tensor_parallel_size(hf_config, 2, quantization=quantization)
-    else:
-        with pytest.raises(ValueError, match=r"model\.embed_tokens|model\.layers\.0\.self_attn\.qkv_proj: .* "
-                                             r"cannot be split over tensor-parallel ranks yet: use "
-                                             r"tensor_parallel_size=1"):
-            make_core(model_dir, 2, quantization=quantization)
+    check_tensor_parallel_size(read_hf_config(model_dir), 2, quantization=quantization)
 
 
 def test_gguf_blocks_limit_the_sizes(tmp_path, tiny_tokenizer_dir):

@@ -152,8 +152,8 @@ def check_tensor_parallel_split(method: LinearMethod, shard: TensorParallelShard
     tp = shard.tensor_parallel_size
     name = type(method).__name__
     if not method.supports_tensor_parallel:
-        raise ValueError(f"{prefix}: {name} weights cannot be split over tensor-parallel ranks yet: use "
-                         "tensor_parallel_size=1, or a full-precision, GGUF or int8/int4 (quantized at load) model")
+        raise ValueError(f"{prefix}: {name} weights cannot be split over tensor-parallel ranks: use "
+                         "tensor_parallel_size=1")
     if shard.kind != "row":
         return
     unit = method.input_split_unit(in_features)
@@ -163,7 +163,7 @@ def check_tensor_parallel_split(method: LinearMethod, shard: TensorParallelShard
             full // t) == 0]
         raise ValueError(
             f"{prefix}: its {full} inputs split over tensor_parallel_size={tp} give {in_features} per rank, which "
-            f"cuts through the {unit}-input blocks of its {name} weights: sizes that split this layer are "
+            f"cuts through the {unit}-input blocks of its {name} weights{method.input_split_note()}: sizes that split this layer are "
             f"{', '.join(map(str, valid))}"
         )
 

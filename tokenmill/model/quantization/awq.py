@@ -19,6 +19,7 @@ import torch
 from tokenmill.model.quantization.base import LinearMethod, QuantizationConfig, register_quantization_config
 from tokenmill.model.quantization.unquantized import UnquantizedLinearMethod
 from tokenmill.model.quantization.weight_only import (
+    GROUPS,
     CanonicalWeight,
     WeightOnlyIntMethod,
     check_scales,
@@ -59,6 +60,15 @@ class AWQLinearMethod(WeightOnlyIntMethod):
                  backend: str | None = None) -> None:
         super().__init__(prefix, shard_prefixes, 4, group_size, backend)
         self.symmetric = False  # AWQ stores a zero point per group
+
+    def split_layout(self, name: str) -> dict[str, tuple[int, int]]:
+        # qweight [K, N/8] and qzeros [G, N/8] pack 8 outputs per int32 (interleaved within the word only, so
+        # whole words split cleanly); scales [G, N].
+        return {"qweight": {"output": (1, 8), "input": (0, 1)}, "qzeros": {"output": (1, 8), "input": (0, GROUPS)},
+                "scales": {"output": (1, 1), "input": (0, GROUPS)}}.get(name, {})
+
+    def output_pack(self) -> int:
+        return 8
 
     def checkpoint_bytes(self, in_features: int, out_features: int, group: int) -> int:
         num_groups = in_features // group

@@ -48,6 +48,10 @@ class LinearMethod(ABC):
         row-parallel split must give each rank a multiple of it."""
         return 1
 
+    def input_split_note(self) -> str:
+        """What input_split_unit stands for, for the error that refuses a split (e.g. " (group_size 64)")."""
+        return ""
+
     @abstractmethod
     def create_weights(self, layer: Linear, in_features: int, output_sizes: Sequence[int],
                        dtype: torch.dtype) -> None:

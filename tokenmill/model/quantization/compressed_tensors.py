@@ -24,11 +24,13 @@ from tokenmill.model.quantization.base import LinearMethod, QuantizationConfig, 
 from tokenmill.model.quantization.fp8 import Fp8LinearMethod
 from tokenmill.model.quantization.unquantized import UnquantizedLinearMethod
 from tokenmill.model.quantization.weight_only import (
+    GROUPS,
     CanonicalWeight,
     WeightOnlyIntMethod,
     act_order_permutation,
     check_scales,
     is_decoder_linear,
+    regroup_by_index,
     unpack_int32,
 )
 
@@ -45,6 +47,37 @@ class CompressedTensorsWNA16Method(WeightOnlyIntMethod):
         super().__init__(prefix, shard_prefixes, bits, group_size, backend)
         self.symmetric, self.packed, self.act_order = symmetric, packed, act_order
 
+    def split_layout(self, name: str) -> dict[str, tuple[int, int]]:
+        # Output rows first: weight_packed [N, K/pack] packs inputs, weight_zero_point [N/pack, G] packs outputs,
+        # weight_scale [N, G], weight_g_idx [K].
+        pack = 32 // self.bits
+        return {"weight_packed": {"output": (0, 1), "input": (1, pack)},
+                "weight": {"output": (0, 1), "input": (1, 1)},
+                "weight_scale": {"output": (0, 1), "input": (1, GROUPS)},
+                "weight_zero_point": {"output": (0, pack), "input": (1, GROUPS)},
+                "weight_g_idx": {"input": (0, 1)}}.get(name, {})
+
+    def output_pack(self) -> int:
+        return 1 if self.symmetric else 32 // self.bits
+
+    def input_pack(self) -> int:
+        return 32 // self.bits if self.packed else 1
+
+    def narrow_checkpoint_tensor(self, layer: Any, name: str, tensor: torch.Tensor, dim: str, start: int,
+                                 size: int) -> torch.Tensor:
+        if name != "weight_shape":
+            return super().narrow_checkpoint_tensor(layer, name, tensor, dim, start, size)
+        # [rows, inputs] of the checkpoint's shard: checked against the whole, then the rank's part of it.
+        if tensor.numel() != 2:
+            return tensor  # the loader names the problem
+        rows, cols = (int(v) for v in tensor.reshape(2).tolist())
+        full_in = self.full_in_features if dim == "input" else layer.in_features
+        if cols != full_in or (dim == "output" and start >= rows):
+            raise ValueError(f"holds {[rows, cols]}, which does not match the layer's {full_in} inputs: the "
+                             "checkpoint is corrupt or does not match config.json")
+        local = [min(size, rows - start), cols] if dim == "output" else [rows, size]
+        return torch.tensor(local, dtype=tensor.dtype)
+
     def checkpoint_bytes(self, in_features: int, out_features: int, group: int) -> int:
         num_groups, per_word = in_features // group, 32 // self.bits
         total = in_features * out_features * self.bits // 8 + num_groups * out_features * (2 if self.bits == 4 else 4)
@@ -57,10 +90,10 @@ class CompressedTensorsWNA16Method(WeightOnlyIntMethod):
     def register(self, layer: Any, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
         pack = 32 // self.bits
         group = in_features if self.group_size == -1 else self.group_size
-        if in_features % group or in_features % pack:
+        if (in_features % group and not self.replicates_groups) or in_features % pack:
             raise ValueError(f"{self.prefix}: group_size {self.group_size} does not divide its {in_features} input "
                              "features: the checkpoint does not match config.json")
-        n, num_groups = sum(output_sizes), in_features // group
+        n, num_groups = sum(output_sizes), self.num_groups
         if self.packed:
             self.param(layer, "weight_packed", (n, in_features // pack), torch.int32, output_sizes, output_dim=0)
         else:
@@ -104,6 +137,8 @@ class CompressedTensorsWNA16Method(WeightOnlyIntMethod):
         if not any(name == "weight_g_idx" for name, _ in self._loaded):
             return None
         g_idx = layer.weight_g_idx.data
+        if self.replicates_groups:
+            return g_idx  # indexes every group of the checkpoint's (replicated scales)
         return g_idx if act_order_permutation(self.shard_name("weight_g_idx", 0), g_idx.cpu(),
                                               layer.in_features // group, group) is not None else None
 
@@ -112,8 +147,10 @@ class CompressedTensorsWNA16Method(WeightOnlyIntMethod):
         group = k if self.group_size == -1 else self.group_size
         check_scales(self.shard_name("weight_scale", 0), layer.weight_scale.data)
         q = self._unsigned_q(layer)
-        zeros = self._zeros(layer, n, k // group)
+        zeros = self._zeros(layer, n, self.num_groups)
         g_idx = self._g_idx(layer, group)
+        if self.replicates_groups and g_idx is not None:
+            return regroup_by_index(q, layer.weight_scale.data, zeros, g_idx, self.bits)
         perm = None if g_idx is None else torch.sort(g_idx.long(), stable=True).indices
         if perm is not None:
             q = q[:, perm]

@@ -26,6 +26,7 @@ from tokenmill.model.quantization.base import (
     LinearMethod,
     QuantizationConfig,
     default_weight_loader,
+    narrow_padded,
     register_quantization_config,
 )
 from tokenmill.model.quantization.unquantized import UnquantizedLinearMethod
@@ -102,6 +103,19 @@ class Fp8LinearMethod(WeightOnlyIntMethod):
         self.per_channel = per_channel
         self.dense = UnquantizedLinearMethod()
         self.notices = notices if notices is not None else set()  # shared by a model's layers: log once
+
+    def narrow_checkpoint_tensor(self, layer: Any, name: str, tensor: torch.Tensor, dim: str, start: int,
+                                 size: int) -> torch.Tensor:
+        """weight [N, K]: a rank's rows or columns; weight_scale per channel ([N] / [N, 1]): a column-parallel
+        rank's rows, whole otherwise (each input column meets every channel's scale); a per-tensor scale and
+        the static input_scale: whole (replicated)."""
+        if name == "bias":
+            return narrow_padded(tensor, 0, start, size) if dim == "output" else tensor
+        if name == "weight":
+            return narrow_padded(tensor, 0, start, size) if dim == "output" else tensor.narrow(1, start, size)
+        if name == "weight_scale" and dim == "output" and tensor.numel() > 1:
+            return narrow_padded(tensor, 0, start, size)
+        return tensor
 
     def weight_bytes(self, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> int:
         """fp8 bytes and a float32 scale per output channel on the scaled_mm path; dequantized, the dtype's."""

@@ -23,12 +23,14 @@ import torch
 from tokenmill.model.quantization.base import LinearMethod, QuantizationConfig, register_quantization_config
 from tokenmill.model.quantization.unquantized import UnquantizedLinearMethod
 from tokenmill.model.quantization.weight_only import (
+    GROUPS,
     CanonicalWeight,
     WeightOnlyIntMethod,
     act_order_permutation,
     check_scales,
     check_tensor,
     is_decoder_linear,
+    regroup_by_index,
     unpack_int32,
 )
 
@@ -82,6 +84,19 @@ class GPTQLinearMethod(WeightOnlyIntMethod):
         self.desc_act, self.zero_offset = desc_act, zero_offset
         self.symmetric, self.act_order = symmetric, desc_act
 
+    def split_layout(self, name: str) -> dict[str, tuple[int, int]]:
+        # qweight [K/pack, N] packs inputs; qzeros [G, N/pack] packs outputs; scales [G, N]; g_idx [K].
+        pack = 32 // self.bits
+        return {"qweight": {"output": (1, 1), "input": (0, pack)},
+                "qzeros": {"output": (1, pack), "input": (0, GROUPS)},
+                "scales": {"output": (1, 1), "input": (0, GROUPS)}, "g_idx": {"input": (0, 1)}}.get(name, {})
+
+    def output_pack(self) -> int:
+        return 32 // self.bits
+
+    def input_pack(self) -> int:
+        return 32 // self.bits
+
     def checkpoint_bytes(self, in_features: int, out_features: int, group: int) -> int:
         num_groups, per_word = in_features // group, 32 // self.bits
         return (in_features * out_features * self.bits // 8 + num_groups * (out_features // per_word) * 4
@@ -90,13 +105,13 @@ class GPTQLinearMethod(WeightOnlyIntMethod):
     def register(self, layer: Any, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
         pack = 32 // self.bits
         group = in_features if self.group_size == -1 else self.group_size
-        if in_features % group or in_features % pack:
+        if (in_features % group and not self.replicates_groups) or in_features % pack:
             raise ValueError(f"{self.prefix}: GPTQ group_size {self.group_size} ({self.bits} bits) does not divide "
                              f"its {in_features} input features: the checkpoint does not match config.json")
         for shard, rows in zip(self.shard_prefixes, output_sizes, strict=False):
             if rows % pack:
                 raise ValueError(f"{shard}: {rows} output features cannot hold {pack} packed zero points per int32")
-        n, num_groups = sum(output_sizes), in_features // group
+        n, num_groups = sum(output_sizes), self.num_groups
         self.param(layer, "qweight", (in_features // pack, n), torch.int32, output_sizes, output_dim=1)
         self.param(layer, "qzeros", (num_groups, n // pack), torch.int32, output_sizes, output_dim=1,
                    pack_factor=pack)
@@ -117,6 +132,16 @@ class GPTQLinearMethod(WeightOnlyIntMethod):
         return layer.g_idx.data if any(name == "g_idx" for name, _ in self._loaded) else None
 
     def to_canonical(self, layer: Any) -> CanonicalWeight:
+        if self.replicates_groups:
+            # A rank's slice of an act-order layer: its channels' groups are scattered over all of them.
+            n = layer.out_features
+            check_scales(self.shard_name("scales", 0), layer.scales.data)
+            q = unpack_int32(layer.qweight.data, self.bits, 0).T  # [N, K_rank]
+            zeros = unpack_int32(layer.qzeros.data, self.bits, 1)[:, :n].T.to(torch.int32) + self.zero_offset
+            if int(zeros.max()) >= 2**self.bits:
+                raise ValueError(f"checkpoint tensor {self.shard_name('qzeros', 0)!r} holds zero points past "
+                                 f"{2**self.bits - 1} after the v1 offset: the checkpoint is corrupt")
+            return regroup_by_index(q, layer.scales.data.T, zeros.to(torch.uint8), layer.g_idx.data, self.bits)
         return gptq_to_canonical(self.prefix, layer.qweight.data, layer.qzeros.data, layer.scales.data,
                                  self._g_idx(layer), self.bits, self.group_size, self.zero_offset)
 
@@ -124,7 +149,7 @@ class GPTQLinearMethod(WeightOnlyIntMethod):
         k = layer.in_features
         group = k if self.group_size == -1 else self.group_size
         g_idx = self._g_idx(layer)
-        if g_idx is not None:
+        if g_idx is not None and not self.replicates_groups:
             num_groups = k // group
             if act_order_permutation(self.shard_name("g_idx", 0), g_idx.cpu(), num_groups, group) is None:
                 g_idx = None  # groups in order: k // group_size, no index to read

@@ -12,6 +12,7 @@ The backend is chosen once, when the weights are processed after loading, from t
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenmill.model.quantization.base import LinearMethod, default_weight_loader, make_param
+from tokenmill.model.quantization.base import LinearMethod, default_weight_loader, make_param, narrow_padded
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,38 @@ def act_order_permutation(name: str, g_idx: torch.Tensor, num_groups: int, group
     return torch.sort(g_idx.long(), stable=True).indices
 
 
+# The kernel group that regroup_by_index pads each group's channels to: the smallest the int4 kernel takes, and a
+# multiple of 16 as the int8 kernel needs.
+REGROUP_UNIT = 32
+
+
+def regroup_by_index(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: int,
+                     unit: int = REGROUP_UNIT) -> CanonicalWeight:
+    """A weight whose input channels fall into groups in any number (one tensor-parallel rank's slice of an
+    act-order layer: its channels meet every group, a few each) as contiguous kernel groups of `unit` channels.
+
+    q [N, K] uint8, scales / zeros [N, G] over all the groups g_idx [K] indexes. The channels are sorted by group
+    and each group's run padded to a multiple of `unit` with columns holding the group's zero point (weight 0;
+    they read input column 0, which they multiply by nothing); perm [K'] gathers the inputs in that order."""
+    n, k = q.shape
+    order = torch.sort(g_idx.long(), stable=True).indices  # [K] channels in group order
+    present, counts = torch.unique_consecutive(g_idx.long()[order], return_counts=True)
+    padded = (counts + unit - 1) // unit * unit  # channels of each present group once padded
+    total = int(padded.sum())
+    run_start = torch.cumsum(padded, 0) - padded  # where each group's run begins in the padded order
+    first = torch.cumsum(counts, 0) - counts  # where each group begins in `order`
+    within = torch.arange(k) - torch.repeat_interleave(first, counts)
+    dest = torch.repeat_interleave(run_start, counts) + within  # [K] padded position of order[i]
+    perm = torch.zeros(total, dtype=torch.int64)
+    perm[dest] = order
+    column_group = torch.repeat_interleave(present, padded)  # [K'] the group of each padded column
+    new_q = zeros[:, column_group].to(torch.uint8).clone()  # padding: q == zero point, a weight of exactly 0
+    new_q[:, dest] = q[:, order]
+    kernel_group = torch.repeat_interleave(present, padded // unit)  # [K' / unit] source group of each
+    return CanonicalWeight(new_q.contiguous(), scales[:, kernel_group].contiguous(),
+                           zeros[:, kernel_group].to(torch.uint8).contiguous(), unit, bits, perm)
+
+
 def expand_groups(c: CanonicalWeight, allowed: Sequence[int]) -> CanonicalWeight:
     """The same weight with groups of an allowed size: a group of G channels is split into G / g groups that
     repeat its scale and zero point (per-channel checkpoints, group_size -1, on kernels with bounded groups)."""
@@ -106,13 +139,26 @@ def expand_groups(c: CanonicalWeight, allowed: Sequence[int]) -> CanonicalWeight
                      f"{', '.join(map(str, allowed))}")
 
 
+# split_layout's marker: the axis counts quantization groups (its unit is the group size).
+GROUPS = -1
+
+
 class WeightOnlyIntMethod(LinearMethod):
     """A group-quantized integer weight (W4A16 / W8A16) loaded from a checkpoint layout.
 
     Subclasses register the layout's tensors (self.param) and say how to unpack them (to_canonical) and how
     the Triton GEMM reads them in place (triton_args). One instance per layer: it knows the layer's checkpoint
     names (for errors) and which shards of each tensor arrived.
+
+    Tensor parallelism: split_layout says, for each checkpoint tensor, which axis holds the outputs (N) and
+    which the inputs (K), and how many of them one element covers (a pack of 8 int4 values in an int32, a
+    group's scale). A column-parallel rank takes its outputs' elements, a row-parallel rank its inputs' (whole
+    packs and whole groups: input_split_unit). Act-order layers (g_idx) split by rows are the exception: a rank's
+    input channels belong to groups all over K, so it keeps every group's scales and zero points (replicated,
+    as vLLM does) and its slice of g_idx, which indexes them.
     """
+
+    supports_tensor_parallel = True
 
     def __init__(self, prefix: str, shard_prefixes: Sequence[str], bits: int, group_size: int,
                  backend: str | None = None) -> None:
@@ -124,6 +170,10 @@ class WeightOnlyIntMethod(LinearMethod):
         self.backend = backend  # None: chosen from the device the weights are loaded on
         self.symmetric = True  # no zero points (2^(bits-1)): set by formats that store them
         self.act_order = False  # input channels grouped in a permuted order (g_idx)
+        # Tensor parallelism, set by create_weights from the layer's TensorParallelShard:
+        self.tp_size = 1
+        self.row_parallel = False  # this rank holds a slice of the inputs (row-parallel, tp_size > 1)
+        self.full_in_features = 0  # the checkpoint's inputs, before the split
         self.dtype = torch.bfloat16
         self._expected: list[str] = []
         self._loaded: set[tuple[str, int | None]] = set()
@@ -215,8 +265,90 @@ class WeightOnlyIntMethod(LinearMethod):
     def create_weights(self, layer: Any, in_features: int, output_sizes: Sequence[int],
                        dtype: torch.dtype) -> None:
         self.dtype = dtype
-        self.num_groups = 1 if self.group_size <= 0 else max(1, in_features // self.group_size)
+        shard = getattr(layer, "tp_shard", None)
+        self.full_in_features = in_features
+        if shard is not None and shard.tensor_parallel_size > 1:
+            self.tp_size = shard.tensor_parallel_size
+            self.row_parallel = shard.kind == "row"
+            if self.row_parallel:
+                self.full_in_features = shard.full_in_features
+            else:
+                self.check_output_split(output_sizes)
+        self.num_groups = self.stored_groups(in_features)
         self.register(layer, in_features, output_sizes, dtype)
+
+    # ---- tensor parallelism -----------------------------------------------------------------------------------
+    def split_layout(self, name: str) -> dict[str, tuple[int, int]]:
+        """Checkpoint tensor `name`'s axes: {"output" or "input": (axis, channels per element)}; GROUPS as the
+        count: one element per quantization group. A dimension left out: the tensor does not depend on it."""
+        return {}
+
+    def output_pack(self) -> int:
+        """Outputs that one element of the layout packs together (a rank's share must hold whole ones)."""
+        return 1
+
+    @property
+    def replicates_groups(self) -> bool:
+        """Whether this rank keeps every group's scales and zero points: an act-order layer split by rows."""
+        return self.act_order and self.group_size > 0 and self.row_parallel
+
+    def stored_groups(self, in_features: int) -> int:
+        """Groups of scales the layer holds: its own inputs', or every group of the checkpoint's (replicated)."""
+        if self.group_size <= 0:
+            return 1
+        k = self.full_in_features if self.replicates_groups else in_features
+        return max(1, k // self.group_size)
+
+    def input_split_unit(self, in_features: int) -> int:
+        pack = self.input_pack()
+        if self.act_order or self.group_size <= 0:
+            return pack  # act-order: scales replicated, any whole pack of inputs splits
+        return math.lcm(self.group_size, pack)
+
+    def input_split_note(self) -> str:
+        if self.act_order or self.group_size <= 0:
+            return f" (packs of {self.input_pack()} inputs)" if self.input_pack() > 1 else ""
+        return f" (group_size {self.group_size})"
+
+    def input_pack(self) -> int:
+        """Inputs packed into one element along K (GPTQ's qweight: 32 / bits)."""
+        return 1
+
+    def check_output_split(self, output_sizes: Sequence[int]) -> None:
+        pack = self.output_pack()
+        for shard, rows in zip(self.shard_prefixes, output_sizes, strict=False):
+            if rows % pack:
+                full = rows * self.tp_size
+                valid = [t for t in range(1, max(8, self.tp_size) + 1) if full % t == 0 and (full // t) % pack == 0]
+                raise ValueError(
+                    f"{shard}: its {full} outputs split over tensor_parallel_size={self.tp_size} give {rows} per "
+                    f"rank, which cuts through the packs of {pack} outputs per int32 of its {type(self).__name__} "
+                    f"weights: sizes that split this layer are {', '.join(map(str, valid))}")
+
+    def narrow_checkpoint_tensor(self, layer: Any, name: str, tensor: torch.Tensor, dim: str, start: int,
+                                 size: int) -> torch.Tensor:
+        if name == "bias":  # [N], in full precision; a row-parallel layer adds it once, after the all-reduce
+            return narrow_padded(tensor, 0, start, size) if dim == "output" else tensor
+        axis_unit = self.split_layout(name).get(dim)
+        if axis_unit is None:
+            return tensor
+        axis, unit = axis_unit
+        if unit == GROUPS:
+            if self.group_size <= 0 or self.replicates_groups:
+                return tensor  # one group per channel: [1, N]; or act-order's replicated groups
+            unit = self.group_size
+        if axis >= tensor.dim():
+            return tensor  # a malformed tensor: the loader names the shape it expected
+        if start % unit or size % unit:
+            what = "groups" if unit == self.group_size else "packs"
+            raise ValueError(f"{self.prefix}: a tensor-parallel rank's {dim}s [{start}, {start + size}) cut "
+                             f"through its {what} of {unit}")
+        if dim == "output":
+            return narrow_padded(tensor, axis, start // unit, size // unit)
+        part = tensor.narrow(axis, start // unit, size // unit)
+        if name in ("g_idx", "weight_g_idx") and not self.replicates_groups and self.group_size > 0:
+            part = part - start // self.group_size  # the rank's own groups count from 0
+        return part
 
     def register(self, layer: Any, in_features: int, output_sizes: Sequence[int], dtype: torch.dtype) -> None:
         raise NotImplementedError
