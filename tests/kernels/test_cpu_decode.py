@@ -8,7 +8,7 @@ import torch
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.kernels.cpu import ops
-from tokenmill.kernels.cpu.decode import ENV_FLAG, FusedDecoder, ThreadChooser
+from tokenmill.kernels.cpu.decode import ENV_FLAG, FusedDecoder
 from tokenmill.kernels.cpu.quant import pack_int4
 
 pytestmark = pytest.mark.skipif(not ops.layer_ops_supported(),
@@ -155,6 +155,8 @@ def test_fused_decode_split_over_threads_matches_op_by_op(tiny_models, arch, qua
 
 
 def test_thread_chooser_runs_the_faster_count_and_keeps_measuring():
+    from tokenmill.kernels.cpu.decode import ThreadChooser
+
     chooser = ThreadChooser(explore_every=4)
     assert chooser.pick(1, 1) == 1  # one thread available: nothing to choose
     # Each count is tried first, then the faster one runs, except every 4th step.
