@@ -30,9 +30,11 @@ rounding differences).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import os
+import statistics
 import time
 from typing import Any
 
@@ -113,23 +115,29 @@ class ThreadChooser:
 
     The step splits every projection over its threads, which meet at ~5 barriers a layer. On a dedicated CPU the
     threads add bandwidth; on a CPU shared with other busy processes a thread is often descheduled, and then the
-    other waits for it at each barrier: measured on a loaded 2-core VM, two threads ran a step from 0.9x to more
-    than 3x the time of one (BENCHMARKS.md, issue 15). So each thread count keeps a moving average of its step
-    time (per number of rows), the faster one runs, and the other is tried again every `explore_every` steps to
+    other waits for it at each barrier: measured on a loaded 2-core VM, two threads ran a step in 0.93x to 2.4x the
+    time of one (BENCHMARKS.md, issue 15). So each thread count keeps the median of its last 5 step times (per
+    number of rows), the faster one runs, and the other is tried again every `explore_every` steps to
     follow the machine's load. The results do not depend on the choice (csrc/decode_layer.c).
     """
 
-    def __init__(self, explore_every: int = 32, smoothing: float = 0.25) -> None:
+    def __init__(self, explore_every: int = 32, window: int = 5) -> None:
         self.explore_every = explore_every
-        self.smoothing = smoothing
-        self._seconds: dict[tuple[int, int], float] = {}  # (rows, threads) -> moving average of a step's time
+        # (rows, threads) -> the last `window` step times: their median is robust to a step that met a burst of
+        # load, or the first step of a thread count (starting its threads).
+        self._seconds: dict[tuple[int, int], collections.deque[float]] = {}
+        self._window = window
         self._steps = 0
+
+    def _median(self, rows: int, threads: int) -> float | None:
+        times = self._seconds.get((rows, threads))
+        return statistics.median(times) if times else None
 
     def pick(self, rows: int, max_threads: int) -> int:
         if max_threads <= 1:
             return 1
         self._steps += 1
-        known = {n: self._seconds.get((rows, n)) for n in (1, max_threads)}
+        known = {n: self._median(rows, n) for n in (1, max_threads)}
         untried = [n for n, s in known.items() if s is None]
         if untried:
             return untried[0]
@@ -139,9 +147,7 @@ class ThreadChooser:
         return best
 
     def record(self, rows: int, threads: int, seconds: float) -> None:
-        key = (rows, threads)
-        previous = self._seconds.get(key)
-        self._seconds[key] = seconds if previous is None else previous + self.smoothing * (seconds - previous)
+        self._seconds.setdefault((rows, threads), collections.deque(maxlen=self._window)).append(seconds)
 
 
 class FusedDecoder:
