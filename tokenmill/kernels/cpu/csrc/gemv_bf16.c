@@ -6,7 +6,8 @@
 // keeps it compute-bound at a few GB/s on one core. Here 64 nibbles become 64 bfloat16 values (exact: 0..15)
 // with one table lookup per 32, and each instruction does 32 multiply-adds. Products are exact and sums float32,
 // as in int4_gemm; the order of the additions differs. Used by tokenmill/kernels/cpu/quant.py (Int4Weight, up to
-// INT4_MAX_PACKED_ROWS rows of bfloat16) and by the fused decode step (decode_layer.c).
+// INT4_MAX_PACKED_ROWS rows of bfloat16, each call its own parallel loop) and, in pieces (int4_gemv_prepare, then
+// int4_gemv_columns on the ranges of columns each thread takes), by the fused decode step (decode_layer.c).
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
