@@ -3,9 +3,11 @@ op-by-op path, side by side in one run on one engine.
 
     python benchmarks/decode_step.py                          # bundled model (Q4_1 kept packed), batch 1
     python benchmarks/decode_step.py --batch 1,4 --rounds 3 --tokens 128 --json out.json
+    python benchmarks/decode_step.py --step-threads 1,2,auto    # the fused step on 1 thread, 2, and as chosen
 
 Each round runs the same requests (a chat prompt, `--tokens` greedy tokens each, end-of-sequence ignored) with
-the fused step, then op by op (the same loaded model: LlamaForCausalLM.fused_decoder switched off and back), so
+the fused step at each of `--step-threads` (its parallel region on that many threads; auto: as the engine runs
+it, ThreadChooser measuring), then op by op (the same loaded model: LlamaForCausalLM.fused_decoder switched off and back), so
 both see the same machine load; the ratio of each round is reported, then the medians. For each, the engine's
 own step timing (EngineCore.set_step_timing) splits a decode step into:
   forward   the decoder layers (the part the fused step replaces)
@@ -52,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="fused / op-by-op pairs per batch size")
     p.add_argument("--context", type=int, default=0,
                    help="positions attended in the kernels-alone attention timing (default: the runs' mean)")
+    p.add_argument("--step-threads", default="auto",
+                   help="comma-separated thread counts of the fused step's parallel region, or auto (the "
+                        "engine's measured choice); the first is the one compared with op by op")
     p.add_argument("--json", dest="json_path", default=None)
     return p.parse_args(argv)
 
@@ -178,16 +183,26 @@ def main(argv: list[str] | None = None) -> None:
     model.fused_decoder = None
     run_requests(llm, prompt_ids, 1, 8)
     model.fused_decoder = fused
+    settings = [s.strip() for s in args.step_threads.split(",")]
+    results["step_threads"] = settings
     for batch in (int(b) for b in args.batch.split(",")):
         rounds = []
         for _ in range(args.rounds):
             model.fused_decoder = fused
-            a = run_requests(llm, prompt_ids, batch, args.tokens)
+            by_threads = {}
+            for setting in settings:
+                fused.step_threads = None if setting == "auto" else int(setting)
+                by_threads[setting] = run_requests(llm, prompt_ids, batch, args.tokens)
+            fused.step_threads = None
+            a = by_threads[settings[0]]
             model.fused_decoder = None
             b = run_requests(llm, prompt_ids, batch, args.tokens)
             model.fused_decoder = fused
-            rounds.append({"fused": a, "op_by_op": b, "ratio": a["tok_s"] / b["tok_s"]})
-            print(f"batch {batch}: fused {a['tok_s']:.1f} tok/s, op by op {b['tok_s']:.1f} tok/s, "
+            rounds.append({"fused": a, "op_by_op": b, "ratio": a["tok_s"] / b["tok_s"],
+                           "fused_by_step_threads": by_threads})
+            print(f"batch {batch}: fused " + ", ".join(f"{v['tok_s']:.1f} tok/s (forward {v['forward_ms']:.2f} ms) "
+                                                      f"on {k} thread(s)" for k, v in by_threads.items())
+                  + f"; op by op {b['tok_s']:.1f} tok/s (forward {b['forward_ms']:.2f} ms), "
                   f"ratio {rounds[-1]['ratio']:.2f}x", flush=True)
         context = args.context or len(prompt_ids) + args.tokens // 2
         results["batches"][batch] = {"rounds": rounds, "kernels_alone": kernels_alone(model, batch, context)}
@@ -204,6 +219,18 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| {batch} | {name.replace('_', ' ')} (round {i + 1}) | {s['tok_s']:.1f} | {s['step_ms']:.2f} | "
                       f"{s['forward_ms']:.2f} | {s['logits_ms']:.2f} | {s['sample_ms']:.2f} | {s['host_ms']:.2f} | "
                       f"{ratio} |")
+    if len(settings) > 1:
+        print(f"\nThe fused step by threads of its parallel region (forward ms, median of each run's decode steps; "
+              f"ratio: against {settings[0]})\n")
+        print("| batch | round | " + " | ".join(f"{s} thread(s)" for s in settings) + " | "
+              + " | ".join(f"speed-up of {s}" for s in settings[1:]) + " |")
+        print("|---:|---:|" + "---:|" * (2 * len(settings) - 1))
+        for batch, entry in results["batches"].items():
+            for i, r in enumerate(entry["rounds"]):
+                f = r["fused_by_step_threads"]
+                base = f[settings[0]]["forward_ms"]
+                print(f"| {batch} | {i + 1} | " + " | ".join(f"{f[s]['forward_ms']:.2f}" for s in settings) + " | "
+                      + " | ".join(f"{base / f[s]['forward_ms']:.2f}x" for s in settings[1:]) + " |")
     print()
     for batch, entry in results["batches"].items():
         k = entry["kernels_alone"]

@@ -142,3 +142,43 @@ def test_where_the_fused_step_does_not_apply(tiny_models, monkeypatch):
     monkeypatch.setenv(ENV_FLAG, "0")
     assert FusedDecoder.build(model) is None
     assert fused(quantization="int8") is None
+
+
+@pytest.mark.parametrize("step_threads", [2, 3])
+@pytest.mark.parametrize(("arch", "quantization"), [("llama", "int4"), ("qwen2", "int8")])
+def test_fused_decode_split_over_threads_matches_op_by_op(tiny_models, arch, quantization, step_threads):
+    """The step's one parallel region, its projections' columns split over 2 or 3 threads (more threads than
+    cores too: a descheduled thread holds the others at the barriers, never changes the result), gives the
+    op-by-op path's tokens and logprobs; int4 and int8 (with biases) weights. A tiny model's step is below the
+    work from which the step runs threads at all, lowered here."""
+    llm = tiny_llm(tiny_models[arch], quantization=quantization)
+    fused = llm.llm_engine.core.model.fused_decoder
+    fused._model.min_parallel_step = 0
+    fused.step_threads = step_threads
+    _fused_vs_op_by_op(llm, PROMPTS[:fused.max_rows], 12)
+
+
+def test_thread_chooser_runs_the_faster_count_and_keeps_measuring():
+    from tokenmill.kernels.cpu.decode import ThreadChooser
+
+    chooser = ThreadChooser(explore_every=4)
+    assert chooser.pick(1, 1) == 1  # one thread available: nothing to choose
+    # Each count is tried first, then the faster one runs, except every 4th step.
+    times = {1: 0.010, 2: 0.030}
+    picks = []
+    for _ in range(12):
+        n = chooser.pick(1, 2)
+        picks.append(n)
+        chooser.record(1, n, times[n])
+    assert picks[:2] == [1, 2]
+    assert picks[2:].count(1) >= 7 and 2 in picks[2:]
+    # The machine gets quiet: two threads become faster, and the explored steps find it.
+    times = {1: 0.010, 2: 0.004}
+    for _ in range(40):
+        n = chooser.pick(1, 2)
+        chooser.record(1, n, times[n])
+    assert [chooser.pick(1, 2) for _ in range(3)].count(2) >= 2
+    # Rows are measured apart: a batch of 4 tries each count first.
+    assert chooser.pick(4, 2) == 1
+    chooser.record(4, 1, 0.02)
+    assert chooser.pick(4, 2) == 2

@@ -18,21 +18,29 @@ When it runs (FusedDecoder.build says why not in the log, at debug level):
 
 TOKENMILL_FUSED_DECODE=0 turns it off (the op-by-op path then runs every step), to compare the two.
 
-Results are those of the op-by-op path: bit for bit while attention splits no sequence differently (sequences of
-up to 256 positions, or any length at the same thread count); beyond, the split attention's partial sums merge
-in another order (bfloat16 rounding differences).
+The step runs in one parallel region (one fork and join a step): the threads split every projection's output
+columns and meet at barriers between dependent stages; ThreadChooser picks one thread or the engine's count by
+measuring, since on a CPU shared with other busy processes the barriers can cost more than a thread saves.
+
+Results are those of the op-by-op path at any number of threads: bit for bit while attention splits no sequence
+differently (sequences of up to 256 positions, or attention work of MIN_PARALLEL_ATTENTION and more, where both
+use the engine's thread count); in between, the split attention's partial sums merge in another order (bfloat16
+rounding differences).
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import os
+import statistics
+import time
 from typing import Any
 
 import torch
 
-from tokenmill.kernels.cpu import ops, quant
+from tokenmill.kernels.cpu import ops
 from tokenmill.kernels.cpu.quant import Int4Weight, Int8Weight
 
 logger = logging.getLogger("tokenmill")
@@ -43,6 +51,11 @@ ENV_FLAG = "TOKENMILL_FUSED_DECODE"
 # 400 / 1000 / 2000 positions (2 M is ~3600) took 0.56 / 1.17 / 7.6 ms on one thread and 1.2 / 4.9 / 21 ms on two
 # on a shared 2-core VM (benchmarks/decode_step.py --context N; BENCHMARKS.md, issue 15).
 MIN_PARALLEL_ATTENTION = 1 << 21
+
+# Multiply-adds of a step's projections (rows x the decoder's weight elements) below which the step runs on one
+# thread: the step's one fork and join, and its ~5 barriers a layer, cost more than a second thread saves. The
+# bundled model's step is ~100 M (one row); the tests' tiny models are far below (tests lower it to run both).
+MIN_PARALLEL_STEP = 1 << 22
 
 _WEIGHT_INT8, _WEIGHT_INT4 = 0, 1
 
@@ -63,11 +76,9 @@ class _Model(ctypes.Structure):
                 ("num_kv_heads", ctypes.c_int32), ("head_dim", ctypes.c_int32), ("intermediate", ctypes.c_int32),
                 ("max_rows", ctypes.c_int32), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
                 ("layers", ctypes.POINTER(_Layer)), ("final_norm", ctypes.c_void_p), ("cos", ctypes.c_void_p),
-                ("sin", ctypes.c_void_p), ("min_parallel_elements", ctypes.c_int64),
-                ("min_parallel_work", ctypes.c_int64), ("min_parallel_attention", ctypes.c_int64),
-                ("residual", ctypes.c_void_p), ("x", ctypes.c_void_p), ("normed", ctypes.c_void_p),
-                ("qkv", ctypes.c_void_p), ("q", ctypes.c_void_p), ("attn", ctypes.c_void_p),
-                ("gate_up", ctypes.c_void_p), ("act", ctypes.c_void_p)]
+                ("sin", ctypes.c_void_p), ("min_parallel_attention", ctypes.c_int64),
+                ("min_parallel_step", ctypes.c_int64), ("x", ctypes.c_void_p), ("qkv", ctypes.c_void_p),
+                ("q", ctypes.c_void_p), ("attn", ctypes.c_void_p), ("gate_up", ctypes.c_void_p)]
 
 
 def enabled_by_env() -> bool:
@@ -97,6 +108,46 @@ def packed_kernel(linear: Any) -> Int4Weight | Int8Weight | None:
     if (kernel.out_features, kernel.in_features) != (linear.out_features, linear.in_features):
         return None
     return kernel
+
+
+class ThreadChooser:
+    """How many threads the fused step runs on, chosen by measuring it: one, or the engine's thread count.
+
+    The step splits every projection over its threads, which meet at ~5 barriers a layer. On a dedicated CPU the
+    threads add bandwidth; on a CPU shared with other busy processes a thread is often descheduled, and then the
+    other waits for it at each barrier: measured on a loaded 2-core VM, two threads ran a step in 0.93x to 2.4x the
+    time of one (BENCHMARKS.md, issue 15). So each thread count keeps the median of its last 5 step times (per
+    number of rows), the faster one runs, and the other is tried again every `explore_every` steps to
+    follow the machine's load. The results do not depend on the choice (csrc/decode_layer.c).
+    """
+
+    def __init__(self, explore_every: int = 32, window: int = 5) -> None:
+        self.explore_every = explore_every
+        # (rows, threads) -> the last `window` step times: their median is robust to a step that met a burst of
+        # load, or the first step of a thread count (starting its threads).
+        self._seconds: dict[tuple[int, int], collections.deque[float]] = {}
+        self._window = window
+        self._steps = 0
+
+    def _median(self, rows: int, threads: int) -> float | None:
+        times = self._seconds.get((rows, threads))
+        return statistics.median(times) if times else None
+
+    def pick(self, rows: int, max_threads: int) -> int:
+        if max_threads <= 1:
+            return 1
+        self._steps += 1
+        known = {n: self._median(rows, n) for n in (1, max_threads)}
+        untried = [n for n, s in known.items() if s is None]
+        if untried:
+            return untried[0]
+        best = min(known, key=lambda n: known[n] or 0.0)
+        if self._steps % self.explore_every == 0:
+            return max_threads if best == 1 else 1
+        return best
+
+    def record(self, rows: int, threads: int, seconds: float) -> None:
+        self._seconds.setdefault((rows, threads), collections.deque(maxlen=self._window)).append(seconds)
 
 
 class FusedDecoder:
@@ -135,12 +186,13 @@ class FusedDecoder:
             num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, intermediate=spec.intermediate_size,
             max_rows=rows, eps=spec.rms_norm_eps, scale=scale, layers=layers, final_norm=self._ptr(model.norm.weight),
             cos=self._ptr(model.rotary.cos.float()), sin=self._ptr(model.rotary.sin.float()),
-            min_parallel_elements=ops._MIN_PARALLEL_ELEMENTS, min_parallel_work=quant._MIN_PARALLEL_WORK,
-            min_parallel_attention=MIN_PARALLEL_ATTENTION,
-            residual=scratch(spec.hidden_size), x=scratch(spec.hidden_size), normed=scratch(spec.hidden_size),
-            qkv=scratch(q_size + 2 * kv_size), q=scratch(q_size), attn=scratch(q_size),
-            gate_up=scratch(2 * spec.intermediate_size), act=scratch(spec.intermediate_size),
+            min_parallel_attention=MIN_PARALLEL_ATTENTION, min_parallel_step=MIN_PARALLEL_STEP,
+            x=scratch(spec.hidden_size), qkv=scratch(q_size + 2 * kv_size), q=scratch(q_size), attn=scratch(q_size),
+            gate_up=scratch(2 * spec.intermediate_size),
         )
+        # Threads of each step: None lets the chooser measure; a number fixes it (benchmarks, tests).
+        self.step_threads: int | None = None
+        self.chooser = ThreadChooser()
         self._kv_key: tuple[int, ...] | None = None
         self._kv_ptrs: Any = None
 
@@ -238,10 +290,15 @@ class FusedDecoder:
             tables = tables.to(torch.int32).contiguous()
         seq_lens = meta.seq_lens if meta.seq_lens.dtype == torch.int32 else meta.seq_lens.to(torch.int32)
         out = torch.empty((rows, self.hidden), dtype=torch.bfloat16)
+        num_threads = torch.get_num_threads()
+        threads = self.step_threads or self.chooser.pick(rows, num_threads)
+        start = time.perf_counter()
         status = self._lib.tokenmill_decode_forward(
             ctypes.byref(self._model), x.data_ptr(), out.data_ptr(), rows, positions.contiguous().data_ptr(),
             slots.contiguous().data_ptr(), self._kv_pointers(kv_caches), kv.shape[1], kv.shape[2],
-            tables.data_ptr(), tables.shape[1], seq_lens.contiguous().data_ptr(), torch.get_num_threads())
+            tables.data_ptr(), tables.shape[1], seq_lens.contiguous().data_ptr(), num_threads, threads)
+        if self.step_threads is None:
+            self.chooser.record(rows, threads, time.perf_counter() - start)
         if status == -1:
             raise MemoryError("the fused decode step could not allocate its packed-kernel buffers")
         if status != 0:

@@ -3,14 +3,28 @@
 // ~10 a layer. Each layer runs, as tokenmill/model/llama.py does op by op:
 //   rms_norm (+ residual) -> qkv GEMV (+ bias) -> rotary -> write_kv -> paged decode attention -> o_proj GEMV
 //   -> rms_norm + residual -> gate_up GEMV -> silu_and_mul -> down GEMV
-// then the final norm. It calls the same kernels (kernels.h) with the same arguments and thread counts (except
-// attention, which stays on one thread for small work), so its results are those of the op-by-op path, bit for
-// bit while attention cuts each sequence into the same splits: up to 256 positions (at most 4 splits of 64 at
-// any thread count), or at the same thread count; beyond, the splits' partial sums merge in another order.
+// then the final norm, inside one OpenMP parallel region: the threads split each projection's output columns
+// (the same kernels as the op-by-op path, whose column sums do not depend on the split) and meet at a barrier
+// between dependent stages, so a step pays one fork and join instead of one per matmul. Its results are those of
+// the op-by-op path, bit for bit, at any number of threads, while attention cuts each sequence into the same
+// splits: up to 256 positions (at most 4 splits of 64 at any thread count), or when attention's work passes
+// min_parallel_attention (the splits of the engine's thread count, as op by op); in between, one thread's
+// splits, whose partial sums merge in another order than the op-by-op path's.
 // Built with the other kernels by tokenmill/kernels/cpu/ops.py; driven by tokenmill/kernels/cpu/decode.py.
+#define _GNU_SOURCE  // syscall, clock_gettime
+#include <limits.h>
+#include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "kernels.h"
 #include "simd.h"
@@ -40,92 +54,250 @@ typedef struct {
     const TmLayer *layers;
     const uint16_t *final_norm;
     const float *cos, *sin;                  // [max_positions, head_dim / 2]
-    // Thread policy of the op-by-op path (ops.py _MIN_PARALLEL_ELEMENTS, quant.py _MIN_PARALLEL_WORK) and the
-    // attention work (positions x query heads x head_dim) below which attention runs on one thread.
-    int64_t min_parallel_elements, min_parallel_work, min_parallel_attention;
-    // Scratch, bfloat16 rows: residual and x [max_rows, hidden], normed [max_rows, hidden], qkv [max_rows,
-    // (heads + 2 kv_heads) * head_dim], q and attention output [max_rows, heads * head_dim], gate_up [max_rows,
-    // 2 * intermediate], act [max_rows, intermediate].
-    uint16_t *residual, *x, *normed, *qkv, *q, *attn, *gate_up, *act;
+    // attention's work (positions x query heads x head_dim) below which its splits are those of one thread
+    // (as the op-by-op path's would be); the decoder's multiply-adds (rows x weights) below which a step runs on
+    // one thread.
+    int64_t min_parallel_attention, min_parallel_step;
+    // Scratch shared by the threads, bfloat16 rows: x [max_rows, hidden], qkv [max_rows, (heads + 2 kv_heads) *
+    // head_dim], q and attention output [max_rows, heads * head_dim], gate_up [max_rows, 2 * intermediate].
+    uint16_t *x, *qkv, *q, *attn, *gate_up;
 } TmModel;
 
-static int elementwise_threads(const TmModel *m, int64_t elements, int num_threads) {
-    return elements < m->min_parallel_elements ? 1 : num_threads;
+// A barrier for the threads of one step's parallel region. Stages are microseconds to tens of microseconds
+// apart, so a thread that arrives first spins for up to BARRIER_SPIN_NS (the other is about to arrive), then
+// sleeps on a futex until the last one wakes it (the other thread was descheduled: on a shared machine, spinning
+// on would hold a core that another process, or that thread, needs). OpenMP's own barrier under
+// OMP_WAIT_POLICY=PASSIVE, which tokenmill sets, sleeps at once: a wake-up at each of a step's ~150 barriers.
+// Measured on a loaded 2-core VM (BENCHMARKS.md, issue 15): yielding the core instead (sched_yield) and spinning
+// without limit were 2-30x slower than one thread; a 50 us spin did best, up to 200 us and 1 ms worse.
+typedef struct {
+    atomic_int arrived;
+    atomic_int generation;
+    atomic_int sleepers;
+    int num_threads;
+} Barrier;
+
+#define BARRIER_SPIN_NS 50000
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-// out [rows, w->n] = x [rows, w->k] @ w.T (+ bias), contiguous rows; 0, or -1 when memory ran out.
-static int linear(const TmModel *m, const TmWeight *w, const uint16_t *x, uint16_t *out, int rows, int num_threads) {
-    const int threads = (int64_t)rows * w->n * w->k < m->min_parallel_work ? 1 : num_threads;
-    int status;
-    if (w->kind == WEIGHT_INT4) {
-        // The op-by-op path's kernel for these rows too (quant.py), so both paths compute the same sums.
-        status = int4_gemv_bf16(x, w->k, (const uint8_t *)w->q, (const uint16_t *)w->scales,
-                                (const uint16_t *)w->offsets, w->group, out, w->n, rows, w->n, w->k, threads);
-        if (status == -2)  // no AVX512-BF16
-            status = int4_gemm(x, 1, w->k, (const uint8_t *)w->q, (const uint16_t *)w->scales,
-                               (const uint16_t *)w->offsets, w->group, out, w->n, rows, w->n, w->k, threads);
-    } else {
-        status = int8_gemm(x, 1, w->k, (const int8_t *)w->q, (const float *)w->scales, w->group, out, w->n, rows,
-                           w->n, w->k, threads);
+static void barrier_wait(Barrier *b) {
+    if (b->num_threads == 1) return;
+    const int generation = atomic_load(&b->generation);
+    if (atomic_fetch_add(&b->arrived, 1) == b->num_threads - 1) {
+        atomic_store(&b->arrived, 0);
+        atomic_fetch_add(&b->generation, 1);
+#ifdef __linux__
+        if (atomic_load(&b->sleepers) > 0)
+            syscall(SYS_futex, &b->generation, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#endif
+        return;
     }
-    if (status != 0 || w->bias == NULL) return status;
-    for (int i = 0; i < rows; i++)  // as PyTorch's bfloat16 add: the float32 sum rounded once
-        for (int64_t j = 0; j < w->n; j++) {
-            uint16_t *o = out + i * w->n + j;
-            *o = f32_to_bf16(bf16_to_f32(*o) + bf16_to_f32(w->bias[j]));
+    const int64_t deadline = now_ns() + BARRIER_SPIN_NS;
+    for (int spins = 1; atomic_load_explicit(&b->generation, memory_order_acquire) == generation; spins++) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if (spins % 256 || now_ns() < deadline) continue;
+#ifdef __linux__
+        // The generation is re-read by the kernel: a release between our check and the sleep returns at once.
+        atomic_fetch_add(&b->sleepers, 1);
+        syscall(SYS_futex, &b->generation, FUTEX_WAIT_PRIVATE, generation, NULL, NULL, 0);
+        atomic_fetch_sub(&b->sleepers, 1);
+#else
+        sched_yield();
+#endif
+    }
+}
+
+// What one thread of the region owns: its copy of the residual stream and of the rows every thread reads whole
+// (computed by each thread instead of one thread and a barrier), and the packed GEMV's scratch.
+typedef struct {
+    uint16_t *residual, *normed, *act;   // [rows, hidden], [rows, hidden], [rows, intermediate]
+    uint16_t *xr, *expanded;             // int4_gemv_prepare's layout of the GEMV input; its scale scratch
+    float *xsum;
+} ThreadScratch;
+
+// Output columns handed out per grab: about CHUNK_BYTES of weights (at least 16 columns), so a thread that
+// runs slower (its core shared with another process) takes fewer chunks instead of holding up the barrier.
+#define CHUNK_BYTES 16384
+
+// Columns of out [rows, w->n] = x [rows, w->k] @ w.T (+ bias), taken chunk by chunk from *next by every thread of
+// the region; with one thread, all of them in one call. The columns' sums do not depend on the split: the same
+// kernels and results as the op-by-op path (quant.py). Returns 0, or -1 when memory ran out.
+static int linear_columns(const TmWeight *w, const uint16_t *x, uint16_t *out, int rows, atomic_long *next,
+                          int num_threads, ThreadScratch *scratch) {
+    const int64_t n = w->n, k = w->k, num_groups = k / w->group;
+    const int64_t column_bytes = (w->kind == WEIGHT_INT4 ? k / 2 + 4 * num_groups : k + 4 * num_groups);
+    int64_t chunk = num_threads == 1 ? n : (CHUNK_BYTES / column_bytes + 15) / 16 * 16;
+    if (chunk < 16) chunk = 16;
+    int status = 0;
+#ifdef TOKENMILL_AVX512_BF16
+    const int packed_int4 = w->kind == WEIGHT_INT4;
+    // Every thread lays out the (small) input itself, so no barrier separates the layout from the GEMV.
+    if (packed_int4) int4_gemv_prepare(x, k, rows, k, scratch->xr, scratch->xsum);
+#else
+    const int packed_int4 = 0;
+#endif
+    for (;;) {
+        const int64_t n0 = atomic_fetch_add_explicit(next, 1, memory_order_relaxed) * chunk;
+        if (n0 >= n) break;
+        const int64_t n1 = n0 + chunk < n ? n0 + chunk : n;
+        int chunk_status;
+        if (packed_int4) {
+            chunk_status = int4_gemv_columns(scratch->xr, scratch->xsum, rows, k, w->q, w->scales, w->offsets,
+                                             w->group, out, n, n0, n1, scratch->expanded);
+        } else if (w->kind == WEIGHT_INT4) {  // no AVX512-BF16: quant.c's float32 kernel on these columns
+            chunk_status = int4_gemm(x, 1, k, (const uint8_t *)w->q + n0 * (k / 2),
+                                     (const uint16_t *)w->scales + n0 * num_groups,
+                                     (const uint16_t *)w->offsets + n0 * num_groups, w->group, out + n0, n, rows,
+                                     n1 - n0, k, 1);
+        } else {
+            chunk_status = int8_gemm(x, 1, k, (const int8_t *)w->q + n0 * k,
+                                     (const float *)w->scales + n0 * num_groups, w->group, out + n0, n, rows,
+                                     n1 - n0, k, 1);
         }
-    return 0;
+        if (chunk_status != 0) status = -1;
+        if (w->bias == NULL) continue;
+        for (int i = 0; i < rows; i++)  // as PyTorch's bfloat16 add: the float32 sum rounded once
+            for (int64_t j = n0; j < n1; j++) {
+                uint16_t *o = out + i * n + j;
+                *o = f32_to_bf16(bf16_to_f32(*o) + bf16_to_f32(w->bias[j]));
+            }
+    }
+    return status;
+}
+
+// Multiply-adds of one row through every decoder layer's projections.
+static int64_t layer_work(const TmModel *m) {
+    int64_t total = 0;
+    for (int l = 0; l < m->num_layers; l++) {
+        const TmLayer *layer = &m->layers[l];
+        total += layer->qkv.n * layer->qkv.k + layer->o.n * layer->o.k + layer->gate_up.n * layer->gate_up.k
+                 + layer->down.n * layer->down.k;
+    }
+    return total;
 }
 
 // x [rows, hidden]: the embeddings of this step's tokens, one token per sequence; out [rows, hidden]: the final
 // normed hidden states. kv_caches[layer]: [2, num_blocks, block_size, num_kv_heads, head_dim] bfloat16;
 // slots, positions: [rows] int64; block_tables [rows, max_blocks] and seq_lens [rows] int32 (seq_lens
-// including the new token). Returns 0, -1 when memory ran out, -2 when rows exceeds max_rows.
+// including the new token). num_threads: the engine's thread count, which the op-by-op path runs with (it sets
+// attention's splits, hence its sums); step_threads: the threads this call runs on (the results do not depend
+// on it). Returns 0, -1 when memory ran out, -2 when rows exceeds max_rows.
+//
+// One parallel region for the whole step (one fork and join instead of one per matmul): the threads split
+// every projection's output columns, and meet at a barrier after each stage whose output they all read.
+// Stages whose output each thread needs whole (the norms with their residual add, the activation) are
+// computed by every thread into its own copy; rotary, the KV write and attention by thread 0.
 int tokenmill_decode_forward(const TmModel *m, const uint16_t *x, uint16_t *out, int rows, const int64_t *positions,
                              const int64_t *slots, void *const *kv_caches, int64_t num_blocks, int block_size,
-                             const int32_t *block_tables, int max_blocks, const int32_t *seq_lens, int num_threads) {
+                             const int32_t *block_tables, int max_blocks, const int32_t *seq_lens, int num_threads,
+                             int step_threads) {
     if (rows > m->max_rows || rows < 1) return -2;
     const int hidden = m->hidden, head_dim = m->head_dim, inter = m->intermediate;
     const int q_size = m->num_heads * head_dim, kv_size = m->num_kv_heads * head_dim;
     const int qkv_size = q_size + 2 * kv_size;
-    const int norm_threads = elementwise_threads(m, (int64_t)rows * hidden, num_threads);
-    const int rope_threads = elementwise_threads(m, (int64_t)rows * (q_size + kv_size), num_threads);
-    const int kv_threads = elementwise_threads(m, (int64_t)rows * 2 * kv_size, num_threads);
-    const int silu_threads = elementwise_threads(m, (int64_t)rows * 2 * inter, num_threads);
     int64_t positions_attended = 0;
     for (int i = 0; i < rows; i++) positions_attended += seq_lens[i];
-    const int attention_threads =
-        positions_attended * q_size < m->min_parallel_attention ? 1 : num_threads;
+    const int attention_threads = positions_attended * q_size < m->min_parallel_attention ? 1 : num_threads;
     const int64_t value_offset = num_blocks * block_size * kv_size * (int64_t)sizeof(uint16_t);
+    const int region_threads = step_threads < 1 || (int64_t)rows * layer_work(m) < m->min_parallel_step ? 1
+                                                                                                : step_threads;
 
-    memcpy(m->residual, x, sizeof(uint16_t) * (size_t)rows * hidden);
-    for (int l = 0; l < m->num_layers; l++) {
-        const TmLayer *layer = &m->layers[l];
-        // The first layer's norm reads the embeddings; later ones add the previous MLP output into the residual.
-        if (l == 0)
-            rms_norm_bf16(m->residual, hidden, NULL, 0, layer->input_norm, m->normed, hidden, rows, hidden, m->eps,
-                          norm_threads);
-        else
-            rms_norm_bf16(m->x, hidden, m->residual, hidden, layer->input_norm, m->normed, hidden, rows, hidden,
-                          m->eps, norm_threads);
-        if (linear(m, &layer->qkv, m->normed, m->qkv, rows, num_threads) != 0) return -1;
-        uint16_t *k = m->qkv + q_size, *v = m->qkv + q_size + kv_size;
-        rotary_bf16(m->qkv, qkv_size, m->num_heads, k, qkv_size, m->num_kv_heads, rows, head_dim, positions, m->cos,
-                    m->sin, rope_threads);
-        write_kv((const char *)k, (int64_t)qkv_size * 2, (const char *)v, (int64_t)qkv_size * 2, (char *)kv_caches[l],
-                 value_offset, slots, rows, (int64_t)kv_size * 2, kv_threads);
-        for (int i = 0; i < rows; i++)  // the queries as [rows, heads, head_dim], contiguous
-            memcpy(m->q + (int64_t)i * q_size, m->qkv + (int64_t)i * qkv_size, sizeof(uint16_t) * (size_t)q_size);
-        paged_decode_attention(m->q, kv_caches[l], m->attn, block_tables, seq_lens, rows, m->num_heads,
-                               m->num_kv_heads, head_dim, block_size, max_blocks, num_blocks, m->scale,
-                               layer->sliding_window, 1, attention_threads, 1);
-        if (linear(m, &layer->o, m->attn, m->x, rows, num_threads) != 0) return -1;
-        rms_norm_bf16(m->x, hidden, m->residual, hidden, layer->post_norm, m->normed, hidden, rows, hidden, m->eps,
-                      norm_threads);
-        if (linear(m, &layer->gate_up, m->normed, m->gate_up, rows, num_threads) != 0) return -1;
-        silu_and_mul_bf16(m->gate_up, 2 * inter, m->act, inter, rows, inter, silu_threads);
-        if (linear(m, &layer->down, m->act, m->x, rows, num_threads) != 0) return -1;
+    // Per thread: residual, normed [rows, hidden], act [rows, intermediate], the GEMV input layout and scratch.
+    int64_t max_k = hidden > inter ? hidden : inter;
+    for (int l = 0; l < m->num_layers; l++) max_k = m->layers[l].o.k > max_k ? m->layers[l].o.k : max_k;
+    const int64_t padded_k = int4_gemv_padded_k(max_k);
+    const size_t per_thread_u16 = (size_t)(2 * rows * hidden + rows * inter + rows * padded_k + 2 * (max_k / 32 + 1));
+    const size_t per_thread_f32 = (size_t)(rows * (max_k / 32) + 1);
+    // Chunk counters: 4 projections a layer.
+    const int num_stages = 4 * m->num_layers;
+    uint16_t *u16 = malloc(sizeof(uint16_t) * per_thread_u16 * (size_t)region_threads);
+    float *f32 = malloc(sizeof(float) * per_thread_f32 * (size_t)region_threads);
+    atomic_long *next = malloc(sizeof(atomic_long) * (size_t)num_stages);
+    if (u16 == NULL || f32 == NULL || next == NULL) {
+        free(u16);
+        free(f32);
+        free(next);
+        return -1;
     }
-    rms_norm_bf16(m->x, hidden, m->residual, hidden, m->final_norm, out, hidden, rows, hidden, m->eps, norm_threads);
-    return 0;
+    for (int i = 0; i < num_stages; i++) atomic_init(&next[i], 0);
+    Barrier barrier;
+    atomic_init(&barrier.arrived, 0);
+    atomic_init(&barrier.generation, 0);
+    atomic_init(&barrier.sleepers, 0);
+    barrier.num_threads = region_threads;
+    atomic_int status;
+    atomic_init(&status, 0);
+
+#pragma omp parallel num_threads(region_threads)
+    {
+        const int t = omp_get_thread_num();
+        // The team may be smaller than asked (nested in another region, a thread limit): its real size, read by
+        // every thread before the first barrier.
+#pragma omp single
+        barrier.num_threads = omp_get_num_threads();
+        const int nt = barrier.num_threads;
+        uint16_t *mine = u16 + per_thread_u16 * (size_t)t;
+        float *mine_f32 = f32 + per_thread_f32 * (size_t)t;
+        ThreadScratch scratch = {
+            .residual = mine, .normed = mine + rows * hidden, .act = mine + 2 * rows * hidden,
+            .xr = mine + 2 * rows * hidden + rows * inter,
+            .expanded = mine + 2 * rows * hidden + rows * inter + rows * padded_k, .xsum = mine_f32,
+        };
+        memcpy(scratch.residual, x, sizeof(uint16_t) * (size_t)rows * hidden);
+        int failed = 0;
+        for (int l = 0; l < m->num_layers; l++) {
+            const TmLayer *layer = &m->layers[l];
+            atomic_long *stage_next = next + 4 * l;
+            // The first layer's norm reads the embeddings; later ones add the previous MLP output into the
+            // residual.
+            if (l == 0)
+                rms_norm_bf16(scratch.residual, hidden, NULL, 0, layer->input_norm, scratch.normed, hidden, rows,
+                              hidden, m->eps, 1);
+            else
+                rms_norm_bf16(m->x, hidden, scratch.residual, hidden, layer->input_norm, scratch.normed, hidden, rows,
+                              hidden, m->eps, 1);
+            failed |= linear_columns(&layer->qkv, scratch.normed, m->qkv, rows, &stage_next[0], nt, &scratch);
+            barrier_wait(&barrier);
+            if (t == 0) {
+                uint16_t *k = m->qkv + q_size, *v = m->qkv + q_size + kv_size;
+                rotary_bf16(m->qkv, qkv_size, m->num_heads, k, qkv_size, m->num_kv_heads, rows, head_dim, positions,
+                            m->cos, m->sin, 1);
+                write_kv((const char *)k, (int64_t)qkv_size * 2, (const char *)v, (int64_t)qkv_size * 2,
+                         (char *)kv_caches[l], value_offset, slots, rows, (int64_t)kv_size * 2, 1);
+                for (int i = 0; i < rows; i++)  // the queries as [rows, heads, head_dim], contiguous
+                    memcpy(m->q + (int64_t)i * q_size, m->qkv + (int64_t)i * qkv_size,
+                           sizeof(uint16_t) * (size_t)q_size);
+                paged_decode_attention(m->q, kv_caches[l], m->attn, block_tables, seq_lens, rows, m->num_heads,
+                                       m->num_kv_heads, head_dim, block_size, max_blocks, num_blocks, m->scale,
+                                       layer->sliding_window, 1, attention_threads, 1);
+            }
+            barrier_wait(&barrier);
+            failed |= linear_columns(&layer->o, m->attn, m->x, rows, &stage_next[1], nt, &scratch);
+            barrier_wait(&barrier);
+            rms_norm_bf16(m->x, hidden, scratch.residual, hidden, layer->post_norm, scratch.normed, hidden, rows,
+                          hidden, m->eps, 1);
+            failed |= linear_columns(&layer->gate_up, scratch.normed, m->gate_up, rows, &stage_next[2], nt, &scratch);
+            barrier_wait(&barrier);
+            silu_and_mul_bf16(m->gate_up, 2 * inter, scratch.act, inter, rows, inter, 1);
+            // Every thread has read x (its post-attention norm) before any writes it again here: the barrier
+            // after gate_up lies between.
+            failed |= linear_columns(&layer->down, scratch.act, m->x, rows, &stage_next[3], nt, &scratch);
+            barrier_wait(&barrier);
+        }
+        if (t == 0)
+            rms_norm_bf16(m->x, hidden, scratch.residual, hidden, m->final_norm, out, hidden, rows, hidden, m->eps,
+                          1);
+        if (failed) atomic_store(&status, -1);
+    }
+    free(u16);
+    free(f32);
+    free(next);
+    return atomic_load(&status);
 }

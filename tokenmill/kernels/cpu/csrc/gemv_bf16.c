@@ -6,7 +6,9 @@
 // keeps it compute-bound at a few GB/s on one core. Here 64 nibbles become 64 bfloat16 values (exact: 0..15)
 // with one table lookup per 32, and each instruction does 32 multiply-adds. Products are exact and sums float32,
 // as in int4_gemm; the order of the additions differs. Used by tokenmill/kernels/cpu/quant.py (Int4Weight, up to
-// INT4_MAX_PACKED_ROWS rows of bfloat16) and by the fused decode step (decode_layer.c).
+// INT4_MAX_PACKED_ROWS rows of bfloat16, each call its own parallel loop) and, in pieces (int4_gemv_prepare, then
+// int4_gemv_columns on the ranges of columns each thread takes), by the fused decode step (decode_layer.c).
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,22 +56,13 @@ static inline __attribute__((always_inline)) void int4_rows(
 }
 #endif
 
-// out [rows, n] (row stride out_stride) = x [rows, k] (row stride x_stride) @ w.T, bfloat16; group a multiple of
-// 32 dividing k. Returns 0, -1 when memory ran out, -2 without AVX512-BF16 (the caller uses int4_gemm).
-int int4_gemv_bf16(const uint16_t *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
-                   const uint16_t *offsets, int64_t group, uint16_t *out, int64_t out_stride, int64_t rows,
-                   int64_t n_out, int64_t k, int num_threads) {
-#ifdef TOKENMILL_AVX512_BF16
-    const int64_t num_chunks = k / 32, num_groups = k / group;
-    const int64_t padded_k = (num_chunks + 1) / 2 * 64, xsum_stride = num_chunks;
-    const int chunks_per_group = (int)(group / 32);
-    uint16_t *xr = malloc(sizeof(uint16_t) * (size_t)(rows * padded_k));
-    float *xsum = malloc(sizeof(float) * (size_t)(rows * xsum_stride + 1));
-    if (xr == NULL || xsum == NULL) {
-        free(xr);
-        free(xsum);
-        return -1;
-    }
+// The activations' layout for int4_rows: xr [rows, padded_k] (each pair of 32-input chunks interleaved as
+// int4_rows reads it, zero-padded to an even number of chunks) and xsum [rows, k / 32] (each chunk's sum of x).
+// padded_k = int4_gemv_padded_k(k).
+int64_t int4_gemv_padded_k(int64_t k) { return (k / 32 + 1) / 2 * 64; }
+
+void int4_gemv_prepare(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t k, uint16_t *xr, float *xsum) {
+    const int64_t num_chunks = k / 32, padded_k = int4_gemv_padded_k(k);
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *xs = x + r * x_stride;
         uint16_t *dst = xr + r * padded_k;
@@ -80,51 +73,89 @@ int int4_gemv_bf16(const uint16_t *x, int64_t x_stride, const uint8_t *q, const 
             memcpy(dst + 64 * p + 32 + 16 * half, xs + 32 * c + 16, 32);
             float t = 0.f;
             for (int i = 0; i < 32; i++) t += bf16_to_f32(xs[32 * c + i]);
-            xsum[r * xsum_stride + c] = t;
+            xsum[r * num_chunks + c] = t;
         }
     }
+}
+
+// Output columns [n0, n1) of out [rows, n] (row stride out_stride) from the prepared activations. Each column's
+// sum is computed the same way whatever the range, so any split of the columns over threads gives the same
+// result. expanded: scratch of 2 * (k / 32 + 1) uint16 (unused, may be NULL, when group is 32 and k / 32 even).
+// Returns 0, or -2 without AVX512-BF16.
+int int4_gemv_columns(const uint16_t *xr, const float *xsum, int64_t rows, int64_t k, const uint8_t *q,
+                      const uint16_t *scales, const uint16_t *offsets, int64_t group, uint16_t *out,
+                      int64_t out_stride, int64_t n0, int64_t n1, uint16_t *expanded) {
+#ifdef TOKENMILL_AVX512_BF16
+    const int64_t num_chunks = k / 32, num_groups = k / group, padded_k = int4_gemv_padded_k(k);
+    const int chunks_per_group = (int)(group / 32);
     uint16_t table[32] = {0};
     for (int i = 0; i < 16; i++) table[i] = f32_to_bf16((float)i);
     const __m512i lut = _mm512_loadu_si512(table);
     // Scales and offsets read in place where there is one per chunk (group 32, an even number of chunks);
     // otherwise expanded per weight row to one per chunk, with a zero for the missing partner of an odd last chunk.
     const int in_place = chunks_per_group == 1 && num_chunks % 2 == 0;
+    if (!in_place) memset(expanded, 0, sizeof(uint16_t) * (size_t)(2 * (num_chunks + 1)));
+    for (int64_t n = n0; n < n1; n++) {
+        const uint16_t *cs = scales + n * num_groups, *cb = offsets + n * num_groups;
+        if (!in_place) {
+            for (int64_t c = 0; c < num_chunks; c++) {
+                expanded[c] = cs[c / chunks_per_group];
+                expanded[num_chunks + 1 + c] = cb[c / chunks_per_group];
+            }
+            cs = expanded;
+            cb = expanded + num_chunks + 1;
+        }
+        const uint8_t *qr = q + n * (k / 2);
+        for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+            float total[4];
+            const int block = rows - r0 < 4 ? (int)(rows - r0) : 4;
+            const uint16_t *xb = xr + r0 * padded_k;
+            const float *sb = xsum + r0 * num_chunks;
+            const int nc = (int)num_chunks;
+            switch (block) {
+                case 1: int4_rows(1, qr, cs, cb, nc, xb, padded_k, sb, num_chunks, lut, total); break;
+                case 2: int4_rows(2, qr, cs, cb, nc, xb, padded_k, sb, num_chunks, lut, total); break;
+                case 3: int4_rows(3, qr, cs, cb, nc, xb, padded_k, sb, num_chunks, lut, total); break;
+                default: int4_rows(4, qr, cs, cb, nc, xb, padded_k, sb, num_chunks, lut, total); break;
+            }
+            for (int r = 0; r < block; r++) out[(r0 + r) * out_stride + n] = f32_to_bf16(total[r]);
+        }
+    }
+    return 0;
+#else
+    (void)xr, (void)xsum, (void)rows, (void)k, (void)q, (void)scales, (void)offsets, (void)group, (void)out;
+    (void)out_stride, (void)n0, (void)n1, (void)expanded;
+    return -2;
+#endif
+}
+
+// out [rows, n] (row stride out_stride) = x [rows, k] (row stride x_stride) @ w.T, bfloat16; group a multiple of
+// 32 dividing k. Returns 0, -1 when memory ran out, -2 without AVX512-BF16 (the caller uses int4_gemm).
+int int4_gemv_bf16(const uint16_t *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
+                   const uint16_t *offsets, int64_t group, uint16_t *out, int64_t out_stride, int64_t rows,
+                   int64_t n_out, int64_t k, int num_threads) {
+#ifdef TOKENMILL_AVX512_BF16
+    const int64_t num_chunks = k / 32;
+    uint16_t *xr = malloc(sizeof(uint16_t) * (size_t)(rows * int4_gemv_padded_k(k)));
+    float *xsum = malloc(sizeof(float) * (size_t)(rows * num_chunks + 1));
+    if (xr == NULL || xsum == NULL) {
+        free(xr);
+        free(xsum);
+        return -1;
+    }
+    int4_gemv_prepare(x, x_stride, rows, k, xr, xsum);
     int status = 0;
 #pragma omp parallel num_threads(num_threads)
     {
-        uint16_t *expanded = in_place ? NULL : calloc((size_t)(2 * (num_chunks + 1)), sizeof(uint16_t));
-        if (!in_place && expanded == NULL) {
+        uint16_t *expanded = malloc(sizeof(uint16_t) * (size_t)(2 * (num_chunks + 1)));
+        if (expanded == NULL) {
 #pragma omp atomic write
             status = -1;
         }
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < n_out; n++) {
-            if (!in_place && expanded == NULL) continue;
-            const uint16_t *cs = scales + n * num_groups, *cb = offsets + n * num_groups;
-            if (!in_place) {
-                for (int64_t c = 0; c < num_chunks; c++) {
-                    expanded[c] = cs[c / chunks_per_group];
-                    expanded[num_chunks + 1 + c] = cb[c / chunks_per_group];
-                }
-                cs = expanded;
-                cb = expanded + num_chunks + 1;
-            }
-            const uint8_t *qr = q + n * (k / 2);
-            for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-                float total[4];
-                const int block = rows - r0 < 4 ? (int)(rows - r0) : 4;
-                const uint16_t *xb = xr + r0 * padded_k;
-                const float *sb = xsum + r0 * xsum_stride;
-                const int nc = (int)num_chunks;
-                switch (block) {
-                    case 1: int4_rows(1, qr, cs, cb, nc, xb, padded_k, sb, xsum_stride, lut, total); break;
-                    case 2: int4_rows(2, qr, cs, cb, nc, xb, padded_k, sb, xsum_stride, lut, total); break;
-                    case 3: int4_rows(3, qr, cs, cb, nc, xb, padded_k, sb, xsum_stride, lut, total); break;
-                    default: int4_rows(4, qr, cs, cb, nc, xb, padded_k, sb, xsum_stride, lut, total); break;
-                }
-                for (int r = 0; r < block; r++) out[(r0 + r) * out_stride + n] = f32_to_bf16(total[r]);
-            }
-        }
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        if (expanded != NULL)
+            int4_gemv_columns(xr, xsum, rows, k, q, scales, offsets, group, out, out_stride, n_out * t / nt,
+                              n_out * (t + 1) / nt, expanded);
         free(expanded);
     }
     free(xr);

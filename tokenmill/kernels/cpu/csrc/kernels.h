@@ -29,5 +29,12 @@ int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, co
 int int4_gemv_bf16(const uint16_t *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
                    const uint16_t *offsets, int64_t group, uint16_t *out, int64_t out_stride, int64_t rows,
                    int64_t n_out, int64_t k, int num_threads);
+// int4_gemv_bf16 in pieces, for a caller that splits the columns over threads of its own: the activations laid
+// out once (xr [rows, int4_gemv_padded_k(k)], xsum [rows, k / 32]), then any range of output columns.
+int64_t int4_gemv_padded_k(int64_t k);
+void int4_gemv_prepare(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t k, uint16_t *xr, float *xsum);
+int int4_gemv_columns(const uint16_t *xr, const float *xsum, int64_t rows, int64_t k, const uint8_t *q,
+                      const uint16_t *scales, const uint16_t *offsets, int64_t group, uint16_t *out,
+                      int64_t out_stride, int64_t n0, int64_t n1, uint16_t *expanded);
 
 #endif
