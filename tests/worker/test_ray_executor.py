@@ -209,6 +209,20 @@ def _prompts(vocab_size: int, lengths=(5, 40, 17, 9)) -> list[list[int]]:
     return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
+def _one_process_reference(model_dir: str) -> tuple[dict, SamplingParams, list[list[int]], list[list[int]]]:
+    """The engine arguments, sampling params and prompts the Ray tests use, and one process's greedy tokens."""
+    from tokenmill import LLM
+
+    kwargs = dict(dtype="float32", device="cpu", max_num_batched_tokens=16, max_model_len=128,
+                  show_progress=False)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = _prompts(read_hf_config(model_dir)["vocab_size"])
+    reference = LLM(model_dir, **kwargs)
+    expected = [list(o.outputs[0].token_ids) for o in reference.generate(prompts, params, use_tqdm=False)]
+    reference.llm_engine.shutdown()
+    return kwargs, params, prompts, expected
+
+
 @pytest.mark.slow
 def test_ray_tp2_gives_tp1_tokens(ray_cluster, tiny_models):
     """TP=2 in two Ray actors (the engine connects through RAY_ADDRESS), async-scheduled, gives TP=1's greedy
@@ -221,13 +235,7 @@ def test_ray_tp2_gives_tp1_tokens(ray_cluster, tiny_models):
     if ray.is_initialized():  # another test's connection: the engine is to make its own
         ray.shutdown()
     model_dir = str(tiny_models["llama"])
-    kwargs = dict(dtype="float32", device="cpu", max_num_batched_tokens=16, max_model_len=128,
-                  show_progress=False)
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    prompts = _prompts(read_hf_config(model_dir)["vocab_size"])
-    reference = LLM(model_dir, **kwargs)
-    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params, use_tqdm=False)]
-    reference.llm_engine.shutdown()
+    kwargs, params, prompts, expected = _one_process_reference(model_dir)
 
     llm = LLM(model_dir, tensor_parallel_size=2, distributed_executor_backend="ray", async_scheduling=True,
               **kwargs)
@@ -241,7 +249,7 @@ def test_ray_tp2_gives_tp1_tokens(ray_cluster, tiny_models):
         pids = [r["pid"] for r in ranks]
         assert len(set(pids)) == 2 and os.getpid() not in pids
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in outputs] == expected
+        assert [list(o.outputs[0].token_ids) for o in outputs] == expected
     finally:
         llm.llm_engine.shutdown()
     assert _wait_gone(pids) == []
@@ -261,13 +269,7 @@ def test_ray_pipeline_stages_give_one_stage_tokens(ray_cluster, tiny_models):
     if ray.is_initialized():
         ray.shutdown()
     model_dir = str(tiny_models["qwen2"])
-    kwargs = dict(dtype="float32", device="cpu", max_num_batched_tokens=16, max_model_len=128,
-                  show_progress=False)
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    prompts = _prompts(read_hf_config(model_dir)["vocab_size"])
-    reference = LLM(model_dir, **kwargs)
-    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params, use_tqdm=False)]
-    reference.llm_engine.shutdown()
+    kwargs, params, prompts, expected = _one_process_reference(model_dir)
 
     llm = LLM(model_dir, pipeline_parallel_size=2, distributed_executor_backend="ray", async_scheduling=True,
               **kwargs)
@@ -275,7 +277,7 @@ def test_ray_pipeline_stages_give_one_stage_tokens(ray_cluster, tiny_models):
         ranks = llm.llm_engine.engine_info()["ranks"]
         assert [(r["rank"], r["pp_rank"]) for r in ranks] == [(0, 0), (1, 1)]
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in outputs] == expected
+        assert [list(o.outputs[0].token_ids) for o in outputs] == expected
     finally:
         llm.llm_engine.shutdown()
     assert _wait_gone([r["pid"] for r in ranks]) == []
