@@ -147,14 +147,20 @@ def _staging_owner() -> str:
     return f"{host}@{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process pid is alive on this host (another user's counts; a zombie, exited but not yet reaped by
+    its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # another user's live process
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _remove_stale_staging(parent: Path) -> None:
@@ -167,7 +173,7 @@ def _remove_stale_staging(parent: Path) -> None:
         if match is None:
             continue
         try:
-            dead = match["pid"] is not None and match["host"] == host and not _pid_alive(int(match["pid"]))
+            dead = match["pid"] is not None and match["host"] == host and not pid_alive(int(match["pid"]))
             if dead or staging.stat().st_mtime < cutoff:
                 shutil.rmtree(staging, ignore_errors=True)
         except FileNotFoundError:

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.config import EngineConfig
+from tokenmill.model.default_model import pid_alive
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.worker.executor import (
     RANK_FACT_KEYS,
@@ -554,22 +555,8 @@ def _release(ray: Any, resources: dict[str, Any]) -> None:
 def _wait_for_exit(pids: list[int], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     for pid in pids:
-        while time.monotonic() < deadline and _pid_alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.05)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _gpu_sort_key(gpu_id: str) -> tuple[int, str]:

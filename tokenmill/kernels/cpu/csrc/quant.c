@@ -11,6 +11,14 @@
 #include "kernels.h"  // the prototypes, checked against the definitions here
 #include "simd.h"
 
+// One output element, float32 or bfloat16 (x_dtype 0 / 1, the activations' dtype).
+static inline void store_out(void *out, int x_dtype, int64_t index, float total) {
+    if (x_dtype == 0)
+        ((float *)out)[index] = total;
+    else
+        ((uint16_t *)out)[index] = f32_to_bf16(total);
+}
+
 // Rows from which the kernels process x in blocks of 8 (each weight chunk widened once per block of rows).
 #define ROW_BLOCK 8
 #define MIN_BLOCKED_ROWS 4
@@ -61,10 +69,7 @@ int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, con
                 }
                 for (int i = 0; i < ROW_BLOCK && m0 + i < M; i++) {
                     const float total = _mm512_reduce_add_ps(acc[i]);
-                    if (x_dtype == 0)
-                        ((float *)out)[(m0 + i) * out_stride + n] = total;
-                    else
-                        ((uint16_t *)out)[(m0 + i) * out_stride + n] = f32_to_bf16(total);
+                    store_out(out, x_dtype, (m0 + i) * out_stride + n, total);
                 }
             }
             continue;
@@ -100,10 +105,7 @@ int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, con
             float total = 0.f;
             for (int l = 0; l < 16; l++) total += acc[l];
 #endif
-            if (x_dtype == 0)
-                ((float *)out)[m * out_stride + n] = total;
-            else
-                ((uint16_t *)out)[m * out_stride + n] = f32_to_bf16(total);
+            store_out(out, x_dtype, m * out_stride + n, total);
         }
     }
     free(xf);
@@ -213,10 +215,7 @@ int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, co
                 }
                 for (int i = 0; i < ROW_BLOCK && m0 + i < M; i++) {
                     const float total = bias_total[i] + _mm512_reduce_add_ps(acc[i]);
-                    if (x_dtype == 0)
-                        ((float *)out)[(m0 + i) * out_stride + n] = total;
-                    else
-                        ((uint16_t *)out)[(m0 + i) * out_stride + n] = f32_to_bf16(total);
+                    store_out(out, x_dtype, (m0 + i) * out_stride + n, total);
                 }
             }
             continue;
@@ -257,10 +256,7 @@ int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, co
             float total = bias_total;
             for (int l = 0; l < 16; l++) total += acc[l];
 #endif
-            if (x_dtype == 0)
-                ((float *)out)[m * out_stride + n] = total;
-            else
-                ((uint16_t *)out)[m * out_stride + n] = f32_to_bf16(total);
+            store_out(out, x_dtype, m * out_stride + n, total);
         }
     }
     free(xsum);
