@@ -7,7 +7,8 @@ Every engine runs SmolLM2-135M-Instruct on the same seeded prompts (token ids), 
 request's output length (greedy, end-of-sequence ignored) with the same thread count, at concurrency 1
 (requests one after another) and at concurrency 64 (64 requests in flight):
 - tokenmill: the HF-style directory of the bundled GGUF, in the --engines precision (q4_1: the directory that
-  keeps the GGUF's blocks, run by the quantized kernels with bf16 activations; bfloat16: the weights dequantized);
+  keeps the GGUF's blocks, run by the quantized kernels with activations in --dtype auto's choice, bf16 on a CPU
+  with native bf16 and float32 elsewhere; bfloat16: the weights dequantized);
   continuous batching (the `bench throughput` loop, at most C requests in flight).
 - transformers: the same directory, AutoModelForCausalLM in the same dtype; concurrency C = batches of C
   requests left-padded to the longest prompt, generated for the batch's longest output; a request counts as
@@ -29,8 +30,10 @@ tokens divided by the least time the ceilings allow:
 with p_i / o_i prompt / output tokens, C the concurrency (each decode step reads the weights W once for up to
 C tokens), P_body the decoder-layer parameters, P_head the LM head, L layers, d_q = heads*head_dim. W and the
 KV cache bytes follow each engine's precision (Q4_1: the GGUF's size; int8: 1 byte/param; KV: f16 in
-llama.cpp, f32 in CTranslate2, the dtype in tokenmill and transformers). For int8 and Q4_1 engines the compute
-ceiling used is the bf16 rate (an approximation: their integer dot-product kernels have their own peak).
+llama.cpp, f32 in CTranslate2, the dtype in tokenmill and transformers; tokenmill q4_1 runs in its --dtype auto
+choice: bf16 where the CPU has native bf16, else float32). The compute ceiling of the int8 and Q4_1 engines is the
+rate of their activations' dtype (CTranslate2: float32 on CPU; an approximation: their integer dot-product
+kernels have their own peak).
 """
 
 from __future__ import annotations
@@ -208,13 +211,34 @@ def decode_roofline(
     return 1.0 / max(flops / flops_per_s, memory / bytes_per_s)
 
 
+def tokenmill_auto_dtype() -> str:
+    """The activation dtype tokenmill picks on this CPU for --dtype auto (what the q4_1 engine runs in)."""
+    from tokenmill.config import cpu_supports_bf16
+
+    return "bfloat16" if cpu_supports_bf16() else "float32"
+
+
+def compute_dtype(engine: str, precision: str) -> str:
+    """Which measured matmul ceiling bounds an engine's compute: its own dtype for float engines; for the int8 and
+    Q4_1 engines the activations' dtype (tokenmill's choice for q4_1; the faster of the two for CTranslate2 int8,
+    an approximation: its integer dot-product kernels have their own peak)."""
+    if precision in ("bfloat16", "float32"):
+        return precision
+    if engine == "tokenmill" and precision == "q4_1":
+        return tokenmill_auto_dtype()
+    return "float32" if engine == "ctranslate2" else "bfloat16"
+
+
 def engine_memory_model(engine: str, precision: str, shape: dict, gguf: Path) -> tuple[float, float, str]:
     """(weight bytes read per step, KV bytes per value, precision label) for one engine."""
     if engine == "llama.cpp":
         return float(gguf.stat().st_size), 2.0, f"{precision.upper()} weights (GGUF), f16 KV"
     if engine == "tokenmill" and precision == "q4_1":
-        # The GGUF's blocks kept packed (int4 / int8 kernels, about the file's bytes), bf16 activations and KV.
-        return float(gguf.stat().st_size), 2.0, "Q4_1 weights kept packed (GGUF), bf16 KV"
+        # The GGUF's blocks kept packed (int4 / int8 kernels, about the file's bytes); activations and KV in the
+        # engine's own choice of dtype (bf16 where the CPU has native bf16, else float32).
+        kv_dtype = tokenmill_auto_dtype()
+        kv_label = "bf16" if kv_dtype == "bfloat16" else "f32"
+        return float(gguf.stat().st_size), WEIGHT_BYTES[kv_dtype], f"Q4_1 weights kept packed (GGUF), {kv_label} KV"
     per_weight = WEIGHT_BYTES[precision]
     weights = (shape["p_body"] + shape["p_head"]) * per_weight
     if engine == "ctranslate2":
@@ -343,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"engine": engine, "precision": precision, "error": out["error"]})
             continue
         weight_bytes, kv_bytes, label = memory_models[(engine, precision)]
-        flops = ceilings["matmul_flops"]["float32" if precision == "float32" else "bfloat16"]
+        flops = ceilings["matmul_flops"][compute_dtype(engine, precision)]
         # Bandwidth when streaming a buffer the size of this engine's weights (cache residency included).
         bandwidth = ceilings["read_bytes_per_s_at_working_set"][str(int(weight_bytes))]
         for run in out["runs"]:
@@ -554,8 +578,9 @@ class TokenmillRunner:
         from tokenmill import LLM
 
         torch.set_num_threads(spec["threads"])
-        # q4_1: the bundled GGUF's converted directory, weights kept quantized, bf16 activations.
-        dtype = "bfloat16" if spec["precision"] == "q4_1" else spec["precision"]
+        # q4_1: the bundled GGUF's converted directory, weights kept quantized, activations in the engine's
+        # choice of dtype (--dtype auto: bf16 where the CPU has native bf16, else float32).
+        dtype = "auto" if spec["precision"] == "q4_1" else spec["precision"]
         self.llm = LLM(spec["model_dir"], dtype=dtype, show_progress=False)
         self.version = tokenmill.__version__
 

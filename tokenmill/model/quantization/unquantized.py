@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -21,8 +22,14 @@ if TYPE_CHECKING:
     from tokenmill.model.layers.linear import Linear
 
 
+@functools.cache
 def _onednn_packing_available() -> bool:
-    return hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()
+    """Whether oneDNN can pre-pack bfloat16 weights here: it needs AVX512 (BW, VL, DQ) or AVX-NE-CONVERT, and
+    raises on other CPUs (x86-64-v3), where the plain weight and F.linear serve."""
+    if not (hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()):
+        return False
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return supported is None or bool(supported())
 
 
 class UnquantizedLinearMethod(LinearMethod):

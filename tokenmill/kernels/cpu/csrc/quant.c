@@ -40,6 +40,91 @@ static float *to_f32(const void *x, int x_dtype, int64_t x_stride, int64_t M, in
     return xf;
 }
 
+#ifdef TOKENMILL_AVX2
+// One int8 weight row against one float32 row x (AVX2 + FMA): the same sums as the AVX512 path, 8 lanes. Four
+// partial sums per group keep four multiply-adds in flight; group is a multiple of 16.
+static inline float int8_row_avx2(const int8_t *qr, const float *sr, int64_t group, int64_t num_groups,
+                                  const float *xr) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < num_groups; g++) {
+        const int8_t *qg = qr + g * group;
+        const float *xg = xr + g * group;
+        __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps(), p2 = _mm256_setzero_ps(),
+               p3 = _mm256_setzero_ps();
+        int64_t c = 0;
+        for (; c + 32 <= group; c += 32) {
+            p0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qg + c)))),
+                                 _mm256_loadu_ps(xg + c), p0);
+            p1 = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qg + c + 8)))),
+                _mm256_loadu_ps(xg + c + 8), p1);
+            p2 = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qg + c + 16)))),
+                _mm256_loadu_ps(xg + c + 16), p2);
+            p3 = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qg + c + 24)))),
+                _mm256_loadu_ps(xg + c + 24), p3);
+        }
+        if (c < group) {  // a group of 16 (GGUF Q6_K), or a last 16
+            p0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qg + c)))),
+                                 _mm256_loadu_ps(xg + c), p0);
+            p1 = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qg + c + 8)))),
+                _mm256_loadu_ps(xg + c + 8), p1);
+        }
+        const __m256 part = _mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3));
+        acc = _mm256_fmadd_ps(part, _mm256_set1_ps(sr[g]), acc);
+    }
+    return hsum256(acc);
+}
+
+// R (1 or 2) float32 rows of x against one int4 weight row (AVX2 + FMA): each 16-byte chunk of 32 nibbles is
+// widened to float32 once for the R rows. Same sums as int4_gemm's other paths: s_g * sum(x q) plus b_g * sum(x)
+// per group g (xsum [R, num_groups]: the groups' sums of x).
+static inline __attribute__((always_inline)) void int4_rows_avx2(const int R, const uint8_t *qr,
+                                                                  const uint16_t *sr, const uint16_t *br,
+                                                                  int64_t group, int64_t num_groups, const float *x,
+                                                                  int64_t K, const float *xsum, float *total) {
+    const __m256i low = _mm256_set1_epi32(15);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0; g < num_groups; g++) {
+        __m256 p[2][4];
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < 4; i++) p[r][i] = _mm256_setzero_ps();
+        for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
+            const __m128i bytes = _mm_loadu_si128((const __m128i *)(qr + c / 2));
+            const __m256i b0 = _mm256_cvtepu8_epi32(bytes), b1 = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+            const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, low));  // inputs c + 0..7
+            const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, low));  // c + 8..15
+            const __m256 w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));   // c + 16..23
+            const __m256 w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));   // c + 24..31
+            for (int r = 0; r < R; r++) {
+                const float *xr = x + r * K + c;
+                p[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), p[r][0]);
+                p[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), p[r][1]);
+                p[r][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), p[r][2]);
+                p[r][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), p[r][3]);
+            }
+        }
+        const __m256 s = _mm256_set1_ps(_cvtsh_ss(sr[g]));
+        for (int r = 0; r < R; r++) {
+            const __m256 part = _mm256_add_ps(_mm256_add_ps(p[r][0], p[r][1]), _mm256_add_ps(p[r][2], p[r][3]));
+            acc[r] = _mm256_fmadd_ps(part, s, acc[r]);
+        }
+    }
+    int64_t g = 0;
+    for (; g + 8 <= num_groups; g += 8) {  // the offsets, 8 groups at a time
+        const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(br + g)));
+        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xsum + r * num_groups + g), acc[r]);
+    }
+    for (int r = 0; r < R; r++) {
+        float t = hsum256(acc[r]);
+        for (int64_t h = g; h < num_groups; h++) t += _cvtsh_ss(br[h]) * xsum[r * num_groups + h];
+        total[r] = t;
+    }
+}
+#endif
+
 // out[m, n] = sum_k x[m, k] * scales[n, k / group] * q[n, k]; out dtype as x's (row stride out_stride).
 // group is a multiple of 16 dividing K. Returns 0, or -1 when memory runs out.
 int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, const float *scales, int64_t group,
@@ -90,6 +175,8 @@ int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, con
                 acc = _mm512_fmadd_ps(part, _mm512_set1_ps(sr[g]), acc);
             }
             const float total = _mm512_reduce_add_ps(acc);
+#elif defined(TOKENMILL_AVX2)
+            const float total = int8_row_avx2(qr, sr, group, num_groups, xr);
 #else
             float acc[16] = {0};
             for (int64_t g = 0; g < num_groups; g++) {
@@ -220,6 +307,17 @@ int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, co
             }
             continue;
         }
+#elif defined(TOKENMILL_AVX2)
+        for (int64_t m0 = 0; m0 < M; m0 += 2) {
+            float total[2];
+            const float *xs = xsum + m0 * num_groups;
+            if (M - m0 >= 2)
+                int4_rows_avx2(2, qr, sr, br, group, num_groups, xf + m0 * K, K, xs, total);
+            else
+                int4_rows_avx2(1, qr, sr, br, group, num_groups, xf + m0 * K, K, xs, total);
+            for (int i = 0; i < 2 && m0 + i < M; i++) store_out(out, x_dtype, (m0 + i) * out_stride + n, total[i]);
+        }
+        continue;
 #endif
         for (int64_t m = 0; m < M; m++) {
             const float *xr = xf + m * K;

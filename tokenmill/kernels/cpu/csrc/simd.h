@@ -9,6 +9,11 @@
 #include <immintrin.h>
 #define TOKENMILL_AVX512_BF16 1
 #endif
+// x86-64-v3 (AVX2, FMA, F16C): the packed kernels' float32 paths where AVX512-BF16 is missing.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define TOKENMILL_AVX2 1
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = ((uint32_t)h) << 16;
@@ -24,6 +29,14 @@ static inline uint16_t f32_to_bf16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);                                            // round to nearest even
     return (uint16_t)(u >> 16);
 }
+
+#ifdef TOKENMILL_AVX2
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
 
 #ifdef TOKENMILL_AVX512_BF16
 // The first `remaining` of 16 lanes.
