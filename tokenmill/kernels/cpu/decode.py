@@ -8,7 +8,9 @@ same kernels with the same arguments from C, over scratch rows allocated once, s
 embedding lookup, this call, the output layer and sampling.
 
 When it runs (FusedDecoder.build says why not in the log, at debug level):
-- CPU, bfloat16 activations and KV cache, the native layer ops built and vectorized (AVX512-BF16);
+- CPU, activations and KV cache in bfloat16 with the native layer ops built and vectorized (AVX512-BF16), or in
+  float32 with the native library built (any x86-64; the packed kernels' AVX2 paths on x86-64-v3, which is where
+  --dtype auto picks float32: CPUs without native bf16);
 - every projection held by a packed int4 or int8 kernel (quant.py's Int4Weight / Int8Weight: GGUF Q4_0, Q4_1,
   Q4_K, Q8_0, Q6_K, AWQ, GPTQ without act-order, --quantization int8 / int4), biases allowed; no per-head q/k
   norm (Qwen3); one device holding every layer (tensor_parallel_size 1: the sharded layers' all-reduces are not in
@@ -22,10 +24,11 @@ The step runs in one parallel region (one fork and join a step): the threads spl
 columns and meet at barriers between dependent stages; ThreadChooser picks one thread or the engine's count by
 measuring, since on a CPU shared with other busy processes the barriers can cost more than a thread saves.
 
-Results are those of the op-by-op path at any number of threads: bit for bit while attention splits no sequence
-differently (sequences of up to 256 positions, or attention work of MIN_PARALLEL_ATTENTION and more, where both
-use the engine's thread count); in between, the split attention's partial sums merge in another order (bfloat16
-rounding differences).
+Results are those of the op-by-op path at any number of threads: in bfloat16 bit for bit while attention splits
+no sequence differently (sequences of up to 256 positions, or attention work of MIN_PARALLEL_ATTENTION and more,
+where both use the engine's thread count); in between, the split attention's partial sums merge in another order
+(bfloat16 rounding differences). In float32 the projections and attention are the op-by-op path's kernels and
+the norms, rotary and activation PyTorch's float32 arithmetic in C, equal up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -78,7 +81,11 @@ class _Model(ctypes.Structure):
                 ("layers", ctypes.POINTER(_Layer)), ("final_norm", ctypes.c_void_p), ("cos", ctypes.c_void_p),
                 ("sin", ctypes.c_void_p), ("min_parallel_attention", ctypes.c_int64),
                 ("min_parallel_step", ctypes.c_int64), ("x", ctypes.c_void_p), ("qkv", ctypes.c_void_p),
-                ("q", ctypes.c_void_p), ("attn", ctypes.c_void_p), ("gate_up", ctypes.c_void_p)]
+                ("q", ctypes.c_void_p), ("attn", ctypes.c_void_p), ("gate_up", ctypes.c_void_p),
+                ("dtype", ctypes.c_int32)]
+
+# decode_layer.c's codes for the activations' dtype (paged_decode_attention's).
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def enabled_by_env() -> bool:
@@ -160,6 +167,7 @@ class FusedDecoder:
         self._lib = ops._library()
         self._embed = model.embed_tokens
         self.hidden = spec.hidden_size
+        self.dtype = model.norm.weight.dtype
         self.max_rows = min(k.max_packed_rows for layer in kernels for k in layer)
         self._keep: list[torch.Tensor] = []  # everything the C structs point at stays alive with this object
         layers = (_Layer * spec.num_layers)()
@@ -177,7 +185,7 @@ class FusedDecoder:
         rows = self.max_rows
 
         def scratch(width: int) -> int:
-            t = torch.empty((rows, width), dtype=torch.bfloat16)
+            t = torch.empty((rows, width), dtype=self.dtype)
             self._keep.append(t)
             return t.data_ptr()
 
@@ -188,7 +196,7 @@ class FusedDecoder:
             cos=self._ptr(model.rotary.cos.float()), sin=self._ptr(model.rotary.sin.float()),
             min_parallel_attention=MIN_PARALLEL_ATTENTION, min_parallel_step=MIN_PARALLEL_STEP,
             x=scratch(spec.hidden_size), qkv=scratch(q_size + 2 * kv_size), q=scratch(q_size), attn=scratch(q_size),
-            gate_up=scratch(2 * spec.intermediate_size),
+            gate_up=scratch(2 * spec.intermediate_size), dtype=_DTYPE_CODES[self.dtype],
         )
         # Threads of each step: None lets the chooser measure; a number fixes it (benchmarks, tests).
         self.step_threads: int | None = None
@@ -203,7 +211,7 @@ class FusedDecoder:
 
     def _weight(self, kernel: Int4Weight | Int8Weight, bias: torch.Tensor | None) -> _Weight:
         w = _Weight(n=kernel.out_features, k=kernel.in_features, group=kernel.group,
-                    bias=self._ptr(bias.to(torch.bfloat16)) if bias is not None else None)
+                    bias=self._ptr(bias.to(self.dtype)) if bias is not None else None)
         if isinstance(kernel, Int4Weight):
             w.kind, w.q, w.scales, w.offsets = (_WEIGHT_INT4, self._ptr(kernel.packed), self._ptr(kernel.scales),
                                                 self._ptr(kernel.offsets))
@@ -230,15 +238,18 @@ class FusedDecoder:
             return f"{ENV_FLAG}=0"
         if tensor_parallel_size != 1:
             return f"tensor_parallel_size={tensor_parallel_size}"
-        if not ops.layer_ops_supported():
-            return "the native layer ops are not built or not vectorized on this CPU"
         spec = model.spec
         if getattr(model, "num_stage_layers", spec.num_layers) != spec.num_layers:
             return "a pipeline stage holds only its own layers"
+        dtype, device = model.norm.weight.dtype, model.norm.weight.device
+        if device.type != "cpu" or dtype not in _DTYPE_CODES:
+            return f"activations are {dtype} on {device}, not bfloat16 or float32 on CPU"
+        if dtype == torch.bfloat16 and not ops.layer_ops_supported():
+            return "the native bfloat16 layer ops are not built or not vectorized on this CPU"
+        if ops.load_library() is None:
+            return "the native CPU kernels are not built"
         if spec.qk_norm:
             return "per-head q/k norms"
-        if model.norm.weight.dtype != torch.bfloat16 or model.norm.weight.device.type != "cpu":
-            return f"activations are {model.norm.weight.dtype} on {model.norm.weight.device}, not bfloat16 on CPU"
         if spec.head_dim % 2:
             return f"odd head_dim {spec.head_dim}"
         kernels: list[list[Any]] = []
@@ -277,10 +288,10 @@ class FusedDecoder:
         if rows != meta.num_seqs or rows > self.max_rows or input_ids.device.type != "cpu":
             return None
         kv = kv_caches[0]
-        if kv.dtype != torch.bfloat16 or not kv.is_contiguous():
+        if kv.dtype != self.dtype or not kv.is_contiguous():
             return None
         x = self._embed(input_ids)
-        if x.dtype != torch.bfloat16:
+        if x.dtype != self.dtype:
             return None
         x = x.contiguous()
         positions = positions if positions.dtype == torch.int64 else positions.to(torch.int64)
@@ -289,7 +300,7 @@ class FusedDecoder:
         if tables.dtype != torch.int32 or not tables.is_contiguous():
             tables = tables.to(torch.int32).contiguous()
         seq_lens = meta.seq_lens if meta.seq_lens.dtype == torch.int32 else meta.seq_lens.to(torch.int32)
-        out = torch.empty((rows, self.hidden), dtype=torch.bfloat16)
+        out = torch.empty((rows, self.hidden), dtype=self.dtype)
         num_threads = torch.get_num_threads()
         threads = self.step_threads or self.chooser.pick(rows, num_threads)
         start = time.perf_counter()

@@ -12,7 +12,8 @@ Conventions (every quantization method maps its checkpoint to one of these):
 Which kernel runs depends on the number of activation rows M, chosen per call (kernel_for) from thresholds measured
 on this CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
 - M <= max_packed_rows (batch-1 decode; set per weight shape at construction): the packed kernels of csrc/quant.c
-  (int4_gemm, int8_gemm) stream the quantized bytes once and keep the activations in float32; for int4 weights and
+  (int4_gemm, int8_gemm) stream the quantized bytes once and keep the activations in float32 (AVX512, or AVX2 + FMA
+  on x86-64-v3 CPUs, 3-6x the portable loops there); for int4 weights and
   up to INT4_MAX_PACKED_ROWS bfloat16 rows, csrc/gemv_bf16.c's int4_gemv_bf16 does the same sums with AVX512-BF16
   dot products (2x faster at one row);
 - larger M with bfloat16 activations (decode batches, prefill): the tile kernels (int4_tile_gemm, int8_tile_gemm)

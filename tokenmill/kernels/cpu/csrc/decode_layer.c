@@ -1,4 +1,4 @@
-// The decoder stack of a Llama-family model for a decode step (a few rows, one new token each), bfloat16
+// The decoder stack of a Llama-family model for a decode step (a few rows, one new token each), bfloat16 or float32
 // activations, weights in tokenmill's packed int4 / int8 layouts (quant.c), in one call from Python instead of
 // ~10 a layer. Each layer runs, as tokenmill/model/llama.py does op by op:
 //   rms_norm (+ residual) -> qkv GEMV (+ bias) -> rotary -> write_kv -> paged decode attention -> o_proj GEMV
@@ -38,11 +38,11 @@ typedef struct {
     const void *scales;       // int8: float32 [n, k / group]; int4: float16 [n, k / group]
     const void *offsets;      // int4: float16 [n, k / group]; int8: unused
     int64_t group, n, k;
-    const uint16_t *bias;     // bfloat16 [n] or NULL
+    const void *bias;         // [n] in the activations' dtype, or NULL
 } TmWeight;
 
 typedef struct {
-    const uint16_t *input_norm, *post_norm;  // bfloat16 [hidden]
+    const void *input_norm, *post_norm;      // [hidden], the activations' dtype
     TmWeight qkv, o, gate_up, down;
     int32_t sliding_window;                  // 0: none
 } TmLayer;
@@ -52,16 +52,36 @@ typedef struct {
     int32_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, max_rows;
     float eps, scale;
     const TmLayer *layers;
-    const uint16_t *final_norm;
+    const void *final_norm;
     const float *cos, *sin;                  // [max_positions, head_dim / 2]
     // attention's work (positions x query heads x head_dim) below which its splits are those of one thread
     // (as the op-by-op path's would be); the decoder's multiply-adds (rows x weights) below which a step runs on
     // one thread.
     int64_t min_parallel_attention, min_parallel_step;
-    // Scratch shared by the threads, bfloat16 rows: x [max_rows, hidden], qkv [max_rows, (heads + 2 kv_heads) *
-    // head_dim], q and attention output [max_rows, heads * head_dim], gate_up [max_rows, 2 * intermediate].
-    uint16_t *x, *qkv, *q, *attn, *gate_up;
+    // Scratch shared by the threads, rows in the activations' dtype: x [max_rows, hidden], qkv [max_rows,
+    // (heads + 2 kv_heads) * head_dim], q and attention output [max_rows, heads * head_dim], gate_up [max_rows,
+    // 2 * intermediate].
+    void *x, *qkv, *q, *attn, *gate_up;
+    // The activations' and KV cache's dtype: DTYPE_F32 or DTYPE_BF16 (paged_decode_attention's codes).
+    int32_t dtype;
 } TmModel;
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+
+static inline int64_t elem_size(const TmModel *m) { return m->dtype == DTYPE_BF16 ? 2 : 4; }
+
+// Row i of a [rows, width] scratch in the model's dtype.
+static inline void *row_at(const TmModel *m, void *base, int64_t offset) {
+    return (char *)base + offset * elem_size(m);
+}
+
+// RMSNorm of x (with residual: of x + residual, stored back into residual), one thread, the model's dtype.
+static void norm_rows(const TmModel *m, const void *x, void *residual, const void *weight, void *out, int rows) {
+    if (m->dtype == DTYPE_BF16)
+        rms_norm_bf16(x, m->hidden, residual, m->hidden, weight, out, m->hidden, rows, m->hidden, m->eps, 1);
+    else
+        rms_norm_f32(x, m->hidden, residual, m->hidden, weight, out, m->hidden, rows, m->hidden, m->eps);
+}
 
 // A barrier for the threads of one step's parallel region. Stages are microseconds to tens of microseconds
 // apart, so a thread that arrives first spins for up to BARRIER_SPIN_NS (the other is about to arrive), then
@@ -117,7 +137,7 @@ static void barrier_wait(Barrier *b) {
 // What one thread of the region owns: its copy of the residual stream and of the rows every thread reads whole
 // (computed by each thread instead of one thread and a barrier), and the packed GEMV's scratch.
 typedef struct {
-    uint16_t *residual, *normed, *act;   // [rows, hidden], [rows, hidden], [rows, intermediate]
+    void *residual, *normed, *act;       // [rows, hidden], [rows, hidden], [rows, intermediate], model's dtype
     uint16_t *xr, *expanded;             // int4_gemv_prepare's layout of the GEMV input; its scale scratch
     float *xsum;
 } ThreadScratch;
@@ -129,44 +149,61 @@ typedef struct {
 // Columns of out [rows, w->n] = x [rows, w->k] @ w.T (+ bias), taken chunk by chunk from *next by every thread of
 // the region; with one thread, all of them in one call. The columns' sums do not depend on the split: the same
 // kernels and results as the op-by-op path (quant.py). Returns 0, or -1 when memory ran out.
-static int linear_columns(const TmWeight *w, const uint16_t *x, uint16_t *out, int rows, atomic_long *next,
+static int linear_columns(const TmModel *m, const TmWeight *w, const void *x, void *out, int rows, atomic_long *next,
                           int num_threads, ThreadScratch *scratch) {
     const int64_t n = w->n, k = w->k, num_groups = k / w->group;
     const int64_t column_bytes = (w->kind == WEIGHT_INT4 ? k / 2 + 4 * num_groups : k + 4 * num_groups);
     int64_t chunk = num_threads == 1 ? n : (CHUNK_BYTES / column_bytes + 15) / 16 * 16;
     if (chunk < 16) chunk = 16;
     int status = 0;
+    const int dtype = m->dtype;
 #ifdef TOKENMILL_AVX512_BF16
-    const int packed_int4 = w->kind == WEIGHT_INT4;
+    const int packed_int4 = w->kind == WEIGHT_INT4 && dtype == DTYPE_BF16;
     // Every thread lays out the (small) input itself, so no barrier separates the layout from the GEMV.
     if (packed_int4) int4_gemv_prepare(x, k, rows, k, scratch->xr, scratch->xsum);
 #else
     const int packed_int4 = 0;
+#endif
+#ifdef TOKENMILL_AVX2
+    // float32: the AVX2 column kernels read x in place (each thread sums the int4 groups of x itself).
+    const int f32_columns = dtype == DTYPE_F32;
+    if (f32_columns && w->kind == WEIGHT_INT4) int4_group_sums(x, rows, k, w->group, scratch->xsum);
+#else
+    const int f32_columns = 0;
 #endif
     for (;;) {
         const int64_t n0 = atomic_fetch_add_explicit(next, 1, memory_order_relaxed) * chunk;
         if (n0 >= n) break;
         const int64_t n1 = n0 + chunk < n ? n0 + chunk : n;
         int chunk_status;
-        if (packed_int4) {
+        if (f32_columns && w->kind == WEIGHT_INT4) {
+            chunk_status = int4_gemv_f32_columns(x, scratch->xsum, rows, k, w->q, w->scales, w->offsets, w->group,
+                                                 out, n, n0, n1);
+        } else if (f32_columns) {
+            chunk_status = int8_gemv_f32_columns(x, rows, k, w->q, w->scales, w->group, out, n, n0, n1);
+        } else if (packed_int4) {
             chunk_status = int4_gemv_columns(scratch->xr, scratch->xsum, rows, k, w->q, w->scales, w->offsets,
                                              w->group, out, n, n0, n1, scratch->expanded);
-        } else if (w->kind == WEIGHT_INT4) {  // no AVX512-BF16: quant.c's float32 kernel on these columns
-            chunk_status = int4_gemm(x, 1, k, (const uint8_t *)w->q + n0 * (k / 2),
+        } else if (w->kind == WEIGHT_INT4) {  // float32, or no AVX512-BF16: quant.c's kernel on these columns
+            chunk_status = int4_gemm(x, dtype, k, (const uint8_t *)w->q + n0 * (k / 2),
                                      (const uint16_t *)w->scales + n0 * num_groups,
-                                     (const uint16_t *)w->offsets + n0 * num_groups, w->group, out + n0, n, rows,
-                                     n1 - n0, k, 1);
+                                     (const uint16_t *)w->offsets + n0 * num_groups, w->group, row_at(m, out, n0), n,
+                                     rows, n1 - n0, k, 1);
         } else {
-            chunk_status = int8_gemm(x, 1, k, (const int8_t *)w->q + n0 * k,
-                                     (const float *)w->scales + n0 * num_groups, w->group, out + n0, n, rows,
-                                     n1 - n0, k, 1);
+            chunk_status = int8_gemm(x, dtype, k, (const int8_t *)w->q + n0 * k,
+                                     (const float *)w->scales + n0 * num_groups, w->group, row_at(m, out, n0), n,
+                                     rows, n1 - n0, k, 1);
         }
         if (chunk_status != 0) status = -1;
         if (w->bias == NULL) continue;
-        for (int i = 0; i < rows; i++)  // as PyTorch's bfloat16 add: the float32 sum rounded once
+        for (int i = 0; i < rows; i++)
             for (int64_t j = n0; j < n1; j++) {
-                uint16_t *o = out + i * n + j;
-                *o = f32_to_bf16(bf16_to_f32(*o) + bf16_to_f32(w->bias[j]));
+                if (dtype == DTYPE_F32) {
+                    ((float *)out)[i * n + j] += ((const float *)w->bias)[j];
+                } else {  // as PyTorch's bfloat16 add: the float32 sum rounded once
+                    uint16_t *o = (uint16_t *)out + i * n + j;
+                    *o = f32_to_bf16(bf16_to_f32(*o) + bf16_to_f32(((const uint16_t *)w->bias)[j]));
+                }
             }
     }
     return status;
@@ -184,7 +221,8 @@ static int64_t layer_work(const TmModel *m) {
 }
 
 // x [rows, hidden]: the embeddings of this step's tokens, one token per sequence; out [rows, hidden]: the final
-// normed hidden states. kv_caches[layer]: [2, num_blocks, block_size, num_kv_heads, head_dim] bfloat16;
+// normed hidden states, both in the model's dtype. kv_caches[layer]: [2, num_blocks, block_size, num_kv_heads,
+// head_dim] in the model's dtype;
 // slots, positions: [rows] int64; block_tables [rows, max_blocks] and seq_lens [rows] int32 (seq_lens
 // including the new token). num_threads: the engine's thread count, which the op-by-op path runs with (it sets
 // attention's splits, hence its sums); step_threads: the threads this call runs on (the results do not depend
@@ -194,7 +232,7 @@ static int64_t layer_work(const TmModel *m) {
 // every projection's output columns, and meet at a barrier after each stage whose output they all read.
 // Stages whose output each thread needs whole (the norms with their residual add, the activation) are
 // computed by every thread into its own copy; rotary, the KV write and attention by thread 0.
-int tokenmill_decode_forward(const TmModel *m, const uint16_t *x, uint16_t *out, int rows, const int64_t *positions,
+int tokenmill_decode_forward(const TmModel *m, const void *x, void *out, int rows, const int64_t *positions,
                              const int64_t *slots, void *const *kv_caches, int64_t num_blocks, int block_size,
                              const int32_t *block_tables, int max_blocks, const int32_t *seq_lens, int num_threads,
                              int step_threads) {
@@ -205,7 +243,8 @@ int tokenmill_decode_forward(const TmModel *m, const uint16_t *x, uint16_t *out,
     int64_t positions_attended = 0;
     for (int i = 0; i < rows; i++) positions_attended += seq_lens[i];
     const int attention_threads = positions_attended * q_size < m->min_parallel_attention ? 1 : num_threads;
-    const int64_t value_offset = num_blocks * block_size * kv_size * (int64_t)sizeof(uint16_t);
+    const int64_t es = elem_size(m);
+    const int64_t value_offset = num_blocks * block_size * kv_size * es;
     const int region_threads = step_threads < 1 || (int64_t)rows * layer_work(m) < m->min_parallel_step ? 1
                                                                                                 : step_threads;
 
@@ -213,15 +252,17 @@ int tokenmill_decode_forward(const TmModel *m, const uint16_t *x, uint16_t *out,
     int64_t max_k = hidden > inter ? hidden : inter;
     for (int l = 0; l < m->num_layers; l++) max_k = m->layers[l].o.k > max_k ? m->layers[l].o.k : max_k;
     const int64_t padded_k = int4_gemv_padded_k(max_k);
-    const size_t per_thread_u16 = (size_t)(2 * rows * hidden + rows * inter + rows * padded_k + 2 * (max_k / 32 + 1));
+    // Bytes: residual, normed, act in the model's dtype, then the bfloat16 GEMV layout and scale scratch.
+    const size_t per_thread_bytes = (size_t)((2 * rows * hidden + rows * inter) * es
+                                             + 2 * (rows * padded_k + 2 * (max_k / 32 + 1)));
     const size_t per_thread_f32 = (size_t)(rows * (max_k / 32) + 1);
     // Chunk counters: 4 projections a layer.
     const int num_stages = 4 * m->num_layers;
-    uint16_t *u16 = malloc(sizeof(uint16_t) * per_thread_u16 * (size_t)region_threads);
+    char *bytes = malloc(per_thread_bytes * (size_t)region_threads);
     float *f32 = malloc(sizeof(float) * per_thread_f32 * (size_t)region_threads);
     atomic_long *next = malloc(sizeof(atomic_long) * (size_t)num_stages);
-    if (u16 == NULL || f32 == NULL || next == NULL) {
-        free(u16);
+    if (bytes == NULL || f32 == NULL || next == NULL) {
+        free(bytes);
         free(f32);
         free(next);
         return -1;
@@ -243,14 +284,14 @@ int tokenmill_decode_forward(const TmModel *m, const uint16_t *x, uint16_t *out,
 #pragma omp single
         barrier.num_threads = omp_get_num_threads();
         const int nt = barrier.num_threads;
-        uint16_t *mine = u16 + per_thread_u16 * (size_t)t;
+        char *mine = bytes + per_thread_bytes * (size_t)t;
+        uint16_t *layout = (uint16_t *)(mine + (2 * rows * hidden + rows * inter) * es);
         float *mine_f32 = f32 + per_thread_f32 * (size_t)t;
         ThreadScratch scratch = {
-            .residual = mine, .normed = mine + rows * hidden, .act = mine + 2 * rows * hidden,
-            .xr = mine + 2 * rows * hidden + rows * inter,
-            .expanded = mine + 2 * rows * hidden + rows * inter + rows * padded_k, .xsum = mine_f32,
+            .residual = mine, .normed = mine + rows * hidden * es, .act = mine + 2 * rows * hidden * es,
+            .xr = layout, .expanded = layout + rows * padded_k, .xsum = mine_f32,
         };
-        memcpy(scratch.residual, x, sizeof(uint16_t) * (size_t)rows * hidden);
+        memcpy(scratch.residual, x, (size_t)(rows * hidden * es));
         int failed = 0;
         for (int l = 0; l < m->num_layers; l++) {
             const TmLayer *layer = &m->layers[l];
@@ -258,45 +299,48 @@ int tokenmill_decode_forward(const TmModel *m, const uint16_t *x, uint16_t *out,
             // The first layer's norm reads the embeddings; later ones add the previous MLP output into the
             // residual.
             if (l == 0)
-                rms_norm_bf16(scratch.residual, hidden, NULL, 0, layer->input_norm, scratch.normed, hidden, rows,
-                              hidden, m->eps, 1);
+                norm_rows(m, scratch.residual, NULL, layer->input_norm, scratch.normed, rows);
             else
-                rms_norm_bf16(m->x, hidden, scratch.residual, hidden, layer->input_norm, scratch.normed, hidden, rows,
-                              hidden, m->eps, 1);
-            failed |= linear_columns(&layer->qkv, scratch.normed, m->qkv, rows, &stage_next[0], nt, &scratch);
+                norm_rows(m, m->x, scratch.residual, layer->input_norm, scratch.normed, rows);
+            failed |= linear_columns(m, &layer->qkv, scratch.normed, m->qkv, rows, &stage_next[0], nt, &scratch);
             barrier_wait(&barrier);
             if (t == 0) {
-                uint16_t *k = m->qkv + q_size, *v = m->qkv + q_size + kv_size;
-                rotary_bf16(m->qkv, qkv_size, m->num_heads, k, qkv_size, m->num_kv_heads, rows, head_dim, positions,
-                            m->cos, m->sin, 1);
-                write_kv((const char *)k, (int64_t)qkv_size * 2, (const char *)v, (int64_t)qkv_size * 2,
-                         (char *)kv_caches[l], value_offset, slots, rows, (int64_t)kv_size * 2, 1);
+                void *k = row_at(m, m->qkv, q_size), *v = row_at(m, m->qkv, q_size + kv_size);
+                if (m->dtype == DTYPE_BF16)
+                    rotary_bf16(m->qkv, qkv_size, m->num_heads, k, qkv_size, m->num_kv_heads, rows, head_dim,
+                                positions, m->cos, m->sin, 1);
+                else
+                    rotary_f32(m->qkv, qkv_size, m->num_heads, k, qkv_size, m->num_kv_heads, rows, head_dim,
+                               positions, m->cos, m->sin);
+                write_kv((const char *)k, qkv_size * es, (const char *)v, qkv_size * es, (char *)kv_caches[l],
+                         value_offset, slots, rows, kv_size * es, 1);
                 for (int i = 0; i < rows; i++)  // the queries as [rows, heads, head_dim], contiguous
-                    memcpy(m->q + (int64_t)i * q_size, m->qkv + (int64_t)i * qkv_size,
-                           sizeof(uint16_t) * (size_t)q_size);
+                    memcpy(row_at(m, m->q, (int64_t)i * q_size), row_at(m, m->qkv, (int64_t)i * qkv_size),
+                           (size_t)(q_size * es));
                 paged_decode_attention(m->q, kv_caches[l], m->attn, block_tables, seq_lens, rows, m->num_heads,
                                        m->num_kv_heads, head_dim, block_size, max_blocks, num_blocks, m->scale,
-                                       layer->sliding_window, 1, attention_threads, 1);
+                                       layer->sliding_window, m->dtype, attention_threads, 1);
             }
             barrier_wait(&barrier);
-            failed |= linear_columns(&layer->o, m->attn, m->x, rows, &stage_next[1], nt, &scratch);
+            failed |= linear_columns(m, &layer->o, m->attn, m->x, rows, &stage_next[1], nt, &scratch);
             barrier_wait(&barrier);
-            rms_norm_bf16(m->x, hidden, scratch.residual, hidden, layer->post_norm, scratch.normed, hidden, rows,
-                          hidden, m->eps, 1);
-            failed |= linear_columns(&layer->gate_up, scratch.normed, m->gate_up, rows, &stage_next[2], nt, &scratch);
+            norm_rows(m, m->x, scratch.residual, layer->post_norm, scratch.normed, rows);
+            failed |= linear_columns(m, &layer->gate_up, scratch.normed, m->gate_up, rows, &stage_next[2], nt,
+                                     &scratch);
             barrier_wait(&barrier);
-            silu_and_mul_bf16(m->gate_up, 2 * inter, scratch.act, inter, rows, inter, 1);
+            if (m->dtype == DTYPE_BF16)
+                silu_and_mul_bf16(m->gate_up, 2 * inter, scratch.act, inter, rows, inter, 1);
+            else
+                silu_and_mul_f32(m->gate_up, 2 * inter, scratch.act, inter, rows, inter);
             // Every thread has read x (its post-attention norm) before any writes it again here: the barrier
             // after gate_up lies between.
-            failed |= linear_columns(&layer->down, scratch.act, m->x, rows, &stage_next[3], nt, &scratch);
+            failed |= linear_columns(m, &layer->down, scratch.act, m->x, rows, &stage_next[3], nt, &scratch);
             barrier_wait(&barrier);
         }
-        if (t == 0)
-            rms_norm_bf16(m->x, hidden, scratch.residual, hidden, m->final_norm, out, hidden, rows, hidden, m->eps,
-                          1);
+        if (t == 0) norm_rows(m, m->x, scratch.residual, m->final_norm, out, rows);
         if (failed) atomic_store(&status, -1);
     }
-    free(u16);
+    free(bytes);
     free(f32);
     free(next);
     return atomic_load(&status);

@@ -17,6 +17,11 @@ void rotary_bf16(uint16_t *q, int64_t q_stride, int q_heads, uint16_t *k, int64_
                  int head_dim, const int64_t *positions, const float *cos, const float *sin, int num_threads);
 void silu_and_mul_bf16(const uint16_t *x, int64_t x_stride, uint16_t *out, int64_t o_stride, int n, int inter,
                        int num_threads);
+void rms_norm_f32(const float *x, int64_t x_stride, float *residual, int64_t r_stride, const float *weight,
+                  float *out, int64_t o_stride, int n, int hidden, float eps);
+void rotary_f32(float *q, int64_t q_stride, int q_heads, float *k, int64_t k_stride, int k_heads, int n, int head_dim,
+                const int64_t *positions, const float *cos, const float *sin);
+void silu_and_mul_f32(const float *x, int64_t x_stride, float *out, int64_t o_stride, int n, int inter);
 void write_kv(const char *k, int64_t k_stride, const char *v, int64_t v_stride, char *cache, int64_t value_offset,
               const int64_t *slots, int n, int64_t row_bytes, int num_threads);
 
@@ -25,6 +30,14 @@ int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, con
 int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
               const uint16_t *offsets, int64_t group, void *out, int64_t out_stride, int64_t M, int64_t N, int64_t K,
               int num_threads);
+
+// float32 activations, AVX2: the packed kernels' sums on a range of output columns (-2 without AVX2).
+void int4_group_sums(const float *x, int64_t rows, int64_t K, int64_t group, float *xsum);
+int int4_gemv_f32_columns(const float *x, const float *xsum, int64_t rows, int64_t K, const uint8_t *q,
+                          const uint16_t *scales, const uint16_t *offsets, int64_t group, float *out,
+                          int64_t out_stride, int64_t n0, int64_t n1);
+int int8_gemv_f32_columns(const float *x, int64_t rows, int64_t K, const int8_t *q, const float *scales,
+                          int64_t group, float *out, int64_t out_stride, int64_t n0, int64_t n1);
 
 int int4_gemv_bf16(const uint16_t *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
                    const uint16_t *offsets, int64_t group, uint16_t *out, int64_t out_stride, int64_t rows,

@@ -149,6 +149,55 @@ void silu_and_mul_bf16(const uint16_t *x, int64_t x_stride, uint16_t *out, int64
     }
 }
 
+// float32 versions of the three ops above, for the fused decode step in float32 (decode_layer.c; one thread, a
+// few rows): PyTorch's float32 arithmetic (F.rms_norm, the rotate-half rotary, F.silu(gate) * up) in plain C
+// that the compiler vectorizes; results agree with PyTorch's up to float32 summation order.
+void rms_norm_f32(const float *x, int64_t x_stride, float *residual, int64_t r_stride, const float *weight,
+                  float *out, int64_t o_stride, int n, int hidden, float eps) {
+    for (int i = 0; i < n; i++) {
+        const float *src = x + (int64_t)i * x_stride;
+        float *oi = out + (int64_t)i * o_stride;
+        if (residual != NULL) {  // residual = x + residual, normed in its place
+            float *ri = residual + (int64_t)i * r_stride;
+            for (int d = 0; d < hidden; d++) ri[d] = src[d] + ri[d];
+            src = ri;
+        }
+        float sq = 0.f;
+        for (int d = 0; d < hidden; d++) sq += src[d] * src[d];
+        const float inv = 1.0f / sqrtf(sq / (float)hidden + eps);
+        for (int d = 0; d < hidden; d++) oi[d] = src[d] * inv * weight[d];
+    }
+}
+
+void rotary_f32(float *q, int64_t q_stride, int q_heads, float *k, int64_t k_stride, int k_heads, int n, int head_dim,
+                const int64_t *positions, const float *cos, const float *sin) {
+    const int half = head_dim / 2;
+    for (int pass = 0; pass < 2; pass++) {
+        float *x = pass == 0 ? q : k;
+        const int64_t stride = pass == 0 ? q_stride : k_stride;
+        const int heads = pass == 0 ? q_heads : k_heads;
+        for (int i = 0; i < n; i++) {
+            const float *c = cos + positions[i] * half, *s = sin + positions[i] * half;
+            for (int h = 0; h < heads; h++) {
+                float *x1 = x + (int64_t)i * stride + (int64_t)h * head_dim, *x2 = x1 + half;
+                for (int d = 0; d < half; d++) {
+                    const float a = x1[d], b = x2[d];
+                    x1[d] = a * c[d] - b * s[d];
+                    x2[d] = b * c[d] + a * s[d];
+                }
+            }
+        }
+    }
+}
+
+void silu_and_mul_f32(const float *x, int64_t x_stride, float *out, int64_t o_stride, int n, int inter) {
+    for (int i = 0; i < n; i++) {
+        const float *g = x + (int64_t)i * x_stride, *u = g + inter;
+        float *o = out + (int64_t)i * o_stride;
+        for (int d = 0; d < inter; d++) o[d] = g[d] / (1.f + expf(-g[d])) * u[d];
+    }
+}
+
 // Copies n key and value rows (row_bytes each; rows k_stride / v_stride bytes apart) into the paged cache: row i
 // goes to slot slots[i] of the key half (cache) and of the value half (cache + value_offset). Any dtype.
 void write_kv(const char *k, int64_t k_stride, const char *v, int64_t v_stride, char *cache, int64_t value_offset,

@@ -87,6 +87,12 @@ static inline __attribute__((always_inline)) void int4_rows_avx2(const int R, co
                                                                   int64_t K, const float *xsum, float *total) {
     const __m256i low = _mm256_set1_epi32(15);
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    // The row's scales in float32, 8 conversions at a time: each group then broadcasts its scale from memory.
+    float scale[num_groups];
+    int64_t h = 0;
+    for (; h + 8 <= num_groups; h += 8)
+        _mm256_storeu_ps(scale + h, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sr + h))));
+    for (; h < num_groups; h++) scale[h] = _cvtsh_ss(sr[h]);
     for (int64_t g = 0; g < num_groups; g++) {
         __m256 p[2][4];
         for (int r = 0; r < R; r++)
@@ -106,7 +112,7 @@ static inline __attribute__((always_inline)) void int4_rows_avx2(const int R, co
                 p[r][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), p[r][3]);
             }
         }
-        const __m256 s = _mm256_set1_ps(_cvtsh_ss(sr[g]));
+        const __m256 s = _mm256_broadcast_ss(scale + g);
         for (int r = 0; r < R; r++) {
             const __m256 part = _mm256_add_ps(_mm256_add_ps(p[r][0], p[r][1]), _mm256_add_ps(p[r][2], p[r][3]));
             acc[r] = _mm256_fmadd_ps(part, s, acc[r]);
@@ -261,12 +267,7 @@ int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, co
         free(xf);
         return -1;
     }
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < num_groups; g++) {
-            float t = 0.f;
-            for (int64_t k = g * group; k < (g + 1) * group; k++) t += xf[m * K + k];
-            xsum[m * num_groups + g] = t;
-        }
+    int4_group_sums(xf, M, K, group, xsum);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *qr = q + n * (K / 2);
@@ -360,6 +361,61 @@ int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, co
     free(xsum);
     free(xf);
     return 0;
+}
+
+// xsum [rows, K / group] = each group's sum of x [rows, K] (float32, contiguous), as int4_gemm sums them.
+void int4_group_sums(const float *x, int64_t rows, int64_t K, int64_t group, float *xsum) {
+    const int64_t num_groups = K / group;
+    for (int64_t m = 0; m < rows; m++)
+        for (int64_t g = 0; g < num_groups; g++) {
+            float t = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) t += x[m * K + k];
+            xsum[m * num_groups + g] = t;
+        }
+}
+
+// int4_gemm's and int8_gemm's float32 sums on output columns [n0, n1) only, on the caller's thread, for callers
+// that split the columns over threads of their own (decode_layer.c's float32 step): x [rows, K] contiguous
+// float32, xsum its group sums (int4_group_sums), out float32 with row stride out_stride. With AVX2 the same
+// sums as int4_gemm / int8_gemm on few rows, whatever the split; returns -2 without AVX2 (the caller uses those).
+int int4_gemv_f32_columns(const float *x, const float *xsum, int64_t rows, int64_t K, const uint8_t *q,
+                          const uint16_t *scales, const uint16_t *offsets, int64_t group, float *out,
+                          int64_t out_stride, int64_t n0, int64_t n1) {
+#ifdef TOKENMILL_AVX2
+    const int64_t num_groups = K / group;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *qr = q + n * (K / 2);
+        const uint16_t *sr = scales + n * num_groups, *br = offsets + n * num_groups;
+        for (int64_t m0 = 0; m0 < rows; m0 += 2) {
+            float total[2];
+            const float *xs = xsum + m0 * num_groups;
+            if (rows - m0 >= 2)
+                int4_rows_avx2(2, qr, sr, br, group, num_groups, x + m0 * K, K, xs, total);
+            else
+                int4_rows_avx2(1, qr, sr, br, group, num_groups, x + m0 * K, K, xs, total);
+            for (int i = 0; i < 2 && m0 + i < rows; i++) out[(m0 + i) * out_stride + n] = total[i];
+        }
+    }
+    return 0;
+#else
+    (void)x, (void)xsum, (void)rows, (void)K, (void)q, (void)scales, (void)offsets, (void)group, (void)out;
+    (void)out_stride, (void)n0, (void)n1;
+    return -2;
+#endif
+}
+
+int int8_gemv_f32_columns(const float *x, int64_t rows, int64_t K, const int8_t *q, const float *scales,
+                          int64_t group, float *out, int64_t out_stride, int64_t n0, int64_t n1) {
+#ifdef TOKENMILL_AVX2
+    const int64_t num_groups = K / group;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < rows; m++)
+            out[m * out_stride + n] = int8_row_avx2(q + n * K, scales + n * num_groups, group, num_groups, x + m * K);
+    return 0;
+#else
+    (void)x, (void)rows, (void)K, (void)q, (void)scales, (void)group, (void)out, (void)out_stride, (void)n0, (void)n1;
+    return -2;
+#endif
 }
 
 // w [N, K] (dtype 0 float32, 1 bfloat16) from the int4 layout above.
