@@ -99,7 +99,9 @@ def kernels_alone(model, batch: int, context: int, repeat: int = 20) -> dict:
                               layer.mlp.down_proj)]
     if any(k is None for k in kernels):
         return {}
-    xs = {k.in_features: torch.randn(batch, k.in_features).to(torch.bfloat16) for k in kernels}
+    dtype = model.norm.weight.dtype  # the activations': bfloat16, or float32 (--dtype auto without native bf16)
+    code = {torch.float32: 0, torch.bfloat16: 1}[dtype]
+    xs = {k.in_features: torch.randn(batch, k.in_features).to(dtype) for k in kernels}
     from tokenmill.kernels.cpu.quant import Int4Weight, _threads
 
     def gemvs(chosen: list, float32_int4: bool = False) -> None:
@@ -109,13 +111,13 @@ def kernels_alone(model, batch: int, context: int, repeat: int = 20) -> dict:
             x, out = xs[k.in_features], outs[id(k)]
             threads = _threads(batch, k.out_features, k.in_features)
             if float32_int4 and isinstance(k, Int4Weight):
-                lib.int4_gemm(x.data_ptr(), 1, x.stride(0), k.packed.data_ptr(), k.scales.data_ptr(),
+                lib.int4_gemm(x.data_ptr(), code, x.stride(0), k.packed.data_ptr(), k.scales.data_ptr(),
                               k.offsets.data_ptr(), k.group, out.data_ptr(), out.stride(0), batch, k.out_features,
                               k.in_features, threads)
             else:
                 k._packed_gemm(x, out, batch, threads)
 
-    outs = {id(k): torch.empty(batch, k.out_features, dtype=torch.bfloat16) for k in kernels}
+    outs = {id(k): torch.empty(batch, k.out_features, dtype=dtype) for k in kernels}
     shapes: dict[tuple[int, int], list] = {}  # (N, K) -> that projection's kernel in every layer
     for k in kernels:
         shapes.setdefault((k.out_features, k.in_features), []).append(k)
@@ -123,10 +125,10 @@ def kernels_alone(model, batch: int, context: int, repeat: int = 20) -> dict:
     spec = model.spec
     block_size = 16
     num_blocks = batch * (-(-context // block_size)) + 1
-    cache = torch.randn(2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim).to(torch.bfloat16)
+    cache = torch.randn(2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim).to(dtype)
     tables = torch.arange(1, num_blocks, dtype=torch.int32).reshape(batch, -1)
     seq_lens = torch.full((batch,), context, dtype=torch.int32)
-    q = torch.randn(batch, spec.num_heads, spec.head_dim).to(torch.bfloat16)
+    q = torch.randn(batch, spec.num_heads, spec.head_dim).to(dtype)
     out = torch.empty_like(q)
     from tokenmill.kernels.cpu.decode import MIN_PARALLEL_ATTENTION
 
@@ -136,7 +138,7 @@ def kernels_alone(model, batch: int, context: int, repeat: int = 20) -> dict:
         for _ in range(spec.num_layers):
             lib.paged_decode_attention(q.data_ptr(), cache.data_ptr(), out.data_ptr(), tables.data_ptr(),
                                        seq_lens.data_ptr(), batch, spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                                       block_size, tables.shape[1], num_blocks, ctypes.c_float(0.125), 0, 1,
+                                       block_size, tables.shape[1], num_blocks, ctypes.c_float(0.125), 0, code,
                                        num_threads, 1)
 
     def median_ms(fn, *args) -> float:

@@ -98,8 +98,8 @@ static inline __attribute__((always_inline)) void int4_rows_avx2(const int R, co
         for (int r = 0; r < R; r++)
             for (int i = 0; i < 4; i++) p[r][i] = _mm256_setzero_ps();
         for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
-            const __m128i bytes = _mm_loadu_si128((const __m128i *)(qr + c / 2));
-            const __m256i b0 = _mm256_cvtepu8_epi32(bytes), b1 = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+            const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + c / 2)));
+            const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + c / 2 + 8)));
             const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, low));  // inputs c + 0..7
             const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, low));  // c + 8..15
             const __m256 w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));   // c + 16..23

@@ -1,0 +1,125 @@
+"""The packed int4 / int8 kernels with float32 activations: their AVX2 paths against the portable loops, side by
+side in one run.
+
+    python benchmarks/packed_f32.py                       # SmolLM2-135M's decoder and output-layer shapes, M = 1
+    python benchmarks/packed_f32.py --rows 1,2,4 --threads 1 --json packed_f32.json
+
+On CPUs without native bf16 (x86-64-v3: AVX2, FMA, F16C) --dtype auto runs the engine in float32, and a decode
+step's projections are csrc/quant.c's int4_gemm / int8_gemm on float32 rows. This builds quant.c twice with the
+engine's compiler flags: as the engine builds it, and with the AVX2 paths compiled out (-U__F16C__, so the
+portable loops run, auto-vectorized for this CPU as before those paths existed). Both run the same weights
+(random, in the engine's packed layouts: int4 nibbles with float16 scales and offsets per group of 32, int8 with
+float32 scales per group of 32 as GGUF Q8_0) and inputs, alternating, best of --repeat; the outputs are compared.
+Reported: ms per pass over every layer's weights of each shape, the weight bytes streamed per second, and the
+speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CSRC = REPO_ROOT / "tokenmill" / "kernels" / "cpu" / "csrc"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-fassociative-math",
+         "-fno-signed-zeros", "-fno-trapping-math"]
+# SmolLM2-135M: (N, K, layers, kind): fused qkv, o, fused gate_up, down (int4, Q4_1), the tied output layer (Q8_0).
+SHAPES = [(960, 576, 30, "int4"), (576, 576, 30, "int4"), (3072, 576, 30, "int4"), (576, 1536, 30, "int4"),
+          (49152, 576, 1, "int8")]
+GROUP = 32
+
+
+def build(tmp: Path, name: str, extra: list[str]) -> ctypes.CDLL:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        sys.exit("no C compiler found")
+    out = tmp / f"{name}.so"
+    subprocess.run([compiler, *FLAGS, *extra, str(CSRC / "quant.c"), "-o", str(out), "-lm"], check=True)
+    lib = ctypes.CDLL(str(out))
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.int4_gemm.argtypes = [ptr, i32, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32]
+    lib.int8_gemm.argtypes = [ptr, i32, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32]
+    return lib
+
+
+def make_weights(n: int, k: int, layers: int, kind: str, rng: np.random.Generator) -> list[dict]:
+    weights = []
+    for _ in range(layers):
+        if kind == "int4":
+            weights.append({"q": rng.integers(0, 256, (n, k // 2), dtype=np.uint8),
+                            "scales": (rng.random((n, k // GROUP), dtype=np.float32) * 0.02).astype(np.float16),
+                            "offsets": (rng.random((n, k // GROUP), dtype=np.float32) * -0.1).astype(np.float16)})
+        else:
+            weights.append({"q": rng.integers(-127, 128, (n, k), dtype=np.int8),
+                            "scales": rng.random((n, k // GROUP), dtype=np.float32) * 0.01})
+    return weights
+
+
+def run(lib: ctypes.CDLL, kind: str, weights: list[dict], x: np.ndarray, out: np.ndarray, threads: int) -> None:
+    m, k = x.shape
+    n = out.shape[1]
+    for w in weights:
+        if kind == "int4":
+            lib.int4_gemm(x.ctypes.data, 0, k, w["q"].ctypes.data, w["scales"].ctypes.data, w["offsets"].ctypes.data,
+                          GROUP, out.ctypes.data, n, m, n, k, threads)
+        else:
+            lib.int8_gemm(x.ctypes.data, 0, k, w["q"].ctypes.data, w["scales"].ctypes.data, GROUP, out.ctypes.data,
+                          n, m, n, k, threads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="1", help="comma-separated activation row counts M")
+    p.add_argument("--threads", type=int, default=1, help="threads of each call (the engine's decode step: 1)")
+    p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--json", dest="json_path", default=None)
+    args = p.parse_args(argv)
+    rng = np.random.default_rng(0)
+    results = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {"avx2": build(Path(tmp), "avx2", []), "portable": build(Path(tmp), "portable", ["-U__F16C__"])}
+        for n, k, layers, kind in SHAPES:
+            weights = make_weights(n, k, layers, kind, rng)
+            nbytes = sum(a.nbytes for w in weights for a in w.values())
+            for m in (int(r) for r in args.rows.split(",")):
+                x = rng.standard_normal((m, k), dtype=np.float32)
+                outs = {name: np.empty((m, n), dtype=np.float32) for name in libs}
+                best = {name: float("inf") for name in libs}
+                for _ in range(args.repeat):
+                    for name, lib in libs.items():
+                        start = time.perf_counter()
+                        run(lib, kind, weights, x, outs[name], args.threads)
+                        best[name] = min(best[name], time.perf_counter() - start)
+                scale = float(np.abs(outs["portable"]).max()) or 1.0
+                row = {"shape": f"{n}x{k}", "kind": kind, "layers": layers, "rows": m, "mb": nbytes / 1e6,
+                       "avx2_ms": best["avx2"] * 1e3, "portable_ms": best["portable"] * 1e3,
+                       "speedup": best["portable"] / best["avx2"],
+                       "max_rel_diff": float(np.abs(outs["avx2"] - outs["portable"]).max()) / scale}
+                results["rows"].append(row)
+                print(f"{row['shape']} {kind} x{layers} M={m}: AVX2 {row['avx2_ms']:.2f} ms "
+                      f"({nbytes / best['avx2'] / 1e9:.1f} GB/s), portable {row['portable_ms']:.2f} ms "
+                      f"({nbytes / best['portable'] / 1e9:.1f} GB/s), {row['speedup']:.2f}x", flush=True)
+    print(f"\n{results['date']}, {results['machine']}, {args.threads} thread(s), best of {args.repeat}\n")
+    print("| shape (N x K) | weights | layers | M | MB | AVX2 ms | GB/s | portable ms | GB/s | speed-up |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results["rows"]:
+        print(f"| {r['shape']} | {r['kind']} | {r['layers']} | {r['rows']} | {r['mb']:.1f} | {r['avx2_ms']:.2f} | "
+              f"{r['mb'] / r['avx2_ms']:.1f} | {r['portable_ms']:.2f} | {r['mb'] / r['portable_ms']:.1f} | "
+              f"{r['speedup']:.2f}x |")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
