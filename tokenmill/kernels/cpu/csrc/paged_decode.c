@@ -242,6 +242,69 @@ static void task_bf16_avx512(const Task *task, uint16_t *out, float *scores, flo
 }
 #endif
 
+#ifdef TOKENMILL_AVX2
+// head_generic's work for float32 with AVX2 + FMA, head_dim a multiple of 8: keys and values read in place from the
+// cache, the softmax's exponentials 8 at a time (exp256). qf [group, head_dim], scores [group, n], acc [group,
+// head_dim] (written).
+static void head_f32_avx2(const float *qf, const float *cache, const int32_t *table, int kvh, int start, int n,
+                          int group, int head_dim, int block_size, int64_t block_stride, int64_t token_stride,
+                          int64_t value_offset, float scale, float *scores, float *acc) {
+    for (int t = 0; t < n; t++) {
+        const int pos = start + t;
+        const float *key = cache + (int64_t)table[pos / block_size] * block_stride
+                           + (int64_t)(pos % block_size) * token_stride + (int64_t)kvh * head_dim;
+        for (int g = 0; g < group; g++) {
+            const float *qg = qf + g * head_dim;
+            __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
+            int d = 0;
+            for (; d + 16 <= head_dim; d += 16) {
+                d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(key + d), d0);
+                d1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d + 8), _mm256_loadu_ps(key + d + 8), d1);
+            }
+            if (d < head_dim) d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(key + d), d0);
+            scores[(int64_t)g * n + t] = hsum256(_mm256_add_ps(d0, d1)) * scale;
+        }
+    }
+    for (int g = 0; g < group; g++) {  // softmax of each row
+        float *sg = scores + (int64_t)g * n;
+        float m = -INFINITY;
+        for (int t = 0; t < n; t++) m = sg[t] > m ? sg[t] : m;
+        const __m256 mx = _mm256_set1_ps(m);
+        __m256 vsum = _mm256_setzero_ps();
+        int t = 0;
+        for (; t + 8 <= n; t += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), mx));
+            _mm256_storeu_ps(sg + t, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        float sum = hsum256(vsum);
+        for (; t < n; t++) {
+            sg[t] = expf(sg[t] - m);
+            sum += sg[t];
+        }
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        for (t = 0; t < n; t++) sg[t] *= inv;
+    }
+    // The weighted sum of values, 32 dimensions of one query head at a time in four registers (the value rows
+    // of one KV head stay in cache between the passes).
+    for (int g = 0; g < group; g++) {
+        const float *sg = scores + (int64_t)g * n;
+        for (int d0 = 0; d0 < head_dim; d0 += 32) {
+            const int lanes = head_dim - d0 >= 32 ? 4 : (head_dim - d0) / 8;
+            __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int t = 0; t < n; t++) {
+                const int pos = start + t;
+                const float *value = cache + value_offset + (int64_t)table[pos / block_size] * block_stride
+                                     + (int64_t)(pos % block_size) * token_stride + (int64_t)kvh * head_dim + d0;
+                const __m256 p = _mm256_set1_ps(sg[t]);
+                for (int j = 0; j < lanes; j++) a[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(value + 8 * j), a[j]);
+            }
+            for (int j = 0; j < lanes; j++) _mm256_storeu_ps(acc + g * head_dim + d0 + 8 * j, a[j]);
+        }
+    }
+}
+#endif
+
 // One (sequence, KV head) in portable C: float32, or bfloat16 without AVX512-BF16 or for other head sizes.
 static void head_generic(const void *q, const void *kv_cache, void *out, const int32_t *table, int s, int kvh,
                          int start, int n, int num_heads, int group, int head_dim, int block_size,
@@ -252,30 +315,40 @@ static void head_generic(const void *q, const void *kv_cache, void *out, const i
     float *row = malloc(sizeof(float) * head_dim);
     for (int g = 0; g < group; g++)
         load_row(qf + g * head_dim, q, ((int64_t)s * num_heads + kvh * group + g) * head_dim, head_dim, dtype);
-    // Pass 1: scores of every query head of this KV head against every key.
-    for (int t = 0; t < n; t++) {
-        const int pos = start + t;
-        const int64_t base = (int64_t)table[pos / block_size] * block_stride
-                             + (int64_t)(pos % block_size) * token_stride + (int64_t)kvh * head_dim;
-        load_row(row, kv_cache, base, head_dim, dtype);
-        for (int g = 0; g < group; g++) {
-            const float *qg = qf + g * head_dim;
-            float dot = 0.f;
-            for (int d = 0; d < head_dim; d++) dot += qg[d] * row[d];
-            scores[(int64_t)g * n + t] = dot * scale;
-        }
+    int vectorized = 0;
+#ifdef TOKENMILL_AVX2
+    if (dtype == 0 && head_dim % 8 == 0) {
+        head_f32_avx2(qf, (const float *)kv_cache, table, kvh, start, n, group, head_dim, block_size, block_stride,
+                      token_stride, value_offset, scale, scores, acc);
+        vectorized = 1;
     }
-    softmax_rows(scores, group, n);
-    // Pass 2: weighted sum of values.
-    for (int t = 0; t < n; t++) {
-        const int pos = start + t;
-        const int64_t base = value_offset + (int64_t)table[pos / block_size] * block_stride
-                             + (int64_t)(pos % block_size) * token_stride + (int64_t)kvh * head_dim;
-        load_row(row, kv_cache, base, head_dim, dtype);
-        for (int g = 0; g < group; g++) {
-            const float p = scores[(int64_t)g * n + t];
-            float *ag = acc + g * head_dim;
-            for (int d = 0; d < head_dim; d++) ag[d] += p * row[d];
+#endif
+    if (!vectorized) {
+        // Pass 1: scores of every query head of this KV head against every key.
+        for (int t = 0; t < n; t++) {
+            const int pos = start + t;
+            const int64_t base = (int64_t)table[pos / block_size] * block_stride
+                                 + (int64_t)(pos % block_size) * token_stride + (int64_t)kvh * head_dim;
+            load_row(row, kv_cache, base, head_dim, dtype);
+            for (int g = 0; g < group; g++) {
+                const float *qg = qf + g * head_dim;
+                float dot = 0.f;
+                for (int d = 0; d < head_dim; d++) dot += qg[d] * row[d];
+                scores[(int64_t)g * n + t] = dot * scale;
+            }
+        }
+        softmax_rows(scores, group, n);
+        // Pass 2: weighted sum of values.
+        for (int t = 0; t < n; t++) {
+            const int pos = start + t;
+            const int64_t base = value_offset + (int64_t)table[pos / block_size] * block_stride
+                                 + (int64_t)(pos % block_size) * token_stride + (int64_t)kvh * head_dim;
+            load_row(row, kv_cache, base, head_dim, dtype);
+            for (int g = 0; g < group; g++) {
+                const float p = scores[(int64_t)g * n + t];
+                float *ag = acc + g * head_dim;
+                for (int d = 0; d < head_dim; d++) ag[d] += p * row[d];
+            }
         }
     }
     for (int g = 0; g < group; g++) {
