@@ -479,11 +479,19 @@ def measure_ceilings(threads: int, size: int, mib: int, working_sets: list[int] 
     torch.set_num_threads(threads)
     flops = {}
     for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
-        a = torch.randn(size, size, dtype=dtype)
-        b = torch.randn(size, size, dtype=dtype)
-        out = torch.empty(size, size, dtype=dtype)
-        seconds = _best_seconds(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), 5)
-        flops[name] = 2 * size**3 / seconds
+        # A CPU without native bf16 runs bf16 matmuls emulated, hundreds of times slower: there the size shrinks
+        # until one product takes about a second by a small product's rate (a 2048 one would take a minute).
+        def product(n: int, dtype=dtype) -> tuple[float, int]:
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            out = torch.empty(n, n, dtype=dtype)
+            return _best_seconds(lambda: torch.mm(a, b, out=out), 5 if n > 256 else 1), n
+
+        probe, _ = product(256)
+        n = size
+        while n > 256 and probe * (n / 256) ** 3 > 1.0:
+            n //= 2
+        seconds, n = product(n)
+        flops[name] = 2 * n**3 / seconds
     n = mib * 2**20 // 4
     x = torch.ones(n, dtype=torch.float32)
     y = torch.empty_like(x)

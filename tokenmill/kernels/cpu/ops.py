@@ -119,10 +119,13 @@ def load_library() -> ctypes.CDLL | None:
         "tokenmill_quant_tile_vectorized": [],
         "int8_tile_gemm": [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "int4_tile_gemm": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
+        "tokenmill_quant_tile_f32_vectorized": [],
+        "int8_tile_gemm_f32": [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
+        "int4_tile_gemm_f32": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = (ctypes.c_int if name.startswith("tokenmill_") or name.endswith(("_gemm", "_gemv_bf16"))
+        getattr(lib, name).restype = (ctypes.c_int if name.startswith("tokenmill_") or name.endswith(("_gemm", "_gemm_f32", "_gemv_bf16"))
                                       else None)
     return lib
 

@@ -20,8 +20,11 @@ on this CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
   unpack 32 output columns at a time into a bfloat16 tile of the quantized values (exact) that stays in the core's
   cache, multiply it against every row with AVX512-BF16 dot products and apply the group scales and offsets to the
   float32 sums: the weight's bytes are read once, and no bfloat16 copy of the whole weight is written;
-- float32 activations above max_packed_rows, or a CPU (library build) without AVX512-BF16: the weight is
-  dequantized to the activation dtype, then one dense matmul (oneDNN).
+- float32 activations with AVX2 (the CPUs where --dtype auto picks float32), above max_packed_rows: the float32
+  tile kernels (int4_tile_gemm_f32, int8_tile_gemm_f32: 16 columns unpacked to an exact float32 tile, 6 rows x 16
+  columns of multiply-adds in registers) up to max_tile_rows_f32 rows;
+- above those, or a CPU (library build) without AVX512-BF16 / AVX2: the weight is dequantized to the activation
+  dtype, then one dense matmul (oneDNN).
 The packed and tile kernels multiply by the exact weight; dequantize + GEMM rounds it to bfloat16 (for bfloat16
 activations), which moved the bundled Q4_1 model's first answer token on a near-tie ("The" -> "L'Étoile").
 
@@ -57,6 +60,13 @@ INT8_MAX_PACKED_ROWS = 1
 LARGE_WEIGHT = 1 << 23
 LARGE_WEIGHT_MAX_PACKED_ROWS = 2
 MAX_TILE_ROWS = 512
+# float32 activations (--dtype auto on CPUs without native bf16), the AVX2 tile kernels: rows up to which they beat
+# dequantize + oneDNN's float32 GEMM, measured on the bundled model's shapes on a 2-core AVX2 EPYC (BENCHMARKS.md,
+# "On a CPU without native bf16"): int4 projections up to 16 rows (1.15-1.4x; from 32 dequantize + GEMM wins,
+# its GEMM's larger register blocks ahead of the tile's 6 x 16); int8 weights up to 256 (the output layer 2.5x at
+# 64 rows, 1.2x at 256: an int8 weight dequantizes more slowly).
+INT4_MAX_TILE_ROWS_F32 = 16
+INT8_MAX_TILE_ROWS_F32 = 256
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Multiply-adds below which a packed matmul runs on one thread: waking a second one costs more than it saves
 # (measured on the bundled model's layers, 2 cores; a busy machine makes the wake-up slower still).
@@ -79,6 +89,13 @@ def _tile_native() -> bool:
     return lib is not None and bool(lib.tokenmill_quant_tile_vectorized())
 
 
+@functools.cache
+def _tile_f32_native() -> bool:
+    """Whether the float32 tile kernels are built with AVX2 + FMA here."""
+    lib = ops.load_library()
+    return lib is not None and bool(lib.tokenmill_quant_tile_f32_vectorized())
+
+
 class _QuantizedWeight:
     """What Int8Weight and Int4Weight share: the choice per call between the packed kernel (up to
     max_packed_rows activation rows), the tile kernel (bfloat16, up to max_tile_rows) and dequantize + dense GEMM."""
@@ -87,6 +104,7 @@ class _QuantizedWeight:
     out_features: int
     max_packed_rows: int
     max_tile_rows: int
+    max_tile_rows_f32: int
     kernel_name: str
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -97,7 +115,8 @@ class _QuantizedWeight:
         raise NotImplementedError
 
     def _tile_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
-        """Run the native tile kernel on bfloat16 x2 [m, K] (contiguous rows) into out [m, N]; its status."""
+        """Run the native tile kernel on x2 [m, K] (bfloat16, or float32 where the AVX2 tile kernels are built;
+        contiguous rows) into out [m, N]; its status."""
         raise NotImplementedError
 
     def kernel_for(self, m: int, dtype: torch.dtype) -> str:
@@ -107,6 +126,8 @@ class _QuantizedWeight:
         if m <= self.max_packed_rows:
             return "packed"
         if m <= self.max_tile_rows and dtype == torch.bfloat16 and _tile_native():
+            return "tile"
+        if m <= self.max_tile_rows_f32 and dtype == torch.float32 and _tile_f32_native():
             return "tile"
         return "dequant"
 
@@ -131,6 +152,7 @@ class Int8Weight(_QuantizedWeight):
     """An int8 weight with group scales, ready for matmul: see the module docstring for the convention."""
 
     kernel_name = "int8_gemm"
+    max_tile_rows_f32 = INT8_MAX_TILE_ROWS_F32
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, group: int) -> None:
         if q.dtype != torch.int8 or q.dim() != 2:
@@ -175,6 +197,10 @@ class Int8Weight(_QuantizedWeight):
             self.group, out.data_ptr(), out.stride(0), m, self.out_features, self.in_features, threads)
 
     def _tile_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
+        if x2.dtype == torch.float32:
+            return ops._library().int8_tile_gemm_f32(
+                x2.data_ptr(), x2.stride(0), self.q.data_ptr(), self.scales.data_ptr(), self.group, out.data_ptr(),
+                out.stride(0), m, self.out_features, self.in_features, threads)
         return ops._library().int8_tile_gemm(
             x2.data_ptr(), x2.stride(0), self.q.data_ptr(), self.scales.data_ptr(), self.group, out.data_ptr(),
             out.stride(0), m, self.out_features, self.in_features, threads)
@@ -186,6 +212,7 @@ class Int4Weight(_QuantizedWeight):
     float16 scales and offsets [N, K / group] with w = q * scale + offset."""
 
     kernel_name = "int4_gemm"
+    max_tile_rows_f32 = INT4_MAX_TILE_ROWS_F32
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int) -> None:
         self.packed, self.scales, self.offsets, self.group = packed, scales, offsets, group
@@ -237,7 +264,8 @@ class Int4Weight(_QuantizedWeight):
             self.in_features, threads)
 
     def _tile_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
-        return ops._library().int4_tile_gemm(
+        kernel = ops._library().int4_tile_gemm_f32 if x2.dtype == torch.float32 else ops._library().int4_tile_gemm
+        return kernel(
             x2.data_ptr(), x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
             self.group, out.data_ptr(), out.stride(0), m, self.out_features, self.in_features, threads)
 

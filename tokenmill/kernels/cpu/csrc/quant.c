@@ -129,6 +129,25 @@ static inline __attribute__((always_inline)) void int4_rows_avx2(const int R, co
         total[r] = t;
     }
 }
+
+// Output column n of out (out_dtype as store_out's; row stride out_stride) for every row of the float32 x [rows,
+// K] with its group sums xsum [rows, K / group], two rows at a time.
+static void int4_column_avx2(const uint8_t *q, const uint16_t *scales, const uint16_t *offsets, int64_t group,
+                             int64_t K, int64_t n, const float *x, const float *xsum, int64_t rows, void *out,
+                             int out_dtype, int64_t out_stride) {
+    const int64_t num_groups = K / group;
+    const uint8_t *qr = q + n * (K / 2);
+    const uint16_t *sr = scales + n * num_groups, *br = offsets + n * num_groups;
+    for (int64_t m0 = 0; m0 < rows; m0 += 2) {
+        float total[2];
+        const float *xs = xsum + m0 * num_groups;
+        if (rows - m0 >= 2)
+            int4_rows_avx2(2, qr, sr, br, group, num_groups, x + m0 * K, K, xs, total);
+        else
+            int4_rows_avx2(1, qr, sr, br, group, num_groups, x + m0 * K, K, xs, total);
+        for (int i = 0; i < 2 && m0 + i < rows; i++) store_out(out, out_dtype, (m0 + i) * out_stride + n, total[i]);
+    }
+}
 #endif
 
 // out[m, n] = sum_k x[m, k] * scales[n, k / group] * q[n, k]; out dtype as x's (row stride out_stride).
@@ -309,15 +328,7 @@ int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, co
             continue;
         }
 #elif defined(TOKENMILL_AVX2)
-        for (int64_t m0 = 0; m0 < M; m0 += 2) {
-            float total[2];
-            const float *xs = xsum + m0 * num_groups;
-            if (M - m0 >= 2)
-                int4_rows_avx2(2, qr, sr, br, group, num_groups, xf + m0 * K, K, xs, total);
-            else
-                int4_rows_avx2(1, qr, sr, br, group, num_groups, xf + m0 * K, K, xs, total);
-            for (int i = 0; i < 2 && m0 + i < M; i++) store_out(out, x_dtype, (m0 + i) * out_stride + n, total[i]);
-        }
+        int4_column_avx2(q, scales, offsets, group, K, n, xf, xsum, M, out, x_dtype, out_stride);
         continue;
 #endif
         for (int64_t m = 0; m < M; m++) {
@@ -382,20 +393,8 @@ int int4_gemv_f32_columns(const float *x, const float *xsum, int64_t rows, int64
                           const uint16_t *scales, const uint16_t *offsets, int64_t group, float *out,
                           int64_t out_stride, int64_t n0, int64_t n1) {
 #ifdef TOKENMILL_AVX2
-    const int64_t num_groups = K / group;
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *qr = q + n * (K / 2);
-        const uint16_t *sr = scales + n * num_groups, *br = offsets + n * num_groups;
-        for (int64_t m0 = 0; m0 < rows; m0 += 2) {
-            float total[2];
-            const float *xs = xsum + m0 * num_groups;
-            if (rows - m0 >= 2)
-                int4_rows_avx2(2, qr, sr, br, group, num_groups, x + m0 * K, K, xs, total);
-            else
-                int4_rows_avx2(1, qr, sr, br, group, num_groups, x + m0 * K, K, xs, total);
-            for (int i = 0; i < 2 && m0 + i < rows; i++) out[(m0 + i) * out_stride + n] = total[i];
-        }
-    }
+    for (int64_t n = n0; n < n1; n++)
+        int4_column_avx2(q, scales, offsets, group, K, n, x, xsum, rows, out, 0, out_stride);
     return 0;
 #else
     (void)x, (void)xsum, (void)rows, (void)K, (void)q, (void)scales, (void)offsets, (void)group, (void)out;
@@ -729,6 +728,136 @@ int int8_tile_gemm(const uint16_t *x, int64_t x_stride, const int8_t *q, const f
 #else
     (void)x, (void)x_stride, (void)q, (void)scales, (void)group, (void)out, (void)out_stride, (void)M, (void)N;
     (void)K, (void)num_threads;
+    return -2;
+#endif
+}
+
+// Tile kernels for float32 activations (AVX2 + FMA: the CPUs where --dtype auto runs float32). As the bfloat16
+// tile kernels above, for more rows than the packed kernels take: 16 output columns at a time are unpacked into
+// an exact float32 tile (q * scale + offset, k-major: tile[k][j]) that stays in the core's cache, and every row
+// is multiplied against it, 6 rows by 16 columns in registers, so the weight's bytes are read once and no
+// dequantized copy of the whole weight is written. The products are those of the dequantized weight, summed in
+// another order than oneDNN's. Returns 0, -1 when memory runs out, -2 without AVX2.
+#define F32_TILE_COLS 16
+
+int tokenmill_quant_tile_f32_vectorized(void) {
+#ifdef TOKENMILL_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef TOKENMILL_AVX2
+static void int4_fill_tile_f32(const uint8_t *q, const uint16_t *scales, const uint16_t *offsets, int64_t group,
+                               int64_t K, int64_t n0, int cols, float *tile) {
+    const int64_t num_groups = K / group;
+    for (int j = 0; j < F32_TILE_COLS; j++) {
+        if (j >= cols) {
+            for (int64_t k = 0; k < K; k++) tile[k * F32_TILE_COLS + j] = 0.f;
+            continue;
+        }
+        const uint8_t *qr = q + (n0 + j) * (K / 2);
+        for (int64_t c = 0; c < K; c += 32) {
+            const float s = _cvtsh_ss(scales[(n0 + j) * num_groups + c / group]);
+            const float b = _cvtsh_ss(offsets[(n0 + j) * num_groups + c / group]);
+            for (int l = 0; l < 16; l++) {
+                tile[(c + l) * F32_TILE_COLS + j] = (float)(qr[c / 2 + l] & 15) * s + b;
+                tile[(c + 16 + l) * F32_TILE_COLS + j] = (float)(qr[c / 2 + l] >> 4) * s + b;
+            }
+        }
+    }
+}
+
+static void int8_fill_tile_f32(const int8_t *q, const float *scales, int64_t group, int64_t K, int64_t n0, int cols,
+                               float *tile) {
+    const int64_t num_groups = K / group;
+    for (int j = 0; j < F32_TILE_COLS; j++)
+        for (int64_t k = 0; k < K; k++)
+            tile[k * F32_TILE_COLS + j] =
+                j < cols ? (float)q[(n0 + j) * K + k] * scales[(n0 + j) * num_groups + k / group] : 0.f;
+}
+
+// R (1..6) rows of x against the tile: out[r][n0 + j] for j < cols. Six rows keep 12 accumulators in flight,
+// enough to cover the multiply-add latency on two FMA ports.
+static inline __attribute__((always_inline)) void tile_rows_f32(const int R, const float *x, int64_t x_stride,
+                                                                 const float *tile, int64_t K, float *out,
+                                                                 int64_t out_stride, int64_t n0, int cols) {
+    __m256 acc[6][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_loadu_ps(tile + k * F32_TILE_COLS), b1 = _mm256_loadu_ps(tile + k * F32_TILE_COLS + 8);
+        for (int r = 0; r < R; r++) {
+            const __m256 a = _mm256_broadcast_ss(x + r * x_stride + k);
+            acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float row[F32_TILE_COLS];
+        _mm256_storeu_ps(row, acc[r][0]);
+        _mm256_storeu_ps(row + 8, acc[r][1]);
+        memcpy(out + r * out_stride + n0, row, sizeof(float) * (size_t)cols);
+    }
+}
+
+// Every row of x [M, K] against the weight's columns, a tile of 16 columns per task, the tasks split over threads.
+static int tile_gemm_f32(const float *x, int64_t x_stride, int kind, const void *q, const void *scales,
+                         const uint16_t *offsets, int64_t group, float *out, int64_t out_stride, int64_t M, int64_t N,
+                         int64_t K, int num_threads) {
+    const int64_t num_tiles = (N + F32_TILE_COLS - 1) / F32_TILE_COLS;
+    int status = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *tile = aligned_alloc(64, (sizeof(float) * (size_t)(K * F32_TILE_COLS) + 63) / 64 * 64);
+        if (tile == NULL) {
+#pragma omp atomic write
+            status = -1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < num_tiles; t++) {
+            if (tile == NULL) continue;
+            const int64_t n0 = t * F32_TILE_COLS;
+            const int cols = (int)(N - n0 < F32_TILE_COLS ? N - n0 : F32_TILE_COLS);
+            if (kind == 1)
+                int4_fill_tile_f32((const uint8_t *)q, (const uint16_t *)scales, offsets, group, K, n0, cols, tile);
+            else
+                int8_fill_tile_f32((const int8_t *)q, (const float *)scales, group, K, n0, cols, tile);
+            int64_t m0 = 0;
+            for (; m0 + 6 <= M; m0 += 6)
+                tile_rows_f32(6, x + m0 * x_stride, x_stride, tile, K, out + m0 * out_stride, out_stride, n0, cols);
+            for (; m0 + 2 <= M; m0 += 2)
+                tile_rows_f32(2, x + m0 * x_stride, x_stride, tile, K, out + m0 * out_stride, out_stride, n0, cols);
+            for (; m0 < M; m0++)
+                tile_rows_f32(1, x + m0 * x_stride, x_stride, tile, K, out + m0 * out_stride, out_stride, n0, cols);
+        }
+        free(tile);
+    }
+    return status;
+}
+#endif
+
+// out [M, N] (row stride out_stride) = x [M, K] (row stride x_stride) @ w.T, float32, for the int4 layout of
+// int4_gemm and the int8 layout of int8_gemm.
+int int4_tile_gemm_f32(const float *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
+                       const uint16_t *offsets, int64_t group, float *out, int64_t out_stride, int64_t M, int64_t N,
+                       int64_t K, int num_threads) {
+#ifdef TOKENMILL_AVX2
+    return tile_gemm_f32(x, x_stride, 1, q, scales, offsets, group, out, out_stride, M, N, K, num_threads);
+#else
+    (void)x, (void)x_stride, (void)q, (void)scales, (void)offsets, (void)group, (void)out, (void)out_stride, (void)M;
+    (void)N, (void)K, (void)num_threads;
+    return -2;
+#endif
+}
+
+int int8_tile_gemm_f32(const float *x, int64_t x_stride, const int8_t *q, const float *scales, int64_t group,
+                       float *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int num_threads) {
+#ifdef TOKENMILL_AVX2
+    return tile_gemm_f32(x, x_stride, 0, q, scales, NULL, group, out, out_stride, M, N, K, num_threads);
+#else
+    (void)x, (void)x_stride, (void)q, (void)scales, (void)group, (void)out, (void)out_stride, (void)M, (void)N, (void)K;
+    (void)num_threads;
     return -2;
 #endif
 }
