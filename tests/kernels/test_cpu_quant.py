@@ -190,13 +190,14 @@ def test_kernel_choice_per_row_count():
         assert weight.kernel_for(quant.MAX_TILE_ROWS, torch.bfloat16) == many
         assert weight.kernel_for(quant.MAX_TILE_ROWS + 1, torch.bfloat16) == "dequant"  # a long prefill chunk
         assert weight.kernel_for(64, torch.float16) == "dequant"
-        # float32: the AVX2 tile kernels up to max_tile_rows_f32 where built, dequantize + GEMM above.
-        many_f32 = "tile" if quant._tile_f32_native() else "dequant"
-        assert weight.kernel_for(weight.max_packed_rows + 1, torch.float32) == many_f32
-        assert weight.kernel_for(weight.max_tile_rows_f32, torch.float32) == many_f32
-        assert weight.kernel_for(weight.max_tile_rows_f32 + 1, torch.float32) == "dequant"
-    assert small.max_tile_rows_f32 == quant.INT4_MAX_TILE_ROWS_F32
+    # float32: int4 weights dequantize above the packed rows; int8 ones take the AVX2 tile kernel up to
+    # max_tile_rows_f32 where it is built.
+    assert small.kernel_for(small.max_packed_rows + 1, torch.float32) == "dequant"
+    many_f32 = "tile" if quant._tile_f32_native() else "dequant"
     assert large.max_tile_rows_f32 == quant.INT8_MAX_TILE_ROWS_F32
+    assert large.kernel_for(large.max_packed_rows + 1, torch.float32) == many_f32
+    assert large.kernel_for(quant.INT8_MAX_TILE_ROWS_F32, torch.float32) == many_f32
+    assert large.kernel_for(quant.INT8_MAX_TILE_ROWS_F32 + 1, torch.float32) == "dequant"
 
 
 f32_tile_built = pytest.mark.skipif(not quant._tile_f32_native(),
@@ -204,6 +205,7 @@ f32_tile_built = pytest.mark.skipif(not quant._tile_f32_native(),
 
 
 def forced_f32_tile(weight):
+    """weight with the float32 tile kernel forced for every row count."""
     weight.max_packed_rows = 0
     weight.max_tile_rows_f32 = 1 << 30
     return weight
@@ -215,18 +217,6 @@ def assert_f32_result(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> No
     expected = x.double() @ w.double().T
     magnitude = x.double().abs() @ w.double().abs().T
     assert bool(((got.double() - expected).abs() <= magnitude * 2.0**-20).all())
-
-
-@f32_tile_built
-@pytest.mark.parametrize("m", [5, 6, 7, 13, 64])  # the 6-row register block, its 2-row and 1-row tails
-@pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("with_zeros", [False, True])
-def test_int4_float32_tile_kernel_matches_reference(m, group, with_zeros):
-    weight, w = int4_case(37, 256, group, with_zeros, seed=m)  # 37 columns: two 16-column tiles and a tail of 5
-    forced_f32_tile(weight)
-    assert weight.kernel_for(m, torch.float32) == "tile"
-    x = torch.randn(m, 256, generator=_generator(m))
-    assert_f32_result(weight.matmul(x), x, w)
 
 
 @f32_tile_built

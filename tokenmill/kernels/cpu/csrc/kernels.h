@@ -39,11 +39,8 @@ int int4_gemv_f32_columns(const float *x, const float *xsum, int64_t rows, int64
 int int8_gemv_f32_columns(const float *x, int64_t rows, int64_t K, const int8_t *q, const float *scales,
                           int64_t group, float *out, int64_t out_stride, int64_t n0, int64_t n1);
 
-// float32 tile kernels for more rows than the packed kernels take (-2 without AVX2).
+// The float32 int8 tile kernel for more rows than the packed kernel takes (-2 without AVX2).
 int tokenmill_quant_tile_f32_vectorized(void);
-int int4_tile_gemm_f32(const float *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
-                       const uint16_t *offsets, int64_t group, float *out, int64_t out_stride, int64_t M, int64_t N,
-                       int64_t K, int num_threads);
 int int8_tile_gemm_f32(const float *x, int64_t x_stride, const int8_t *q, const float *scales, int64_t group,
                        float *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int num_threads);
 

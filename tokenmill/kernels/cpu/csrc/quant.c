@@ -439,6 +439,21 @@ void int4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *offs
                 continue;
             }
 #endif
+#ifdef TOKENMILL_AVX2
+            if (w_dtype == 0) {  // float32, 8 lanes: the same q * s + b as below
+                const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b);
+                const __m256i low = _mm256_set1_epi32(15);
+                float *dst = (float *)w + n * K + c;
+                for (int half = 0; half < 2; half++) {
+                    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + c / 2 + 8 * half)));
+                    _mm256_storeu_ps(dst + 8 * half,
+                                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, low)), vs, vb));
+                    _mm256_storeu_ps(dst + 16 + 8 * half,
+                                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4)), vs, vb));
+                }
+                continue;
+            }
+#endif
             for (int l = 0; l < 16; l++) {
                 row[l] = (float)(qr[c / 2 + l] & 15) * s + b;
                 row[l + 16] = (float)(qr[c / 2 + l] >> 4) * s + b;
@@ -732,12 +747,13 @@ int int8_tile_gemm(const uint16_t *x, int64_t x_stride, const int8_t *q, const f
 #endif
 }
 
-// Tile kernels for float32 activations (AVX2 + FMA: the CPUs where --dtype auto runs float32). As the bfloat16
-// tile kernels above, for more rows than the packed kernels take: 16 output columns at a time are unpacked into
-// an exact float32 tile (q * scale + offset, k-major: tile[k][j]) that stays in the core's cache, and every row
-// is multiplied against it, 6 rows by 16 columns in registers, so the weight's bytes are read once and no
+// A tile kernel for int8 weights and float32 activations (AVX2 + FMA: the CPUs where --dtype auto runs float32).
+// As the bfloat16 tile kernels above, for more rows than the packed kernel takes: 16 output columns at a time are
+// unpacked into an exact float32 tile (q * scale, k-major: tile[k][j]) that stays in the core's cache, and every
+// row is multiplied against it, 6 rows by 16 columns in registers, so the weight's bytes are read once and no
 // dequantized copy of the whole weight is written. The products are those of the dequantized weight, summed in
-// another order than oneDNN's. Returns 0, -1 when memory runs out, -2 without AVX2.
+// another order than oneDNN's. Returns 0, -1 when memory runs out, -2 without AVX2. (For int4 weights the
+// vectorized float32 dequantization + oneDNN's GEMM measured faster from 5 rows: int4 has no such kernel.)
 #define F32_TILE_COLS 16
 
 int tokenmill_quant_tile_f32_vectorized(void) {
@@ -749,26 +765,6 @@ int tokenmill_quant_tile_f32_vectorized(void) {
 }
 
 #ifdef TOKENMILL_AVX2
-static void int4_fill_tile_f32(const uint8_t *q, const uint16_t *scales, const uint16_t *offsets, int64_t group,
-                               int64_t K, int64_t n0, int cols, float *tile) {
-    const int64_t num_groups = K / group;
-    for (int j = 0; j < F32_TILE_COLS; j++) {
-        if (j >= cols) {
-            for (int64_t k = 0; k < K; k++) tile[k * F32_TILE_COLS + j] = 0.f;
-            continue;
-        }
-        const uint8_t *qr = q + (n0 + j) * (K / 2);
-        for (int64_t c = 0; c < K; c += 32) {
-            const float s = _cvtsh_ss(scales[(n0 + j) * num_groups + c / group]);
-            const float b = _cvtsh_ss(offsets[(n0 + j) * num_groups + c / group]);
-            for (int l = 0; l < 16; l++) {
-                tile[(c + l) * F32_TILE_COLS + j] = (float)(qr[c / 2 + l] & 15) * s + b;
-                tile[(c + 16 + l) * F32_TILE_COLS + j] = (float)(qr[c / 2 + l] >> 4) * s + b;
-            }
-        }
-    }
-}
-
 static void int8_fill_tile_f32(const int8_t *q, const float *scales, int64_t group, int64_t K, int64_t n0, int cols,
                                float *tile) {
     const int64_t num_groups = K / group;
@@ -800,11 +796,13 @@ static inline __attribute__((always_inline)) void tile_rows_f32(const int R, con
         memcpy(out + r * out_stride + n0, row, sizeof(float) * (size_t)cols);
     }
 }
+#endif
 
-// Every row of x [M, K] against the weight's columns, a tile of 16 columns per task, the tasks split over threads.
-static int tile_gemm_f32(const float *x, int64_t x_stride, int kind, const void *q, const void *scales,
-                         const uint16_t *offsets, int64_t group, float *out, int64_t out_stride, int64_t M, int64_t N,
-                         int64_t K, int num_threads) {
+// out [M, N] (row stride out_stride) = x [M, K] (row stride x_stride) @ w.T, float32, for the int8 layout of
+// int8_gemm: a tile of 16 columns per task, the tasks split over threads.
+int int8_tile_gemm_f32(const float *x, int64_t x_stride, const int8_t *q, const float *scales, int64_t group,
+                       float *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int num_threads) {
+#ifdef TOKENMILL_AVX2
     const int64_t num_tiles = (N + F32_TILE_COLS - 1) / F32_TILE_COLS;
     int status = 0;
 #pragma omp parallel num_threads(num_threads)
@@ -819,10 +817,7 @@ static int tile_gemm_f32(const float *x, int64_t x_stride, int kind, const void 
             if (tile == NULL) continue;
             const int64_t n0 = t * F32_TILE_COLS;
             const int cols = (int)(N - n0 < F32_TILE_COLS ? N - n0 : F32_TILE_COLS);
-            if (kind == 1)
-                int4_fill_tile_f32((const uint8_t *)q, (const uint16_t *)scales, offsets, group, K, n0, cols, tile);
-            else
-                int8_fill_tile_f32((const int8_t *)q, (const float *)scales, group, K, n0, cols, tile);
+            int8_fill_tile_f32(q, scales, group, K, n0, cols, tile);
             int64_t m0 = 0;
             for (; m0 + 6 <= M; m0 += 6)
                 tile_rows_f32(6, x + m0 * x_stride, x_stride, tile, K, out + m0 * out_stride, out_stride, n0, cols);
@@ -834,27 +829,6 @@ static int tile_gemm_f32(const float *x, int64_t x_stride, int kind, const void 
         free(tile);
     }
     return status;
-}
-#endif
-
-// out [M, N] (row stride out_stride) = x [M, K] (row stride x_stride) @ w.T, float32, for the int4 layout of
-// int4_gemm and the int8 layout of int8_gemm.
-int int4_tile_gemm_f32(const float *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
-                       const uint16_t *offsets, int64_t group, float *out, int64_t out_stride, int64_t M, int64_t N,
-                       int64_t K, int num_threads) {
-#ifdef TOKENMILL_AVX2
-    return tile_gemm_f32(x, x_stride, 1, q, scales, offsets, group, out, out_stride, M, N, K, num_threads);
-#else
-    (void)x, (void)x_stride, (void)q, (void)scales, (void)offsets, (void)group, (void)out, (void)out_stride, (void)M;
-    (void)N, (void)K, (void)num_threads;
-    return -2;
-#endif
-}
-
-int int8_tile_gemm_f32(const float *x, int64_t x_stride, const int8_t *q, const float *scales, int64_t group,
-                       float *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int num_threads) {
-#ifdef TOKENMILL_AVX2
-    return tile_gemm_f32(x, x_stride, 0, q, scales, NULL, group, out, out_stride, M, N, K, num_threads);
 #else
     (void)x, (void)x_stride, (void)q, (void)scales, (void)group, (void)out, (void)out_stride, (void)M, (void)N, (void)K;
     (void)num_threads;
