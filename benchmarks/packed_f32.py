@@ -12,6 +12,13 @@ portable loops run, auto-vectorized for this CPU as before those paths existed).
 float32 scales per group of 32 as GGUF Q8_0) and inputs, alternating, best of --repeat; the outputs are compared.
 Reported: ms per pass over every layer's weights of each shape, the weight bytes streamed per second, and the
 speed-up.
+
+    python benchmarks/packed_f32.py --many-rows 8,64,256,512      # the kernel choice above the packed rows
+
+--many-rows: for more rows than the packed kernels take, the engine's own Int4Weight / Int8Weight (the library
+as the engine builds it) per shape and row count: int8 through the float32 tile kernel (int8_tile_gemm_f32) and
+through dequantize + oneDNN's float32 GEMM, int4 through dequantize + GEMM, and the dense float32 weight (F.linear)
+for reference: the crossovers tokenmill/kernels/cpu/quant.py uses (INT8_MAX_TILE_ROWS_F32).
 """
 
 from __future__ import annotations
@@ -77,13 +84,70 @@ def run(lib: ctypes.CDLL, kind: str, weights: list[dict], x: np.ndarray, out: np
                           n, m, n, k, threads)
 
 
+def many_rows(rows: list[int], repeat: int, threads: int) -> list[dict]:
+    """ms per call of the engine's kernels for more rows than the packed kernels take (float32 activations)."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from tokenmill.kernels.cpu.quant import pack_int4, pack_int8
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+    def best_ms(fn) -> float:
+        fn()
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return best * 1e3
+
+    out = []
+    for n, k, _, kind in SHAPES:
+        if kind == "int4":
+            weight = pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(n, k // GROUP) * 0.02,
+                               None, GROUP, bias=torch.rand(n, k // GROUP) * -0.1)
+        else:
+            weight = pack_int8(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, k // GROUP) * 0.01,
+                               GROUP)
+        dense = weight.dequantize(torch.float32)
+        for m in rows:
+            x = torch.randn(m, k)
+            row = {"shape": f"{n}x{k}", "kind": kind, "rows": m,
+                   "dequant_gemm_ms": best_ms(lambda x=x, w=weight: F.linear(x, w.dequantize(torch.float32))),
+                   "dense_f32_ms": best_ms(lambda x=x, d=dense: F.linear(x, d))}
+            if kind == "int8":
+                result = torch.empty(m, n)
+                row["tile_ms"] = best_ms(lambda x=x, w=weight, r=result, m=m: w._tile_gemm(x, r, m, threads))
+            out.append(row)
+            tile = f"tile {row['tile_ms']:.2f} ms, " if "tile_ms" in row else ""
+            print(f"{row['shape']} {kind} M={m}: {tile}dequantize + GEMM {row['dequant_gemm_ms']:.2f} ms, dense "
+                  f"float32 {row['dense_f32_ms']:.2f} ms", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1", help="comma-separated activation row counts M")
     p.add_argument("--threads", type=int, default=1, help="threads of each call (the engine's decode step: 1)")
     p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--many-rows", default=None,
+                   help="comma-separated row counts: the kernel choice above the packed rows instead (2 threads)")
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
+    if args.many_rows:
+        rows = many_rows([int(r) for r in args.many_rows.split(",")], args.repeat, max(args.threads, 2))
+        print("\n| shape (N x K) | weights | M | int8 tile ms | dequantize + GEMM ms | dense float32 ms |")
+        print("|---|---|---:|---:|---:|---:|")
+        for r in rows:
+            tile = f"{r['tile_ms']:.2f}" if "tile_ms" in r else "-"
+            print(f"| {r['shape']} | {r['kind']} | {r['rows']} | {tile} | {r['dequant_gemm_ms']:.2f} | "
+                  f"{r['dense_f32_ms']:.2f} |")
+        if args.json_path:
+            Path(args.json_path).write_text(json.dumps({"many_rows": rows}, indent=2))
+        return
     rng = np.random.default_rng(0)
     results = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}

@@ -112,6 +112,7 @@ def load_library() -> ctypes.CDLL | None:
         "tokenmill_layer_ops_vectorized": [],
         "int8_gemm": [ptr, i32, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "int8_dequant_bf16": [ptr, ptr, i64, ptr, i64, i64, i32],
+        "int8_dequant_f32": [ptr, ptr, i64, ptr, i64, i64, i32],
         "int4_gemm": [ptr, i32, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "int4_dequant": [ptr, ptr, ptr, i64, ptr, i32, i64, i64, i32],
         "tokenmill_decode_forward": [ptr, ptr, ptr, i32, ptr, ptr, ptr, i64, i32, ptr, i32, ptr, i32, i32],

@@ -61,11 +61,13 @@ LARGE_WEIGHT = 1 << 23
 LARGE_WEIGHT_MAX_PACKED_ROWS = 2
 MAX_TILE_ROWS = 512
 # float32 activations (--dtype auto on CPUs without native bf16): rows up to which the AVX2 int8 tile kernel beats
-# dequantize + oneDNN's float32 GEMM, measured on a 2-core AVX2 EPYC (BENCHMARKS.md, "On a CPU without native
-# bf16"): the output layer 2.5x at 64 rows, 1.2x at 256, even at 512. int4 weights have no float32 tile kernel: one
-# was measured (16 columns, 6 x 16 register block) and the vectorized float32 dequantization + oneDNN's GEMM beat it
-# from 5 rows on the decoder's shapes (0.6-0.8x at 64 rows; 0.9-1.2x at 16).
-INT8_MAX_TILE_ROWS_F32 = 256
+# dequantize (int8_dequant_f32) + oneDNN's float32 GEMM, measured on the output layer's shape on a 2-core AVX2 EPYC
+# (benchmarks/packed_f32.py --many-rows; BENCHMARKS.md, "On a CPU without native bf16"): 1.2-1.4x at 8 and 64
+# rows, 0.7x at 256 (the dequantized copy's 113 MB are written every call, then the GEMM's larger register blocks
+# win). int4 weights have no float32 tile kernel: one was measured (16 columns, 6 x 16 register block) and the
+# vectorized float32 dequantization + oneDNN's GEMM beat it from 5 rows on the decoder's shapes (0.6-0.8x at 64
+# rows; 0.9-1.2x at 16).
+INT8_MAX_TILE_ROWS_F32 = 128
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Multiply-adds below which a packed matmul runs on one thread: waking a second one costs more than it saves
 # (measured on the bundled model's layers, 2 cores; a busy machine makes the wake-up slower still).
@@ -177,10 +179,11 @@ class Int8Weight(_QuantizedWeight):
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight [N, K] in dtype."""
-        if dtype == torch.bfloat16 and _native():
-            w = torch.empty(self.q.shape, dtype=torch.bfloat16)
-            ops._library().int8_dequant_bf16(self.q.data_ptr(), self.scales.data_ptr(), self.group, w.data_ptr(),
-                                             self.out_features, self.in_features, torch.get_num_threads())
+        if dtype in (torch.bfloat16, torch.float32) and _native():
+            w = torch.empty(self.q.shape, dtype=dtype)
+            dequant = ops._library().int8_dequant_bf16 if dtype == torch.bfloat16 else ops._library().int8_dequant_f32
+            dequant(self.q.data_ptr(), self.scales.data_ptr(), self.group, w.data_ptr(), self.out_features,
+                    self.in_features, torch.get_num_threads())
             return w
         scales = self.scales.repeat_interleave(self.group, dim=1)
         return (self.q.to(torch.float32) * scales).to(dtype)
@@ -263,6 +266,8 @@ class Int4Weight(_QuantizedWeight):
             self.in_features, threads)
 
     def _tile_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
+        if x2.dtype != torch.bfloat16:
+            raise ValueError(f"the int4 tile kernel takes bfloat16 activations, not {x2.dtype}: float32 dequantizes")
         return ops._library().int4_tile_gemm(
             x2.data_ptr(), x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
             self.group, out.data_ptr(), out.stride(0), m, self.out_features, self.in_features, threads)

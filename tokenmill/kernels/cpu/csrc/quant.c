@@ -246,6 +246,27 @@ void int8_dequant_bf16(const int8_t *q, const float *scales, int64_t group, uint
     }
 }
 
+// w [N, K] float32 = scales[n, k / group] * q[n, k] (the products are exact: 8-bit q, float32 scales rounded once).
+void int8_dequant_f32(const int8_t *q, const float *scales, int64_t group, float *w, int64_t N, int64_t K,
+                      int num_threads) {
+    const int64_t num_groups = K / group;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t g = 0; g < num_groups; g++) {
+            const float s = scales[n * num_groups + g];
+            int64_t k = g * group;
+#ifdef TOKENMILL_AVX2
+            for (; k + 8 <= (g + 1) * group; k += 8)
+                _mm256_storeu_ps(w + n * K + k,
+                                 _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                   _mm_loadl_epi64((const __m128i *)(q + n * K + k)))),
+                                               _mm256_set1_ps(s)));
+#endif
+            for (; k < (g + 1) * group; k++) w[n * K + k] = (float)q[n * K + k] * s;
+        }
+    }
+}
+
 static inline float f16_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
     uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
