@@ -70,7 +70,7 @@ enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
 
 static inline int64_t elem_size(const TmModel *m) { return m->dtype == DTYPE_BF16 ? 2 : 4; }
 
-// Row i of a [rows, width] scratch in the model's dtype.
+// The element `offset` elements into a buffer in the model's dtype.
 static inline void *row_at(const TmModel *m, void *base, int64_t offset) {
     return (char *)base + offset * elem_size(m);
 }
