@@ -4,7 +4,7 @@
 - rms_norm, rotary_embedding_, silu_and_mul, write_kv: the fused elementwise work of a layer for bfloat16
   activations (csrc/layer_ops.c), used by the model when layer_ops_supported() says so;
 - argmax: greedy sampling of a batch of logits (float32 or bfloat16) in one pass;
-- int8_gemm, int8_dequant_bf16, int4_gemm, int4_dequant, int8_tile_gemm, int4_tile_gemm: weight-only quantized
+- int8_gemm, int8_dequant, int4_gemm, int4_dequant, int8_tile_gemm, int4_tile_gemm: weight-only quantized
   matmuls (csrc/quant.c), called through tokenmill.kernels.cpu.quant, with int4_gemv_bf16 (csrc/gemv_bf16.c:
   AVX512-BF16 dot products) for a few rows of bfloat16;
 - tokenmill_decode_forward: every decoder layer of a decode step in one call, composed of the kernels above
@@ -111,8 +111,7 @@ def load_library() -> ctypes.CDLL | None:
         "argmax_rows": [ptr, i32, i64, i32, i32, ptr, i32],
         "tokenmill_layer_ops_vectorized": [],
         "int8_gemm": [ptr, i32, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
-        "int8_dequant_bf16": [ptr, ptr, i64, ptr, i64, i64, i32],
-        "int8_dequant_f32": [ptr, ptr, i64, ptr, i64, i64, i32],
+        "int8_dequant": [ptr, ptr, i64, ptr, i32, i64, i64, i32],
         "int4_gemm": [ptr, i32, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "int4_dequant": [ptr, ptr, ptr, i64, ptr, i32, i64, i64, i32],
         "tokenmill_decode_forward": [ptr, ptr, ptr, i32, ptr, ptr, ptr, i64, i32, ptr, i32, ptr, i32, i32],

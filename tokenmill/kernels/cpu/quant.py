@@ -61,7 +61,7 @@ LARGE_WEIGHT = 1 << 23
 LARGE_WEIGHT_MAX_PACKED_ROWS = 2
 MAX_TILE_ROWS = 512
 # float32 activations (--dtype auto on CPUs without native bf16): rows up to which the AVX2 int8 tile kernel beats
-# dequantize (int8_dequant_f32) + oneDNN's float32 GEMM, measured on the output layer's shape on a 2-core AVX2 EPYC
+# dequantize (int8_dequant) + oneDNN's float32 GEMM, measured on the output layer's shape on a 2-core AVX2 EPYC
 # (benchmarks/packed_f32.py --many-rows; BENCHMARKS.md, "On a CPU without native bf16"): 1.2-1.4x at 8 and 64
 # rows, 0.7x at 256 (the dequantized copy's 113 MB are written every call, then the GEMM's larger register blocks
 # win). int4 weights have no float32 tile kernel: one was measured (16 columns, 6 x 16 register block) and the
@@ -179,11 +179,11 @@ class Int8Weight(_QuantizedWeight):
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight [N, K] in dtype."""
-        if dtype in (torch.bfloat16, torch.float32) and _native():
+        if dtype in _DTYPE_CODES and _native():
             w = torch.empty(self.q.shape, dtype=dtype)
-            dequant = ops._library().int8_dequant_bf16 if dtype == torch.bfloat16 else ops._library().int8_dequant_f32
-            dequant(self.q.data_ptr(), self.scales.data_ptr(), self.group, w.data_ptr(), self.out_features,
-                    self.in_features, torch.get_num_threads())
+            ops._library().int8_dequant(self.q.data_ptr(), self.scales.data_ptr(), self.group, w.data_ptr(),
+                                        _DTYPE_CODES[dtype], self.out_features, self.in_features,
+                                        torch.get_num_threads())
             return w
         scales = self.scales.repeat_interleave(self.group, dim=1)
         return (self.q.to(torch.float32) * scales).to(dtype)

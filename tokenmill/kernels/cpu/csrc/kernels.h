@@ -27,8 +27,6 @@ void write_kv(const char *k, int64_t k_stride, const char *v, int64_t v_stride, 
 
 int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, const float *scales, int64_t group,
               void *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int num_threads);
-void int8_dequant_f32(const int8_t *q, const float *scales, int64_t group, float *w, int64_t N, int64_t K,
-                      int num_threads);
 int int4_gemm(const void *x, int x_dtype, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
               const uint16_t *offsets, int64_t group, void *out, int64_t out_stride, int64_t M, int64_t N, int64_t K,
               int num_threads);

@@ -224,45 +224,40 @@ int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, con
     return 0;
 }
 
-// w [N, K] bfloat16 = scales[n, k / group] * q[n, k].
-void int8_dequant_bf16(const int8_t *q, const float *scales, int64_t group, uint16_t *w, int64_t N, int64_t K,
-                       int num_threads) {
-    const int64_t num_groups = K / group;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t g = 0; g < num_groups; g++) {
-            const float s = scales[n * num_groups + g];
-#ifdef TOKENMILL_AVX512_BF16
-            for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
-                const __m512 v = _mm512_mul_ps(
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + n * K + k)))),
-                    _mm512_set1_ps(s));
-                _mm256_storeu_si256((__m256i *)(w + n * K + k), (__m256i)_mm512_cvtneps_pbh(v));
-            }
-#else
-            for (int64_t k = g * group; k < (g + 1) * group; k++) w[n * K + k] = f32_to_bf16(s * (float)q[n * K + k]);
-#endif
-        }
-    }
-}
-
-// w [N, K] float32 = scales[n, k / group] * q[n, k] (the products are exact: 8-bit q, float32 scales rounded once).
-void int8_dequant_f32(const int8_t *q, const float *scales, int64_t group, float *w, int64_t N, int64_t K,
-                      int num_threads) {
+// w [N, K] = scales[n, k / group] * q[n, k] in w_dtype (0 float32, 1 bfloat16): the float32 product, exact for
+// an 8-bit q and a float32 scale up to one rounding, then rounded to bfloat16 for w_dtype 1.
+void int8_dequant(const int8_t *q, const float *scales, int64_t group, void *w, int w_dtype, int64_t N, int64_t K,
+                  int num_threads) {
     const int64_t num_groups = K / group;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t g = 0; g < num_groups; g++) {
             const float s = scales[n * num_groups + g];
             int64_t k = g * group;
-#ifdef TOKENMILL_AVX2
-            for (; k + 8 <= (g + 1) * group; k += 8)
-                _mm256_storeu_ps(w + n * K + k,
-                                 _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                                   _mm_loadl_epi64((const __m128i *)(q + n * K + k)))),
-                                               _mm256_set1_ps(s)));
+            const int8_t *qn = q + n * K;
+#ifdef TOKENMILL_AVX512_BF16
+            if (w_dtype == 1)
+                for (; k < (g + 1) * group; k += 16) {
+                    const __m512 v = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qn + k)))),
+                        _mm512_set1_ps(s));
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)w + n * K + k), (__m256i)_mm512_cvtneps_pbh(v));
+                }
 #endif
-            for (; k < (g + 1) * group; k++) w[n * K + k] = (float)q[n * K + k] * s;
+#ifdef TOKENMILL_AVX2
+            if (w_dtype == 0)
+                for (; k + 8 <= (g + 1) * group; k += 8)
+                    _mm256_storeu_ps((float *)w + n * K + k,
+                                     _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                       _mm_loadl_epi64((const __m128i *)(qn + k)))),
+                                                   _mm256_set1_ps(s)));
+#endif
+            for (; k < (g + 1) * group; k++) {
+                if (w_dtype == 0)
+                    ((float *)w)[n * K + k] = (float)qn[k] * s;
+                else
+                    ((uint16_t *)w)[n * K + k] = f32_to_bf16(s * (float)qn[k]);
+            }
         }
     }
 }
