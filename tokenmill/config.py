@@ -67,6 +67,14 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def emulated_dtype_warning(device: str, dtype: str) -> str | None:
+    """A warning for a dtype this device only emulates (bfloat16 on a CPU without native bf16), or None."""
+    if device == "cpu" and dtype == "bfloat16" and not cpu_supports_bf16():
+        return ("dtype=bfloat16 on a CPU without native bf16 instructions (AVX512-BF16 or AMX): its matmuls are "
+                "emulated, far slower than float32 here; --dtype auto (float32 on this CPU) runs faster")
+    return None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # A Hugging Face model directory, a .gguf file or a hub id ("org/name"); None: the bundled SmolLM2-135M-Instruct.

@@ -87,3 +87,16 @@ def test_every_default_is_written_once():
              for i, line in enumerate(path.read_text().splitlines(), 1)
              if pattern.search(line) and not line.lstrip().startswith(("#", "def "))]
     assert all(place.startswith("config.py:") for place in found), found
+
+
+def test_bfloat16_on_a_cpu_that_emulates_it_is_warned_about(monkeypatch):
+    """bfloat16 on a CPU without native bf16 gets a warning naming the faster choice; nothing else does."""
+    import tokenmill.config as config_module
+
+    monkeypatch.setattr(config_module, "cpu_supports_bf16", lambda: False)
+    warning = config_module.emulated_dtype_warning("cpu", "bfloat16")
+    assert warning is not None and "emulated" in warning and "--dtype auto" in warning
+    assert config_module.emulated_dtype_warning("cpu", "float32") is None
+    assert config_module.emulated_dtype_warning("cuda", "bfloat16") is None
+    monkeypatch.setattr(config_module, "cpu_supports_bf16", lambda: True)
+    assert config_module.emulated_dtype_warning("cpu", "bfloat16") is None

@@ -24,7 +24,7 @@ import torch
 
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.torch_backend import TorchAttentionBackend
-from tokenmill.config import EngineConfig, cpu_supports_bf16, unresolved_defaults
+from tokenmill.config import EngineConfig, emulated_dtype_warning, unresolved_defaults
 from tokenmill.distributed import ParallelConfig, init_distributed, set_collective_timing
 from tokenmill.model.loader import load_model, read_hf_config
 from tokenmill.model.registry import DecoderSpec
@@ -299,10 +299,8 @@ class Worker:
                 logger.info("rank %d: %d CPU threads (%d usable CPUs shared by %d ranks)", rank, threads,
                             usable_cpus(), config.world_size)
         self.dtype: torch.dtype = getattr(torch, config.model.dtype)
-        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and rank == 0 and not cpu_supports_bf16():
-            logger.warning("dtype=bfloat16 on a CPU without native bf16 instructions (AVX512-BF16 or AMX): its "
-                           "matmuls are emulated, far slower than float32 here; --dtype auto (float32 on this CPU) "
-                           "runs faster")
+        if rank == 0 and (warning := emulated_dtype_warning(self.device.type, config.model.dtype)):
+            logger.warning(warning)
         self.hf_config = read_hf_config(model_dir)
         self.tensor_parallel_size = config.tensor_parallel_size
         if self.tensor_parallel_size > 1:
