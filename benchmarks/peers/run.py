@@ -477,7 +477,7 @@ def measure_ceilings(threads: int, size: int, mib: int, working_sets: list[int] 
     import torch
 
     torch.set_num_threads(threads)
-    flops = {}
+    flops, sizes = {}, {}
     for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
         # A CPU without native bf16 runs bf16 matmuls emulated, hundreds of times slower: there the size shrinks
         # until one product takes about a second by a small product's rate (a 2048 one would take a minute).
@@ -492,6 +492,7 @@ def measure_ceilings(threads: int, size: int, mib: int, working_sets: list[int] 
             n //= 2
         seconds, n = product(n)
         flops[name] = 2 * n**3 / seconds
+        sizes[name] = n
     n = mib * 2**20 // 4
     x = torch.ones(n, dtype=torch.float32)
     y = torch.empty_like(x)
@@ -504,7 +505,7 @@ def measure_ceilings(threads: int, size: int, mib: int, working_sets: list[int] 
         read_at[str(nbytes)] = buf.numel() * 4 / _best_seconds(lambda buf=buf: buf.sum(), 10)
     return {
         "matmul_flops": flops,
-        "matmul_size": size,
+        "matmul_size": sizes,  # per dtype: the square size measured (smaller where bf16 is emulated)
         "read_bytes_per_s": n * 4 / read_s,
         "copy_bytes_per_s": 2 * n * 4 / copy_s,
         "buffer_mib": mib,
