@@ -413,10 +413,30 @@ class WorkerLaunchError(RuntimeError):
     """A launched step failed; its traceback is the message."""
 
 
+def worker_process_name(rank: int) -> str:
+    """The name a rank's process shows in ps, top and psutil (Linux keeps 15 characters of it)."""
+    return f"tm-worker-{rank}"
+
+
+def _set_process_name(name: str) -> None:
+    """Name this process in the OS (prctl PR_SET_NAME), so that `ps -o comm` tells the ranks apart; every
+    spawned worker's command line is the same. Nothing happens where prctl is missing (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # 15: PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
 def run_worker_process(conn: Connection, config: EngineConfig, model_dir: str, rank: int = 0, local_rank: int = 0,
                        distributed_init_method: str | None = None) -> None:
     """One rank's process: build its Worker (joining the process groups), then serve the executor's messages
     until shutdown or until the executor is gone."""
+    _set_process_name(worker_process_name(rank))
     encoder, decoder = MsgpackEncoder(), MsgpackDecoder()
 
     def answer(status: str, value: Any = None) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from tests.entrypoints.openai.conftest import ServerProcess, assert_openai_error
 from tests.entrypoints.openai.test_lifecycle import LONG, Stream
+from tokenmill.worker.executor import worker_process_name
 
 pytestmark = pytest.mark.slow  # starts and kills tokenmill serve processes
 
@@ -111,7 +112,9 @@ def test_a_killed_tensor_parallel_worker_fails_streams_and_exits(server_model_di
             stream.start()
         for stream in streams:
             assert stream.first_data.wait(60) and stream.status == 200
-        rank1 = max(workers, key=lambda w: w.create_time())  # started second
+        # Each rank names its process (the command lines are the same; start times can share a clock tick).
+        assert sorted(w.name() for w in workers) == [worker_process_name(0), worker_process_name(1)]
+        rank1 = next(w for w in workers if w.name() == worker_process_name(1))
         rank1.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         for stream in streams:
