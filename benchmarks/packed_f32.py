@@ -13,6 +13,11 @@ float32 scales per group of 32 as GGUF Q8_0) and inputs, alternating, best of --
 Reported: ms per pass over every layer's weights of each shape, the weight bytes streamed per second, and the
 speed-up.
 
+    python benchmarks/packed_f32.py --against HEAD~1     # also quant.c as of a git revision, side by side
+
+--against REV adds a third build: quant.c with its headers as committed at REV (git show), to measure a kernel
+change against what it replaces in one run.
+
     python benchmarks/packed_f32.py --many-rows 8,64,256,512      # the kernel choice above the packed rows
 
 --many-rows: for more rows than the packed kernels take, the engine's own Int4Weight / Int8Weight (the library
@@ -46,12 +51,12 @@ SHAPES = [(960, 576, 30, "int4"), (576, 576, 30, "int4"), (3072, 576, 30, "int4"
 GROUP = 32
 
 
-def build(tmp: Path, name: str, extra: list[str]) -> ctypes.CDLL:
+def build(tmp: Path, name: str, extra: list[str], csrc: Path = CSRC) -> ctypes.CDLL:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         sys.exit("no C compiler found")
     out = tmp / f"{name}.so"
-    subprocess.run([compiler, *FLAGS, *extra, str(CSRC / "quant.c"), "-o", str(out), "-lm"], check=True)
+    subprocess.run([compiler, *FLAGS, *extra, str(csrc / "quant.c"), "-o", str(out), "-lm"], check=True)
     lib = ctypes.CDLL(str(out))
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.int4_gemm.argtypes = [ptr, i32, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32]
@@ -70,6 +75,18 @@ def make_weights(n: int, k: int, layers: int, kind: str, rng: np.random.Generato
             weights.append({"q": rng.integers(-127, 128, (n, k), dtype=np.int8),
                             "scales": rng.random((n, k // GROUP), dtype=np.float32) * 0.01})
     return weights
+
+
+def checkout_csrc(rev: str, tmp: Path) -> Path:
+    """The kernel sources as committed at rev, in a folder of tmp."""
+    folder = tmp / "csrc-at-rev"
+    folder.mkdir()
+    relative = CSRC.relative_to(REPO_ROOT)
+    for name in ("quant.c", "kernels.h", "simd.h"):
+        text = subprocess.run(["git", "-C", str(REPO_ROOT), "show", f"{rev}:{relative / name}"], check=True,
+                              capture_output=True, text=True).stdout
+        (folder / name).write_text(text)
+    return folder
 
 
 def run(lib: ctypes.CDLL, kind: str, weights: list[dict], x: np.ndarray, out: np.ndarray, threads: int) -> None:
@@ -135,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--many-rows", default=None,
                    help="comma-separated row counts: the kernel choice above the packed rows instead (2 threads)")
+    p.add_argument("--against", default=None, metavar="REV", help="also quant.c as committed at this git revision")
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
     if args.many_rows:
@@ -153,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"avx2": build(Path(tmp), "avx2", []), "portable": build(Path(tmp), "portable", ["-U__F16C__"])}
+        if args.against:
+            libs[args.against] = build(Path(tmp), "against", [], checkout_csrc(args.against, Path(tmp)))
         for n, k, layers, kind in SHAPES:
             weights = make_weights(n, k, layers, kind, rng)
             nbytes = sum(a.nbytes for w in weights for a in w.values())
@@ -170,17 +190,24 @@ def main(argv: list[str] | None = None) -> None:
                        "avx2_ms": best["avx2"] * 1e3, "portable_ms": best["portable"] * 1e3,
                        "speedup": best["portable"] / best["avx2"],
                        "max_rel_diff": float(np.abs(outs["avx2"] - outs["portable"]).max()) / scale}
+                against = ""
+                if args.against:
+                    row["against_ms"] = best[args.against] * 1e3
+                    row["speedup_against"] = best[args.against] / best["avx2"]
+                    against = f", {args.against} {row['against_ms']:.2f} ms ({row['speedup_against']:.2f}x)"
                 results["rows"].append(row)
                 print(f"{row['shape']} {kind} x{layers} M={m}: AVX2 {row['avx2_ms']:.2f} ms "
                       f"({nbytes / best['avx2'] / 1e9:.1f} GB/s), portable {row['portable_ms']:.2f} ms "
-                      f"({nbytes / best['portable'] / 1e9:.1f} GB/s), {row['speedup']:.2f}x", flush=True)
+                      f"({nbytes / best['portable'] / 1e9:.1f} GB/s), {row['speedup']:.2f}x{against}", flush=True)
     print(f"\n{results['date']}, {results['machine']}, {args.threads} thread(s), best of {args.repeat}\n")
-    print("| shape (N x K) | weights | layers | M | MB | AVX2 ms | GB/s | portable ms | GB/s | speed-up |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    extra = f" {args.against} ms | speed-up over {args.against} |" if args.against else ""
+    print(f"| shape (N x K) | weights | layers | M | MB | AVX2 ms | GB/s | portable ms | GB/s | speed-up |{extra}")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.against else ""))
     for r in results["rows"]:
+        cells = f" {r['against_ms']:.2f} | {r['speedup_against']:.2f}x |" if args.against else ""
         print(f"| {r['shape']} | {r['kind']} | {r['layers']} | {r['rows']} | {r['mb']:.1f} | {r['avx2_ms']:.2f} | "
               f"{r['mb'] / r['avx2_ms']:.1f} | {r['portable_ms']:.2f} | {r['mb'] / r['portable_ms']:.1f} | "
-              f"{r['speedup']:.2f}x |")
+              f"{r['speedup']:.2f}x |{cells}")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(results, indent=2))
 
