@@ -927,13 +927,40 @@ int tokenmill_quant_tile_f32_vectorized(void) {
 }
 
 #ifdef TOKENMILL_AVX2
+// The tile [K, 16] (k-major: the 16 columns' weights of input k side by side) of columns n0 .. n0 + cols - 1, zero
+// beyond cols: 8 columns x 8 inputs at a time, each column's 8 weights widened and scaled in one vector, then the
+// 8 x 8 block transposed in registers (a scalar fill, one strided store per weight, took as long as the GEMM on
+// 64 rows). The same products q * scale as the scalar loop, so the same tile.
 static void int8_fill_tile_f32(const int8_t *q, const float *scales, int64_t group, int64_t K, int64_t n0, int cols,
                                float *tile) {
     const int64_t num_groups = K / group;
-    for (int j = 0; j < F32_TILE_COLS; j++)
-        for (int64_t k = 0; k < K; k++)
-            tile[k * F32_TILE_COLS + j] =
-                j < cols ? (float)q[(n0 + j) * K + k] * scales[(n0 + j) * num_groups + k / group] : 0.f;
+    for (int jb = 0; jb < F32_TILE_COLS; jb += 8)
+        for (int64_t k = 0; k < K; k += 8) {  // group is a multiple of 16: the 8 inputs share one scale
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) {
+                const int64_t n = n0 + jb + i;
+                r[i] = jb + i < cols ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                         _mm_loadl_epi64((const __m128i *)(q + n * K + k)))),
+                                                     _mm256_set1_ps(scales[n * num_groups + k / group]))
+                                     : _mm256_setzero_ps();
+            }
+            __m256 t[8], u[8];
+            for (int i = 0; i < 8; i += 2) {
+                t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+                t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 8; i += 4) {
+                u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+                u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+                u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+                u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+            }
+            float *dst = tile + k * F32_TILE_COLS + jb;
+            for (int i = 0; i < 4; i++) {
+                _mm256_storeu_ps(dst + i * F32_TILE_COLS, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+                _mm256_storeu_ps(dst + (i + 4) * F32_TILE_COLS, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+            }
+        }
 }
 
 // R (1..6) rows of x against the tile: out[r][n0 + j] for j < cols. Six rows keep 12 accumulators in flight,
