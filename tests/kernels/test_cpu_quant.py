@@ -190,14 +190,15 @@ def test_kernel_choice_per_row_count():
         assert weight.kernel_for(quant.MAX_TILE_ROWS, torch.bfloat16) == many
         assert weight.kernel_for(quant.MAX_TILE_ROWS + 1, torch.bfloat16) == "dequant"  # a long prefill chunk
         assert weight.kernel_for(64, torch.float16) == "dequant"
-    # float32: int4 weights dequantize above the packed rows; int8 ones take the AVX2 tile kernel up to
-    # max_tile_rows_f32 where it is built.
-    assert small.kernel_for(small.max_packed_rows + 1, torch.float32) == "dequant"
+    # float32: the AVX2 tile kernels where they are built, up to max_tile_rows_f32 (int8 and int4 apart), then
+    # dequantize + GEMM.
     many_f32 = "tile" if quant._tile_f32_native() else "dequant"
     assert large.max_tile_rows_f32 == quant.INT8_MAX_TILE_ROWS_F32
-    assert large.kernel_for(large.max_packed_rows + 1, torch.float32) == many_f32
-    assert large.kernel_for(quant.INT8_MAX_TILE_ROWS_F32, torch.float32) == many_f32
-    assert large.kernel_for(quant.INT8_MAX_TILE_ROWS_F32 + 1, torch.float32) == "dequant"
+    assert small.max_tile_rows_f32 == quant.INT4_MAX_TILE_ROWS_F32 > small.max_packed_rows
+    for weight in (small, large):
+        assert weight.kernel_for(weight.max_packed_rows + 1, torch.float32) == many_f32
+        assert weight.kernel_for(weight.max_tile_rows_f32, torch.float32) == many_f32
+        assert weight.kernel_for(weight.max_tile_rows_f32 + 1, torch.float32) == "dequant"
 
 
 f32_tile_built = pytest.mark.skipif(not quant._tile_f32_native(),
@@ -228,6 +229,20 @@ def test_int8_float32_tile_kernel_matches_reference(m, group):
     x = torch.randn(m, 512, generator=_generator(m))
     assert_f32_result(weight.matmul(x), x, w)
     # Activations that are a column slice of a wider tensor (a row stride of its own).
+    wide = torch.randn(m, 700, generator=_generator(m + 1))
+    assert_f32_result(weight.matmul(wide[:, 100:612]), wide[:, 100:612], w)
+
+
+@f32_tile_built
+@pytest.mark.parametrize("m", [5, 9, 16])
+@pytest.mark.parametrize("group,with_zeros", [(32, False), (64, True), (128, True)])
+def test_int4_float32_tile_kernel_matches_reference(m, group, with_zeros):
+    """The int4 float32 tile (nibbles times scale plus offset, 8 inputs of 8 columns transposed at a time) gives
+    the exact weight's product, for a partial last tile (50 columns) and rows with a stride of their own."""
+    weight, w = int4_case(50, 512, group, with_zeros, seed=m)
+    forced_f32_tile(weight)
+    x = torch.randn(m, 512, generator=_generator(m))
+    assert_f32_result(weight.matmul(x), x, w)
     wide = torch.randn(m, 700, generator=_generator(m + 1))
     assert_f32_result(weight.matmul(wide[:, 100:612]), wide[:, 100:612], w)
 

@@ -121,6 +121,7 @@ def load_library() -> ctypes.CDLL | None:
         "int4_tile_gemm": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "tokenmill_quant_tile_f32_vectorized": [],
         "int8_tile_gemm_f32": [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
+        "int4_tile_gemm_f32": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes

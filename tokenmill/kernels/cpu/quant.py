@@ -20,9 +20,9 @@ on this CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
   unpack 32 output columns at a time into a bfloat16 tile of the quantized values (exact) that stays in the core's
   cache, multiply it against every row with AVX512-BF16 dot products and apply the group scales and offsets to the
   float32 sums: the weight's bytes are read once, and no bfloat16 copy of the whole weight is written;
-- float32 activations with AVX2 (the CPUs where --dtype auto picks float32) and int8 weights, above
-  max_packed_rows: the float32 tile kernel (int8_tile_gemm_f32: 16 columns unpacked to an exact float32 tile, 6
-  rows x 16 columns of multiply-adds in registers) up to max_tile_rows_f32 rows;
+- float32 activations with AVX2 (the CPUs where --dtype auto picks float32), above max_packed_rows: the float32
+  tile kernels (int8_tile_gemm_f32, int4_tile_gemm_f32: 16 columns unpacked to an exact float32 tile, 6 rows x 16
+  columns of multiply-adds in registers) up to max_tile_rows_f32 rows;
 - above those, or a CPU (library build) without AVX512-BF16 / AVX2: the weight is dequantized to the activation
   dtype, then one dense matmul (oneDNN).
 The packed and tile kernels multiply by the exact weight; dequantize + GEMM rounds it to bfloat16 (for bfloat16
@@ -60,14 +60,15 @@ INT8_MAX_PACKED_ROWS = 1
 LARGE_WEIGHT = 1 << 23
 LARGE_WEIGHT_MAX_PACKED_ROWS = 2
 MAX_TILE_ROWS = 512
-# float32 activations (--dtype auto on CPUs without native bf16): rows up to which the AVX2 int8 tile kernel beats
-# dequantize (int8_dequant) + oneDNN's float32 GEMM, measured on the output layer's shape on a 2-core AVX2 EPYC
-# (benchmarks/packed_f32.py --many-rows; BENCHMARKS.md, "On a CPU without native bf16"): 1.2-1.4x at 8 and 64
-# rows, 0.7x at 256 (the dequantized copy's 113 MB are written every call, then the GEMM's larger register blocks
-# win). int4 weights have no float32 tile kernel: one was measured (16 columns, 6 x 16 register block) and the
-# vectorized float32 dequantization + oneDNN's GEMM beat it from 5 rows on the decoder's shapes (0.6-0.8x at 64
-# rows; 0.9-1.2x at 16).
+# float32 activations (--dtype auto on CPUs without native bf16): rows up to which the AVX2 float32 tile kernels
+# (int8_tile_gemm_f32, int4_tile_gemm_f32) beat dequantize (int8_dequant, int4_dequant) + oneDNN's float32 GEMM,
+# measured on a 2-core AVX2 EPYC (benchmarks/packed_f32.py --many-rows; BENCHMARKS.md, "On a CPU without native
+# bf16"). The output layer (int8): 1.2-3.6x dequantize + GEMM and faster than the dense float32 weight up to 128
+# rows (its tile stays in cache where the 113 MB dense copy streams from memory), 0.9x at 256. The decoder's int4
+# projections: 1.4-3.4x from 5 to 8 rows, even at 16, 0.7x at 32 (their dense copies are a few MB; oneDNN's
+# register blocks win once there are enough rows).
 INT8_MAX_TILE_ROWS_F32 = 128
+INT4_MAX_TILE_ROWS_F32 = 16
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Multiply-adds below which a packed matmul runs on one thread: waking a second one costs more than it saves
 # (measured on the bundled model's layers, 2 cores; a busy machine makes the wake-up slower still).
@@ -116,8 +117,8 @@ class _QuantizedWeight:
         raise NotImplementedError
 
     def _tile_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
-        """Run the native tile kernel on x2 [m, K] (bfloat16, or for int8 weights float32 where the AVX2 tile
-        kernel is built; contiguous rows) into out [m, N]; its status."""
+        """Run the native tile kernel on x2 [m, K] (bfloat16, or float32 where the AVX2 tile kernels are built;
+        contiguous rows) into out [m, N]; its status."""
         raise NotImplementedError
 
     def kernel_for(self, m: int, dtype: torch.dtype) -> str:
@@ -214,7 +215,7 @@ class Int4Weight(_QuantizedWeight):
     float16 scales and offsets [N, K / group] with w = q * scale + offset."""
 
     kernel_name = "int4_gemm"
-    max_tile_rows_f32 = 0  # no float32 int4 tile kernel: dequantize + GEMM above the packed rows
+    max_tile_rows_f32 = INT4_MAX_TILE_ROWS_F32
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int) -> None:
         self.packed, self.scales, self.offsets, self.group = packed, scales, offsets, group
@@ -266,8 +267,10 @@ class Int4Weight(_QuantizedWeight):
             self.in_features, threads)
 
     def _tile_gemm(self, x2: torch.Tensor, out: torch.Tensor, m: int, threads: int) -> int:
-        if x2.dtype != torch.bfloat16:
-            raise ValueError(f"the int4 tile kernel takes bfloat16 activations, not {x2.dtype}: float32 dequantizes")
+        if x2.dtype == torch.float32:
+            return ops._library().int4_tile_gemm_f32(
+                x2.data_ptr(), x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
+                self.group, out.data_ptr(), out.stride(0), m, self.out_features, self.in_features, threads)
         return ops._library().int4_tile_gemm(
             x2.data_ptr(), x2.stride(0), self.packed.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
             self.group, out.data_ptr(), out.stride(0), m, self.out_features, self.in_features, threads)

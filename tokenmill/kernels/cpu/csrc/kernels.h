@@ -43,6 +43,9 @@ int int8_gemv_f32_columns(const float *x, int64_t rows, int64_t K, const int8_t 
 int tokenmill_quant_tile_f32_vectorized(void);
 int int8_tile_gemm_f32(const float *x, int64_t x_stride, const int8_t *q, const float *scales, int64_t group,
                        float *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int num_threads);
+int int4_tile_gemm_f32(const float *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
+                       const uint16_t *offsets, int64_t group, float *out, int64_t out_stride, int64_t M, int64_t N,
+                       int64_t K, int num_threads);
 
 int int4_gemv_bf16(const uint16_t *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
                    const uint16_t *offsets, int64_t group, uint16_t *out, int64_t out_stride, int64_t rows,

@@ -909,13 +909,13 @@ int int8_tile_gemm(const uint16_t *x, int64_t x_stride, const int8_t *q, const f
 #endif
 }
 
-// A tile kernel for int8 weights and float32 activations (AVX2 + FMA: the CPUs where --dtype auto runs float32).
+// Tile kernels for int8 and int4 weights and float32 activations (AVX2 + FMA: the CPUs where --dtype auto runs
+// float32).
 // As the bfloat16 tile kernels above, for more rows than the packed kernel takes: 16 output columns at a time are
 // unpacked into an exact float32 tile (q * scale, k-major: tile[k][j]) that stays in the core's cache, and every
 // row is multiplied against it, 6 rows by 16 columns in registers, so the weight's bytes are read once and no
 // dequantized copy of the whole weight is written. The products are those of the dequantized weight, summed in
-// another order than oneDNN's. Returns 0, -1 when memory runs out, -2 without AVX2. (For int4 weights the
-// vectorized float32 dequantization + oneDNN's GEMM measured faster from 5 rows: int4 has no such kernel.)
+// another order than oneDNN's. quant.py takes them up to max_tile_rows_f32 rows (measured there).
 #define F32_TILE_COLS 16
 
 int tokenmill_quant_tile_f32_vectorized(void) {
@@ -927,6 +927,25 @@ int tokenmill_quant_tile_f32_vectorized(void) {
 }
 
 #ifdef TOKENMILL_AVX2
+// r[i] holds 8 consecutive inputs of column i; stores input kk's 8 columns at dst + kk * F32_TILE_COLS.
+static inline void transpose_store_8x8(const __m256 r[8], float *dst) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(dst + i * F32_TILE_COLS, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * F32_TILE_COLS, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+    }
+}
+
 // The tile [K, 16] (k-major: the 16 columns' weights of input k side by side) of columns n0 .. n0 + cols - 1, zero
 // beyond cols: 8 columns x 8 inputs at a time, each column's 8 weights widened and scaled in one vector, then the
 // 8 x 8 block transposed in registers (a scalar fill, one strided store per weight, took as long as the GEMM on
@@ -944,22 +963,34 @@ static void int8_fill_tile_f32(const int8_t *q, const float *scales, int64_t gro
                                                      _mm256_set1_ps(scales[n * num_groups + k / group]))
                                      : _mm256_setzero_ps();
             }
-            __m256 t[8], u[8];
-            for (int i = 0; i < 8; i += 2) {
-                t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-                t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+            transpose_store_8x8(r, tile + k * F32_TILE_COLS + jb);
+        }
+}
+
+// The same for the int4 layout of int4_gemm: 8 inputs of a 32-input chunk are the low nibbles (inputs 0..15) or
+// the high nibbles (16..31) of 8 consecutive bytes; w = q * scale + offset as int4_dequant computes it.
+static void int4_fill_tile_f32(const uint8_t *q, const uint16_t *scales, const uint16_t *offsets, int64_t group,
+                               int64_t K, int64_t n0, int cols, float *tile) {
+    const int64_t num_groups = K / group;
+    const __m256i low = _mm256_set1_epi32(15);
+    for (int jb = 0; jb < F32_TILE_COLS; jb += 8)
+        for (int64_t k = 0; k < K; k += 8) {
+            const int64_t chunk = k / 32 * 16, within = k % 32;
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) {
+                const int64_t n = n0 + jb + i;
+                if (jb + i >= cols) {
+                    r[i] = _mm256_setzero_ps();
+                    continue;
+                }
+                const __m256i bytes = _mm256_cvtepu8_epi32(
+                    _mm_loadl_epi64((const __m128i *)(q + n * (K / 2) + chunk + within % 16)));
+                const __m256i nibbles = within < 16 ? _mm256_and_si256(bytes, low) : _mm256_srli_epi32(bytes, 4);
+                const int64_t g = n * num_groups + k / group;
+                r[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(nibbles), _mm256_set1_ps(_cvtsh_ss(scales[g])),
+                                       _mm256_set1_ps(_cvtsh_ss(offsets[g])));
             }
-            for (int i = 0; i < 8; i += 4) {
-                u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-                u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-                u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-                u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-            }
-            float *dst = tile + k * F32_TILE_COLS + jb;
-            for (int i = 0; i < 4; i++) {
-                _mm256_storeu_ps(dst + i * F32_TILE_COLS, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
-                _mm256_storeu_ps(dst + (i + 4) * F32_TILE_COLS, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
-            }
+            transpose_store_8x8(r, tile + k * F32_TILE_COLS + jb);
         }
 }
 
@@ -987,10 +1018,12 @@ static inline __attribute__((always_inline)) void tile_rows_f32(const int R, con
 }
 #endif
 
-// out [M, N] (row stride out_stride) = x [M, K] (row stride x_stride) @ w.T, float32, for the int8 layout of
-// int8_gemm: a tile of 16 columns per task, the tasks split over threads.
-int int8_tile_gemm_f32(const float *x, int64_t x_stride, const int8_t *q, const float *scales, int64_t group,
-                       float *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int num_threads) {
+// out [M, N] (row stride out_stride) = x [M, K] (row stride x_stride) @ w.T, float32: a tile of 16 columns per
+// task (int8_fill_tile_f32 or int4_fill_tile_f32: q int8 with float32 scales, or int4 with float16 scales and
+// offsets), the tasks split over threads. Returns 0, -1 when memory runs out, -2 without AVX2.
+static int tile_gemm_f32(const float *x, int64_t x_stride, const void *q, const void *scales, const uint16_t *offsets,
+                         int64_t group, float *out, int64_t out_stride, int64_t M, int64_t N, int64_t K,
+                         int num_threads) {
 #ifdef TOKENMILL_AVX2
     const int64_t num_tiles = (N + F32_TILE_COLS - 1) / F32_TILE_COLS;
     int status = 0;
@@ -1006,7 +1039,10 @@ int int8_tile_gemm_f32(const float *x, int64_t x_stride, const int8_t *q, const 
             if (tile == NULL) continue;
             const int64_t n0 = t * F32_TILE_COLS;
             const int cols = (int)(N - n0 < F32_TILE_COLS ? N - n0 : F32_TILE_COLS);
-            int8_fill_tile_f32(q, scales, group, K, n0, cols, tile);
+            if (offsets == NULL)
+                int8_fill_tile_f32((const int8_t *)q, (const float *)scales, group, K, n0, cols, tile);
+            else
+                int4_fill_tile_f32((const uint8_t *)q, (const uint16_t *)scales, offsets, group, K, n0, cols, tile);
             int64_t m0 = 0;
             for (; m0 + 6 <= M; m0 += 6)
                 tile_rows_f32(6, x + m0 * x_stride, x_stride, tile, K, out + m0 * out_stride, out_stride, n0, cols);
@@ -1019,8 +1055,19 @@ int int8_tile_gemm_f32(const float *x, int64_t x_stride, const int8_t *q, const 
     }
     return status;
 #else
-    (void)x, (void)x_stride, (void)q, (void)scales, (void)group, (void)out, (void)out_stride, (void)M, (void)N, (void)K;
-    (void)num_threads;
+    (void)x, (void)x_stride, (void)q, (void)scales, (void)offsets, (void)group, (void)out, (void)out_stride, (void)M;
+    (void)N, (void)K, (void)num_threads;
     return -2;
 #endif
+}
+
+int int8_tile_gemm_f32(const float *x, int64_t x_stride, const int8_t *q, const float *scales, int64_t group,
+                       float *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int num_threads) {
+    return tile_gemm_f32(x, x_stride, q, scales, NULL, group, out, out_stride, M, N, K, num_threads);
+}
+
+int int4_tile_gemm_f32(const float *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
+                       const uint16_t *offsets, int64_t group, float *out, int64_t out_stride, int64_t M, int64_t N,
+                       int64_t K, int num_threads) {
+    return tile_gemm_f32(x, x_stride, q, scales, offsets, group, out, out_stride, M, N, K, num_threads);
 }
