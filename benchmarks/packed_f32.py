@@ -21,9 +21,9 @@ change against what it replaces in one run.
     python benchmarks/packed_f32.py --many-rows 8,64,256,512      # the kernel choice above the packed rows
 
 --many-rows: for more rows than the packed kernels take, the engine's own Int4Weight / Int8Weight (the library
-as the engine builds it) per shape and row count: int8 through the float32 tile kernel (int8_tile_gemm_f32) and
-through dequantize + oneDNN's float32 GEMM, int4 through dequantize + GEMM, and the dense float32 weight (F.linear)
-for reference: the crossovers tokenmill/kernels/cpu/quant.py uses (INT8_MAX_TILE_ROWS_F32).
+as the engine builds it) per shape and row count: through the float32 tile kernels (int8_tile_gemm_f32,
+int4_tile_gemm_f32) and through dequantize + oneDNN's float32 GEMM, and the dense float32 weight (F.linear) for
+reference: the crossovers tokenmill/kernels/cpu/quant.py uses (INT8_MAX_TILE_ROWS_F32, INT4_MAX_TILE_ROWS_F32).
 """
 
 from __future__ import annotations
@@ -135,9 +135,8 @@ def many_rows(rows: list[int], repeat: int, threads: int) -> list[dict]:
             row = {"shape": f"{n}x{k}", "kind": kind, "rows": m,
                    "dequant_gemm_ms": best_ms(lambda x=x, w=weight: F.linear(x, w.dequantize(torch.float32))),
                    "dense_f32_ms": best_ms(lambda x=x, d=dense: F.linear(x, d))}
-            if kind == "int8":
-                result = torch.empty(m, n)
-                row["tile_ms"] = best_ms(lambda x=x, w=weight, r=result, m=m: w._tile_gemm(x, r, m, threads))
+            result = torch.empty(m, n)
+            row["tile_ms"] = best_ms(lambda x=x, w=weight, r=result, m=m: w._tile_gemm(x, r, m, threads))
             out.append(row)
             tile = f"tile {row['tile_ms']:.2f} ms, " if "tile_ms" in row else ""
             print(f"{row['shape']} {kind} M={m}: {tile}dequantize + GEMM {row['dequant_gemm_ms']:.2f} ms, dense "
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.many_rows:
         rows = many_rows([int(r) for r in args.many_rows.split(",")], args.repeat, max(args.threads, 2))
-        print("\n| shape (N x K) | weights | M | int8 tile ms | dequantize + GEMM ms | dense float32 ms |")
+        print("\n| shape (N x K) | weights | M | tile ms | dequantize + GEMM ms | dense float32 ms |")
         print("|---|---|---:|---:|---:|---:|")
         for r in rows:
             tile = f"{r['tile_ms']:.2f}" if "tile_ms" in r else "-"

@@ -234,7 +234,7 @@ def test_int8_float32_tile_kernel_matches_reference(m, group):
 
 
 @f32_tile_built
-@pytest.mark.parametrize("m", [5, 9, 16])
+@pytest.mark.parametrize("m", [5, 7, 64])
 @pytest.mark.parametrize("group,with_zeros", [(32, False), (64, True), (128, True)])
 def test_int4_float32_tile_kernel_matches_reference(m, group, with_zeros):
     """The int4 float32 tile (nibbles times scale plus offset, 8 inputs of 8 columns transposed at a time) gives

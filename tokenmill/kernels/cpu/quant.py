@@ -63,12 +63,11 @@ MAX_TILE_ROWS = 512
 # float32 activations (--dtype auto on CPUs without native bf16): rows up to which the AVX2 float32 tile kernels
 # (int8_tile_gemm_f32, int4_tile_gemm_f32) beat dequantize (int8_dequant, int4_dequant) + oneDNN's float32 GEMM,
 # measured on a 2-core AVX2 EPYC (benchmarks/packed_f32.py --many-rows; BENCHMARKS.md, "On a CPU without native
-# bf16"). The output layer (int8): 1.2-3.6x dequantize + GEMM and faster than the dense float32 weight up to 128
-# rows (its tile stays in cache where the 113 MB dense copy streams from memory), 0.9x at 256. The decoder's int4
-# projections: 1.4-3.4x from 5 to 8 rows, even at 16, 0.7x at 32 (their dense copies are a few MB; oneDNN's
-# register blocks win once there are enough rows).
-INT8_MAX_TILE_ROWS_F32 = 128
-INT4_MAX_TILE_ROWS_F32 = 16
+# bf16"): every decoder shape and the output layer from 16 to 1024 rows (the output layer 2.3-6.9x, the decoder's
+# int4 projections 1.0-3.8x, and faster than the dense float32 weight in most cases: the tile stays in cache);
+# at 2048 rows the down projection (K = 1536) lost 0.7x, its activations no longer in cache for each tile.
+INT8_MAX_TILE_ROWS_F32 = 1024
+INT4_MAX_TILE_ROWS_F32 = 1024
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Multiply-adds below which a packed matmul runs on one thread: waking a second one costs more than it saves
 # (measured on the bundled model's layers, 2 cores; a busy machine makes the wake-up slower still).
