@@ -16,7 +16,7 @@ speed-up.
     python benchmarks/packed_f32.py --against HEAD~1     # also quant.c as of a git revision, side by side
 
 --against REV adds a third build: quant.c with its headers as committed at REV (git show), to measure a kernel
-change against what it replaces in one run.
+change against what it replaces in one run (with --many-rows: REV's float32 tile kernels, where it has them).
 
     python benchmarks/packed_f32.py --many-rows 8,64,256,512      # the kernel choice above the packed rows
 
@@ -101,8 +101,24 @@ def run(lib: ctypes.CDLL, kind: str, weights: list[dict], x: np.ndarray, out: np
                           n, m, n, k, threads)
 
 
-def many_rows(rows: list[int], repeat: int, threads: int) -> list[dict]:
-    """ms per call of the engine's kernels for more rows than the packed kernels take (float32 activations)."""
+def tile_at_rev(lib: ctypes.CDLL, weight, x, out, threads: int) -> None:
+    """weight's float32 tile kernel as built from another revision's quant.c (lib), on x into out."""
+    m, k = x.shape
+    n = out.shape[1]
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    if hasattr(weight, "packed"):  # int4: q, scales, offsets
+        lib.int4_tile_gemm_f32.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32]
+        lib.int4_tile_gemm_f32(x.data_ptr(), k, weight.packed.data_ptr(), weight.scales.data_ptr(),
+                               weight.offsets.data_ptr(), weight.group, out.data_ptr(), n, m, n, k, threads)
+    else:
+        lib.int8_tile_gemm_f32.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32]
+        lib.int8_tile_gemm_f32(x.data_ptr(), k, weight.q.data_ptr(), weight.scales.data_ptr(), weight.group,
+                               out.data_ptr(), n, m, n, k, threads)
+
+
+def many_rows(rows: list[int], repeat: int, threads: int, against: ctypes.CDLL | None = None) -> list[dict]:
+    """ms per call of the engine's kernels for more rows than the packed kernels take (float32 activations); with
+    against (quant.c built from another revision), its tile kernel on the same weights too, where it has one."""
     import torch
     import torch.nn.functional as F
 
@@ -137,8 +153,12 @@ def many_rows(rows: list[int], repeat: int, threads: int) -> list[dict]:
                    "dense_f32_ms": best_ms(lambda x=x, d=dense: F.linear(x, d))}
             result = torch.empty(m, n)
             row["tile_ms"] = best_ms(lambda x=x, w=weight, r=result, m=m: w._tile_gemm(x, r, m, threads))
+            if against is not None and hasattr(against, f"{kind}_tile_gemm_f32"):
+                row["tile_against_ms"] = best_ms(lambda x=x, w=weight, r=result: tile_at_rev(against, w, x, r, threads))
             out.append(row)
             tile = f"tile {row['tile_ms']:.2f} ms, " if "tile_ms" in row else ""
+            if "tile_against_ms" in row:
+                tile += f"tile at the other revision {row['tile_against_ms']:.2f} ms, "
             print(f"{row['shape']} {kind} M={m}: {tile}dequantize + GEMM {row['dequant_gemm_ms']:.2f} ms, dense "
                   f"float32 {row['dense_f32_ms']:.2f} ms", flush=True)
     return out
@@ -155,12 +175,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
     if args.many_rows:
-        rows = many_rows([int(r) for r in args.many_rows.split(",")], args.repeat, max(args.threads, 2))
-        print("\n| shape (N x K) | weights | M | tile ms | dequantize + GEMM ms | dense float32 ms |")
-        print("|---|---|---:|---:|---:|---:|")
+        with tempfile.TemporaryDirectory() as tmp:
+            against = (build(Path(tmp), "against", [], checkout_csrc(args.against, Path(tmp)))
+                       if args.against else None)
+            rows = many_rows([int(r) for r in args.many_rows.split(",")], args.repeat, max(args.threads, 2), against)
+        extra = f" tile at {args.against} ms |" if args.against else ""
+        print(f"\n| shape (N x K) | weights | M | tile ms |{extra} dequantize + GEMM ms | dense float32 ms |")
+        print("|---|---|---:|---:|" + ("---:|" if args.against else "") + "---:|---:|")
         for r in rows:
-            tile = f"{r['tile_ms']:.2f}" if "tile_ms" in r else "-"
-            print(f"| {r['shape']} | {r['kind']} | {r['rows']} | {tile} | {r['dequant_gemm_ms']:.2f} | "
+            cells = f" {r['tile_ms']:.2f} |"
+            if args.against:
+                cells += f" {r['tile_against_ms']:.2f} |" if "tile_against_ms" in r else " - |"
+            print(f"| {r['shape']} | {r['kind']} | {r['rows']} |{cells} {r['dequant_gemm_ms']:.2f} | "
                   f"{r['dense_f32_ms']:.2f} |")
         if args.json_path:
             Path(args.json_path).write_text(json.dumps({"many_rows": rows}, indent=2))
