@@ -58,11 +58,15 @@ def run(core: EngineCore, prompts: list[list[int]], params: list[SamplingParams]
 
 
 def assert_logprobs_close(expected: list[dict], got: list[dict], tol: float = 1e-4) -> None:
+    """Within tol, plus 2e-6 of the logprob's size: a logprob of -125 (the random tiny models give such) comes from
+    logits of that size, whose float32 sums in another order (each rank's share of a row-parallel layer, then the
+    all-reduce) differ by a few units in their last place, ~1e-5 each."""
     assert len(expected) == len(got)
     for e, g in zip(expected, got, strict=True):
         assert e.keys() == g.keys()
         for token, lp in e.items():
-            assert abs(lp.logprob - g[token].logprob) <= tol, (token, lp.logprob, g[token].logprob)
+            assert abs(lp.logprob - g[token].logprob) <= tol + 2e-6 * abs(lp.logprob), (token, lp.logprob,
+                                                                                       g[token].logprob)
 
 
 def compare(reference: EngineCore, sharded: EngineCore, prompts, params, tag: str) -> None:

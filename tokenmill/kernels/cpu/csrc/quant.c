@@ -132,55 +132,53 @@ static void int8_columns_avx2(const int8_t *q, const float *scales, int64_t grou
 }
 
 // R (1 or 2) float32 rows of x against one int4 weight row (AVX2 + FMA): each 16-byte chunk of 32 nibbles is
-// widened to float32 once for the R rows. Same sums as int4_gemm's other paths: s_g * sum(x q) plus b_g * sum(x)
-// per group g (xsum [R, num_groups]: the groups' sums of x).
+// widened to float32 once for the R rows. Same sums as int4_gemm's other paths up to float32 order: s_g * sum(x q)
+// plus b_g * sum(x) per group g (xsum [R, num_groups]: the groups' sums of x). One flat loop over the chunks, each
+// chunk's sum times its group's scale, and the accumulators in named variables (as int4_cols2_avx2).
 static inline __attribute__((always_inline)) void int4_rows_avx2(const int R, const uint8_t *qr,
                                                                   const uint16_t *sr, const uint16_t *br,
                                                                   int64_t group, int64_t num_groups, const float *x,
                                                                   int64_t K, const float *xsum, float *total) {
     const __m256i low = _mm256_set1_epi32(15);
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    // The row's scales in float32, 8 conversions at a time: each group then broadcasts its scale from memory.
+    // The row's scales in float32, 8 conversions at a time: each chunk then broadcasts its group's from memory.
     float scale[num_groups];
     int64_t h = 0;
     for (; h + 8 <= num_groups; h += 8)
         _mm256_storeu_ps(scale + h, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sr + h))));
     for (; h < num_groups; h++) scale[h] = _cvtsh_ss(sr[h]);
-    for (int64_t g = 0; g < num_groups; g++) {
-        __m256 p[2][4];
-        for (int r = 0; r < R; r++)
-            for (int i = 0; i < 4; i++) p[r][i] = _mm256_setzero_ps();
-        for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
-            const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + c / 2)));
-            const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + c / 2 + 8)));
-            const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, low));  // inputs c + 0..7
-            const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, low));  // c + 8..15
-            const __m256 w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));   // c + 16..23
-            const __m256 w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));   // c + 24..31
-            for (int r = 0; r < R; r++) {
-                const float *xr = x + r * K + c;
-                p[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), p[r][0]);
-                p[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), p[r][1]);
-                p[r][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), p[r][2]);
-                p[r][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), p[r][3]);
-            }
-        }
-        const __m256 s = _mm256_broadcast_ss(scale + g);
-        for (int r = 0; r < R; r++) {
-            const __m256 part = _mm256_add_ps(_mm256_add_ps(p[r][0], p[r][1]), _mm256_add_ps(p[r][2], p[r][3]));
-            acc[r] = _mm256_fmadd_ps(part, s, acc[r]);
+    const int shift = __builtin_ctzll((unsigned long long)(group / 32));
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < num_groups << shift; b++) {
+        const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + 16 * b)));
+        const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + 16 * b + 8)));
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, low));  // inputs 0..7 of the chunk
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, low));  // 8..15
+        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));   // 16..23
+        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));   // 24..31
+        const __m256 s = _mm256_broadcast_ss(scale + (b >> shift));
+        const float *x0 = x + 32 * b;
+        __m256 pa = _mm256_mul_ps(w0, _mm256_loadu_ps(x0)), pb = _mm256_mul_ps(w1, _mm256_loadu_ps(x0 + 8));
+        pa = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x0 + 16), pa);
+        pb = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x0 + 24), pb);
+        acc0 = _mm256_fmadd_ps(_mm256_add_ps(pa, pb), s, acc0);
+        if (R > 1) {
+            const float *x1 = x0 + K;
+            __m256 qa = _mm256_mul_ps(w0, _mm256_loadu_ps(x1)), qb = _mm256_mul_ps(w1, _mm256_loadu_ps(x1 + 8));
+            qa = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x1 + 16), qa);
+            qb = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x1 + 24), qb);
+            acc1 = _mm256_fmadd_ps(_mm256_add_ps(qa, qb), s, acc1);
         }
     }
     int64_t g = 0;
     for (; g + 8 <= num_groups; g += 8) {  // the offsets, 8 groups at a time
-        const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(br + g)));
-        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xsum + r * num_groups + g), acc[r]);
+        const __m256 bias = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(br + g)));
+        acc0 = _mm256_fmadd_ps(bias, _mm256_loadu_ps(xsum + g), acc0);
+        if (R > 1) acc1 = _mm256_fmadd_ps(bias, _mm256_loadu_ps(xsum + num_groups + g), acc1);
     }
-    for (int r = 0; r < R; r++) {
-        float t = hsum256(acc[r]);
-        for (int64_t h = g; h < num_groups; h++) t += _cvtsh_ss(br[h]) * xsum[r * num_groups + h];
-        total[r] = t;
-    }
+    total[0] = hsum256(acc0);
+    if (R > 1) total[1] = hsum256(acc1);
+    for (int r = 0; r < R; r++)
+        for (int64_t h2 = g; h2 < num_groups; h2++) total[r] += _cvtsh_ss(br[h2]) * xsum[r * num_groups + h2];
 }
 
 // One float32 row x against two int4 weight rows qr[0..1] (output columns n, n + 1; AVX2 + FMA): batch-1 decode.
