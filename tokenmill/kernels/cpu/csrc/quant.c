@@ -186,7 +186,8 @@ static inline __attribute__((always_inline)) void int4_rows_avx2(const int R, co
 // alone waits on its own chain, and pays its set-up and horizontal sum alone). Both columns' rows are read at
 // once, two streams that the hardware prefetcher follows poorly once a row passes a few cache lines, so each
 // cache line of them also prefetches the same line of the next two columns. The sums are those of int4_rows_avx2
-// up to float32 order. 1.15-1.4x int4_rows_avx2 a column at a time on a 2-core AVX2 EPYC (benchmarks/packed_f32.py).
+// up to float32 order. 1.04-1.35x the one-column loop it replaced on a 2-core AVX2 EPYC (benchmarks/packed_f32.py
+// --against, BENCHMARKS.md).
 static inline void int4_cols2_avx2(const uint8_t *const qr[2], const uint16_t *const sr[2],
                                    const uint16_t *const br[2], int64_t group, int64_t num_groups, const float *x,
                                    const float *xsum, float total[2]) {
