@@ -51,12 +51,14 @@ SHAPES = [(960, 576, 30, "int4"), (576, 576, 30, "int4"), (3072, 576, 30, "int4"
 GROUP = 32
 
 
-def build(tmp: Path, name: str, extra: list[str], csrc: Path = CSRC) -> ctypes.CDLL:
+def build(tmp: Path, name: str, extra: list[str], csrc: Path = CSRC, sources: tuple[str, ...] = ("quant.c",)
+          ) -> ctypes.CDLL:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         sys.exit("no C compiler found")
     out = tmp / f"{name}.so"
-    subprocess.run([compiler, *FLAGS, *extra, str(csrc / "quant.c"), "-o", str(out), "-lm"], check=True)
+    subprocess.run([compiler, *FLAGS, *extra, *(str(csrc / s) for s in sources), "-o", str(out), "-lm"],
+                   check=True)
     lib = ctypes.CDLL(str(out))
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.int4_gemm.argtypes = [ptr, i32, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32]
@@ -77,12 +79,12 @@ def make_weights(n: int, k: int, layers: int, kind: str, rng: np.random.Generato
     return weights
 
 
-def checkout_csrc(rev: str, tmp: Path) -> Path:
-    """The kernel sources as committed at rev, in a folder of tmp."""
+def checkout_csrc(rev: str, tmp: Path, sources: tuple[str, ...] = ("quant.c",)) -> Path:
+    """The kernel sources (with their headers) as committed at rev, in a folder of tmp."""
     folder = tmp / "csrc-at-rev"
     folder.mkdir()
     relative = CSRC.relative_to(REPO_ROOT)
-    for name in ("quant.c", "kernels.h", "simd.h"):
+    for name in (*sources, "kernels.h", "simd.h"):
         text = subprocess.run(["git", "-C", str(REPO_ROOT), "show", f"{rev}:{relative / name}"], check=True,
                               capture_output=True, text=True).stdout
         (folder / name).write_text(text)

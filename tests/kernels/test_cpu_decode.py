@@ -46,6 +46,34 @@ def test_int4_gemv_equals_the_exact_product(n, k, group, rows):
         assert torch.equal(weight.matmul(x), out)
 
 
+@needs_bf16
+def test_int4_gemv_wide_ranges_and_non_finite_inputs():
+    """The GEMV lays each chunk of 32 inputs out as 16-bit integers under a power-of-two scale: a chunk whose
+    inputs span 2^-24 to 2^10 (one large input, the rest far below it), and chunks of tiny inputs alone (2^-120:
+    their own scale, not flushed by a larger chunk), stay within the bound of the exact product; a NaN or an
+    infinite input makes every output of its row non-finite, as the float product would."""
+    n, k, group = 64, 256, 32
+    g = torch.Generator().manual_seed(7)
+    weight = pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g), torch.rand(n, k // group,
+                       generator=g) * 0.02, None, group, bias=-torch.rand(n, k // group, generator=g) * 0.1)
+    x = torch.randn(4, k, generator=g) * 2.0 ** torch.randint(-24, 0, (4, k), generator=g)
+    x[0, ::32] = 1024.0
+    x[1] = torch.randn(k, generator=g) * 2.0 ** -120
+    x[2, 5], x[3, 200] = float("nan"), float("inf")
+    x = x.to(torch.bfloat16)
+    out = torch.empty(4, n, dtype=torch.bfloat16)
+    assert ops._library().int4_gemv_bf16(
+        x.data_ptr(), k, weight.packed.data_ptr(), weight.scales.data_ptr(), weight.offsets.data_ptr(), group,
+        out.data_ptr(), n, 4, n, k, 1) == 0
+    w = weight.dequantize(torch.float32).double()
+    for row in (0, 1):
+        exact = x[row].double() @ w.T
+        magnitude = (x[row].double().abs() @ w.abs().T).max()
+        assert (out[row].double() - exact).abs().max() <= 2 ** -8 * exact.abs().max() + 1e-5 * magnitude
+        assert exact.abs().max() > 0
+    assert not out[2:].float().isfinite().any()
+
+
 PROMPTS = ["The quick brown fox", "Paged attention stores keys and values", "1234567890 + 987654321 = ?"]
 
 
@@ -118,6 +146,38 @@ def test_fused_decode_matches_op_by_op_on_the_bundled_model():
     """The bundled model, Q4_1 kept packed: the same greedy answer with and without the fused step."""
     llm = LLM(show_progress=False, max_model_len=512)
     _fused_vs_op_by_op(llm, ["What is the capital of France? Answer in one word."], 24)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("step_threads", [1, 2])
+def test_fused_step_computes_a_packed_output_layer(tmp_path, tiny_tokenizer_dir, dtype, step_threads):
+    """A GGUF model (Q4_1 layers, the tied Q8_0 embedding as output layer): at one row the fused step computes the
+    logits too, in its parallel region, with the op-by-op path's kernel; tokens and logprobs are the op-by-op
+    path's, the output layer's columns on 1 and 2 threads. Three rows (more than the int8 output kernel takes
+    packed) leave the logits to compute_logits."""
+    from tests.model.quant_checkpoints import gguf_cache_dir
+
+    types = dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), "Q4_1")
+    llm = tiny_llm(gguf_cache_dir(tmp_path / "q4_1", tiny_tokenizer_dir, types | {"embed_tokens": "Q8_0"}),
+                   dtype=dtype)
+    fused = llm.llm_engine.core.model.fused_decoder
+    assert fused is not None and fused.head_rows == 1 and fused.max_rows == quant.INT4_MAX_PACKED_ROWS
+    fused._model.min_parallel_step = 0
+    fused.step_threads = step_threads
+    taken = []
+    take = fused.take_logits
+
+    def recording_take(hidden):
+        logits = take(hidden)
+        taken.append(logits is not None)
+        return logits
+
+    fused.take_logits = recording_take
+    _fused_vs_op_by_op(llm, PROMPTS[:1], 24)
+    assert sum(taken) >= 23 and all(taken[1:])  # every decode step's logits came from the fused step
+    taken.clear()
+    _fused_vs_op_by_op(llm, PROMPTS, 8)
+    assert taken and not any(taken)  # three rows: the output layer ran op by op
 
 
 def test_more_rows_than_the_packed_kernels_take_run_op_by_op(tiny_models):

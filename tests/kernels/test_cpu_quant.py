@@ -179,6 +179,9 @@ def test_kernel_choice_per_row_count():
                       32)
     assert small.max_packed_rows == quant.INT4_MAX_PACKED_ROWS
     assert large.max_packed_rows == quant.LARGE_WEIGHT_MAX_PACKED_ROWS > quant.INT8_MAX_PACKED_ROWS
+    large_int4 = pack_int4(torch.zeros(quant.LARGE_WEIGHT // 256, 256, dtype=torch.uint8),
+                           torch.ones(quant.LARGE_WEIGHT // 256, 8), None, 32)
+    assert large_int4.max_packed_rows == quant.INT4_MAX_PACKED_ROWS  # int4: the packed kernel at any size
     if not quant._native():
         assert small.kernel_for(1, torch.bfloat16) == "dequant"
         return

@@ -445,6 +445,10 @@ class LlamaForCausalLM(nn.Module):
         off, never sampled); the other ranks get None. Only the last pipeline stage has an lm_head."""
         if not self.is_last_stage:
             raise RuntimeError(f"pipeline stage {self.pp_rank} has no lm_head: the last stage computes logits")
+        if self.fused_decoder is not None:  # a fused decode step may have computed them already
+            fused = self.fused_decoder.take_logits(hidden)
+            if fused is not None:
+                return fused
         logits = self.lm_head(hidden)
         if self.tp_size == 1:
             return logits

@@ -5,7 +5,10 @@ spent about two thirds of it outside the kernels' arithmetic (BENCHMARKS.md, iss
 (norms, projections, rotary, cache write, attention, activation), each with its argument checks, tensor
 allocations and ctypes crossing, and attention waking a second thread for a few microseconds of work. tokenmill_decode_forward (csrc/decode_layer.c) runs the
 same kernels with the same arguments from C, over scratch rows allocated once, so the step's Python work is the
-embedding lookup, this call, the output layer and sampling.
+embedding lookup, this call and sampling: where a packed kernel holds the output layer too (a GGUF model's tied
+Q8_0 embedding), the call computes the logits as well, in the same parallel region (the op-by-op path's kernel
+and sums), for as many rows as that kernel takes packed; LlamaForCausalLM.compute_logits takes them with
+take_logits.
 
 When it runs (FusedDecoder.build says why not in the log, at debug level):
 - CPU, activations and KV cache in bfloat16 with the native layer ops built and vectorized (AVX512-BF16), or in
@@ -82,7 +85,7 @@ class _Model(ctypes.Structure):
                 ("sin", ctypes.c_void_p), ("min_parallel_attention", ctypes.c_int64),
                 ("min_parallel_step", ctypes.c_int64), ("x", ctypes.c_void_p), ("qkv", ctypes.c_void_p),
                 ("q", ctypes.c_void_p), ("attn", ctypes.c_void_p), ("gate_up", ctypes.c_void_p),
-                ("dtype", ctypes.c_int32)]
+                ("dtype", ctypes.c_int32), ("lm_head", _Weight)]
 
 # decode_layer.c's codes for the activations' dtype (paged_decode_attention's).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
@@ -91,6 +94,17 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 def enabled_by_env() -> bool:
     """False when TOKENMILL_FUSED_DECODE is 0 / false / off (the op-by-op path runs every step)."""
     return os.environ.get(ENV_FLAG, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def output_kernel(model: Any) -> Int4Weight | Int8Weight | None:
+    """The packed kernel of model's output layer (its own, or the tied embedding table's), or None."""
+    from tokenmill.model.layers.linear import TiedLMHead
+
+    head = model.lm_head
+    layer = head._embedding[0] if isinstance(head, TiedLMHead) else head
+    if getattr(layer, "quant_method", None) is None or getattr(layer, "bias", None) is not None:
+        return None
+    return packed_kernel(layer)
 
 
 def packed_kernel(linear: Any) -> Int4Weight | Int8Weight | None:
@@ -189,6 +203,12 @@ class FusedDecoder:
             self._keep.append(t)
             return t.data_ptr()
 
+        # The output layer in the step's region, for up to head_rows rows (its kernel's packed rows: more run op by
+        # op, through the tile kernel); 0 where no packed kernel holds it.
+        head = output_kernel(model)
+        self.head_rows = min(head.max_packed_rows, rows) if head is not None else 0
+        self._vocab = head.out_features if head is not None else 0
+        self._logits: tuple[torch.Tensor, torch.Tensor] | None = None
         self._model = _Model(
             num_layers=spec.num_layers, hidden=spec.hidden_size, num_heads=spec.num_heads,
             num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, intermediate=spec.intermediate_size,
@@ -197,6 +217,7 @@ class FusedDecoder:
             min_parallel_attention=MIN_PARALLEL_ATTENTION, min_parallel_step=MIN_PARALLEL_STEP,
             x=scratch(spec.hidden_size), qkv=scratch(q_size + 2 * kv_size), q=scratch(q_size), attn=scratch(q_size),
             gate_up=scratch(2 * spec.intermediate_size), dtype=_DTYPE_CODES[self.dtype],
+            lm_head=self._weight(head, None) if head is not None else _Weight(),
         )
         # Threads of each step: None lets the chooser measure; a number fixes it (benchmarks, tests).
         self.step_threads: int | None = None
@@ -301,17 +322,28 @@ class FusedDecoder:
             tables = tables.to(torch.int32).contiguous()
         seq_lens = meta.seq_lens if meta.seq_lens.dtype == torch.int32 else meta.seq_lens.to(torch.int32)
         out = torch.empty((rows, self.hidden), dtype=self.dtype)
+        logits = torch.empty((rows, self._vocab), dtype=self.dtype) if rows <= self.head_rows else None
         num_threads = torch.get_num_threads()
         threads = self.step_threads or self.chooser.pick(rows, num_threads)
         start = time.perf_counter()
         status = self._lib.tokenmill_decode_forward(
             ctypes.byref(self._model), x.data_ptr(), out.data_ptr(), rows, positions.contiguous().data_ptr(),
             slots.contiguous().data_ptr(), self._kv_pointers(kv_caches), kv.shape[1], kv.shape[2],
-            tables.data_ptr(), tables.shape[1], seq_lens.contiguous().data_ptr(), num_threads, threads)
+            tables.data_ptr(), tables.shape[1], seq_lens.contiguous().data_ptr(), num_threads, threads,
+            logits.data_ptr() if logits is not None else None)
         if self.step_threads is None:
             self.chooser.record(rows, threads, time.perf_counter() - start)
         if status == -1:
             raise MemoryError("the fused decode step could not allocate its packed-kernel buffers")
         if status != 0:
             raise RuntimeError(f"the fused decode step failed with status {status}")
+        self._logits = (out, logits) if logits is not None else None
         return out
+
+    def take_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The logits the last step computed with its hidden states, if hidden is that step's output (every row
+        samples, so the caller passes it whole); None otherwise (the caller computes them). Taken once."""
+        pending, self._logits = self._logits, None
+        if pending is None or pending[0] is not hidden:
+            return None
+        return pending[1]

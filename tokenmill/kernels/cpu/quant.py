@@ -14,8 +14,9 @@ on this CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
 - M <= max_packed_rows (batch-1 decode; set per weight shape at construction): the packed kernels of csrc/quant.c
   (int4_gemm, int8_gemm) stream the quantized bytes once and keep the activations in float32 (AVX512, or AVX2 + FMA
   on x86-64-v3 CPUs, 3-6x the portable loops there); for int4 weights and
-  up to INT4_MAX_PACKED_ROWS bfloat16 rows, csrc/gemv_bf16.c's int4_gemv_bf16 does the same sums with AVX512-BF16
-  dot products (2x faster at one row);
+  up to INT4_MAX_PACKED_ROWS bfloat16 rows, csrc/gemv_bf16.c's int4_gemv_bf16 does the same sums with AVX512-VNNI
+  integer dot products on 16-bit fixed-point activations (each chunk of 32 under a power-of-two scale: exact within
+  2^7 of the chunk's largest input, smaller ones rounded at 2^-16 of it; 1.5-2.9x int4_gemm at one row);
 - larger M with bfloat16 activations (decode batches, prefill): the tile kernels (int4_tile_gemm, int8_tile_gemm)
   unpack 32 output columns at a time into a bfloat16 tile of the quantized values (exact) that stays in the core's
   cache, multiply it against every row with AVX512-BF16 dot products and apply the group scales and offsets to the
@@ -46,16 +47,17 @@ from tokenmill.kernels.cpu import ops
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Rows up to which the packed kernels run rather than the tile kernel on this CPU (AVX512-BF16 and VNNI, no AMX),
 # measured by benchmarks/quant_kernels.py on the bundled model's shapes (BENCHMARKS.md, "Tile kernels for many
-# rows"): 4 for int4 projections (int4_gemv_bf16's dot products beat the tile kernel up to 4 rows summed over the
-# decoder's shapes, 0.333 vs 0.371 ms at 4; the tile kernel wins from 6); 1 for int8 projections (from 2 rows the
-# tile kernel is as fast or faster); 2 for weights of LARGE_WEIGHT elements or more (the output layer), where
-# unpacking the whole weight into tiles outweighs the faster multiply for a few rows (it wins from 4). Chosen once
-# per weight. The fused decode step takes as many rows as every one of its layers' packed kernels (the same sums
-# as the op-by-op path). Above: the tile kernel for bfloat16 activations up to
+# rows" and "Integer dot products in the int4 GEMV"): 8 for int4 projections (int4_gemv_bf16's integer dot
+# products beat the tile kernel at 6 and 8 rows on every decoder shape and the output layer's, 1.1-1.6x, and at
+# 12 on most; the float32 AVX2 packed kernel beat the float32 tile kernel 1.1-1.2x at 5-8 rows); 1 for int8
+# projections (from 2 rows the tile kernel is as fast or faster); 2 for int8 weights of LARGE_WEIGHT elements or
+# more (the output layer), where unpacking the whole weight into tiles outweighs the faster multiply for a few
+# rows (it wins from 4). Chosen once per weight. The fused decode step takes as many rows as every one of its
+# layers' packed kernels (the same sums as the op-by-op path). Above: the tile kernel for bfloat16 activations up to
 # MAX_TILE_ROWS (decode batches, short prompts): faster than dequantize + oneDNN GEMM from 2 to 512 rows summed over
 # the decoder's shapes, slower from 1024 (long prefill chunks), where the dequantization is spread over enough rows
 # and oneDNN's larger register blocks win.
-INT4_MAX_PACKED_ROWS = 4
+INT4_MAX_PACKED_ROWS = 8
 INT8_MAX_PACKED_ROWS = 1
 LARGE_WEIGHT = 1 << 23
 LARGE_WEIGHT_MAX_PACKED_ROWS = 2
@@ -219,8 +221,7 @@ class Int4Weight(_QuantizedWeight):
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int) -> None:
         self.packed, self.scales, self.offsets, self.group = packed, scales, offsets, group
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
-        n, k = self.out_features, self.in_features
-        self.max_packed_rows = LARGE_WEIGHT_MAX_PACKED_ROWS if n * k >= LARGE_WEIGHT else INT4_MAX_PACKED_ROWS
+        self.max_packed_rows = INT4_MAX_PACKED_ROWS
         self.max_tile_rows = MAX_TILE_ROWS
 
     @property

@@ -3,7 +3,8 @@
 // ~10 a layer. Each layer runs, as tokenmill/model/llama.py does op by op:
 //   rms_norm (+ residual) -> qkv GEMV (+ bias) -> rotary -> write_kv -> paged decode attention -> o_proj GEMV
 //   -> rms_norm + residual -> gate_up GEMV -> silu_and_mul -> down GEMV
-// then the final norm, inside one OpenMP parallel region: the threads split each projection's output columns
+// then the final norm and, where the output layer is packed too and the caller asks, the logits, inside one OpenMP
+// parallel region: the threads split each projection's output columns
 // (the same kernels as the op-by-op path, whose column sums do not depend on the split) and meet at a barrier
 // between dependent stages, so a step pays one fork and join instead of one per matmul. Its results are those of
 // the op-by-op path, bit for bit, at any number of threads, while attention cuts each sequence into the same
@@ -64,6 +65,9 @@ typedef struct {
     void *x, *qkv, *q, *attn, *gate_up;
     // The activations' and KV cache's dtype: DTYPE_F32 or DTYPE_BF16 (paged_decode_attention's codes).
     int32_t dtype;
+    // The output layer [vocab, hidden] when a packed kernel holds it (q NULL otherwise): the logits are then
+    // computed in the step's region, where the caller passes a buffer for them.
+    TmWeight lm_head;
 } TmModel;
 
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
@@ -140,6 +144,7 @@ typedef struct {
     void *residual, *normed, *act;       // [rows, hidden], [rows, hidden], [rows, intermediate], model's dtype
     uint16_t *xr, *expanded;             // int4_gemv_prepare's layout of the GEMV input; its scale scratch
     float *xsum;
+    float *xf;                           // [rows, k]: a bfloat16 input in float32, for the int8 GEMV
 } ThreadScratch;
 
 // Output columns handed out per grab: about CHUNK_BYTES of weights (at least 16 columns), so a thread that
@@ -161,8 +166,12 @@ static int linear_columns(const TmModel *m, const TmWeight *w, const void *x, vo
     const int packed_int4 = w->kind == WEIGHT_INT4 && dtype == DTYPE_BF16;
     // Every thread lays out the (small) input itself, so no barrier separates the layout from the GEMV.
     if (packed_int4) int4_gemv_prepare(x, k, rows, k, scratch->xr, scratch->xsum);
+    // int8 on bfloat16: the input in float32 once, not once per chunk (int8_gemm converts it on every call).
+    const int packed_int8 = w->kind == WEIGHT_INT8 && dtype == DTYPE_BF16 && rows < 4;
+    if (packed_int8)
+        for (int64_t i = 0; i < rows * k; i++) scratch->xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
 #else
-    const int packed_int4 = 0;
+    const int packed_int4 = 0, packed_int8 = 0;
 #endif
 #ifdef TOKENMILL_AVX2
     // float32: the AVX2 column kernels read x in place (each thread sums the int4 groups of x itself).
@@ -181,6 +190,8 @@ static int linear_columns(const TmModel *m, const TmWeight *w, const void *x, vo
                                                  out, n, n0, n1);
         } else if (f32_columns) {
             chunk_status = int8_gemv_f32_columns(x, rows, k, w->q, w->scales, w->group, out, n, n0, n1);
+        } else if (packed_int8) {
+            chunk_status = int8_gemv_columns(scratch->xf, rows, k, w->q, w->scales, w->group, out, dtype, n, n0, n1);
         } else if (packed_int4) {
             chunk_status = int4_gemv_columns(scratch->xr, scratch->xsum, rows, k, w->q, w->scales, w->offsets,
                                              w->group, out, n, n0, n1, scratch->expanded);
@@ -209,9 +220,9 @@ static int linear_columns(const TmModel *m, const TmWeight *w, const void *x, vo
     return status;
 }
 
-// Multiply-adds of one row through every decoder layer's projections.
-static int64_t layer_work(const TmModel *m) {
-    int64_t total = 0;
+// Multiply-adds of one row through every decoder layer's projections (and the output layer: with_head).
+static int64_t layer_work(const TmModel *m, int with_head) {
+    int64_t total = with_head ? m->lm_head.n * m->lm_head.k : 0;
     for (int l = 0; l < m->num_layers; l++) {
         const TmLayer *layer = &m->layers[l];
         total += layer->qkv.n * layer->qkv.k + layer->o.n * layer->o.k + layer->gate_up.n * layer->gate_up.k
@@ -221,7 +232,8 @@ static int64_t layer_work(const TmModel *m) {
 }
 
 // x [rows, hidden]: the embeddings of this step's tokens, one token per sequence; out [rows, hidden]: the final
-// normed hidden states, both in the model's dtype. kv_caches[layer]: [2, num_blocks, block_size, num_kv_heads,
+// normed hidden states, both in the model's dtype; logits [rows, vocab] in the model's dtype, or NULL: computed
+// with m->lm_head (which must then be set) in the step's region, the sums of the op-by-op path's packed kernel. kv_caches[layer]: [2, num_blocks, block_size, num_kv_heads,
 // head_dim] in the model's dtype;
 // slots, positions: [rows] int64; block_tables [rows, max_blocks] and seq_lens [rows] int32 (seq_lens
 // including the new token). num_threads: the engine's thread count, which the op-by-op path runs with (it sets
@@ -235,8 +247,8 @@ static int64_t layer_work(const TmModel *m) {
 int tokenmill_decode_forward(const TmModel *m, const void *x, void *out, int rows, const int64_t *positions,
                              const int64_t *slots, void *const *kv_caches, int64_t num_blocks, int block_size,
                              const int32_t *block_tables, int max_blocks, const int32_t *seq_lens, int num_threads,
-                             int step_threads) {
-    if (rows > m->max_rows || rows < 1) return -2;
+                             int step_threads, void *logits) {
+    if (rows > m->max_rows || rows < 1 || (logits != NULL && m->lm_head.q == NULL)) return -2;
     const int hidden = m->hidden, head_dim = m->head_dim, inter = m->intermediate;
     const int q_size = m->num_heads * head_dim, kv_size = m->num_kv_heads * head_dim;
     const int qkv_size = q_size + 2 * kv_size;
@@ -245,19 +257,20 @@ int tokenmill_decode_forward(const TmModel *m, const void *x, void *out, int row
     const int attention_threads = positions_attended * q_size < m->min_parallel_attention ? 1 : num_threads;
     const int64_t es = elem_size(m);
     const int64_t value_offset = num_blocks * block_size * kv_size * es;
-    const int region_threads = step_threads < 1 || (int64_t)rows * layer_work(m) < m->min_parallel_step ? 1
-                                                                                                : step_threads;
+    const int region_threads =
+        step_threads < 1 || (int64_t)rows * layer_work(m, logits != NULL) < m->min_parallel_step ? 1 : step_threads;
 
     // Per thread: residual, normed [rows, hidden], act [rows, intermediate], the GEMV input layout and scratch.
     int64_t max_k = hidden > inter ? hidden : inter;
     for (int l = 0; l < m->num_layers; l++) max_k = m->layers[l].o.k > max_k ? m->layers[l].o.k : max_k;
-    const int64_t padded_k = int4_gemv_padded_k(max_k);
+    const int64_t layout_width = int4_gemv_layout_width(max_k);
     // Bytes: residual, normed, act in the model's dtype, then the bfloat16 GEMV layout and scale scratch.
     const size_t per_thread_bytes = (size_t)((2 * rows * hidden + rows * inter) * es
-                                             + 2 * (rows * padded_k + 2 * (max_k / 32 + 1)));
-    const size_t per_thread_f32 = (size_t)(rows * (max_k / 32) + 1);
-    // Chunk counters: 4 projections a layer.
-    const int num_stages = 4 * m->num_layers;
+                                             + 2 * (rows * layout_width + 2 * (max_k / 32 + 1)));
+    // Floats: the group sums, then the float32 input of the int8 GEMV.
+    const size_t per_thread_f32 = (size_t)(rows * (max_k / 32) + 1 + rows * max_k);
+    // Chunk counters: 4 projections a layer, and the output layer.
+    const int num_stages = 4 * m->num_layers + 1;
     char *bytes = malloc(per_thread_bytes * (size_t)region_threads);
     float *f32 = malloc(sizeof(float) * per_thread_f32 * (size_t)region_threads);
     atomic_long *next = malloc(sizeof(atomic_long) * (size_t)num_stages);
@@ -289,7 +302,8 @@ int tokenmill_decode_forward(const TmModel *m, const void *x, void *out, int row
         float *mine_f32 = f32 + per_thread_f32 * (size_t)t;
         ThreadScratch scratch = {
             .residual = mine, .normed = mine + rows * hidden * es, .act = mine + 2 * rows * hidden * es,
-            .xr = layout, .expanded = layout + rows * padded_k, .xsum = mine_f32,
+            .xr = layout, .expanded = layout + rows * layout_width, .xsum = mine_f32,
+            .xf = mine_f32 + rows * (max_k / 32) + 1,
         };
         memcpy(scratch.residual, x, (size_t)(rows * hidden * es));
         int failed = 0;
@@ -337,7 +351,14 @@ int tokenmill_decode_forward(const TmModel *m, const void *x, void *out, int row
             failed |= linear_columns(m, &layer->down, scratch.act, m->x, rows, &stage_next[3], nt, &scratch);
             barrier_wait(&barrier);
         }
-        if (t == 0) norm_rows(m, m->x, scratch.residual, m->final_norm, out, rows);
+        if (logits != NULL) {  // every thread normalizes its own copy, which the output layer reads
+            norm_rows(m, m->x, scratch.residual, m->final_norm, scratch.normed, rows);
+            if (t == 0) memcpy(out, scratch.normed, (size_t)(rows * hidden * es));
+            failed |= linear_columns(m, &m->lm_head, scratch.normed, logits, rows, &next[num_stages - 1], nt,
+                                     &scratch);
+        } else if (t == 0) {
+            norm_rows(m, m->x, scratch.residual, m->final_norm, out, rows);
+        }
         if (failed) atomic_store(&status, -1);
     }
     free(bytes);

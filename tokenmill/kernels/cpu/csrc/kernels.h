@@ -38,6 +38,9 @@ int int4_gemv_f32_columns(const float *x, const float *xsum, int64_t rows, int64
                           int64_t out_stride, int64_t n0, int64_t n1);
 int int8_gemv_f32_columns(const float *x, int64_t rows, int64_t K, const int8_t *q, const float *scales,
                           int64_t group, float *out, int64_t out_stride, int64_t n0, int64_t n1);
+// int8_gemm's AVX512 sums below 4 rows on columns [n0, n1): float32 x, out in out_dtype (-2 without AVX512-BF16).
+int int8_gemv_columns(const float *x, int64_t rows, int64_t K, const int8_t *q, const float *scales, int64_t group,
+                      void *out, int out_dtype, int64_t out_stride, int64_t n0, int64_t n1);
 
 // The float32 int8 tile kernel for more rows than the packed kernel takes (-2 without AVX2).
 int tokenmill_quant_tile_f32_vectorized(void);
@@ -51,8 +54,8 @@ int int4_gemv_bf16(const uint16_t *x, int64_t x_stride, const uint8_t *q, const 
                    const uint16_t *offsets, int64_t group, uint16_t *out, int64_t out_stride, int64_t rows,
                    int64_t n_out, int64_t k, int num_threads);
 // int4_gemv_bf16 in pieces, for a caller that splits the columns over threads of its own: the activations laid
-// out once (xr [rows, int4_gemv_padded_k(k)], xsum [rows, k / 32]), then any range of output columns.
-int64_t int4_gemv_padded_k(int64_t k);
+// out once (xr [rows, int4_gemv_layout_width(k)], xsum [rows, k / 32]), then any range of output columns.
+int64_t int4_gemv_layout_width(int64_t k);
 void int4_gemv_prepare(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t k, uint16_t *xr, float *xsum);
 int int4_gemv_columns(const uint16_t *xr, const float *xsum, int64_t rows, int64_t k, const uint8_t *q,
                       const uint16_t *scales, const uint16_t *offsets, int64_t group, uint16_t *out,

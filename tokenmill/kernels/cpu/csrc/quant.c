@@ -277,6 +277,76 @@ static void int4_column_avx2(const uint8_t *q, const uint16_t *scales, const uin
 }
 #endif
 
+#ifdef TOKENMILL_AVX512_BF16
+// Prefetch the column PREFETCH_BYTES of weights (at least one column) after the one at q: its weight_bytes of q
+// and scale_bytes of scales, columns being contiguous in both.
+static inline void prefetch_ahead(const void *q, int64_t weight_bytes, const void *scales, int64_t scale_bytes,
+                                  int64_t column_bytes) {
+    const int64_t ahead = PREFETCH_BYTES / column_bytes > 0 ? PREFETCH_BYTES / column_bytes : 1;
+    const char *qa = (const char *)q + ahead * weight_bytes, *sa = (const char *)scales + ahead * scale_bytes;
+    for (int64_t b = 0; b < weight_bytes; b += 64) _mm_prefetch(qa + b, _MM_HINT_T0);
+    for (int64_t b = 0; b < scale_bytes; b += 64) _mm_prefetch(sa + b, _MM_HINT_T0);
+}
+
+// One int8 weight row against one float32 row of x, groups a multiple of 16: two groups at a time on two
+// accumulators (one accumulator's chain of multiply-adds, a group apart, bound the loop before).
+static inline __m512 int8_group_avx512(const int8_t *qg, const float *xg, int64_t group) {
+    __m512 part = _mm512_setzero_ps();
+    for (int64_t c = 0; c < group; c += 16) {
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + c))));
+        part = _mm512_fmadd_ps(w, _mm512_loadu_ps(xg + c), part);
+    }
+    return part;
+}
+
+static inline float int8_row_avx512(const int8_t *qr, const float *sr, int64_t group, int64_t num_groups,
+                                    const float *xr) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 1 < num_groups; g += 2) {
+        acc0 = _mm512_fmadd_ps(int8_group_avx512(qr + g * group, xr + g * group, group), _mm512_set1_ps(sr[g]),
+                               acc0);
+        acc1 = _mm512_fmadd_ps(int8_group_avx512(qr + (g + 1) * group, xr + (g + 1) * group, group),
+                               _mm512_set1_ps(sr[g + 1]), acc1);
+    }
+    if (g < num_groups)
+        acc0 = _mm512_fmadd_ps(int8_group_avx512(qr + g * group, xr + g * group, group), _mm512_set1_ps(sr[g]),
+                               acc0);
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// Output columns [n0, n1) of out [rows, N] (dtype out_dtype, row stride out_stride) for x [rows, K] float32
+// contiguous, a column at a time with the next ones prefetched: int8_gemm's kernel below MIN_BLOCKED_ROWS rows.
+static void int8_columns_avx512(const float *xf, int64_t rows, int64_t K, const int8_t *q, const float *scales,
+                                int64_t group, void *out, int out_dtype, int64_t out_stride, int64_t n0, int64_t n1) {
+    const int64_t num_groups = K / group;
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *qr = q + n * K;
+        const float *sr = scales + n * num_groups;
+        prefetch_ahead(qr, K, sr, num_groups * (int64_t)sizeof(float), K);
+        for (int64_t m = 0; m < rows; m++)
+            store_out(out, out_dtype, m * out_stride + n, int8_row_avx512(qr, sr, group, num_groups, xf + m * K));
+    }
+}
+#endif
+
+// int8_gemm's sums below 4 rows on output columns [n0, n1) only, on the caller's thread, for callers that split
+// the columns over threads of their own (decode_layer.c's bfloat16 step, which converts x once per projection):
+// x [rows, K] contiguous float32, out in out_dtype (the activations' code) with row stride out_stride. Returns -2
+// without AVX512-BF16 (the caller uses int8_gemm).
+int int8_gemv_columns(const float *x, int64_t rows, int64_t K, const int8_t *q, const float *scales, int64_t group,
+                      void *out, int out_dtype, int64_t out_stride, int64_t n0, int64_t n1) {
+#ifdef TOKENMILL_AVX512_BF16
+    if (rows >= MIN_BLOCKED_ROWS) return -2;
+    int8_columns_avx512(x, rows, K, q, scales, group, out, out_dtype, out_stride, n0, n1);
+    return 0;
+#else
+    (void)x, (void)rows, (void)K, (void)q, (void)scales, (void)group, (void)out, (void)out_dtype, (void)out_stride;
+    (void)n0, (void)n1;
+    return -2;
+#endif
+}
+
 // out[m, n] = sum_k x[m, k] * scales[n, k / group] * q[n, k]; out dtype as x's (row stride out_stride).
 // group is a multiple of 16 dividing K. Returns 0, or -1 when memory runs out.
 int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, const float *scales, int64_t group,
@@ -291,12 +361,21 @@ int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, con
     free(xf);
     return 0;
 #endif
+#ifdef TOKENMILL_AVX512_BF16
+    if (M < MIN_BLOCKED_ROWS) {  // contiguous ranges of columns per thread, for the prefetch
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+        for (int64_t n0 = 0; n0 < N; n0 += 16)
+            int8_columns_avx512(xf, M, K, q, scales, group, out, x_dtype, out_stride, n0, n0 + 16 < N ? n0 + 16 : N);
+        free(xf);
+        return 0;
+    }
+#endif
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *qr = q + n * K;
         const float *sr = scales + n * num_groups;
 #ifdef TOKENMILL_AVX512_BF16
-        if (M >= MIN_BLOCKED_ROWS) {
+        {  // MIN_BLOCKED_ROWS rows or more: blocks of ROW_BLOCK rows
             for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
                 __m512 acc[ROW_BLOCK], part[ROW_BLOCK];
                 for (int i = 0; i < ROW_BLOCK; i++) acc[i] = _mm512_setzero_ps();
@@ -321,20 +400,7 @@ int int8_gemm(const void *x, int x_dtype, int64_t x_stride, const int8_t *q, con
 #endif
         for (int64_t m = 0; m < M; m++) {
             const float *xr = xf + m * K;
-#ifdef TOKENMILL_AVX512_BF16
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t g = 0; g < num_groups; g++) {
-                const int8_t *qg = qr + g * group;
-                const float *xg = xr + g * group;
-                __m512 part = _mm512_setzero_ps();
-                for (int64_t c = 0; c < group; c += 16) {
-                    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + c))));
-                    part = _mm512_fmadd_ps(w, _mm512_loadu_ps(xg + c), part);
-                }
-                acc = _mm512_fmadd_ps(part, _mm512_set1_ps(sr[g]), acc);
-            }
-            const float total = _mm512_reduce_add_ps(acc);
-#elif defined(TOKENMILL_AVX2)
+#if defined(TOKENMILL_AVX2)
             const float total = int8_row_avx2(qr, sr, group, num_groups, xr);
 #else
             float acc[16] = {0};

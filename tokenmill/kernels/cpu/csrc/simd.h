@@ -5,7 +5,9 @@
 
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+// AVX512-BF16: the kernels' AVX512 paths, which also use AVX512-BW and AVX512-VNNI (every CPU with AVX512-BF16,
+// Cooper Lake, Sapphire Rapids and later, Zen 4 and later, has both).
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define TOKENMILL_AVX512_BF16 1
 #endif
@@ -14,6 +16,11 @@
 #include <immintrin.h>
 #define TOKENMILL_AVX2 1
 #endif
+
+// Bytes of weights the AVX512 GEMVs of one row prefetch ahead of the column they multiply: such a GEMV streams a
+// few hundred bytes per column, which the hardware prefetcher follows too late (1.3-1.5x at one row measured by
+// benchmarks/packed_bf16.py; BENCHMARKS.md, "The packed kernels' loads ahead").
+#define PREFETCH_BYTES 2048
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = ((uint32_t)h) << 16;
