@@ -117,6 +117,7 @@ def load_library() -> ctypes.CDLL | None:
         "tokenmill_decode_forward": [ptr, ptr, ptr, i32, ptr, ptr, ptr, i64, i32, ptr, i32, ptr, i32, i32, ptr],
         "int4_gemv_bf16": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "tokenmill_quant_tile_vectorized": [],
+        "tokenmill_quant_tile_amx": [],
         "int8_tile_gemm": [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "int4_tile_gemm": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "tokenmill_quant_tile_f32_vectorized": [],

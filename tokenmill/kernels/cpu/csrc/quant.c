@@ -4,9 +4,14 @@
 //   Per-channel scales are group = K. GGUF's Q8_0 (group 32) and Q6_K (group 16) land here exactly: their scales
 //   are float16 (times an int8 sub-scale for Q6_K), exact in float32.
 // int4 weights (W4A16) with float16 group scales and offsets: see int4_gemm below.
+#define _GNU_SOURCE  // syscall (the AMX tile state's request)
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "kernels.h"  // the prototypes, checked against the definitions here
 #include "simd.h"
@@ -907,6 +912,143 @@ static Tile thread_tile(void *buffers, size_t per_thread, int64_t K, int64_t gro
     tile.offsets = with_offsets ? tile.scales + (K / group) * TILE_VECS : NULL;
     return tile;
 }
+
+// ---- The tile's multiply on AMX ----------------------------------------------------------------------------------
+//
+// On CPUs with AMX the same tile (its layout is the one TDPBF16PS wants for its B operand: 16 pairs of inputs x 16
+// columns x 2 bfloat16 per 32-input chunk) is multiplied by 16 activation rows at a time: per group, the chunks'
+// products accumulate in a 16 x 16 float32 tile register (exact products, float32 sums), which is then stored and
+// scaled into the running sums with the group's scales and offsets, as tile_rows does. A TDPBF16PS does 8192
+// multiply-adds; vdpbf16ps 32.
+#define AMX_ROWS 16  // activation rows per tile multiply
+#ifdef TOKENMILL_AMX
+// Tile registers (literal numbers: the intrinsics paste them into the instruction): sums, activations, weights.
+#define TILE_C 0
+#define TILE_A 1
+#define TILE_B 2
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+// Loads the tile configuration on the calling thread: three tiles of 16 rows x 64 bytes.
+static void amx_configure(void) {
+    TileConfig config;
+    memset(&config, 0, sizeof config);
+    config.palette_id = 1;
+    for (int t = 0; t < 3; t++) {
+        config.colsb[t] = 64;
+        config.rows[t] = AMX_ROWS;
+    }
+    _tile_loadconfig(&config);
+}
+
+// The 16 x 16 block of columns v of the tile: out rows [0, rows) (bfloat16, mask: the valid columns) from x
+// [AMX_ROWS rows, K] (row stride x_stride, rows past `rows` zero or ignored).
+static void amx_block(const uint16_t *x, int64_t x_stride, const Tile *tile, int v, const float *xsum,
+                      int64_t num_groups, int64_t group, int rows, uint16_t *out, int64_t out_stride,
+                      __mmask16 mask) {
+    float sums[AMX_ROWS * 16] __attribute__((aligned(64)));
+    __m512 acc[AMX_ROWS];
+    for (int r = 0; r < AMX_ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < num_groups; g++) {
+        _tile_zero(TILE_C);
+        for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
+            _tile_loadd(TILE_A, x + c, x_stride * (int64_t)sizeof(uint16_t));
+            _tile_loadd(TILE_B, tile->q + (c / 2) * TILE_VECS + v, TILE_VECS * 64);
+            _tile_dpbf16ps(TILE_C, TILE_A, TILE_B);
+        }
+        _tile_stored(TILE_C, sums, 64);
+        const __m512 s = tile->scales[g * TILE_VECS + v];
+        for (int r = 0; r < AMX_ROWS; r++) acc[r] = _mm512_fmadd_ps(_mm512_load_ps(sums + 16 * r), s, acc[r]);
+        if (xsum != NULL) {
+            const __m512 b = tile->offsets[g * TILE_VECS + v];
+            for (int r = 0; r < rows; r++)
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * num_groups + g]), b, acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        _mm256_mask_storeu_epi16(out + r * out_stride, mask, (__m256i)_mm512_cvtneps_pbh(acc[r]));
+}
+
+// tile_matmul on AMX: 16 rows at a time; the last 1-15 rows copied into pad (AMX_ROWS x K, zero below them), so the
+// tile loads read no row past x's.
+static void amx_tile_matmul(const uint16_t *x, int64_t x_stride, const Tile *tile, const float *xsum, int64_t K,
+                            int64_t group, uint16_t *out, int64_t out_stride, int64_t M, int64_t valid_cols,
+                            uint16_t *pad) {
+    const __mmask16 mask0 = tail_mask((int)(valid_cols < 16 ? valid_cols : 16));
+    const __mmask16 mask1 = valid_cols > 16 ? tail_mask((int)(valid_cols - 16)) : (__mmask16)0;
+    const int64_t num_groups = K / group;
+    for (int64_t m0 = 0; m0 < M; m0 += AMX_ROWS) {
+        const int rows = M - m0 < AMX_ROWS ? (int)(M - m0) : AMX_ROWS;
+        const uint16_t *xr = x + m0 * x_stride;
+        int64_t stride = x_stride;
+        if (rows < AMX_ROWS) {
+            memset(pad, 0, sizeof(uint16_t) * (size_t)(AMX_ROWS * K));
+            for (int r = 0; r < rows; r++) memcpy(pad + r * K, xr + r * x_stride, sizeof(uint16_t) * (size_t)K);
+            xr = pad;
+            stride = K;
+        }
+        const float *sr = xsum != NULL ? xsum + m0 * num_groups : NULL;
+        amx_block(xr, stride, tile, 0, sr, num_groups, group, rows, out + m0 * out_stride, out_stride, mask0);
+        if (mask1)
+            amx_block(xr, stride, tile, 1, sr, num_groups, group, rows, out + m0 * out_stride + 16, out_stride,
+                      mask1);
+    }
+}
+#endif
+
+// Whether the tile kernels multiply on AMX in this process: built with AMX, the group a multiple of 32 (one
+// TDPBF16PS a chunk of 32 inputs), at least AMX_MIN_ROWS rows, and the kernel granting the process the tile
+// state (asked once: Linux hands AMX's 8 KiB of tile registers only to processes that request them).
+#define AMX_MIN_ROWS 16
+static int amx_ready(void) {
+#ifdef TOKENMILL_AMX
+    static int state = -1;  // -1: not asked yet
+    if (state < 0) {
+        enum { ARCH_GET_XCOMP_PERM = 0x1022, ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
+        unsigned long features = 0;
+        const long requested = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
+        const long got = syscall(SYS_arch_prctl, ARCH_GET_XCOMP_PERM, &features);
+        state = requested == 0 && got == 0 && (features & (1ul << XFEATURE_XTILEDATA)) != 0;
+    }
+    return state;
+#else
+    return 0;
+#endif
+}
+
+int tokenmill_quant_tile_amx(void) { return amx_ready(); }
+
+// The calling thread's tile configuration for amx_tile_matmul, and its release (no-ops without AMX).
+static void tile_configure(void) {
+#ifdef TOKENMILL_AMX
+    amx_configure();
+#endif
+}
+
+static void tile_release(void) {
+#ifdef TOKENMILL_AMX
+    _tile_release();
+#endif
+}
+
+// The tile kernels' multiply for one tile on this thread: AMX where use_amx (pad: the thread's AMX_ROWS x K rows),
+// else tile_matmul.
+static void multiply_tile(int use_amx, const uint16_t *x, int64_t x_stride, const Tile *tile, const float *xsum,
+                          int64_t K, int64_t group, uint16_t *out, int64_t out_stride, int64_t M, int64_t valid_cols,
+                          uint16_t *pad) {
+#ifdef TOKENMILL_AMX
+    if (use_amx) {
+        amx_tile_matmul(x, x_stride, tile, xsum, K, group, out, out_stride, M, valid_cols, pad);
+        return;
+    }
+#endif
+    (void)use_amx, (void)pad;
+    tile_matmul(x, x_stride, tile, xsum, K, group, out, out_stride, M, valid_cols);
+}
 #endif
 
 // out [M, N] bfloat16 (row stride out_stride) = x [M, K] bfloat16 (row stride x_stride) @ w.T, w the int4 weight
@@ -931,17 +1073,31 @@ int int4_tile_gemm(const uint16_t *x, int64_t x_stride, const uint8_t *q, const 
             xsum[m * num_groups + g] = t;
         }
     const int64_t num_tiles = (N + TILE_COLS - 1) / TILE_COLS;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t t = 0; t < num_tiles; t++) {
-        const Tile tile = thread_tile(buffers, per_thread, K, group, 1);
-        const int64_t n0 = t * TILE_COLS;
-        int4_fill_tile(q, scales, offsets, group, N, K, n0, &tile);
-        tile_matmul(x, x_stride, &tile, xsum, K, group, out + n0, out_stride, M,
-                    N - n0 < TILE_COLS ? N - n0 : TILE_COLS);
+    const int use_amx = group % 32 == 0 && M >= AMX_MIN_ROWS && amx_ready();
+    int status = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        uint16_t *pad = use_amx ? malloc(sizeof(uint16_t) * (size_t)(AMX_ROWS * K)) : NULL;
+        if (use_amx && pad == NULL) {
+#pragma omp atomic write
+            status = -1;
+        }
+        if (use_amx) tile_configure();
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < num_tiles; t++) {
+            if (use_amx && pad == NULL) continue;
+            const Tile tile = thread_tile(buffers, per_thread, K, group, 1);
+            const int64_t n0 = t * TILE_COLS;
+            int4_fill_tile(q, scales, offsets, group, N, K, n0, &tile);
+            multiply_tile(use_amx, x, x_stride, &tile, xsum, K, group, out + n0, out_stride, M,
+                          N - n0 < TILE_COLS ? N - n0 : TILE_COLS, pad);
+        }
+        if (use_amx) tile_release();
+        free(pad);
     }
     free(xsum);
     free(buffers);
-    return 0;
+    return status;
 #else
     (void)x, (void)x_stride, (void)q, (void)scales, (void)offsets, (void)group, (void)out, (void)out_stride;
     (void)M, (void)N, (void)K, (void)num_threads;
@@ -957,16 +1113,30 @@ int int8_tile_gemm(const uint16_t *x, int64_t x_stride, const int8_t *q, const f
     void *buffers = tile_buffers(K, group, num_threads, &per_thread);
     if (buffers == NULL) return -1;
     const int64_t num_tiles = (N + TILE_COLS - 1) / TILE_COLS;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t t = 0; t < num_tiles; t++) {
-        const Tile tile = thread_tile(buffers, per_thread, K, group, 0);
-        const int64_t n0 = t * TILE_COLS;
-        int8_fill_tile(q, scales, group, N, K, n0, &tile);
-        tile_matmul(x, x_stride, &tile, NULL, K, group, out + n0, out_stride, M,
-                    N - n0 < TILE_COLS ? N - n0 : TILE_COLS);
+    const int use_amx = group % 32 == 0 && M >= AMX_MIN_ROWS && amx_ready();
+    int status = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        uint16_t *pad = use_amx ? malloc(sizeof(uint16_t) * (size_t)(AMX_ROWS * K)) : NULL;
+        if (use_amx && pad == NULL) {
+#pragma omp atomic write
+            status = -1;
+        }
+        if (use_amx) tile_configure();
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < num_tiles; t++) {
+            if (use_amx && pad == NULL) continue;
+            const Tile tile = thread_tile(buffers, per_thread, K, group, 0);
+            const int64_t n0 = t * TILE_COLS;
+            int8_fill_tile(q, scales, group, N, K, n0, &tile);
+            multiply_tile(use_amx, x, x_stride, &tile, NULL, K, group, out + n0, out_stride, M,
+                          N - n0 < TILE_COLS ? N - n0 : TILE_COLS, pad);
+        }
+        if (use_amx) tile_release();
+        free(pad);
     }
     free(buffers);
-    return 0;
+    return status;
 #else
     (void)x, (void)x_stride, (void)q, (void)scales, (void)group, (void)out, (void)out_stride, (void)M, (void)N;
     (void)K, (void)num_threads;

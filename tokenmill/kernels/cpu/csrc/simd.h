@@ -5,11 +5,17 @@
 
 #include <stdint.h>
 #include <string.h>
-// AVX512-BF16: the kernels' AVX512 paths, which also use AVX512-BW and AVX512-VNNI (every CPU with AVX512-BF16,
-// Cooper Lake, Sapphire Rapids and later, Zen 4 and later, has both).
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// AVX512-BF16: the kernels' AVX512 paths, which also use AVX512-BW, AVX512-VNNI and AVX512-VBMI (Sapphire Rapids
+// and later, Zen 4 and later; Cooper Lake, without VBMI, builds the AVX2 paths).
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
+    defined(__AVX512VBMI__)
 #include <immintrin.h>
 #define TOKENMILL_AVX512_BF16 1
+#endif
+// AMX (Sapphire Rapids and later): the tile kernels' matrix multiplies (TDPBF16PS), where the kernel grants the
+// process the tile state (tokenmill_amx_ready()).
+#if defined(TOKENMILL_AVX512_BF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define TOKENMILL_AMX 1
 #endif
 // x86-64-v3 (AVX2, FMA, F16C): the packed kernels' float32 paths where AVX512-BF16 is missing.
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
