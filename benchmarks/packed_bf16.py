@@ -3,6 +3,7 @@ committed at a git revision, side by side in one run.
 
     python benchmarks/packed_bf16.py --against HEAD~1            # SmolLM2-135M's shapes, 1 row, 1 thread
     python benchmarks/packed_bf16.py --against HEAD~1 --rows 1,2,4 --threads 2 --json packed_bf16.json
+    python benchmarks/packed_bf16.py --against HEAD~1 --tile --rows 16,64,512 --threads 2   # the tile kernels
 
 A decode step's projections on such a CPU: int4 weights through csrc/gemv_bf16.c's int4_gemv_bf16 (the fused
 decode step's kernel too), int8 ones (the output layer of a Q4_1 GGUF, stored Q8_0) through csrc/quant.c's
@@ -10,7 +11,8 @@ int8_gemm. This builds both files twice with the engine's compiler flags: as in 
 committed at REV (git show). Both run the same weights (random, in the engine's packed layouts: int4 nibbles with
 float16 scales and offsets per group of 32, int8 with float32 scales per group of 32 as GGUF Q8_0) and inputs,
 alternating, best of --repeat; the outputs are compared. Reported: ms per pass over every layer's weights of each
-shape, the weight bytes streamed per second, and the speed-up.
+shape, the weight bytes streamed per second, and the speed-up. --tile runs the tile kernels (int4_tile_gemm,
+int8_tile_gemm: the kernels for more rows than the packed ones take, on AMX where the CPU has it) instead.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def load(tmp: Path, name: str, csrc: Path) -> ctypes.CDLL:
     lib = build(tmp, name, [], csrc, SOURCES)
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.int4_gemv_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32]
+    lib.int4_tile_gemm.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32]
+    lib.int8_tile_gemm.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32]
     return lib
 
 
@@ -50,11 +54,18 @@ def from_bf16(x: np.ndarray) -> np.ndarray:
     return (x.astype(np.uint32) << 16).view(np.float32)
 
 
-def run(lib: ctypes.CDLL, kind: str, weights: list[dict], x: np.ndarray, out: np.ndarray, threads: int) -> None:
+def run(lib: ctypes.CDLL, kind: str, weights: list[dict], x: np.ndarray, out: np.ndarray, threads: int,
+        tile: bool = False) -> None:
     m, k = x.shape
     n = out.shape[1]
     for w in weights:
-        if kind == "int4":
+        if tile and kind == "int4":
+            status = lib.int4_tile_gemm(x.ctypes.data, k, w["q"].ctypes.data, w["scales"].ctypes.data,
+                                        w["offsets"].ctypes.data, GROUP, out.ctypes.data, n, m, n, k, threads)
+        elif tile:
+            status = lib.int8_tile_gemm(x.ctypes.data, k, w["q"].ctypes.data, w["scales"].ctypes.data, GROUP,
+                                        out.ctypes.data, n, m, n, k, threads)
+        elif kind == "int4":
             status = lib.int4_gemv_bf16(x.ctypes.data, k, w["q"].ctypes.data, w["scales"].ctypes.data,
                                         w["offsets"].ctypes.data, GROUP, out.ctypes.data, n, m, n, k, threads)
         else:
@@ -64,20 +75,31 @@ def run(lib: ctypes.CDLL, kind: str, weights: list[dict], x: np.ndarray, out: np
             sys.exit(f"{kind} kernel returned {status} (-2: this CPU has no AVX512-BF16)")
 
 
+def tile_native(lib: ctypes.CDLL) -> str:
+    """How a build's tile kernels multiply here: AMX, or AVX512-BF16 dot products."""
+    amx = getattr(lib, "tokenmill_quant_tile_amx", None)
+    return "AMX" if amx is not None and amx() else "AVX512-BF16"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--against", required=True, metavar="REV", help="the kernels as committed at this git revision")
-    p.add_argument("--rows", default="1", help="comma-separated activation row counts M (int4: up to 4)")
+    p.add_argument("--rows", default="1", help="comma-separated activation row counts M")
+    p.add_argument("--tile", action="store_true", help="the tile kernels (many rows) instead of the packed ones")
     p.add_argument("--threads", type=int, default=1, help="threads of each call")
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
     results = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-               "against": args.against, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
+               "against": args.against, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "kernels": "tile" if args.tile else "packed", "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"now": load(Path(tmp), "now", CSRC),
                 args.against: load(Path(tmp), "against", checkout_csrc(args.against, Path(tmp), SOURCES))}
+        if args.tile:
+            results["tile_multiply"] = {name: tile_native(lib) for name, lib in libs.items()}
+            print("tile kernels multiply on:", results["tile_multiply"])
         for n, k, layers, kind in SHAPES:
             weights = make_weights(n, k, layers, kind, rng)
             nbytes = sum(a.nbytes for w in weights for a in w.values())
@@ -88,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                 for _ in range(args.repeat):
                     for name, lib in libs.items():
                         start = time.perf_counter()
-                        run(lib, kind, weights, x, outs[name], args.threads)
+                        run(lib, kind, weights, x, outs[name], args.threads, args.tile)
                         best[name] = min(best[name], time.perf_counter() - start)
                 now, then = from_bf16(outs["now"]), from_bf16(outs[args.against])
                 scale = float(np.abs(then).max()) or 1.0
@@ -101,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"({nbytes / best['now'] / 1e9:.1f} GB/s), {args.against} {row['against_ms']:.2f} ms "
                       f"({nbytes / best[args.against] / 1e9:.1f} GB/s), {row['speedup']:.2f}x, "
                       f"max difference {row['max_rel_diff']:.1e} of the largest output", flush=True)
-    print(f"\n{results['date']}, {results['machine']}, {args.threads} thread(s), best of {args.repeat}\n")
+    print(f"\n{results['date']}, {results['machine']}, {results['kernels']} kernels, {args.threads} thread(s), "
+          f"best of {args.repeat}\n")
     print(f"| shape (N x K) | weights | layers | M | MB | now ms | GB/s | {args.against} ms | GB/s | speed-up |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["rows"]:

@@ -922,10 +922,13 @@ static Tile thread_tile(void *buffers, size_t per_thread, int64_t K, int64_t gro
 // multiply-adds; vdpbf16ps 32.
 #define AMX_ROWS 16  // activation rows per tile multiply
 #ifdef TOKENMILL_AMX
-// Tile registers (literal numbers: the intrinsics paste them into the instruction): sums, activations, weights.
-#define TILE_C 0
-#define TILE_A 1
-#define TILE_B 2
+// Tile registers (literal numbers: the intrinsics paste them into the instruction): the two column blocks' sums and
+// weights, the activations.
+#define TILE_C0 0
+#define TILE_C1 1
+#define TILE_A 2
+#define TILE_B0 3
+#define TILE_B1 4
 
 typedef struct {
     uint8_t palette_id, start_row, reserved[14];
@@ -933,44 +936,53 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-// Loads the tile configuration on the calling thread: three tiles of 16 rows x 64 bytes.
+// Loads the tile configuration on the calling thread: five tiles of 16 rows x 64 bytes.
 static void amx_configure(void) {
     TileConfig config;
     memset(&config, 0, sizeof config);
     config.palette_id = 1;
-    for (int t = 0; t < 3; t++) {
+    for (int t = 0; t < 5; t++) {
         config.colsb[t] = 64;
         config.rows[t] = AMX_ROWS;
     }
     _tile_loadconfig(&config);
 }
 
-// The 16 x 16 block of columns v of the tile: out rows [0, rows) (bfloat16, mask: the valid columns) from x
-// [AMX_ROWS rows, K] (row stride x_stride, rows past `rows` zero or ignored).
-static void amx_block(const uint16_t *x, int64_t x_stride, const Tile *tile, int v, const float *xsum,
-                      int64_t num_groups, int64_t group, int rows, uint16_t *out, int64_t out_stride,
-                      __mmask16 mask) {
-    float sums[AMX_ROWS * 16] __attribute__((aligned(64)));
-    __m512 acc[AMX_ROWS];
-    for (int r = 0; r < AMX_ROWS; r++) acc[r] = _mm512_setzero_ps();
+// The tile's two 16-column blocks against 16 rows of x [AMX_ROWS, K] (row stride x_stride; rows past `rows` zero
+// or ignored): out rows [0, rows), bfloat16, masks: each block's valid columns. The activation tile is loaded once
+// for both blocks (1.1-1.3x two passes of one block each).
+static void amx_block(const uint16_t *x, int64_t x_stride, const Tile *tile, const float *xsum, int64_t num_groups,
+                      int64_t group, int rows, uint16_t *out, int64_t out_stride, __mmask16 mask0, __mmask16 mask1) {
+    float sums[2][AMX_ROWS * 16] __attribute__((aligned(64)));
+    __m512 acc[AMX_ROWS][2];
+    for (int r = 0; r < AMX_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t g = 0; g < num_groups; g++) {
-        _tile_zero(TILE_C);
+        _tile_zero(TILE_C0);
+        _tile_zero(TILE_C1);
         for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
             _tile_loadd(TILE_A, x + c, x_stride * (int64_t)sizeof(uint16_t));
-            _tile_loadd(TILE_B, tile->q + (c / 2) * TILE_VECS + v, TILE_VECS * 64);
-            _tile_dpbf16ps(TILE_C, TILE_A, TILE_B);
+            _tile_loadd(TILE_B0, tile->q + (c / 2) * TILE_VECS, TILE_VECS * 64);
+            _tile_loadd(TILE_B1, tile->q + (c / 2) * TILE_VECS + 1, TILE_VECS * 64);
+            _tile_dpbf16ps(TILE_C0, TILE_A, TILE_B0);
+            _tile_dpbf16ps(TILE_C1, TILE_A, TILE_B1);
         }
-        _tile_stored(TILE_C, sums, 64);
-        const __m512 s = tile->scales[g * TILE_VECS + v];
-        for (int r = 0; r < AMX_ROWS; r++) acc[r] = _mm512_fmadd_ps(_mm512_load_ps(sums + 16 * r), s, acc[r]);
-        if (xsum != NULL) {
-            const __m512 b = tile->offsets[g * TILE_VECS + v];
-            for (int r = 0; r < rows; r++)
-                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * num_groups + g]), b, acc[r]);
+        _tile_stored(TILE_C0, sums[0], 64);
+        _tile_stored(TILE_C1, sums[1], 64);
+        for (int v = 0; v < TILE_VECS; v++) {
+            const __m512 s = tile->scales[g * TILE_VECS + v];
+            for (int r = 0; r < AMX_ROWS; r++)
+                acc[r][v] = _mm512_fmadd_ps(_mm512_load_ps(sums[v] + 16 * r), s, acc[r][v]);
+            if (xsum != NULL) {
+                const __m512 b = tile->offsets[g * TILE_VECS + v];
+                for (int r = 0; r < rows; r++)
+                    acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * num_groups + g]), b, acc[r][v]);
+            }
         }
     }
-    for (int r = 0; r < rows; r++)
-        _mm256_mask_storeu_epi16(out + r * out_stride, mask, (__m256i)_mm512_cvtneps_pbh(acc[r]));
+    for (int r = 0; r < rows; r++) {
+        _mm256_mask_storeu_epi16(out + r * out_stride, mask0, (__m256i)_mm512_cvtneps_pbh(acc[r][0]));
+        _mm256_mask_storeu_epi16(out + r * out_stride + 16, mask1, (__m256i)_mm512_cvtneps_pbh(acc[r][1]));
+    }
 }
 
 // tile_matmul on AMX: 16 rows at a time; the last 1-15 rows copied into pad (AMX_ROWS x K, zero below them), so the
@@ -992,18 +1004,17 @@ static void amx_tile_matmul(const uint16_t *x, int64_t x_stride, const Tile *til
             stride = K;
         }
         const float *sr = xsum != NULL ? xsum + m0 * num_groups : NULL;
-        amx_block(xr, stride, tile, 0, sr, num_groups, group, rows, out + m0 * out_stride, out_stride, mask0);
-        if (mask1)
-            amx_block(xr, stride, tile, 1, sr, num_groups, group, rows, out + m0 * out_stride + 16, out_stride,
-                      mask1);
+        amx_block(xr, stride, tile, sr, num_groups, group, rows, out + m0 * out_stride, out_stride, mask0, mask1);
     }
 }
 #endif
 
 // Whether the tile kernels multiply on AMX in this process: built with AMX, the group a multiple of 32 (one
-// TDPBF16PS a chunk of 32 inputs), at least AMX_MIN_ROWS rows, and the kernel granting the process the tile
-// state (asked once: Linux hands AMX's 8 KiB of tile registers only to processes that request them).
-#define AMX_MIN_ROWS 16
+// TDPBF16PS a chunk of 32 inputs), at least AMX_MIN_ROWS rows (below, the 16-row multiply is mostly padding:
+// 0.75-0.9x the AVX512 one at 2-4 rows, 1.0-1.2x at 8, 1.2-1.45x at 12; benchmarks/packed_bf16.py --tile), and
+// the kernel granting the process the tile state (asked once: Linux hands AMX's 8 KiB of tile registers only to
+// processes that request them).
+#define AMX_MIN_ROWS 8
 static int amx_ready(void) {
 #ifdef TOKENMILL_AMX
     static int state = -1;  // -1: not asked yet
