@@ -117,3 +117,38 @@ def test_compiled_kernel_matches_reference(dtype):
         assert torch.equal(fast, reference)
         for row in set(range(batch)) - set(rows):
             assert torch.equal(fast[row], logits[row])
+
+
+@pytest.mark.slow
+def test_model_steps_while_the_kernel_compiles_in_the_background(tiny_models, monkeypatch):
+    """The background compile traces with torch.fx, which patches torch.nn.Module.__call__ for every thread while
+    it runs: engine steps on the main thread at that time failed ("module is not installed as a submodule") and
+    took the engine down. Steps and the compile now exclude each other (TRACING_LOCK): greedy generation runs
+    through compiles unchanged. (Compile caches off: a cached graph skips the trace. The trace is a short part of
+    a compile, so without the lock this failed in some runs, not all.)"""
+    import threading
+
+    import torch._functorch.config
+    import torch._inductor.config
+
+    from tokenmill import LLM, SamplingParams
+    from tokenmill.structured_output.bitmask import _COMPILED, warmup_apply_kernel
+
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", show_progress=False, max_model_len=256,
+              kv_cache_memory="8MiB")
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    expected = llm.generate(["The quick brown fox"], params, use_tqdm=False)[0].outputs[0].token_ids
+    compiles = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # new (vocabulary, dtype) pairs: fresh traces
+        thread = threading.Thread(target=lambda d=dtype: compiles.append(warmup_apply_kernel(611, d)))
+        thread.start()
+        while thread.is_alive():
+            out = llm.generate(["The quick brown fox"], params, use_tqdm=False)
+            assert out[0].outputs[0].token_ids == expected
+        thread.join()
+    if not all(compiles):
+        pytest.skip(f"torch.compile unavailable here: {_COMPILED.failed}")

@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 
+# Held while torch.compile traces the apply kernel in the background, and by the model runner over each step:
+# tracing (torch.fx) patches torch.nn.Module.__call__ for every thread while it runs, so a model running in another
+# thread at that moment fails ("NameError: module is not installed as a submodule") and took the engine down. A
+# step that starts during the compile waits for it (once per process). Reentrant: a synchronous warm-up inside a
+# step is not a deadlock.
+TRACING_LOCK = threading.RLock()
+
 
 def bitmask_words(vocab_size: int) -> int:
     """int32 words per bitmask row: ceil(vocab_size / 32)."""
@@ -178,7 +185,7 @@ class _CompiledApply:
         return self.failed is None and (vocab_size, dtype) in self._ready
 
     def warmup(self, vocab_size: int, dtype: torch.dtype) -> bool:
-        with self._lock:
+        with self._lock, TRACING_LOCK:
             if self.failed is not None:
                 return False
             if (vocab_size, dtype) in self._ready:

@@ -37,6 +37,7 @@ from tokenmill.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from tokenmill.sample.logits_processor import LogitsProcessor, build_logits_processors
 from tokenmill.sample.sampler import Sampler, SamplerOutput, top_logprobs
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured_output.bitmask import TRACING_LOCK
 
 if TYPE_CHECKING:
     from tokenmill.structured_output.backend import GrammarMatcher
@@ -325,7 +326,12 @@ class ModelRunner:
         samples to the host; on CUDA nothing here waits for the device (except prompt logprobs, which are
         rare). Input tokens sampled by `prev`, the step in flight, are read from its device tensor.
 
-        With pipeline parallelism this rank runs its stage of the step instead (_launch_pipeline)."""
+        With pipeline parallelism this rank runs its stage of the step instead (_launch_pipeline). Never while
+        the bitmask kernel compiles in the background (TRACING_LOCK)."""
+        with TRACING_LOCK:
+            return self._launch(sched, prev)
+
+    def _launch(self, sched: SchedulerOutput, prev: LaunchedStep | None) -> LaunchedStep:
         start = time.perf_counter()
         timer = StageTimer(self.device.type == "cuda") if self.step_timing else None
         self.update_states(sched)
