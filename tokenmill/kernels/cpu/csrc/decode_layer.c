@@ -166,7 +166,8 @@ static int linear_columns(const TmModel *m, const TmWeight *w, const void *x, vo
     const int packed_int4 = w->kind == WEIGHT_INT4 && dtype == DTYPE_BF16;
     // Every thread lays out the (small) input itself, so no barrier separates the layout from the GEMV.
     if (packed_int4) int4_gemv_prepare(x, k, rows, k, scratch->xr, scratch->xsum);
-    // int8 on bfloat16: the input in float32 once, not once per chunk (int8_gemm converts it on every call).
+    // int8 on bfloat16: the input in float32 once, not once per chunk (int8_gemm converts it on every call);
+    // int8_gemv_columns takes up to 3 rows.
     const int packed_int8 = w->kind == WEIGHT_INT8 && dtype == DTYPE_BF16 && rows < 4;
     if (packed_int8)
         for (int64_t i = 0; i < rows * k; i++) scratch->xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
@@ -233,8 +234,8 @@ static int64_t layer_work(const TmModel *m, int with_head) {
 
 // x [rows, hidden]: the embeddings of this step's tokens, one token per sequence; out [rows, hidden]: the final
 // normed hidden states, both in the model's dtype; logits [rows, vocab] in the model's dtype, or NULL: computed
-// with m->lm_head (which must then be set) in the step's region, the sums of the op-by-op path's packed kernel. kv_caches[layer]: [2, num_blocks, block_size, num_kv_heads,
-// head_dim] in the model's dtype;
+// with m->lm_head (which must then be set) in the step's region, the sums of the op-by-op path's packed kernel.
+// kv_caches[layer]: [2, num_blocks, block_size, num_kv_heads, head_dim] in the model's dtype;
 // slots, positions: [rows] int64; block_tables [rows, max_blocks] and seq_lens [rows] int32 (seq_lens
 // including the new token). num_threads: the engine's thread count, which the op-by-op path runs with (it sets
 // attention's splits, hence its sums); step_threads: the threads this call runs on (the results do not depend
@@ -264,7 +265,7 @@ int tokenmill_decode_forward(const TmModel *m, const void *x, void *out, int row
     int64_t max_k = hidden > inter ? hidden : inter;
     for (int l = 0; l < m->num_layers; l++) max_k = m->layers[l].o.k > max_k ? m->layers[l].o.k : max_k;
     const int64_t layout_width = int4_gemv_layout_width(max_k);
-    // Bytes: residual, normed, act in the model's dtype, then the bfloat16 GEMV layout and scale scratch.
+    // Bytes: residual, normed, act in the model's dtype, then the int4 GEMV's input layout and scale scratch.
     const size_t per_thread_bytes = (size_t)((2 * rows * hidden + rows * inter) * es
                                              + 2 * (rows * layout_width + 2 * (max_k / 32 + 1)));
     // Floats: the group sums, then the float32 input of the int8 GEMV.

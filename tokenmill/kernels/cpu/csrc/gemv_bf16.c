@@ -6,9 +6,10 @@
 // two (x = d_c * xi, |xi| < 2^15, d_c = 2^(e_c - 15) where 2^e_c bounds the chunk's largest |x|), so a bfloat16
 // input within 2^7 of its chunk's largest is exact, a smaller one rounded at 2^-16 of that largest (a relative
 // error of the sum far below the output's bfloat16 rounding, 2^-9). The nibbles times xi sum exactly in int32
-// (VPDPWSSD: 32 multiply-adds an instruction), converted to float32 exactly and scaled by s_c * d_c; the offsets
-// multiply each chunk's float32 sum of x. On the Xeon this was measured on, VPDPWSSD ran 3x as many instructions
-// a nanosecond as AVX512-BF16's VDPBF16PS, which this kernel used before: 1.4-2.1x at one row (BENCHMARKS.md).
+// (VPDPWSSD: 32 multiply-adds an instruction), converted to float32 exactly and scaled by s_c, then d_c; the
+// offsets multiply each chunk's float32 sum of x. On the Xeon this was measured on, VPDPWSSD ran 3x as many
+// instructions a nanosecond as AVX512-BF16's VDPBF16PS, which this kernel used before: 1.3-2.1x at one row
+// (BENCHMARKS.md).
 // Used by tokenmill/kernels/cpu/quant.py (Int4Weight, up to INT4_MAX_PACKED_ROWS rows of bfloat16, each call its
 // own parallel loop) and, in pieces (int4_gemv_prepare, then int4_gemv_columns on the ranges of columns each thread
 // takes), by the fused decode step (decode_layer.c).
