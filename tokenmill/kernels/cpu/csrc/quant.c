@@ -727,12 +727,18 @@ int tokenmill_quant_tile_vectorized(void) {
 #ifdef TOKENMILL_AVX512_BF16
 #include <omp.h>
 
-// One tile: the quantized values and, per group, TILE_VECS vectors of scales and (int4) of offsets.
+// One tile: the quantized values and, per group, TILE_VECS vectors of scales and (int4) of offsets; for the AMX
+// multiply the offsets again as TDPBF16PS operands (offset_pairs: see offset_pairs_of).
 typedef struct {
-    __m512i *q;        // [K / 2][TILE_VECS]
-    __m512 *scales;    // [num_groups][TILE_VECS]
-    __m512 *offsets;   // [num_groups][TILE_VECS], or NULL (int8)
+    __m512i *q;              // [K / 2][TILE_VECS]
+    __m512 *scales;          // [num_groups][TILE_VECS]
+    __m512 *offsets;         // [num_groups][TILE_VECS], or NULL (int8)
+    __m512i *offset_pairs;   // [2][offset_pair_rows(num_groups)][TILE_VECS], or NULL (int8)
 } Tile;
+
+// Rows of 16 columns x 2 bfloat16 holding the offsets for the AMX multiply: one per group, padded to whole tiles of
+// 16 rows.
+static inline int64_t offset_pair_rows(int64_t num_groups) { return (num_groups + 15) / 16 * 16; }
 
 // out[r, 0:TILE_COLS] (bfloat16, masked to the valid columns) for r < rows. rows and with_offsets are
 // compile-time constants in every call below, so the accumulators live in registers. xsum [rows][num_groups]:
@@ -842,6 +848,20 @@ static void int4_fill_tile(const uint8_t *q, const uint16_t *scales, const uint1
             }
             tile->scales[g * TILE_VECS + v] = _mm512_loadu_ps(s);
             tile->offsets[g * TILE_VECS + v] = _mm512_loadu_ps(b);
+            // The offset in two bfloat16 parts (exact: a float16 has 11 significant bits), each in both halves
+            // of the column's 32-bit lane, to multiply the activations' sum of the group (high and low parts).
+            const __m512 offset = _mm512_loadu_ps(b);
+            const __m256i high = (__m256i)_mm512_cvtneps_pbh(offset);
+            const __m512 rest = _mm512_sub_ps(offset, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(high), 16)));
+            const __m256i low = (__m256i)_mm512_cvtneps_pbh(rest);
+            const int64_t pair_rows = offset_pair_rows(num_groups);
+            const __m512i h = _mm512_cvtepu16_epi32(high), l = _mm512_cvtepu16_epi32(low);
+            tile->offset_pairs[g * TILE_VECS + v] = _mm512_or_si512(h, _mm512_slli_epi32(h, 16));
+            tile->offset_pairs[(pair_rows + g) * TILE_VECS + v] = _mm512_or_si512(l, _mm512_slli_epi32(l, 16));
+        }
+        for (int64_t g = num_groups; g < offset_pair_rows(num_groups); g++) {
+            tile->offset_pairs[g * TILE_VECS + v] = _mm512_setzero_si512();
+            tile->offset_pairs[(offset_pair_rows(num_groups) + g) * TILE_VECS + v] = _mm512_setzero_si512();
         }
         for (int64_t c = 0; c < K; c += 32) {
             // [columns 0-7 | 8-15][bytes 0-7 | 8-15 of the chunk]
@@ -900,7 +920,8 @@ static void int8_fill_tile(const int8_t *q, const float *scales, int64_t group, 
 
 // One tile buffer per thread (values, scales, offsets), or NULL.
 static void *tile_buffers(int64_t K, int64_t group, int num_threads, size_t *per_thread) {
-    *per_thread = (size_t)(K / 2) * TILE_VECS * 64 + (size_t)(K / group) * TILE_VECS * 64 * 2;
+    *per_thread = (size_t)(K / 2) * TILE_VECS * 64 + (size_t)(K / group) * TILE_VECS * 64 * 2
+                  + (size_t)offset_pair_rows(K / group) * TILE_VECS * 64 * 2;
     return aligned_alloc(64, *per_thread * (size_t)num_threads);
 }
 
@@ -910,6 +931,7 @@ static Tile thread_tile(void *buffers, size_t per_thread, int64_t K, int64_t gro
     tile.q = (__m512i *)base;
     tile.scales = (__m512 *)(base + (size_t)(K / 2) * TILE_VECS * 64);
     tile.offsets = with_offsets ? tile.scales + (K / group) * TILE_VECS : NULL;
+    tile.offset_pairs = with_offsets ? (__m512i *)(tile.scales + 2 * (K / group) * TILE_VECS) : NULL;
     return tile;
 }
 
@@ -950,9 +972,12 @@ static void amx_configure(void) {
 
 // The tile's two 16-column blocks against 16 rows of x [AMX_ROWS, K] (row stride x_stride; rows past `rows` zero
 // or ignored): out rows [0, rows), bfloat16, masks: each block's valid columns. The activation tile is loaded once
-// for both blocks (1.1-1.3x two passes of one block each).
-static void amx_block(const uint16_t *x, int64_t x_stride, const Tile *tile, const float *xsum, int64_t num_groups,
-                      int64_t group, int rows, uint16_t *out, int64_t out_stride, __mmask16 mask0, __mmask16 mask1) {
+// for both blocks (1.1-1.3x two passes of one block each). xsum_pairs (int4, else NULL): the rows' group sums of x
+// as TDPBF16PS operands (see amx_tile_matmul), row stride offset_pair_rows(num_groups) * 2; the offsets' part of
+// the sums is then one more small multiply instead of a multiply-add per sum and group.
+static void amx_block(const uint16_t *x, int64_t x_stride, const Tile *tile, const uint16_t *xsum_pairs,
+                      int64_t num_groups, int64_t group, int rows, uint16_t *out, int64_t out_stride,
+                      __mmask16 mask0, __mmask16 mask1) {
     float sums[2][AMX_ROWS * 16] __attribute__((aligned(64)));
     __m512 acc[AMX_ROWS][2];
     for (int r = 0; r < AMX_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -972,12 +997,26 @@ static void amx_block(const uint16_t *x, int64_t x_stride, const Tile *tile, con
             const __m512 s = tile->scales[g * TILE_VECS + v];
             for (int r = 0; r < AMX_ROWS; r++)
                 acc[r][v] = _mm512_fmadd_ps(_mm512_load_ps(sums[v] + 16 * r), s, acc[r][v]);
-            if (xsum != NULL) {
-                const __m512 b = tile->offsets[g * TILE_VECS + v];
-                for (int r = 0; r < rows; r++)
-                    acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * num_groups + g]), b, acc[r][v]);
+        }
+    }
+    if (xsum_pairs != NULL) {  // sum_g (xsum_high + xsum_low) * (offset_high + offset_low), 16 groups a multiply
+        const int64_t pair_rows = offset_pair_rows(num_groups);
+        _tile_zero(TILE_C0);
+        _tile_zero(TILE_C1);
+        for (int64_t g = 0; g < pair_rows; g += 16) {
+            _tile_loadd(TILE_A, xsum_pairs + 2 * g, 2 * pair_rows * (int64_t)sizeof(uint16_t));
+            for (int part = 0; part < 2; part++) {  // the offsets' high, then low bfloat16 parts
+                const __m512i *pairs = tile->offset_pairs + (part * pair_rows + g) * TILE_VECS;
+                _tile_loadd(TILE_B0, pairs, TILE_VECS * 64);
+                _tile_loadd(TILE_B1, pairs + 1, TILE_VECS * 64);
+                _tile_dpbf16ps(TILE_C0, TILE_A, TILE_B0);
+                _tile_dpbf16ps(TILE_C1, TILE_A, TILE_B1);
             }
         }
+        _tile_stored(TILE_C0, sums[0], 64);
+        _tile_stored(TILE_C1, sums[1], 64);
+        for (int v = 0; v < TILE_VECS; v++)
+            for (int r = 0; r < AMX_ROWS; r++) acc[r][v] = _mm512_add_ps(acc[r][v], _mm512_load_ps(sums[v] + 16 * r));
     }
     for (int r = 0; r < rows; r++) {
         _mm256_mask_storeu_epi16(out + r * out_stride, mask0, (__m256i)_mm512_cvtneps_pbh(acc[r][0]));
@@ -986,9 +1025,10 @@ static void amx_block(const uint16_t *x, int64_t x_stride, const Tile *tile, con
 }
 
 // tile_matmul on AMX: 16 rows at a time; the last 1-15 rows copied into pad (AMX_ROWS x K, zero below them), so the
-// tile loads read no row past x's.
-static void amx_tile_matmul(const uint16_t *x, int64_t x_stride, const Tile *tile, const float *xsum, int64_t K,
-                            int64_t group, uint16_t *out, int64_t out_stride, int64_t M, int64_t valid_cols,
+// tile loads read no row past x's. xsum_pairs: [M rounded up to 16][offset_pair_rows(K / group)][2] bfloat16, row
+// m's group sums of x as their high and low bfloat16 parts (zero past M and past the groups), or NULL (int8).
+static void amx_tile_matmul(const uint16_t *x, int64_t x_stride, const Tile *tile, const uint16_t *xsum_pairs,
+                            int64_t K, int64_t group, uint16_t *out, int64_t out_stride, int64_t M, int64_t valid_cols,
                             uint16_t *pad) {
     const __mmask16 mask0 = tail_mask((int)(valid_cols < 16 ? valid_cols : 16));
     const __mmask16 mask1 = valid_cols > 16 ? tail_mask((int)(valid_cols - 16)) : (__mmask16)0;
@@ -1003,7 +1043,7 @@ static void amx_tile_matmul(const uint16_t *x, int64_t x_stride, const Tile *til
             xr = pad;
             stride = K;
         }
-        const float *sr = xsum != NULL ? xsum + m0 * num_groups : NULL;
+        const uint16_t *sr = xsum_pairs != NULL ? xsum_pairs + m0 * 2 * offset_pair_rows(num_groups) : NULL;
         amx_block(xr, stride, tile, sr, num_groups, group, rows, out + m0 * out_stride, out_stride, mask0, mask1);
     }
 }
@@ -1046,18 +1086,18 @@ static void tile_release(void) {
 #endif
 }
 
-// The tile kernels' multiply for one tile on this thread: AMX where use_amx (pad: the thread's AMX_ROWS x K rows),
-// else tile_matmul.
+// The tile kernels' multiply for one tile on this thread: AMX where use_amx (pad: the thread's AMX_ROWS x K rows;
+// xsum_pairs: amx_tile_matmul's), else tile_matmul.
 static void multiply_tile(int use_amx, const uint16_t *x, int64_t x_stride, const Tile *tile, const float *xsum,
-                          int64_t K, int64_t group, uint16_t *out, int64_t out_stride, int64_t M, int64_t valid_cols,
-                          uint16_t *pad) {
+                          const uint16_t *xsum_pairs, int64_t K, int64_t group, uint16_t *out, int64_t out_stride,
+                          int64_t M, int64_t valid_cols, uint16_t *pad) {
 #ifdef TOKENMILL_AMX
     if (use_amx) {
-        amx_tile_matmul(x, x_stride, tile, xsum, K, group, out, out_stride, M, valid_cols, pad);
+        amx_tile_matmul(x, x_stride, tile, xsum_pairs, K, group, out, out_stride, M, valid_cols, pad);
         return;
     }
 #endif
-    (void)use_amx, (void)pad;
+    (void)use_amx, (void)pad, (void)xsum_pairs;
     tile_matmul(x, x_stride, tile, xsum, K, group, out, out_stride, M, valid_cols);
 }
 #endif
@@ -1085,6 +1125,22 @@ int int4_tile_gemm(const uint16_t *x, int64_t x_stride, const uint8_t *q, const 
         }
     const int64_t num_tiles = (N + TILE_COLS - 1) / TILE_COLS;
     const int use_amx = group % 32 == 0 && M >= AMX_MIN_ROWS && amx_ready();
+    // For the AMX multiply: each group sum of x as a high and a low bfloat16 part (16 of its 24 bits).
+    const int64_t pair_rows = offset_pair_rows(num_groups);
+    uint16_t *xsum_pairs =
+        use_amx ? calloc((size_t)((M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * pair_rows * 2), sizeof(uint16_t)) : NULL;
+    if (use_amx && xsum_pairs == NULL) {
+        free(xsum);
+        free(buffers);
+        return -1;
+    }
+    for (int64_t m = 0; use_amx && m < M; m++)
+        for (int64_t g = 0; g < num_groups; g++) {
+            const float t = xsum[m * num_groups + g];
+            const uint16_t high = f32_to_bf16(t);
+            xsum_pairs[(m * pair_rows + g) * 2] = high;
+            xsum_pairs[(m * pair_rows + g) * 2 + 1] = f32_to_bf16(t - bf16_to_f32(high));
+        }
     int status = 0;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -1100,12 +1156,13 @@ int int4_tile_gemm(const uint16_t *x, int64_t x_stride, const uint8_t *q, const 
             const Tile tile = thread_tile(buffers, per_thread, K, group, 1);
             const int64_t n0 = t * TILE_COLS;
             int4_fill_tile(q, scales, offsets, group, N, K, n0, &tile);
-            multiply_tile(use_amx, x, x_stride, &tile, xsum, K, group, out + n0, out_stride, M,
+            multiply_tile(use_amx, x, x_stride, &tile, xsum, xsum_pairs, K, group, out + n0, out_stride, M,
                           N - n0 < TILE_COLS ? N - n0 : TILE_COLS, pad);
         }
         if (use_amx) tile_release();
         free(pad);
     }
+    free(xsum_pairs);
     free(xsum);
     free(buffers);
     return status;
@@ -1140,7 +1197,7 @@ int int8_tile_gemm(const uint16_t *x, int64_t x_stride, const int8_t *q, const f
             const Tile tile = thread_tile(buffers, per_thread, K, group, 0);
             const int64_t n0 = t * TILE_COLS;
             int8_fill_tile(q, scales, group, N, K, n0, &tile);
-            multiply_tile(use_amx, x, x_stride, &tile, NULL, K, group, out + n0, out_stride, M,
+            multiply_tile(use_amx, x, x_stride, &tile, NULL, NULL, K, group, out + n0, out_stride, M,
                           N - n0 < TILE_COLS ? N - n0 : TILE_COLS, pad);
         }
         if (use_amx) tile_release();
