@@ -1102,45 +1102,17 @@ static void multiply_tile(int use_amx, const uint16_t *x, int64_t x_stride, cons
 }
 #endif
 
-// out [M, N] bfloat16 (row stride out_stride) = x [M, K] bfloat16 (row stride x_stride) @ w.T, w the int4 weight
-// of int4_gemm. Returns 0; -1 when memory runs out; -2 when built without AVX512-BF16 (use dequantize + GEMM).
-int int4_tile_gemm(const uint16_t *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
-                   const uint16_t *offsets, int64_t group, uint16_t *out, int64_t out_stride, int64_t M, int64_t N,
-                   int64_t K, int num_threads) {
 #ifdef TOKENMILL_AVX512_BF16
-    const int64_t num_groups = K / group;
+// Every tile of the weight (int4 where offsets is given, else int8) on num_threads threads: filled, then multiplied
+// (on AMX where use_amx; xsum, xsum_pairs: multiply_tile's). Returns 0, or -1 when memory runs out.
+static int tile_gemm_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *scales,
+                          const uint16_t *offsets, int64_t group, const float *xsum, const uint16_t *xsum_pairs,
+                          int use_amx, uint16_t *out, int64_t out_stride, int64_t M, int64_t N, int64_t K,
+                          int num_threads) {
     size_t per_thread;
     void *buffers = tile_buffers(K, group, num_threads, &per_thread);
-    float *xsum = (float *)malloc(sizeof(float) * (size_t)(M * num_groups));
-    if (buffers == NULL || xsum == NULL) {
-        free(buffers);
-        free(xsum);
-        return -1;
-    }
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < num_groups; g++) {
-            float t = 0.f;
-            for (int64_t k = g * group; k < (g + 1) * group; k++) t += bf16_to_f32(x[m * x_stride + k]);
-            xsum[m * num_groups + g] = t;
-        }
+    if (buffers == NULL) return -1;
     const int64_t num_tiles = (N + TILE_COLS - 1) / TILE_COLS;
-    const int use_amx = group % 32 == 0 && M >= AMX_MIN_ROWS && amx_ready();
-    // For the AMX multiply: each group sum of x as a high and a low bfloat16 part (16 of its 24 bits).
-    const int64_t pair_rows = offset_pair_rows(num_groups);
-    uint16_t *xsum_pairs =
-        use_amx ? calloc((size_t)((M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * pair_rows * 2), sizeof(uint16_t)) : NULL;
-    if (use_amx && xsum_pairs == NULL) {
-        free(xsum);
-        free(buffers);
-        return -1;
-    }
-    for (int64_t m = 0; use_amx && m < M; m++)
-        for (int64_t g = 0; g < num_groups; g++) {
-            const float t = xsum[m * num_groups + g];
-            const uint16_t high = f32_to_bf16(t);
-            xsum_pairs[(m * pair_rows + g) * 2] = high;
-            xsum_pairs[(m * pair_rows + g) * 2 + 1] = f32_to_bf16(t - bf16_to_f32(high));
-        }
     int status = 0;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -1153,18 +1125,55 @@ int int4_tile_gemm(const uint16_t *x, int64_t x_stride, const uint8_t *q, const 
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < num_tiles; t++) {
             if (use_amx && pad == NULL) continue;
-            const Tile tile = thread_tile(buffers, per_thread, K, group, 1);
+            const Tile tile = thread_tile(buffers, per_thread, K, group, offsets != NULL);
             const int64_t n0 = t * TILE_COLS;
-            int4_fill_tile(q, scales, offsets, group, N, K, n0, &tile);
+            if (offsets != NULL)
+                int4_fill_tile(q, scales, offsets, group, N, K, n0, &tile);
+            else
+                int8_fill_tile(q, scales, group, N, K, n0, &tile);
             multiply_tile(use_amx, x, x_stride, &tile, xsum, xsum_pairs, K, group, out + n0, out_stride, M,
                           N - n0 < TILE_COLS ? N - n0 : TILE_COLS, pad);
         }
         if (use_amx) tile_release();
         free(pad);
     }
+    free(buffers);
+    return status;
+}
+#endif
+
+// out [M, N] bfloat16 (row stride out_stride) = x [M, K] bfloat16 (row stride x_stride) @ w.T, w the int4 weight
+// of int4_gemm. Returns 0; -1 when memory runs out; -2 when built without AVX512-BF16 (use dequantize + GEMM).
+int int4_tile_gemm(const uint16_t *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
+                   const uint16_t *offsets, int64_t group, uint16_t *out, int64_t out_stride, int64_t M, int64_t N,
+                   int64_t K, int num_threads) {
+#ifdef TOKENMILL_AVX512_BF16
+    const int64_t num_groups = K / group;
+    const int use_amx = group % 32 == 0 && M >= AMX_MIN_ROWS && amx_ready();
+    // For the AMX multiply: each group sum of x as a high and a low bfloat16 part (16 of its 24 bits).
+    const int64_t pair_rows = offset_pair_rows(num_groups);
+    float *xsum = malloc(sizeof(float) * (size_t)(M * num_groups));
+    uint16_t *xsum_pairs =
+        use_amx ? calloc((size_t)((M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * pair_rows * 2), sizeof(uint16_t)) : NULL;
+    if (xsum == NULL || (use_amx && xsum_pairs == NULL)) {
+        free(xsum);
+        free(xsum_pairs);
+        return -1;
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < num_groups; g++) {
+            float t = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) t += bf16_to_f32(x[m * x_stride + k]);
+            xsum[m * num_groups + g] = t;
+            if (!use_amx) continue;
+            const uint16_t high = f32_to_bf16(t);
+            xsum_pairs[(m * pair_rows + g) * 2] = high;
+            xsum_pairs[(m * pair_rows + g) * 2 + 1] = f32_to_bf16(t - bf16_to_f32(high));
+        }
+    const int status = tile_gemm_bf16(x, x_stride, q, scales, offsets, group, xsum, xsum_pairs, use_amx, out,
+                                      out_stride, M, N, K, num_threads);
     free(xsum_pairs);
     free(xsum);
-    free(buffers);
     return status;
 #else
     (void)x, (void)x_stride, (void)q, (void)scales, (void)offsets, (void)group, (void)out, (void)out_stride;
@@ -1177,34 +1186,9 @@ int int4_tile_gemm(const uint16_t *x, int64_t x_stride, const uint8_t *q, const 
 int int8_tile_gemm(const uint16_t *x, int64_t x_stride, const int8_t *q, const float *scales, int64_t group,
                    uint16_t *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int num_threads) {
 #ifdef TOKENMILL_AVX512_BF16
-    size_t per_thread;
-    void *buffers = tile_buffers(K, group, num_threads, &per_thread);
-    if (buffers == NULL) return -1;
-    const int64_t num_tiles = (N + TILE_COLS - 1) / TILE_COLS;
     const int use_amx = group % 32 == 0 && M >= AMX_MIN_ROWS && amx_ready();
-    int status = 0;
-#pragma omp parallel num_threads(num_threads)
-    {
-        uint16_t *pad = use_amx ? malloc(sizeof(uint16_t) * (size_t)(AMX_ROWS * K)) : NULL;
-        if (use_amx && pad == NULL) {
-#pragma omp atomic write
-            status = -1;
-        }
-        if (use_amx) tile_configure();
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < num_tiles; t++) {
-            if (use_amx && pad == NULL) continue;
-            const Tile tile = thread_tile(buffers, per_thread, K, group, 0);
-            const int64_t n0 = t * TILE_COLS;
-            int8_fill_tile(q, scales, group, N, K, n0, &tile);
-            multiply_tile(use_amx, x, x_stride, &tile, NULL, NULL, K, group, out + n0, out_stride, M,
-                          N - n0 < TILE_COLS ? N - n0 : TILE_COLS, pad);
-        }
-        if (use_amx) tile_release();
-        free(pad);
-    }
-    free(buffers);
-    return status;
+    return tile_gemm_bf16(x, x_stride, q, scales, NULL, group, NULL, NULL, use_amx, out, out_stride, M, N, K,
+                          num_threads);
 #else
     (void)x, (void)x_stride, (void)q, (void)scales, (void)group, (void)out, (void)out_stride, (void)M, (void)N;
     (void)K, (void)num_threads;
