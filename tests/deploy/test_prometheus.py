@@ -51,6 +51,10 @@ def test_promtool_unit_tests_fail_when_a_threshold_is_off(tmp_path):
     assert result.returncode != 0 and "TokenmillKVCacheUsageHigh" in result.stdout + result.stderr
 
 
+class PrometheusStarting(Exception):
+    """Prometheus answered 503: it is up but not ready to answer queries yet."""
+
+
 class Prometheus:
     """`prometheus` on a loopback port, scraping the given target every second, with the alert rules loaded."""
 
@@ -71,6 +75,8 @@ class Prometheus:
 
     def query(self, expr: str) -> list[dict]:
         r = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10)
+        if r.status_code == 503:  # "Service Unavailable": still starting (its storage not ready yet)
+            raise PrometheusStarting(r.text)
         body = r.json()
         assert body["status"] == "success", body
         return body["data"]["result"]
@@ -84,7 +90,7 @@ class Prometheus:
                 result = self.query(expr)
                 if result:
                     return result
-            except httpx.TransportError:
+            except (httpx.TransportError, PrometheusStarting):
                 pass
             if time.monotonic() > deadline:
                 raise AssertionError(f"no result for {expr} after {timeout} s\n{self.log_path.read_text()[-3000:]}")
