@@ -10,8 +10,9 @@ the fused step at each of `--step-threads` (its parallel region on that many thr
 it, ThreadChooser measuring), then op by op (the same loaded model: LlamaForCausalLM.fused_decoder switched off and back), so
 both see the same machine load; the ratio of each round is reported, then the medians. For each, the engine's
 own step timing (EngineCore.set_step_timing) splits a decode step into:
-  forward   the decoder layers (the part the fused step replaces)
-  logits    the output layer (LM head)
+  forward   the decoder layers (the part the fused step replaces; with a packed output layer, as the bundled
+            model's Q8_0 one, the fused step computes the logits inside it too)
+  logits    the output layer (LM head): near zero for fused steps that computed them
   sample    the sampler
   host      the rest of LLMEngine.step: scheduling, batch building, state updates, detokenizing, outputs
 

@@ -101,7 +101,7 @@ def output_kernel(model: Any) -> Int4Weight | Int8Weight | None:
     from tokenmill.model.layers.linear import TiedLMHead
 
     head = model.lm_head
-    layer = head._embedding[0] if isinstance(head, TiedLMHead) else head
+    layer = head.embedding if isinstance(head, TiedLMHead) else head
     if getattr(layer, "quant_method", None) is None or getattr(layer, "bias", None) is not None:
         return None
     return packed_kernel(layer)

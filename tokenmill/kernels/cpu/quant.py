@@ -19,8 +19,9 @@ on this CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
   2^7 of the chunk's largest input, smaller ones rounded at 2^-16 of it; 1.5-2.9x int4_gemm at one row);
 - larger M with bfloat16 activations (decode batches, prefill): the tile kernels (int4_tile_gemm, int8_tile_gemm)
   unpack 32 output columns at a time into a bfloat16 tile of the quantized values (exact) that stays in the core's
-  cache, multiply it against every row with AVX512-BF16 dot products and apply the group scales and offsets to the
-  float32 sums: the weight's bytes are read once, and no bfloat16 copy of the whole weight is written;
+  cache, multiply it against every row (AMX tile multiplies from 8 rows where the CPU has AMX, else AVX512-BF16
+  dot products) and apply the group scales and offsets to the float32 sums: the weight's bytes are read once, and
+  no bfloat16 copy of the whole weight is written;
 - float32 activations with AVX2 (the CPUs where --dtype auto picks float32), above max_packed_rows: the float32
   tile kernels (int8_tile_gemm_f32, int4_tile_gemm_f32: 16 columns unpacked to an exact float32 tile, 6 rows x 16
   columns of multiply-adds in registers) up to max_tile_rows_f32 rows;

@@ -208,5 +208,10 @@ class TiedLMHead(nn.Module):
         self._embedding = [embedding]  # not a submodule: its parameters are counted once, under embed_tokens
         embedding.is_tied_output = True  # its method may prepare the table for the output matmul too
 
+    @property
+    def embedding(self) -> VocabEmbedding:
+        """The embedding table this layer multiplies by (its weights and quantization method)."""
+        return self._embedding[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._embedding[0].linear(x)

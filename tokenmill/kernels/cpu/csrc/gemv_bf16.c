@@ -103,8 +103,7 @@ static inline float prepare_chunk(const uint16_t *chunk, int16_t *values, float 
     // inputs {0, 2, .., 14}, {16, .., 30}, {1, .., 15}, {17, .., 31}: the four vectors' lanes of this chunk
     const __m512i order = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
                                            30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i lo = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)chunk)), 16);
-    const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(chunk + 16))), 16);
+    const __m512i lo = _mm512_castps_si512(load_bf16x16(chunk)), hi = _mm512_castps_si512(load_bf16x16(chunk + 16));
     const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
     // The largest |x| as its bits (integer order is float order for non-negative floats, NaN and inf above all).
     const int largest = _mm512_reduce_max_epi32(

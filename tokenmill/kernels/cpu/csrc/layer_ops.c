@@ -25,16 +25,12 @@ int tokenmill_layer_ops_vectorized(void) {
 
 #ifdef TOKENMILL_AVX512_BF16
 static inline __m512 load16(const uint16_t *p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+    return bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, p));
 }
 
 // Round to nearest even, as PyTorch's float -> bfloat16 conversion (NaN handling aside: activations are finite).
 static inline void store16(uint16_t *p, __m512 x, __mmask16 m) {
     _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
-}
-
-static inline __m512 round_bf16(__m512 x) {  // float -> bfloat16 -> float
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
 }
 
 #endif

@@ -153,10 +153,6 @@ static void score_pass(const Task *task, float *scores) {
     }
 }
 
-static inline __m512 load_bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
 // acc[g][:] += sum_j p[g][j] * v[j][:] over one tile of cnt positions, for one KV head's G query heads. The
 // accumulators stay in registers when G and C (head_dim / 16) are compile-time constants (see value_pass).
 static inline __attribute__((always_inline)) void value_tile_fixed(

@@ -728,12 +728,12 @@ int tokenmill_quant_tile_vectorized(void) {
 #include <omp.h>
 
 // One tile: the quantized values and, per group, TILE_VECS vectors of scales and (int4) of offsets; for the AMX
-// multiply the offsets again as TDPBF16PS operands (offset_pairs: see offset_pairs_of).
+// multiply the offsets again as TDPBF16PS operands (offset_pairs, filled by int4_fill_tile where set).
 typedef struct {
     __m512i *q;              // [K / 2][TILE_VECS]
     __m512 *scales;          // [num_groups][TILE_VECS]
     __m512 *offsets;         // [num_groups][TILE_VECS], or NULL (int8)
-    __m512i *offset_pairs;   // [2][offset_pair_rows(num_groups)][TILE_VECS], or NULL (int8)
+    __m512i *offset_pairs;   // [2][offset_pair_rows(num_groups)][TILE_VECS], or NULL (int8, or no AMX)
 } Tile;
 
 // Rows of 16 columns x 2 bfloat16 holding the offsets for the AMX multiply: one per group, padded to whole tiles of
@@ -834,7 +834,7 @@ static inline void load8x16(const uint8_t *const rows[8], int64_t at, __m512i *l
 // The tile of the int4 weight (layout of int4_gemm) for columns n0 .. n0 + TILE_COLS - 1.
 static void int4_fill_tile(const uint8_t *q, const uint16_t *scales, const uint16_t *offsets, int64_t group,
                            int64_t N, int64_t K, int64_t n0, const Tile *tile) {
-    const int64_t num_groups = K / group;
+    const int64_t num_groups = K / group, pair_rows = offset_pair_rows(num_groups);
     const __m512i nibble = _mm512_set1_epi32(15);
     for (int v = 0; v < TILE_VECS; v++) {
         const uint8_t *rows[16];
@@ -847,21 +847,20 @@ static void int4_fill_tile(const uint8_t *q, const uint16_t *scales, const uint1
                 b[i] = _cvtsh_ss(offsets[index[i] * num_groups + g]);
             }
             tile->scales[g * TILE_VECS + v] = _mm512_loadu_ps(s);
-            tile->offsets[g * TILE_VECS + v] = _mm512_loadu_ps(b);
-            // The offset in two bfloat16 parts (exact: a float16 has 11 significant bits), each in both halves
-            // of the column's 32-bit lane, to multiply the activations' sum of the group (high and low parts).
             const __m512 offset = _mm512_loadu_ps(b);
+            tile->offsets[g * TILE_VECS + v] = offset;
+            if (tile->offset_pairs == NULL) continue;
+            // For AMX: the offset in two bfloat16 parts (exact: a float16 has 11 significant bits), each in both
+            // halves of the column's 32-bit lane, to multiply the activations' group sum (high and low parts).
             const __m256i high = (__m256i)_mm512_cvtneps_pbh(offset);
-            const __m512 rest = _mm512_sub_ps(offset, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(high), 16)));
-            const __m256i low = (__m256i)_mm512_cvtneps_pbh(rest);
-            const int64_t pair_rows = offset_pair_rows(num_groups);
+            const __m256i low = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(offset, bf16x16_to_f32(high)));
             const __m512i h = _mm512_cvtepu16_epi32(high), l = _mm512_cvtepu16_epi32(low);
             tile->offset_pairs[g * TILE_VECS + v] = _mm512_or_si512(h, _mm512_slli_epi32(h, 16));
             tile->offset_pairs[(pair_rows + g) * TILE_VECS + v] = _mm512_or_si512(l, _mm512_slli_epi32(l, 16));
         }
-        for (int64_t g = num_groups; g < offset_pair_rows(num_groups); g++) {
+        for (int64_t g = num_groups; tile->offset_pairs != NULL && g < pair_rows; g++) {
             tile->offset_pairs[g * TILE_VECS + v] = _mm512_setzero_si512();
-            tile->offset_pairs[(offset_pair_rows(num_groups) + g) * TILE_VECS + v] = _mm512_setzero_si512();
+            tile->offset_pairs[(pair_rows + g) * TILE_VECS + v] = _mm512_setzero_si512();
         }
         for (int64_t c = 0; c < K; c += 32) {
             // [columns 0-7 | 8-15][bytes 0-7 | 8-15 of the chunk]
@@ -925,13 +924,15 @@ static void *tile_buffers(int64_t K, int64_t group, int num_threads, size_t *per
     return aligned_alloc(64, *per_thread * (size_t)num_threads);
 }
 
-static Tile thread_tile(void *buffers, size_t per_thread, int64_t K, int64_t group, int with_offsets) {
+static Tile thread_tile(void *buffers, size_t per_thread, int64_t K, int64_t group, int with_offsets,
+                        int with_offset_pairs) {
     char *base = (char *)buffers + per_thread * (size_t)omp_get_thread_num();
     Tile tile;
     tile.q = (__m512i *)base;
     tile.scales = (__m512 *)(base + (size_t)(K / 2) * TILE_VECS * 64);
     tile.offsets = with_offsets ? tile.scales + (K / group) * TILE_VECS : NULL;
-    tile.offset_pairs = with_offsets ? (__m512i *)(tile.scales + 2 * (K / group) * TILE_VECS) : NULL;
+    tile.offset_pairs = with_offsets && with_offset_pairs ? (__m512i *)(tile.scales + 2 * (K / group) * TILE_VECS)
+                                                          : NULL;
     return tile;
 }
 
@@ -940,8 +941,8 @@ static Tile thread_tile(void *buffers, size_t per_thread, int64_t K, int64_t gro
 // On CPUs with AMX the same tile (its layout is the one TDPBF16PS wants for its B operand: 16 pairs of inputs x 16
 // columns x 2 bfloat16 per 32-input chunk) is multiplied by 16 activation rows at a time: per group, the chunks'
 // products accumulate in a 16 x 16 float32 tile register (exact products, float32 sums), which is then stored and
-// scaled into the running sums with the group's scales and offsets, as tile_rows does. A TDPBF16PS does 8192
-// multiply-adds; vdpbf16ps 32.
+// scaled into the running sums with the group's scales, as tile_rows does; the offsets' part comes from one more
+// small multiply after the groups (amx_block). A TDPBF16PS does 8192 multiply-adds; vdpbf16ps 32.
 #define AMX_ROWS 16  // activation rows per tile multiply
 #ifdef TOKENMILL_AMX
 // Tile registers (literal numbers: the intrinsics paste them into the instruction): the two column blocks' sums and
@@ -1125,7 +1126,7 @@ static int tile_gemm_bf16(const uint16_t *x, int64_t x_stride, const void *q, co
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < num_tiles; t++) {
             if (use_amx && pad == NULL) continue;
-            const Tile tile = thread_tile(buffers, per_thread, K, group, offsets != NULL);
+            const Tile tile = thread_tile(buffers, per_thread, K, group, offsets != NULL, use_amx);
             const int64_t n0 = t * TILE_COLS;
             if (offsets != NULL)
                 int4_fill_tile(q, scales, offsets, group, N, K, n0, &tile);

@@ -69,6 +69,18 @@ static inline float hsum256(__m256 v) {
 #endif
 
 #ifdef TOKENMILL_AVX512_BF16
+// 16 bfloat16 values (bits) as float32, exactly.
+static inline __m512 bf16x16_to_f32(__m256i v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    return bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)p));
+}
+
+// float -> bfloat16 (round to nearest even) -> float.
+static inline __m512 round_bf16(__m512 x) { return bf16x16_to_f32((__m256i)_mm512_cvtneps_pbh(x)); }
+
 // The first `remaining` of 16 lanes.
 static inline __mmask16 tail_mask(int remaining) {
     return remaining >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << remaining) - 1);
