@@ -2,6 +2,7 @@
 
     python benchmarks/quant_kernels.py                    # SmolLM2-135M's layer shapes, 2 torch threads
     python benchmarks/quant_kernels.py --rows 1,4,16 --json quant_kernels.json
+    python benchmarks/quant_kernels.py --rows 64,128,256,512 --layers 30   # weights streamed, as in a model step
 
 For each weight shape [N, K] and activation row count M, the same bf16 activations go through
 - int4 packed: tokenmill's int4_gemm (csrc/quant.c) on q4 + float16 scales/offsets (group 32);
@@ -10,6 +11,9 @@ For each weight shape [N, K] and activation row count M, the same bf16 activatio
 - int8 packed / int8 tile / int8 dequant: the same for int8 with float32 group scales (Q8_0's layout);
 - bf16 packed: the unquantized method's oneDNN pre-packed bf16 weight (the full-precision reference);
 - torch int4: torch's _weight_int4pack_mm_for_cpu (bf16 scales), the candidate that was not kept.
+With --layers N, each kernel runs over N different weights of the shape in turn (a model's layers: the weights
+come from memory, not from the cache, as in an engine step; the output layer's size: one) and the time is per
+weight.
 Milliseconds per call (median of --repeat), and per kernel family and weight size the largest M at which the
 packed kernel is still faster than the tile kernel, and whether dequantize + GEMM beats the tile kernel at any M:
 the crossovers tokenmill/kernels/cpu/quant.py uses.
@@ -40,7 +44,7 @@ def _dequant_linear(weight, x):
     return F.linear(x, weight.dequantize(torch.bfloat16))
 
 
-def _forced(weight, kernel: str, x):
+def _forced(weight, x, kernel: str):
     """weight.matmul(x) with the kernel for M forced: 'packed' or 'tile'."""
     weight.max_packed_rows = 1 << 30 if kernel == "packed" else 0
     weight.max_tile_rows = 1 << 30
@@ -59,6 +63,28 @@ def _torch_int4(packed, scale_zeros, x):
     return torch._weight_int4pack_mm_for_cpu(x, packed, 32, scale_zeros)
 
 
+def _layer_weights(n: int, k: int) -> dict:
+    """One layer's [n, k] weight in every form the kernels take."""
+    import torch
+
+    from tokenmill.kernels.cpu.quant import pack_int4, pack_int8
+
+    w = torch.randn(n, k) * 0.05
+    q4 = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    return {
+        "int4": pack_int4(q4, torch.rand(n, k // 32) * 0.01, None, 32),
+        "int8": pack_int8(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, k // 32) * 0.01, 32),
+        "onednn": torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 64),
+        "tq": torch._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32), 1),
+        "tsz": torch.rand(k // 32, n, 2, dtype=torch.bfloat16),
+    }
+
+
+def _each(fn, layers: list[dict], *names: str):
+    """fn(x) over every layer's weights (names: which of them, as fn's first arguments), as one call."""
+    return lambda x: [fn(*(layer[name] for name in names), x) for layer in layers]
+
+
 def _time_ms(fn, repeat: int) -> float:
     fn()
     times = []
@@ -72,12 +98,13 @@ def _time_ms(fn, repeat: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from tokenmill.kernels.cpu.quant import LARGE_WEIGHT, pack_int4, pack_int8
+    from tokenmill.kernels.cpu.quant import LARGE_WEIGHT
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated NxK weight shapes")
     parser.add_argument("--rows", default="1,2,3,4,8,16,64,256,1024", help="comma-separated activation row counts M")
+    parser.add_argument("--layers", type=int, default=1, help="different weights of each shape, run in turn")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--json", dest="json_path", default=None)
@@ -92,28 +119,23 @@ def main(argv: list[str] | None = None) -> int:
           f"{'int8 dq':>8} | {'bf16':>8} {'torch i4':>8}  (ms)")
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
-        w = torch.randn(n, k) * 0.05
-        q4 = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-        int4 = pack_int4(q4, torch.rand(n, k // 32) * 0.01, None, 32)
-        int8 = pack_int8(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, k // 32) * 0.01, 32)
-        onednn = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 64)
-        tq = torch._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32), 1)
-        tsz = torch.rand(k // 32, n, 2, dtype=torch.bfloat16)
+        count = args.layers if n * k < LARGE_WEIGHT else 1  # a model has one output layer
+        layers = [_layer_weights(n, k) for _ in range(count)]
         for m in rows_list:
             x = torch.randn(m, k).bfloat16()
             repeat = max(3, args.repeat // (4 if n * m > 2**20 else 1))
             kernels = {
-                "int4_packed": functools.partial(_forced, int4, "packed"),
-                "int4_tile": functools.partial(_forced, int4, "tile"),
-                "int4_dequant": functools.partial(_dequant_linear, int4),
-                "int8_packed": functools.partial(_forced, int8, "packed"),
-                "int8_tile": functools.partial(_forced, int8, "tile"),
-                "int8_dequant": functools.partial(_dequant_linear, int8),
-                "bf16_packed": functools.partial(_onednn_linear, onednn),
-                "torch_int4": functools.partial(_torch_int4, tq, tsz),
+                "int4_packed": _each(functools.partial(_forced, kernel="packed"), layers, "int4"),
+                "int4_tile": _each(functools.partial(_forced, kernel="tile"), layers, "int4"),
+                "int4_dequant": _each(_dequant_linear, layers, "int4"),
+                "int8_packed": _each(functools.partial(_forced, kernel="packed"), layers, "int8"),
+                "int8_tile": _each(functools.partial(_forced, kernel="tile"), layers, "int8"),
+                "int8_dequant": _each(_dequant_linear, layers, "int8"),
+                "bf16_packed": _each(_onednn_linear, layers, "onednn"),
+                "torch_int4": _each(_torch_int4, layers, "tq", "tsz"),
             }
             row = {"n": n, "k": k, "m": m}
-            row.update({name: _time_ms(functools.partial(fn, x), repeat) for name, fn in kernels.items()})
+            row.update({name: _time_ms(functools.partial(fn, x), repeat) / count for name, fn in kernels.items()})
             results.append(row)
             cells = " | ".join(" ".join(f"{row[f'{f}_{kind}']:8.3f}" for kind in kinds) for f in families)
             print(f"{shape:>12} {m:>4} | {cells} | {row['bf16_packed']:8.3f} {row['torch_int4']:8.3f}", flush=True)

@@ -171,7 +171,7 @@ def test_packed_kernels_still_exact_in_float32(m):
 
 
 def test_kernel_choice_per_row_count():
-    """Packed for a few rows, the tile kernel above for bfloat16 activations up to MAX_TILE_ROWS (dequantize + GEMM
+    """Packed for a few rows, the tile kernel above for bfloat16 activations up to max_tile_rows (dequantize + GEMM
     where the tile kernel is not built, and above), dequantize + float32 GEMM for float32 activations above the
     packed rows; the output layer's size keeps the packed kernel for more rows."""
     small, _ = int4_case(96, 256, 32, False)
@@ -190,8 +190,10 @@ def test_kernel_choice_per_row_count():
         assert weight.kernel_for(1, torch.bfloat16) == "packed"
         assert weight.kernel_for(weight.max_packed_rows, torch.float32) == "packed"
         assert weight.kernel_for(weight.max_packed_rows + 1, torch.bfloat16) == many
-        assert weight.kernel_for(quant.MAX_TILE_ROWS, torch.bfloat16) == many
-        assert weight.kernel_for(quant.MAX_TILE_ROWS + 1, torch.bfloat16) == "dequant"  # a long prefill chunk
+        # Where the tile kernels run on AMX, oneDNN's bfloat16 GEMM does too, and dequantize + GEMM wins sooner.
+        assert weight.max_tile_rows == (quant.MAX_TILE_ROWS_AMX if quant._tile_amx() else quant.MAX_TILE_ROWS)
+        assert weight.kernel_for(weight.max_tile_rows, torch.bfloat16) == many
+        assert weight.kernel_for(weight.max_tile_rows + 1, torch.bfloat16) == "dequant"  # a long prefill chunk
         assert weight.kernel_for(64, torch.float16) == "dequant"
     # float32: the AVX2 tile kernels where they are built, up to max_tile_rows_f32 (int8 and int4 apart), then
     # dequantize + GEMM.

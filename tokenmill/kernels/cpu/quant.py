@@ -17,7 +17,7 @@ on this CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
   up to INT4_MAX_PACKED_ROWS bfloat16 rows, csrc/gemv_bf16.c's int4_gemv_bf16 does the same sums with AVX512-VNNI
   integer dot products on 16-bit fixed-point activations (each chunk of 32 under a power-of-two scale: exact within
   2^7 of the chunk's largest input, smaller ones rounded at 2^-16 of it; 1.5-2.9x int4_gemm at one row);
-- larger M with bfloat16 activations (decode batches, prefill): the tile kernels (int4_tile_gemm, int8_tile_gemm)
+- larger M with bfloat16 activations (decode batches, prefill) up to max_tile_rows: the tile kernels (int4_tile_gemm, int8_tile_gemm)
   unpack 32 output columns at a time into a bfloat16 tile of the quantized values (exact) that stays in the core's
   cache, multiply it against every row (AMX tile multiplies from 8 rows where the CPU has AMX, else AVX512-BF16
   dot products) and apply the group scales and offsets to the float32 sums: the weight's bytes are read once, and
@@ -57,12 +57,17 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 # layers' packed kernels (the same sums as the op-by-op path). Above: the tile kernel for bfloat16 activations up to
 # MAX_TILE_ROWS (decode batches, short prompts): faster than dequantize + oneDNN GEMM from 2 to 512 rows summed over
 # the decoder's shapes, slower from 1024 (long prefill chunks), where the dequantization is spread over enough rows
-# and oneDNN's larger register blocks win.
+# and oneDNN's larger register blocks win. Where the tile kernels multiply on AMX, oneDNN's bfloat16 GEMM runs on AMX
+# too, and dequantize + GEMM wins sooner: MAX_TILE_ROWS_AMX (measured on a 2-core Sapphire Rapids class VM,
+# benchmarks/quant_kernels.py --layers 30, BENCHMARKS.md "On a CPU with AMX, continued": at 512 rows dequantize +
+# GEMM took 0.5-0.95x the tile kernel's time on every shape; at 256 the two were even summed over the decoder's
+# shapes, at 128 and below the tile kernel won).
 INT4_MAX_PACKED_ROWS = 8
 INT8_MAX_PACKED_ROWS = 1
 LARGE_WEIGHT = 1 << 23
 LARGE_WEIGHT_MAX_PACKED_ROWS = 2
 MAX_TILE_ROWS = 512
+MAX_TILE_ROWS_AMX = 256
 # float32 activations (--dtype auto on CPUs without native bf16): rows up to which the AVX2 float32 tile kernels
 # (int8_tile_gemm_f32, int4_tile_gemm_f32) beat dequantize (int8_dequant, int4_dequant) + oneDNN's float32 GEMM,
 # measured on a 2-core AVX2 EPYC (benchmarks/packed_f32.py --many-rows; BENCHMARKS.md, "On a CPU without native
@@ -91,6 +96,17 @@ def _tile_native() -> bool:
     """Whether the tile kernels are built with AVX512-BF16 here (else dequantize + GEMM serves every M > packed)."""
     lib = ops.load_library()
     return lib is not None and bool(lib.tokenmill_quant_tile_vectorized())
+
+
+@functools.cache
+def _tile_amx() -> bool:
+    """Whether the tile kernels multiply on AMX here (built with it, and the kernel grants this process the tiles)."""
+    lib = ops.load_library()
+    return lib is not None and bool(lib.tokenmill_quant_tile_vectorized()) and bool(lib.tokenmill_quant_tile_amx())
+
+
+def _max_tile_rows() -> int:
+    return MAX_TILE_ROWS_AMX if _tile_amx() else MAX_TILE_ROWS
 
 
 @functools.cache
@@ -171,7 +187,7 @@ class Int8Weight(_QuantizedWeight):
         self.group = group
         self.out_features, self.in_features = n, k
         self.max_packed_rows = LARGE_WEIGHT_MAX_PACKED_ROWS if n * k >= LARGE_WEIGHT else INT8_MAX_PACKED_ROWS
-        self.max_tile_rows = MAX_TILE_ROWS
+        self.max_tile_rows = _max_tile_rows()
 
     @property
     def nbytes(self) -> int:
@@ -223,7 +239,7 @@ class Int4Weight(_QuantizedWeight):
         self.packed, self.scales, self.offsets, self.group = packed, scales, offsets, group
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.max_packed_rows = INT4_MAX_PACKED_ROWS
-        self.max_tile_rows = MAX_TILE_ROWS
+        self.max_tile_rows = _max_tile_rows()
 
     @property
     def nbytes(self) -> int:
