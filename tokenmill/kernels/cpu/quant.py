@@ -17,8 +17,8 @@ on this CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
   up to INT4_MAX_PACKED_ROWS bfloat16 rows, csrc/gemv_bf16.c's int4_gemv_bf16 does the same sums with AVX512-VNNI
   integer dot products on 16-bit fixed-point activations (each chunk of 32 under a power-of-two scale: exact within
   2^7 of the chunk's largest input, smaller ones rounded at 2^-16 of it; 1.5-2.9x int4_gemm at one row);
-- larger M with bfloat16 activations (decode batches, prefill) up to max_tile_rows: the tile kernels (int4_tile_gemm, int8_tile_gemm)
-  unpack 32 output columns at a time into a bfloat16 tile of the quantized values (exact) that stays in the core's
+- larger M with bfloat16 activations (decode batches, prefill) up to max_tile_rows: the tile kernels
+  (int4_tile_gemm, int8_tile_gemm) unpack 32 output columns at a time into a bfloat16 tile of the quantized values (exact) that stays in the core's
   cache, multiply it against every row (AMX tile multiplies from 8 rows where the CPU has AMX, else AVX512-BF16
   dot products) and apply the group scales and offsets to the float32 sums: the weight's bytes are read once, and
   no bfloat16 copy of the whole weight is written;
@@ -102,7 +102,7 @@ def _tile_native() -> bool:
 def _tile_amx() -> bool:
     """Whether the tile kernels multiply on AMX here (built with it, and the kernel grants this process the tiles)."""
     lib = ops.load_library()
-    return lib is not None and bool(lib.tokenmill_quant_tile_vectorized()) and bool(lib.tokenmill_quant_tile_amx())
+    return lib is not None and bool(lib.tokenmill_quant_tile_amx())  # 0 in builds without the tile kernels
 
 
 def _max_tile_rows() -> int:

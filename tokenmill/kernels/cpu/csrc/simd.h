@@ -13,7 +13,7 @@
 #define TOKENMILL_AVX512_BF16 1
 #endif
 // AMX (Sapphire Rapids and later): the tile kernels' matrix multiplies (TDPBF16PS), where the kernel grants the
-// process the tile state (tokenmill_amx_ready()).
+// process the tile state (quant.c's amx_ready(), tokenmill_quant_tile_amx()).
 #if defined(TOKENMILL_AVX512_BF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #define TOKENMILL_AMX 1
 #endif
