@@ -183,18 +183,29 @@ def limits_server(server_model_dir, tmp_path_factory):
 def burst(url: str, body: dict, num_requests: int, times: dict[str, float] | None = None
           ) -> list[tuple[int, dict | None]]:
     """num_requests simultaneous POSTs of body: (200, None) for each admitted one, else (status, error body with
-    its retry-after header). An admitted stream is read to its first event, then closed (aborting the request);
-    an admitted non-streamed request is read whole. times, if given, receives "start" (time.monotonic() when the
-    requests were let go) and "last_refusal" (when the last refused one was answered)."""
+    its retry-after header). An admitted stream is read to its first event and held open until every request of
+    the burst has been answered (so no admitted request ends and frees its place while others are still arriving),
+    then closed, aborting it; an admitted non-streamed request is read whole. times, if given, receives "start"
+    (time.monotonic() when the requests were let go) and "last_refusal" (when the last refused one was answered).
+    """
 
     async def run() -> list[tuple[int, dict | None]]:
         limits = httpx.Limits(max_connections=2 * num_requests)
         async with httpx.AsyncClient(timeout=120, limits=limits) as client:
             start = asyncio.Event()
+            all_answered = asyncio.Event()
+            answered = 0
+
+            def answer() -> None:
+                nonlocal answered
+                answered += 1
+                if answered == num_requests:
+                    all_answered.set()
 
             async def one() -> tuple[int, dict | None]:
                 await start.wait()
                 async with client.stream("POST", url, json=body) as r:
+                    answer()
                     if r.status_code != 200:
                         await r.aread()
                         if times is not None:
@@ -206,6 +217,7 @@ def burst(url: str, body: dict, num_requests: int, times: dict[str, float] | Non
                     async for line in r.aiter_lines():
                         if line.startswith("data: "):
                             break
+                    await all_answered.wait()
                     return 200, None
 
             tasks = [asyncio.create_task(one()) for _ in range(num_requests)]

@@ -167,8 +167,7 @@ static int linear_columns(const TmModel *m, const TmWeight *w, const void *x, vo
     // Every thread lays out the (small) input itself, so no barrier separates the layout from the GEMV.
     if (packed_int4) int4_gemv_prepare(x, k, rows, k, scratch->xr, scratch->xsum);
     // int8 on bfloat16: the input in float32 once, not once per chunk (int8_gemm converts it on every call);
-    // int8_gemv_columns takes up to 3 rows.
-    const int packed_int8 = w->kind == WEIGHT_INT8 && dtype == DTYPE_BF16 && rows < 4;
+    const int packed_int8 = w->kind == WEIGHT_INT8 && dtype == DTYPE_BF16 && rows < MIN_BLOCKED_ROWS;
     if (packed_int8)
         for (int64_t i = 0; i < rows * k; i++) scratch->xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
 #else

@@ -38,7 +38,10 @@ int int4_gemv_f32_columns(const float *x, const float *xsum, int64_t rows, int64
                           int64_t out_stride, int64_t n0, int64_t n1);
 int int8_gemv_f32_columns(const float *x, int64_t rows, int64_t K, const int8_t *q, const float *scales,
                           int64_t group, float *out, int64_t out_stride, int64_t n0, int64_t n1);
-// int8_gemm's AVX512 sums below 4 rows on columns [n0, n1): float32 x, out in out_dtype (-2 without AVX512-BF16).
+// Rows from which int8_gemm multiplies in blocks of rows; below, int8_gemv_columns.
+#define MIN_BLOCKED_ROWS 4
+// int8_gemm's AVX512 sums below MIN_BLOCKED_ROWS rows on columns [n0, n1): float32 x, out in out_dtype (-2 without
+// AVX512-BF16).
 int int8_gemv_columns(const float *x, int64_t rows, int64_t K, const int8_t *q, const float *scales, int64_t group,
                       void *out, int out_dtype, int64_t out_stride, int64_t n0, int64_t n1);
 

@@ -24,9 +24,9 @@ static inline void store_out(void *out, int x_dtype, int64_t index, float total)
         ((uint16_t *)out)[index] = f32_to_bf16(total);
 }
 
-// Rows from which the kernels process x in blocks of 8 (each weight chunk widened once per block of rows).
+// The blocks of rows in which the kernels process x from MIN_BLOCKED_ROWS rows (kernels.h): each weight chunk
+// widened once per block.
 #define ROW_BLOCK 8
-#define MIN_BLOCKED_ROWS 4
 
 // x [M, K] (row stride x_stride elements; dtype 0 float32, 1 bfloat16) -> float32 [M, K] contiguous, followed
 // by zero rows up to a multiple of ROW_BLOCK.
