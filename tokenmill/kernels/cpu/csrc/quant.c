@@ -727,18 +727,12 @@ int tokenmill_quant_tile_vectorized(void) {
 #ifdef TOKENMILL_AVX512_BF16
 #include <omp.h>
 
-// One tile: the quantized values and, per group, TILE_VECS vectors of scales and (int4) of offsets; for the AMX
-// multiply the offsets again as TDPBF16PS operands (offset_pairs, filled by int4_fill_tile where set).
+// One tile: the quantized values and, per group, TILE_VECS vectors of scales and (int4) of offsets.
 typedef struct {
-    __m512i *q;              // [K / 2][TILE_VECS]
-    __m512 *scales;          // [num_groups][TILE_VECS]
-    __m512 *offsets;         // [num_groups][TILE_VECS], or NULL (int8)
-    __m512i *offset_pairs;   // [2][offset_pair_rows(num_groups)][TILE_VECS], or NULL (int8, or no AMX)
+    __m512i *q;        // [K / 2][TILE_VECS]
+    __m512 *scales;    // [num_groups][TILE_VECS]
+    __m512 *offsets;   // [num_groups][TILE_VECS], or NULL (int8)
 } Tile;
-
-// Rows of 16 columns x 2 bfloat16 holding the offsets for the AMX multiply: one per group, padded to whole tiles of
-// 16 rows.
-static inline int64_t offset_pair_rows(int64_t num_groups) { return (num_groups + 15) / 16 * 16; }
 
 // out[r, 0:TILE_COLS] (bfloat16, masked to the valid columns) for r < rows. rows and with_offsets are
 // compile-time constants in every call below, so the accumulators live in registers. xsum [rows][num_groups]:
@@ -805,6 +799,12 @@ static void tile_matmul(const uint16_t *x, int64_t x_stride, const Tile *tile, c
     }
 }
 
+// Asks for bytes [p, p + n) in the cache ahead of use: the tile fills read the next tile's columns while filling
+// this one's (0.89-0.96x the time of a fill without, at 16 rows).
+static inline void prefetch_bytes(const void *p, int64_t n) {
+    for (int64_t at = 0; at < n; at += 64) _mm_prefetch((const char *)p + at, _MM_HINT_T0);
+}
+
 // The 16 rows of columns n0 .. n0 + 15 (clamped to N - 1: columns past the end repeat the last one and are never
 // stored), each row_bytes long.
 static inline void column_rows(const uint8_t *base, int64_t row_bytes, int64_t n0, int64_t N, const uint8_t *rows[16],
@@ -831,37 +831,28 @@ static inline void load8x16(const uint8_t *const rows[8], int64_t at, __m512i *l
     *hi = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), b);
 }
 
-// The tile of the int4 weight (layout of int4_gemm) for columns n0 .. n0 + TILE_COLS - 1.
+// The tile of the int4 weight (layout of int4_gemm) for columns n0 .. n0 + TILE_COLS - 1; the next tile's bytes
+// prefetched.
 static void int4_fill_tile(const uint8_t *q, const uint16_t *scales, const uint16_t *offsets, int64_t group,
                            int64_t N, int64_t K, int64_t n0, const Tile *tile) {
-    const int64_t num_groups = K / group, pair_rows = offset_pair_rows(num_groups);
+    const int64_t num_groups = K / group;
     const __m512i nibble = _mm512_set1_epi32(15);
+    if (n0 + 2 * TILE_COLS <= N) {
+        prefetch_bytes(q + (n0 + TILE_COLS) * (K / 2), TILE_COLS * (K / 2));
+        prefetch_bytes(scales + (n0 + TILE_COLS) * num_groups, TILE_COLS * num_groups * 2);
+        prefetch_bytes(offsets + (n0 + TILE_COLS) * num_groups, TILE_COLS * num_groups * 2);
+    }
     for (int v = 0; v < TILE_VECS; v++) {
         const uint8_t *rows[16];
         int64_t index[16];
         column_rows(q, K / 2, n0 + 16 * v, N, rows, index);
-        for (int64_t g = 0; g < num_groups; g++) {
-            float s[16], b[16];
-            for (int i = 0; i < 16; i++) {
-                s[i] = _cvtsh_ss(scales[index[i] * num_groups + g]);
-                b[i] = _cvtsh_ss(offsets[index[i] * num_groups + g]);
+        // Lane by lane (a column's groups are contiguous), read as vectors only much later: a vector load of lanes
+        // just stored one at a time waits for those stores.
+        for (int i = 0; i < 16; i++)
+            for (int64_t g = 0; g < num_groups; g++) {
+                ((float *)&tile->scales[g * TILE_VECS + v])[i] = _cvtsh_ss(scales[index[i] * num_groups + g]);
+                ((float *)&tile->offsets[g * TILE_VECS + v])[i] = _cvtsh_ss(offsets[index[i] * num_groups + g]);
             }
-            tile->scales[g * TILE_VECS + v] = _mm512_loadu_ps(s);
-            const __m512 offset = _mm512_loadu_ps(b);
-            tile->offsets[g * TILE_VECS + v] = offset;
-            if (tile->offset_pairs == NULL) continue;
-            // For AMX: the offset in two bfloat16 parts (exact: a float16 has 11 significant bits), each in both
-            // halves of the column's 32-bit lane, to multiply the activations' group sum (high and low parts).
-            const __m256i high = (__m256i)_mm512_cvtneps_pbh(offset);
-            const __m256i low = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(offset, bf16x16_to_f32(high)));
-            const __m512i h = _mm512_cvtepu16_epi32(high), l = _mm512_cvtepu16_epi32(low);
-            tile->offset_pairs[g * TILE_VECS + v] = _mm512_or_si512(h, _mm512_slli_epi32(h, 16));
-            tile->offset_pairs[(pair_rows + g) * TILE_VECS + v] = _mm512_or_si512(l, _mm512_slli_epi32(l, 16));
-        }
-        for (int64_t g = num_groups; tile->offset_pairs != NULL && g < pair_rows; g++) {
-            tile->offset_pairs[g * TILE_VECS + v] = _mm512_setzero_si512();
-            tile->offset_pairs[(pair_rows + g) * TILE_VECS + v] = _mm512_setzero_si512();
-        }
         for (int64_t c = 0; c < K; c += 32) {
             // [columns 0-7 | 8-15][bytes 0-7 | 8-15 of the chunk]
             __m512i src[2][2];
@@ -884,19 +875,21 @@ static void int4_fill_tile(const uint8_t *q, const uint16_t *scales, const uint1
     }
 }
 
-// The tile of the int8 weight (layout of int8_gemm) for columns n0 .. n0 + TILE_COLS - 1.
+// The tile of the int8 weight (layout of int8_gemm) for columns n0 .. n0 + TILE_COLS - 1, as int4_fill_tile.
 static void int8_fill_tile(const int8_t *q, const float *scales, int64_t group, int64_t N, int64_t K, int64_t n0,
                            const Tile *tile) {
     const int64_t num_groups = K / group;
+    if (n0 + 2 * TILE_COLS <= N) {
+        prefetch_bytes(q + (n0 + TILE_COLS) * K, TILE_COLS * K);
+        prefetch_bytes(scales + (n0 + TILE_COLS) * num_groups, TILE_COLS * num_groups * 4);
+    }
     for (int v = 0; v < TILE_VECS; v++) {
         const uint8_t *rows[16];
         int64_t index[16];
         column_rows((const uint8_t *)q, K, n0 + 16 * v, N, rows, index);
-        for (int64_t g = 0; g < num_groups; g++) {
-            float s[16];
-            for (int i = 0; i < 16; i++) s[i] = scales[index[i] * num_groups + g];
-            tile->scales[g * TILE_VECS + v] = _mm512_loadu_ps(s);
-        }
+        for (int i = 0; i < 16; i++)
+            for (int64_t g = 0; g < num_groups; g++)
+                ((float *)&tile->scales[g * TILE_VECS + v])[i] = scales[index[i] * num_groups + g];
         for (int64_t c = 0; c < K; c += 16) {
             __m512i src[2][2];
             load8x16(rows, c, &src[0][0], &src[0][1]);
@@ -919,39 +912,41 @@ static void int8_fill_tile(const int8_t *q, const float *scales, int64_t group, 
 
 // One tile buffer per thread (values, scales, offsets), or NULL.
 static void *tile_buffers(int64_t K, int64_t group, int num_threads, size_t *per_thread) {
-    *per_thread = (size_t)(K / 2) * TILE_VECS * 64 + (size_t)(K / group) * TILE_VECS * 64 * 2
-                  + (size_t)offset_pair_rows(K / group) * TILE_VECS * 64 * 2;
+    *per_thread = (size_t)(K / 2) * TILE_VECS * 64 + (size_t)(K / group) * TILE_VECS * 64 * 2;
     return aligned_alloc(64, *per_thread * (size_t)num_threads);
 }
 
-static Tile thread_tile(void *buffers, size_t per_thread, int64_t K, int64_t group, int with_offsets,
-                        int with_offset_pairs) {
+static Tile thread_tile(void *buffers, size_t per_thread, int64_t K, int64_t group, int with_offsets) {
     char *base = (char *)buffers + per_thread * (size_t)omp_get_thread_num();
     Tile tile;
     tile.q = (__m512i *)base;
     tile.scales = (__m512 *)(base + (size_t)(K / 2) * TILE_VECS * 64);
     tile.offsets = with_offsets ? tile.scales + (K / group) * TILE_VECS : NULL;
-    tile.offset_pairs = with_offsets && with_offset_pairs ? (__m512i *)(tile.scales + 2 * (K / group) * TILE_VECS)
-                                                          : NULL;
     return tile;
 }
 
-// ---- The tile's multiply on AMX ----------------------------------------------------------------------------------
+// ---- The tile kernels on AMX -------------------------------------------------------------------------------------
 //
-// On CPUs with AMX the same tile (its layout is the one TDPBF16PS wants for its B operand: 16 pairs of inputs x 16
-// columns x 2 bfloat16 per 32-input chunk) is multiplied by 16 activation rows at a time: per group, the chunks'
-// products accumulate in a 16 x 16 float32 tile register (exact products, float32 sums), which is then stored and
-// scaled into the running sums with the group's scales, as tile_rows does; the offsets' part comes from one more
-// small multiply after the groups (amx_block). A TDPBF16PS does 8192 multiply-adds; vdpbf16ps 32.
-#define AMX_ROWS 16  // activation rows per tile multiply
+// On CPUs with AMX the weight is the A operand of TDPBF16PS: 16 output columns, each column's 32 inputs of a chunk in
+// order, filled straight from the column's packed bytes (an int4 nibble becomes its bfloat16 by a table lookup;
+// nothing is interleaved across columns, so the fill costs a fraction of the tile above). The activations are the B
+// operand, laid out once per call in pairs of inputs (amx_layout_x). One TDPBF16PS then gives one chunk's products,
+// exact, summed in float32, for 16 columns x 16 rows; per group they accumulate in a tile register, are stored, and
+// are scaled into 16 vectors of running sums, one per column, its scale and (int4) offset broadcast:
+//   sums[n] += scales[n, g] * (the group's sums for column n) + offsets[n, g] * (the rows' sums of x over g),
+// while the next group multiplies in the other tile register (vector loads right after the tile store of the same
+// bytes would wait for it). Measured against the earlier AMX kernel that multiplied the tile above (16 activation
+// rows as the A operand, 1.5-1.7x at 16-64 rows on the output layer's shape; benchmarks/packed_bf16.py --tile).
+#define AMX_COLS 16  // output columns a weight tile
 #ifdef TOKENMILL_AMX
-// Tile registers (literal numbers: the intrinsics paste them into the instruction): the two column blocks' sums and
-// weights, the activations.
+// Tile registers (literal numbers: the intrinsics paste them into the instruction): two sets of sums, weight and
+// activations, used by alternate groups.
 #define TILE_C0 0
-#define TILE_C1 1
-#define TILE_A 2
-#define TILE_B0 3
-#define TILE_B1 4
+#define TILE_W0 1
+#define TILE_X0 2
+#define TILE_C1 3
+#define TILE_W1 4
+#define TILE_X1 5
 
 typedef struct {
     uint8_t palette_id, start_row, reserved[14];
@@ -959,100 +954,222 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-// Loads the tile configuration on the calling thread: five tiles of 16 rows x 64 bytes.
+// Loads the tile configuration on the calling thread: six tiles of 16 rows x 64 bytes.
 static void amx_configure(void) {
     TileConfig config;
     memset(&config, 0, sizeof config);
     config.palette_id = 1;
-    for (int t = 0; t < 5; t++) {
+    for (int t = 0; t < 6; t++) {
         config.colsb[t] = 64;
-        config.rows[t] = AMX_ROWS;
+        config.rows[t] = 16;
     }
     _tile_loadconfig(&config);
 }
 
-// The tile's two 16-column blocks against 16 rows of x [AMX_ROWS, K] (row stride x_stride; rows past `rows` zero
-// or ignored): out rows [0, rows), bfloat16, masks: each block's valid columns. The activation tile is loaded once
-// for both blocks (1.1-1.3x two passes of one block each). xsum_pairs (int4, else NULL): the rows' group sums of x
-// as TDPBF16PS operands (see amx_tile_matmul), row stride offset_pair_rows(num_groups) * 2; the offsets' part of
-// the sums is then one more small multiply instead of a multiply-add per sum and group.
-static void amx_block(const uint16_t *x, int64_t x_stride, const Tile *tile, const uint16_t *xsum_pairs,
-                      int64_t num_groups, int64_t group, int rows, uint16_t *out, int64_t out_stride,
-                      __mmask16 mask0, __mmask16 mask1) {
-    float sums[2][AMX_ROWS * 16] __attribute__((aligned(64)));
-    __m512 acc[AMX_ROWS][2];
-    for (int r = 0; r < AMX_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < num_groups; g++) {
-        _tile_zero(TILE_C0);
-        _tile_zero(TILE_C1);
-        for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
-            _tile_loadd(TILE_A, x + c, x_stride * (int64_t)sizeof(uint16_t));
-            _tile_loadd(TILE_B0, tile->q + (c / 2) * TILE_VECS, TILE_VECS * 64);
-            _tile_loadd(TILE_B1, tile->q + (c / 2) * TILE_VECS + 1, TILE_VECS * 64);
-            _tile_dpbf16ps(TILE_C0, TILE_A, TILE_B0);
-            _tile_dpbf16ps(TILE_C1, TILE_A, TILE_B1);
+typedef struct {
+    uint16_t *w;     // [K / 32][AMX_COLS][32] bfloat16
+    float *scales;   // [num_groups][AMX_COLS]
+    float *offsets;  // [num_groups][AMX_COLS], or NULL (int8)
+} AmxTile;
+
+// Columns n0 .. n0 + AMX_COLS - 1 of the int4 weight (layout of int4_gemm; past N - 1 the last column again, never
+// stored); the next tile's columns prefetched.
+static void amx_fill_int4(const uint8_t *q, const uint16_t *scales, const uint16_t *offsets, int64_t group,
+                          int64_t N, int64_t K, int64_t n0, const AmxTile *t) {
+    const int64_t num_groups = K / group;
+    static const uint16_t bf16_of[32] = {0,      0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+                                         0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+    const __m512i values = _mm512_loadu_si512(bf16_of);
+    const __m256i nibble = _mm256_set1_epi16(15);
+    for (int i = 0; i < AMX_COLS; i++) {
+        const int64_t n = n0 + i < N ? n0 + i : N - 1;
+        const uint8_t *row = q + n * (K / 2);
+        if (n + AMX_COLS < N) prefetch_bytes(row + AMX_COLS * (K / 2), K / 2);
+        for (int64_t g = 0; g < num_groups; g++) {
+            t->scales[g * AMX_COLS + i] = _cvtsh_ss(scales[n * num_groups + g]);
+            t->offsets[g * AMX_COLS + i] = _cvtsh_ss(offsets[n * num_groups + g]);
         }
-        _tile_stored(TILE_C0, sums[0], 64);
-        _tile_stored(TILE_C1, sums[1], 64);
-        for (int v = 0; v < TILE_VECS; v++) {
-            const __m512 s = tile->scales[g * TILE_VECS + v];
-            for (int r = 0; r < AMX_ROWS; r++)
-                acc[r][v] = _mm512_fmadd_ps(_mm512_load_ps(sums[v] + 16 * r), s, acc[r][v]);
+        for (int64_t c = 0; c < K; c += 32) {
+            // Inputs 0-15 of the chunk: the low nibbles of its 16 bytes; 16-31: the high nibbles.
+            const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + c / 2)));
+            const __m512i index = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, nibble)),
+                                                     _mm256_srli_epi16(bytes, 4), 1);
+            _mm512_store_si512(t->w + ((c / 32) * AMX_COLS + i) * 32, _mm512_permutexvar_epi16(index, values));
         }
-    }
-    if (xsum_pairs != NULL) {  // sum_g (xsum_high + xsum_low) * (offset_high + offset_low), 16 groups a multiply
-        const int64_t pair_rows = offset_pair_rows(num_groups);
-        _tile_zero(TILE_C0);
-        _tile_zero(TILE_C1);
-        for (int64_t g = 0; g < pair_rows; g += 16) {
-            _tile_loadd(TILE_A, xsum_pairs + 2 * g, 2 * pair_rows * (int64_t)sizeof(uint16_t));
-            for (int part = 0; part < 2; part++) {  // the offsets' high, then low bfloat16 parts
-                const __m512i *pairs = tile->offset_pairs + (part * pair_rows + g) * TILE_VECS;
-                _tile_loadd(TILE_B0, pairs, TILE_VECS * 64);
-                _tile_loadd(TILE_B1, pairs + 1, TILE_VECS * 64);
-                _tile_dpbf16ps(TILE_C0, TILE_A, TILE_B0);
-                _tile_dpbf16ps(TILE_C1, TILE_A, TILE_B1);
-            }
-        }
-        _tile_stored(TILE_C0, sums[0], 64);
-        _tile_stored(TILE_C1, sums[1], 64);
-        for (int v = 0; v < TILE_VECS; v++)
-            for (int r = 0; r < AMX_ROWS; r++) acc[r][v] = _mm512_add_ps(acc[r][v], _mm512_load_ps(sums[v] + 16 * r));
-    }
-    for (int r = 0; r < rows; r++) {
-        _mm256_mask_storeu_epi16(out + r * out_stride, mask0, (__m256i)_mm512_cvtneps_pbh(acc[r][0]));
-        _mm256_mask_storeu_epi16(out + r * out_stride + 16, mask1, (__m256i)_mm512_cvtneps_pbh(acc[r][1]));
     }
 }
 
-// tile_matmul on AMX: 16 rows at a time; the last 1-15 rows copied into pad (AMX_ROWS x K, zero below them), so the
-// tile loads read no row past x's. xsum_pairs: [M rounded up to 16][offset_pair_rows(K / group)][2] bfloat16, row
-// m's group sums of x as their high and low bfloat16 parts (zero past M and past the groups), or NULL (int8).
-static void amx_tile_matmul(const uint16_t *x, int64_t x_stride, const Tile *tile, const uint16_t *xsum_pairs,
-                            int64_t K, int64_t group, uint16_t *out, int64_t out_stride, int64_t M, int64_t valid_cols,
-                            uint16_t *pad) {
-    const __mmask16 mask0 = tail_mask((int)(valid_cols < 16 ? valid_cols : 16));
-    const __mmask16 mask1 = valid_cols > 16 ? tail_mask((int)(valid_cols - 16)) : (__mmask16)0;
+// The same for the int8 weight (layout of int8_gemm).
+static void amx_fill_int8(const int8_t *q, const float *scales, int64_t group, int64_t N, int64_t K, int64_t n0,
+                          const AmxTile *t) {
     const int64_t num_groups = K / group;
-    for (int64_t m0 = 0; m0 < M; m0 += AMX_ROWS) {
-        const int rows = M - m0 < AMX_ROWS ? (int)(M - m0) : AMX_ROWS;
-        const uint16_t *xr = x + m0 * x_stride;
-        int64_t stride = x_stride;
-        if (rows < AMX_ROWS) {
-            memset(pad, 0, sizeof(uint16_t) * (size_t)(AMX_ROWS * K));
-            for (int r = 0; r < rows; r++) memcpy(pad + r * K, xr + r * x_stride, sizeof(uint16_t) * (size_t)K);
-            xr = pad;
-            stride = K;
+    for (int i = 0; i < AMX_COLS; i++) {
+        const int64_t n = n0 + i < N ? n0 + i : N - 1;
+        const int8_t *row = q + n * K;
+        if (n + AMX_COLS < N) prefetch_bytes(row + AMX_COLS * K, K);
+        for (int64_t g = 0; g < num_groups; g++) t->scales[g * AMX_COLS + i] = scales[n * num_groups + g];
+        for (int64_t c = 0; c < K; c += 32) {
+            const __m256i bytes = _mm256_loadu_si256((const __m256i *)(row + c));
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
+            _mm512_store_si512(t->w + ((c / 32) * AMX_COLS + i) * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
-        const uint16_t *sr = xsum_pairs != NULL ? xsum_pairs + m0 * 2 * offset_pair_rows(num_groups) : NULL;
-        amx_block(xr, stride, tile, sr, num_groups, group, rows, out + m0 * out_stride, out_stride, mask0, mask1);
     }
+}
+
+// Group g of rows [16 b, 16 b + 16) of x [M, K] bfloat16 (row stride x_stride) as B operands, in xv [blocks][K / 32]
+// [16 pairs of inputs][16 rows] (a pair: 32 bits; zero for rows past M); with xs given (int4), the rows' sums of x
+// over the group in xs [blocks][num_groups][16 rows].
+static void amx_layout_x(const uint16_t *x, int64_t x_stride, int64_t M, int64_t K, int64_t group, int64_t b,
+                         int64_t g, uint32_t *xv, float *xs) {
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int32_t)x_stride));  // in bfloat16 units
+    const __mmask16 valid = tail_mask(M - 16 * b < 16 ? (int)(M - 16 * b) : 16);
+    const __m512i high = _mm512_set1_epi32((int32_t)0xffff0000u);
+    const uint16_t *xb = x + 16 * b * x_stride;
+    __m512 sums = _mm512_setzero_ps();
+    for (int64_t c = g * group; c < (g + 1) * group; c += 32)
+        for (int p = 0; p < 16; p++) {
+            const __m512i pairs = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows, xb + c + 2 * p, 2);
+            _mm512_store_si512(xv + ((b * (K / 32) + c / 32) * 16 + p) * 16, pairs);
+            if (xs == NULL) continue;
+            sums = _mm512_add_ps(sums, _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)));
+            sums = _mm512_add_ps(sums, _mm512_castsi512_ps(_mm512_and_si512(pairs, high)));
+        }
+    if (xs != NULL) _mm512_store_ps(xs + (b * (K / group) + g) * 16, sums);
+}
+
+// One group of one block of rows (xb: the block's B operands) into tile registers CT, WT, XT (stored later).
+#define AMX_GROUP(CT, WT, XT, g)                                             \
+    do {                                                                   \
+        _tile_zero(CT);                                                    \
+        for (int64_t c = (g) * group; c < ((g) + 1) * group; c += 32) {    \
+            _tile_loadd(WT, t->w + (c / 32) * AMX_COLS * 32, 64);          \
+            _tile_loadd(XT, xb + (c / 32) * 256, 64);                      \
+            _tile_dpbf16ps(CT, WT, XT);                                    \
+        }                                                                  \
+    } while (0)
+
+// One weight tile against all M rows (xv, xs: amx_layout_x's): out[m, 0:valid_cols] bfloat16 (row stride
+// out_stride).
+static void amx_multiply(const AmxTile *t, const uint32_t *xv, const float *xs, int64_t K, int64_t group, int64_t M,
+                         uint16_t *out, int64_t out_stride, int64_t valid_cols) {
+    const int64_t num_groups = K / group, chunks = K / 32, blocks = (M + 15) / 16;
+    const __mmask16 mask = tail_mask((int)(valid_cols < AMX_COLS ? valid_cols : AMX_COLS));
+    const __m512i across = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(16));
+    float stored[3][AMX_COLS * 16] __attribute__((aligned(64)));  // three groups' sums: [column][row]
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint32_t *xb = xv + b * chunks * 256;
+        __m512 sums[AMX_COLS];  // column i's sums for the block's 16 rows
+        for (int i = 0; i < AMX_COLS; i++) sums[i] = _mm512_setzero_ps();
+        // A pipeline of three groups: g multiplies while g - 1 (multiplied before g) is stored and g - 2 (stored
+        // before that) is scaled; each step waits for no result of the step before.
+        for (int64_t g = 0; g < num_groups + 2; g++) {
+            if (g < num_groups) {
+                if (g & 1)
+                    AMX_GROUP(TILE_C1, TILE_W1, TILE_X1, g);
+                else
+                    AMX_GROUP(TILE_C0, TILE_W0, TILE_X0, g);
+            }
+            if (g >= 1 && g <= num_groups) {
+                if ((g - 1) & 1)
+                    _tile_stored(TILE_C1, stored[(g - 1) % 3], 64);
+                else
+                    _tile_stored(TILE_C0, stored[(g - 1) % 3], 64);
+            }
+            if (g < 2) continue;
+            const float *done = stored[(g - 2) % 3], *scale = t->scales + (g - 2) * AMX_COLS;
+            if (t->offsets != NULL) {
+                const __m512 x_sums = _mm512_load_ps(xs + (b * num_groups + g - 2) * 16);
+                const float *offset = t->offsets + (g - 2) * AMX_COLS;
+                for (int i = 0; i < AMX_COLS; i++)
+                    sums[i] = _mm512_fmadd_ps(
+                        _mm512_set1_ps(offset[i]), x_sums,
+                        _mm512_fmadd_ps(_mm512_load_ps(done + 16 * i), _mm512_set1_ps(scale[i]), sums[i]));
+            } else {
+                for (int i = 0; i < AMX_COLS; i++)
+                    sums[i] = _mm512_fmadd_ps(_mm512_load_ps(done + 16 * i), _mm512_set1_ps(scale[i]), sums[i]);
+            }
+        }
+        // Column-major in registers, row-major out: each row gathered from the stored columns.
+        for (int i = 0; i < AMX_COLS; i++) _mm512_store_ps(stored[0] + 16 * i, sums[i]);
+        const int rows = M - 16 * b < 16 ? (int)(M - 16 * b) : 16;
+        for (int j = 0; j < rows; j++)
+            _mm256_mask_storeu_epi16(out + (16 * b + j) * out_stride, mask,
+                                     (__m256i)_mm512_cvtneps_pbh(_mm512_i32gather_ps(across, stored[0] + j, 4)));
+    }
+}
+
+// The int4 (offsets given) or int8 weight on AMX, on num_threads threads. Returns 0, or -1 when memory runs out.
+static int amx_gemm(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const uint16_t *offsets,
+                    int64_t group, uint16_t *out, int64_t out_stride, int64_t M, int64_t N,
+                    int64_t K, int num_threads) {
+    const int64_t num_groups = K / group, blocks = (M + 15) / 16;
+    const size_t per_thread = (sizeof(uint16_t) * (size_t)(K * AMX_COLS)
+                               + sizeof(float) * (size_t)(2 * num_groups * AMX_COLS) + 63) / 64 * 64;
+    uint32_t *xv = aligned_alloc(64, sizeof(uint32_t) * (size_t)(blocks * (K / 32) * 256));
+    float *xs = offsets != NULL ? aligned_alloc(64, sizeof(float) * (size_t)(blocks * num_groups * 16)) : NULL;
+    char *buffers = aligned_alloc(64, per_thread * (size_t)num_threads);
+    if (xv == NULL || (offsets != NULL && xs == NULL) || buffers == NULL) {
+        free(xv), free(xs), free(buffers);
+        return -1;
+    }
+    const int64_t num_tiles = (N + AMX_COLS - 1) / AMX_COLS;
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t bg = 0; bg < blocks * num_groups; bg++)
+            amx_layout_x(x, x_stride, M, K, group, bg / num_groups, bg % num_groups, xv, xs);
+        char *base = buffers + per_thread * (size_t)omp_get_thread_num();
+        AmxTile t;
+        t.w = (uint16_t *)base;
+        t.scales = (float *)(base + sizeof(uint16_t) * (size_t)(K * AMX_COLS));
+        t.offsets = offsets != NULL ? t.scales + num_groups * AMX_COLS : NULL;
+        amx_configure();
+#pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < num_tiles; tile++) {
+            const int64_t n0 = tile * AMX_COLS;
+            if (offsets != NULL)
+                amx_fill_int4(q, scales, offsets, group, N, K, n0, &t);
+            else
+                amx_fill_int8(q, scales, group, N, K, n0, &t);
+            amx_multiply(&t, xv, xs, K, group, M, out + n0, out_stride, N - n0 < AMX_COLS ? N - n0 : AMX_COLS);
+        }
+        _tile_release();
+    }
+    free(xv), free(xs), free(buffers);
+    return 0;
+}
+#endif
+
+// Every tile of the weight (int4 where offsets is given, else int8) on num_threads threads: filled, then multiplied
+// (xsum: tile_matmul's). Returns 0, or -1 when memory runs out.
+static int tile_gemm_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *scales,
+                          const uint16_t *offsets, int64_t group, const float *xsum, uint16_t *out,
+                          int64_t out_stride, int64_t M, int64_t N, int64_t K, int num_threads) {
+    size_t per_thread;
+    void *buffers = tile_buffers(K, group, num_threads, &per_thread);
+    if (buffers == NULL) return -1;
+    const int64_t num_tiles = (N + TILE_COLS - 1) / TILE_COLS;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < num_tiles; t++) {
+        const Tile tile = thread_tile(buffers, per_thread, K, group, offsets != NULL);
+        const int64_t n0 = t * TILE_COLS;
+        if (offsets != NULL)
+            int4_fill_tile(q, scales, offsets, group, N, K, n0, &tile);
+        else
+            int8_fill_tile(q, scales, group, N, K, n0, &tile);
+        tile_matmul(x, x_stride, &tile, xsum, K, group, out + n0, out_stride, M,
+                    N - n0 < TILE_COLS ? N - n0 : TILE_COLS);
+    }
+    free(buffers);
+    return 0;
 }
 #endif
 
 // Whether the tile kernels multiply on AMX in this process: built with AMX, the group a multiple of 32 (one
-// TDPBF16PS a chunk of 32 inputs), at least AMX_MIN_ROWS rows (below, the 16-row multiply is mostly padding:
-// 0.75-0.9x the AVX512 one at 2-4 rows, 1.0-1.2x at 8, 1.2-1.45x at 12; benchmarks/packed_bf16.py --tile), and
+// TDPBF16PS a chunk of 32 inputs), at least AMX_MIN_ROWS rows (below, the 16-row multiply is mostly padding), and
 // the kernel granting the process the tile state (asked once: Linux hands AMX's 8 KiB of tile registers only to
 // processes that request them).
 #define AMX_MIN_ROWS 8
@@ -1074,106 +1191,27 @@ static int amx_ready(void) {
 
 int tokenmill_quant_tile_amx(void) { return amx_ready(); }
 
-// The calling thread's tile configuration for amx_tile_matmul, and its release (no-ops without AMX).
-static void tile_configure(void) {
-#ifdef TOKENMILL_AMX
-    amx_configure();
-#endif
-}
-
-static void tile_release(void) {
-#ifdef TOKENMILL_AMX
-    _tile_release();
-#endif
-}
-
-// The tile kernels' multiply for one tile on this thread: AMX where use_amx (pad: the thread's AMX_ROWS x K rows;
-// xsum_pairs: amx_tile_matmul's), else tile_matmul.
-static void multiply_tile(int use_amx, const uint16_t *x, int64_t x_stride, const Tile *tile, const float *xsum,
-                          const uint16_t *xsum_pairs, int64_t K, int64_t group, uint16_t *out, int64_t out_stride,
-                          int64_t M, int64_t valid_cols, uint16_t *pad) {
-#ifdef TOKENMILL_AMX
-    if (use_amx) {
-        amx_tile_matmul(x, x_stride, tile, xsum_pairs, K, group, out, out_stride, M, valid_cols, pad);
-        return;
-    }
-#endif
-    (void)use_amx, (void)pad, (void)xsum_pairs;
-    tile_matmul(x, x_stride, tile, xsum, K, group, out, out_stride, M, valid_cols);
-}
-#endif
-
-#ifdef TOKENMILL_AVX512_BF16
-// Every tile of the weight (int4 where offsets is given, else int8) on num_threads threads: filled, then multiplied
-// (on AMX where use_amx; xsum, xsum_pairs: multiply_tile's). Returns 0, or -1 when memory runs out.
-static int tile_gemm_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *scales,
-                          const uint16_t *offsets, int64_t group, const float *xsum, const uint16_t *xsum_pairs,
-                          int use_amx, uint16_t *out, int64_t out_stride, int64_t M, int64_t N, int64_t K,
-                          int num_threads) {
-    size_t per_thread;
-    void *buffers = tile_buffers(K, group, num_threads, &per_thread);
-    if (buffers == NULL) return -1;
-    const int64_t num_tiles = (N + TILE_COLS - 1) / TILE_COLS;
-    int status = 0;
-#pragma omp parallel num_threads(num_threads)
-    {
-        uint16_t *pad = use_amx ? malloc(sizeof(uint16_t) * (size_t)(AMX_ROWS * K)) : NULL;
-        if (use_amx && pad == NULL) {
-#pragma omp atomic write
-            status = -1;
-        }
-        if (use_amx) tile_configure();
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < num_tiles; t++) {
-            if (use_amx && pad == NULL) continue;
-            const Tile tile = thread_tile(buffers, per_thread, K, group, offsets != NULL, use_amx);
-            const int64_t n0 = t * TILE_COLS;
-            if (offsets != NULL)
-                int4_fill_tile(q, scales, offsets, group, N, K, n0, &tile);
-            else
-                int8_fill_tile(q, scales, group, N, K, n0, &tile);
-            multiply_tile(use_amx, x, x_stride, &tile, xsum, xsum_pairs, K, group, out + n0, out_stride, M,
-                          N - n0 < TILE_COLS ? N - n0 : TILE_COLS, pad);
-        }
-        if (use_amx) tile_release();
-        free(pad);
-    }
-    free(buffers);
-    return status;
-}
-#endif
-
 // out [M, N] bfloat16 (row stride out_stride) = x [M, K] bfloat16 (row stride x_stride) @ w.T, w the int4 weight
 // of int4_gemm. Returns 0; -1 when memory runs out; -2 when built without AVX512-BF16 (use dequantize + GEMM).
 int int4_tile_gemm(const uint16_t *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
                    const uint16_t *offsets, int64_t group, uint16_t *out, int64_t out_stride, int64_t M, int64_t N,
                    int64_t K, int num_threads) {
 #ifdef TOKENMILL_AVX512_BF16
+#ifdef TOKENMILL_AMX
+    if (group % 32 == 0 && M >= AMX_MIN_ROWS && amx_ready())
+        return amx_gemm(x, x_stride, q, scales, offsets, group, out, out_stride, M, N, K, num_threads);
+#endif
     const int64_t num_groups = K / group;
-    const int use_amx = group % 32 == 0 && M >= AMX_MIN_ROWS && amx_ready();
-    // For the AMX multiply: each group sum of x as a high and a low bfloat16 part (16 of its 24 bits).
-    const int64_t pair_rows = offset_pair_rows(num_groups);
     float *xsum = malloc(sizeof(float) * (size_t)(M * num_groups));
-    uint16_t *xsum_pairs =
-        use_amx ? calloc((size_t)((M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * pair_rows * 2), sizeof(uint16_t)) : NULL;
-    if (xsum == NULL || (use_amx && xsum_pairs == NULL)) {
-        free(xsum);
-        free(xsum_pairs);
-        return -1;
-    }
+    if (xsum == NULL) return -1;
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < num_groups; g++) {
             float t = 0.f;
             for (int64_t k = g * group; k < (g + 1) * group; k++) t += bf16_to_f32(x[m * x_stride + k]);
             xsum[m * num_groups + g] = t;
-            if (!use_amx) continue;
-            const uint16_t high = f32_to_bf16(t);
-            xsum_pairs[(m * pair_rows + g) * 2] = high;
-            xsum_pairs[(m * pair_rows + g) * 2 + 1] = f32_to_bf16(t - bf16_to_f32(high));
         }
-    const int status = tile_gemm_bf16(x, x_stride, q, scales, offsets, group, xsum, xsum_pairs, use_amx, out,
-                                      out_stride, M, N, K, num_threads);
-    free(xsum_pairs);
+    const int status =
+        tile_gemm_bf16(x, x_stride, q, scales, offsets, group, xsum, out, out_stride, M, N, K, num_threads);
     free(xsum);
     return status;
 #else
@@ -1187,9 +1225,11 @@ int int4_tile_gemm(const uint16_t *x, int64_t x_stride, const uint8_t *q, const 
 int int8_tile_gemm(const uint16_t *x, int64_t x_stride, const int8_t *q, const float *scales, int64_t group,
                    uint16_t *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int num_threads) {
 #ifdef TOKENMILL_AVX512_BF16
-    const int use_amx = group % 32 == 0 && M >= AMX_MIN_ROWS && amx_ready();
-    return tile_gemm_bf16(x, x_stride, q, scales, NULL, group, NULL, NULL, use_amx, out, out_stride, M, N, K,
-                          num_threads);
+#ifdef TOKENMILL_AMX
+    if (group % 32 == 0 && M >= AMX_MIN_ROWS && amx_ready())
+        return amx_gemm(x, x_stride, q, scales, NULL, group, out, out_stride, M, N, K, num_threads);
+#endif
+    return tile_gemm_bf16(x, x_stride, q, scales, NULL, group, NULL, out, out_stride, M, N, K, num_threads);
 #else
     (void)x, (void)x_stride, (void)q, (void)scales, (void)group, (void)out, (void)out_stride, (void)M, (void)N;
     (void)K, (void)num_threads;
