@@ -1,8 +1,9 @@
 """The quantized CPU matmuls (tokenmill/kernels/cpu/quant.py, csrc/quant.c) against a reference written here:
 the weight dequantized from its (q, scales, offsets) in float64, rounded as each kernel documents, times the
-activations. Covers the tile kernel (many rows, AVX512-BF16) for every int4 group size and int8 group, row
-counts that are not multiples of the register block, column counts that are not multiples of the tile, and the
-choice of kernel per row count, including the fallback where the library is built without AVX512-BF16."""
+activations. Covers the tile kernels (many rows: AMX where the CPU has it, and the AVX512-BF16 one, on such a CPU
+too) for every int4 group size and int8 group, row counts that are not multiples of the register block, column
+counts that are not multiples of the tile, and the choice of kernel per row count, including the fallback where
+the library is built without AVX512-BF16."""
 
 from __future__ import annotations
 
@@ -19,6 +20,25 @@ from tokenmill.kernels.cpu.quant import pack_int4, pack_int8
 
 tile_built = pytest.mark.skipif(not quant._tile_native(), reason="the tile kernels need a C compiler and AVX512-BF16")
 ROWS = (1, 3, 9, 17, 64, 100)
+
+
+@pytest.fixture(params=["amx", "avx512"])
+def tile_multiply(request):
+    """The tile kernels' multiply: on AMX (skipped where the CPU or the build has none), or AVX512-BF16 dot
+    products (on a CPU with AMX, with AMX switched off for the test)."""
+    lib = ops.load_library()
+    amx = lib is not None and quant._tile_amx()
+    if request.param == "amx":
+        if not amx:
+            pytest.skip("no AMX tile multiply on this CPU or build")
+        yield request.param
+        return
+    before = lib.tokenmill_quant_use_amx(0) if amx else None
+    try:
+        yield request.param
+    finally:
+        if before is not None:
+            lib.tokenmill_quant_use_amx(before)
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -78,7 +98,7 @@ def forced(weight, kernel: str):
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("group", quant.INT4_GROUP_SIZES)
 @pytest.mark.parametrize("with_zeros", [False, True], ids=["min", "zeros"])
-def test_int4_tile_kernel_matches_reference(m, group, with_zeros):
+def test_int4_tile_kernel_matches_reference(m, group, with_zeros, tile_multiply):
     n, k = 100, 512  # 100 columns: three full 32-column tiles and a tail of 4
     weight, w = int4_case(n, k, group, with_zeros, seed=group + m)
     forced(weight, "tile")
@@ -90,7 +110,7 @@ def test_int4_tile_kernel_matches_reference(m, group, with_zeros):
 @tile_built
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("group", [16, 32, 64, 512])  # 16: GGUF Q6_K; 32: Q8_0; 512 = K: per channel
-def test_int8_tile_kernel_matches_reference(m, group):
+def test_int8_tile_kernel_matches_reference(m, group, tile_multiply):
     n, k = 70, 512
     weight, w = int8_case(n, k, group, seed=group + m)
     forced(weight, "tile")
@@ -100,7 +120,7 @@ def test_int8_tile_kernel_matches_reference(m, group):
 
 @tile_built
 @pytest.mark.parametrize("n", [32, 64, 33, 7])
-def test_tile_kernel_column_counts_and_strided_rows(n):
+def test_tile_kernel_column_counts_and_strided_rows(n, tile_multiply):
     """Exact multiples of the tile, one past, fewer than a vector; activations that are a column slice of a
     wider tensor (rows not adjacent) and a 3-D batch."""
     k = 256
@@ -115,7 +135,7 @@ def test_tile_kernel_column_counts_and_strided_rows(n):
 
 
 @tile_built
-def test_tile_kernel_output_layer_shape_uses_both_threads():
+def test_tile_kernel_output_layer_shape_uses_both_threads(tile_multiply):
     """A weight big enough to run on every thread (the tiles are split between them)."""
     n, k = 2080, 576
     weight, w = int8_case(n, k, 32, seed=3)
@@ -132,7 +152,7 @@ def test_tile_kernel_output_layer_shape_uses_both_threads():
 
 @tile_built
 @pytest.mark.parametrize("kind", ["int4", "int8"])
-def test_tile_kernel_keeps_the_exact_weight(kind):
+def test_tile_kernel_keeps_the_exact_weight(kind, tile_multiply):
     """The tile kernel applies the group scales and offsets in float32, not by rounding the weight to bfloat16: with
     a large offset (GGUF Q4_1's minimum) and a small scale, bfloat16 would keep only the offset (w = 1 + 0.001 q
     rounds to 1 or 1 + 2^-7), and activations summing to zero in each group leave just the scale's part."""

@@ -118,6 +118,7 @@ def load_library() -> ctypes.CDLL | None:
         "int4_gemv_bf16": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "tokenmill_quant_tile_vectorized": [],
         "tokenmill_quant_tile_amx": [],
+        "tokenmill_quant_use_amx": [ctypes.c_int],
         "int8_tile_gemm": [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "int4_tile_gemm": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "tokenmill_quant_tile_f32_vectorized": [],

@@ -18,10 +18,11 @@ on this CPU (benchmarks/quant_kernels.py, BENCHMARKS.md):
   integer dot products on 16-bit fixed-point activations (each chunk of 32 under a power-of-two scale: exact within
   2^7 of the chunk's largest input, smaller ones rounded at 2^-16 of it; 1.5-2.9x int4_gemm at one row);
 - larger M with bfloat16 activations (decode batches, prefill) up to max_tile_rows: the tile kernels
-  (int4_tile_gemm, int8_tile_gemm) unpack 32 output columns at a time into a bfloat16 tile of the quantized values (exact) that stays in the core's
-  cache, multiply it against every row (AMX tile multiplies from 8 rows where the CPU has AMX, else AVX512-BF16
-  dot products) and apply the group scales and offsets to the float32 sums: the weight's bytes are read once, and
-  no bfloat16 copy of the whole weight is written;
+  (int4_tile_gemm, int8_tile_gemm) unpack a few output columns at a time into a bfloat16 tile of the quantized
+  values (exact) that stays in the core's cache, multiply it against every row (from 3 rows where the CPU has AMX:
+  16 columns as the A operand of AMX tile multiplies; else 32 columns against AVX512-BF16 dot products) and apply
+  the group scales and offsets to the float32 sums: the weight's bytes are read once, and no bfloat16 copy of the
+  whole weight is written;
 - float32 activations with AVX2 (the CPUs where --dtype auto picks float32), above max_packed_rows: the float32
   tile kernels (int8_tile_gemm_f32, int4_tile_gemm_f32: 16 columns unpacked to an exact float32 tile, 6 rows x 16
   columns of multiply-adds in registers) up to max_tile_rows_f32 rows;
@@ -59,9 +60,8 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 # the decoder's shapes, slower from 1024 (long prefill chunks), where the dequantization is spread over enough rows
 # and oneDNN's larger register blocks win. Where the tile kernels multiply on AMX, oneDNN's bfloat16 GEMM runs on AMX
 # too, and dequantize + GEMM wins sooner: MAX_TILE_ROWS_AMX (measured on a 2-core Sapphire Rapids class VM,
-# benchmarks/quant_kernels.py --layers 30, BENCHMARKS.md "On a CPU with AMX, continued": at 512 rows dequantize +
-# GEMM took 0.5-0.95x the tile kernel's time on every shape; at 256 the two were even summed over the decoder's
-# shapes, at 128 and below the tile kernel won).
+# benchmarks/quant_kernels.py --layers 30, BENCHMARKS.md "On a CPU with AMX, continued" and "the weight as the A
+# operand": at 512 rows dequantize + GEMM won on every shape; at 256 and below the tile kernel did).
 INT4_MAX_PACKED_ROWS = 8
 INT8_MAX_PACKED_ROWS = 1
 LARGE_WEIGHT = 1 << 23

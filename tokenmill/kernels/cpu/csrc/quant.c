@@ -933,10 +933,10 @@ static Tile thread_tile(void *buffers, size_t per_thread, int64_t K, int64_t gro
 // operand, laid out once per call in pairs of inputs (amx_layout_x). One TDPBF16PS then gives one chunk's products,
 // exact, summed in float32, for 16 columns x 16 rows; per group they accumulate in a tile register, are stored, and
 // are scaled into 16 vectors of running sums, one per column, its scale and (int4) offset broadcast:
-//   sums[n] += scales[n, g] * (the group's sums for column n) + offsets[n, g] * (the rows' sums of x over g),
-// while the next group multiplies in the other tile register (vector loads right after the tile store of the same
-// bytes would wait for it). Measured against the earlier AMX kernel that multiplied the tile above (16 activation
-// rows as the A operand, 1.5-1.7x at 16-64 rows on the output layer's shape; benchmarks/packed_bf16.py --tile).
+//   sums[n] += scales[n, g] * (the group's sums for column n) + offsets[n, g] * (the rows' sums of x over g).
+// Groups go through a pipeline (amx_multiply) so that no step waits for the one just before it. Against the AMX
+// multiply of the tile above (16 activation rows as the A operand, its sums scaled 16 rows x 2 vectors at a time):
+// 1.02-1.78x at 8-256 rows on SmolLM2-135M's shapes (benchmarks/packed_bf16.py --tile, BENCHMARKS.md).
 #define AMX_COLS 16  // output columns a weight tile
 #ifdef TOKENMILL_AMX
 // Tile registers (literal numbers: the intrinsics paste them into the instruction): two sets of sums, weight and
@@ -1169,10 +1169,12 @@ static int tile_gemm_bf16(const uint16_t *x, int64_t x_stride, const void *q, co
 #endif
 
 // Whether the tile kernels multiply on AMX in this process: built with AMX, the group a multiple of 32 (one
-// TDPBF16PS a chunk of 32 inputs), at least AMX_MIN_ROWS rows (below, the 16-row multiply is mostly padding), and
-// the kernel granting the process the tile state (asked once: Linux hands AMX's 8 KiB of tile registers only to
-// processes that request them).
-#define AMX_MIN_ROWS 8
+// TDPBF16PS a chunk of 32 inputs), at least AMX_MIN_ROWS rows (the 16-row multiply is then mostly padding, but the
+// fill is cheap: against the AVX512 tile kernel, int8 weights took 0.65-0.90x the time at 3 rows and 0.62-1.06x at
+// 2, on SmolLM2-135M's shapes and 2 threads; int4 ones take the packed kernel at so few rows), and the kernel
+// granting the process the tile state (asked once: Linux hands AMX's 8 KiB of tile registers only to processes
+// that request them).
+#define AMX_MIN_ROWS 3
 static int amx_ready(void) {
 #ifdef TOKENMILL_AMX
     static int state = -1;  // -1: not asked yet
@@ -1191,6 +1193,20 @@ static int amx_ready(void) {
 
 int tokenmill_quant_tile_amx(void) { return amx_ready(); }
 
+// Whether the tile kernels may multiply on AMX where amx_ready() (1, the default) or never (0, so that the AVX512
+// tile kernels can be checked on a CPU with AMX too). Returns the setting before.
+static int amx_allowed = 1;
+int tokenmill_quant_use_amx(int allow) {
+    const int before = amx_allowed;
+    amx_allowed = allow != 0;
+    return before;
+}
+
+// Whether a tile kernel call of M rows and this group multiplies on AMX.
+static inline int amx_call(int64_t group, int64_t M) {
+    return group % 32 == 0 && M >= AMX_MIN_ROWS && amx_allowed && amx_ready();
+}
+
 // out [M, N] bfloat16 (row stride out_stride) = x [M, K] bfloat16 (row stride x_stride) @ w.T, w the int4 weight
 // of int4_gemm. Returns 0; -1 when memory runs out; -2 when built without AVX512-BF16 (use dequantize + GEMM).
 int int4_tile_gemm(const uint16_t *x, int64_t x_stride, const uint8_t *q, const uint16_t *scales,
@@ -1198,7 +1214,7 @@ int int4_tile_gemm(const uint16_t *x, int64_t x_stride, const uint8_t *q, const 
                    int64_t K, int num_threads) {
 #ifdef TOKENMILL_AVX512_BF16
 #ifdef TOKENMILL_AMX
-    if (group % 32 == 0 && M >= AMX_MIN_ROWS && amx_ready())
+    if (amx_call(group, M))
         return amx_gemm(x, x_stride, q, scales, offsets, group, out, out_stride, M, N, K, num_threads);
 #endif
     const int64_t num_groups = K / group;
@@ -1226,7 +1242,7 @@ int int8_tile_gemm(const uint16_t *x, int64_t x_stride, const int8_t *q, const f
                    uint16_t *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int num_threads) {
 #ifdef TOKENMILL_AVX512_BF16
 #ifdef TOKENMILL_AMX
-    if (group % 32 == 0 && M >= AMX_MIN_ROWS && amx_ready())
+    if (amx_call(group, M))
         return amx_gemm(x, x_stride, q, scales, NULL, group, out, out_stride, M, N, K, num_threads);
 #endif
     return tile_gemm_bf16(x, x_stride, q, scales, NULL, group, NULL, out, out_stride, M, N, K, num_threads);
