@@ -103,7 +103,7 @@ def load_library() -> ctypes.CDLL | None:
     argtypes: list[Any] = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_int64, ctypes.c_float]
     fn.argtypes = argtypes + [ctypes.c_int] * 4
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    signatures = {
+    signatures: dict[str, list[Any]] = {
         "rms_norm_bf16": [ptr, i64, ptr, i64, ptr, ptr, i64, i32, i32, ctypes.c_float, i32],
         "rotary_bf16": [ptr, i64, i32, ptr, i64, i32, i32, i32, ptr, ptr, ptr, i32],
         "silu_and_mul_bf16": [ptr, i64, ptr, i64, i32, i32, i32],
@@ -118,7 +118,7 @@ def load_library() -> ctypes.CDLL | None:
         "int4_gemv_bf16": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "tokenmill_quant_tile_vectorized": [],
         "tokenmill_quant_tile_amx": [],
-        "tokenmill_quant_use_amx": [ctypes.c_int],
+        "tokenmill_quant_use_amx": [i32],
         "int8_tile_gemm": [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "int4_tile_gemm": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
         "tokenmill_quant_tile_f32_vectorized": [],
