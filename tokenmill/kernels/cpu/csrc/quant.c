@@ -972,8 +972,14 @@ typedef struct {
     float *offsets;  // [num_groups][AMX_COLS], or NULL (int8)
 } AmxTile;
 
-// Columns n0 .. n0 + AMX_COLS - 1 of the int4 weight (layout of int4_gemm; past N - 1 the last column again, never
-// stored); the next tile's columns prefetched.
+// Lane i: i * step (gather offsets of 16 rows or columns step elements apart).
+static inline __m512i lanes_times(int32_t step) {
+    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                              _mm512_set1_epi32(step));
+}
+
+// Columns n0 .. n0 + AMX_COLS - 1 of the int4 weight (layout of int4_gemm; clamped as column_rows does); the next
+// tile's columns prefetched.
 static void amx_fill_int4(const uint8_t *q, const uint16_t *scales, const uint16_t *offsets, int64_t group,
                           int64_t N, int64_t K, int64_t n0, const AmxTile *t) {
     const int64_t num_groups = K / group;
@@ -981,9 +987,12 @@ static void amx_fill_int4(const uint8_t *q, const uint16_t *scales, const uint16
                                          0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
     const __m512i values = _mm512_loadu_si512(bf16_of);
     const __m256i nibble = _mm256_set1_epi16(15);
+    const uint8_t *rows[AMX_COLS];
+    int64_t index[AMX_COLS];
+    column_rows(q, K / 2, n0, N, rows, index);
     for (int i = 0; i < AMX_COLS; i++) {
-        const int64_t n = n0 + i < N ? n0 + i : N - 1;
-        const uint8_t *row = q + n * (K / 2);
+        const int64_t n = index[i];
+        const uint8_t *row = rows[i];
         if (n + AMX_COLS < N) prefetch_bytes(row + AMX_COLS * (K / 2), K / 2);
         for (int64_t g = 0; g < num_groups; g++) {
             t->scales[g * AMX_COLS + i] = _cvtsh_ss(scales[n * num_groups + g]);
@@ -1003,9 +1012,12 @@ static void amx_fill_int4(const uint8_t *q, const uint16_t *scales, const uint16
 static void amx_fill_int8(const int8_t *q, const float *scales, int64_t group, int64_t N, int64_t K, int64_t n0,
                           const AmxTile *t) {
     const int64_t num_groups = K / group;
+    const uint8_t *rows[AMX_COLS];
+    int64_t index[AMX_COLS];
+    column_rows((const uint8_t *)q, K, n0, N, rows, index);
     for (int i = 0; i < AMX_COLS; i++) {
-        const int64_t n = n0 + i < N ? n0 + i : N - 1;
-        const int8_t *row = q + n * K;
+        const int64_t n = index[i];
+        const int8_t *row = (const int8_t *)rows[i];
         if (n + AMX_COLS < N) prefetch_bytes(row + AMX_COLS * K, K);
         for (int64_t g = 0; g < num_groups; g++) t->scales[g * AMX_COLS + i] = scales[n * num_groups + g];
         for (int64_t c = 0; c < K; c += 32) {
@@ -1022,8 +1034,7 @@ static void amx_fill_int8(const int8_t *q, const float *scales, int64_t group, i
 // over the group in xs [blocks][num_groups][16 rows].
 static void amx_layout_x(const uint16_t *x, int64_t x_stride, int64_t M, int64_t K, int64_t group, int64_t b,
                          int64_t g, uint32_t *xv, float *xs) {
-    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32((int32_t)x_stride));  // in bfloat16 units
+    const __m512i rows = lanes_times((int32_t)x_stride);  // in bfloat16 units
     const __mmask16 valid = tail_mask(M - 16 * b < 16 ? (int)(M - 16 * b) : 16);
     const __m512i high = _mm512_set1_epi32((int32_t)0xffff0000u);
     const uint16_t *xb = x + 16 * b * x_stride;
@@ -1056,8 +1067,7 @@ static void amx_multiply(const AmxTile *t, const uint32_t *xv, const float *xs, 
                          uint16_t *out, int64_t out_stride, int64_t valid_cols) {
     const int64_t num_groups = K / group, chunks = K / 32, blocks = (M + 15) / 16;
     const __mmask16 mask = tail_mask((int)(valid_cols < AMX_COLS ? valid_cols : AMX_COLS));
-    const __m512i across = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32(16));
+    const __m512i across = lanes_times(16);
     float stored[3][AMX_COLS * 16] __attribute__((aligned(64)));  // three groups' sums: [column][row]
     for (int64_t b = 0; b < blocks; b++) {
         const uint32_t *xb = xv + b * chunks * 256;
