@@ -30,6 +30,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenmill import LLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -61,7 +65,7 @@ class Lane:
 
     label: str
     detail: str
-    llm: object
+    llm: LLM
     pending: deque[int]
     concurrency: int
     in_flight: dict[str, int] = field(default_factory=dict)  # request id -> index into the requests
@@ -77,9 +81,9 @@ class Lane:
         return bool(self.pending or self.in_flight)
 
     def step(self, requests: list) -> None:
-        from tokenmill import SamplingParams
+        from tokenmill import RequestOutput, SamplingParams
 
-        engine = self.llm.llm_engine  # type: ignore[attr-defined]
+        engine = self.llm.llm_engine
         while self.pending and len(self.in_flight) < self.concurrency:
             index = self.pending.popleft()
             request = requests[index]
@@ -95,15 +99,16 @@ class Lane:
         self.step_requests.append(tuple(sorted(str(self.in_flight[o.request_id]) for o in outputs
                                                if o.request_id in self.in_flight)))
         for output in outputs:
-            index = self.in_flight.get(output.request_id)
-            if index is None:
+            done = self.in_flight.get(output.request_id)
+            if done is None or not isinstance(output, RequestOutput):
                 continue
-            if output.outputs[0].token_ids and index not in self.first_token_s:
-                self.first_token_s[index] = self.clock_s
+            token_ids = output.outputs[0].token_ids
+            if token_ids and done not in self.first_token_s:
+                self.first_token_s[done] = self.clock_s
             if output.finished:
                 del self.in_flight[output.request_id]
-                self.done_s[index] = self.clock_s
-                self.output_tokens[index] = len(output.outputs[0].token_ids)
+                self.done_s[done] = self.clock_s
+                self.output_tokens[done] = len(token_ids)
 
     def summary(self) -> dict:
         tokens = sum(self.output_tokens.values())
@@ -155,8 +160,7 @@ def warm_up(lanes: list[Lane], requests: list) -> None:
 
     params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
     for lane in lanes:
-        lane.llm.generate([{"prompt_token_ids": requests[0].prompt_token_ids}], params,  # type: ignore[attr-defined]
-                          use_tqdm=False)
+        lane.llm.generate([{"prompt_token_ids": requests[0].prompt_token_ids}], params, use_tqdm=False)
         reset_prefix_cache(lane.llm)
 
 
@@ -207,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     run(lanes, requests)
     wall_s = time.time() - started
     a, b = lanes
+    ratio = compare(a, b)
     result = {
         "benchmark": "interleaved",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
         "wall_s": round(wall_s, 1),
         "engines": [a.summary(), b.summary()],
-        "b_over_a": compare(a, b),
+        "b_over_a": ratio,
     }
     print()
     print("| engine | steps | own clock s | output tok/s | mean TTFT ms (own clock) |")
@@ -223,7 +228,6 @@ def main(argv: list[str] | None = None) -> dict:
         s = lane.summary()
         print(f"| {s['detail']} | {s['steps']} | {s['busy_s']:.1f} | {s['output_tok_s']:.1f} | "
               f"{s['mean_ttft_ms']:.0f} |")
-    ratio = result["b_over_a"]
     print(f"\n{b.label} / {a.label}: output tok/s {ratio['throughput_ratio']:.3f}; step by step (median of "
           f"{ratio['matching_steps']} matching steps, A's time over B's) {ratio['median_step_ratio']}, "
           f"quartiles {ratio['step_ratio_quartiles']}; {wall_s:.0f} s wall")
