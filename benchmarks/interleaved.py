@@ -14,7 +14,9 @@ that clock, TTFT a request's first token on that clock.
 
 The two engines run the same schedule (the same requests, the scheduler and KV cache sized alike: step i holds the
 same requests in both), so step i of one is compared with step i of the other, measured a fraction of a second
-apart: the median of those per-step ratios is the figure least moved by the machine. Both engines' weights share
+apart: the median of those per-step ratios is the figure least moved by the machine. The steps are also summed by
+kind (steps with prompt tokens; decode-only steps by their number of sequences), which shows where in a run one
+engine gains or loses. Both engines' weights share
 the caches, as they never do in separate runs (a step of one evicts the other's weights from the last-level
 cache).
 """
@@ -72,6 +74,7 @@ class Lane:
     clock_s: float = 0.0
     step_s: list[float] = field(default_factory=list)
     step_requests: list[tuple[str, ...]] = field(default_factory=list)  # each step's requests (as indices)
+    step_tokens: list[int] = field(default_factory=list)  # each step's scheduled tokens (prompt and decode)
     first_token_s: dict[int, float] = field(default_factory=dict)
     done_s: dict[int, float] = field(default_factory=dict)
     output_tokens: dict[int, int] = field(default_factory=dict)
@@ -98,6 +101,7 @@ class Lane:
         self.step_s.append(elapsed)
         self.step_requests.append(tuple(sorted(str(self.in_flight[o.request_id]) for o in outputs
                                                if o.request_id in self.in_flight)))
+        self.step_tokens.append(sum(t.num_scheduled_tokens for t in engine.take_step_timings()))
         for output in outputs:
             done = self.in_flight.get(output.request_id)
             if done is None or not isinstance(output, RequestOutput):
@@ -122,6 +126,7 @@ class Lane:
             "mean_ttft_ms": round(1e3 * statistics.fmean(self.first_token_s.values()), 1),
             "step_ms": [round(1e3 * t, 3) for t in self.step_s],
             "step_outputs": [len(r) for r in self.step_requests],
+            "step_tokens": self.step_tokens,
         }
 
 
@@ -167,6 +172,8 @@ def warm_up(lanes: list[Lane], requests: list) -> None:
 def run(lanes: list[Lane], requests: list) -> None:
     for lane in lanes:
         lane.pending.extend(range(len(requests)))
+        lane.llm.llm_engine.set_step_timing(True)  # each step's scheduled tokens (Lane.step_tokens)
+        lane.llm.llm_engine.take_step_timings()
     turn = 0
     start = time.perf_counter()
     while any(lane.busy for lane in lanes):
@@ -178,6 +185,31 @@ def run(lanes: list[Lane], requests: list) -> None:
         if turn % 50 == 0:
             done = ", ".join(f"{lane.label} {len(lane.done_s)}/{len(requests)}" for lane in lanes)
             print(f"  step {turn}: {done} requests done, {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def step_kinds(concurrency: int) -> list[tuple[str, int, int]]:
+    """The kinds of step compared: steps with prompt tokens (prefill chunks, with or without decodes), then
+    decode-only steps by their number of sequences: 1-8 (the few left at the end of a run), up to half the
+    concurrency, the rest below it, and full steps (every slot decoding)."""
+    edges = sorted({1, 9, concurrency // 2 + 1, concurrency, concurrency + 1})
+    return [("prefill", 0, 0)] + [("decode", lo, hi - 1) for lo, hi in zip(edges, edges[1:], strict=False) if lo < hi]
+
+
+def by_step_kind(a: Lane, b: Lane, same: list[int]) -> list[dict]:
+    """The matching steps by kind (step_kinds): each kind's share of A's clock and the ratio of the two engines'
+    summed times over it (A's over B's: above 1 where B is faster). A step is decode-only when it scheduled one
+    token for each sequence it returned output for."""
+    kinds = []
+    for kind, lo, hi in step_kinds(a.concurrency):
+        if kind == "prefill":
+            steps = [i for i in same if a.step_tokens[i] > len(a.step_requests[i])]
+        else:
+            steps = [i for i in same if a.step_tokens[i] == len(a.step_requests[i]) and lo <= a.step_tokens[i] <= hi]
+        a_s, b_s = sum(a.step_s[i] for i in steps), sum(b.step_s[i] for i in steps)
+        if steps and b_s > 0:
+            kinds.append({"kind": kind if kind == "prefill" else f"decode {lo}-{hi}" if lo < hi else f"decode {lo}",
+                          "steps": len(steps), "share_of_a": round(a_s / a.clock_s, 4), "ratio": round(a_s / b_s, 4)})
+    return kinds
 
 
 def compare(a: Lane, b: Lane) -> dict:
@@ -192,6 +224,7 @@ def compare(a: Lane, b: Lane) -> dict:
         "median_step_ratio": round(statistics.median(per_step), 4) if per_step else None,
         "step_ratio_quartiles": [round(q, 4) for q in statistics.quantiles(per_step, n=4)]
         if len(per_step) >= 4 else None,
+        "by_step_kind": by_step_kind(a, b, same),
     }
 
 
@@ -231,6 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{b.label} / {a.label}: output tok/s {ratio['throughput_ratio']:.3f}; step by step (median of "
           f"{ratio['matching_steps']} matching steps, A's time over B's) {ratio['median_step_ratio']}, "
           f"quartiles {ratio['step_ratio_quartiles']}; {wall_s:.0f} s wall")
+    print(f"By kind of step ({a.label}'s time over {b.label}'s, summed over the steps of the kind): " + "; ".join(
+        f"{kind['kind']}: {kind['ratio']:.3f} ({kind['steps']} steps, {100 * kind['share_of_a']:.0f}% of "
+        f"{a.label}'s clock)" for kind in ratio["by_step_kind"]))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
         print(f"Results written to {args.json_path}")

@@ -28,4 +28,14 @@ def test_interleaved_smoke(llama_dir, tmp_path, capsys):
     ratio = result["b_over_a"]
     assert ratio["throughput_ratio"] == pytest.approx(quant["output_tok_s"] / plain["output_tok_s"], rel=0.01)
     assert ratio["median_step_ratio"] > 0
-    assert "int4 / bfloat16: output tok/s" in capsys.readouterr().out
+    # Every matching step falls in one kind: prefill (more tokens scheduled than sequences returned) or decode-only.
+    kinds = ratio["by_step_kind"]
+    assert kinds[0]["kind"] == "prefill" and sum(k["steps"] for k in kinds) == ratio["matching_steps"]
+    assert sum(k["share_of_a"] for k in kinds) == pytest.approx(1.0, abs=0.01)
+    prefill = [i for i, (tokens, outputs) in enumerate(zip(plain["step_tokens"], plain["step_outputs"], strict=True))
+               if tokens > outputs]
+    assert kinds[0]["steps"] == len(prefill) and kinds[0]["ratio"] == pytest.approx(
+        sum(plain["step_ms"][i] for i in prefill) / sum(quant["step_ms"][i] for i in prefill), rel=0.01)
+    assert plain["step_tokens"] == quant["step_tokens"]  # the same schedule
+    printed = capsys.readouterr().out
+    assert "int4 / bfloat16: output tok/s" in printed and "By kind of step" in printed

@@ -970,6 +970,7 @@ typedef struct {
     uint16_t *w;     // [K / 32][AMX_COLS][32] bfloat16
     float *scales;   // [num_groups][AMX_COLS]
     float *offsets;  // [num_groups][AMX_COLS], or NULL (int8)
+    float *staging;  // int4: [2][AMX_COLS][num_groups], the columns' scales and offsets before their transpose
 } AmxTile;
 
 // Lane i: i * step (gather offsets of 16 rows or columns step elements apart).
@@ -979,14 +980,22 @@ static inline __m512i lanes_times(int32_t step) {
 }
 
 // Columns n0 .. n0 + AMX_COLS - 1 of the int4 weight (layout of int4_gemm; clamped as column_rows does); the next
-// tile's columns prefetched.
+// tile's columns prefetched. Each column's scales and offsets are converted 16 groups at a time; each chunk of 32
+// inputs is one byte permute (its 16 bytes into both halves of 32 words), one variable shift (0 in the first half,
+// 4 in the second: low nibbles, then high), a mask and a table lookup (the nibble's bfloat16).
 static void amx_fill_int4(const uint8_t *q, const uint16_t *scales, const uint16_t *offsets, int64_t group,
                           int64_t N, int64_t K, int64_t n0, const AmxTile *t) {
     const int64_t num_groups = K / group;
     static const uint16_t bf16_of[32] = {0,      0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
                                          0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
-    const __m512i values = _mm512_loadu_si512(bf16_of);
-    const __m256i nibble = _mm256_set1_epi16(15);
+    static const uint16_t byte_of_word[32] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                              0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    static const uint16_t shift_of_word[32] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                               4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4};
+    const __m512i values = _mm512_loadu_si512(bf16_of), nibble = _mm512_set1_epi16(15);
+    // As byte indices: word j's low byte from byte byte_of_word[j], its high byte zeroed by the mask.
+    const __m512i spread = _mm512_loadu_si512(byte_of_word), shifts = _mm512_loadu_si512(shift_of_word);
+    const __mmask64 low_bytes = 0x5555555555555555ull;
     const uint8_t *rows[AMX_COLS];
     int64_t index[AMX_COLS];
     column_rows(q, K / 2, n0, N, rows, index);
@@ -994,17 +1003,27 @@ static void amx_fill_int4(const uint8_t *q, const uint16_t *scales, const uint16
         const int64_t n = index[i];
         const uint8_t *row = rows[i];
         if (n + AMX_COLS < N) prefetch_bytes(row + AMX_COLS * (K / 2), K / 2);
-        for (int64_t g = 0; g < num_groups; g++) {
-            t->scales[g * AMX_COLS + i] = _cvtsh_ss(scales[n * num_groups + g]);
-            t->offsets[g * AMX_COLS + i] = _cvtsh_ss(offsets[n * num_groups + g]);
+        for (int64_t g = 0; g < num_groups; g += 16) {
+            const __mmask16 m = tail_mask(num_groups - g < 16 ? (int)(num_groups - g) : 16);
+            _mm512_mask_storeu_ps(t->staging + i * num_groups + g, m,
+                                  _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, scales + n * num_groups + g)));
+            _mm512_mask_storeu_ps(t->staging + (AMX_COLS + i) * num_groups + g, m,
+                                  _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, offsets + n * num_groups + g)));
         }
-        for (int64_t c = 0; c < K; c += 32) {
-            // Inputs 0-15 of the chunk: the low nibbles of its 16 bytes; 16-31: the high nibbles.
-            const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + c / 2)));
-            const __m512i index = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, nibble)),
-                                                     _mm256_srli_epi16(bytes, 4), 1);
-            _mm512_store_si512(t->w + ((c / 32) * AMX_COLS + i) * 32, _mm512_permutexvar_epi16(index, values));
+        uint16_t *dst = t->w + i * 32;  // chunk c / 32 of column i: t->w + ((c / 32) * AMX_COLS + i) * 32
+        for (int64_t c = 0; c < K; c += 32, dst += AMX_COLS * 32) {
+            const __m512i bytes = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(row + c / 2)));
+            const __m512i words = _mm512_maskz_permutexvar_epi8(low_bytes, spread, bytes);
+            const __m512i nibbles = _mm512_and_si512(_mm512_srlv_epi16(words, shifts), nibble);
+            _mm512_store_si512(dst, _mm512_permutexvar_epi16(nibbles, values));
         }
+    }
+    // Group by group, the 16 columns' scales and offsets side by side (amx_multiply broadcasts them from one line).
+    const __m512i across = lanes_times((int32_t)num_groups);
+    for (int64_t g = 0; g < num_groups; g++) {
+        _mm512_store_ps(t->scales + g * AMX_COLS, _mm512_i32gather_ps(across, t->staging + g, 4));
+        _mm512_store_ps(t->offsets + g * AMX_COLS,
+                        _mm512_i32gather_ps(across, t->staging + AMX_COLS * num_groups + g, 4));
     }
 }
 
@@ -1019,7 +1038,6 @@ static void amx_fill_int8(const int8_t *q, const float *scales, int64_t group, i
         const int64_t n = index[i];
         const int8_t *row = (const int8_t *)rows[i];
         if (n + AMX_COLS < N) prefetch_bytes(row + AMX_COLS * K, K);
-        for (int64_t g = 0; g < num_groups; g++) t->scales[g * AMX_COLS + i] = scales[n * num_groups + g];
         for (int64_t c = 0; c < K; c += 32) {
             const __m256i bytes = _mm256_loadu_si256((const __m256i *)(row + c));
             const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
@@ -1027,6 +1045,12 @@ static void amx_fill_int8(const int8_t *q, const float *scales, int64_t group, i
             _mm512_store_si512(t->w + ((c / 32) * AMX_COLS + i) * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
     }
+    // Group by group, the 16 columns' scales side by side (columns past N repeat the last one, as in column_rows).
+    const __m512i columns = _mm512_min_epi32(lanes_times(1), _mm512_set1_epi32((int32_t)(N - 1 - n0)));
+    const __m512i across = _mm512_mullo_epi32(columns, _mm512_set1_epi32((int32_t)num_groups));
+    const float *tile_scales = scales + n0 * num_groups;
+    for (int64_t g = 0; g < num_groups; g++)
+        _mm512_store_ps(t->scales + g * AMX_COLS, _mm512_i32gather_ps(across, tile_scales + g, 4));
 }
 
 // Group g of rows [16 b, 16 b + 16) of x [M, K] bfloat16 (row stride x_stride) as B operands, in xv [blocks][K / 32]
@@ -1117,7 +1141,7 @@ static int amx_gemm(const uint16_t *x, int64_t x_stride, const void *q, const vo
                     int64_t K, int num_threads) {
     const int64_t num_groups = K / group, blocks = (M + 15) / 16;
     const size_t per_thread = (sizeof(uint16_t) * (size_t)(K * AMX_COLS)
-                               + sizeof(float) * (size_t)(2 * num_groups * AMX_COLS) + 63) / 64 * 64;
+                               + sizeof(float) * (size_t)(4 * num_groups * AMX_COLS) + 63) / 64 * 64;
     uint32_t *xv = aligned_alloc(64, sizeof(uint32_t) * (size_t)(blocks * (K / 32) * 256));
     float *xs = offsets != NULL ? aligned_alloc(64, sizeof(float) * (size_t)(blocks * num_groups * 16)) : NULL;
     char *buffers = aligned_alloc(64, per_thread * (size_t)num_threads);
@@ -1136,6 +1160,7 @@ static int amx_gemm(const uint16_t *x, int64_t x_stride, const void *q, const vo
         t.w = (uint16_t *)base;
         t.scales = (float *)(base + sizeof(uint16_t) * (size_t)(K * AMX_COLS));
         t.offsets = offsets != NULL ? t.scales + num_groups * AMX_COLS : NULL;
+        t.staging = t.scales + 2 * num_groups * AMX_COLS;
         amx_configure();
 #pragma omp for schedule(static)
         for (int64_t tile = 0; tile < num_tiles; tile++) {
