@@ -4,6 +4,7 @@ committed at a git revision, side by side in one run.
     python benchmarks/packed_bf16.py --against HEAD~1            # SmolLM2-135M's shapes, 1 row, 1 thread
     python benchmarks/packed_bf16.py --against HEAD~1 --rows 1,2,4 --threads 2 --json packed_bf16.json
     python benchmarks/packed_bf16.py --against HEAD~1 --tile --rows 16,64,512 --threads 2   # the tile kernels
+    python benchmarks/packed_bf16.py --against HEAD~1 --dequant --threads 2   # dequantization to bfloat16
 
 A decode step's projections on such a CPU: int4 weights through csrc/gemv_bf16.c's int4_gemv_bf16 (the fused
 decode step's kernel too), int8 ones (the output layer of a Q4_1 GGUF, stored Q8_0) through csrc/quant.c's
@@ -12,7 +13,9 @@ committed at REV (git show). Both run the same weights (random, in the engine's 
 float16 scales and offsets per group of 32, int8 with float32 scales per group of 32 as GGUF Q8_0) and inputs,
 alternating, best of --repeat; the outputs are compared. Reported: ms per pass over every layer's weights of each
 shape, the weight bytes streamed per second, and the speed-up. --tile runs the tile kernels (int4_tile_gemm,
-int8_tile_gemm: the kernels for more rows than the packed ones take, on AMX where the CPU has it) instead.
+int8_tile_gemm: the kernels for more rows than the packed ones take, on AMX where the CPU has it) instead;
+--dequant the dequantization of the whole weight to bfloat16 (int4_dequant, int8_dequant: longer prefill chunks,
+before oneDNN's GEMM), where --rows does not apply and the outputs compared are the dequantized weights.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def load(tmp: Path, name: str, csrc: Path) -> ctypes.CDLL:
     lib.int4_gemv_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32]
     lib.int4_tile_gemm.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32]
     lib.int8_tile_gemm.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32]
+    lib.int4_dequant.argtypes = [ptr, ptr, ptr, i64, ptr, i32, i64, i64, i32]
+    lib.int8_dequant.argtypes = [ptr, ptr, i64, ptr, i32, i64, i64, i32]
+    lib.int4_dequant.restype = lib.int8_dequant.restype = None
     return lib
 
 
@@ -75,6 +81,17 @@ def run(lib: ctypes.CDLL, kind: str, weights: list[dict], x: np.ndarray, out: np
             sys.exit(f"{kind} kernel returned {status} (-2: this CPU has no AVX512-BF16)")
 
 
+def dequantize(lib: ctypes.CDLL, kind: str, weights: list[dict], out: np.ndarray, threads: int) -> None:
+    """Each weight dequantized to bfloat16 into out [N, K] (dtype code 1)."""
+    n, k = out.shape
+    for w in weights:
+        if kind == "int4":
+            lib.int4_dequant(w["q"].ctypes.data, w["scales"].ctypes.data, w["offsets"].ctypes.data, GROUP,
+                             out.ctypes.data, 1, n, k, threads)
+        else:
+            lib.int8_dequant(w["q"].ctypes.data, w["scales"].ctypes.data, GROUP, out.ctypes.data, 1, n, k, threads)
+
+
 def tile_native(lib: ctypes.CDLL) -> str:
     """How a build's tile kernels multiply here: AMX, or AVX512-BF16 dot products."""
     amx = getattr(lib, "tokenmill_quant_tile_amx", None)
@@ -86,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--against", required=True, metavar="REV", help="the kernels as committed at this git revision")
     p.add_argument("--rows", default="1", help="comma-separated activation row counts M")
     p.add_argument("--tile", action="store_true", help="the tile kernels (many rows) instead of the packed ones")
+    p.add_argument("--dequant", action="store_true", help="the dequantization to bfloat16 instead (no rows)")
     p.add_argument("--threads", type=int, default=1, help="threads of each call")
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--json", dest="json_path", default=None)
@@ -93,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     results = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
                "against": args.against, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "kernels": "tile" if args.tile else "packed", "rows": []}
+               "kernels": "dequant" if args.dequant else "tile" if args.tile else "packed", "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"now": load(Path(tmp), "now", CSRC),
                 args.against: load(Path(tmp), "against", checkout_csrc(args.against, Path(tmp), SOURCES))}
@@ -103,14 +121,17 @@ def main(argv: list[str] | None = None) -> None:
         for n, k, layers, kind in SHAPES:
             weights = make_weights(n, k, layers, kind, rng)
             nbytes = sum(a.nbytes for w in weights for a in w.values())
-            for m in (int(r) for r in args.rows.split(",")):
+            for m in [0] if args.dequant else (int(r) for r in args.rows.split(",")):
                 x = to_bf16(rng.standard_normal((m, k), dtype=np.float32))
-                outs = {name: np.empty((m, n), dtype=np.uint16) for name in libs}
+                outs = {name: np.empty((n, k) if args.dequant else (m, n), dtype=np.uint16) for name in libs}
                 best = {name: float("inf") for name in libs}
                 for _ in range(args.repeat):
                     for name, lib in libs.items():
                         start = time.perf_counter()
-                        run(lib, kind, weights, x, outs[name], args.threads, args.tile)
+                        if args.dequant:
+                            dequantize(lib, kind, weights, outs[name], args.threads)
+                        else:
+                            run(lib, kind, weights, x, outs[name], args.threads, args.tile)
                         best[name] = min(best[name], time.perf_counter() - start)
                 now, then = from_bf16(outs["now"]), from_bf16(outs[args.against])
                 scale = float(np.abs(then).max()) or 1.0
@@ -128,9 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| shape (N x K) | weights | layers | M | MB | now ms | GB/s | {args.against} ms | GB/s | speed-up |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["rows"]:
-        print(f"| {r['shape']} | {r['kind']} | {r['layers']} | {r['rows']} | {r['mb']:.1f} | {r['now_ms']:.2f} | "
-              f"{r['mb'] / r['now_ms']:.1f} | {r['against_ms']:.2f} | {r['mb'] / r['against_ms']:.1f} | "
-              f"{r['speedup']:.2f}x |")
+        print(f"| {r['shape']} | {r['kind']} | {r['layers']} | {r['rows'] or '-'} | {r['mb']:.1f} | "
+              f"{r['now_ms']:.2f} | {r['mb'] / r['now_ms']:.1f} | {r['against_ms']:.2f} | "
+              f"{r['mb'] / r['against_ms']:.1f} | {r['speedup']:.2f}x |")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(results, indent=2))
 

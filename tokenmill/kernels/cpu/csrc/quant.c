@@ -650,27 +650,49 @@ int int8_gemv_f32_columns(const float *x, int64_t rows, int64_t K, const int8_t 
 }
 
 // w [N, K] (dtype 0 float32, 1 bfloat16) from the int4 layout above.
+#ifdef TOKENMILL_AVX512_BF16
+// Row n of int4_dequant into bfloat16: the row's scales and offsets converted 16 groups at a time (F16C), then each
+// chunk of 32 inputs as q * scale + offset in float32, rounded to bfloat16.
+static void int4_dequant_row_bf16(const uint8_t *qr, const uint16_t *sr, const uint16_t *br, int64_t group,
+                                  int64_t K, uint16_t *dst) {
+    const int64_t num_groups = K / group;
+    const __m512i nibble = _mm512_set1_epi32(15);
+    float s[16], b[16];
+    for (int64_t g0 = 0; g0 < num_groups; g0 += 16) {
+        const int count = num_groups - g0 < 16 ? (int)(num_groups - g0) : 16;
+        const __mmask16 m = tail_mask(count);
+        _mm512_storeu_ps(s, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, sr + g0)));
+        _mm512_storeu_ps(b, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, br + g0)));
+        for (int j = 0; j < count; j++) {
+            const __m512 vs = _mm512_set1_ps(s[j]), vb = _mm512_set1_ps(b[j]);
+            for (int64_t c = (g0 + j) * group; c < (g0 + j + 1) * group; c += 32) {
+                const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qr + c / 2)));
+                const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, nibble)), vs, vb);
+                const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), vs, vb);
+                _mm512_storeu_si512((void *)(dst + c), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            }
+        }
+    }
+}
+#endif
+
 void int4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *offsets, int64_t group, void *w,
                   int w_dtype, int64_t N, int64_t K, int num_threads) {
     const int64_t num_groups = K / group;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *qr = q + n * (K / 2);
+#ifdef TOKENMILL_AVX512_BF16
+        if (w_dtype == 1) {
+            int4_dequant_row_bf16(qr, scales + n * num_groups, offsets + n * num_groups, group, K,
+                                  (uint16_t *)w + n * K);
+            continue;
+        }
+#endif
         float row[32];
         for (int64_t c = 0; c < K; c += 32) {
             const int64_t g = c / group;
             const float s = f16_to_f32(scales[n * num_groups + g]), b = f16_to_f32(offsets[n * num_groups + g]);
-#ifdef TOKENMILL_AVX512_BF16
-            if (w_dtype == 1) {
-                const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qr + c / 2)));
-                const __m512 vs = _mm512_set1_ps(s), vb = _mm512_set1_ps(b);
-                const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15))),
-                                                  vs, vb);
-                const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), vs, vb);
-                _mm512_storeu_si512((void *)((uint16_t *)w + n * K + c), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-                continue;
-            }
-#endif
 #ifdef TOKENMILL_AVX2
             if (w_dtype == 0) {  // float32, 8 lanes: the same q * s + b as below
                 const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b);
