@@ -649,7 +649,6 @@ int int8_gemv_f32_columns(const float *x, int64_t rows, int64_t K, const int8_t 
 #endif
 }
 
-// w [N, K] (dtype 0 float32, 1 bfloat16) from the int4 layout above.
 #ifdef TOKENMILL_AVX512_BF16
 // Row n of int4_dequant into bfloat16: the row's scales and offsets converted 16 groups at a time (F16C), then each
 // chunk of 32 inputs as q * scale + offset in float32, rounded to bfloat16.
@@ -676,6 +675,7 @@ static void int4_dequant_row_bf16(const uint8_t *qr, const uint16_t *sr, const u
 }
 #endif
 
+// w [N, K] (dtype 0 float32, 1 bfloat16) from the int4 layout above.
 void int4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *offsets, int64_t group, void *w,
                   int w_dtype, int64_t N, int64_t K, int num_threads) {
     const int64_t num_groups = K / group;
@@ -1067,9 +1067,11 @@ static void amx_fill_int8(const int8_t *q, const float *scales, int64_t group, i
             _mm512_store_si512(t->w + ((c / 32) * AMX_COLS + i) * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
     }
-    // Group by group, the 16 columns' scales side by side (columns past N repeat the last one, as in column_rows).
-    const __m512i columns = _mm512_min_epi32(lanes_times(1), _mm512_set1_epi32((int32_t)(N - 1 - n0)));
-    const __m512i across = _mm512_mullo_epi32(columns, _mm512_set1_epi32((int32_t)num_groups));
+    // Group by group, the 16 columns' scales side by side, gathered from column_rows' columns (relative to n0).
+    const __m512i columns = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(_mm512_loadu_si512(index))),
+                                               _mm512_cvtepi64_epi32(_mm512_loadu_si512(index + 8)), 1);
+    const __m512i across = _mm512_mullo_epi32(_mm512_sub_epi32(columns, _mm512_set1_epi32((int32_t)n0)),
+                                              _mm512_set1_epi32((int32_t)num_groups));
     const float *tile_scales = scales + n0 * num_groups;
     for (int64_t g = 0; g < num_groups; g++)
         _mm512_store_ps(t->scales + g * AMX_COLS, _mm512_i32gather_ps(across, tile_scales + g, 4));
